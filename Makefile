@@ -1,0 +1,39 @@
+# The two quick-start entry points (README.md) and what they need. Each target sets up the
+# virtual environment it uses, so both work on a fresh machine.
+#   make demo   - build, then run the main job (python -m tpssm demo)
+#   make test   - build (CPU kernels + every CUDA source when nvcc is present), then the CPU suite
+
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_VERSION ?= 2.14.1
+# The nvcc on PATH may be a wrapper script, from which torch guesses CUDA_HOME wrong: prefer the
+# toolkit's standard link.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(shell command -v nvcc 2>/dev/null)))
+export CUDA_HOME
+MAX_JOBS ?= $(shell nproc)
+export MAX_JOBS
+
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup build test demo
+
+$(VENV)/.deps-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install torch==$(TORCH_VERSION)
+	# NCCL from the nvidia-nccl wheel that matches torch's CUDA major (the one torch loads).
+	$(PY) -m pip install pybind11 ninja setuptools wheel numpy pytest pytest-timeout \
+		safetensors transformers==5.18.0 \
+		$$($(PY) -c 'import torch; v = torch.version.cuda; print(f"nvidia-nccl-cu{v.split(\".\")[0]}" if v else "")')
+	touch $@
+
+setup: $(VENV)/.deps-installed
+
+build: setup
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m tpssm demo

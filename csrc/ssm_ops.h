@@ -1,0 +1,41 @@
+// Torch-side entry points of the four SSM ops. make_*_params validates every documented rule
+// (raising an error that names the argument and the rule) and fills the plain params struct that
+// the CPU and CUDA kernels consume. The *_cpu / *_cuda functions are what TORCH_LIBRARY_IMPL
+// registers; each calls make_*_params first.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "kernels/ssm_params.h"
+
+namespace tpssm {
+
+using OptTensor = std::optional<at::Tensor>;
+
+CausalConv1dParams make_causal_conv1d_params(
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+    const OptTensor& conv_states, const OptTensor& query_start_loc,
+    const OptTensor& cache_indices, const OptTensor& has_initial_state, bool silu,
+    int64_t pad_slot_id, const at::Tensor& out);
+
+CausalConv1dUpdateParams make_causal_conv1d_update_params(
+    const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+    const OptTensor& bias, bool silu, const OptTensor& cache_indices, int64_t pad_slot_id,
+    const at::Tensor& out);
+
+SelectiveScanParams make_selective_scan_params(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+    bool delta_softplus, const OptTensor& ssm_states, const OptTensor& query_start_loc,
+    const OptTensor& cache_indices, const OptTensor& has_initial_state, int64_t pad_slot_id,
+    const at::Tensor& out);
+
+SelectiveStateUpdateParams make_selective_state_update_params(
+    const at::Tensor& ssm_state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+    const OptTensor& dt_bias, bool dt_softplus, const OptTensor& state_batch_indices,
+    const OptTensor& dst_state_batch_indices, int64_t pad_slot_id, const at::Tensor& out);
+
+}  // namespace tpssm

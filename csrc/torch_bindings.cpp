@@ -1,0 +1,50 @@
+// The one place where the tpssm op schemas are declared. Implementations register themselves next
+// to their code: TORCH_LIBRARY_IMPL(tpssm, CPU, m) in csrc/cpu/, TORCH_LIBRARY_IMPL(tpssm, CUDA, m)
+// in csrc/cuda/. Fake (meta) implementations live in python/tpssm/ops.py.
+//
+// Conventions: activations are token-major with channel stride 1; outputs go to a caller-provided
+// `out`; states are updated in place in their slots (Tensor(a!)). Shapes are documented in
+// csrc/kernels/ssm_params.h and in the Python wrappers.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(tpssm, m) {
+  m.def(
+      "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? conv_states, "
+      "Tensor? query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, bool silu, "
+      "int pad_slot_id, Tensor(b!) out) -> ()");
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+      "bool silu, Tensor? cache_indices, int pad_slot_id, Tensor(b!) out) -> ()");
+  m.def(
+      "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor(a!)? ssm_states, Tensor? query_start_loc, "
+      "Tensor? cache_indices, Tensor? has_initial_state, int pad_slot_id, Tensor(b!) out) -> ()");
+  m.def(
+      "selective_state_update(Tensor(a!) ssm_state, Tensor x, Tensor dt, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
+      "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int pad_slot_id, "
+      "Tensor(b!) out) -> ()");
+  m.def("has_cuda_kernels() -> bool");
+}
+
+namespace {
+bool has_cuda_kernels() {
+#ifdef TPSSM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpssm, CompositeExplicitAutograd, m) {
+  m.impl("has_cuda_kernels", &has_cuda_kernels);
+}
+
+// `import tpssm._C` loads this library, which runs the registrations above; the module itself
+// holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
