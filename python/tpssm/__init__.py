@@ -14,3 +14,5 @@ __version__ = "0.1.0"
 def has_cuda_kernels() -> bool:
     """True when this build of the extension contains the CUDA kernels."""
     return bool(torch.ops.tpssm.has_cuda_kernels())
+
+from tpssm import ops  # noqa: E402,F401  (typed wrappers and fake implementations)

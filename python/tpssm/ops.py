@@ -1,0 +1,205 @@
+"""Typed wrappers of the tpssm SSM ops (torch.ops.tpssm.*) and their fake implementations.
+
+Layout: activations are token-major with channel stride 1 - a dense batch is
+(batch, seqlen, channels), a packed varlen batch is (total_tokens, channels) described by
+`query_start_loc` (int32, [batch + 1], cumulative token offsets). Token and batch strides are
+free, so column slices of a fused projection output (in_proj's x | z, or Mamba-2's x | B | C) go
+in without copies, and the outputs feed out_proj directly: a TP mixer needs no transposes.
+
+State pools are addressed by slot: `cache_indices` (int32, [batch]) gives each request's slot, a
+slot equal to `pad_slot_id` (-1) marks a padding row that is skipped entirely (no state read or
+written, its output rows left untouched). Without `cache_indices`, row b uses slot b.
+
+Mamba1 and Mamba2 share one head form: channels = nheads * headdim.
+- Mamba1: A (dim, dstate) per channel and state, delta / dt (..., dim), D and the delta bias (dim,),
+  SSM state (num_slots, dim, dstate).
+- Mamba2: A (nheads,) per head, delta / dt (..., nheads), D and the bias (nheads,),
+  SSM state (num_slots, nheads, headdim, dstate).
+- B, C: (..., ngroups, dstate) (or (..., dstate) for one group); head h uses group
+  h // (nheads // ngroups).
+A, D and the delta bias are float32; activations float32, float16 or bfloat16; SSM states float32
+(default) or the activation dtype; conv weights, bias and conv states the activation dtype.
+
+Each wrapper allocates `out` when not given and returns it. The C++ ops validate every argument
+and raise errors that name the argument and the rule.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
+
+__all__ = [
+    "PAD_SLOT_ID",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "selective_scan",
+    "selective_state_update",
+]
+
+PAD_SLOT_ID = -1
+
+_ops = torch.ops.tpssm
+
+
+def _silu_flag(activation: Optional[str]) -> bool:
+    if activation is None:
+        return False
+    if activation in ("silu", "swish"):
+        return True
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    conv_states: Optional[torch.Tensor] = None,
+    query_start_loc: Optional[torch.Tensor] = None,
+    cache_indices: Optional[torch.Tensor] = None,
+    has_initial_state: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Prefill depthwise causal conv1d (optionally fused SiLU).
+
+    x: (batch, seqlen, dim) dense, or (total_tokens, dim) with query_start_loc (batch + 1,).
+    weight: (dim, width), width 2..4 (Hugging Face stores (dim, 1, width): squeeze dim 1).
+    bias: (dim,) or None.
+    conv_states: (num_slots, dim, width - 1) or None. Rows with has_initial_state[b] start from
+      conv_states[cache_indices[b]] (zeros otherwise); every non-padded row's last width - 1
+      inputs are written back to its slot.
+    cache_indices: (batch,) int32 slots; has_initial_state: (batch,) bool.
+    Returns out, shaped like x.
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    _ops.causal_conv1d(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                       has_initial_state, _silu_flag(activation), pad_slot_id, out)
+    return out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    cache_indices: Optional[torch.Tensor] = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode conv: one token per request, (batch, dim), or a few, (batch, seqlen, dim).
+
+    conv_state: (num_slots, dim, width - 1), updated in place to the last width - 1 inputs.
+    weight: (dim, width); bias: (dim,) or None; cache_indices: (batch,) int32 or None.
+    Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    _ops.causal_conv1d_update(x, conv_state, weight, bias, _silu_flag(activation), cache_indices,
+                              pad_slot_id, out)
+    return out
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    *,
+    delta_softplus: bool = False,
+    ssm_states: Optional[torch.Tensor] = None,
+    query_start_loc: Optional[torch.Tensor] = None,
+    cache_indices: Optional[torch.Tensor] = None,
+    has_initial_state: Optional[torch.Tensor] = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Prefill selective scan (Mamba1 or Mamba2 form, see the module docstring).
+
+    dt = softplus(delta + delta_bias) (threshold 20) when delta_softplus, else delta + delta_bias;
+    state = exp(dt * A) * state + dt * B * u; y = <state, C> + D * u; y *= silu(z) when z given.
+    u, z: (batch, seqlen, dim) or (total_tokens, dim) with query_start_loc.
+    delta: like u (Mamba1) or (..., nheads) (Mamba2).
+    B, C: (..., ngroups, dstate) or (..., dstate).
+    ssm_states: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate), or None:
+      read for rows with has_initial_state, written with every non-padded row's final state.
+    Returns out, shaped like u.
+    """
+    if out is None:
+        out = torch.empty_like(u)
+    _ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
+                        query_start_loc, cache_indices, has_initial_state, pad_slot_id, out)
+    return out
+
+
+def selective_state_update(
+    ssm_state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    *,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+    dst_state_batch_indices: Optional[torch.Tensor] = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode step: one token per request, state updated in place.
+
+    x, z: (batch, dim) or (batch, nheads, headdim); dt: (batch, dim) (Mamba1) or (batch, nheads);
+    B, C: (batch, ngroups, dstate) or (batch, dstate).
+    ssm_state: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate). Row b reads slot
+    state_batch_indices[b] and writes slot dst_state_batch_indices[b] (the same slot when None):
+    a state can be forked without copies. A write slot must not be another row's read slot.
+    Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    _ops.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                state_batch_indices, dst_state_batch_indices, pad_slot_id, out)
+    return out
+
+
+# Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
+# needs no shape logic beyond accepting the call.
+@torch.library.register_fake("tpssm::causal_conv1d")
+def _causal_conv1d_fake(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                        has_initial_state, silu, pad_slot_id, out) -> None:
+    return None
+
+
+@torch.library.register_fake("tpssm::causal_conv1d_update")
+def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_indices, pad_slot_id,
+                               out) -> None:
+    return None
+
+
+@torch.library.register_fake("tpssm::selective_scan")
+def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
+                         query_start_loc, cache_indices, has_initial_state, pad_slot_id,
+                         out) -> None:
+    return None
+
+
+@torch.library.register_fake("tpssm::selective_state_update")
+def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                 state_batch_indices, dst_state_batch_indices, pad_slot_id,
+                                 out) -> None:
+    return None
