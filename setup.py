@@ -32,6 +32,10 @@ CPU_SOURCES = [
 ]
 
 CUDA_SOURCES = [
+    "csrc/cuda/ssm_cuda_ops.cpp",
+    "csrc/kernels/causal_conv1d.cu",
+    "csrc/kernels/selective_scan.cu",
+    "csrc/kernels/selective_state_update.cu",
 ]
 
 

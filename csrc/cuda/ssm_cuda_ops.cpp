@@ -1,0 +1,75 @@
+// CUDA implementations of the four SSM ops: validate and fill the params (make_*_params, shared
+// with the CPU ops), guard the device, launch the torch-free kernels on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "kernels/ssm_kernels.h"
+#include "ssm_ops.h"
+
+namespace tpssm {
+
+void causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                        const OptTensor& conv_states, const OptTensor& query_start_loc,
+                        const OptTensor& cache_indices, const OptTensor& has_initial_state,
+                        bool silu, int64_t pad_slot_id, const at::Tensor& out) {
+  const CausalConv1dParams params =
+      make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                                has_initial_state, silu, pad_slot_id, out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_causal_conv1d(params, at::cuda::getCurrentCUDAStream().stream());
+}
+
+void causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state,
+                               const at::Tensor& weight, const OptTensor& bias, bool silu,
+                               const OptTensor& cache_indices, int64_t pad_slot_id,
+                               const at::Tensor& out) {
+  const CausalConv1dUpdateParams params = make_causal_conv1d_update_params(
+      x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_causal_conv1d_update(params, at::cuda::getCurrentCUDAStream().stream());
+}
+
+void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                         const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                         const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus,
+                         const OptTensor& ssm_states, const OptTensor& query_start_loc,
+                         const OptTensor& cache_indices, const OptTensor& has_initial_state,
+                         int64_t pad_slot_id, const at::Tensor& out) {
+  const SelectiveScanParams params = make_selective_scan_params(
+      u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
+      cache_indices, has_initial_state, pad_slot_id, out);
+  const c10::cuda::CUDAGuard guard(u.device());
+  // The chunked plan's workspace comes from the caching allocator: no cudaMalloc on the hot path.
+  const size_t bytes = selective_scan_workspace_bytes(params);
+  at::Tensor workspace;
+  if (bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes)}, u.options().dtype(at::kByte));
+  }
+  run_selective_scan(params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
+                     at::cuda::getCurrentCUDAStream().stream());
+}
+
+void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& x,
+                                 const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                 const OptTensor& dt_bias, bool dt_softplus,
+                                 const OptTensor& state_batch_indices,
+                                 const OptTensor& dst_state_batch_indices, int64_t pad_slot_id,
+                                 const at::Tensor& out) {
+  const SelectiveStateUpdateParams params = make_selective_state_update_params(
+      ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+      dst_state_batch_indices, pad_slot_id, out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_selective_state_update(params, at::cuda::getCurrentCUDAStream().stream());
+}
+
+}  // namespace tpssm
+
+TORCH_LIBRARY_IMPL(tpssm, CUDA, m) {
+  m.impl("causal_conv1d", &tpssm::causal_conv1d_cuda);
+  m.impl("causal_conv1d_update", &tpssm::causal_conv1d_update_cuda);
+  m.impl("selective_scan", &tpssm::selective_scan_cuda);
+  m.impl("selective_state_update", &tpssm::selective_state_update_cuda);
+}

@@ -1,0 +1,191 @@
+// Device helpers shared by the SSM kernels: dtype conversion, 16-byte vector access, launch
+// checks, device properties and the dense / varlen sequence walk. Torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace tpssm {
+
+#define TPSSM_CUDA_CHECK(EXPR)                                                               \
+  do {                                                                                       \
+    cudaError_t tpssm_err_ = (EXPR);                                                         \
+    if (tpssm_err_ != cudaSuccess) {                                                         \
+      throw std::runtime_error(std::string("tpssm CUDA error: ") +                          \
+                               cudaGetErrorString(tpssm_err_) + " (" #EXPR ") at " +         \
+                               __FILE__ + ":" + std::to_string(__LINE__));                   \
+    }                                                                                        \
+  } while (0)
+
+// After every launch: a bad configuration surfaces here instead of at the next sync.
+#define TPSSM_CHECK_LAUNCH(KERNEL_NAME)                                                      \
+  do {                                                                                       \
+    cudaError_t tpssm_err_ = cudaGetLastError();                                             \
+    if (tpssm_err_ != cudaSuccess) {                                                         \
+      throw std::runtime_error(std::string("tpssm: launch of ") + KERNEL_NAME +             \
+                               " failed: " + cudaGetErrorString(tpssm_err_));                \
+    }                                                                                        \
+  } while (0)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Multiprocessor count of the current device, cached per device: launch heuristics need it on
+// every call and the attribute query is not free.
+inline int current_device_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
+  TPSSM_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < kMaxDevices) {
+    int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int count = 0;
+  TPSSM_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+inline bool is_aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions. Arithmetic is always fp32; storage types are float, __half, __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// kN elements of T starting at ptr, as one 16-byte access (kN * sizeof(T) == 16, ptr aligned)
+// or as scalar accesses (kN == 1).
+template <typename T, int kN>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&dst)[kN]) {
+  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  if constexpr (kN == 1) {
+    dst[0] = to_float(ptr[0]);
+  } else {
+    union {
+      uint4 raw;
+      T elems[kN];
+    } pack;
+    pack.raw = *reinterpret_cast<const uint4*>(ptr);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = to_float(pack.elems[i]);
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&src)[kN]) {
+  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  if constexpr (kN == 1) {
+    ptr[0] = from_float<T>(src[0]);
+  } else {
+    union {
+      uint4 raw;
+      T elems[kN];
+    } pack;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) pack.elems[i] = from_float<T>(src[i]);
+    *reinterpret_cast<uint4*>(ptr) = pack.raw;
+  }
+}
+
+// Raw storage of kN elements (one 16-byte register quad when vectorised): keeps 16-bit inputs
+// packed in registers until they are used, halving the registers of a load-ahead buffer.
+template <typename T, int kN>
+struct alignas(kN * sizeof(T)) Pack {
+  T elems[kN];
+};
+
+template <typename T, int kN>
+__device__ __forceinline__ Pack<T, kN> load_pack(const T* ptr) {
+  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  Pack<T, kN> pack;
+  if constexpr (kN == 1) {
+    pack.elems[0] = ptr[0];
+  } else {
+    *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(ptr);
+  }
+  return pack;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// softplus with the reference threshold: identity above 20, where log1p(exp(x)) == x in fp32.
+__device__ __forceinline__ float softplus_thresholded(float x) {
+  return x <= 20.f ? log1pf(expf(x)) : x;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// Dense and varlen batches through one view: sequence b covers the "flat" token range
+// [begin(b), end(b)) of the batch laid end to end. Memory addresses use
+// batch_offset(b, batch_stride) + addr_token(b, flat) * token_stride, which is the dense
+// (b, t) address or the varlen packed-row address.
+struct SeqView {
+  const int32_t* qsl;  // (batch + 1,) or nullptr for dense
+  int64_t batch;
+  int64_t seqlen;      // dense tokens per sequence (unused for varlen)
+
+  __device__ __forceinline__ int64_t begin(int64_t b) const {
+    return qsl ? static_cast<int64_t>(qsl[b]) : b * seqlen;
+  }
+  __device__ __forceinline__ int64_t end(int64_t b) const {
+    return qsl ? static_cast<int64_t>(qsl[b + 1]) : (b + 1) * seqlen;
+  }
+  __device__ __forceinline__ int64_t addr_token(int64_t b, int64_t flat) const {
+    return qsl ? flat : flat - b * seqlen;
+  }
+  __device__ __forceinline__ int64_t batch_offset(int64_t b, int64_t batch_stride) const {
+    return qsl ? 0 : b * batch_stride;
+  }
+  // The sequence holding flat token `flat` (which must exist, so the sequence is non-empty).
+  __device__ __forceinline__ int64_t seq_of(int64_t flat) const {
+    if (!qsl) return flat / seqlen;
+    int64_t lo = 0, hi = batch;  // first b in [0, batch] with qsl[b] > flat, minus one
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<int64_t>(qsl[mid]) > flat) hi = mid; else lo = mid + 1;
+    }
+    return lo - 1;
+  }
+  // The first sequence a chunk starting at flat token `chunk_begin` must visit: the one that
+  // continues into the chunk, else the first one starting at or after it (empty ones included).
+  __device__ __forceinline__ int64_t first_in_chunk(int64_t chunk_begin) const {
+    if (!qsl) return seqlen > 0 ? chunk_begin / seqlen : 0;
+    int64_t lo = 0, hi = batch;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      const bool reached = qsl[mid + 1] > chunk_begin || qsl[mid] >= chunk_begin;
+      if (reached) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+  }
+};
+
+}  // namespace tpssm

@@ -1,0 +1,523 @@
+// Prefill selective scan over token-major activations (Mamba1 and Mamba2 head forms).
+//
+// Mapping: a group of G threads owns one channel (head h, headdim index p) and kStates = 16 of its
+// dstate states each (G = next power of two of dstate / 16: 1 for Mamba1's 16 states, 8 for
+// Mamba2's 128), walks tokens in order and keeps its states in fp32 registers. The per-token
+// output is a shuffle reduction within the group.
+//
+// Scaling with the sequence: with few channels (1280 per rank at TP 4) and batch 1, one block row
+// per sequence cannot fill the GPU, so the launcher switches to a chunked plan over the flattened
+// token range (the batch laid end to end, chunks may straddle sequence boundaries):
+//   pass 1 (chunk_state_kernel): for every chunk whose last sequence continues past it, scan that
+//           sequence's part of the chunk from zero (or from the initial state when it starts in
+//           the chunk) and record its end state S_j and the chunk decay P_j = exp(A * sum dt).
+//   pass 2 (chunk_combine_kernel): per (channel, state), carry across chunks in order:
+//           H_j = P_j * H_{j-1} + S_j (or S_j where the sequence starts), stored over S_j.
+//   pass 3 (scan_output_kernel): every chunk rescans its tokens from the exact start state
+//           (H_{j-1} for a sequence continuing into it) and writes the outputs and, for sequences
+//           ending in it, the final state.
+// Pass 3 of a chunk never reads a slot that another block writes: a sequence spanning chunks has
+// its initial state copied to the workspace (I_j) by pass 1, and only the chunk holding its end
+// writes the slot. With enough (sequence x channel-block) work the launcher uses one block row
+// per sequence and runs pass 3 alone.
+#include <algorithm>
+#include <type_traits>
+
+#include "kernel_utils.cuh"
+#include "ssm_kernels.h"
+#include "static_switch.h"
+
+namespace tpssm {
+namespace {
+
+constexpr int kScanThreads = 128;
+constexpr int kStates = 16;  // states per thread
+
+template <typename input_t_, typename state_t_, bool kPerStateA_>
+struct ScanTraits {
+  using input_t = input_t_;
+  using state_t = state_t_;
+  static constexpr bool kPerStateA = kPerStateA_;
+  static constexpr int kThreads = kScanThreads;
+  static constexpr int kStatesPerThread = kStates;
+  static constexpr int kPerPack = 16 / sizeof(input_t);  // B / C elements per 16-byte access
+  static constexpr int kPacks = kStatesPerThread / kPerPack;
+  static_assert(kStatesPerThread % kPerPack == 0, "B / C rows load as whole 16-byte packs");
+  static_assert(kThreads % 32 == 0, "whole warps");
+};
+
+struct ScanPlan {
+  int group_threads;    // G
+  bool flat;            // chunked flat plan (three passes) vs one block row per sequence
+  bool bc_vec;          // B / C rows are 16-byte aligned with dstate % 16 == 0
+  int64_t total_tokens;
+  int64_t chunk_len;
+  int64_t num_chunks;
+  int64_t channels;
+  int64_t channel_blocks;
+  float* ws_S;          // (num_chunks, channels, dstate): chunk end states, then carried H_j
+  float* ws_I;          // (num_chunks, channels, dstate): initial state of a spanning sequence
+  float* ws_P;          // (num_chunks, nheads, dstate or 1): chunk decay
+  int32_t* ws_flags;    // (num_chunks,): 0 no carry, 1 carry starts here, 2 carry continues
+};
+
+// Per-thread constants of one (channel, state range).
+struct ScanThread {
+  int64_t c, h, pidx, g;
+  int n0;
+  int lane;
+  unsigned group_mask;
+};
+
+__device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
+                                                 const ScanPlan& plan, ScanThread& t) {
+  const int G = plan.group_threads;
+  t.lane = threadIdx.x & (G - 1);
+  t.c = static_cast<int64_t>(blockIdx.y) * (kScanThreads / G) + threadIdx.x / G;
+  if (t.c >= plan.channels) return false;
+  t.h = t.c / p.headdim;
+  t.pidx = t.c - t.h * p.headdim;
+  t.g = t.h / (p.nheads / p.ngroups);
+  t.n0 = t.lane * kStates;
+  const unsigned warp_lane = threadIdx.x & 31u;
+  t.group_mask =
+      G == 32 ? 0xffffffffu : (((1u << G) - 1u) << (warp_lane & ~static_cast<unsigned>(G - 1)));
+  return true;
+}
+
+// The slot a sequence reads / writes, or false when the row must be skipped entirely.
+__device__ __forceinline__ bool resolve_slot(const SelectiveScanParams& p, int64_t b,
+                                             int64_t& slot, bool& initial) {
+  slot = p.cache_indices ? p.cache_indices[b] : b;
+  if (p.cache_indices && slot == p.pad_slot_id) return false;
+  // Out-of-range slots cannot be rejected without a host sync: skip instead of touching memory
+  // outside the pool.
+  if (p.ssm_states && (slot < 0 || slot >= p.num_slots)) return false;
+  initial = p.ssm_states && p.has_initial_state && p.has_initial_state[b];
+  return true;
+}
+
+template <typename Traits>
+struct TokenIn {
+  Pack<typename Traits::input_t, Traits::kPerPack> B[Traits::kPacks];
+  Pack<typename Traits::input_t, Traits::kPerPack> C[Traits::kPacks];
+  typename Traits::input_t u, delta, z;
+};
+
+template <typename Traits>
+__device__ __forceinline__ void load_states_row(
+    const typename Traits::input_t* ptr, bool vec, int n0, int64_t dstate,
+    Pack<typename Traits::input_t, Traits::kPerPack> (&dst)[Traits::kPacks]) {
+  using input_t = typename Traits::input_t;
+  constexpr int kPP = Traits::kPerPack;
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < Traits::kPacks; ++k) dst[k] = load_pack<input_t, kPP>(ptr + k * kPP);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) {
+      dst[i / kPP].elems[i % kPP] = n0 + i < dstate ? ptr[i] : from_float<input_t>(0.f);
+    }
+  }
+}
+
+// Scans flat tokens [t_begin, t_end) of sequence b, updating h. kOutput: write y (pass 3);
+// otherwise accumulate sum(dt) for the chunk decay (pass 1).
+template <typename Traits, bool kOutput>
+__device__ __forceinline__ void scan_tokens(const SelectiveScanParams& p, const ScanPlan& plan,
+                                            const SeqView& seqs, const ScanThread& th, int64_t b,
+                                            int64_t t_begin, int64_t t_end,
+                                            const float (&A2)[kStates], float (&h)[kStates],
+                                            float& dt_sum) {
+  using input_t = typename Traits::input_t;
+  constexpr int kPP = Traits::kPerPack;
+  if (t_begin >= t_end) return;
+  const input_t* u = static_cast<const input_t*>(p.u) + seqs.batch_offset(b, p.u_batch_stride) + th.c;
+  const input_t* delta = static_cast<const input_t*>(p.delta) +
+                         seqs.batch_offset(b, p.delta_batch_stride) + th.h;
+  const input_t* Bp = static_cast<const input_t*>(p.B) + seqs.batch_offset(b, p.B_batch_stride) +
+                      th.g * p.B_group_stride + th.n0;
+  const input_t* Cp = static_cast<const input_t*>(p.C) + seqs.batch_offset(b, p.C_batch_stride) +
+                      th.g * p.C_group_stride + th.n0;
+  const input_t* z = p.z ? static_cast<const input_t*>(p.z) +
+                               seqs.batch_offset(b, p.z_batch_stride) + th.c
+                         : nullptr;
+  input_t* out = static_cast<input_t*>(p.out) + seqs.batch_offset(b, p.out_batch_stride) + th.c;
+  const float bias = p.delta_bias ? p.delta_bias[th.h] : 0.f;
+  const float Dh = p.D ? p.D[th.h] : 0.f;
+
+  auto load = [&](int64_t t, TokenIn<Traits>& in) {
+    const int64_t at = seqs.addr_token(b, t);
+    in.u = u[at * p.u_token_stride];
+    in.delta = delta[at * p.delta_token_stride];
+    load_states_row<Traits>(Bp + at * p.B_token_stride, plan.bc_vec, th.n0, p.dstate, in.B);
+    if constexpr (kOutput) {
+      load_states_row<Traits>(Cp + at * p.C_token_stride, plan.bc_vec, th.n0, p.dstate, in.C);
+      if (z) in.z = z[at * p.z_token_stride];
+    }
+  };
+
+  // One token of look-ahead: the next token's loads are in flight while this one computes.
+  TokenIn<Traits> cur, nxt;
+  load(t_begin, cur);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (t + 1 < t_end) load(t + 1, nxt);
+    float dt = to_float(cur.delta) + bias;
+    if (p.delta_softplus) dt = softplus_thresholded(dt);
+    const float uv = to_float(cur.u);
+    const float dtu = dt * uv;
+    float y = 0.f;
+    float dA_head = 0.f;
+    if constexpr (!Traits::kPerStateA) dA_head = exp2f(dt * A2[0]);
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) {
+      float dA;
+      if constexpr (Traits::kPerStateA) {
+        dA = exp2f(dt * A2[i]);
+      } else {
+        dA = dA_head;
+      }
+      h[i] = fmaf(h[i], dA, dtu * to_float(cur.B[i / kPP].elems[i % kPP]));
+      if constexpr (kOutput) y = fmaf(h[i], to_float(cur.C[i / kPP].elems[i % kPP]), y);
+    }
+    if constexpr (kOutput) {
+      for (int offset = plan.group_threads / 2; offset > 0; offset /= 2) {
+        y += __shfl_xor_sync(th.group_mask, y, offset, plan.group_threads);
+      }
+      if (th.lane == 0) {
+        y = fmaf(Dh, uv, y);
+        if (z) y *= silu(to_float(cur.z));
+        out[seqs.addr_token(b, t) * p.out_token_stride] = from_float<input_t>(y);
+      }
+    } else {
+      dt_sum += dt;
+    }
+    cur = nxt;
+  }
+}
+
+template <typename Traits>
+__device__ __forceinline__ void load_a(const SelectiveScanParams& p, const ScanThread& th,
+                                       float (&A2)[kStates]) {
+  const float* A = p.A + th.h * p.A_head_stride;
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) {
+    if constexpr (Traits::kPerStateA) {
+      A2[i] = th.n0 + i < p.dstate ? A[(th.n0 + i) * p.A_state_stride] * kLog2e : 0.f;
+    } else {
+      A2[i] = A[0] * kLog2e;
+    }
+  }
+}
+
+template <typename Traits>
+__device__ __forceinline__ void load_slot_state(const SelectiveScanParams& p, const ScanThread& th,
+                                                int64_t slot, float (&h)[kStates]) {
+  using state_t = typename Traits::state_t;
+  const state_t* s = static_cast<const state_t*>(p.ssm_states) + slot * p.ssm_states_slot_stride +
+                     th.h * p.ssm_states_head_stride + th.pidx * p.ssm_states_dim_stride + th.n0;
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? to_float(s[i]) : 0.f;
+}
+
+template <typename Traits>
+__device__ __forceinline__ void store_slot_state(const SelectiveScanParams& p,
+                                                 const ScanThread& th, int64_t slot,
+                                                 const float (&h)[kStates]) {
+  using state_t = typename Traits::state_t;
+  state_t* s = static_cast<state_t*>(p.ssm_states) + slot * p.ssm_states_slot_stride +
+               th.h * p.ssm_states_head_stride + th.pidx * p.ssm_states_dim_stride + th.n0;
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) {
+    if (th.n0 + i < p.dstate) s[i] = from_float<state_t>(h[i]);
+  }
+}
+
+__device__ __forceinline__ float* ws_row(float* base, const SelectiveScanParams& p,
+                                         const ScanPlan& plan, int64_t j, const ScanThread& th) {
+  return base + (j * plan.channels + th.c) * p.dstate + th.n0;
+}
+
+template <typename Traits>
+__global__ __launch_bounds__(kScanThreads) void chunk_state_kernel(SelectiveScanParams p,
+                                                                   ScanPlan plan) {
+  const int64_t j = blockIdx.x;
+  const int64_t chunk_begin = j * plan.chunk_len;
+  const int64_t chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
+  const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
+  const int64_t b = seqs.seq_of(chunk_end - 1);
+  const int64_t seq_begin = seqs.begin(b);
+  const int64_t seq_end = seqs.end(b);
+  int64_t slot = 0;
+  bool initial = false;
+  int32_t flag = 0;
+  if (seq_end > chunk_end && resolve_slot(p, b, slot, initial)) {
+    flag = seq_begin >= chunk_begin ? 1 : 2;
+  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) plan.ws_flags[j] = flag;
+  if (flag == 0) return;
+
+  ScanThread th;
+  if (!make_scan_thread(p, plan, th)) return;
+  float A2[kStates];
+  load_a<Traits>(p, th, A2);
+  float h[kStates];
+  if (flag == 1 && initial) {
+    load_slot_state<Traits>(p, th, slot, h);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+  }
+  if (flag == 1) {
+    float* I = ws_row(plan.ws_I, p, plan, j, th);
+#pragma unroll
+    for (int i = 0; i < kStates; ++i) {
+      if (th.n0 + i < p.dstate) I[i] = h[i];
+    }
+  }
+  float dt_sum = 0.f;
+  scan_tokens<Traits, false>(p, plan, seqs, th, b, max(seq_begin, chunk_begin), chunk_end, A2, h,
+                             dt_sum);
+  float* S = ws_row(plan.ws_S, p, plan, j, th);
+#pragma unroll
+  for (int i = 0; i < kStates; ++i) {
+    if (th.n0 + i < p.dstate) S[i] = h[i];
+  }
+  if (th.pidx == 0) {
+    if constexpr (Traits::kPerStateA) {
+      float* P = plan.ws_P + (j * p.nheads + th.h) * p.dstate + th.n0;
+#pragma unroll
+      for (int i = 0; i < kStates; ++i) {
+        if (th.n0 + i < p.dstate) P[i] = exp2f(A2[i] * dt_sum);
+      }
+    } else if (th.lane == 0) {
+      plan.ws_P[j * p.nheads + th.h] = exp2f(A2[0] * dt_sum);
+    }
+  }
+}
+
+__global__ __launch_bounds__(256) void chunk_combine_kernel(SelectiveScanParams p, ScanPlan plan,
+                                                            bool per_state_a) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row_elems = plan.channels * p.dstate;
+  if (idx >= row_elems) return;
+  const int64_t c = idx / p.dstate;
+  const int64_t n = idx - c * p.dstate;
+  const int64_t h = c / p.headdim;
+  const int64_t p_stride = per_state_a ? p.nheads * p.dstate : p.nheads;
+  const int64_t p_off = per_state_a ? h * p.dstate + n : h;
+  float carry = 0.f;
+  // Loads do not depend on the carry chain, so unrolling lets them issue ahead of it.
+#pragma unroll 4
+  for (int64_t j = 0; j < plan.num_chunks; ++j) {
+    const int32_t flag = plan.ws_flags[j];
+    if (flag == 0) continue;
+    float s = plan.ws_S[j * row_elems + idx];
+    if (flag == 2) s = fmaf(plan.ws_P[j * p_stride + p_off], carry, s);
+    plan.ws_S[j * row_elems + idx] = s;
+    carry = s;
+  }
+}
+
+template <typename Traits>
+__global__ __launch_bounds__(kScanThreads) void scan_output_kernel(SelectiveScanParams p,
+                                                                   ScanPlan plan) {
+  ScanThread th;
+  if (!make_scan_thread(p, plan, th)) return;
+  const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
+  float A2[kStates];
+  load_a<Traits>(p, th, A2);
+
+  const int64_t j = blockIdx.x;
+  int64_t chunk_begin, chunk_end, b_first, b_last;
+  if (plan.flat) {
+    chunk_begin = j * plan.chunk_len;
+    chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
+    b_first = seqs.first_in_chunk(chunk_begin);
+    b_last = p.batch - 1;
+  } else {
+    chunk_begin = seqs.begin(j);
+    chunk_end = seqs.end(j);
+    b_first = b_last = j;
+  }
+  const bool last_chunk = !plan.flat || j == plan.num_chunks - 1;
+
+  for (int64_t b = b_first; b <= b_last; ++b) {
+    const int64_t seq_begin = seqs.begin(b);
+    const int64_t seq_end = seqs.end(b);
+    // Sequences starting at the chunk end belong to the next chunk; trailing empty sequences
+    // (starting at the very end) to the last one.
+    if (seq_begin > chunk_end || (seq_begin == chunk_end && !last_chunk)) break;
+    int64_t slot = 0;
+    bool initial = false;
+    if (!resolve_slot(p, b, slot, initial)) continue;
+    float h[kStates];
+    if (seq_begin < chunk_begin) {
+      const float* H = ws_row(plan.ws_S, p, plan, j - 1, th);
+#pragma unroll
+      for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? H[i] : 0.f;
+    } else if (seq_end > chunk_end) {
+      const float* I = ws_row(plan.ws_I, p, plan, j, th);
+#pragma unroll
+      for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? I[i] : 0.f;
+    } else if (initial) {
+      load_slot_state<Traits>(p, th, slot, h);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+    }
+    float unused = 0.f;
+    scan_tokens<Traits, true>(p, plan, seqs, th, b, max(seq_begin, chunk_begin),
+                              min(seq_end, chunk_end), A2, h, unused);
+    if (seq_end <= chunk_end && p.ssm_states) store_slot_state<Traits>(p, th, slot, h);
+  }
+}
+
+constexpr int64_t kWorkspaceAlign = 256;
+constexpr int kSeqPlanMinBlocksPerSm = 2;  // below this, chunking beats idle SMs
+constexpr int kFlatTargetBlocksPerSm = 4;
+constexpr int64_t kMinChunk = 64;
+
+inline int64_t align_up(int64_t v) { return ceil_div(v, kWorkspaceAlign) * kWorkspaceAlign; }
+
+struct WorkspaceLayout {
+  int64_t S, I, P, flags, total;
+};
+
+WorkspaceLayout workspace_layout(const SelectiveScanParams& p, const ScanPlan& plan) {
+  WorkspaceLayout w{};
+  if (!plan.flat) return w;
+  const int64_t states = plan.num_chunks * plan.channels * p.dstate * 4;
+  const int64_t decay = plan.num_chunks * p.nheads * (p.a_is_per_state ? p.dstate : 1) * 4;
+  w.S = 0;
+  w.I = align_up(states);
+  w.P = w.I + align_up(states);
+  w.flags = w.P + align_up(decay);
+  w.total = w.flags + align_up(plan.num_chunks * 4);
+  return w;
+}
+
+ScanPlan make_plan(const SelectiveScanParams& p) {
+  if (p.dstate <= 0 || p.dstate > 32 * kStates) {
+    throw std::runtime_error("tpssm selective_scan: dstate must be in 1..512, got " +
+                             std::to_string(p.dstate));
+  }
+  if (p.ngroups <= 0 || p.nheads % p.ngroups != 0) {
+    throw std::runtime_error("tpssm selective_scan: nheads must be a multiple of ngroups");
+  }
+  ScanPlan plan{};
+  int G = 1;
+  while (G * kStates < p.dstate) G *= 2;
+  plan.group_threads = G;
+  plan.channels = p.nheads * p.headdim;
+  plan.channel_blocks = ceil_div(plan.channels, kScanThreads / G);
+  plan.total_tokens = p.query_start_loc ? p.seqlen : p.batch * p.seqlen;
+  const int64_t sms = current_device_sm_count();
+  const int64_t seq_blocks = p.batch * plan.channel_blocks;
+  plan.flat = false;
+  if (plan.total_tokens > 0 && seq_blocks < kSeqPlanMinBlocksPerSm * sms) {
+    const int64_t target = kFlatTargetBlocksPerSm * sms;
+    const int64_t chunk_len =
+        std::max(kMinChunk, ceil_div(plan.total_tokens * plan.channel_blocks, target));
+    const int64_t num_chunks = ceil_div(plan.total_tokens, chunk_len);
+    if (num_chunks > p.batch) {
+      plan.flat = true;
+      plan.chunk_len = chunk_len;
+      plan.num_chunks = num_chunks;
+    }
+  }
+  constexpr int kPerPackMin = 4;  // fp32 B / C: 4 elements per 16 bytes (16-bit: 8)
+  const int64_t per_pack = p.act_dtype == DType::kFloat32 ? kPerPackMin : 2 * kPerPackMin;
+  plan.bc_vec = p.dstate % kStates == 0 && is_aligned(p.B, 16) && is_aligned(p.C, 16) &&
+                p.B_token_stride % per_pack == 0 && p.C_token_stride % per_pack == 0 &&
+                p.B_group_stride % per_pack == 0 && p.C_group_stride % per_pack == 0 &&
+                (p.query_start_loc != nullptr ||
+                 (p.B_batch_stride % per_pack == 0 && p.C_batch_stride % per_pack == 0));
+  return plan;
+}
+
+template <typename Traits>
+void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
+  if (plan.channel_blocks > 65535) {
+    throw std::runtime_error("tpssm selective_scan: too many channels for one launch");
+  }
+  if (plan.flat) {
+    dim3 grid(static_cast<unsigned>(plan.num_chunks), static_cast<unsigned>(plan.channel_blocks));
+    chunk_state_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    TPSSM_CHECK_LAUNCH("chunk_state_kernel");
+    const int64_t elems = plan.channels * p.dstate;
+    chunk_combine_kernel<<<static_cast<unsigned>(ceil_div(elems, 256)), 256, 0, stream>>>(
+        p, plan, Traits::kPerStateA);
+    TPSSM_CHECK_LAUNCH("chunk_combine_kernel");
+    scan_output_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    TPSSM_CHECK_LAUNCH("scan_output_kernel");
+  } else {
+    if (p.batch > 0x7fffffff) throw std::runtime_error("tpssm selective_scan: batch too large");
+    dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(plan.channel_blocks));
+    scan_output_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    TPSSM_CHECK_LAUNCH("scan_output_kernel");
+  }
+}
+
+void run_with_plan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
+  TPSSM_DTYPE_SWITCH(p.act_dtype, input_t, [&] {
+    TPSSM_STATE_DTYPE_SWITCH(p.state_dtype, p.act_dtype, input_t, state_t, [&] {
+      TPSSM_BOOL_SWITCH(p.a_is_per_state, kPerStateA, [&] {
+        launch_scan<ScanTraits<input_t, state_t, kPerStateA>>(p, plan, stream);
+      });
+    });
+  });
+}
+
+bool scan_is_empty(const SelectiveScanParams& p) {
+  return p.batch == 0 || p.nheads == 0 || p.headdim == 0;
+}
+
+}  // namespace
+
+size_t selective_scan_workspace_bytes(const SelectiveScanParams& p) {
+  if (scan_is_empty(p)) return 0;
+  const ScanPlan plan = make_plan(p);
+  return static_cast<size_t>(workspace_layout(p, plan).total);
+}
+
+void run_selective_scan(const SelectiveScanParams& p, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream) {
+  if (scan_is_empty(p)) return;
+  ScanPlan plan = make_plan(p);
+  const WorkspaceLayout layout = workspace_layout(p, plan);
+  if (static_cast<size_t>(layout.total) > workspace_bytes || (layout.total > 0 && !workspace)) {
+    throw std::runtime_error("tpssm selective_scan: workspace of " +
+                             std::to_string(workspace_bytes) + " bytes, the plan needs " +
+                             std::to_string(layout.total));
+  }
+  if (plan.flat) {
+    char* base = static_cast<char*>(workspace);
+    plan.ws_S = reinterpret_cast<float*>(base + layout.S);
+    plan.ws_I = reinterpret_cast<float*>(base + layout.I);
+    plan.ws_P = reinterpret_cast<float*>(base + layout.P);
+    plan.ws_flags = reinterpret_cast<int32_t*>(base + layout.flags);
+  }
+  run_with_plan(p, plan, stream);
+}
+
+void run_selective_scan(const SelectiveScanParams& p, cudaStream_t stream) {
+  const size_t bytes = selective_scan_workspace_bytes(p);
+  if (bytes == 0) {
+    run_selective_scan(p, nullptr, 0, stream);
+    return;
+  }
+  // Stream-ordered allocation keeps this capturable and sync-free; the torch binding passes a
+  // workspace from torch's caching allocator instead.
+  void* workspace = nullptr;
+  TPSSM_CUDA_CHECK(cudaMallocAsync(&workspace, bytes, stream));
+  try {
+    run_selective_scan(p, workspace, bytes, stream);
+  } catch (...) {
+    cudaFreeAsync(workspace, stream);
+    throw;
+  }
+  TPSSM_CUDA_CHECK(cudaFreeAsync(workspace, stream));
+}
+
+}  // namespace tpssm
