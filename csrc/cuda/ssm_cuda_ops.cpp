@@ -1,7 +1,9 @@
 // CUDA implementations of the four SSM ops: validate and fill the params (make_*_params, shared
 // with the CPU ops), guard the device, launch the torch-free kernels on the current stream.
+// Only c10 CUDA headers: ATen/cuda/CUDAContext.h pulls in cuSPARSE / cuBLAS headers that a bare
+// toolkit may lack.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,7 +20,7 @@ void causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const Opt
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
                                 has_initial_state, silu, pad_slot_id, out);
   const c10::cuda::CUDAGuard guard(x.device());
-  run_causal_conv1d(params, at::cuda::getCurrentCUDAStream().stream());
+  run_causal_conv1d(params, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 void causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state,
@@ -28,7 +30,7 @@ void causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state
   const CausalConv1dUpdateParams params = make_causal_conv1d_update_params(
       x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out);
   const c10::cuda::CUDAGuard guard(x.device());
-  run_causal_conv1d_update(params, at::cuda::getCurrentCUDAStream().stream());
+  run_causal_conv1d_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -48,7 +50,7 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
     workspace = at::empty({static_cast<int64_t>(bytes)}, u.options().dtype(at::kByte));
   }
   run_selective_scan(params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
-                     at::cuda::getCurrentCUDAStream().stream());
+                     c10::cuda::getCurrentCUDAStream().stream());
 }
 
 void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& x,
@@ -62,7 +64,7 @@ void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& 
       ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
       dst_state_batch_indices, pad_slot_id, out);
   const c10::cuda::CUDAGuard guard(x.device());
-  run_selective_state_update(params, at::cuda::getCurrentCUDAStream().stream());
+  run_selective_state_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace tpssm

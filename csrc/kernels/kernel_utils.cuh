@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -50,6 +51,15 @@ inline int current_device_sm_count() {
   TPSSM_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+// Test knob: a positive integer in environment variable `name` overrides a launch heuristic (the
+// tests force tiny chunks so that small inputs exercise chunk boundaries). 0 when unset.
+inline int64_t env_override(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return 0;
+  const long long parsed = std::atoll(value);
+  return parsed > 0 ? static_cast<int64_t>(parsed) : 0;
 }
 
 inline bool is_aligned(const void* ptr, int64_t bytes) {

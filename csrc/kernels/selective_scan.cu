@@ -415,7 +415,12 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   const int64_t sms = current_device_sm_count();
   const int64_t seq_blocks = p.batch * plan.channel_blocks;
   plan.flat = false;
-  if (plan.total_tokens > 0 && seq_blocks < kSeqPlanMinBlocksPerSm * sms) {
+  const int64_t forced_chunk = env_override("TPSSM_SCAN_CHUNK_LEN");
+  if (plan.total_tokens > 0 && forced_chunk > 0) {
+    plan.flat = true;
+    plan.chunk_len = forced_chunk;
+    plan.num_chunks = ceil_div(plan.total_tokens, forced_chunk);
+  } else if (plan.total_tokens > 0 && seq_blocks < kSeqPlanMinBlocksPerSm * sms) {
     const int64_t target = kFlatTargetBlocksPerSm * sms;
     const int64_t chunk_len =
         std::max(kMinChunk, ceil_div(plan.total_tokens * plan.channel_blocks, target));

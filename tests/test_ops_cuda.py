@@ -1,0 +1,463 @@
+"""The CUDA kernels of the four SSM ops against their pure-PyTorch references and against the CPU
+ops: the CPU tests' case matrix, the same cases with tiny forced chunks (so small inputs cross
+chunk boundaries of the chunked scan and conv), large shapes (L up to 16K) against the CPU op,
+chunk consistency, and CUDA-graph capture / replay of both decode ops with padded batches.
+Skipped without a GPU or without the CUDA kernels in the build."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import tpssm
+
+if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
+    pytest.skip("needs a CUDA device and a build with the CUDA kernels", allow_module_level=True)
+
+from conftest import (  # noqa: E402
+    EPS,
+    SENTINEL,
+    assert_slots_untouched,
+    conv_inputs,
+    conv_update_inputs,
+    query_start_loc,
+    run_vs_ref,
+    scan_inputs,
+    ssu_inputs,
+    token_rows,
+)
+from test_ops_cpu import CONV_CASES, CONV_UPDATE_CASES, SCAN_CASES, SSU_CASES  # noqa: E402
+from tpssm import ops  # noqa: E402
+from tpssm.reference import (  # noqa: E402
+    causal_conv1d_update_ref,
+    selective_state_update_ref,
+)
+
+f16, bf16 = torch.float16, torch.bfloat16
+CUDA = torch.device("cuda")
+
+# CUDA vs CPU op: both are within 2x the same-dtype baseline of the truth; differences come from
+# exp2 vs exp and summation order, then at most one rounding of the stored dtype.
+CPU_TOL = {torch.float32: 1e-4, f16: 2 * EPS[f16], bf16: 2 * EPS[bf16]}
+
+
+def _ids(cases):
+    return [name for name, _ in cases]
+
+
+def to_cuda(t):
+    """A CUDA copy with the same sizes, strides and storage offset (strided views stay strided
+    and keep their misalignment, which decides the kernels' vector paths)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.numel() == 0:
+        return t.to(CUDA)
+    span = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    buf = torch.empty(span, dtype=t.dtype, device=CUDA)
+    view = buf.as_strided(t.shape, t.stride(), t.storage_offset())
+    view.copy_(t)
+    return view
+
+
+def assert_matches_cpu(gpu: torch.Tensor, cpu: torch.Tensor, dtype, what: str) -> None:
+    g, c = gpu.cpu().double(), cpu.double()
+    assert g.shape == c.shape, what
+    if c.numel() == 0:
+        return
+    assert torch.isfinite(g).all(), f"{what}: non-finite values"
+    err = (g - c).abs().max().item()
+    bound = CPU_TOL[dtype] * max(1.0, c.abs().max().item())
+    assert err <= bound, f"{what}: CUDA vs CPU max error {err:.3g} > {bound:.3g}"
+
+
+@contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def check_op(op, kw_cpu, mutable, dtype):
+    """Runs the CUDA op against the fp64 reference (run_vs_ref) and against the CPU op on the
+    same inputs. Returns (CUDA kwargs after the call, mutable tensors before it, on the CPU)."""
+    kw_gpu = {k: to_cuda(v) for k, v in kw_cpu.items()}
+    kw_ref_cpu = {k: (v.clone() if isinstance(v, torch.Tensor) and k in mutable else v)
+                  for k, v in kw_cpu.items()}
+    before = run_vs_ref(op, kw_gpu, mutable, dtype)
+    op(**kw_ref_cpu)
+    for n in mutable:
+        if kw_gpu.get(n) is not None:
+            assert_matches_cpu(kw_gpu[n], kw_ref_cpu[n], dtype, n)
+    return kw_gpu, {k: v.cpu() for k, v in before.items()}
+
+
+def _padded_out_rows(out, seqlens, varlen, padded_rows):
+    if varlen:
+        return out[token_rows(seqlens, padded_rows)]
+    return out[list(padded_rows)]
+
+
+CHUNKINGS = [None, 1, 3]  # launcher heuristic, or forced chunk lengths
+CHUNK_IDS = ["auto", "chunk1", "chunk3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv1d
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("name,params", CONV_CASES, ids=_ids(CONV_CASES))
+def test_causal_conv1d_cuda(name, params, chunk):
+    kw = conv_inputs(**params)
+    with env("TPSSM_CONV_CHUNK_LEN", chunk):
+        kw_gpu, before = check_op(ops.causal_conv1d, kw, ("out", "conv_states"), kw["x"].dtype)
+    out = kw_gpu["out"].cpu()
+    slots = params.get("slots", (3, 0))
+    seqlens = params.get("seqlens", (9, 9))
+    padded = [b for b, s in enumerate(slots or ()) if s == -1]
+    if padded:
+        rows = _padded_out_rows(out, seqlens, params.get("varlen", False), padded)
+        assert (rows == SENTINEL).all(), "padded output rows were written"
+    if kw_gpu["conv_states"] is not None:
+        used = slots if slots is not None else range(len(seqlens))
+        assert_slots_untouched(kw_gpu["conv_states"].cpu(), before["conv_states"], used)
+
+
+def test_causal_conv1d_cuda_state_is_exact_copy_of_inputs():
+    kw = {k: to_cuda(v) for k, v in conv_inputs(
+        dtype=bf16, varlen=True, seqlens=(6, 2), slots=(1, 0), initial=(False, True)).items()}
+    prev = kw["conv_states"][0].clone()
+    ops.causal_conv1d(**kw)
+    x = kw["x"]
+    assert torch.equal(kw["conv_states"][1], x[3:6].t())
+    assert torch.equal(kw["conv_states"][0], torch.cat([prev[:, 2:], x[6:8].t()], dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv1d_update
+
+
+@pytest.mark.parametrize("name,params", CONV_UPDATE_CASES, ids=_ids(CONV_UPDATE_CASES))
+def test_causal_conv1d_update_cuda(name, params):
+    kw = conv_update_inputs(**params)
+    kw_gpu, before = check_op(ops.causal_conv1d_update, kw, ("out", "conv_state"),
+                              kw["x"].dtype)
+    slots = params.get("slots", (4, 1, 2))
+    out = kw_gpu["out"].cpu()
+    for b, s in enumerate(slots or ()):
+        if s == -1:
+            assert (out[b] == SENTINEL).all(), "padded output row was written"
+    used = slots if slots is not None else range(kw["x"].shape[0])
+    assert_slots_untouched(kw_gpu["conv_state"].cpu(), before["conv_state"], used)
+
+
+# ---------------------------------------------------------------------------------------------
+# selective_scan
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("name,params", SCAN_CASES, ids=_ids(SCAN_CASES))
+def test_selective_scan_cuda(name, params, chunk):
+    kw = scan_inputs(**params)
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        kw_gpu, before = check_op(ops.selective_scan, kw, ("out", "ssm_states"), kw["u"].dtype)
+    out = kw_gpu["out"].cpu()
+    slots = params.get("slots", (1, 3))
+    seqlens = params.get("seqlens", (7, 7))
+    padded = [b for b, s in enumerate(slots or ()) if s == -1]
+    if padded:
+        rows = _padded_out_rows(out, seqlens, params.get("varlen", False), padded)
+        assert (rows == SENTINEL).all(), "padded output rows were written"
+    if kw_gpu["ssm_states"] is not None:
+        used = slots if slots is not None else range(len(seqlens))
+        assert_slots_untouched(kw_gpu["ssm_states"].cpu(), before["ssm_states"], used)
+
+
+SCAN_DSTATE_CASES = [
+    ("mamba2_n16", dict(dstate=16)),
+    ("mamba2_n64", dict(dstate=64, nheads=4, headdim=8)),
+    ("mamba2_n128", dict(dstate=128, nheads=2, headdim=16, ngroups=1)),
+    ("mamba2_n40", dict(dstate=40, nheads=2, headdim=4, ngroups=1)),
+    ("mamba1_n16", dict(form="mamba1", nheads=33, dstate=16, ngroups=1, group_dim=False)),
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["auto", "chunk2"])
+@pytest.mark.parametrize("name,params", SCAN_DSTATE_CASES, ids=_ids(SCAN_DSTATE_CASES))
+def test_selective_scan_cuda_dstate(name, params, chunk):
+    """dstate values that select 1, 4, 8 threads per channel and the vectorised B / C path."""
+    kw = scan_inputs(dtype=bf16, seqlens=(5, 8, 0), varlen=True, slots=(1, 0, 3),
+                     initial=(True, False, True), **params)
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        check_op(ops.selective_scan, kw, ("out", "ssm_states"), bf16)
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["auto", "chunk5"])
+def test_selective_scan_cuda_16bit_state_rounds_only_when_stored(chunk):
+    kw16 = {k: to_cuda(v) for k, v in scan_inputs(dtype=bf16, state_dtype=bf16).items()}
+    kw32 = dict(kw16, ssm_states=kw16["ssm_states"].float(), out=kw16["out"].clone())
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        ops.selective_scan(**kw16)
+        ops.selective_scan(**kw32)
+    assert torch.equal(kw16["out"], kw32["out"])
+    assert torch.equal(kw16["ssm_states"], kw32["ssm_states"].to(bf16))
+
+
+# ---------------------------------------------------------------------------------------------
+# selective_state_update
+
+
+SSU_EXTRA_CASES = [
+    ("mamba2_n128", dict(nheads=4, headdim=8, dstate=128, ngroups=1)),
+    ("mamba2_n128_state_bf16", dict(nheads=4, headdim=8, dstate=128, ngroups=2, dtype=bf16,
+                                    state_dtype=bf16)),
+    ("mamba1_n16", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False)),
+    ("mamba2_n40", dict(nheads=2, headdim=3, dstate=40, ngroups=1)),
+]
+
+
+@pytest.mark.parametrize("name,params", SSU_CASES + SSU_EXTRA_CASES,
+                         ids=_ids(SSU_CASES + SSU_EXTRA_CASES))
+def test_selective_state_update_cuda(name, params):
+    kw = ssu_inputs(**params)
+    kw_gpu, before = check_op(ops.selective_state_update, kw, ("out", "ssm_state"),
+                              kw["x"].dtype)
+    src = params.get("src", (2, 0, 4))
+    dst = params.get("dst")
+    rows = range(kw["x"].shape[0])
+    padded = [b for b in rows if (src is not None and src[b] == -1)
+              or (dst is not None and dst[b] == -1)]
+    out = kw_gpu["out"].cpu()
+    for b in padded:
+        assert (out[b] == SENTINEL).all(), "padded output row was written"
+    written = [(dst if dst is not None else src or list(rows))[b] for b in rows
+               if b not in padded]
+    assert_slots_untouched(kw_gpu["ssm_state"].cpu(), before["ssm_state"], written)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large shapes: against the CPU op (the Python reference is too slow at 16K tokens).
+
+
+def _large_check(op, kw, mutable, dtype):
+    kw_gpu = {k: to_cuda(v) for k, v in kw.items()}
+    op(**kw_gpu)
+    op(**kw)
+    for n in mutable:
+        assert_matches_cpu(kw_gpu[n], kw[n], dtype, n)
+
+
+LARGE_SCAN = [
+    ("mamba1_1x16384", dict(form="mamba1", nheads=256, dstate=16, ngroups=1, group_dim=False,
+                            seqlens=(16384,))),
+    ("mamba2_1x16384", dict(form="mamba2", nheads=4, headdim=64, dstate=128, ngroups=1,
+                            seqlens=(16384,))),
+    ("mamba1_8x2048", dict(form="mamba1", nheads=512, dstate=16, ngroups=1, group_dim=False,
+                           seqlens=(2048,) * 8)),
+    ("mamba2_varlen", dict(form="mamba2", nheads=8, headdim=16, dstate=128, ngroups=2,
+                           seqlens=(5000, 1, 0, 9000, 383, 2), varlen=True)),
+    ("mamba1_varlen_many_channels", dict(form="mamba1", nheads=5120, dstate=16, ngroups=1,
+                                         group_dim=False, seqlens=(700, 0, 1300, 48),
+                                         varlen=True)),
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name,params", LARGE_SCAN, ids=_ids(LARGE_SCAN))
+def test_selective_scan_cuda_large(name, params, dtype):
+    batch = len(params["seqlens"])
+    kw = scan_inputs(dtype=dtype, num_slots=batch + 1, slots=tuple(range(1, batch + 1)),
+                     initial=tuple(b % 2 == 0 for b in range(batch)), **params)
+    _large_check(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+
+
+LARGE_CONV = [
+    ("1x16384", dict(dim=1280, seqlens=(16384,))),
+    ("8x2048", dict(dim=2560, seqlens=(2048,) * 8)),
+    ("varlen", dict(dim=1280, seqlens=(3000, 1, 0, 2, 5000), varlen=True)),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,params", LARGE_CONV, ids=_ids(LARGE_CONV))
+def test_causal_conv1d_cuda_large(name, params):
+    batch = len(params["seqlens"])
+    kw = conv_inputs(dtype=bf16, num_slots=batch + 1, slots=tuple(range(1, batch + 1)),
+                     initial=tuple(b % 2 == 1 for b in range(batch)), **params)
+    _large_check(ops.causal_conv1d, kw, ("out", "conv_states"), bf16)
+
+
+@pytest.mark.parametrize("form", ["mamba1", "mamba2"])
+def test_selective_state_update_cuda_large_batch(form):
+    params = (dict(form="mamba1", nheads=2048, dstate=16, ngroups=1, group_dim=False)
+              if form == "mamba1" else dict(nheads=20, headdim=64, dstate=128, ngroups=1))
+    batch = 256
+    kw = ssu_inputs(dtype=bf16, batch=batch, num_slots=batch + 8,
+                    src=tuple(range(batch)), dst=tuple(range(8, batch + 8)), **params)
+    _large_check(ops.selective_state_update, kw, ("out", "ssm_state"), bf16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk consistency on the GPU: one prefill == two chunked prefills == prefill + decode.
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["auto", "chunk3"])
+@pytest.mark.parametrize("form", ["mamba1", "mamba2"])
+def test_selective_scan_cuda_chunk_consistency(form, chunk):
+    seqlens, first, slots = (40, 23), (17, 0), (2, 0)
+    extra = (dict(nheads=5, dstate=16, ngroups=1, group_dim=False) if form == "mamba1"
+             else dict(nheads=4, headdim=8, dstate=32, ngroups=2))
+    kw = {k: to_cuda(v) for k, v in scan_inputs(
+        form=form, seqlens=seqlens, varlen=True, slots=slots, initial=(False, False),
+        num_slots=3, **extra).items()}
+    packed = ("u", "delta", "B", "C", "z")
+    params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
+    fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
+    qsl = query_start_loc(seqlens).to(CUDA)
+    rest = tuple(n - f for n, f in zip(seqlens, first))
+    starts = query_start_loc(seqlens).tolist()
+    head_idx = [t for b in range(2) for t in range(starts[b], starts[b] + first[b])]
+    tail_idx = [t for b in range(2) for t in range(starts[b] + first[b], starts[b + 1])]
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        init = torch.randn_like(kw["ssm_states"])
+        states_full = init.clone()
+        out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params,
+                                      ssm_states=states_full, has_initial_state=fresh,
+                                      query_start_loc=qsl)
+        states = init.clone()
+        out_head = ops.selective_scan(**{k: kw[k][head_idx] for k in packed}, **params,
+                                      ssm_states=states, has_initial_state=fresh,
+                                      query_start_loc=query_start_loc(first).to(CUDA))
+        out_tail = ops.selective_scan(**{k: kw[k][tail_idx] for k in packed}, **params,
+                                      ssm_states=states, has_initial_state=~fresh,
+                                      query_start_loc=query_start_loc(rest).to(CUDA))
+    merged = torch.empty_like(out_full)
+    merged[head_idx] = out_head
+    merged[tail_idx] = out_tail
+    torch.testing.assert_close(merged, out_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[list(slots)], states_full[list(slots)], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["auto", "chunk2"])
+def test_causal_conv1d_cuda_chunk_consistency(chunk):
+    seqlens, first, slots = (30, 9), (2, 0), (1, 0)
+    dim, width = 40, 4
+    x = torch.randn(sum(seqlens), dim, device=CUDA)
+    weight = torch.randn(dim, width, device=CUDA) * 0.5
+    bias = torch.randn(dim, device=CUDA) * 0.5
+    idx = torch.tensor(slots, dtype=torch.int32, device=CUDA)
+    fresh = torch.zeros(2, dtype=torch.bool, device=CUDA)
+    common = dict(weight=weight, bias=bias, cache_indices=idx, activation="silu")
+    starts = query_start_loc(seqlens).tolist()
+    head_idx = [t for b in range(2) for t in range(starts[b], starts[b] + first[b])]
+    tail_idx = [t for b in range(2) for t in range(starts[b] + first[b], starts[b + 1])]
+    rest = tuple(n - f for n, f in zip(seqlens, first))
+    with env("TPSSM_CONV_CHUNK_LEN", chunk):
+        init = torch.randn(2, dim, width - 1, device=CUDA)
+        states_full = init.clone()
+        out_full = ops.causal_conv1d(x, conv_states=states_full, has_initial_state=fresh,
+                                     query_start_loc=query_start_loc(seqlens).to(CUDA), **common)
+        states = init.clone()
+        out_head = ops.causal_conv1d(x[head_idx], conv_states=states, has_initial_state=fresh,
+                                     query_start_loc=query_start_loc(first).to(CUDA), **common)
+        out_tail = ops.causal_conv1d(x[tail_idx], conv_states=states, has_initial_state=~fresh,
+                                     query_start_loc=query_start_loc(rest).to(CUDA), **common)
+    merged = torch.empty_like(out_full)
+    merged[head_idx] = out_head
+    merged[tail_idx] = out_tail
+    torch.testing.assert_close(merged, out_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states, states_full, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs: both decode ops capture (no host sync, no allocation) and replay correctly with a
+# padded batch.
+
+
+def _replay_and_check(capture, refresh, reference, outputs):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        capture()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        capture()
+    for _ in range(3):
+        refresh()
+        expected = reference()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outputs(), expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_conv1d_update_cuda_graph():
+    batch, dim, width, num_slots = 8, 96, 4, 10
+    slots = torch.tensor([3, 0, -1, 7, 9, -1, 1, 2], dtype=torch.int32, device=CUDA)
+    x = torch.randn(batch, dim, device=CUDA)
+    state = torch.randn(num_slots, dim, width - 1, device=CUDA)
+    weight = torch.randn(dim, width, device=CUDA) * 0.5
+    bias = torch.randn(dim, device=CUDA)
+    out = torch.full_like(x, SENTINEL)
+    shadow = {}
+
+    def capture():
+        ops.causal_conv1d_update(x, state, weight, bias, activation="silu", cache_indices=slots,
+                                 out=out)
+
+    def refresh():
+        x.copy_(torch.randn_like(x))
+        state.copy_(torch.randn_like(state))
+        out.fill_(SENTINEL)
+        shadow["state"] = state.clone()
+
+    def reference():
+        ref_state = shadow["state"].clone()
+        ref_out = torch.full_like(x, SENTINEL)
+        causal_conv1d_update_ref(x, ref_state, weight, bias, activation="silu",
+                                 cache_indices=slots, out=ref_out)
+        return ref_out, ref_state
+
+    _replay_and_check(capture, refresh, reference, lambda: (out, state))
+    assert (out[slots.cpu() == -1] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("form", ["mamba1", "mamba2"])
+def test_selective_state_update_cuda_graph(form):
+    kw = {k: to_cuda(v) for k, v in ssu_inputs(
+        form=form, batch=6, num_slots=9, src=(4, -1, 0, 8, -1, 2), dst=(5, -1, 1, 8, -1, 3),
+        **(dict(nheads=24, dstate=16, ngroups=1, group_dim=False) if form == "mamba1"
+           else dict(nheads=4, headdim=16, dstate=64, ngroups=2))).items()}
+    shadow = {}
+
+    def capture():
+        ops.selective_state_update(**kw)
+
+    def refresh():
+        for name in ("x", "dt", "B", "C", "z"):
+            kw[name].copy_(torch.randn_like(kw[name]) * (0.5 if name == "dt" else 1.0))
+        kw["ssm_state"].copy_(torch.randn_like(kw["ssm_state"]))
+        kw["out"].fill_(SENTINEL)
+        shadow["state"] = kw["ssm_state"].clone()
+
+    def reference():
+        ref = dict(kw, ssm_state=shadow["state"].clone(), out=torch.full_like(kw["out"], SENTINEL))
+        selective_state_update_ref(**ref)
+        return ref["out"], ref["ssm_state"]
+
+    _replay_and_check(capture, refresh, reference, lambda: (kw["out"], kw["ssm_state"]))
