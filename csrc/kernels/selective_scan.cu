@@ -110,7 +110,8 @@ __device__ __forceinline__ void load_states_row(
     Pack<typename Traits::input_t, Traits::kPerPack> (&dst)[Traits::kPacks]) {
   using input_t = typename Traits::input_t;
   constexpr int kPP = Traits::kPerPack;
-  if (vec) {
+  // Lanes past dstate (dstate 48 gives G = 4 lanes of 16) take the predicated path.
+  if (vec && n0 + kStates <= dstate) {
 #pragma unroll
     for (int k = 0; k < Traits::kPacks; ++k) dst[k] = load_pack<input_t, kPP>(ptr + k * kPP);
   } else {

@@ -1,0 +1,458 @@
+"""Benchmark of the four SSM CUDA kernels on per-rank shards of real models.
+
+For each kernel and shape: median time per call (CUDA events around CUDA-graph replays of one
+call per input set, after warm-up; input sets are rotated so that the working set exceeds the L2
+cache; mutated states are reset outside the timed region), the explicit byte inventory (every
+input read once, every output written once, states read and written once), achieved GB/s, % of
+the device copy bandwidth measured in the same run (a large device-to-device copy), and the
+speed-up against the pure-PyTorch reference (tpssm.reference; timed eagerly on a reduced case
+and scaled linearly where the full case is too slow - the table says so) and against a
+torch-native baseline where one exists (F.conv1d for the conv, vectorised torch for the two
+decode ops).
+
+    python benchmarks/bench_ssm_ops.py [--quick] [--json PATH] [--ops conv,scan,...]
+
+Without CUDA it prints that CUDA is required and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+# Per-rank shards: (name, form, d_inner, dstate, nheads, headdim, ngroups, conv width).
+MODELS = {
+    "mamba-2.8b": dict(form="mamba1", d_inner=5120, dstate=16, nheads=5120, headdim=1,
+                       ngroups=1, width=4),
+    "falcon-mamba-7b": dict(form="mamba1", d_inner=8192, dstate=16, nheads=8192, headdim=1,
+                            ngroups=1, width=4),
+    "mamba2-2.7b": dict(form="mamba2", d_inner=5120, dstate=128, nheads=80, headdim=64,
+                        ngroups=1, width=4),
+}
+TPS = (1, 2, 4)
+DECODE_BATCHES = (1, 8, 64, 256)
+PREFILLS = ((1, 2048), (8, 2048), (1, 16384))
+QUICK = dict(tps=(1, 4), decode=(1, 64, 256), prefill=((8, 2048), (1, 16384)))
+
+ACT = torch.bfloat16
+STATE = torch.float32
+MAX_SETS = 1024
+
+
+def shard(model: str, tp: int) -> Dict:
+    m = dict(MODELS[model])
+    m["nheads"] //= tp
+    m["d_inner"] //= tp
+    # Mamba-2's conv also covers B and C (ngroups * dstate each), replicated per rank for G=1.
+    m["conv_dim"] = m["d_inner"] + (2 * m["ngroups"] * m["dstate"] if m["form"] == "mamba2" else 0)
+    return m
+
+
+@dataclass
+class Case:
+    op: str
+    model: str
+    tp: int
+    shape: str
+    bytes: float
+    make_set: Callable[[], Dict]
+    call: Callable[[Dict], None]
+    ref: Optional[Callable[[], Callable[[], None]]] = None  # builds a callable on a reduced case
+    ref_scale: float = 1.0   # full case / reduced case work
+    ref_note: str = ""
+    native: Optional[Callable[[Dict], None]] = None
+    native_note: str = ""
+    results: Dict = field(default_factory=dict)
+
+
+def _rand(*shape, dtype=ACT, scale=1.0, offset=0.0):
+    return (torch.randn(*shape, device="cuda") * scale + offset).to(dtype)
+
+
+def _ssm_consts(m):
+    h, n = m["nheads"], m["dstate"]
+    if m["form"] == "mamba1":
+        A = -torch.rand(h, n, device="cuda") * 4 - 0.5
+    else:
+        A = -torch.rand(h, device="cuda") * 4 - 0.5
+    return A, torch.randn(h, device="cuda"), torch.randn(h, device="cuda") * 0.5 - 1.0
+
+
+def _state_shape(m, slots):
+    if m["form"] == "mamba1":
+        return (slots, m["d_inner"], m["dstate"])
+    return (slots, m["nheads"], m["headdim"], m["dstate"])
+
+
+def conv_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
+    m = shard(model, tp)
+    dim, width = m["conv_dim"], m["width"]
+    e = 2
+    nbytes = e * (2 * batch * seqlen * dim + 2 * batch * dim * (width - 1) + dim * (width + 1))
+
+    def make_set():
+        return dict(x=_rand(batch, seqlen, dim), weight=_rand(dim, width, scale=0.5),
+                    bias=_rand(dim), conv_states=_rand(batch, dim, width - 1),
+                    has_initial_state=torch.ones(batch, dtype=torch.bool, device="cuda"),
+                    out=torch.empty(batch, seqlen, dim, dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.causal_conv1d(s["x"], s["weight"], s["bias"], conv_states=s["conv_states"],
+                          has_initial_state=s["has_initial_state"], activation="silu",
+                          out=s["out"])
+
+    def native(s):
+        x = s["x"].transpose(1, 2)
+        y = F.conv1d(x, s["weight"][:, None, :], s["bias"], padding=width - 1, groups=dim)
+        s["native_out"] = F.silu(y[..., :seqlen]).transpose(1, 2)
+
+    def ref():
+        s = make_set()
+        return lambda: ref_mod.causal_conv1d_ref(
+            s["x"], s["weight"], s["bias"], conv_states=s["conv_states"],
+            has_initial_state=s["has_initial_state"], activation="silu", out=s["out"])
+
+    return Case("causal_conv1d", model, tp, f"{batch}x{seqlen} dim {dim}", nbytes, make_set,
+                call, ref=ref, native=native,
+                native_note="F.conv1d on the transposed view, no initial state")
+
+
+def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
+    m = shard(model, tp)
+    dim, width = m["conv_dim"], m["width"]
+    e = 2
+    nbytes = e * (2 * batch * dim + 2 * batch * dim * (width - 1) + dim * (width + 1) + 0.0)
+
+    def make_set():
+        return dict(x=_rand(batch, dim), conv_state=_rand(batch, dim, width - 1),
+                    weight=_rand(dim, width, scale=0.5), bias=_rand(dim),
+                    idx=torch.arange(batch, dtype=torch.int32, device="cuda"),
+                    out=torch.empty(batch, dim, dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.causal_conv1d_update(s["x"], s["conv_state"], s["weight"], s["bias"],
+                                 activation="silu", cache_indices=s["idx"], out=s["out"])
+
+    def native(s):
+        idx = s["idx"].long()
+        full = torch.cat([s["conv_state"][idx], s["x"][:, :, None]], dim=-1)
+        s["out"].copy_(F.silu((full.float() * s["weight"].float()).sum(-1) + s["bias"].float()))
+        s["conv_state"].index_copy_(0, idx, full[..., 1:])
+
+    ref_batch = min(batch, 8)
+
+    def ref():
+        s = dict(x=_rand(ref_batch, dim), conv_state=_rand(ref_batch, dim, width - 1),
+                 weight=_rand(dim, width, scale=0.5), bias=_rand(dim),
+                 idx=torch.arange(ref_batch, dtype=torch.int32, device="cuda"))
+        return lambda: ref_mod.causal_conv1d_update_ref(
+            s["x"], s["conv_state"], s["weight"], s["bias"], activation="silu",
+            cache_indices=s["idx"])
+
+    return Case("causal_conv1d_update", model, tp, f"batch {batch} dim {dim}", nbytes, make_set,
+                call, ref=ref, ref_scale=batch / ref_batch,
+                ref_note=f"ref at batch {ref_batch}, scaled" if ref_batch != batch else "",
+                native=native, native_note="torch gather / sum / index_copy_")
+
+
+def scan_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
+    m = shard(model, tp)
+    h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
+    dim = h * p
+    tokens = batch * seqlen
+    e, s_e = 2, 4
+    nbytes = (e * (3 * tokens * dim + tokens * h + 2 * tokens * g * n)
+              + 2 * s_e * batch * dim * n)
+    A, D, dbias = _ssm_consts(m)
+
+    def make(b, L):
+        return dict(u=_rand(b, L, dim), delta=_rand(b, L, h, scale=0.5), B=_rand(b, L, g, n),
+                    C=_rand(b, L, g, n), z=_rand(b, L, dim),
+                    ssm_states=torch.randn(_state_shape(m, b), device="cuda", dtype=STATE),
+                    has_initial_state=torch.ones(b, dtype=torch.bool, device="cuda"),
+                    out=torch.empty(b, L, dim, dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.selective_scan(s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias,
+                           delta_softplus=True, ssm_states=s["ssm_states"],
+                           has_initial_state=s["has_initial_state"], out=s["out"])
+
+    ref_len = 128
+
+    def ref():
+        s = make(1, ref_len)
+        return lambda: ref_mod.selective_scan_ref(
+            s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias, delta_softplus=True,
+            ssm_states=s["ssm_states"], has_initial_state=s["has_initial_state"], out=s["out"])
+
+    return Case("selective_scan", model, tp, f"{batch}x{seqlen} {h}x{p}x{n}", nbytes,
+                lambda: make(batch, seqlen), call, ref=ref, ref_scale=tokens / ref_len,
+                ref_note=f"ref at 1x{ref_len}, scaled by tokens")
+
+
+def ssu_case(model, tp, batch, ops, ref_mod) -> Case:
+    m = shard(model, tp)
+    h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
+    dim = h * p
+    e, s_e = 2, 4
+    nbytes = 2 * s_e * batch * dim * n + e * (3 * batch * dim + batch * h + 2 * batch * g * n)
+    A, D, dbias = _ssm_consts(m)
+    x_shape = (batch, dim) if m["form"] == "mamba1" else (batch, h, p)
+
+    def make(b):
+        return dict(state=torch.randn(_state_shape(m, b), device="cuda", dtype=STATE),
+                    x=_rand(*((b,) + x_shape[1:])), dt=_rand(b, h, scale=0.5),
+                    B=_rand(b, g, n), C=_rand(b, g, n), z=_rand(*((b,) + x_shape[1:])),
+                    idx=torch.arange(b, dtype=torch.int32, device="cuda"),
+                    out=torch.empty(*((b,) + x_shape[1:]), dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.selective_state_update(s["state"], s["x"], s["dt"], A, s["B"], s["C"], D, s["z"],
+                                   dbias, dt_softplus=True, state_batch_indices=s["idx"],
+                                   out=s["out"])
+
+    A_hn = A if m["form"] == "mamba1" else A[:, None].expand(h, n)
+
+    def native(s):
+        idx = s["idx"].long()
+        st = s["state"][idx].view(batch, h, p, n)
+        dt = F.softplus(s["dt"].float() + dbias)  # (b, h)
+        dA = torch.exp(dt[:, :, None] * A_hn)  # (b, h, n)
+        reps = h // g
+        Bh = s["B"].float().repeat_interleave(reps, dim=1)
+        Ch = s["C"].float().repeat_interleave(reps, dim=1)
+        x = s["x"].float().reshape(batch, h, p)
+        st = st * dA[:, :, None, :] + (dt[:, :, None, None] * Bh[:, :, None, :]) * x[..., None]
+        y = torch.einsum("bhpn,bhn->bhp", st, Ch) + x * D.view(1, h, 1)
+        y = y * F.silu(s["z"].float().reshape(batch, h, p))
+        s["out"].copy_(y.reshape(s["out"].shape))
+        s["state"].index_copy_(0, idx, st.view(s["state"][idx].shape))
+
+    ref_batch = min(batch, 8)
+
+    def ref():
+        s = make(ref_batch)
+        return lambda: ref_mod.selective_state_update_ref(
+            s["state"], s["x"], s["dt"], A, s["B"], s["C"], D, s["z"], dbias, dt_softplus=True,
+            state_batch_indices=s["idx"], out=s["out"])
+
+    return Case("selective_state_update", model, tp, f"batch {batch} {h}x{p}x{n}", nbytes,
+                lambda: make(batch), call, ref=ref, ref_scale=batch / ref_batch,
+                ref_note=f"ref at batch {ref_batch}, scaled" if ref_batch != batch else "",
+                native=native, native_note="vectorised torch gather / exp / einsum")
+
+
+def l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(0)
+    return int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    n = 512 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = _time_eager(lambda: dst.copy_(src), iters=20)
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def _time_eager(fn, iters=10, warmup=2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _time_graph(fn_per_set, sets, reps, reset=None) -> float:
+    """Median ms per call: one CUDA graph calls fn on every input set in turn."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for s in sets[:2]:
+            fn_per_set(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for s in sets:
+            fn_per_set(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if reset is not None:
+            reset()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(sets))
+    times.sort()
+    del graph
+    return times[len(times) // 2]
+
+
+def run_case(case: Case, copy_gbs: float, reps: int, with_ref: bool) -> Dict:
+    probe = case.make_set()
+    set_bytes = sum(t.numel() * t.element_size() for t in probe.values()
+                    if isinstance(t, torch.Tensor))
+    num_sets = max(1, min(MAX_SETS, math.ceil(3 * l2_bytes() / max(set_bytes, 1))))
+    sets = [probe] + [case.make_set() for _ in range(num_sets - 1)]
+    # Pristine copies of the states the op mutates; every replay starts from them. Sets are reset
+    # in replay order, so the sets the reset left warm in L2 are replayed last, after the earlier
+    # sets have evicted them.
+    keys = [k for k in ("conv_states", "conv_state", "ssm_states", "state") if k in probe]
+    pristine = [{k: s[k].clone() for k in keys} for s in sets]
+
+    def reset_all():
+        for s, saved in zip(sets, pristine):
+            for k in keys:
+                s[k].copy_(saved[k])
+
+    ms = _time_graph(case.call, sets, reps, reset_all if keys else None)
+    res = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, time_us=ms * 1e3,
+               bytes=case.bytes, gbs=case.bytes / (ms * 1e-3) / 1e9, input_sets=num_sets)
+    res["pct_copy"] = 100.0 * res["gbs"] / copy_gbs
+    if case.native is not None:
+        try:
+            native_ms = _time_graph(case.native, sets[: min(num_sets, 64)], reps)
+        except Exception:  # noqa: BLE001 - a baseline that cannot be captured runs eagerly
+            native_ms = _time_eager(lambda: case.native(sets[0]), iters=reps)
+        res["native_us"] = native_ms * 1e3
+        res["speedup_vs_native"] = native_ms / ms
+        res["native_note"] = case.native_note
+    if with_ref and case.ref is not None:
+        fn = case.ref()
+        ref_ms = _time_eager(fn, iters=3, warmup=1) * case.ref_scale
+        res["ref_us"] = ref_ms * 1e3
+        res["speedup_vs_ref"] = ref_ms / ms
+        res["ref_note"] = case.ref_note
+    del sets, pristine, probe
+    torch.cuda.empty_cache()
+    return res
+
+
+def build_cases(args, ops, ref_mod) -> List[Case]:
+    tps = QUICK["tps"] if args.quick else TPS
+    decode = QUICK["decode"] if args.quick else DECODE_BATCHES
+    prefill = QUICK["prefill"] if args.quick else PREFILLS
+    wanted = set(args.ops.split(","))
+    cases = []
+    for model in MODELS:
+        for tp in tps:
+            for batch, seqlen in prefill:
+                if "conv" in wanted:
+                    cases.append(conv_case(model, tp, batch, seqlen, ops, ref_mod))
+                if "scan" in wanted:
+                    cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod))
+            for batch in decode:
+                if "conv_update" in wanted:
+                    cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
+                if "state_update" in wanted:
+                    cases.append(ssu_case(model, tp, batch, ops, ref_mod))
+    return cases
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def print_table(results: List[Dict], copy_gbs: float) -> None:
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<26}{'us':>10}{'MB':>9}{'GB/s':>8}"
+            f"{'%copy':>7}{'x ref':>9}{'x native':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        ref = f"{r['speedup_vs_ref']:.1f}" if "speedup_vs_ref" in r else "-"
+        nat = f"{r['speedup_vs_native']:.2f}" if "speedup_vs_native" in r else "-"
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<26}{r['time_us']:>10.1f}"
+              f"{r['bytes'] / 1e6:>9.1f}{r['gbs']:>8.0f}{r['pct_copy']:>7.1f}{ref:>9}{nat:>10}")
+    notes = sorted({r.get("ref_note", "") for r in results} - {""})
+    if notes:
+        print("reference timings: " + "; ".join(notes))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a subset of shapes, fewer repeats")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--ops", default="conv,scan,conv_update,state_update")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--no-ref", action="store_true", help="skip the slow reference timings")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_ssm_ops: CUDA is required (no CUDA device found); nothing to benchmark")
+        return 0
+    import tpssm
+    from tpssm import ops
+    from tpssm import reference as ref_mod
+
+    if not tpssm.has_cuda_kernels():
+        print("bench_ssm_ops: this tpssm build has no CUDA kernels; nothing to benchmark")
+        return 0
+    torch.manual_seed(0)
+    reps = args.reps or (5 if args.quick else 15)
+    copy_gbs = copy_bandwidth()
+    results = []
+    # Reference timings once per (op, model, tp) in quick mode: they dominate the run time.
+    seen_ref = set()
+    for case in build_cases(args, ops, ref_mod):
+        key = (case.op, case.model, case.tp)
+        with_ref = not args.no_ref and (not args.quick or key not in seen_ref)
+        seen_ref.add(key)
+        try:
+            res = run_case(case, copy_gbs, reps, with_ref)
+        except torch.cuda.OutOfMemoryError:
+            res = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape,
+                       error="out of memory")
+            torch.cuda.empty_cache()
+            print(f"skipped {case.op} {case.model} tp{case.tp} {case.shape}: out of memory")
+            continue
+        results.append(res)
+        print(f"{res['op']:<23}{res['model']:<16} tp{res['tp']} {res['shape']:<26}"
+              f"{res['time_us']:9.1f} us {res['gbs']:7.0f} GB/s {res['pct_copy']:5.1f}%",
+              flush=True)
+    print_table(results, copy_gbs)
+    if args.json:
+        payload = dict(
+            device=torch.cuda.get_device_name(0), torch=torch.__version__,
+            cuda=torch.version.cuda, git_commit=git_commit(),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            copy_bandwidth_gbs=copy_gbs, quick=args.quick, activation_dtype=str(ACT),
+            state_dtype=str(STATE), results=results)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
