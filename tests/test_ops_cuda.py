@@ -190,6 +190,7 @@ SCAN_DSTATE_CASES = [
     ("mamba2_n64", dict(dstate=64, nheads=4, headdim=8)),
     ("mamba2_n128", dict(dstate=128, nheads=2, headdim=16, ngroups=1)),
     ("mamba2_n40", dict(dstate=40, nheads=2, headdim=4, ngroups=1)),
+    ("mamba2_n48", dict(dstate=48, nheads=2, headdim=4, ngroups=1)),
     ("mamba1_n16", dict(form="mamba1", nheads=33, dstate=16, ngroups=1, group_dim=False)),
 ]
 
