@@ -287,7 +287,7 @@ HeadForm head_form(const char* op, const at::Tensor& A, int64_t dim, const at::T
               ") must be divisible by nheads (A.size(0) = ", f.nheads, ")");
   f.headdim = dim / f.nheads;
   f.dstate = B.size(-1);
-  f.ngroups = B.dim() > B_group_dim ? B.size(B_group_dim) : 1;
+  f.ngroups = B.dim() == B_group_dim + 2 ? B.size(B_group_dim) : 1;
   TORCH_CHECK(f.ngroups > 0 && f.nheads % f.ngroups == 0, op, ": nheads (", f.nheads,
               ") must be divisible by ngroups (", f.ngroups, ")");
   if (f.a_is_per_state) {
