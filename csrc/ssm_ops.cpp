@@ -324,10 +324,10 @@ void fill_state_layout(const char* op, const at::Tensor& s, const char* name, co
     *head_stride = s.stride(1) * f.headdim;
     *dim_stride = s.stride(1);
   }
-  check_last_stride1(op, s, name, "dstate");
-  check_no_internal_overlap(op, s, name);
   *num_slots = s.size(0);
   check_fits_int32(op, *num_slots, "num_slots");
+  check_last_stride1(op, s, name, "dstate");
+  check_no_internal_overlap(op, s, name);
   *slot_stride = s.stride(0);
 }
 
@@ -379,10 +379,10 @@ CausalConv1dParams make_causal_conv1d_params(
     TORCH_CHECK(s.dim() == 3 && s.size(1) == dim && s.size(2) == width - 1, op,
                 ": conv_states must have shape (num_slots, dim, width - 1) = (*, ", dim, ", ",
                 width - 1, "), got ", s.sizes());
-    check_no_internal_overlap(op, s, "conv_states");
-    check_no_overlap(op, s, "conv_states", x, "x");
     p.num_slots = s.size(0);
     check_fits_int32(op, p.num_slots, "num_slots");
+    check_no_internal_overlap(op, s, "conv_states");
+    check_no_overlap(op, s, "conv_states", x, "x");
     p.conv_states = s.data_ptr();
     p.conv_states_slot_stride = s.stride(0);
     p.conv_states_channel_stride = s.stride(1);
@@ -463,10 +463,10 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
                   conv_state.size(2) == width - 1,
               op, ": conv_state must have shape (num_slots, dim, width - 1) = (*, ", dim, ", ",
               width - 1, "), got ", conv_state.sizes());
-  check_no_internal_overlap(op, conv_state, "conv_state");
-  check_no_overlap(op, conv_state, "conv_state", x, "x");
   p.num_slots = conv_state.size(0);
   check_fits_int32(op, p.num_slots, "num_slots");
+  check_no_internal_overlap(op, conv_state, "conv_state");
+  check_no_overlap(op, conv_state, "conv_state", x, "x");
 
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
