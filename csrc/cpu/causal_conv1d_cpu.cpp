@@ -18,36 +18,64 @@ namespace {
 constexpr int64_t kChannelBlock = 64;
 constexpr int kMaxWidth = 4;
 
-// The conv of one block of channels over tokens [t0, t1). `window` holds, per channel, the
-// width - 1 previous inputs (oldest first) on entry and the last width - 1 inputs on exit.
-template <typename T>
+// The conv of one block of channels over tokens [t0, t1). `window[k][c]` holds the width - 1
+// previous inputs of channel c (oldest first) on entry and the last width - 1 inputs on exit.
+// Arrays are channel-innermost so every loop over c vectorises.
+template <int kWidth, typename T>
 void conv_block(const T* x, int64_t x_token_stride, T* out, int64_t out_token_stride,
-                int64_t t0, int64_t t1, int64_t num_channels, int width,
-                const float (*w)[kMaxWidth], const float* bias, bool silu,
-                float (*window)[kMaxWidth - 1]) {
+                int64_t t0, int64_t t1, int64_t num_channels, const float (*w)[kChannelBlock],
+                const float* bias, bool silu, float (*window)[kChannelBlock]) {
+  float xv[kChannelBlock];
+  float acc[kChannelBlock];
   for (int64_t t = t0; t < t1; ++t) {
     const T* xt = x + t * x_token_stride;
     T* ot = out + t * out_token_stride;
-    for (int64_t c = 0; c < num_channels; ++c) {
-      const float xv = cpu::load(xt + c);
-      float acc = 0.0f;
-      for (int k = 0; k < width - 1; ++k) acc += w[c][k] * window[c][k];
-      acc += w[c][width - 1] * xv;
-      if (bias != nullptr) acc += bias[c];
-      cpu::store(ot + c, silu ? cpu::silu(acc) : acc);
-      for (int k = 0; k + 2 < width; ++k) window[c][k] = window[c][k + 1];
-      window[c][width - 2] = xv;
+    for (int64_t c = 0; c < num_channels; ++c) xv[c] = cpu::load(xt + c);
+    for (int64_t c = 0; c < num_channels; ++c) acc[c] = 0.0f;
+    for (int k = 0; k < kWidth - 1; ++k) {
+      for (int64_t c = 0; c < num_channels; ++c) acc[c] += w[k][c] * window[k][c];
     }
+    for (int64_t c = 0; c < num_channels; ++c) acc[c] += w[kWidth - 1][c] * xv[c];
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < num_channels; ++c) acc[c] += bias[c];
+    }
+    if (silu) {
+      for (int64_t c = 0; c < num_channels; ++c) acc[c] = cpu::silu(acc[c]);
+    }
+    for (int64_t c = 0; c < num_channels; ++c) cpu::store(ot + c, acc[c]);
+    for (int k = 0; k + 2 < kWidth; ++k) {
+      for (int64_t c = 0; c < num_channels; ++c) window[k][c] = window[k + 1][c];
+    }
+    for (int64_t c = 0; c < num_channels; ++c) window[kWidth - 2][c] = xv[c];
   }
 }
 
 template <typename T>
+void conv_block_any_width(int width, const T* x, int64_t x_token_stride, T* out,
+                          int64_t out_token_stride, int64_t t0, int64_t t1, int64_t num_channels,
+                          const float (*w)[kChannelBlock], const float* bias, bool silu,
+                          float (*window)[kChannelBlock]) {
+  switch (width) {
+    case 2:
+      return conv_block<2>(x, x_token_stride, out, out_token_stride, t0, t1, num_channels, w,
+                           bias, silu, window);
+    case 3:
+      return conv_block<3>(x, x_token_stride, out, out_token_stride, t0, t1, num_channels, w,
+                           bias, silu, window);
+    case 4:
+      return conv_block<4>(x, x_token_stride, out, out_token_stride, t0, t1, num_channels, w,
+                           bias, silu, window);
+  }
+  TORCH_CHECK(false, "causal_conv1d: unsupported width ", width);
+}
+
+template <typename T>
 void load_weights(const T* weight, int64_t channel_stride, int64_t width_stride, const T* bias,
-                  int64_t c0, int64_t num_channels, int width, float (*w)[kMaxWidth],
+                  int64_t c0, int64_t num_channels, int width, float (*w)[kChannelBlock],
                   float* bias_f) {
   for (int64_t c = 0; c < num_channels; ++c) {
     for (int k = 0; k < width; ++k) {
-      w[c][k] = cpu::load(weight + (c0 + c) * channel_stride + k * width_stride);
+      w[k][c] = cpu::load(weight + (c0 + c) * channel_stride + k * width_stride);
     }
     if (bias != nullptr) bias_f[c] = cpu::load(bias + c0 + c);
   }
@@ -57,9 +85,9 @@ template <typename T>
 void causal_conv1d_kernel(const CausalConv1dParams& p) {
   const int64_t num_blocks = (p.dim + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, p.batch * num_blocks, 1, [&](int64_t begin, int64_t end) {
-    float w[kChannelBlock][kMaxWidth];
+    float w[kMaxWidth][kChannelBlock];
     float bias[kChannelBlock];
-    float window[kChannelBlock][kMaxWidth - 1];
+    float window[kMaxWidth - 1][kChannelBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_blocks;
       const int64_t c0 = (item % num_blocks) * kChannelBlock;
@@ -79,7 +107,7 @@ void causal_conv1d_kernel(const CausalConv1dParams& p) {
           state != nullptr && p.has_initial_state != nullptr && p.has_initial_state[b];
       for (int64_t c = 0; c < nc; ++c) {
         for (int k = 0; k < p.width - 1; ++k) {
-          window[c][k] = initial ? cpu::load(state + c * p.conv_states_channel_stride +
+          window[k][c] = initial ? cpu::load(state + c * p.conv_states_channel_stride +
                                              k * p.conv_states_width_stride)
                                  : 0.0f;
         }
@@ -87,14 +115,16 @@ void causal_conv1d_kernel(const CausalConv1dParams& p) {
       load_weights(static_cast<const T*>(p.weight), p.weight_channel_stride,
                    p.weight_width_stride, static_cast<const T*>(p.bias), c0, nc, p.width, w,
                    bias);
-      conv_block(static_cast<const T*>(p.x) + b * p.x_batch_stride + c0, p.x_token_stride,
-                 static_cast<T*>(p.out) + b * p.out_batch_stride + c0, p.out_token_stride, t0,
-                 t1, nc, p.width, w, p.bias ? bias : nullptr, p.silu, window);
+      conv_block_any_width(p.width, static_cast<const T*>(p.x) + b * p.x_batch_stride + c0,
+                           p.x_token_stride,
+                           static_cast<T*>(p.out) + b * p.out_batch_stride + c0,
+                           p.out_token_stride, t0, t1, nc, w, p.bias ? bias : nullptr, p.silu,
+                           window);
       if (state == nullptr) continue;
       for (int64_t c = 0; c < nc; ++c) {
         for (int k = 0; k < p.width - 1; ++k) {
           cpu::store(state + c * p.conv_states_channel_stride + k * p.conv_states_width_stride,
-                     window[c][k]);
+                     window[k][c]);
         }
       }
     }
@@ -105,9 +135,9 @@ template <typename T>
 void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
   const int64_t num_blocks = (p.dim + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, p.batch * num_blocks, 1, [&](int64_t begin, int64_t end) {
-    float w[kChannelBlock][kMaxWidth];
+    float w[kMaxWidth][kChannelBlock];
     float bias[kChannelBlock];
-    float window[kChannelBlock][kMaxWidth - 1];
+    float window[kMaxWidth - 1][kChannelBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_blocks;
       const int64_t c0 = (item % num_blocks) * kChannelBlock;
@@ -121,20 +151,22 @@ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
                  c0 * p.conv_state_channel_stride;
       for (int64_t c = 0; c < nc; ++c) {
         for (int k = 0; k < p.width - 1; ++k) {
-          window[c][k] =
+          window[k][c] =
               cpu::load(state + c * p.conv_state_channel_stride + k * p.conv_state_width_stride);
         }
       }
       load_weights(static_cast<const T*>(p.weight), p.weight_channel_stride,
                    p.weight_width_stride, static_cast<const T*>(p.bias), c0, nc, p.width, w,
                    bias);
-      conv_block(static_cast<const T*>(p.x) + b * p.x_batch_stride + c0, p.x_token_stride,
-                 static_cast<T*>(p.out) + b * p.out_batch_stride + c0, p.out_token_stride, 0,
-                 p.seqlen, nc, p.width, w, p.bias ? bias : nullptr, p.silu, window);
+      conv_block_any_width(p.width, static_cast<const T*>(p.x) + b * p.x_batch_stride + c0,
+                           p.x_token_stride,
+                           static_cast<T*>(p.out) + b * p.out_batch_stride + c0,
+                           p.out_token_stride, 0, p.seqlen, nc, w, p.bias ? bias : nullptr,
+                           p.silu, window);
       for (int64_t c = 0; c < nc; ++c) {
         for (int k = 0; k < p.width - 1; ++k) {
           cpu::store(state + c * p.conv_state_channel_stride + k * p.conv_state_width_stride,
-                     window[c][k]);
+                     window[k][c]);
         }
       }
     }

@@ -82,8 +82,9 @@ def causal_conv1d(
     conv_states: (num_slots, dim, width - 1) or None. Rows with has_initial_state[b] start from
       conv_states[cache_indices[b]] (zeros otherwise); every non-padded row's last width - 1
       inputs are written back to its slot.
-    cache_indices: (batch,) int32 slots; has_initial_state: (batch,) bool.
-    Returns out, shaped like x.
+    cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
+      (batch,) bool, only together with conv_states.
+    out must not overlap the inputs or conv_states. Returns out, shaped like x.
     """
     if out is None:
         out = torch.empty_like(x)
@@ -141,9 +142,12 @@ def selective_scan(
     u, z: (batch, seqlen, dim) or (total_tokens, dim) with query_start_loc.
     delta: like u (Mamba1) or (..., nheads) (Mamba2).
     B, C: (..., ngroups, dstate) or (..., dstate).
-    ssm_states: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate), or None:
-      read for rows with has_initial_state, written with every non-padded row's final state.
-    Returns out, shaped like u.
+    ssm_states: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate), float32 or
+      u's dtype, or None: read for rows with has_initial_state, written with every non-padded
+      row's final state (the state is carried in fp32 and rounded only when stored).
+    cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
+      (batch,) bool, only together with ssm_states.
+    out must not overlap the inputs or ssm_states. Returns out, shaped like u.
     """
     if out is None:
         out = torch.empty_like(u)
