@@ -117,8 +117,9 @@ def _index(values: Optional[Sequence], dtype=torch.int32):
 
 def conv_inputs(dtype=torch.float32, dim=37, width=4, seqlens=(9, 9), varlen=False,
                 num_slots=5, slots=(3, 0), initial=(True, False), bias=True, states=True,
-                activation="silu", strided=False) -> Dict:
-    """kwargs of ops.causal_conv1d. Dense batches need equal seqlens."""
+                activation="silu", strided=False, weight_t=False) -> Dict:
+    """kwargs of ops.causal_conv1d. Dense batches need equal seqlens. weight_t: the weight is a
+    transposed view (strides (1, dim))."""
     batch = len(seqlens)
     tok = (sum(seqlens),) if varlen else (batch, seqlens[0])
     if not varlen:
@@ -127,7 +128,8 @@ def conv_inputs(dtype=torch.float32, dim=37, width=4, seqlens=(9, 9), varlen=Fal
     out = _tokens(tok, dim, dtype, strided).fill_(SENTINEL)
     return dict(
         x=x,
-        weight=(torch.randn(dim, width) * 0.5).to(dtype),
+        weight=(torch.randn(width, dim).t() if weight_t else torch.randn(dim, width)).to(dtype)
+        * 0.5,
         bias=(torch.randn(dim) * 0.5).to(dtype) if bias else None,
         conv_states=torch.randn(num_slots, dim, width - 1).to(dtype) if states else None,
         query_start_loc=query_start_loc(seqlens) if varlen else None,

@@ -57,6 +57,7 @@ CONV_CASES = [
     ("no_states_padded", dict(states=False, slots=(-1, 0))),
     ("no_bias_no_silu", dict(bias=False, activation=None)),
     ("strided", dict(strided=True)),
+    ("weight_transposed", dict(weight_t=True)),
 ]
 
 
