@@ -11,7 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
-#include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
