@@ -306,8 +306,9 @@ def test_selective_state_update_cuda_large_batch(form):
     params = (dict(form="mamba1", nheads=2048, dstate=16, ngroups=1, group_dim=False)
               if form == "mamba1" else dict(nheads=20, headdim=64, dstate=128, ngroups=1))
     batch = 256
-    kw = ssu_inputs(dtype=bf16, batch=batch, num_slots=batch + 8,
-                    src=tuple(range(batch)), dst=tuple(range(8, batch + 8)), **params)
+    kw = ssu_inputs(dtype=bf16, batch=batch, num_slots=2 * batch,
+                    src=tuple(range(0, 2 * batch, 2)), dst=tuple(range(1, 2 * batch, 2)),
+                    **params)
     _large_check(ops.selective_state_update, kw, ("out", "ssm_state"), bf16)
 
 
