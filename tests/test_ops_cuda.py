@@ -29,6 +29,7 @@ from conftest import (  # noqa: E402
     ssu_inputs,
     token_rows,
 )
+from test_ops_compile import OPCHECK_CASES  # noqa: E402
 from test_ops_cpu import CONV_CASES, CONV_UPDATE_CASES, SCAN_CASES, SSU_CASES  # noqa: E402
 from tpssm import ops  # noqa: E402
 from tpssm.reference import (  # noqa: E402
@@ -383,6 +384,16 @@ def test_causal_conv1d_cuda_chunk_consistency(chunk):
     merged[tail_idx] = out_tail
     torch.testing.assert_close(merged, out_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(states, states_full, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck on the CUDA implementations (schema and mutation annotations, fake impls, AOT dispatch).
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,op,make_args", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck_cuda(name, op, make_args):
+    torch.library.opcheck(op, tuple(to_cuda(a) for a in make_args()))
 
 
 # ---------------------------------------------------------------------------------------------
