@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
                 native=native, native_note="torch gather / sum / index_copy_")
 
 
-def scan_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
+def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0) -> Case:
     m = shard(model, tp)
     h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
     dim = h * p
@@ -198,7 +199,21 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
             s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias, delta_softplus=True,
             ssm_states=s["ssm_states"], has_initial_state=s["has_initial_state"], out=s["out"])
 
-    return Case("selective_scan", model, tp, f"{batch}x{seqlen} {h}x{p}x{n}", nbytes,
+    shape = f"{batch}x{seqlen} {h}x{p}x{n}"
+    if chunk_len:
+        plain_call = call
+        shape += f" chunk {chunk_len}"
+
+        def call(s):
+            # The plan is fixed when the graph is captured, so the override only needs to hold
+            # around the call.
+            os.environ["TPSSM_SCAN_CHUNK_LEN"] = str(chunk_len)
+            try:
+                plain_call(s)
+            finally:
+                os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
+
+    return Case("selective_scan", model, tp, shape, nbytes,
                 lambda: make(batch, seqlen), call, ref=ref, ref_scale=tokens / ref_len,
                 ref_note=f"ref at 1x{ref_len}, scaled by tokens")
 
@@ -367,6 +382,10 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     cases.append(conv_case(model, tp, batch, seqlen, ops, ref_mod))
                 if "scan" in wanted:
                     cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod))
+                    # Forced chunk lengths for batch-1 prefill: data to tune the scan plan.
+                    for chunk_len in (args.scan_chunk_lens if batch == 1 else ()):
+                        cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
+                                               chunk_len))
             for batch in decode:
                 if "conv_update" in wanted:
                     cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
@@ -385,14 +404,14 @@ def git_commit() -> str:
 
 def print_table(results: List[Dict], copy_gbs: float) -> None:
     print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<26}{'us':>10}{'MB':>9}{'GB/s':>8}"
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'us':>10}{'MB':>9}{'GB/s':>8}"
             f"{'%copy':>7}{'x ref':>9}{'x native':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
         ref = f"{r['speedup_vs_ref']:.1f}" if "speedup_vs_ref" in r else "-"
         nat = f"{r['speedup_vs_native']:.2f}" if "speedup_vs_native" in r else "-"
-        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<26}{r['time_us']:>10.1f}"
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['time_us']:>10.1f}"
               f"{r['bytes'] / 1e6:>9.1f}{r['gbs']:>8.0f}{r['pct_copy']:>7.1f}{ref:>9}{nat:>10}")
     notes = sorted({r.get("ref_note", "") for r in results} - {""})
     if notes:
@@ -406,7 +425,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="conv,scan,conv_update,state_update")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-ref", action="store_true", help="skip the slow reference timings")
+    parser.add_argument("--scan-chunk-lens", default="",
+                        help="comma-separated chunk lengths to force on batch-1 scan cases "
+                             "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
     args = parser.parse_args(argv)
+    args.scan_chunk_lens = [int(v) for v in args.scan_chunk_lens.split(",") if v.strip()]
 
     if not torch.cuda.is_available():
         print("bench_ssm_ops: CUDA is required (no CUDA device found); nothing to benchmark")
@@ -437,7 +460,7 @@ def main(argv=None) -> int:
             print(f"skipped {case.op} {case.model} tp{case.tp} {case.shape}: out of memory")
             continue
         results.append(res)
-        print(f"{res['op']:<23}{res['model']:<16} tp{res['tp']} {res['shape']:<26}"
+        print(f"{res['op']:<23}{res['model']:<16} tp{res['tp']} {res['shape']:<30}"
               f"{res['time_us']:9.1f} us {res['gbs']:7.0f} GB/s {res['pct_copy']:5.1f}%",
               flush=True)
     print_table(results, copy_gbs)

@@ -95,7 +95,8 @@ fi
 if [ -n "${OUT:-}" ]; then JSON="$OUT/bench_ssm_ops_$STAMP.json"; else
   mkdir -p benchmarks/results; JSON="benchmarks/results/bench_ssm_ops_$STAMP.json"; fi
 if want bench; then
-  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --json "$JSON"
+  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-chunk-lens 512,2048 \
+    --json "$JSON"
 fi
 
 if [ $HAVE_CMAKE -eq 1 ]; then

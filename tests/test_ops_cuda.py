@@ -268,6 +268,9 @@ LARGE_SCAN = [
                             seqlens=(16384,))),
     ("mamba1_8x2048", dict(form="mamba1", nheads=512, dstate=16, ngroups=1, group_dim=False,
                            seqlens=(2048,) * 8)),
+    # 5120 channels x 8 sequences fill an H100 without chunking: the one-row-per-sequence plan.
+    ("mamba1_8x512_seq_plan", dict(form="mamba1", nheads=5120, dstate=16, ngroups=1,
+                                   group_dim=False, seqlens=(512,) * 8)),
     ("mamba2_varlen", dict(form="mamba2", nheads=8, headdim=16, dstate=128, ngroups=2,
                            seqlens=(5000, 1, 0, 9000, 383, 2), varlen=True)),
     ("mamba1_varlen_many_channels", dict(form="mamba1", nheads=5120, dstate=16, ngroups=1,
