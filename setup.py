@@ -29,6 +29,8 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"  # A100, A6000, H100
 
 CPU_SOURCES = [
     "csrc/torch_bindings.cpp",
+    "csrc/qallreduce_ops.cpp",
+    "csrc/cpu/qallreduce_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
@@ -70,7 +72,9 @@ def nccl_paths():
 
 def make_extension():
     # No -std flag: torch picks the C++ standard its headers need (C++20 since 2.13).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: the quantized all-reduce must match its reference bit for bit, so no
+    # multiply-add may be contracted into an FMA (targets with FMA contract by default).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     with_cuda = cuda_build_wanted()
     if not with_cuda:
         return CppExtension(
