@@ -34,6 +34,8 @@ CPU_SOURCES = [
 ]
 
 CUDA_SOURCES = [
+    "csrc/cuda/qallreduce_kernels.cu",
+    "csrc/cuda/qallreduce_cuda_ops.cpp",
 ]
 
 

@@ -4,6 +4,7 @@
 // build uses -ffp-contract=off so that no multiply-add is contracted.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -13,7 +14,6 @@
 #include <cuda_fp8.h>
 #define TPSSM_QAR_HD __host__ __device__ __forceinline__
 #else
-#include <cmath>
 #define TPSSM_QAR_HD inline
 #endif
 
