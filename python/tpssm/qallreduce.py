@@ -201,6 +201,10 @@ def _plain_all_reduce(x, group, scheme, residual):
     return _add_residual(y, residual, x.dtype)
 
 
+# torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _two_shot(x, group, n, codec, group_size, residual, send, recv, mine, gathered, out):
     numel = x.numel()
     cb = chunk_bytes(numel, n, group_size)
@@ -208,7 +212,7 @@ def _two_shot(x, group, n, codec, group_size, residual, send, recv, mine, gather
     _ops.qar_quantize_pack(x, n, group_size, codec, send)
     dist.all_to_all_single(recv, send, group=group)
     _ops.qar_reduce_requant(recv, numel, n, group_size, codec, mine)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    _all_gather(gathered, mine, group=group)
     _ops.qar_dequant(gathered, n, group_size, codec, residual, out)
     return out
 

@@ -1,0 +1,118 @@
+"""Quantized all-reduce through the composed path on real gloo process groups (N = 1..4):
+every rank's output is bitwise identical and equals the single-process reference."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tpssm.reference.qallreduce import fp16_all_reduce_ref, qar_all_reduce_ref
+
+TOKENS, HIDDEN, G = 7, 256, 64
+SPAWN_TIMEOUT_S = 90
+# One message of TOKENS tokens (bf16) is above the threshold, a one-token message below it.
+MIN_BYTES = 2 * HIDDEN * 2
+
+
+def _inputs(n):
+    g = torch.Generator().manual_seed(100 + n)
+    xs = (torch.randn(n, TOKENS, HIDDEN, generator=g)
+          * torch.exp(torch.randn(n, TOKENS, 1, generator=g))).to(torch.bfloat16)
+    res = torch.randn(TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    return xs, res
+
+
+def _worker(rank, n, init_file, out_dir):
+    import tpssm.qallreduce as Q
+
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=60))
+    try:
+        xs, res = _inputs(n)
+        x = xs[rank]
+        out = {}
+        for scheme in Q.SCHEMES:
+            out[scheme] = Q.all_reduce(x, scheme=scheme, group_size=G)
+        out["int8_residual"] = Q.all_reduce(x, scheme="int8", group_size=G, residual=res)
+        out["fp8_residual"] = Q.all_reduce(x, scheme="fp8", group_size=G, residual=res)
+        out["int8_fp32_g128"] = Q.all_reduce(x.float(), scheme="int8", group_size=128)
+        qar = Q.QuantizedAllReduce(None, max_tokens=16, hidden=HIDDEN, dtype=torch.bfloat16,
+                                   device="cpu", scheme="int8", group_size=G,
+                                   min_bytes=MIN_BYTES)
+        out["object"] = qar(x)
+        out["object_again"] = qar(x)
+        out["object_residual"] = qar(x, residual=res)
+        out["object_small"] = qar(x[:1].contiguous())
+        out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
+        try:
+            qar(torch.zeros(17, HIDDEN, dtype=torch.bfloat16))
+        except ValueError as e:
+            out["capacity_error"] = str(e)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(n, tmp_path):
+    ctx = mp.start_processes(_worker, args=(n, str(tmp_path / "init"), str(tmp_path)), nprocs=n,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gloo workers (N={n}) did not finish in {SPAWN_TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_gloo_composed_all_reduce(n, tmp_path):
+    outs = _run(n, tmp_path)
+    xs, res = _inputs(n)
+    for key in outs[0]:
+        if key == "capacity_error":
+            continue
+        for r in range(1, n):
+            assert torch.equal(_bits(outs[r][key]), _bits(outs[0][key])), (key, r)
+    y = outs[0]
+    if n == 1:
+        for scheme in ("exact", "int8", "fp8", "fp16"):
+            assert torch.equal(_bits(y[scheme]), _bits(xs[0])), scheme
+        assert torch.equal(y["int8_residual"], (xs[0].float() + res.float()).to(torch.bfloat16))
+    else:
+        for codec in ("int8", "fp8"):
+            assert torch.equal(_bits(y[codec]), _bits(qar_all_reduce_ref(list(xs), G, codec)[0]))
+            assert torch.equal(_bits(y[f"{codec}_residual"]),
+                               _bits(qar_all_reduce_ref(list(xs), G, codec, res)[0]))
+        ref32 = qar_all_reduce_ref([x.float() for x in xs], 128, "int8")[0]
+        assert torch.equal(_bits(y["int8_fp32_g128"]), _bits(ref32))
+        assert torch.equal(_bits(y["object"]), _bits(y["int8"]))
+        assert torch.equal(_bits(y["object_residual"]), _bits(y["int8_residual"]))
+        exact = xs.double().sum(0)
+        mag = xs.double().abs().sum(0)
+        # gloo sums in the message dtype in its own order: at most n roundings of partial sums.
+        assert bool(((y["exact"].double() - exact).abs() <= n * 2 ** -8 * mag).all())
+        # fp16: the casts and the fp16 partial sums, then one rounding back to bf16.
+        fp16_bound = (n + 1) * 2 ** -11 * mag + 2 ** -8 * exact.abs()
+        assert bool(((y["fp16"].double() - exact).abs() <= fp16_bound).all())
+        fp16_ref = fp16_all_reduce_ref(list(xs))[0].double()
+        assert bool(((y["fp16"].double() - fp16_ref).abs() <= 2 * fp16_bound).all())
+    assert torch.equal(_bits(y["object"]), _bits(y["object_again"]))
+    # Below min_bytes the object falls back to the exact all-reduce.
+    assert torch.equal(_bits(y["object_small"]), _bits(y["exact_small"]))
+    assert "max_tokens" in y["capacity_error"]
