@@ -503,3 +503,25 @@ def test_cuda_loopback_graph_replay_equals_eager():
     torch.cuda.synchronize()
     eager, _ = Q.loopback(xs, G, "int8")
     assert_bitwise(out, eager)
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qallreduce.py"
+    spec = importlib.util.spec_from_file_location("bench_qallreduce", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    res = bench.main(["--device", "cpu", "--tokens", "1,3", "--hidden", "256",
+                      "--world-sizes", "2,3", "--iters", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["kernel_times"] == "measured" and saved["link_times"] == "modelled"
+    assert len(res["rows"]) == 4
+    for row in saved["rows"]:
+        w = row["wire_bytes"]
+        assert w["int8"] == 2 * (row["world_size"] - 1) * Q.chunk_bytes(
+            row["numel"], row["world_size"], 128)
+        assert w["int8"] < w["exact"] and row["kernel_us_measured"]["total_us"] > 0

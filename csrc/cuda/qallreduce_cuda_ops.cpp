@@ -177,6 +177,10 @@ void qar_nccl_all_reduce(int64_t handle, const at::Tensor& x, int64_t group_size
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
               "out must have the shape and dtype of x (", x.sizes(), ", ", x.scalar_type(),
               "), got (", out.sizes(), ", ", out.scalar_type(), ")");
+  for (const at::Tensor* t : {&send, &recv, &mine, &gathered, &out}) {
+    TORCH_CHECK(t->device() == x.device(), "send, recv, mine, gathered and out must be on the "
+                "device of x (", x.device(), "), got ", t->device());
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = c.world_size;
   const auto qp = make_qar_quantize_pack_params(x, n, group_size, codec, send);
