@@ -60,14 +60,15 @@ def _worker(rank, n, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def _run(n, tmp_path):
-    ctx = mp.start_processes(_worker, args=(n, str(tmp_path / "init"), str(tmp_path)), nprocs=n,
+def _run(worker, n, tmp_path):
+    """Spawns n ranks of worker(rank, n, init_file, out_dir); kills them past the deadline."""
+    ctx = mp.start_processes(worker, args=(n, str(tmp_path / "init"), str(tmp_path)), nprocs=n,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"gloo workers (N={n}) did not finish in {SPAWN_TIMEOUT_S}s")
+                raise TimeoutError(f"{n} workers did not finish in {SPAWN_TIMEOUT_S}s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -82,7 +83,7 @@ def _bits(t):
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_gloo_composed_all_reduce(n, tmp_path):
-    outs = _run(n, tmp_path)
+    outs = _run(_worker, n, tmp_path)
     xs, res = _inputs(n)
     for key in outs[0]:
         if key == "capacity_error":
@@ -116,3 +117,45 @@ def test_gloo_composed_all_reduce(n, tmp_path):
     # Below min_bytes the object falls back to the exact all-reduce.
     assert torch.equal(_bits(y["object_small"]), _bits(y["exact_small"]))
     assert "max_tokens" in y["capacity_error"]
+
+
+def _nccl_worker(rank, n, init_file, out_dir):
+    import tpssm.qallreduce as Q
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=60))
+    try:
+        handle = Q.init_nccl_comm(None)
+        xs, res = _inputs(n)
+        x = xs[rank].cuda()
+        cb = Q.chunk_bytes(x.numel(), n, G)
+        bufs = [torch.zeros(n * cb, dtype=torch.uint8, device="cuda") for _ in range(4)]
+        out = torch.empty_like(x)
+        torch.ops.tpssm.qar_nccl_all_reduce(handle, x, G, 0, res.cuda(), *bufs, out)
+        composed = Q.all_reduce(x, scheme="int8", group_size=G, residual=res.cuda())
+        torch.save({"fused": out.cpu(), "composed": composed.cpu()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.ops.tpssm.qar_nccl_destroy(handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _num_gpus():
+    import tpssm
+
+    return torch.cuda.device_count() if tpssm.has_cuda_kernels() else 0
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_nccl_fused_matches_reference(n, tmp_path):
+    if _num_gpus() < n:
+        pytest.skip(f"needs {n} GPU(s) and the CUDA build")
+    outs = _run(_nccl_worker, n, tmp_path)
+    xs, res = _inputs(n)
+    ref = qar_all_reduce_ref(list(xs), G, "int8", res)[0]
+    for y in outs:
+        assert torch.equal(_bits(y["fused"]), _bits(ref))
+        if n > 1:
+            assert torch.equal(_bits(y["composed"]), _bits(ref))

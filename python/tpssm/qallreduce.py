@@ -230,7 +230,7 @@ def all_reduce(x: torch.Tensor, group=None, scheme: str = "int8", group_size: in
     n = dist.get_world_size(group)
     if residual is not None and residual.dtype != x.dtype:
         raise ValueError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
-    if n == 1:
+    if n == 1 or x.numel() == 0:
         return _add_residual(x.clone(), residual, x.dtype)
     if scheme in ("exact", "fp16"):
         return _plain_all_reduce(x, group, scheme, residual)
@@ -331,17 +331,18 @@ class QuantizedAllReduce:
                              f"({self.max_tokens}) the buffers were sized for")
         if x.dtype != self.dtype:
             raise ValueError(f"x must have dtype {self.dtype}, got {x.dtype}")
-        if (n == 1 or self.codec is None
-                or x.numel() * x.element_size() < self.min_bytes):
-            y = (x.clone() if n == 1 else None)
-            if y is None:
-                y = _plain_all_reduce(x, self.group, "fp16" if self.scheme == "fp16" else "exact",
-                                      None)
-            y = _add_residual(y, residual, x.dtype)
-            if out is not None:
-                out.copy_(y)
-                return out
-            return y
+        if n == 1 or x.numel() == 0:
+            y = _add_residual(x.clone(), residual, x.dtype)
+        elif x.numel() * x.element_size() < self.min_bytes:
+            y = _plain_all_reduce(x, self.group, "exact", residual)
+        elif self.codec is None:
+            y = _plain_all_reduce(x, self.group, self.scheme, residual)
+        else:
+            y = None
+        if y is not None:
+            if out is None:
+                return y
+            return out.copy_(y)
         x = _aligned(x)
         if residual is not None:
             residual = _aligned(residual)
