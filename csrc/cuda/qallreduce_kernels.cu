@@ -103,7 +103,8 @@ __device__ __forceinline__ void quantize_store(const float (&v)[kE], float a, ui
   if (part == 0) {
     *reinterpret_cast<float*>(chunk + l.values_bytes + j * 4) = s;
     if (j == l.groups_per_chunk - 1) {
-      for (int64_t b = l.values_bytes + l.groups_per_chunk * 4; b < l.chunk_bytes; ++b) chunk[b] = 0;
+      const int64_t scales_end = l.values_bytes + l.groups_per_chunk * 4;
+      for (int64_t b = scales_end; b < l.chunk_bytes; ++b) chunk[b] = 0;
     }
   }
 }

@@ -1,6 +1,6 @@
-// Plain parameter structs of the quantized two-shot all-reduce (design: qallreduce.md). Torch-free:
-// the CPU kernels, the CUDA kernels and standalone benchmarks consume these; csrc/qallreduce_ops.cpp
-// fills them from tensors after validating every rule.
+// Plain parameter structs of the quantized two-shot all-reduce (design: qallreduce.md).
+// Torch-free: the CPU kernels, the CUDA kernels and standalone benchmarks consume these;
+// csrc/qallreduce_ops.cpp fills them from tensors after validating every rule.
 //
 // Payload layout (shared by every buffer): M = numel elements, ng = M / G groups of G contiguous
 // elements, sg = ceil(ng / N) groups per chunk; chunk k carries groups [k*sg, (k+1)*sg) (groups
