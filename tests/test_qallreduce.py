@@ -393,6 +393,8 @@ def test_bad_inputs_loopback_and_python_api():
          torch.empty_like(xs))
     _err("mine must hold at least", lb, xs, 128, 0, None, big(), big(), mine[:cb], big(),
          torch.empty_like(xs))
+    _err("residual must have the dtype of xs", lb, xs, 128, 0, xs[0].float(), big(), big(),
+         mine, big(), torch.empty_like(xs))
     with pytest.raises(ValueError, match="codec must be 'int8' or 'fp8'"):
         Q.quantize_pack(xs[0], 2, 128, "int4")
     with pytest.raises(ValueError, match="scheme must be one of"):
@@ -525,3 +527,31 @@ def test_benchmark_runs_on_cpu(tmp_path):
         assert w["int8"] == 2 * (row["world_size"] - 1) * Q.chunk_bytes(
             row["numel"], row["world_size"], 128)
         assert w["int8"] < w["exact"] and row["kernel_us_measured"]["total_us"] > 0
+
+
+def test_bad_inputs_python_api_without_process_group():
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        Q.all_reduce(x, scheme="int4")
+    with pytest.raises(ValueError, match="residual must have the dtype of x"):
+        Q.all_reduce(x, residual=x.float())
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        Q.QuantizedAllReduce(hidden=256, scheme="bf8")
+    with pytest.raises(ValueError, match="backend must be"):
+        Q.QuantizedAllReduce(hidden=256, backend="nvshmem")
+    with pytest.raises(ValueError, match="group_size \\(128\\) must divide hidden \\(96\\)"):
+        Q.QuantizedAllReduce(hidden=96)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        Q.QuantizedAllReduce(hidden=256, max_tokens=0)
+
+
+@pytest.mark.skipif(not tpssm.has_cuda_kernels(), reason="the NCCL ops are in the CUDA build")
+def test_bad_inputs_nccl_ops():
+    ops = torch.ops.tpssm
+    uid = torch.zeros(128, dtype=torch.uint8)
+    _err("unique_id must be a contiguous CPU uint8 tensor of 128 bytes", ops.qar_nccl_init,
+         uid[:64], 0, 2)
+    _err("unique_id must be a contiguous CPU uint8 tensor", ops.qar_nccl_init, uid.float(), 0, 2)
+    _err("world_size must be >= 1", ops.qar_nccl_init, uid, 0, 0)
+    _err("rank must be in \\[0, world_size\\)", ops.qar_nccl_init, uid, 2, 2)
+    _err("handle must name a live communicator", ops.qar_nccl_destroy, 12345)

@@ -51,10 +51,15 @@ def _worker(rank, n, init_file, out_dir):
         out["object_residual"] = qar(x, residual=res)
         out["object_small"] = qar(x[:1].contiguous())
         out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
-        try:
-            qar(torch.zeros(17, HIDDEN, dtype=torch.bfloat16))
-        except ValueError as e:
-            out["capacity_error"] = str(e)
+        errors = []
+        for bad in (torch.zeros(17, HIDDEN, dtype=torch.bfloat16),
+                    torch.zeros(2, HIDDEN // 2, dtype=torch.bfloat16),
+                    torch.zeros(2, HIDDEN, dtype=torch.float16)):
+            try:
+                qar(bad)
+            except ValueError as e:
+                errors.append(str(e))
+        out["errors"] = errors
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,7 +91,7 @@ def test_gloo_composed_all_reduce(n, tmp_path):
     outs = _run(_worker, n, tmp_path)
     xs, res = _inputs(n)
     for key in outs[0]:
-        if key == "capacity_error":
+        if key == "errors":
             continue
         for r in range(1, n):
             assert torch.equal(_bits(outs[r][key]), _bits(outs[0][key])), (key, r)
@@ -116,7 +121,10 @@ def test_gloo_composed_all_reduce(n, tmp_path):
     assert torch.equal(_bits(y["object"]), _bits(y["object_again"]))
     # Below min_bytes the object falls back to the exact all-reduce.
     assert torch.equal(_bits(y["object_small"]), _bits(y["exact_small"]))
-    assert "max_tokens" in y["capacity_error"]
+    assert len(y["errors"]) == 3
+    assert "more than max_tokens" in y["errors"][0]
+    assert "must have hidden dim" in y["errors"][1]
+    assert "must have dtype" in y["errors"][2]
 
 
 def _nccl_worker(rank, n, init_file, out_dir):

@@ -227,9 +227,9 @@ def all_reduce(x: torch.Tensor, group=None, scheme: str = "int8", group_size: in
     use QuantizedAllReduce on the decode hot path.
     """
     _check_scheme(scheme)
-    n = dist.get_world_size(group)
     if residual is not None and residual.dtype != x.dtype:
         raise ValueError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+    n = dist.get_world_size(group)
     if n == 1 or x.numel() == 0:
         return _add_residual(x.clone(), residual, x.dtype)
     if scheme in ("exact", "fp16"):
