@@ -92,12 +92,15 @@ TPSSM_QAR_HD float group_inv(float a) {
   return fdiv(CodecTraits<kCodec>::kQmax, a);
 }
 
-// Round half to even of a finite value already known to lie within about +-128.
+// Round half to even of a finite value with |t| < 2^22 (codes stay within about +-512). On the
+// host, adding 1.5 * 2^23 leaves no fraction bits, so the add rounds (to nearest even, the
+// default mode) and the subtract is exact - far cheaper than a libm nearbyint call.
 TPSSM_QAR_HD float round_half_even(float t) {
 #if defined(__CUDA_ARCH__)
   return rintf(t);
 #else
-  return std::nearbyint(t);
+  constexpr float kMagic = 12582912.0f;
+  return (t + kMagic) - kMagic;
 #endif
 }
 
@@ -107,24 +110,21 @@ inline uint8_t e4m3_encode_host(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   const uint8_t sign = static_cast<uint8_t>((bits >> 31) << 7);
-  const float a = std::fabs(f);
+  bits &= 0x7fffffffu;
+  float a;
+  std::memcpy(&a, &bits, sizeof(a));
   if (a < 0x1p-6f) {
     // Subnormals are multiples of 2^-9; a rounded count of 8 is the smallest normal, whose code
     // is 0x08, so the count is the code.
-    return static_cast<uint8_t>(sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f)));
+    return static_cast<uint8_t>(sign | static_cast<uint8_t>(round_half_even(a * 512.0f)));
   }
-  int e2;
-  std::frexp(a, &e2);
-  int e = e2 - 1;  // a = 1.m * 2^e
-  float m = std::nearbyint(std::ldexp(a, 3 - e));  // in [8, 16]
-  if (m == 16.0f) {
-    m = 8.0f;
-    e += 1;
-  }
-  return static_cast<uint8_t>(sign | ((e + 7) << 3) | (static_cast<int>(m) - 8));
+  // Keep 3 of the 23 mantissa bits, rounding the 20 dropped ones to nearest even; a carry out of
+  // the mantissa correctly bumps the exponent. Then rebias the exponent from 127 to 7.
+  bits += 0x7ffffu + ((bits >> 20) & 1u);
+  return static_cast<uint8_t>(sign | ((bits >> 20) - ((127u - 7u) << 3)));
 }
 
-inline float e4m3_decode_host(uint8_t code) {
+inline float e4m3_decode_slow(uint8_t code) {
   const int sign = code >> 7;
   const int exp = (code >> 3) & 0xf;
   const int man = code & 0x7;
@@ -137,6 +137,17 @@ inline float e4m3_decode_host(uint8_t code) {
     v = std::ldexp(static_cast<float>(8 + man), exp - 7 - 3);
   }
   return sign ? -v : v;
+}
+
+inline float e4m3_decode_host(uint8_t code) {
+  struct Table {
+    float v[256];
+    Table() {
+      for (int c = 0; c < 256; ++c) v[c] = e4m3_decode_slow(static_cast<uint8_t>(c));
+    }
+  };
+  static const Table table;
+  return table.v[code];
 }
 
 // Code of one value given the group multiplier inv (0 for all-zero groups).
