@@ -51,6 +51,10 @@ def _worker(rank, n, init_file, out_dir):
         out["object_residual"] = qar(x, residual=res)
         out["object_small"] = qar(x[:1].contiguous())
         out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
+        out["threshold_small"] = Q.all_reduce(x[:1].contiguous(), scheme="int8", group_size=G,
+                                              min_bytes=MIN_BYTES)
+        out["threshold_large"] = Q.all_reduce(x, scheme="int8", group_size=G,
+                                              min_bytes=MIN_BYTES)
         errors = []
         for bad in (torch.zeros(17, HIDDEN, dtype=torch.bfloat16),
                     torch.zeros(2, HIDDEN // 2, dtype=torch.bfloat16),
@@ -121,6 +125,8 @@ def test_gloo_composed_all_reduce(n, tmp_path):
     assert torch.equal(_bits(y["object"]), _bits(y["object_again"]))
     # Below min_bytes the object falls back to the exact all-reduce.
     assert torch.equal(_bits(y["object_small"]), _bits(y["exact_small"]))
+    assert torch.equal(_bits(y["threshold_small"]), _bits(y["exact_small"]))
+    assert torch.equal(_bits(y["threshold_large"]), _bits(y["int8"]))
     assert len(y["errors"]) == 3
     assert "more than max_tokens" in y["errors"][0]
     assert "must have hidden dim" in y["errors"][1]

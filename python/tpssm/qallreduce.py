@@ -24,7 +24,8 @@ Two transports:
   CUDA graph. Used through QuantizedAllReduce(backend="fused" or "auto").
 
 Public API
-- all_reduce(x, group=None, scheme="int8", group_size=128, residual=None) -> Tensor
+- all_reduce(x, group=None, scheme="int8", group_size=128, residual=None, min_bytes=0)
+  -> Tensor
 - QuantizedAllReduce(group, max_tokens, hidden, dtype, device, scheme, group_size, min_bytes,
   backend): persistent buffers, exact all-reduce below min_bytes.
 - quantize_pack / reduce_requant / dequant / loopback: typed wrappers of the ops.
@@ -218,13 +219,14 @@ def _two_shot(x, group, n, codec, group_size, residual, send, recv, mine, gather
 
 
 def all_reduce(x: torch.Tensor, group=None, scheme: str = "int8", group_size: int = 128,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, min_bytes: int = 0) -> torch.Tensor:
     """Sum of x over the ranks of `group` (x: (..., D), fp32/fp16/bf16; G must divide D).
 
     Returns a new tensor of x's shape and dtype, the same bytes on every rank; with `residual`
     (x's shape and dtype) returns cast(float(sum) + float(residual)). One rank: x itself (plus
-    the residual). Composed transport (works on gloo and NCCL); allocates its buffers per call -
-    use QuantizedAllReduce on the decode hot path.
+    the residual). Messages of fewer than `min_bytes` bytes use the exact all-reduce whatever
+    the scheme (small decode messages are latency-bound). Composed transport (works on gloo and
+    NCCL); allocates its buffers per call - use QuantizedAllReduce on the decode hot path.
     """
     _check_scheme(scheme)
     if residual is not None and residual.dtype != x.dtype:
@@ -232,6 +234,8 @@ def all_reduce(x: torch.Tensor, group=None, scheme: str = "int8", group_size: in
     n = dist.get_world_size(group)
     if n == 1 or x.numel() == 0:
         return _add_residual(x.clone(), residual, x.dtype)
+    if x.numel() * x.element_size() < min_bytes:
+        return _plain_all_reduce(x, group, "exact", residual)
     if scheme in ("exact", "fp16"):
         return _plain_all_reduce(x, group, scheme, residual)
     x = _aligned(x)
