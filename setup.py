@@ -32,6 +32,8 @@ CPU_SOURCES = [
     "csrc/ssm_ops.cpp",
     "csrc/cpu/causal_conv1d_cpu.cpp",
     "csrc/cpu/selective_scan_cpu.cpp",
+    "csrc/qallreduce_ops.cpp",
+    "csrc/cpu/qallreduce_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
@@ -39,6 +41,8 @@ CUDA_SOURCES = [
     "csrc/kernels/causal_conv1d.cu",
     "csrc/kernels/selective_scan.cu",
     "csrc/kernels/selective_state_update.cu",
+    "csrc/cuda/qallreduce_kernels.cu",
+    "csrc/cuda/qallreduce_cuda_ops.cpp",
 ]
 
 
@@ -77,7 +81,9 @@ def nccl_paths():
 
 def make_extension():
     # No -std flag: torch picks the C++ standard its headers need (C++20 since 2.13).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: the quantized all-reduce must match its reference bit for bit, so no
+    # multiply-add may be contracted into an FMA (targets with FMA contract by default).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     with_cuda = cuda_build_wanted()
     if not with_cuda:
         return CppExtension(
