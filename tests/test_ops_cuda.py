@@ -227,6 +227,11 @@ SSU_EXTRA_CASES = [
                                     state_dtype=bf16)),
     ("mamba1_n16", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False)),
     ("mamba2_n40", dict(nheads=2, headdim=3, dstate=40, ngroups=1)),
+    # headdim % 4 == 0: four headdim rows per thread group.
+    ("mamba2_rows4_strided_dst", dict(nheads=4, headdim=8, dstate=16, ngroups=2, strided=True,
+                                      x3d=True, dst=(5, 1, 3))),
+    ("mamba2_rows4_f16_state", dict(nheads=2, headdim=12, dstate=32, ngroups=1, dtype=f16,
+                                    state_dtype=f16, src=(2, -1, 4))),
 ]
 
 
