@@ -16,7 +16,12 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$ROOT/benchmarks/out}
 mkdir -p "$OUTDIR"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null 2>&1; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+  else CUDA_HOME=/usr/local/cuda; fi
+fi
+export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 declare -a SUMMARY=()
