@@ -24,7 +24,7 @@ $(VENV)/.deps-installed:
 	# NCCL from the nvidia-nccl wheel that matches torch's CUDA major (the one torch loads).
 	$(PY) -m pip install pybind11 ninja setuptools wheel numpy pytest pytest-timeout \
 		safetensors transformers==5.18.0 \
-		$$($(PY) -c 'import torch; v = torch.version.cuda; print(f"nvidia-nccl-cu{v.split(\".\")[0]}" if v else "")')
+		$$($(PY) -c 'import torch; v = torch.version.cuda; print("nvidia-nccl-cu" + v.split(".")[0] if v else "")')
 	touch $@
 
 setup: $(VENV)/.deps-installed

@@ -364,6 +364,10 @@ def cmd_bench(args) -> int:
         raise CLIError("bench needs exactly one of --preset NAME or --model DIR")
     if args.model is not None and not os.path.isdir(args.model):
         raise CLIError(f"--model {args.model!r} is not a directory")
+    if args.preset is not None:
+        from tpssm.presets import preset_config
+
+        preset_config(args.preset, args.num_layers)  # an unknown name fails here, not per rank
     tps = _parse_int_list(args.tp, "--tp")
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce)

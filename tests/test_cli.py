@@ -1,0 +1,137 @@
+"""The command line end to end on the CPU (gloo ranks): demo, generate against transformers'
+greedy generation, bench JSON, continuous batching with a real model, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_models import build_hf_model, hf_greedy, save_hf_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(ROOT, "python")] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-m", "tpssm", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory):
+    model = build_hf_model("mamba", seed=11)
+    path = str(tmp_path_factory.mktemp("ckpt") / "mamba")
+    save_hf_model(model, path)
+    return model, path
+
+
+@pytest.mark.timeout(600)
+def test_demo_tp2_equals_tp1():
+    code, out, err = run_cli("demo", "--num-prompts", "3", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "tp 2 tokens equal tp 1 tokens: yes" in out
+    assert "tokens/s" in out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generate_matches_transformers_greedy(mamba_dir, tp):
+    model, path = mamba_dir
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    steps = 8
+    expected, _ = hf_greedy(model, prompt, steps - 1)
+    code, out, err = run_cli("generate", "--model", path, "--tp", str(tp), "--input-ids",
+                             ",".join(map(str, prompt)), "--max-new-tokens", str(steps),
+                             "--greedy", "--ignore-eos", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["input_ids"] == prompt
+    assert record["output_ids"] == expected
+
+
+@pytest.mark.timeout(600)
+def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
+    _, path = mamba_dir
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_cli("bench", "--model", path, "--tp", "1,2", "--prompt-lens", "4,9",
+                             "--batch-sizes", "1,2", "--gen-tokens", "3",
+                             "--compare-state-cache", "--json", str(out_json))
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2
+    assert {(r["tp"], r["state_cache"], r["batch"], r["prompt_len"]) for r in rows} == {
+        (tp, c, b, p) for tp in (1, 2) for c in (True, False) for b in (1, 2) for p in (4, 9)}
+    for r in rows:
+        assert r["throughput_tok_s"] > 0 and r["ttft_ms"] > 0 and r["seconds"] > 0
+    assert len(report["state_cache_ratios"]) == 8
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_continuous_batching_more_requests_than_slots(mamba_dir):
+    from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
+    from tpssm.models import SSMForCausalLM
+
+    _, path = mamba_dir
+    model = SSMForCausalLM.from_pretrained(path)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(256, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 20, (7,), generator=g)]
+    sampling = SamplingParams(max_new_tokens=5)
+
+    def run(batch_prompts, slots, max_prefill_tokens):
+        engine = GenerationEngine(CachedModel(model, model.allocate_cache(slots)),
+                                  max_batch_size=slots, max_prefill_tokens=max_prefill_tokens)
+        for p in batch_prompts:
+            engine.add_request(p, sampling)
+        return [r.output for r in engine.run()]
+
+    alone = [run([p], 1, 4096)[0] for p in prompts]
+    together = run(prompts, 3, 8)  # 3 slots for 7 requests, prompts chunked by 8 tokens
+    assert together == alone
+
+
+@pytest.mark.timeout(300)
+def test_errors_are_one_line(mamba_dir, tmp_path):
+    _, path = mamba_dir
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "architectures": ["LlamaForCausalLM"]}))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    with open(os.path.join(path, "config.json")) as f:
+        (no_weights / "config.json").write_text(f.read())
+    cases = [
+        (["generate", "--model", str(tmp_path / "missing"), "--input-ids", "1"],
+         "is not a directory"),
+        (["generate", "--model", str(bad_json), "--input-ids", "1"], "JSON"),
+        (["generate", "--model", str(llama), "--input-ids", "1"], "unsupported model"),
+        (["generate", "--model", str(no_weights), "--input-ids", "1"], "safetensors"),
+        (["generate", "--model", path, "--input-ids", "1,2,3", "--max-prompt-tokens", "2"],
+         "more than --max-prompt-tokens 2"),
+        (["generate", "--model", path, "--input-ids", "1,2", "--num-slots", "0"],
+         "at least one slot"),
+        (["generate", "--model", path, "--input-ids", "1,999"], r"token ids must be in \[0, 256\)"),
+        (["generate", "--model", path, "--prompt", "hello"], "no tokenizer.json"),
+        (["generate", "--model", path, "--tp", "0", "--input-ids", "1"], "--tp must be >= 1"),
+        (["bench", "--tp", "1"], "exactly one of --preset NAME or --model DIR"),
+        (["bench", "--preset", "mamba-9b"], "unknown preset"),
+    ]
+    import re
+    for args, pattern in cases:
+        code, out, err = run_cli(*args)
+        assert code != 0, (args, out, err)
+        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("loading")]
+        assert len(lines) == 1, (args, err)
+        assert lines[0].startswith("tpssm: error:"), (args, err)
+        assert re.search(pattern, lines[0]), (args, pattern, err)
