@@ -107,3 +107,43 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the logit error relative to the logit scale (element-wise ratios
     blow up at logits near zero)."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def cpu_kernels_available() -> bool:
+    """True when the compiled ops have CPU implementations in this build."""
+    import tpssm  # noqa: F401  (registers the op schemas)
+
+    names = ("causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{n}", "CPU") for n in names)
+
+
+def pick_backend() -> str:
+    """The op backend the model tests run on: TPSSM_TEST_BACKEND if set, else the compiled ops
+    when they have CPU kernels, else the pure-PyTorch references."""
+    import os
+
+    env = os.environ.get("TPSSM_TEST_BACKEND")
+    if env:
+        return env
+    return "ops" if cpu_kernels_available() else "reference"
+
+
+def per_group_gated_norm(model) -> None:
+    """Switches a transformers Mamba2 model's gated RMSNorm to the per-group convention
+    (mamba_ssm's), the oracle for tpssm's gated_norm="per_group"."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states, gate=None, _groups=model.config.n_groups):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        shape = h.shape
+        h = h.view(*shape[:-1], _groups, shape[-1] // _groups)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.view(shape).to(dtype)
+
+    for layer in model.backbone.layers:
+        layer.mixer.norm.forward = types.MethodType(forward, layer.mixer.norm)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tpssm.cache import LayerStateShape
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
-from tpssm.parallel import ColumnParallelLinear, RowParallelLinear, TPContext
+from tpssm.parallel import ColumnParallelLinear, RowParallelLinear, TPContext, shard_range
 
 __all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "mamba2_local_groups"]
 
@@ -220,14 +220,15 @@ class Mamba2Mixer(nn.Module):
         self._setup_norm(config, c0, c1)
 
     def _setup_norm(self, config: SSMConfig, c0: int, c1: int) -> None:
-        E = config.intermediate_size
+        E, P = config.intermediate_size, config.head_dim
         self.norm_groups = 1 if config.gated_norm == "whole" else config.n_groups
-        self.norm_group_size = E // self.norm_groups
-        gs = self.norm_group_size
-        first, last = c0 // gs, (c1 - 1) // gs
-        self.norm_local = c0 % gs == 0 and c1 % gs == 0
-        self.norm_single = first == last
-        # Global norm group of every local channel, for the general (spanning) case.
+        self.norm_group_size = gs = E // self.norm_groups
+        # Whether some norm group spans ranks is a property of the whole split, not of this
+        # rank: every rank must then join the (fp32, T x norm_groups) sum-of-squares all-reduce.
+        tp = self.ctx.world_size
+        bounds = [shard_range(config.num_heads, tp, r, "num_heads") for r in range(tp)]
+        self.norm_allreduce = any((a * P) % gs or (b * P) % gs for a, b in bounds)
+        # Global norm group of every local channel, for the spanning case.
         self.register_buffer("norm_group_index",
                              torch.arange(c0, c1, device=self.ctx.device) // gs,
                              persistent=False)
@@ -257,13 +258,11 @@ class Mamba2Mixer(nn.Module):
         eps = self.config.layer_norm_epsilon
         g = y.float() * F.silu(z.float())
         T = g.shape[0]
-        if self.norm_local and not self.norm_single:
+        if not self.norm_allreduce:
             g3 = g.view(T, -1, self.norm_group_size)
             out = (g3 * torch.rsqrt(g3.pow(2).mean(-1, keepdim=True) + eps)).view(T, -1)
-        elif self.norm_single:
-            ss = g.pow(2).sum(-1, keepdim=True)
-            if not self.norm_local:
-                ss = self.ctx.all_reduce(ss.contiguous(), "exact")
+        elif self.norm_groups == 1:
+            ss = self.ctx.all_reduce(g.pow(2).sum(-1, keepdim=True), "exact")
             out = g * torch.rsqrt(ss / self.norm_group_size + eps)
         else:
             ss = torch.zeros(T, self.norm_groups, dtype=torch.float32, device=g.device)
