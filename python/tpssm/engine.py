@@ -1,0 +1,316 @@
+"""A small continuous-batching generator over the SSM state cache.
+
+Requests arrive with prompts. Each engine step runs one packed varlen batch:
+- prefill work first: requests admitted while slots are free, their prompts cut into chunks so a
+  step never exceeds `max_prefill_tokens` (a long prompt is prefilled over several steps, its
+  state carried in its slot: has_initial_state marks the continuation chunks); decoding requests
+  ride along in the same batch as length-1 sequences;
+- otherwise a decode step for every running request through the model's decode path, which on
+  CUDA replays a captured CUDA graph for the padded batch size (padding rows use pad_slot_id).
+A request that finishes frees its slot; waiting requests take it.
+
+Under tensor parallelism every rank runs the same engine on the same requests; sampled tokens
+are broadcast from rank 0 so all ranks stay in lockstep even with sampling.
+
+The model is anything with the small interface of `GenerationModel` below; `tpssm.models`
+provides it for every supported family.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tpssm.ops import PAD_SLOT_ID
+
+__all__ = ["GenerationModel", "Request", "SamplingParams", "GenerationEngine"]
+
+
+class GenerationModel(Protocol):
+    """What the engine needs from a model (shapes: T packed tokens, B requests)."""
+
+    vocab_size: int
+    device: torch.device
+
+    def prefill(self, input_ids: torch.Tensor, query_start_loc: torch.Tensor,
+                cache_indices: torch.Tensor, has_initial_state: torch.Tensor) -> torch.Tensor:
+        """input_ids (T,) int64, query_start_loc (B + 1,) int32, cache_indices (B,) int32,
+        has_initial_state (B,) bool -> last-token logits (B, vocab) float32."""
+
+    def decode(self, input_ids: torch.Tensor, cache_indices: torch.Tensor) -> torch.Tensor:
+        """One token per request: input_ids (B,) int64, cache_indices (B,) int32 (pad rows
+        PAD_SLOT_ID) -> logits (B, vocab) float32 (pad rows undefined)."""
+
+    def allocate_slot(self) -> int: ...
+
+    def free_slot(self, slot: int) -> None: ...
+
+    def num_free_slots(self) -> int: ...
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 keeps every token."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    eos_token_id: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: List[int]
+    sampling: SamplingParams
+    output: List[int] = field(default_factory=list)
+    slot: Optional[int] = None
+    num_prefilled: int = 0
+    arrival_s: float = 0.0
+    first_token_s: Optional[float] = None
+    finish_s: Optional[float] = None
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def done(self) -> bool:
+        if len(self.output) >= self.sampling.max_new_tokens:
+            return True
+        eos = self.sampling.eos_token_id
+        return eos is not None and bool(self.output) and self.output[-1] == eos
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_prefilled < len(self.prompt)
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+
+class GenerationEngine:
+    """Continuous batching over a GenerationModel (see the module docstring).
+
+    max_batch_size: most requests running at once (at most the cache's slots).
+    max_prefill_tokens: token budget of one prefill step (chunked prefill above it).
+    max_prompt_tokens: longer prompts are rejected when added.
+    use_cuda_graphs: capture decode steps per padded batch size on CUDA.
+    use_state_cache: False is the baseline without a carried state: every step recomputes each
+      request's whole sequence (prompt + tokens so far) from a zero state, as a model without an
+      SSM state cache must.
+    """
+
+    def __init__(self, model: GenerationModel, *, max_batch_size: int = 8,
+                 max_prefill_tokens: int = 2048, max_prompt_tokens: int = 1 << 20,
+                 use_cuda_graphs: bool = True, use_state_cache: bool = True,
+                 group: Optional[dist.ProcessGroup] = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if model.num_free_slots() < 1:
+            raise ValueError("the state cache has no free slot: it cannot hold even one request")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.group = group
+        self.device = model.device
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.use_state_cache = use_state_cache
+        self.waiting: List[Request] = []
+        self.running: List[Request] = []
+        self.finished: List[Request] = []
+        self._next_id = 0
+        self._graphs: Dict[int, "_DecodeGraph"] = {}
+        self.num_steps = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: Sequence[int], sampling: Optional[SamplingParams] = None
+                    ) -> Request:
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens is longer than the configured "
+                             f"limit max_prompt_tokens={self.max_prompt_tokens}")
+        bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.vocab_size}), "
+                             f"got {bad[:5]}")
+        req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter())
+        if sampling.temperature > 0:
+            req.generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        self._next_id += 1
+        self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> List[Request]:
+        """Step until every request is finished; returns them in request order."""
+        while self.has_work():
+            self.step()
+        return sorted(self.finished, key=lambda r: r.request_id)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        self._admit()
+        if not self.use_state_cache:
+            self._recompute_step()
+        elif any(r.prefilling for r in self.running):
+            self._prefill_step()
+        else:
+            self._decode_step()
+        self.num_steps += 1
+        still = []
+        for r in self.running:
+            if r.done:
+                r.finish_s = time.perf_counter()
+                self.model.free_slot(r.slot)
+                r.slot = None
+                self.finished.append(r)
+            else:
+                still.append(r)
+        self.running = still
+
+    def _admit(self) -> None:
+        while (self.waiting and len(self.running) < self.max_batch_size
+               and self.model.num_free_slots() > 0):
+            req = self.waiting.pop(0)
+            req.slot = self.model.allocate_slot()
+            self.running.append(req)
+
+    def _prefill_step(self) -> None:
+        budget = self.max_prefill_tokens
+        rows: List[Request] = []
+        chunks: List[List[int]] = []
+        initial: List[bool] = []
+        for r in self.running:
+            if r.prefilling:
+                if budget <= 0:
+                    continue
+                n = min(len(r.prompt) - r.num_prefilled, budget)
+                chunk = r.prompt[r.num_prefilled:r.num_prefilled + n]
+                initial.append(r.num_prefilled > 0)
+                r.num_prefilled += n
+                budget -= n
+            else:  # decoding request: its last token rides along as a length-1 sequence
+                chunk = [r.output[-1]]
+                initial.append(True)
+            rows.append(r)
+            chunks.append(chunk)
+        # A request whose prompt is complete after this step samples its next token.
+        self._run_packed(rows, chunks, initial, [r for r in rows if not r.prefilling])
+
+    def _run_packed(self, rows: List[Request], chunks: List[List[int]], initial: List[bool],
+                    emit: List[Request]) -> None:
+        """One varlen forward over rows' token chunks; samples a token for the rows in emit."""
+        dev = self.device
+        qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor([len(c) for c in chunks], dtype=torch.int32), 0)
+        logits = self.model.prefill(
+            torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev),
+            qsl.to(dev),
+            torch.tensor([r.slot for r in rows], dtype=torch.int32, device=dev),
+            torch.tensor(initial, dtype=torch.bool, device=dev))
+        index = {id(r): i for i, r in enumerate(rows)}
+        self._sample_into(emit, logits[[index[id(r)] for r in emit]])
+
+    def _recompute_step(self) -> None:
+        rows = self.running
+        seqs = [r.prompt + r.output for r in rows]
+        for r in rows:
+            r.num_prefilled = len(r.prompt)
+        self._run_packed(rows, seqs, [False] * len(rows), rows)
+
+    def _decode_step(self) -> None:
+        rows = self.running
+        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.int64)
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.int32)
+        if self.use_cuda_graphs:
+            logits = self._graph_for(len(rows)).replay(ids, slots)
+        else:
+            logits = self.model.decode(ids.to(self.device), slots.to(self.device))
+        self._sample_into(rows, logits)
+
+    def _graph_for(self, batch: int) -> "_DecodeGraph":
+        size = 1
+        while size < batch:
+            size *= 2
+        graph = self._graphs.get(size)
+        if graph is None:
+            graph = _DecodeGraph(self.model, size)
+            self._graphs[size] = graph
+        return graph
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _sample_into(self, rows: List[Request], logits: torch.Tensor) -> None:
+        if not rows:
+            return
+        logits = logits.float()
+        next_ids = torch.empty(len(rows), dtype=torch.int64)
+        greedy = logits.argmax(dim=-1).cpu()
+        for i, r in enumerate(rows):
+            s = r.sampling
+            if s.temperature == 0:
+                next_ids[i] = greedy[i]
+                continue
+            row = logits[i].cpu() / s.temperature
+            if s.top_k:
+                kth = torch.topk(row, min(s.top_k, row.numel())).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            next_ids[i] = torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator)[0]
+        if self.group is not None or (dist.is_initialized() and dist.get_world_size() > 1):
+            # Ranks agree on every token: rank 0's choice is the one all ranks use.
+            on_dev = next_ids.to(self.device)
+            dist.broadcast(on_dev, src=0, group=self.group)
+            next_ids = on_dev.cpu()
+        now = time.perf_counter()
+        for r, t in zip(rows, next_ids.tolist()):
+            if r.first_token_s is None:
+                r.first_token_s = now
+            r.output.append(t)
+
+
+class _DecodeGraph:
+    """A decode step captured as a CUDA graph for one padded batch size."""
+
+    def __init__(self, model: GenerationModel, batch: int):
+        dev = model.device
+        self.batch = batch
+        self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((batch,), PAD_SLOT_ID, dtype=torch.int32, device=dev)
+        # Warm up on a side stream (as torch.cuda.graphs asks), all rows padded: no state moves.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode(self.ids, self.slots)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode(self.ids, self.slots)
+
+    def replay(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        n = ids.numel()
+        self.ids[:n].copy_(ids, non_blocking=True)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.slots[n:].fill_(PAD_SLOT_ID)
+        self.graph.replay()
+        return self.logits[:n]
