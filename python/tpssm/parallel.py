@@ -148,13 +148,15 @@ class TPContext:
         sizes = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(all_sizes, sizes, group=self.group)
-        shape = list(x.shape)
-        parts = []
-        for s in all_sizes:
-            shape[dim] = int(s)
-            parts.append(torch.empty(shape, dtype=x.dtype, device=x.device))
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        sizes = [int(s) for s in all_sizes]
+        # Collectives want equal shapes everywhere: pad to the largest part, trim afterwards.
+        width = max(sizes)
+        pad_shape = list(x.shape)
+        pad_shape[dim] = width - x.shape[dim]
+        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:

@@ -5,7 +5,7 @@ model.forward / model.decode, and tpssm.generate.generate."""
 from tpssm.models.config import FAMILIES, SSMConfig, load_config, parse_config  # noqa: F401
 from tpssm.models.kernels import BACKENDS, get_backend  # noqa: F401
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer  # noqa: F401
-from tpssm.models.model import RMSNorm, SSMBlock, SSMForCausalLM  # noqa: F401
+from tpssm.models.model import CachedModel, RMSNorm, SSMBlock, SSMForCausalLM  # noqa: F401
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource  # noqa: F401
 
 
