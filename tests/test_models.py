@@ -54,6 +54,7 @@ class _Oracles:
         out["step_logits"] = [lg for _, lg in greedy]
         out["mixer_bytes"] = sum(p.numel() * p.element_size()
                                  for n, p in model.named_parameters() if ".mixer." in n)
+        out["all_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         if family == "mamba2_g4":
             H.per_group_gated_norm(model)
             out["full_per_group"] = [H.hf_full_logits(model, p) for p in prompts]
@@ -176,6 +177,7 @@ def _rank_checks(rank, world, oracle, backend):
             t.numel() * t.element_size() for layer in model.layers
             for name, t in list(layer.mixer.named_parameters()) + list(layer.mixer.named_buffers())
             if name != "norm_group_index")
+        res["bytes_read"] = model.bytes_read
         res["ssm_bytes_per_slot"] = sum(t[0].numel() * t.element_size()
                                         for t in cache.ssm_states)
 
@@ -229,6 +231,10 @@ def test_model_matches_transformers(family, tp, oracles, record_property):
         for rank, other in enumerate(results):
             ratio = other["mixer_bytes"] / (oracle["mixer_bytes"] / tp)
             assert abs(ratio - 1.0) <= 0.05, (rank, ratio)
+            # The loader read only the rank's slices (plus the replicated embedding and norms).
+            replicated = oracle["all_bytes"] - oracle["mixer_bytes"]
+            expect = replicated + oracle["mixer_bytes"] / tp
+            assert abs(other["bytes_read"] / expect - 1.0) <= 0.05, (rank, other["bytes_read"])
     # The fp32 SSM state is partitioned exactly: the ranks' slots add up to one full slot.
     cfg = H.FAMILY_SPECS[family]["cfg"]
     full_state = (cfg["num_hidden_layers"] * cfg["expand"] * cfg["hidden_size"]
