@@ -161,3 +161,17 @@ def test_parallel_linears_match_the_full_linear(tp):
         assert r["calls"] == [("int8", 5 * 6)], r["calls"]  # fp8 stayed exact (under threshold)
         assert r["gather"] == [[float(q) for q in range(tp) for _ in range(q + 1)]]
         assert r["bcast"] == 7
+
+
+def test_a_split_finer_than_the_model_is_rejected_naming_the_dimension():
+    from tpssm.models import Mamba1Mixer, Mamba2Mixer, parse_config
+
+    ctx = TPContext()
+    ctx.world_size, ctx.rank = 16, 3  # what a 16-rank group would see; no collective runs
+    m2 = parse_config(dict(architectures=["Mamba2ForCausalLM"], hidden_size=64, num_heads=8,
+                           head_dim=16, n_groups=2, state_size=16))
+    with pytest.raises(ValueError, match=r"num_heads of size 8 over tp=16"):
+        Mamba2Mixer(m2, 0, ctx, backend="reference")
+    m1 = parse_config(dict(architectures=["MambaForCausalLM"], hidden_size=4, expand=2))
+    with pytest.raises(ValueError, match=r"intermediate_size \(d_inner\) of size 8 over tp=16"):
+        Mamba1Mixer(m1, 0, ctx, backend="reference")
