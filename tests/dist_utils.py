@@ -2,7 +2,8 @@
 
     results = run_distributed(fn, world_size, arg1, arg2, timeout=120)
 
-fn(rank, world_size, *args) runs in every rank after init_process_group; it must be importable
+fn(rank, world_size, *args) runs in every rank after init_process_group (or, with backend=None,
+in torchrun's environment without it); it must be importable
 (a module-level function). Its return value comes back in results[rank]. An exception in any rank
 fails the call with that rank's traceback; a rank that does not finish by the deadline gets all
 ranks killed and raises TimeoutError, so a broken collective can never hang a test run.
@@ -18,7 +19,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 __all__ = ["free_port", "run_distributed"]
 
@@ -29,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
+def _worker(rank: int, world_size: int, port: int, backend: Optional[str], timeout: float,
             fn: Callable, args: tuple, results) -> None:
     import torch
     import torch.distributed as dist
@@ -38,12 +39,14 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout))
+        if backend is not None:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=timeout))
         try:
             out = fn(rank, world_size, *args)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         # Plain pickle: torch's shared-memory reductions would tie the payload to this process.
         results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -51,7 +54,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
-                    backend: str = "gloo") -> List[Any]:
+                    backend: Optional[str] = "gloo") -> List[Any]:
+    """backend=None leaves torch.distributed uninitialised: fn finds torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and initialises it itself."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -175,3 +175,18 @@ def test_a_split_finer_than_the_model_is_rejected_naming_the_dimension():
     m1 = parse_config(dict(architectures=["MambaForCausalLM"], hidden_size=4, expand=2))
     with pytest.raises(ValueError, match=r"intermediate_size \(d_inner\) of size 8 over tp=16"):
         Mamba1Mixer(m1, 0, ctx, backend="reference")
+
+
+def _from_env(rank, world):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    ctx = TPContext.from_env(backend="gloo")
+    x = torch.tensor([float(rank + 1)])
+    return ctx.rank, ctx.world_size, float(ctx.all_reduce(x)), str(ctx.device)
+
+
+@pytest.mark.timeout(120)
+def test_context_from_torchrun_environment():
+    res = run_distributed(_from_env, 2, backend=None, timeout=90)
+    assert res == [(0, 2, 3.0, "cpu"), (1, 2, 3.0, "cpu")]
