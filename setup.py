@@ -29,6 +29,9 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"  # A100, A6000, H100
 
 CPU_SOURCES = [
     "csrc/torch_bindings.cpp",
+    "csrc/ssm_ops.cpp",
+    "csrc/cpu/causal_conv1d_cpu.cpp",
+    "csrc/cpu/selective_scan_cpu.cpp",
 ]
 
 CUDA_SOURCES = [

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from tpssm.ops import PAD_SLOT_ID
 
-__all__ = ["GenerationModel", "Request", "SamplingParams", "GenerationEngine"]
+__all__ = ["GenerationModel", "CachedModel", "Request", "SamplingParams", "GenerationEngine"]
 
 
 class GenerationModel(Protocol):
@@ -50,6 +50,32 @@ class GenerationModel(Protocol):
     def free_slot(self, slot: int) -> None: ...
 
     def num_free_slots(self) -> int: ...
+
+
+class CachedModel:
+    """A tpssm.models.SSMForCausalLM and its SSMStateCache, seen as a GenerationModel."""
+
+    def __init__(self, model, cache):
+        self.model = model
+        self.cache = cache
+        self.vocab_size = model.config.vocab_size
+        self.device = model.ctx.device
+
+    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+        return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
+                          self.cache)
+
+    def decode(self, input_ids, cache_indices):
+        return self.model.decode(input_ids, cache_indices, self.cache)
+
+    def allocate_slot(self) -> int:
+        return self.cache.allocate()
+
+    def free_slot(self, slot: int) -> None:
+        self.cache.free(slot)
+
+    def num_free_slots(self) -> int:
+        return self.cache.num_free
 
 
 @dataclass
@@ -169,6 +195,7 @@ class GenerationEngine:
         return sorted(self.finished, key=lambda r: r.request_id)
 
     # ---- one step ---------------------------------------------------------------------------
+    @torch.no_grad()
     def step(self) -> None:
         self._admit()
         if not self.use_state_cache:

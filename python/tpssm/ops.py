@@ -22,6 +22,14 @@ A, D and the delta bias are float32; activations float32, float16 or bfloat16; S
 
 Each wrapper allocates `out` when not given and returns it. The C++ ops validate every argument
 and raise errors that name the argument and the rule.
+
+Value checks - slots in range (0 <= slot < num_slots or == pad_slot_id), distinct slots among the
+non-padded rows (the rows run concurrently; for selective_state_update: distinct write slots, and
+no row writes a slot another row reads), and query_start_loc starting at 0, non-decreasing and
+ending at total_tokens - need the index values on the host. They always run for CPU tensors. For
+CUDA tensors they run only when the environment variable TPSSM_DEBUG_CHECKS=1 is set, because
+reading the indices back is a host synchronisation (and breaks CUDA-graph capture); without it the
+CUDA kernels skip out-of-range slots defensively but the results of such rows are undefined.
 """
 
 from __future__ import annotations
@@ -74,8 +82,9 @@ def causal_conv1d(
     conv_states: (num_slots, dim, width - 1) or None. Rows with has_initial_state[b] start from
       conv_states[cache_indices[b]] (zeros otherwise); every non-padded row's last width - 1
       inputs are written back to its slot.
-    cache_indices: (batch,) int32 slots; has_initial_state: (batch,) bool.
-    Returns out, shaped like x.
+    cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
+      (batch,) bool, only together with conv_states.
+    out must not overlap the inputs or conv_states. Returns out, shaped like x.
     """
     if out is None:
         out = torch.empty_like(x)
@@ -133,9 +142,12 @@ def selective_scan(
     u, z: (batch, seqlen, dim) or (total_tokens, dim) with query_start_loc.
     delta: like u (Mamba1) or (..., nheads) (Mamba2).
     B, C: (..., ngroups, dstate) or (..., dstate).
-    ssm_states: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate), or None:
-      read for rows with has_initial_state, written with every non-padded row's final state.
-    Returns out, shaped like u.
+    ssm_states: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate), float32 or
+      u's dtype, or None: read for rows with has_initial_state, written with every non-padded
+      row's final state (the state is carried in fp32 and rounded only when stored).
+    cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
+      (batch,) bool, only together with ssm_states.
+    out must not overlap the inputs or ssm_states. Returns out, shaped like u.
     """
     if out is None:
         out = torch.empty_like(u)
@@ -178,28 +190,37 @@ def selective_state_update(
 
 
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
-# needs no shape logic beyond accepting the call.
+# needs no shape logic; they check the one rule a traced graph could otherwise get wrong silently
+# (out shaped and typed like the input it mirrors). The real ops check everything else.
+def _check_out_like(op: str, out: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    torch._check(out.dtype == ref.dtype,
+                 lambda: f"{op}: out must have the dtype of {ref_name} ({ref.dtype}), got {out.dtype}")
+    torch._check(out.shape == ref.shape,
+                 lambda: f"{op}: out must have the shape of {ref_name} ({tuple(ref.shape)}), "
+                         f"got {tuple(out.shape)}")
+
+
 @torch.library.register_fake("tpssm::causal_conv1d")
 def _causal_conv1d_fake(x, weight, bias, conv_states, query_start_loc, cache_indices,
                         has_initial_state, silu, pad_slot_id, out) -> None:
-    return None
+    _check_out_like("causal_conv1d", out, x, "x")
 
 
 @torch.library.register_fake("tpssm::causal_conv1d_update")
 def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_indices, pad_slot_id,
                                out) -> None:
-    return None
+    _check_out_like("causal_conv1d_update", out, x, "x")
 
 
 @torch.library.register_fake("tpssm::selective_scan")
 def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
                          query_start_loc, cache_indices, has_initial_state, pad_slot_id,
                          out) -> None:
-    return None
+    _check_out_like("selective_scan", out, u, "u")
 
 
 @torch.library.register_fake("tpssm::selective_state_update")
 def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                  state_batch_indices, dst_state_batch_indices, pad_slot_id,
                                  out) -> None:
-    return None
+    _check_out_like("selective_state_update", out, x, "x")

@@ -196,7 +196,9 @@ def selective_scan_ref(
             continue
         L = us.shape[0]
         x = us.to(compute_dtype).reshape(L, nheads, headdim)
-        dt = _seq_slice(delta, b, query_start_loc).to(compute_dtype).reshape(L, nheads, -1)[..., 0]
+        # unflatten, not reshape: an empty sequence has no elements to infer the -1 from.
+        dt = _seq_slice(delta, b, query_start_loc).to(compute_dtype).unflatten(-1, (nheads, -1))
+        dt = dt[..., 0]
         if delta_bias is not None:
             dt = dt + delta_bias.to(compute_dtype)
         if delta_softplus:
