@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import hf_models as H  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 from tpssm.generate import generate, select_tokens  # noqa: E402
-from tpssm.models import CachedModel, SSMForCausalLM, load_config, parse_config  # noqa: E402
+from tpssm.models import SSMForCausalLM, load_config, parse_config  # noqa: E402
 
 BACKEND = H.pick_backend()
 PROMPTS = [[5, 100, 27, 3, 9, 200, 14], [77, 1, 2], [31]]
@@ -207,12 +207,12 @@ def test_select_tokens_top_p_keeps_the_nucleus():
 
 
 def _engine_rank(rank, world, path, prompts, backend):
-    from tpssm.engine import GenerationEngine, SamplingParams
+    from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
     from tpssm.parallel import TPContext
 
     model = SSMForCausalLM.from_pretrained(path, TPContext(), backend=backend)
     expect = generate(model, prompts, 5)
-    served = CachedModel(model, num_slots=2)
+    served = CachedModel(model, model.allocate_cache(2))
     engine = GenerationEngine(served, max_batch_size=2, max_prefill_tokens=4)
     for p in prompts:
         engine.add_request(p, SamplingParams(max_new_tokens=5))

@@ -21,7 +21,7 @@ from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.parallel import TPContext
 
-__all__ = ["CachedModel", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
+__all__ = ["RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
 
 class RMSNorm(nn.Module):
@@ -193,46 +193,3 @@ class SSMForCausalLM(nn.Module):
         """One decode step: input_ids (batch,) -> logits (batch, vocab)."""
         return self.forward(input_ids, None, cache_indices, None, cache)
 
-
-class CachedModel:
-    """An SSMForCausalLM bound to its own SSMStateCache: the interface tpssm.engine's
-    GenerationEngine drives (prefill / decode / slot bookkeeping).
-
-        served = CachedModel(model, num_slots=64)
-        engine = GenerationEngine(served, max_batch_size=64)
-    """
-
-    def __init__(self, model: SSMForCausalLM, num_slots: int,
-                 ssm_dtype: torch.dtype = torch.float32):
-        self.model = model
-        self.cache = model.allocate_cache(num_slots, ssm_dtype=ssm_dtype)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.config.vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.ctx.device
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, query_start_loc: torch.Tensor,
-                cache_indices: torch.Tensor, has_initial_state: torch.Tensor) -> torch.Tensor:
-        """input_ids (T,) int64, query_start_loc (B + 1,) int32, cache_indices (B,) int32,
-        has_initial_state (B,) bool -> last-token logits (B, vocab) float32."""
-        return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
-                          self.cache)
-
-    @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids (B,) int64, cache_indices (B,) int32 (-1: padding row) -> (B, vocab)."""
-        return self.model.decode(input_ids, cache_indices, self.cache)
-
-    def allocate_slot(self) -> int:
-        return self.cache.allocate()
-
-    def free_slot(self, slot: int) -> None:
-        self.cache.free(slot)
-
-    def num_free_slots(self) -> int:
-        return self.cache.num_free
