@@ -9,7 +9,7 @@ small next to the mixers of the models this targets, and replicating them costs 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -92,7 +92,8 @@ class SafetensorsSource(WeightSource):
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.safetensors")))
+            files = sorted(os.path.basename(p)
+                           for p in glob.glob(os.path.join(path, "*.safetensors")))
             if not files:
                 raise FileNotFoundError(f"no *.safetensors file in {path}")
             weight_map = None
