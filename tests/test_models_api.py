@@ -172,6 +172,14 @@ def test_bfloat16_model_tracks_float32(checkpoints):
              torch.tensor([False]), c)
     lf = f32(ids, _qsl([len(ids)]))
     assert H.max_rel_err(lb, lf) <= 5e-2
+    # 16-bit SSM state (the activation dtype): prefill then decode still track fp32.
+    c16 = b16.allocate_cache(1, ssm_dtype=torch.bfloat16)
+    c32 = f32.allocate_cache(1)
+    slot, no = torch.tensor([0], dtype=torch.int32), torch.tensor([False])
+    b16(ids, _qsl([len(ids)]), slot, no, c16)
+    f32(ids, _qsl([len(ids)]), slot, no, c32)
+    step = torch.tensor([42])
+    assert H.max_rel_err(b16.decode(step, slot, c16), f32.decode(step, slot, c32)) <= 5e-2
 
 
 @torch.no_grad()
