@@ -32,9 +32,13 @@ CPU_SOURCES = [
     "csrc/ssm_ops.cpp",
     "csrc/cpu/causal_conv1d_cpu.cpp",
     "csrc/cpu/selective_scan_cpu.cpp",
+    "csrc/qallreduce_ops.cpp",
+    "csrc/cpu/qallreduce_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
+    "csrc/cuda/qallreduce_kernels.cu",
+    "csrc/cuda/qallreduce_cuda_ops.cpp",
 ]
 
 
@@ -73,7 +77,9 @@ def nccl_paths():
 
 def make_extension():
     # No -std flag: torch picks the C++ standard its headers need (C++20 since 2.13).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: the quantized all-reduce must match its reference bit for bit, so no
+    # multiply-add may be contracted into an FMA (targets with FMA contract by default).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     with_cuda = cuda_build_wanted()
     if not with_cuda:
         return CppExtension(

@@ -26,6 +26,28 @@ TORCH_LIBRARY(tpssm, m) {
       "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int pad_slot_id, "
       "Tensor(b!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
+  // Quantized two-shot all-reduce (design: qallreduce.md; layout: kernels/qallreduce_params.h).
+  // codec: 0 = int8, 1 = fp8 e4m3. Buffers are uint8; only their first bytes (as the layout of
+  // the current message needs) are read or written.
+  m.def(
+      "qar_quantize_pack(Tensor x, int world_size, int group_size, int codec, "
+      "Tensor(a!) send) -> ()");
+  m.def(
+      "qar_reduce_requant(Tensor recv, int numel, int world_size, int group_size, int codec, "
+      "Tensor(a!) mine) -> ()");
+  m.def(
+      "qar_dequant(Tensor gathered, int world_size, int group_size, int codec, "
+      "Tensor? residual, Tensor(a!) out) -> ()");
+  m.def(
+      "qar_loopback(Tensor xs, int group_size, int codec, Tensor? residual, Tensor(a!) send, "
+      "Tensor(b!) recv, Tensor(c!) mine, Tensor(d!) gathered, Tensor(e!) out) -> ()");
+  m.def("qar_nccl_unique_id() -> Tensor");
+  m.def("qar_nccl_init(Tensor unique_id, int rank, int world_size) -> int");
+  m.def("qar_nccl_destroy(int handle) -> ()");
+  m.def(
+      "qar_nccl_all_reduce(int handle, Tensor x, int group_size, int codec, Tensor? residual, "
+      "Tensor(a!) send, Tensor(b!) recv, Tensor(c!) mine, Tensor(d!) gathered, "
+      "Tensor(e!) out) -> ()");
 }
 
 namespace {

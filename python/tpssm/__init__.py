@@ -16,3 +16,4 @@ def has_cuda_kernels() -> bool:
     return bool(torch.ops.tpssm.has_cuda_kernels())
 
 from tpssm import ops  # noqa: E402,F401  (typed wrappers and fake implementations)
+from tpssm import qallreduce  # noqa: E402,F401  (quantized all-reduce; registers its fakes)

@@ -7,3 +7,14 @@ from tpssm.reference.ssm import (  # noqa: F401
     selective_state_update_ref,
     softplus_ref,
 )
+from tpssm.reference.qallreduce import (  # noqa: F401
+    exact_all_reduce_ref,
+    fp16_all_reduce_ref,
+    qar_all_reduce_ref,
+    qar_chunk_bytes,
+    qar_dequant_ref,
+    qar_layout,
+    qar_quantize_pack_ref,
+    qar_reduce_requant_ref,
+    qar_wire_bytes,
+)

@@ -1,0 +1,175 @@
+"""Quantized all-reduce through the composed path on real gloo process groups (N = 1..4):
+every rank's output is bitwise identical and equals the single-process reference."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tpssm.reference.qallreduce import fp16_all_reduce_ref, qar_all_reduce_ref
+
+TOKENS, HIDDEN, G = 7, 256, 64
+SPAWN_TIMEOUT_S = 90
+# One message of TOKENS tokens (bf16) is above the threshold, a one-token message below it.
+MIN_BYTES = 2 * HIDDEN * 2
+
+
+def _inputs(n):
+    g = torch.Generator().manual_seed(100 + n)
+    xs = (torch.randn(n, TOKENS, HIDDEN, generator=g)
+          * torch.exp(torch.randn(n, TOKENS, 1, generator=g))).to(torch.bfloat16)
+    res = torch.randn(TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    return xs, res
+
+
+def _worker(rank, n, init_file, out_dir):
+    import tpssm.qallreduce as Q
+
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=60))
+    try:
+        xs, res = _inputs(n)
+        x = xs[rank]
+        out = {}
+        for scheme in Q.SCHEMES:
+            out[scheme] = Q.all_reduce(x, scheme=scheme, group_size=G)
+        out["int8_residual"] = Q.all_reduce(x, scheme="int8", group_size=G, residual=res)
+        out["fp8_residual"] = Q.all_reduce(x, scheme="fp8", group_size=G, residual=res)
+        out["int8_fp32_g128"] = Q.all_reduce(x.float(), scheme="int8", group_size=128)
+        qar = Q.QuantizedAllReduce(None, max_tokens=16, hidden=HIDDEN, dtype=torch.bfloat16,
+                                   device="cpu", scheme="int8", group_size=G,
+                                   min_bytes=MIN_BYTES)
+        out["object"] = qar(x)
+        out["object_again"] = qar(x)
+        out["object_residual"] = qar(x, residual=res)
+        out["object_small"] = qar(x[:1].contiguous())
+        out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
+        out["threshold_small"] = Q.all_reduce(x[:1].contiguous(), scheme="int8", group_size=G,
+                                              min_bytes=MIN_BYTES)
+        out["threshold_large"] = Q.all_reduce(x, scheme="int8", group_size=G,
+                                              min_bytes=MIN_BYTES)
+        errors = []
+        for bad in (torch.zeros(17, HIDDEN, dtype=torch.bfloat16),
+                    torch.zeros(2, HIDDEN // 2, dtype=torch.bfloat16),
+                    torch.zeros(2, HIDDEN, dtype=torch.float16)):
+            try:
+                qar(bad)
+            except ValueError as e:
+                errors.append(str(e))
+        out["errors"] = errors
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(worker, n, tmp_path):
+    """Spawns n ranks of worker(rank, n, init_file, out_dir); kills them past the deadline."""
+    ctx = mp.start_processes(worker, args=(n, str(tmp_path / "init"), str(tmp_path)), nprocs=n,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} workers did not finish in {SPAWN_TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_gloo_composed_all_reduce(n, tmp_path):
+    outs = _run(_worker, n, tmp_path)
+    xs, res = _inputs(n)
+    for key in outs[0]:
+        if key == "errors":
+            continue
+        for r in range(1, n):
+            assert torch.equal(_bits(outs[r][key]), _bits(outs[0][key])), (key, r)
+    y = outs[0]
+    if n == 1:
+        for scheme in ("exact", "int8", "fp8", "fp16"):
+            assert torch.equal(_bits(y[scheme]), _bits(xs[0])), scheme
+        assert torch.equal(y["int8_residual"], (xs[0].float() + res.float()).to(torch.bfloat16))
+    else:
+        for codec in ("int8", "fp8"):
+            assert torch.equal(_bits(y[codec]), _bits(qar_all_reduce_ref(list(xs), G, codec)[0]))
+            assert torch.equal(_bits(y[f"{codec}_residual"]),
+                               _bits(qar_all_reduce_ref(list(xs), G, codec, res)[0]))
+        ref32 = qar_all_reduce_ref([x.float() for x in xs], 128, "int8")[0]
+        assert torch.equal(_bits(y["int8_fp32_g128"]), _bits(ref32))
+        assert torch.equal(_bits(y["object"]), _bits(y["int8"]))
+        assert torch.equal(_bits(y["object_residual"]), _bits(y["int8_residual"]))
+        exact = xs.double().sum(0)
+        mag = xs.double().abs().sum(0)
+        # gloo sums in the message dtype in its own order: at most n roundings of partial sums.
+        assert bool(((y["exact"].double() - exact).abs() <= n * 2 ** -8 * mag).all())
+        # fp16: the casts and the fp16 partial sums, then one rounding back to bf16.
+        fp16_bound = (n + 1) * 2 ** -11 * mag + 2 ** -8 * exact.abs()
+        assert bool(((y["fp16"].double() - exact).abs() <= fp16_bound).all())
+        fp16_ref = fp16_all_reduce_ref(list(xs))[0].double()
+        assert bool(((y["fp16"].double() - fp16_ref).abs() <= 2 * fp16_bound).all())
+    assert torch.equal(_bits(y["object"]), _bits(y["object_again"]))
+    # Below min_bytes the object falls back to the exact all-reduce.
+    assert torch.equal(_bits(y["object_small"]), _bits(y["exact_small"]))
+    assert torch.equal(_bits(y["threshold_small"]), _bits(y["exact_small"]))
+    assert torch.equal(_bits(y["threshold_large"]), _bits(y["int8"]))
+    assert len(y["errors"]) == 3
+    assert "more than max_tokens" in y["errors"][0]
+    assert "must have hidden dim" in y["errors"][1]
+    assert "must have dtype" in y["errors"][2]
+
+
+def _nccl_worker(rank, n, init_file, out_dir):
+    import tpssm.qallreduce as Q
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=60))
+    try:
+        handle = Q.init_nccl_comm(None)
+        xs, res = _inputs(n)
+        x = xs[rank].cuda()
+        cb = Q.chunk_bytes(x.numel(), n, G)
+        bufs = [torch.zeros(n * cb, dtype=torch.uint8, device="cuda") for _ in range(4)]
+        out = torch.empty_like(x)
+        torch.ops.tpssm.qar_nccl_all_reduce(handle, x, G, 0, res.cuda(), *bufs, out)
+        composed = Q.all_reduce(x, scheme="int8", group_size=G, residual=res.cuda())
+        torch.save({"fused": out.cpu(), "composed": composed.cpu()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.ops.tpssm.qar_nccl_destroy(handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _num_gpus():
+    import tpssm
+
+    return torch.cuda.device_count() if tpssm.has_cuda_kernels() else 0
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_nccl_fused_matches_reference(n, tmp_path):
+    if _num_gpus() < n:
+        pytest.skip(f"needs {n} GPU(s) and the CUDA build")
+    outs = _run(_nccl_worker, n, tmp_path)
+    xs, res = _inputs(n)
+    ref = qar_all_reduce_ref(list(xs), G, "int8", res)[0]
+    for y in outs:
+        assert torch.equal(_bits(y["fused"]), _bits(ref))
+        if n > 1:
+            assert torch.equal(_bits(y["composed"]), _bits(ref))
