@@ -239,3 +239,35 @@ def test_generation_engine_over_the_model_equals_generate(tp, checkpoints):
         assert got == expect
         assert free == 2
     assert all(r[1] == res[0][1] for r in res)
+
+
+def _quantized_rank(rank, world, path, backend):
+    from tpssm.parallel import TPContext
+
+    ctx = TPContext()
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    qsl = _qsl([len(p) for p in PROMPTS])
+    exact = SSMForCausalLM.from_pretrained(path, ctx, backend=backend)(ids, qsl, None, None,
+                                                                       None, True)
+    errs = {}
+    for scheme in ("int8", "fp8", "fp16"):
+        m = SSMForCausalLM.from_pretrained(path, ctx, backend=backend, allreduce=scheme)
+        errs[scheme] = H.max_rel_err(m(ids, qsl, return_all_logits=True), exact)
+    big = SSMForCausalLM.from_pretrained(path, ctx, backend=backend, allreduce="int8",
+                                         allreduce_min_bytes=1 << 30)
+    errs["int8_under_threshold"] = H.max_rel_err(big(ids, qsl, return_all_logits=True), exact)
+    return errs
+
+
+@pytest.mark.timeout(300)
+def test_quantized_allreduce_schemes_run_through_the_model(checkpoints):
+    """Integration smoke test of tpssm.qallreduce in the row-parallel layers (its accuracy is
+    tested with the collective itself): the schemes run, perturb the logits a little, and the
+    size threshold restores the exact path."""
+    _, path = checkpoints["mamba2_g4"]
+    res = run_distributed(_quantized_rank, 2, path, BACKEND, timeout=240)
+    for errs in res:
+        assert 0 < errs["fp16"] <= 5e-3
+        assert 0 < errs["int8"] <= 0.1 and 0 < errs["fp8"] <= 0.25
+        assert errs["int8_under_threshold"] == 0.0
+    print("QALLREDUCE_ERR tp=2 mamba2_g4", res[0])

@@ -119,7 +119,7 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
     calls = []
 
     def fake_all_reduce(t, group, scheme="int8", group_size=128):
-        calls.append((scheme, t.numel()))
+        calls.append((scheme, t.numel(), group_size))
         r = t.clone()
         dist.all_reduce(r, group=group)
         return r
@@ -135,6 +135,11 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
                               allreduce_min_bytes=1 << 20)
     small.load(src, "rw", "rb")
     out["row_small"] = float((small(xl) - ref).abs().max())
+    # A last dim no supported quantization group divides is reduced exactly.
+    odd = RowParallelLinear(cols, 6, False, ctx, allreduce="int8")
+    with torch.no_grad():
+        odd.weight.copy_(row.weight[:6])
+    out["row_odd"] = float((odd(xl) - torch.nn.functional.linear(xin, full_w_row[:6])).abs().max())
     out["calls"] = calls
 
     g = ctx.all_gather_cat(torch.full((1, rank + 1), float(rank)), dim=1)
@@ -149,7 +154,7 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
 def test_parallel_linears_match_the_full_linear(tp):
     g = torch.Generator().manual_seed(0)
     w_col, b_col = torch.randn(14, 9, generator=g), torch.randn(14, generator=g)
-    w_row, b_row = torch.randn(6, 11, generator=g), torch.randn(6, generator=g)
+    w_row, b_row = torch.randn(96, 11, generator=g), torch.randn(96, generator=g)
     x = torch.randn(4, 9, generator=g)
     res = run_distributed(_linears, tp, w_col, b_col, w_row, b_row, x, timeout=240)
     for rank, r in enumerate(res):
@@ -158,7 +163,10 @@ def test_parallel_linears_match_the_full_linear(tp):
         assert r["row_partial"] <= 1e-5, rank
         assert r["row_int8"] <= 1e-5, rank
         assert r["row_small"] <= 1e-5, rank
-        assert r["calls"] == [("int8", 5 * 6)], r["calls"]  # fp8 stayed exact (under threshold)
+        assert r["row_odd"] <= 1e-5, rank
+        # fp8 stayed exact (under the size threshold); int8 quantized in groups of 32, the
+        # largest supported size <= 128 dividing 96; the 6-wide output stayed exact.
+        assert r["calls"] == [("int8", 5 * 96, 32)], r["calls"]
         assert r["gather"] == [[float(q) for q in range(tp) for _ in range(q + 1)]]
         assert r["bcast"] == 7
 

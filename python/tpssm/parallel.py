@@ -8,7 +8,10 @@ nothing raise up front (`shard_range` names the dimension and the tp degree).
 Row-parallel reductions are pluggable: `allreduce="exact"` is a plain `dist.all_reduce`; "int8",
 "fp8" and "fp16" call `tpssm.qallreduce.all_reduce` (imported when first used), except for
 payloads under `allreduce_min_bytes`, which always take the exact path (latency-bound decode
-messages gain nothing from quantization).
+messages gain nothing from quantization). int8 / fp8 quantize in groups of `group_size`
+elements of the last dim: the largest supported size <= the requested one that divides the last
+dim is used, and a last dim no supported size divides (e.g. a tiny x_proj output) is reduced
+exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ __all__ = [
 ]
 
 ALLREDUCE_SCHEMES = ("exact", "int8", "fp8", "fp16")
+# Quantization group sizes tpssm.qallreduce supports; a group must divide the last dim.
+QUANT_GROUP_SIZES = (256, 128, 64, 32)
 
 Ranges = List[Tuple[int, int]]
 
@@ -125,20 +130,25 @@ class TPContext:
     def shard_range(self, size: int, name: str = "dimension") -> Tuple[int, int]:
         return shard_range(size, self.world_size, self.rank, name)
 
-    def all_reduce(self, x: torch.Tensor, scheme: str = "exact",
-                   min_bytes: int = 0) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, scheme: str = "exact", min_bytes: int = 0,
+                   group_size: int = 128) -> torch.Tensor:
         """Sum of x over the group. "exact" reduces x in place and returns it; the quantized
         schemes return a new tensor. x must be contiguous."""
         if self.world_size == 1:
             return x
+        if scheme not in ALLREDUCE_SCHEMES:
+            raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {scheme!r}")
+        if scheme in ("int8", "fp8"):
+            group_size = next((g for g in QUANT_GROUP_SIZES
+                               if g <= group_size and x.shape[-1] % g == 0), 0)
+            if not group_size:
+                scheme = "exact"
         if scheme == "exact" or x.numel() * x.element_size() < min_bytes:
             dist.all_reduce(x, group=self.group)
             return x
-        if scheme not in ALLREDUCE_SCHEMES:
-            raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {scheme!r}")
         from tpssm import qallreduce  # the quantized collectives are an optional module
 
-        return qallreduce.all_reduce(x, self.group, scheme=scheme)
+        return qallreduce.all_reduce(x, self.group, scheme=scheme, group_size=group_size or 128)
 
     def all_gather_cat(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenation of every rank's x along dim (ranks may hold different sizes)."""
@@ -217,12 +227,14 @@ class RowParallelLinear(nn.Module):
     reduce_results=False returns the partial sum instead (the caller reduces, e.g. fused with
     the residual add); the bias is then added on rank 0 only, so the later reduction counts it
     once. allreduce: "exact" | "int8" | "fp8" | "fp16"; payloads smaller than
-    allreduce_min_bytes always use "exact".
+    allreduce_min_bytes always use "exact"; allreduce_group_size is the int8 / fp8 quantization
+    group (see TPContext.all_reduce).
     """
 
     def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, device=None, reduce_results: bool = True,
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0):
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
         super().__init__()
         self.cols = list(cols)
         self.out_features = out_features
@@ -230,6 +242,7 @@ class RowParallelLinear(nn.Module):
         self.reduce_results = reduce_results
         self.allreduce = _check_scheme(allreduce)
         self.allreduce_min_bytes = int(allreduce_min_bytes)
+        self.allreduce_group_size = int(allreduce_group_size)
         device = device if device is not None else ctx.device
         self.weight = nn.Parameter(torch.empty(out_features, ranges_size(self.cols), dtype=dtype,
                                                device=device), requires_grad=False)
@@ -248,7 +261,8 @@ class RowParallelLinear(nn.Module):
             if self.bias is not None and self.ctx.rank == 0:
                 y = y + self.bias
             return y
-        y = self.ctx.all_reduce(y, self.allreduce, self.allreduce_min_bytes)
+        y = self.ctx.all_reduce(y, self.allreduce, self.allreduce_min_bytes,
+                                self.allreduce_group_size)
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -60,7 +60,8 @@ class Mamba1Mixer(nn.Module):
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0):
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -81,7 +82,8 @@ class Mamba1Mixer(nn.Module):
                           if config.use_conv_bias else None)
         self.x_proj = RowParallelLinear([(e0, e1)], R + 2 * N, False, ctx, dtype,
                                         allreduce=allreduce,
-                                        allreduce_min_bytes=allreduce_min_bytes)
+                                        allreduce_min_bytes=allreduce_min_bytes,
+                                        allreduce_group_size=allreduce_group_size)
         self.dt_proj_weight = _param(torch.empty(self.local_dim, R, dtype=dtype, device=dev))
         self.register_buffer("dt_bias", torch.empty(self.local_dim, dtype=torch.float32,
                                                     device=dev))
@@ -89,7 +91,8 @@ class Mamba1Mixer(nn.Module):
         self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
         self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
                                           allreduce=allreduce,
-                                          allreduce_min_bytes=allreduce_min_bytes)
+                                          allreduce_min_bytes=allreduce_min_bytes,
+                                          allreduce_group_size=allreduce_group_size)
 
     def state_shape(self) -> LayerStateShape:
         return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
@@ -177,7 +180,8 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0):
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -214,7 +218,8 @@ class Mamba2Mixer(nn.Module):
         self.norm_weight = _param(torch.empty(self.local_dim, dtype=dtype, device=dev))
         self.out_proj = RowParallelLinear([(c0, c1)], D, config.use_bias, ctx, dtype,
                                           allreduce=allreduce,
-                                          allreduce_min_bytes=allreduce_min_bytes)
+                                          allreduce_min_bytes=allreduce_min_bytes,
+                                          allreduce_group_size=allreduce_group_size)
         lo, hi = config.time_step_limit
         self.clamp_dt = lo > 0.0 or hi != math.inf
         self._setup_norm(config, c0, c1)

@@ -64,7 +64,8 @@ class SSMForCausalLM(nn.Module):
 
     def __init__(self, config: SSMConfig, ctx: Optional[TPContext] = None,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0):
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
         super().__init__()
         self.config = config
         self.ctx = ctx if ctx is not None else TPContext()
@@ -75,7 +76,8 @@ class SSMForCausalLM(nn.Module):
             requires_grad=False)
         self.layers = nn.ModuleList([
             SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=allreduce,
-                     allreduce_min_bytes=allreduce_min_bytes)
+                     allreduce_min_bytes=allreduce_min_bytes,
+                     allreduce_group_size=allreduce_group_size)
             for i in range(config.num_hidden_layers)])
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, dev)
         if config.tie_word_embeddings:
@@ -88,6 +90,7 @@ class SSMForCausalLM(nn.Module):
     def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
                         dtype: Optional[torch.dtype] = None, backend: str = "ops",
                         allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                        allreduce_group_size: int = 128,
                         gated_norm: Optional[str] = None) -> "SSMForCausalLM":
         """Loads a local Hugging Face checkpoint directory (config.json + model.safetensors, or
         shards with model.safetensors.index.json); each rank reads only its slices. dtype
@@ -96,7 +99,8 @@ class SSMForCausalLM(nn.Module):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
         config = load_config(path, gated_norm=gated_norm)
         model = cls(config, ctx, dtype or config.dtype or torch.float32, backend=backend,
-                    allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes)
+                    allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
+                    allreduce_group_size=allreduce_group_size)
         source = SafetensorsSource(path)
         model.load_weights(source)
         model.bytes_read = source.bytes_read
