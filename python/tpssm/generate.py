@@ -1,0 +1,89 @@
+"""A simple generate helper on top of SSMForCausalLM: one packed prefill of all prompts, then one
+decode step per new token from the state cache. Greedy by default; sampling with temperature,
+top-k and top-p. Under TP every rank must call it with the same arguments; rank 0 picks the
+tokens and broadcasts them, so all ranks stay in lockstep even when sampling."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from tpssm.cache import SSMStateCache
+
+__all__ = ["generate", "select_tokens"]
+
+
+def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row of logits (batch, vocab) -> int64 (batch,)."""
+    if not do_sample or temperature <= 0.0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked before it already cover top_p.
+        drop = (cum - sorted_scores.softmax(-1)) >= top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             cache: Optional[SSMStateCache] = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+             generator: Optional[torch.Generator] = None) -> List[List[int]]:
+    """New tokens (prompt excluded) for each prompt; a request stops after max_new_tokens or
+    after emitting an eos token (included). Uses `cache` (slots are allocated and freed here) or
+    a fresh one with a slot per prompt."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    ctx = model.ctx
+    dev = ctx.device
+    if cache is None:
+        cache = model.allocate_cache(len(prompts))
+    slots = cache.allocate(len(prompts))
+    eos = set() if eos_token_id is None else (
+        {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+
+    def pick(logits):
+        tok = select_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+        return ctx.broadcast(tok.contiguous(), src=0)
+
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
+            lens = torch.tensor([0] + [len(p) for p in prompts], dtype=torch.int32)
+            qsl = torch.cumsum(lens, 0, dtype=torch.int32).to(dev)
+            slot_t = torch.tensor(slots, dtype=torch.int32, device=dev)
+            his = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+            logits = model(ids, qsl, slot_t, his, cache)
+            out: List[List[int]] = [[] for _ in prompts]
+            active = list(range(len(prompts)))
+            tokens = pick(logits).tolist()
+            for step in range(max_new_tokens):
+                still = []
+                for row, tok in zip(active, tokens):
+                    out[row].append(int(tok))
+                    if int(tok) not in eos and step + 1 < max_new_tokens:
+                        still.append(row)
+                if not still:
+                    break
+                keep = [active.index(r) for r in still]
+                active = still
+                ids = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=dev)
+                slot_t = torch.tensor([slots[r] for r in active], dtype=torch.int32, device=dev)
+                logits = model.decode(ids, slot_t, cache)
+                tokens = pick(logits).tolist()
+            return out
+    finally:
+        cache.free(slots)

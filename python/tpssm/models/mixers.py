@@ -1,0 +1,318 @@
+"""Tensor-parallel SSM mixers (Mamba1 / Falcon-Mamba and Mamba-2) over packed varlen batches.
+
+Activations are token-major, (total_tokens, channels), end to end: in_proj's output columns are
+sliced (no copies, no transposes) into the conv, the scan and the gate, and the scan output feeds
+out_proj directly. Each mixer holds only its rank's channels / heads and the matching slices of
+every packed tensor (see tp-design.md); the SSM state lives in an SSMStateCache sharded the same
+way.
+
+A batch is described by `BatchMeta`: a prefill-style batch (query_start_loc given) may mix new
+requests, continuation chunks and single decode tokens (has_initial_state says which continue from
+their slot); a decode batch (query_start_loc None) has exactly one token per request, all
+continuing from their slots, and runs the allocation-free update ops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tpssm.cache import LayerStateShape
+from tpssm.models.config import SSMConfig
+from tpssm.models.kernels import get_backend
+from tpssm.parallel import ColumnParallelLinear, RowParallelLinear, TPContext, shard_range
+
+__all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "mamba2_local_groups"]
+
+
+@dataclass
+class BatchMeta:
+    """query_start_loc: int32 (batch + 1,) or None for a decode batch (one token per request);
+    cache_indices: int32 (batch,) slots or None (row b uses slot b); has_initial_state: bool
+    (batch,) or None (no request continues; ignored for decode batches)."""
+    query_start_loc: Optional[torch.Tensor]
+    cache_indices: Optional[torch.Tensor]
+    has_initial_state: Optional[torch.Tensor]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_start_loc is None
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Falcon-Mamba's dt / B / C norm: fp32 RMS normalisation, no weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba1 / Falcon-Mamba mixer on this rank's E / tp channels (uneven: the first ranks take one
+    extra channel). Two all-reduces per layer: x_proj's T x (R + 2N) and out_proj's T x D."""
+
+    def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
+                 dtype: torch.dtype = torch.float32, backend: str = "ops",
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.ctx = ctx
+        self.kernels = get_backend(backend)
+        self.falcon = config.family == "falcon_mamba"
+        E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
+                         config.time_step_rank, config.conv_kernel)
+        self.e_range = ctx.shard_range(E, "intermediate_size (d_inner)")
+        e0, e1 = self.e_range
+        self.local_dim = e1 - e0
+        self.dt_rank, self.d_state, self.d_conv = R, N, K
+        dev = ctx.device
+        self.in_proj = ColumnParallelLinear(D, [(e0, e1), (E + e0, E + e1)], config.use_bias, ctx,
+                                            dtype)
+        self.conv_weight = _param(torch.empty(self.local_dim, K, dtype=dtype, device=dev))
+        self.conv_bias = (_param(torch.empty(self.local_dim, dtype=dtype, device=dev))
+                          if config.use_conv_bias else None)
+        self.x_proj = RowParallelLinear([(e0, e1)], R + 2 * N, False, ctx, dtype,
+                                        allreduce=allreduce,
+                                        allreduce_min_bytes=allreduce_min_bytes,
+                                        allreduce_group_size=allreduce_group_size)
+        self.dt_proj_weight = _param(torch.empty(self.local_dim, R, dtype=dtype, device=dev))
+        self.register_buffer("dt_bias", torch.empty(self.local_dim, dtype=torch.float32,
+                                                    device=dev))
+        self.register_buffer("A", torch.empty(self.local_dim, N, dtype=torch.float32, device=dev))
+        self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
+        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
+                                          allreduce=allreduce,
+                                          allreduce_min_bytes=allreduce_min_bytes,
+                                          allreduce_group_size=allreduce_group_size)
+
+    def state_shape(self) -> LayerStateShape:
+        return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
+
+    @torch.no_grad()
+    def load(self, source, prefix: str) -> None:
+        rows = [self.e_range]
+        self.in_proj.load(source, prefix + "in_proj.weight", prefix + "in_proj.bias")
+        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", rows)
+                               .reshape(self.local_dim, self.d_conv))
+        if self.conv_bias is not None:
+            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", rows))
+        self.x_proj.load(source, prefix + "x_proj.weight")
+        self.dt_proj_weight.copy_(source.get_rows(prefix + "dt_proj.weight", rows))
+        self.dt_bias.copy_(source.get_rows(prefix + "dt_proj.bias", rows))
+        self.A.copy_(-torch.exp(source.get_rows(prefix + "A_log", rows).float()))
+        self.D.copy_(source.get_rows(prefix + "D", rows))
+        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
+
+    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+        k = self.kernels
+        xz = self.in_proj(hidden)
+        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
+        if meta.is_decode:
+            x = k.causal_conv1d_update(x, conv_state, self.conv_weight, self.conv_bias,
+                                       activation="silu", cache_indices=meta.cache_indices)
+        else:
+            x = k.causal_conv1d(x, self.conv_weight, self.conv_bias, conv_states=conv_state,
+                                query_start_loc=meta.query_start_loc,
+                                cache_indices=meta.cache_indices,
+                                has_initial_state=meta.has_initial_state, activation="silu")
+        x_dbl = self.x_proj(x)  # all-reduce #1
+        R, N = self.dt_rank, self.d_state
+        dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
+        if self.falcon:
+            eps = self.config.mixer_rms_eps
+            dt, B, C = _weightless_rms(dt, eps), _weightless_rms(B, eps), _weightless_rms(C, eps)
+        dt = F.linear(dt, self.dt_proj_weight)
+        if meta.is_decode:
+            y = k.selective_state_update(ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias,
+                                         dt_softplus=True,
+                                         state_batch_indices=meta.cache_indices)
+        else:
+            y = k.selective_scan(x, dt, self.A, B, C, self.D, z, self.dt_bias,
+                                 delta_softplus=True, ssm_states=ssm_state,
+                                 query_start_loc=meta.query_start_loc,
+                                 cache_indices=meta.cache_indices,
+                                 has_initial_state=meta.has_initial_state)
+        return self.out_proj(y)  # all-reduce #2
+
+
+def mamba2_local_groups(num_heads: int, n_groups: int, h0: int, h1: int) -> Tuple[List[int], int]:
+    """The B / C groups a rank holding heads [h0, h1) needs, as the list of global groups of its
+    local ("virtual") groups, and the number of local heads per local group.
+
+    Head h uses group h // (H / G). The rank's heads split into runs sharing a group; with d the
+    gcd of the run lengths, each run of length r becomes r / d local groups that copy its global
+    group, so local head j uses local group j // d exactly as the kernels expect. When G % tp == 0
+    (even head split) every run is a whole group and nothing is copied; when the rank's heads all
+    fall in one group (e.g. G = 1) the rank holds that one group.
+    """
+    hpg = num_heads // n_groups
+    runs: List[Tuple[int, int]] = []
+    for h in range(h0, h1):
+        g = h // hpg
+        if runs and runs[-1][0] == g:
+            runs[-1] = (g, runs[-1][1] + 1)
+        else:
+            runs.append((g, 1))
+    d = 0
+    for _, r in runs:
+        d = math.gcd(d, r)
+    groups = [g for g, r in runs for _ in range(r // d)]
+    return groups, d
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer on this rank's heads (uneven splits allowed). in_proj is sharded per segment
+    z | x | B | C | dt; B / C groups are sharded when G % tp == 0 and otherwise replicated as the
+    rank's heads need (any G dividing H). One all-reduce per layer (out_proj, T x D), plus an fp32
+    T x (norm groups) all-reduce of sums of squares when a gated-norm group spans ranks (the
+    "whole" convention at tp > 1, or "per_group" when G % tp != 0)."""
+
+    def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
+                 dtype: torch.dtype = torch.float32, backend: str = "ops",
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.ctx = ctx
+        self.kernels = get_backend(backend)
+        H, P, G, N = config.num_heads, config.head_dim, config.n_groups, config.state_size
+        E, D, K = config.intermediate_size, config.hidden_size, config.conv_kernel
+        self.h_range = ctx.shard_range(H, "num_heads")
+        h0, h1 = self.h_range
+        self.local_heads = h1 - h0
+        self.local_dim = self.local_heads * P
+        self.head_dim, self.d_state, self.d_conv = P, N, K
+        self.groups, self.heads_per_local_group = mamba2_local_groups(H, G, h0, h1)
+        self.local_groups = len(self.groups)
+        gn = self.local_groups * N
+        self.conv_channels = self.local_dim + 2 * gn
+        c0, c1 = h0 * P, h1 * P
+        b_rows = [(g * N, (g + 1) * N) for g in self.groups]
+        in_rows = ([(c0, c1), (E + c0, E + c1)]
+                   + [(2 * E + a, 2 * E + b) for a, b in b_rows]
+                   + [(2 * E + G * N + a, 2 * E + G * N + b) for a, b in b_rows]
+                   + [(2 * E + 2 * G * N + h0, 2 * E + 2 * G * N + h1)])
+        self.conv_rows = ([(c0, c1)] + [(E + a, E + b) for a, b in b_rows]
+                          + [(E + G * N + a, E + G * N + b) for a, b in b_rows])
+        dev = ctx.device
+        self.in_proj = ColumnParallelLinear(D, in_rows, config.use_bias, ctx, dtype)
+        self.conv_weight = _param(torch.empty(self.conv_channels, K, dtype=dtype, device=dev))
+        self.conv_bias = (_param(torch.empty(self.conv_channels, dtype=dtype, device=dev))
+                          if config.use_conv_bias else None)
+        self.register_buffer("dt_bias", torch.empty(self.local_heads, dtype=torch.float32,
+                                                    device=dev))
+        self.register_buffer("A", torch.empty(self.local_heads, dtype=torch.float32, device=dev))
+        self.register_buffer("D", torch.empty(self.local_heads, dtype=torch.float32, device=dev))
+        self.norm_weight = _param(torch.empty(self.local_dim, dtype=dtype, device=dev))
+        self.out_proj = RowParallelLinear([(c0, c1)], D, config.use_bias, ctx, dtype,
+                                          allreduce=allreduce,
+                                          allreduce_min_bytes=allreduce_min_bytes,
+                                          allreduce_group_size=allreduce_group_size)
+        lo, hi = config.time_step_limit
+        self.clamp_dt = lo > 0.0 or hi != math.inf
+        self._setup_norm(config, c0, c1)
+
+    def _setup_norm(self, config: SSMConfig, c0: int, c1: int) -> None:
+        E, P = config.intermediate_size, config.head_dim
+        self.norm_groups = 1 if config.gated_norm == "whole" else config.n_groups
+        self.norm_group_size = gs = E // self.norm_groups
+        # Whether some norm group spans ranks is a property of the whole split, not of this
+        # rank: every rank must then join the (fp32, T x norm_groups) sum-of-squares all-reduce.
+        tp = self.ctx.world_size
+        bounds = [shard_range(config.num_heads, tp, r, "num_heads") for r in range(tp)]
+        self.norm_allreduce = any((a * P) % gs or (b * P) % gs for a, b in bounds)
+        # Global norm group of every local channel, for the spanning case.
+        self.register_buffer("norm_group_index",
+                             torch.arange(c0, c1, device=self.ctx.device) // gs,
+                             persistent=False)
+
+    def state_shape(self) -> LayerStateShape:
+        return LayerStateShape(self.conv_channels, self.d_conv,
+                               (self.local_heads, self.head_dim, self.d_state))
+
+    @torch.no_grad()
+    def load(self, source, prefix: str) -> None:
+        heads = [self.h_range]
+        self.in_proj.load(source, prefix + "in_proj.weight", prefix + "in_proj.bias")
+        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", self.conv_rows)
+                               .reshape(self.conv_channels, self.d_conv))
+        if self.conv_bias is not None:
+            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", self.conv_rows))
+        self.dt_bias.copy_(source.get_rows(prefix + "dt_bias", heads))
+        self.A.copy_(-torch.exp(source.get_rows(prefix + "A_log", heads).float()))
+        self.D.copy_(source.get_rows(prefix + "D", heads))
+        P = self.head_dim
+        self.norm_weight.copy_(source.get_rows(prefix + "norm.weight",
+                                               [(self.h_range[0] * P, self.h_range[1] * P)]))
+        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y * silu(z)) * weight, normalising over the configured groups (fp32)."""
+        eps = self.config.layer_norm_epsilon
+        g = y.float() * F.silu(z.float())
+        T = g.shape[0]
+        if not self.norm_allreduce:
+            g3 = g.view(T, -1, self.norm_group_size)
+            out = (g3 * torch.rsqrt(g3.pow(2).mean(-1, keepdim=True) + eps)).view(T, -1)
+        elif self.norm_groups == 1:
+            ss = self.ctx.all_reduce(g.pow(2).sum(-1, keepdim=True), "exact")
+            out = g * torch.rsqrt(ss / self.norm_group_size + eps)
+        else:
+            ss = torch.zeros(T, self.norm_groups, dtype=torch.float32, device=g.device)
+            ss.index_add_(1, self.norm_group_index, g.pow(2))
+            ss = self.ctx.all_reduce(ss, "exact")
+            var = ss.index_select(1, self.norm_group_index) / self.norm_group_size
+            out = g * torch.rsqrt(var + eps)
+        return self.norm_weight * out.to(y.dtype)
+
+    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+        k = self.kernels
+        El, gn, Hl = self.local_dim, self.local_groups * self.d_state, self.local_heads
+        zxbcdt = self.in_proj(hidden)
+        z = zxbcdt[:, :El]
+        xBC = zxbcdt[:, El:El + self.conv_channels]
+        dt = zxbcdt[:, El + self.conv_channels:]
+        if meta.is_decode:
+            xBC = k.causal_conv1d_update(xBC, conv_state, self.conv_weight, self.conv_bias,
+                                         activation="silu", cache_indices=meta.cache_indices)
+        else:
+            xBC = k.causal_conv1d(xBC, self.conv_weight, self.conv_bias, conv_states=conv_state,
+                                  query_start_loc=meta.query_start_loc,
+                                  cache_indices=meta.cache_indices,
+                                  has_initial_state=meta.has_initial_state, activation="silu")
+        x = xBC[:, :El]
+        B = xBC[:, El:El + gn].unflatten(-1, (self.local_groups, self.d_state))
+        C = xBC[:, El + gn:].unflatten(-1, (self.local_groups, self.d_state))
+        dt_bias, softplus = self.dt_bias, True
+        if self.clamp_dt:
+            # The ops have no dt clamp: apply softplus, bias and the limits here and pass the
+            # final dt through unchanged.
+            lo, hi = self.config.time_step_limit
+            dt = F.softplus(dt.float() + self.dt_bias).clamp(lo, hi).to(x.dtype)
+            dt_bias, softplus = None, False
+        if meta.is_decode:
+            y = k.selective_state_update(ssm_state, x, dt, self.A, B, C, self.D, None, dt_bias,
+                                         dt_softplus=softplus,
+                                         state_batch_indices=meta.cache_indices)
+        else:
+            y = k.selective_scan(x, dt, self.A, B, C, self.D, None, dt_bias,
+                                 delta_softplus=softplus, ssm_states=ssm_state,
+                                 query_start_loc=meta.query_start_loc,
+                                 cache_indices=meta.cache_indices,
+                                 has_initial_state=meta.has_initial_state)
+        y = self._gated_norm(y, z)
+        return self.out_proj(y)

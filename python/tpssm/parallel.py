@@ -1,0 +1,268 @@
+"""Tensor parallelism over torch.distributed: a TP context, the two parallel linears and the
+segment-aware shard helpers that packed SSM projections need.
+
+Uneven splits are supported: a dimension of size n over tp ranks gives the first n % tp ranks one
+extra unit (channel, head), as in the paper's prototype. Splits that would leave a rank with
+nothing raise up front (`shard_range` names the dimension and the tp degree).
+
+Row-parallel reductions are pluggable: `allreduce="exact"` is a plain `dist.all_reduce`; "int8",
+"fp8" and "fp16" call `tpssm.qallreduce.all_reduce` (imported when first used), except for
+payloads under `allreduce_min_bytes`, which always take the exact path (latency-bound decode
+messages gain nothing from quantization). int8 / fp8 quantize in groups of `group_size`
+elements of the last dim: the largest supported size <= the requested one that divides the last
+dim is used, and a last dim no supported size divides (e.g. a tiny x_proj output) is reduced
+exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    "ALLREDUCE_SCHEMES",
+    "TPContext",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "shard_range",
+    "shard_segments",
+    "ranges_size",
+]
+
+ALLREDUCE_SCHEMES = ("exact", "int8", "fp8", "fp16")
+# Quantization group sizes tpssm.qallreduce supports; a group must divide the last dim.
+QUANT_GROUP_SIZES = (256, 128, 64, 32)
+
+Ranges = List[Tuple[int, int]]
+
+
+def shard_range(size: int, tp: int, rank: int, name: str = "dimension") -> Tuple[int, int]:
+    """[start, end) of rank's part of a dimension of `size` units split over tp ranks; the first
+    size % tp ranks take one extra unit."""
+    if tp < 1 or not 0 <= rank < tp:
+        raise ValueError(f"rank must be in [0, tp), got rank {rank} with tp {tp}")
+    if size < tp:
+        raise ValueError(
+            f"cannot split {name} of size {size} over tp={tp} ranks: every rank needs at least "
+            f"one unit")
+    base, extra = divmod(size, tp)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_segments(segments: Sequence[Tuple[int, int]], tp: int, rank: int,
+                   names: Optional[Sequence[str]] = None) -> Ranges:
+    """Rank's rows of a packed tensor whose rows are consecutive segments.
+
+    segments: (size, unit) per segment, in storage order; a segment is split in units of `unit`
+    rows (unit = head dim for a per-head segment, 1 for per-channel) and unit = 0 marks a
+    replicated segment (every rank takes all of it). Returns global [start, end) row ranges, in
+    order: the rank's part of segment 0, then of segment 1, ... - a checkpoint packed at tp=1
+    cannot be cut as one contiguous block.
+    """
+    ranges: Ranges = []
+    offset = 0
+    for i, (size, unit) in enumerate(segments):
+        name = names[i] if names is not None else f"segment {i}"
+        if unit == 0:
+            ranges.append((offset, offset + size))
+        else:
+            if size % unit:
+                raise ValueError(f"{name} of size {size} is not a multiple of its unit {unit}")
+            a, b = shard_range(size // unit, tp, rank, name)
+            ranges.append((offset + a * unit, offset + b * unit))
+        offset += size
+    return ranges
+
+
+def ranges_size(ranges: Ranges) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+class TPContext:
+    """The tensor-parallel group a model runs on.
+
+    TPContext()                      tp = 1, no torch.distributed needed.
+    TPContext(group)                 an existing process group (None with an initialised default
+                                     group means the world group).
+    TPContext.from_env()             initialises torch.distributed from torchrun's environment
+                                     (gloo on CPU, NCCL on CUDA) and uses the world group.
+    `device` is where this rank's weights and activations live.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None,
+                 device: Optional[torch.device] = None):
+        if dist.is_available() and dist.is_initialized():
+            self.group = group if group is not None else dist.group.WORLD
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+        else:
+            if group is not None:
+                raise ValueError("a process group was given but torch.distributed is not "
+                                 "initialised")
+            self.group = None
+            self.rank = 0
+            self.world_size = 1
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    @classmethod
+    def from_env(cls, backend: Optional[str] = None) -> "TPContext":
+        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT."""
+        use_cuda = torch.cuda.is_available() and backend != "gloo"
+        if use_cuda:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+        return cls(None, device)
+
+    @property
+    def tp(self) -> int:
+        return self.world_size
+
+    def shard_range(self, size: int, name: str = "dimension") -> Tuple[int, int]:
+        return shard_range(size, self.world_size, self.rank, name)
+
+    def all_reduce(self, x: torch.Tensor, scheme: str = "exact", min_bytes: int = 0,
+                   group_size: int = 128) -> torch.Tensor:
+        """Sum of x over the group. "exact" reduces x in place and returns it; the quantized
+        schemes return a new tensor. x must be contiguous."""
+        if self.world_size == 1:
+            return x
+        if scheme not in ALLREDUCE_SCHEMES:
+            raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {scheme!r}")
+        if scheme in ("int8", "fp8"):
+            group_size = next((g for g in QUANT_GROUP_SIZES
+                               if g <= group_size and x.shape[-1] % g == 0), 0)
+            if not group_size:
+                scheme = "exact"
+        if scheme == "exact" or x.numel() * x.element_size() < min_bytes:
+            dist.all_reduce(x, group=self.group)
+            return x
+        from tpssm import qallreduce  # the quantized collectives are an optional module
+
+        return qallreduce.all_reduce(x, self.group, scheme=scheme, group_size=group_size or 128)
+
+    def all_gather_cat(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenation of every rank's x along dim (ranks may hold different sizes)."""
+        if self.world_size == 1:
+            return x
+        dim = dim % x.dim()
+        sizes = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
+        dist.all_gather(all_sizes, sizes, group=self.group)
+        sizes = [int(s) for s in all_sizes]
+        # Collectives want equal shapes everywhere: pad to the largest part, trim afterwards.
+        width = max(sizes)
+        pad_shape = list(x.shape)
+        pad_shape[dim] = width - x.shape[dim]
+        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(x, src=dist.get_global_rank(self.group, src), group=self.group)
+        return x
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+def _check_scheme(allreduce: str) -> str:
+    if allreduce not in ALLREDUCE_SCHEMES:
+        raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {allreduce!r}")
+    return allreduce
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W[rows]^T (+ b[rows]): the rank holds the output rows `rows` (global
+    [start, end) ranges, possibly several for a packed weight, possibly repeated for replicated
+    groups). No communication: the output stays sharded.
+
+    x: (..., in_features) -> (..., local_out_features) with local_out_features = ranges_size(rows).
+    """
+
+    def __init__(self, in_features: int, rows: Ranges, bias: bool, ctx: TPContext,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.rows = list(rows)
+        self.ctx = ctx
+        out_local = ranges_size(self.rows)
+        device = device if device is not None else ctx.device
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_local, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    @property
+    def out_features_local(self) -> int:
+        return self.weight.shape[0]
+
+    def load(self, source, weight_name: str, bias_name: Optional[str] = None) -> None:
+        """Reads only the rank's rows from `source` (a tpssm.models.weights source)."""
+        with torch.no_grad():
+            self.weight.copy_(source.get_rows(weight_name, self.rows))
+            if self.bias is not None:
+                self.bias.copy_(source.get_rows(bias_name, self.rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W[:, cols]^T) + b: the rank holds the input columns `cols`.
+
+    x: (..., local_in_features) -> (..., out_features).
+    reduce_results=False returns the partial sum instead (the caller reduces, e.g. fused with
+    the residual add); the bias is then added on rank 0 only, so the later reduction counts it
+    once. allreduce: "exact" | "int8" | "fp8" | "fp16"; payloads smaller than
+    allreduce_min_bytes always use "exact"; allreduce_group_size is the int8 / fp8 quantization
+    group (see TPContext.all_reduce).
+    """
+
+    def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
+                 dtype: torch.dtype = torch.float32, device=None, reduce_results: bool = True,
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.cols = list(cols)
+        self.out_features = out_features
+        self.ctx = ctx
+        self.reduce_results = reduce_results
+        self.allreduce = _check_scheme(allreduce)
+        self.allreduce_min_bytes = int(allreduce_min_bytes)
+        self.allreduce_group_size = int(allreduce_group_size)
+        device = device if device is not None else ctx.device
+        self.weight = nn.Parameter(torch.empty(out_features, ranges_size(self.cols), dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def load(self, source, weight_name: str, bias_name: Optional[str] = None) -> None:
+        with torch.no_grad():
+            self.weight.copy_(source.get_cols(weight_name, self.cols))
+            if self.bias is not None:
+                self.bias.copy_(source.get(bias_name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight)
+        if not self.reduce_results:
+            if self.bias is not None and self.ctx.rank == 0:
+                y = y + self.bias
+            return y
+        y = self.ctx.all_reduce(y, self.allreduce, self.allreduce_min_bytes,
+                                self.allreduce_group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

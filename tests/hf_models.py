@@ -1,0 +1,149 @@
+"""Tiny transformers models used as the oracle: built, fully randomised and saved by the tests."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+
+FAMILY_SPECS: Dict[str, dict] = {
+    # hidden 64, vocab 256, 2-3 layers; every family varies something (bias, conv width, groups).
+    "mamba": dict(cls="MambaForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, state_size=16, expand=2,
+        conv_kernel=4, use_bias=False, use_conv_bias=True)),
+    "falcon_mamba": dict(cls="FalconMambaForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
+        conv_kernel=3, use_bias=True, use_conv_bias=True, mixer_rms_eps=1e-6,
+        time_step_rank=6)),
+    "mamba2_g1": dict(cls="Mamba2ForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
+        head_dim=16, num_heads=8, n_groups=1, conv_kernel=4, chunk_size=8, use_bias=False,
+        use_conv_bias=True, tie_word_embeddings=False)),
+    "mamba2_g4": dict(cls="Mamba2ForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2,
+        head_dim=16, num_heads=8, n_groups=4, conv_kernel=3, chunk_size=8, use_bias=True,
+        use_conv_bias=True, tie_word_embeddings=False)),
+}
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers
+
+    spec = FAMILY_SPECS[family]
+    cls = getattr(transformers, spec["cls"])
+    cfg_cls = getattr(transformers, spec["cls"].replace("ForCausalLM", "Config"))
+    cfg = cfg_cls(**{**spec["cfg"], **overrides})
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+@torch.no_grad()
+def randomize(model, seed: int) -> None:
+    """Random values for every parameter: default inits (equal A_log rows, D = 1, unit norm
+    weights) would hide channel-, head- and group-order bugs."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g)
+
+    def rand(shape):
+        return torch.rand(shape, generator=g)
+
+    for name, p in model.named_parameters():
+        shape = p.shape
+        if name.endswith("A_log"):
+            v = torch.log(1.0 + 15.0 * rand(shape))
+        elif name.endswith(".D"):
+            v = randn(shape)
+        elif name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
+            dt = torch.exp(rand(shape) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+            v = dt + torch.log(-torch.expm1(-dt))
+        elif "norm" in name:
+            v = 1.0 + 0.2 * randn(shape)
+        elif "conv1d.weight" in name:
+            v = 0.5 * randn(shape)
+        elif name.endswith("bias"):
+            v = 0.1 * randn(shape)
+        elif "embedding" in name:
+            # Small next to the mixer outputs, so a tied head does not just echo the input token.
+            v = 0.05 * randn(shape)
+        else:
+            v = randn(shape) / math.sqrt(shape[-1])
+        p.copy_(v.to(p.dtype))
+
+
+def save_hf_model(model, path: str) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+
+
+@torch.no_grad()
+def hf_full_logits(model, prompt: Sequence[int]) -> torch.Tensor:
+    """(L, V) logits of every prompt token, one request, no cache."""
+    out = model(torch.tensor([list(prompt)]), use_cache=False)
+    return out.logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: Sequence[int], steps: int):
+    """Prefill, then `steps` greedy 1-token decode steps through transformers' cache.
+    Returns (tokens (steps + 1,), logits (steps + 1, V)): the prefill's last-token logits and
+    each decode step's."""
+    out = model(torch.tensor([list(prompt)]), use_cache=True)
+    cache = out.cache_params
+    logits = [out.logits[0, -1].float()]
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(steps):
+        out = model(torch.tensor([[tokens[-1]]]), cache_params=cache, use_cache=True)
+        cache = out.cache_params
+        logits.append(out.logits[0, -1].float())
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, torch.stack(logits)
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the logit error relative to the logit scale (element-wise ratios
+    blow up at logits near zero)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def cpu_kernels_available() -> bool:
+    """True when the compiled ops have CPU implementations in this build."""
+    import tpssm  # noqa: F401  (registers the op schemas)
+
+    names = ("causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update")
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{n}", "CPU") for n in names)
+
+
+def pick_backend() -> str:
+    """The op backend the model tests run on: TPSSM_TEST_BACKEND if set, else the compiled ops
+    when they have CPU kernels, else the pure-PyTorch references."""
+    import os
+
+    env = os.environ.get("TPSSM_TEST_BACKEND")
+    if env:
+        return env
+    return "ops" if cpu_kernels_available() else "reference"
+
+
+def per_group_gated_norm(model) -> None:
+    """Switches a transformers Mamba2 model's gated RMSNorm to the per-group convention
+    (mamba_ssm's), the oracle for tpssm's gated_norm="per_group"."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states, gate=None, _groups=model.config.n_groups):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        shape = h.shape
+        h = h.view(*shape[:-1], _groups, shape[-1] // _groups)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.view(shape).to(dtype)
+
+    for layer in model.backbone.layers:
+        layer.mixer.norm.forward = types.MethodType(forward, layer.mixer.norm)
