@@ -104,6 +104,14 @@ if want bench; then
     --json "$JSON"
 fi
 
+if want bench; then
+  stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
+  # The engine at tp 1 on a preset's real widths (fewer layers to fit the check's time).
+  stage bench_engine 150 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --num-layers 16 \
+    --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 32 --compare-state-cache \
+    --dtype bfloat16 --json "${JSON%.json}_engine.json"
+fi
+
 if [ $HAVE_CMAKE -eq 1 ]; then
   wait "$CMAKE_PID"
   read -r cmake_rc cmake_s < "$OUTDIR/build_cmake.status"
