@@ -1,0 +1,31 @@
+"""What the build must contain. CI sets TPSSM_REQUIRE_CUDA_BUILD=1: there the extension must hold
+the CUDA kernels and link the nvidia-nccl wheel's libnccl.so.2 (compiled and linked, even though
+no GPU runs them)."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+import tpssm
+
+REQUIRED = os.environ.get("TPSSM_REQUIRE_CUDA_BUILD", "0") == "1"
+
+
+def test_cpu_kernels_registered():
+    for op in ("causal_conv1d", "causal_conv1d_update", "selective_scan",
+               "selective_state_update", "qar_quantize_pack", "qar_reduce_requant",
+               "qar_dequant"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(not REQUIRED, reason="only where the CUDA build is required (CI)")
+def test_cuda_kernels_built_and_nccl_linked():
+    assert tpssm.has_cuda_kernels()
+    for op in ("causal_conv1d", "selective_scan", "selective_state_update",
+               "qar_nccl_all_reduce", "qar_loopback"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{op}", "CUDA"), op
+    needed = subprocess.run(["objdump", "-p", tpssm._C.__file__], capture_output=True,
+                            text=True, check=True).stdout
+    assert "libnccl.so.2" in needed
