@@ -29,8 +29,13 @@ $(VENV)/.deps-installed:
 
 setup: $(VENV)/.deps-installed
 
-build: setup
+# Rebuilt only when a source changed (an editable pip build always starts from scratch).
+BUILD_STAMP := $(VENV)/.tpssm-built
+$(BUILD_STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(shell find csrc -type f)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -306,7 +306,8 @@ class GenerationEngine:
         if self.group is not None or (dist.is_initialized() and dist.get_world_size() > 1):
             # Ranks agree on every token: rank 0's choice is the one all ranks use.
             on_dev = next_ids.to(self.device)
-            dist.broadcast(on_dev, src=0, group=self.group)
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(on_dev, src=src, group=self.group)
             next_ids = on_dev.cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
