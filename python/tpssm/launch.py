@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -59,16 +60,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, backend: str, collective_timeout_s: float,
-               fn: Callable, args: Sequence[Any], results: "mp.Queue") -> None:
+def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
+               collective_timeout_s: float, fn: Callable, args: Sequence[Any],
+               results: "mp.Queue") -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Each rank gets its share of the cores; oversubscription makes gloo ranks crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        init_distributed(backend, collective_timeout_s)
-        value = fn(*args)
-        results.put((rank, True, value))
+        if backend is not None:
+            init_distributed(backend, collective_timeout_s)
+        # Plain pickle: torch's queue reductions would pass tensors as shared memory owned by
+        # this process, which exits right after.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException as exc:  # reported to the parent, which raises RankError
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -77,12 +81,15 @@ def _rank_main(rank: int, world: int, port: int, backend: str, collective_timeou
 
 
 def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optional[str] = None,
-              timeout_s: float = 600.0, collective_timeout_s: float = 120.0) -> List[Any]:
+              timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
+              init_process_group: bool = True) -> List[Any]:
     """Run fn(*args) on `tp` ranks and return their values in rank order (see the module doc).
 
     fn must be importable by name (a module-level function): ranks are spawned processes.
     timeout_s bounds the whole call; collective_timeout_s bounds each collective, so a rank
-    stuck waiting for a dead peer fails instead of waiting forever.
+    stuck waiting for a dead peer fails instead of waiting forever. With
+    init_process_group=False the ranks get torchrun's environment variables but fn initialises
+    torch.distributed itself.
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
@@ -93,7 +100,7 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
             raise ValueError(f"--tp {tp} does not match torchrun's WORLD_SIZE "
                              f"{dist.get_world_size()}")
         return [fn(*args)]
-    backend = backend or default_backend(tp)
+    backend = (backend or default_backend(tp)) if init_process_group else None
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -126,7 +133,7 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
                         raise RankError(f"rank {r} died with exit code {p.exitcode} "
                                         f"(rank {rank} then failed: {value.splitlines()[0]})")
                 raise RankError(f"rank {rank} failed: {value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
         return [values[r] for r in range(tp)]
