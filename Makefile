@@ -23,7 +23,7 @@ $(VENV)/.deps-installed:
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	# NCCL from the nvidia-nccl wheel that matches torch's CUDA major (the one torch loads).
 	$(PY) -m pip install pybind11 ninja setuptools wheel numpy pytest pytest-timeout \
-		safetensors transformers==5.18.0 \
+		safetensors transformers==5.18.0 matplotlib \
 		$$($(PY) -c 'import torch; v = torch.version.cuda; print("nvidia-nccl-cu" + v.split(".")[0] if v else "")')
 	touch $@
 

@@ -61,8 +61,15 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
     out_json = tmp_path / "bench.json"
     code, out, err = run_cli("bench", "--model", path, "--tp", "1,2", "--prompt-lens", "4,9",
                              "--batch-sizes", "1,2", "--gen-tokens", "3",
-                             "--compare-state-cache", "--json", str(out_json))
+                             "--compare-state-cache", "--json", str(out_json),
+                             "--plot", str(tmp_path / "bench.png"))
     assert code == 0, err
+    try:
+        import matplotlib  # noqa: F401
+        with open(tmp_path / "bench.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert "matplotlib is not installed" in err
     report = json.loads(out_json.read_text())
     rows = report["rows"]
     assert len(rows) == 2 * 2 * 2 * 2

@@ -399,7 +399,7 @@ def cmd_bench(args) -> int:
             json.dump(report, f, indent=1)
         log(f"bench: wrote {args.json}")
     if args.plot:
-        _plot(rows, args.plot)
+        _plot(rows, args.plot, f"{spec.describe()} ({args.dtype}, {args.gen_tokens} new tokens)")
     return 0
 
 
@@ -416,7 +416,7 @@ def _cache_ratios(rows: List[dict]) -> List[dict]:
     return out
 
 
-def _plot(rows: List[dict], path: str) -> None:
+def _plot(rows: List[dict], path: str, title: str) -> None:
     try:
         import matplotlib
 
@@ -437,6 +437,7 @@ def _plot(rows: List[dict], path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("throughput (generated tokens/s)")
+    ax.set_title(title)
     ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
