@@ -142,3 +142,15 @@ def test_errors_are_one_line(mamba_dir, tmp_path):
         assert len(lines) == 1, (args, err)
         assert lines[0].startswith("tpssm: error:"), (args, err)
         assert re.search(pattern, lines[0]), (args, pattern, err)
+
+
+@pytest.mark.timeout(300)
+def test_generate_with_quantized_allreduce(mamba_dir):
+    _, path = mamba_dir
+    code, out, err = run_cli("generate", "--model", path, "--tp", "2", "--input-ids", "1,2,3,4",
+                             "--max-new-tokens", "5", "--ignore-eos", "--allreduce", "int8",
+                             "--allreduce-min-bytes", "0", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert len(record["output_ids"]) == 5
+    assert all(0 <= t < 256 for t in record["output_ids"])

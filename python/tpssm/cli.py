@@ -51,6 +51,7 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "auto"
     allreduce: str = "exact"
+    allreduce_min_bytes: int = 1 << 20
     seed: int = 0
 
     def describe(self) -> str:
@@ -95,7 +96,8 @@ def build_model(spec: ModelSpec):
         else:
             config = parse_config(spec.config)
         source = RandomWeightSource(config, seed=spec.seed)
-    model = SSMForCausalLM(config, ctx, dtype, allreduce=spec.allreduce)
+    model = SSMForCausalLM(config, ctx, dtype, allreduce=spec.allreduce,
+                           allreduce_min_bytes=spec.allreduce_min_bytes)
     with torch.no_grad():
         model.load_weights(ProgressSource(source, config.num_hidden_layers,
                                           f"loading {spec.describe()} (tp {ctx.tp})"))
@@ -326,7 +328,7 @@ def cmd_generate(args) -> int:
                        f"{args.max_prompt_tokens}")
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
-                     allreduce=args.allreduce)
+                     allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
@@ -370,7 +372,8 @@ def cmd_bench(args) -> int:
         preset_config(args.preset, args.num_layers)  # an unknown name fails here, not per rank
     tps = _parse_int_list(args.tp, "--tp")
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
-                     dtype=args.dtype, device=args.device, allreduce=args.allreduce)
+                     dtype=args.dtype, device=args.device, allreduce=args.allreduce,
+                     allreduce_min_bytes=args.allreduce_min_bytes)
     modes = [True, False] if args.compare_state_cache else [not args.no_state_cache]
     job = BenchJob(spec, _parse_int_list(args.prompt_lens, "--prompt-lens"),
                    _parse_int_list(args.batch_sizes, "--batch-sizes"), args.gen_tokens,
@@ -386,7 +389,8 @@ def cmd_bench(args) -> int:
               f"{r['prompt_len']:>6} {r['throughput_tok_s']:>9.1f} {r['ttft_ms']:>9.1f} "
               f"{r['decode_ms_per_token']:>9.2f}")
     report = {"model": spec.describe(), "num_layers": args.num_layers, "dtype": args.dtype,
-              "allreduce": args.allreduce, "gen_tokens": args.gen_tokens,
+              "allreduce": args.allreduce, "allreduce_min_bytes": args.allreduce_min_bytes,
+              "gen_tokens": args.gen_tokens,
               "environment": _environment(), "rows": rows}
     if args.compare_state_cache:
         report["state_cache_ratios"] = _cache_ratios(rows)
@@ -446,7 +450,16 @@ def _plot(rows: List[dict], path: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- parser
-def _common(p: argparse.ArgumentParser, tp_default="1") -> None:
+def _allreduce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allreduce", choices=["exact", "int8", "fp8", "fp16"], default="exact",
+                   help="TP aggregation: exact, or quantized (int8 / fp8 two-shot, the paper's "
+                        "fp16 cast)")
+    p.add_argument("--allreduce-min-bytes", type=int, default=1 << 20,
+                   help="messages below this use the exact all-reduce (decode messages are "
+                        "latency-bound; quantization pays on prefill's large ones)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and activations (SSM state stays float32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -483,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-prompt-tokens", type=int, default=32768)
     p.add_argument("--num-slots", type=int, default=None, help="state cache slots (default 1)")
-    p.add_argument("--allreduce", choices=["exact", "int8", "fp8", "fp16"], default="exact")
+    _allreduce_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _common(p)
     p.set_defaults(func=cmd_generate)
@@ -504,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="baseline: recompute the whole prefix for every new token")
     cache.add_argument("--compare-state-cache", action="store_true",
                        help="run with and without the state cache and print the ratios")
-    p.add_argument("--allreduce", choices=["exact", "int8", "fp8", "fp16"], default="exact")
+    _allreduce_args(p)
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a PNG of throughput vs prompt length (matplotlib)")
     _common(p)
