@@ -1,6 +1,7 @@
 // The one place where the tpssm op schemas are declared. Implementations register themselves next
 // to their code: TORCH_LIBRARY_IMPL(tpssm, CPU, m) in csrc/cpu/, TORCH_LIBRARY_IMPL(tpssm, CUDA, m)
-// in csrc/cuda/. Fake (meta) implementations live in python/tpssm/ops.py.
+// in csrc/cuda/. Fake (meta) implementations live in python/tpssm/ops.py (SSM ops) and
+// python/tpssm/qallreduce.py (quantized all-reduce ops).
 //
 // Conventions: activations are token-major with channel stride 1; outputs go to a caller-provided
 // `out`; states are updated in place in their slots (Tensor(a!)). Shapes are documented in
