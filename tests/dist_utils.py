@@ -19,7 +19,16 @@ import torch.distributed as dist
 
 from tpssm.launch import run_ranks
 
-__all__ = ["run_distributed"]
+__all__ = ["free_port_for_tests", "run_distributed"]
+
+
+def free_port_for_tests() -> int:
+    """A free local TCP port (for launchers that take one, such as torchrun)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _with_rank(fn: Callable, args: tuple) -> Any:

@@ -154,3 +154,23 @@ def test_generate_with_quantized_allreduce(mamba_dir):
     record = json.loads(out)
     assert len(record["output_ids"]) == 5
     assert all(0 <= t < 256 for t in record["output_ids"])
+
+
+@pytest.mark.timeout(300)
+def test_generate_runs_unchanged_under_torchrun(mamba_dir):
+    from dist_utils import free_port_for_tests
+
+    model, path = mamba_dir
+    prompt = [5, 17, 99, 3]
+    expected, _ = hf_greedy(model, prompt, 4)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(ROOT, "python")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port_for_tests()), "-m", "tpssm", "generate", "--model", path,
+         "--tp", "2", "--input-ids", "5,17,99,3", "--max-new-tokens", "5", "--greedy",
+         "--ignore-eos", "--json"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone reports
+    assert json.loads(lines[0])["output_ids"] == expected

@@ -34,9 +34,14 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line."""
 
 
+def is_primary() -> bool:
+    """False on torchrun's ranks other than 0: results and files come from rank 0 only."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def log(msg: str) -> None:
     """Progress and status to stderr (rank 0 only), keeping stdout for results."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_primary():
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -274,6 +279,8 @@ def cmd_demo(args) -> int:
         job = GenerateJob(spec, prompts, args.max_new_tokens, max_batch_size=args.num_prompts,
                           warmup=True)
         results[tp] = _spawn(generate_rank, tp, job, args.timeout)[0]
+    if not is_primary():
+        return 0
     print(f"{'tp':>3} {'device':>8} {'requests':>8} {'new tokens':>10} {'seconds':>8} "
           f"{'tokens/s':>9}")
     for tp, r in results.items():
@@ -339,6 +346,8 @@ def cmd_generate(args) -> int:
               "seconds": result["seconds"]}
     if tokenizer is not None:
         record["text"] = tokenizer.decode(out)
+    if not is_primary():
+        return 0
     if args.json:
         print(json.dumps(record))
     else:
@@ -382,6 +391,8 @@ def cmd_bench(args) -> int:
     for tp in tps:
         log(f"bench: {spec.describe()} at tp {tp}")
         rows.extend(_spawn(bench_rank, tp, job, args.timeout)[0])
+    if not is_primary():
+        return 0
     print(f"{'tp':>3} {'cache':>5} {'batch':>5} {'prompt':>6} {'tok/s':>9} {'TTFT ms':>9} "
           f"{'ms/token':>9}")
     for r in rows:

@@ -94,12 +94,21 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     if under_torchrun():
-        if not dist.is_initialized():
+        created = not dist.is_initialized()
+        if created:
             init_distributed(backend, collective_timeout_s)
-        if dist.get_world_size() != tp:
-            raise ValueError(f"--tp {tp} does not match torchrun's WORLD_SIZE "
-                             f"{dist.get_world_size()}")
-        return [fn(*args)]
+        try:
+            if dist.get_world_size() != tp:
+                raise ValueError(f"--tp {tp} does not match torchrun's WORLD_SIZE "
+                                 f"{dist.get_world_size()}")
+            value = fn(*args)
+            if created:
+                dist.barrier()  # no rank tears the group down while a peer still uses it
+            return [value]
+        finally:
+            # A process group left alive at interpreter exit aborts the process.
+            if created:
+                dist.destroy_process_group()
     backend = (backend or default_backend(tp)) if init_process_group else None
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
