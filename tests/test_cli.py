@@ -174,3 +174,25 @@ def test_generate_runs_unchanged_under_torchrun(mamba_dir):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1  # rank 0 alone reports
     assert json.loads(lines[0])["output_ids"] == expected
+
+
+@pytest.mark.timeout(300)
+def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, path = mamba_dir
+    with_tok = str(tmp_path / "with_tokenizer")
+    shutil.copytree(path, with_tok)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(with_tok, "tokenizer.json"))
+    expected, _ = hf_greedy(model, [5, 17, 99], 3)
+    code, out, err = run_cli("generate", "--model", with_tok, "--prompt", "w5 w17 w99",
+                             "--max-new-tokens", "4", "--ignore-eos", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["input_ids"] == [5, 17, 99]
+    assert record["output_ids"] == expected
+    assert record["text"] == " ".join(f"w{t}" for t in expected)
