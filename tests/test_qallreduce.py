@@ -460,14 +460,20 @@ def test_cuda_special_values_match_cpu():
     xs = make_inputs(4, 8, 256, torch.bfloat16, seed=2)
     xs[0, 1, 3] = float("nan")
     xs[2, 5, 130] = float("inf")
+    # Also in the last lanes of their groups (the absmax crosses lanes by shuffles).
+    xs[3, 2, 255] = float("nan")
+    xs[1, 3, 77] = -float("inf")
     xs[1, 6] = 0
     xs[:, 7] = 1e-38
     for codec in ("int8", "fp8"):
-        gpu, _ = Q.loopback(xs.cuda(), 128, codec)
-        cpu, _ = Q.loopback(xs, 128, codec)
+        gpu, gpu_bufs = Q.loopback(xs.cuda(), 128, codec)
+        cpu, cpu_bufs = Q.loopback(xs, 128, codec)
         assert torch.equal(torch.isnan(gpu.cpu()), torch.isnan(cpu))
         fin = ~torch.isnan(cpu)
         assert torch.equal(bits(gpu.cpu()[fin]), bits(cpu[fin]))
+        # The payloads hold canonical NaN scales, so they are bitwise comparable.
+        for name in cpu_bufs:
+            assert torch.equal(gpu_bufs[name].cpu(), cpu_bufs[name]), (codec, name)
 
 
 def _fused_world1(x, residual, comm, G, codec):
