@@ -489,6 +489,7 @@ def test_cuda_fused_nccl_world_size_1_and_graph_replay():
     uid = torch.ops.tpssm.qar_nccl_unique_id()
     assert uid.dtype == torch.uint8 and uid.numel() == 128
     comm = torch.ops.tpssm.qar_nccl_init(uid, 0, 1)
+    graph = None
     try:
         for codec in ("int8", "fp8"):
             x = make_inputs(1, 64, 512, torch.bfloat16, seed=4)[0].cuda()
@@ -518,6 +519,12 @@ def test_cuda_fused_nccl_world_size_1_and_graph_replay():
             eager, _ = _fused_world1(new_x, None, comm, G, "int8")
             assert_bitwise(static_out, eager)
     finally:
+        # NCCL >= 2.26: ncclCommDestroy waits until every CUDA graph holding work of the
+        # communicator is destroyed, so the graph must go first or this blocks forever.
+        if graph is not None:
+            torch.cuda.synchronize()
+            graph.reset()
+            del graph
         torch.ops.tpssm.qar_nccl_destroy(comm)
 
 

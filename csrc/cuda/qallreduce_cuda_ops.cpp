@@ -156,6 +156,8 @@ int64_t qar_nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_s
   return static_cast<int64_t>(g_comms.size()) - 1;
 }
 
+// Blocks until every CUDA graph that captured work of this communicator is destroyed (NCCL >=
+// 2.26 waits for them): callers release such graphs first.
 void qar_nccl_destroy(int64_t handle) {
   QarComm& c = lookup_comm(handle);
   TPSSM_NCCL_CHECK(ncclCommDestroy(c.comm));

@@ -369,7 +369,12 @@ class QuantizedAllReduce:
                          self.recv, self.mine, self.gathered, out)
 
     def close(self) -> None:
-        """Destroys the NCCL communicator of the fused backend (collective on the group)."""
+        """Destroys the NCCL communicator of the fused backend (collective on the group).
+
+        Destroy (or reset) every CUDA graph that captured this all-reduce first: NCCL >= 2.26
+        makes ncclCommDestroy wait until no graph holds work of the communicator, so closing
+        while such a graph is alive blocks forever.
+        """
         if self.handle is not None:
             _ops.qar_nccl_destroy(self.handle)
             self.handle = None
