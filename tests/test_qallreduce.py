@@ -408,7 +408,7 @@ def test_bad_inputs_loopback_and_python_api():
 
 @needs_cuda
 @pytest.mark.parametrize("codec", ["int8", "fp8"])
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_loopback_bitexact(dtype, n, codec):
     for G in (32, 64, 128, 256):
@@ -422,19 +422,58 @@ def test_cuda_loopback_bitexact(dtype, n, codec):
             assert_bitwise(out[r], ys[r])
 
 
+def _edge_value_groups():
+    """(rows, 128) float32 groups whose codes exercise the converters' edge cases: absmax 448 or
+    127 (multiplier 1 for that codec) with e4m3 / int8 ties, tiny values of both signs that round
+    to +-0, fp32 subnormals, and random values over the whole range."""
+    g = torch.Generator().manual_seed(12)
+    table = [v for v, _ in e4m3_table()]
+    mids = torch.tensor([(table[i] + table[i + 1]) / 2 for i in range(len(table) - 1)])
+    tiny = torch.tensor([2.0 ** -10, 2.0 ** -11, 3 * 2.0 ** -11, 1e-5, 1e-30, 1e-40, 1e-45, 0.0])
+    special = torch.cat([mids, -mids, tiny, -tiny])
+    ties = torch.tensor([k + 0.5 for k in range(-127, 127)])
+    rand = torch.cat([torch.rand(1 << 14, generator=g) * 896 - 448,
+                      torch.rand(1 << 14, generator=g) * 0.04 - 0.02])
+    rows = []
+    for vals, amax in ((special, 448.0), (ties, 127.0), (special, 127.0), (rand, 448.0)):
+        vals = torch.cat([vals, torch.zeros(-vals.numel() % 127)]).view(-1, 127)
+        rows.append(torch.cat([torch.full((vals.shape[0], 1), amax), vals], dim=1))
+    return torch.cat(rows).contiguous()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_codes_match_cpu_on_edge_values(dtype):
+    # The device converters (rintf; cvt.rn.satfinite.e4m3x2.f32 on sm_89+, emulation below) must
+    # give the CPU kernel's codes (itself checked against torch's casts), sign of zero included.
+    v = _edge_value_groups().to(dtype)
+    for codec in ("int8", "fp8"):
+        for n in (1, 3):
+            gpu = Q.quantize_pack(v.cuda(), n, 128, codec)
+            cpu = Q.quantize_pack(v, n, 128, codec)
+            assert torch.equal(gpu.cpu(), cpu), (codec, n)
+            assert torch.equal(cpu, qar_quantize_pack_ref(v, n, 128, codec)), (codec, n)
+
+
 @needs_cuda
 def test_cuda_special_values_match_cpu():
     xs = make_inputs(4, 8, 256, torch.bfloat16, seed=2)
     xs[0, 1, 3] = float("nan")
     xs[2, 5, 130] = float("inf")
+    # Also in the last lanes of their groups (the absmax crosses lanes by shuffles).
+    xs[3, 2, 255] = float("nan")
+    xs[1, 3, 77] = -float("inf")
     xs[1, 6] = 0
     xs[:, 7] = 1e-38
     for codec in ("int8", "fp8"):
-        gpu, _ = Q.loopback(xs.cuda(), 128, codec)
-        cpu, _ = Q.loopback(xs, 128, codec)
+        gpu, gpu_bufs = Q.loopback(xs.cuda(), 128, codec)
+        cpu, cpu_bufs = Q.loopback(xs, 128, codec)
         assert torch.equal(torch.isnan(gpu.cpu()), torch.isnan(cpu))
         fin = ~torch.isnan(cpu)
         assert torch.equal(bits(gpu.cpu()[fin]), bits(cpu[fin]))
+        # The payloads hold canonical NaN scales, so they are bitwise comparable.
+        for name in cpu_bufs:
+            assert torch.equal(gpu_bufs[name].cpu(), cpu_bufs[name]), (codec, name)
 
 
 def _fused_world1(x, residual, comm, G, codec):
@@ -450,6 +489,7 @@ def test_cuda_fused_nccl_world_size_1_and_graph_replay():
     uid = torch.ops.tpssm.qar_nccl_unique_id()
     assert uid.dtype == torch.uint8 and uid.numel() == 128
     comm = torch.ops.tpssm.qar_nccl_init(uid, 0, 1)
+    graph = None
     try:
         for codec in ("int8", "fp8"):
             x = make_inputs(1, 64, 512, torch.bfloat16, seed=4)[0].cuda()
@@ -479,6 +519,12 @@ def test_cuda_fused_nccl_world_size_1_and_graph_replay():
             eager, _ = _fused_world1(new_x, None, comm, G, "int8")
             assert_bitwise(static_out, eager)
     finally:
+        # NCCL >= 2.26: ncclCommDestroy waits until every CUDA graph holding work of the
+        # communicator is destroyed, so the graph must go first or this blocks forever.
+        if graph is not None:
+            torch.cuda.synchronize()
+            graph.reset()
+            del graph
         torch.ops.tpssm.qar_nccl_destroy(comm)
 
 

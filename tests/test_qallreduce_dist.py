@@ -173,3 +173,94 @@ def test_nccl_fused_matches_reference(n, tmp_path):
         assert torch.equal(_bits(y["fused"]), _bits(ref))
         if n > 1:
             assert torch.equal(_bits(y["composed"]), _bits(ref))
+
+
+# ------------------------------------------------------ NCCL unique-id exchange (fake NCCL ops)
+
+
+class _FakeNcclOps:
+    """Stands in for the NCCL ops on a machine without a GPU: the unique id is 128 random bytes and
+    init returns a digest of the id it was given, so each rank reports which id it joined with."""
+
+    def __init__(self):
+        self.joined = 0
+
+    def qar_nccl_unique_id(self):
+        return torch.tensor(list(os.urandom(128)), dtype=torch.uint8)
+
+    def qar_nccl_init(self, uid, rank, n):
+        assert uid.dtype == torch.uint8 and uid.numel() == 128
+        self.joined += 1
+        return int.from_bytes(bytes(uid[:8].tolist()), "little")
+
+
+def _patch_fake_nccl():
+    import contextlib
+
+    import tpssm
+    import tpssm.qallreduce as Q
+
+    fake = _FakeNcclOps()
+    Q._ops = fake
+    tpssm.has_cuda_kernels = lambda: True
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    return Q, fake
+
+
+def _uid_exchange_worker(rank, n, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=30))
+    try:
+        Q, _ = _patch_fake_nccl()
+        out = {"world_a": Q.init_nccl_comm(None, device="cuda:0")}
+        sub = dist.new_group([0, 1])
+        if rank in (0, 1):  # the last rank creates no communicator for this subgroup
+            out["sub"] = Q.init_nccl_comm(sub, device="cuda:0")
+        out["world_b"] = Q.init_nccl_comm(None, device="cuda:0")
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+def test_nccl_unique_id_exchange_keys_per_group(tmp_path):
+    # Every rank joins with rank 0's id, for each communicator, even when only some ranks create
+    # one for a subgroup in between (the keys must not depend on per-process call counts).
+    n = 3
+    outs = _run(_uid_exchange_worker, n, tmp_path)
+    for key in ("world_a", "world_b"):
+        assert len({o[key] for o in outs}) == 1, key
+    assert outs[0]["sub"] == outs[1]["sub"] and "sub" not in outs[2]
+    assert len({outs[0]["world_a"], outs[0]["world_b"], outs[0]["sub"]}) == 3
+
+
+def _missing_rank_worker(rank, n, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
+                            timeout=timedelta(seconds=30))
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if rank == 0:
+            # Short only now: the rendezvous above must tolerate slow process starts.
+            store.set_timeout(timedelta(seconds=3))
+            Q, fake = _patch_fake_nccl()
+            error = None
+            try:
+                Q.init_nccl_comm(None, device="cuda:0")
+            except Exception as e:  # the store's timeout error (its type varies across versions)
+                error = str(e) or type(e).__name__
+            torch.save({"error": error, "joined": fake.joined},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
+            store.set("test/done", b"1")
+        else:  # never calls init_nccl_comm
+            store.wait(["test/done"], timedelta(seconds=60))
+            torch.save({}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+def test_nccl_init_raises_when_a_rank_is_missing(tmp_path):
+    # ncclCommInitRank would block forever: init_nccl_comm must time out before it.
+    outs = _run(_missing_rank_worker, 2, tmp_path)
+    assert outs[0]["error"] is not None and "timeout" in outs[0]["error"].lower()
+    assert outs[0]["joined"] == 0

@@ -156,6 +156,8 @@ int64_t qar_nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_s
   return static_cast<int64_t>(g_comms.size()) - 1;
 }
 
+// Blocks until every CUDA graph that captured work of this communicator is destroyed (NCCL >=
+// 2.26 waits for them): callers release such graphs first.
 void qar_nccl_destroy(int64_t handle) {
   QarComm& c = lookup_comm(handle);
   TPSSM_NCCL_CHECK(ncclCommDestroy(c.comm));
@@ -191,12 +193,21 @@ void qar_nccl_all_reduce(int64_t handle, const at::Tensor& x, int64_t group_size
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   run_qar_quantize_pack(qp, stream);
   TPSSM_NCCL_CHECK(ncclGroupStart());
-  for (int r = 0; r < n; ++r) {
-    TPSSM_NCCL_CHECK(ncclSend(qp.send + r * cb, cb, ncclUint8, r, c.comm, stream));
-    TPSSM_NCCL_CHECK(ncclRecv(recv.data_ptr<uint8_t>() + r * cb,
-                              cb, ncclUint8, r, c.comm, stream));
+  // The group is always closed before any error is raised: NCCL's group depth is per thread, and
+  // a group left open would silently swallow every later NCCL call of this thread (torch's
+  // process group included) into a group that never launches - a hang instead of an error.
+  ncclResult_t p2p = ncclSuccess;
+  for (int r = 0; r < n && p2p == ncclSuccess; ++r) {
+    p2p = ncclSend(qp.send + r * cb, cb, ncclUint8, r, c.comm, stream);
+    if (p2p == ncclSuccess) {
+      p2p = ncclRecv(recv.data_ptr<uint8_t>() + r * cb, cb, ncclUint8, r, c.comm, stream);
+    }
   }
-  TPSSM_NCCL_CHECK(ncclGroupEnd());
+  const ncclResult_t group_end = ncclGroupEnd();
+  TORCH_CHECK(p2p == ncclSuccess, "NCCL ncclSend/ncclRecv of the all-to-all failed: ",
+              ncclGetErrorString(p2p), " (", ncclGetLastError(c.comm), ")");
+  TORCH_CHECK(group_end == ncclSuccess, "NCCL ncclGroupEnd of the all-to-all failed: ",
+              ncclGetErrorString(group_end), " (", ncclGetLastError(c.comm), ")");
   run_qar_reduce_requant(rp, stream);
   TPSSM_NCCL_CHECK(ncclAllGather(mine.data_ptr<uint8_t>(), gathered.data_ptr<uint8_t>(), cb,
                                  ncclUint8, c.comm, stream));

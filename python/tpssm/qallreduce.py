@@ -34,7 +34,6 @@ Public API
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -254,7 +253,10 @@ def all_reduce(x: torch.Tensor, group=None, scheme: str = "int8", group_size: in
 
 # ---------------------------------------------------------------- fused NCCL path
 
-_comm_counter = itertools.count()
+# Per member list: a process-wide counter would give different keys on ranks that created
+# communicators for other groups first (e.g. one TP group per data-parallel replica), and they
+# would then wait for a key nobody sets.
+_comm_counters: dict = {}
 
 
 def init_nccl_comm(group=None, device=None) -> int:
@@ -269,13 +271,20 @@ def init_nccl_comm(group=None, device=None) -> int:
         raise RuntimeError("init_nccl_comm needs the CUDA build of tpssm")
     rank, n = dist.get_rank(group), dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(n))
-    key = f"tpssm/qar_nccl_id/{next(_comm_counter)}/{'-'.join(map(str, ranks))}"
+    members = "-".join(map(str, ranks))
+    index = _comm_counters.get(members, 0)
+    _comm_counters[members] = index + 1
+    key = f"tpssm/qar_nccl_id/{members}/{index}"
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:
         uid = _ops.qar_nccl_unique_id()
         store.set(key, bytes(uid.tolist()))
     else:
         uid = torch.tensor(list(store.get(key)), dtype=torch.uint8)
+    # ncclCommInitRank blocks without a timeout until every rank has joined: first make sure they
+    # all got this far, so that a missing rank raises the store's timeout error instead of hanging.
+    store.set(f"{key}/joined/{rank}", b"1")
+    store.wait([f"{key}/joined/{r}" for r in range(n)])
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
     with torch.cuda.device(device):
         return int(_ops.qar_nccl_init(uid, rank, n))
@@ -360,7 +369,12 @@ class QuantizedAllReduce:
                          self.recv, self.mine, self.gathered, out)
 
     def close(self) -> None:
-        """Destroys the NCCL communicator of the fused backend (collective on the group)."""
+        """Destroys the NCCL communicator of the fused backend (collective on the group).
+
+        Destroy (or reset) every CUDA graph that captured this all-reduce first: NCCL >= 2.26
+        makes ncclCommDestroy wait until no graph holds work of the communicator, so closing
+        while such a graph is alive blocks forever.
+        """
         if self.handle is not None:
             _ops.qar_nccl_destroy(self.handle)
             self.handle = None
