@@ -92,7 +92,7 @@ if want tests; then
     [ "$t" != tests/test_ops_cuda.py ] && others+=("$t")
   done
   if [ ${#others[@]} -gt 0 ]; then
-    stage other_gpu_tests 120 $PY -m pytest "${others[@]}" -q -ra --timeout=100 \
+    stage other_gpu_tests 200 $PY -m pytest "${others[@]}" -q -ra --timeout=150 \
       --junitxml="$OUTDIR/other_gpu_tests.xml"
   fi
 fi

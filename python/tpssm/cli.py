@@ -167,6 +167,7 @@ def generate_rank(job: GenerateJob) -> dict:
         _run_job(engine, GenerateJob(job.spec, [job.prompts[0][:8]], 2))
         engine.finished.clear()
     done, seconds = _run_job(engine, job)
+    engine.close()
     return {"outputs": [r.output for r in done], "seconds": seconds,
             "ttft_s": [r.ttft_s for r in done],
             "new_tokens": sum(len(r.output) for r in done), "device": str(model.ctx.device),
@@ -196,17 +197,19 @@ def bench_rank(job: BenchJob) -> List[dict]:
               for L in job.prompt_lens]
     rows = []
     progress = Progress(len(points), f"bench tp {model.ctx.tp}")
-    warmed = set()
+    # One engine per (state cache mode, batch size), warmed up once: kernels, allocator and the
+    # decode CUDA graphs are ready before any timed run, and reused across prompt lengths.
+    engines = {}
     for use_cache, batch, plen in points:
         gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
                           max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache)
-        engine = _make_engine(model, gen)
-        if (use_cache, batch) not in warmed:  # kernels, graphs and allocator warm-up
+        engine = engines.get((use_cache, batch))
+        if engine is None:
+            engine = engines[(use_cache, batch)] = _make_engine(model, gen)
             gen.prompts = [torch.randint(vocab, (8,), generator=g).tolist()] * batch
             gen.max_new_tokens = 2
             _run_job(engine, gen)
             engine.finished.clear()
-            warmed.add((use_cache, batch))
         gen.max_new_tokens = job.gen_tokens
         times, ttfts, decode = [], [], []
         for _ in range(job.repeats):
@@ -229,6 +232,8 @@ def bench_rank(job: BenchJob) -> List[dict]:
                      "device": str(model.ctx.device)})
         progress.update()
     progress.close()
+    for engine in engines.values():
+        engine.close()
     return rows
 
 

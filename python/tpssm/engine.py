@@ -185,6 +185,13 @@ class GenerationEngine:
         self.waiting.append(req)
         return req
 
+    def close(self) -> None:
+        """Releases the captured decode graphs. Call before tearing down the process group:
+        NCCL (>= 2.26) waits for graphs that captured its collectives to be destroyed first."""
+        if self._graphs:
+            torch.cuda.synchronize(self.device)
+            self._graphs.clear()
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
