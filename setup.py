@@ -41,7 +41,7 @@ CUDA_SOURCES = [
     "csrc/kernels/causal_conv1d.cu",
     "csrc/kernels/selective_scan.cu",
     "csrc/kernels/selective_state_update.cu",
-    "csrc/cuda/qallreduce_kernels.cu",
+    "csrc/kernels/qallreduce_kernels.cu",
     "csrc/cuda/qallreduce_cuda_ops.cpp",
 ]
 
