@@ -1,4 +1,4 @@
-// Torch-free launchers of the quantized all-reduce CUDA kernels (csrc/cuda/qallreduce_kernels.cu).
+// Torch-free launchers of the quantized all-reduce CUDA kernels (csrc/kernels/qallreduce_kernels.cu).
 // Each launches on `stream` without synchronising and throws std::runtime_error if the launch
 // fails. Callers validate the params first (csrc/qallreduce_ops.cpp).
 #pragma once
