@@ -251,8 +251,11 @@ def _parse_int_list(text: str, name: str) -> List[int]:
 def _spawn(fn, tp: int, arg, timeout_s: float):
     from tpssm.launch import RankError, run_ranks
 
+    # The process-group backend follows the device the job asks for (auto: NCCL when every rank
+    # can have a GPU of its own).
+    backend = {"cpu": "gloo", "cuda": "nccl"}.get(arg.spec.device)
     try:
-        return run_ranks(fn, tp, (arg,), timeout_s=timeout_s)
+        return run_ranks(fn, tp, (arg,), backend=backend, timeout_s=timeout_s)
     except RankError as exc:
         raise CLIError(_one_line(str(exc))) from None
 
@@ -277,7 +280,10 @@ def cmd_demo(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     lens = [int(v) for v in torch.randint(4, 48, (args.num_prompts,), generator=g)]
     prompts = [torch.randint(DEMO_CONFIG["vocab_size"], (n,), generator=g).tolist() for n in lens]
-    spec = ModelSpec(config=DEMO_CONFIG, seed=args.seed, device=args.device)
+    device = args.device
+    if device == "auto":  # both runs on the same kind of device, so their tokens compare
+        device = "cuda" if torch.cuda.device_count() >= args.tp else "cpu"
+    spec = ModelSpec(config=DEMO_CONFIG, seed=args.seed, device=device)
     results = {}
     for tp in (1, args.tp):
         log(f"demo: {len(prompts)} prompts, {args.max_new_tokens} new tokens each, tp {tp}")
