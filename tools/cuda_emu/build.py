@@ -6,6 +6,7 @@ through alignment-checking helpers; nothing in csrc/ changes."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -43,14 +44,21 @@ def build(verbose: bool = False):
     import torch.utils.cpp_extension as ce
 
     transform()
-    (OUT / "obj").mkdir(parents=True, exist_ok=True)
+    # EMU_ASAN=1: AddressSanitizer build (run Python with LD_PRELOAD=$(gcc
+    # -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0): catches accesses past a tensor's
+    # allocation, which torch makes exactly sized.
+    asan = os.environ.get("EMU_ASAN") == "1"
+    obj = OUT / ("obj_asan" if asan else "obj")
+    obj.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp"] + [
         OUT / f"emu_{n}.cpp" for n in ("causal_conv1d", "selective_scan", "selective_state_update")]
     return ce.load(name="tpssm_cuda_emu", sources=[str(s) for s in sources],
                    extra_include_paths=[str(OUT), str(OUT / "kernels"), str(HERE),
                                         str(ROOT / "csrc"), "/usr/local/cuda/include"],
-                   extra_cflags=["-O1", "-include", "cstring"],
-                   build_directory=str(OUT / "obj"), verbose=verbose)
+                   extra_cflags=["-O1", "-include", "cstring"]
+                   + (["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+                   extra_ldflags=["-fsanitize=address"] if asan else [],
+                   build_directory=str(obj), verbose=verbose)
 
 
 if __name__ == "__main__":
