@@ -118,10 +118,21 @@ CHUNK_IDS = ["auto", "chunk1", "chunk3"]
 # causal_conv1d
 
 
-@pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
-@pytest.mark.parametrize("name,params", CONV_CASES, ids=_ids(CONV_CASES))
-def test_causal_conv1d_cuda(name, params, chunk):
-    kw = conv_inputs(**params)
+def aligned_slice(t: torch.Tensor, channel_dims: int = 1) -> torch.Tensor:
+    """t's values as a column slice of a wider buffer at an offset of 8 elements, with a row
+    stride of the width + 16: strided like the x | B | C pieces of a fused projection, yet every
+    row stays 16-byte aligned (for widths that are multiples of 8), so the kernels' 16-byte
+    paths must take it. channel_dims trailing dims (2 for (ngroups, dstate)) form the sliced
+    channel axis."""
+    lead = t.shape[:t.dim() - channel_dims]
+    flat = t.reshape(*lead, -1)
+    wide = torch.empty(*lead, flat.shape[-1] + 16, dtype=t.dtype)
+    view = wide[..., 8:8 + flat.shape[-1]]
+    view.copy_(flat)
+    return view.unflatten(-1, t.shape[t.dim() - channel_dims:])
+
+
+def _check_conv(kw, params, chunk):
     with env("TPSSM_CONV_CHUNK_LEN", chunk):
         kw_gpu, before = check_op(ops.causal_conv1d, kw, ("out", "conv_states"), kw["x"].dtype)
     out = kw_gpu["out"].cpu()
@@ -134,6 +145,36 @@ def test_causal_conv1d_cuda(name, params, chunk):
     if kw_gpu["conv_states"] is not None:
         used = slots if slots is not None else range(len(seqlens))
         assert_slots_untouched(kw_gpu["conv_states"].cpu(), before["conv_states"], used)
+
+
+@pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("name,params", CONV_CASES, ids=_ids(CONV_CASES))
+def test_causal_conv1d_cuda(name, params, chunk):
+    _check_conv(conv_inputs(**params), params, chunk)
+
+
+# The case matrix above uses dim 37 (1, 130): always the scalar path. These take the 16-byte path
+# (4 fp32 / 8 16-bit channels per thread), including its halo and conv-state window at chunk
+# boundaries, on contiguous tensors and on aligned column slices; "misaligned" slices at an odd
+# offset must fall back to the scalar path instead of faulting.
+CONV_VEC_CASES = [
+    ("f32_varlen", dict(dim=64, varlen=True, seqlens=(5, 1, 0, 2, 7), slots=(0, 2, 4, 1, 3),
+                        initial=(True, False, True, True, False))),
+    ("bf16_varlen", dict(dtype=bf16, dim=64, varlen=True, seqlens=(3, 1, 0, 6),
+                         slots=(0, 2, 4, 1), initial=(True, True, False, False))),
+    ("f16_dense_width3", dict(dtype=f16, dim=64, width=3)),
+    ("bf16_dense_padded", dict(dtype=bf16, dim=136, slots=(3, -1))),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "aligned_slice", "misaligned"])
+@pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("name,params", CONV_VEC_CASES, ids=_ids(CONV_VEC_CASES))
+def test_causal_conv1d_cuda_vector_path(name, params, chunk, layout):
+    kw = conv_inputs(**params, strided=layout == "misaligned")
+    if layout == "aligned_slice":
+        kw["x"], kw["out"] = aligned_slice(kw["x"]), aligned_slice(kw["out"])
+    _check_conv(kw, params, chunk)
 
 
 def test_causal_conv1d_cuda_state_is_exact_copy_of_inputs():
@@ -193,6 +234,10 @@ SCAN_DSTATE_CASES = [
     ("mamba2_n40", dict(dstate=40, nheads=2, headdim=4, ngroups=1)),
     ("mamba2_n48", dict(dstate=48, nheads=2, headdim=4, ngroups=1)),
     ("mamba1_n16", dict(form="mamba1", nheads=33, dstate=16, ngroups=1, group_dim=False)),
+    # 32 threads per channel (full-warp shuffles), 15 of them past dstate.
+    ("mamba2_n272", dict(dstate=272, nheads=2, headdim=2, ngroups=1)),
+    # dstate % 16 == 0 but B / C at an odd offset: the scalar fallback, not a misaligned vector.
+    ("mamba2_n16_misaligned", dict(dstate=16, nheads=4, headdim=2, strided=True)),
 ]
 
 
@@ -204,6 +249,18 @@ def test_selective_scan_cuda_dstate(name, params, chunk):
                      initial=(True, False, True), **params)
     with env("TPSSM_SCAN_CHUNK_LEN", chunk):
         check_op(ops.selective_scan, kw, ("out", "ssm_states"), bf16)
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["auto", "chunk2"])
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
+    """B and C as aligned column slices (Mamba-2's x | B | C): the 16-byte B / C path on views
+    with free token and group strides."""
+    kw = scan_inputs(dtype=dtype, seqlens=(5, 8, 0), varlen=True, slots=(1, 0, 3),
+                     initial=(True, False, True), dstate=64, nheads=4, headdim=4, ngroups=2)
+    kw["B"], kw["C"] = aligned_slice(kw["B"], 2), aligned_slice(kw["C"], 2)
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["auto", "chunk5"])

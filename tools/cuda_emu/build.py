@@ -1,0 +1,65 @@
+"""Builds the host emulation of the CUDA kernels (see README.md) and returns the module.
+
+The kernel sources are copied to build/cuda_emu/kernels with every `kernel<<<cfg>>>(args)` launch
+rewritten as `emu_launch(&kernel, cfg, args)` and the 16-byte accesses of kernel_utils.cuh routed
+through alignment-checking helpers; nothing in csrc/ changes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+OUT = ROOT / "build" / "cuda_emu"
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
+
+
+def transform() -> None:
+    src = ROOT / "csrc" / "kernels"
+    dst = OUT / "kernels"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name == "ssm_params.h":
+            # One definition of the params structs: csrc/ssm_ops.h includes the original.
+            text = f'#include "{f}"\n'
+        else:
+            text = f.read_text()
+            text = LAUNCH.sub(lambda m: f"emu_launch(&{m.group(1)}, {m.group(2)}, {m.group(3)});",
+                              text)
+            text = text.replace("*reinterpret_cast<const uint4*>(ptr)", "emu_ld16(ptr)")
+            text = text.replace("*reinterpret_cast<uint4*>(ptr) =", "emu_st16(ptr) =")
+            if f.suffix in (".cu", ".cuh"):
+                text = '#include "emu_shim.h"\n' + text
+        out = dst / f.name
+        if not out.exists() or out.read_text() != text:
+            out.write_text(text)
+    for name in ("causal_conv1d", "selective_scan", "selective_state_update"):
+        tu = OUT / f"emu_{name}.cpp"
+        tu.write_text(f'#include "{name}.cu"\n')
+
+
+def build(verbose: bool = False):
+    import torch.utils.cpp_extension as ce
+
+    transform()
+    # EMU_ASAN=1: AddressSanitizer build (run Python with LD_PRELOAD=$(gcc
+    # -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0): catches accesses past a tensor's
+    # allocation, which torch makes exactly sized.
+    asan = os.environ.get("EMU_ASAN") == "1"
+    obj = OUT / ("obj_asan" if asan else "obj")
+    obj.mkdir(parents=True, exist_ok=True)
+    sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp"] + [
+        OUT / f"emu_{n}.cpp" for n in ("causal_conv1d", "selective_scan", "selective_state_update")]
+    return ce.load(name="tpssm_cuda_emu", sources=[str(s) for s in sources],
+                   extra_include_paths=[str(OUT), str(OUT / "kernels"), str(HERE),
+                                        str(ROOT / "csrc"), "/usr/local/cuda/include"],
+                   extra_cflags=["-O1", "-include", "cstring"]
+                   + (["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+                   extra_ldflags=["-fsanitize=address"] if asan else [],
+                   build_directory=str(obj), verbose=verbose)
+
+
+if __name__ == "__main__":
+    print(build(verbose=True))

@@ -1,0 +1,62 @@
+#include <torch/extension.h>
+#include "emu_shim.h"
+#include "ssm_ops.h"
+#include "kernels/ssm_kernels.h"  // the transformed copies (build dir first on the include path)
+
+thread_local uint3 emu_threadIdx;
+thread_local uint3 emu_blockIdx;
+dim3 emu_blockDim;
+dim3 emu_gridDim;
+thread_local EmuBlock* emu_block = nullptr;
+std::mutex emu_err_mutex;
+std::string emu_error;
+int emu_sm_count = 132;
+
+using tpssm::OptTensor;
+
+static void reset() { emu_error.clear(); }
+
+void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                   const OptTensor& conv_states, const OptTensor& qsl, const OptTensor& ci,
+                   const OptTensor& his, bool silu, int64_t pad, const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_causal_conv1d_params(x, weight, bias, conv_states, qsl, ci, his, silu, pad, out);
+  tpssm::run_causal_conv1d(p, nullptr);
+}
+void causal_conv1d_update(const at::Tensor& x, const at::Tensor& st, const at::Tensor& weight,
+                          const OptTensor& bias, bool silu, const OptTensor& ci, int64_t pad,
+                          const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_causal_conv1d_update_params(x, st, weight, bias, silu, ci, pad, out);
+  tpssm::run_causal_conv1d_update(p, nullptr);
+}
+void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                    const OptTensor& z, const OptTensor& db, bool sp, const OptTensor& states,
+                    const OptTensor& qsl, const OptTensor& ci, const OptTensor& his, int64_t pad,
+                    const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci, his, pad, out);
+  const size_t bytes = tpssm::selective_scan_workspace_bytes(p);
+  // 0xFF bytes: NaN floats, so a read of a workspace entry no pass wrote poisons the result.
+  at::Tensor ws = at::full({static_cast<int64_t>(bytes) + 1}, 255, u.options().dtype(at::kByte));
+  tpssm::run_selective_scan(p, bytes ? ws.data_ptr() : nullptr, bytes, nullptr);
+}
+void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::Tensor& dt,
+                            const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                            const OptTensor& D, const OptTensor& z, const OptTensor& db, bool sp,
+                            const OptTensor& src, const OptTensor& dst, int64_t pad,
+                            const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_selective_state_update_params(s, x, dt, A, B, C, D, z, db, sp, src, dst, pad, out);
+  tpssm::run_selective_state_update(p, nullptr);
+}
+void set_sm_count(int n) { emu_sm_count = n; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("causal_conv1d", &causal_conv1d);
+  m.def("causal_conv1d_update", &causal_conv1d_update);
+  m.def("selective_scan", &selective_scan);
+  m.def("selective_state_update", &selective_state_update);
+  m.def("set_sm_count", &set_sm_count);
+}

@@ -1,0 +1,154 @@
+// Host emulation of the few CUDA features the SSM kernels use: one std::thread per GPU thread of
+// a block (blocks run one after another), warp shuffles through per-(warp, mask) barriers that
+// detect missing mask members (deadlock -> error), 16-byte accesses that check alignment, and
+// the CUDA grid limits.
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+using std::max;
+using std::min;
+
+inline float __expf(float x) { return expf(x); }
+
+struct EmuGroupSync {
+  std::mutex m;
+  std::condition_variable cv;
+  int count = 0;
+  long gen = 0;
+  float vals[32];
+};
+
+struct EmuBlock {
+  std::mutex m;
+  std::map<std::pair<int, unsigned>, std::unique_ptr<EmuGroupSync>> groups;
+  EmuGroupSync& get(int warp, unsigned mask) {
+    std::lock_guard<std::mutex> l(m);
+    auto& p = groups[{warp, mask}];
+    if (!p) p.reset(new EmuGroupSync());
+    return *p;
+  }
+};
+
+extern thread_local uint3 emu_threadIdx;
+extern thread_local uint3 emu_blockIdx;
+extern dim3 emu_blockDim;
+extern dim3 emu_gridDim;
+extern thread_local EmuBlock* emu_block;
+extern std::mutex emu_err_mutex;
+extern std::string emu_error;
+extern int emu_sm_count;
+
+inline void emu_fail(const std::string& what) {
+  std::lock_guard<std::mutex> l(emu_err_mutex);
+  if (emu_error.empty()) emu_error = what;
+}
+
+inline bool emu_arrive(EmuGroupSync& g, int n) {
+  std::unique_lock<std::mutex> l(g.m);
+  const long gen = g.gen;
+  if (++g.count == n) {
+    g.count = 0;
+    ++g.gen;
+    g.cv.notify_all();
+    return true;
+  }
+  return g.cv.wait_for(l, std::chrono::seconds(3), [&] { return g.gen != gen; });
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) == sizeof(float), "float shuffles only");
+  const int lane = emu_threadIdx.x & 31;
+  const int warp = emu_threadIdx.x >> 5;
+  if (!((mask >> lane) & 1u)) { emu_fail("shuffle by a thread outside its mask"); return v; }
+  EmuGroupSync& g = emu_block->get(warp, mask);
+  const int n = __builtin_popcount(mask);
+  // Threads of the mask that exited or never reach the shuffle leave the others waiting.
+  {
+    std::lock_guard<std::mutex> l(g.m);
+    g.vals[lane] = v;
+  }
+  if (!emu_arrive(g, n)) { emu_fail("shuffle deadlock: a mask member never arrived"); return v; }
+  int src = lane ^ lane_mask;
+  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+  if (!((mask >> src) & 1u)) emu_fail("shuffle reads a lane outside the mask");
+  T r;
+  {
+    std::lock_guard<std::mutex> l(g.m);
+    r = g.vals[src];
+  }
+  if (!emu_arrive(g, n)) emu_fail("shuffle deadlock (second phase)");
+  return r;
+}
+
+template <typename T>
+inline uint4 emu_ld16(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte load");
+  uint4 r;
+  std::memcpy(&r, p, 16);
+  return r;
+}
+template <typename T>
+inline uint4& emu_st16(T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte store");
+  return *reinterpret_cast<uint4*>(p);
+}
+
+template <typename... KArgs, typename... Args>
+void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t, cudaStream_t, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+      grid.z > 65535 || block.x * block.y * block.z > 1024) {
+    throw std::runtime_error("emu: invalid launch configuration");
+  }
+  std::tuple<std::decay_t<KArgs>...> params(args...);
+  emu_gridDim = grid;
+  emu_blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        EmuBlock blk;
+        std::vector<std::thread> ts;
+        ts.reserve(block.x);
+        for (unsigned t = 0; t < block.x; ++t) {
+          ts.emplace_back([&, t] {
+            emu_threadIdx = make_uint3(t, 0, 0);
+            emu_blockIdx = make_uint3(x, y, z);
+            emu_block = &blk;
+            std::apply(k, params);
+          });
+        }
+        for (auto& th : ts) th.join();
+      }
+  if (!emu_error.empty()) throw std::runtime_error("emu: " + emu_error);
+}
+
+#define threadIdx emu_threadIdx
+#define blockIdx emu_blockIdx
+#define blockDim emu_blockDim
+#define gridDim emu_gridDim
+#define cudaGetLastError() cudaSuccess
+#define cudaGetDevice(p) (*(p) = 0, cudaSuccess)
+#define cudaDeviceGetAttribute(p, a, d) (*(p) = emu_sm_count, cudaSuccess)
+#define cudaGetErrorString(e) "emu"
+#define cudaMallocAsync(p, n, s) (throw std::runtime_error("emu: cudaMallocAsync"), cudaSuccess)
+#define cudaFreeAsync(p, s) cudaSuccess

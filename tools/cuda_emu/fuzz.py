@@ -1,0 +1,204 @@
+"""Random cases of the four ops through the emulated CUDA kernels against the fp64 references:
+dtypes, Mamba1 / Mamba2 forms, dstate 1..128, dense and varlen batches with empty and short
+sequences, padded rows, aligned and misaligned column slices, 16-bit and strided state pools,
+forced scan / conv chunk lengths and both scan plans.  Usage: fuzz.py SEED ITERATIONS"""
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+import torch
+
+import build as emu_build
+
+emu = emu_build.build()
+import tpssm.ops as tops
+from tpssm import ops
+from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
+                             selective_state_update_ref)
+tops._ops = emu
+SENT = 7.0
+rng = random.Random(int(sys.argv[1]))
+N = int(sys.argv[2])
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+def act(shape, dtype, layout, scale=1.0, offset=0.0):
+    v = (torch.randn(*shape) * scale + offset)
+    if layout == "contig":
+        return v.to(dtype)
+    C = shape[-1]
+    lead, pad = (8, 16) if layout == "aligned" else (rng.choice([1, 2, 3]), 5)
+    wide = torch.zeros(*shape[:-1], C + pad, dtype=dtype)
+    view = wide[..., lead:lead + C]
+    view.copy_(v.to(dtype))
+    return view
+
+def close(a, b, dtype, what):
+    a, b = a.double(), b.double()
+    # Without softplus a negative dt grows the state: 16-bit outputs may overflow in the
+    # reference too. Those elements must overflow alike; the rest is compared.
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin), f"{what}: non-finite values differ"
+    a, b = a[fin], b[fin]
+    tol = {f32: 2e-4, bf16: 3e-2, f16: 4e-3}[dtype] * max(1.0, b.abs().max().item() if b.numel() else 1)
+    err = (a - b).abs().max().item() if a.numel() else 0
+    assert err <= tol and not torch.isnan(a).any(), f"{what}: err {err} tol {tol}"
+
+def seqs():
+    varlen = rng.random() < 0.6
+    if varlen:
+        L = [rng.choice([0, 0, 1, 1, 2, 3, 5, 9, 17]) for _ in range(rng.randint(1, 5))]
+    else:
+        L = [rng.choice([1, 2, 3, 6, 11])] * rng.randint(1, 3)
+    return varlen, L
+
+def qsl_of(L):
+    q = [0]
+    for n in L: q.append(q[-1] + n)
+    return torch.tensor(q, dtype=torch.int32)
+
+def slots_for(nb, num_slots, allow_pad=True):
+    s = list(range(num_slots)); rng.shuffle(s); s = s[:nb]
+    return [x if (not allow_pad or rng.random() < 0.75) else -1 for x in s]
+
+def fuzz_scan(it):
+    dtype = rng.choice([f32, f32, bf16, f16])
+    m1 = rng.random() < 0.4
+    dstate = rng.choice([1, 4, 5, 16, 16, 32, 40, 48, 64])
+    if m1:
+        nheads = rng.choice([3, 7, 33]); headdim = rng.choice([1, 1, 2]); ngroups = 1
+    else:
+        nheads = rng.choice([2, 4, 6]); headdim = rng.choice([1, 2, 4, 8])
+        ngroups = rng.choice([g for g in (1, 2, 3, 6) if nheads % g == 0])
+    dim = nheads * headdim
+    varlen, L = seqs(); nb = len(L)
+    tok = (sum(L),) if varlen else (nb, L[0])
+    lay = lambda: rng.choice(["contig", "contig", "aligned", "mis"])
+    u = act(tok + (dim,), dtype, lay())
+    delta = act(tok + (nheads,), dtype, lay(), 0.5)
+    A = (-torch.rand(nheads, dstate) * 2) if m1 else -torch.rand(nheads) * 2
+    gd = rng.random() < 0.7 or ngroups > 1
+    B = act(tok + (ngroups * dstate,), dtype, lay()); C = act(tok + (ngroups * dstate,), dtype, lay())
+    if gd:
+        B = B.unflatten(-1, (ngroups, dstate)); C = C.unflatten(-1, (ngroups, dstate))
+    D = torch.randn(nheads) if rng.random() < 0.7 else None
+    z = act(tok + (dim,), dtype, lay()) if rng.random() < 0.7 else None
+    db = torch.randn(nheads) * 0.5 if rng.random() < 0.7 else None
+    sp = rng.random() < 0.7
+    num_slots = nb + 2
+    sdt = rng.choice([f32, f32, dtype])
+    states = None
+    if rng.random() < 0.85:
+        shape = (num_slots, dim, dstate) if (headdim == 1 and rng.random() < 0.5) else (num_slots, nheads, headdim, dstate)
+        states = torch.randn(shape).to(sdt)
+    ci = torch.tensor(slots_for(nb, num_slots), dtype=torch.int32) if (rng.random() < 0.8) else None
+    his = torch.tensor([rng.random() < 0.5 for _ in range(nb)]) if states is not None and rng.random() < 0.8 else None
+    qsl = qsl_of(L) if varlen else None
+    pad = -1
+    out = act(tok + (dim,), dtype, lay()).fill_(SENT)
+    kw = dict(D=D, z=z, delta_bias=db, delta_softplus=sp, query_start_loc=qsl, cache_indices=ci,
+              has_initial_state=his, pad_slot_id=pad)
+    rs = None if states is None else states.clone(); ro = out.clone()
+    selective_scan_ref(u, delta, A, B, C, ssm_states=rs, out=ro, compute_dtype=torch.float64, **kw)
+    for chunk in rng.sample([None, 1, 2, 3, 7], 2):
+        for sms in ([132, 1] if chunk is None else [132]):
+            emu.set_sm_count(sms)
+            if chunk: os.environ["TPSSM_SCAN_CHUNK_LEN"] = str(chunk)
+            else: os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
+            st = None if states is None else states.clone(); o = out.clone()
+            ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, **kw)
+            tag = f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype}"
+            close(o, ro, dtype, tag + " out")
+            if st is not None: close(st.float(), rs.float(), sdt if sdt != f32 else dtype, tag + " state")
+    os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
+
+def fuzz_conv(it):
+    dtype = rng.choice([f32, bf16, f16]); W = rng.choice([2, 3, 4])
+    dim = rng.choice([1, 8, 37, 64, 136, 256])
+    varlen, L = seqs(); nb = len(L)
+    tok = (sum(L),) if varlen else (nb, L[0])
+    lay = rng.choice(["contig", "aligned", "mis"])
+    x = act(tok + (dim,), dtype, lay)
+    w = (torch.randn(dim, W) * 0.5).to(dtype)
+    if rng.random() < 0.3: w = (torch.randn(W, dim) * 0.5).to(dtype).t()
+    bias = (torch.randn(dim) * 0.5).to(dtype) if rng.random() < 0.7 else None
+    num_slots = nb + 2
+    states = torch.randn(num_slots, dim, W - 1).to(dtype) if rng.random() < 0.85 else None
+    if states is not None and rng.random() < 0.3:
+        states = torch.randn(num_slots, W - 1, dim).to(dtype).transpose(1, 2)
+    ci = torch.tensor(slots_for(nb, num_slots, True), dtype=torch.int32) if rng.random() < 0.8 else None
+    his = torch.tensor([rng.random() < 0.5 for _ in range(nb)]) if states is not None and rng.random() < 0.8 else None
+    act_ = rng.choice([None, "silu"])
+    out = act(tok + (dim,), dtype, rng.choice(["contig", "aligned", "mis"])).fill_(SENT)
+    kw = dict(query_start_loc=qsl_of(L) if varlen else None, cache_indices=ci, has_initial_state=his, activation=act_)
+    rs = None if states is None else states.clone(); ro = out.clone()
+    causal_conv1d_ref(x, w, bias, conv_states=rs, out=ro, compute_dtype=torch.float64, **kw)
+    for chunk in rng.sample([None, 1, 2, 3, 5], 2):
+        if chunk: os.environ["TPSSM_CONV_CHUNK_LEN"] = str(chunk)
+        else: os.environ.pop("TPSSM_CONV_CHUNK_LEN", None)
+        st = None if states is None else states.clone(); o = out.clone()
+        ops.causal_conv1d(x, w, bias, conv_states=st, out=o, **kw)
+        close(o, ro, dtype, f"conv it {it} chunk {chunk}")
+        if st is not None: assert torch.equal(st, rs), f"conv state it {it} chunk {chunk}"
+    os.environ.pop("TPSSM_CONV_CHUNK_LEN", None)
+    # decode update
+    b = rng.randint(1, 4); sl = rng.choice([None, 1, 3])
+    xs = act((b,) + (() if sl is None else (sl,)) + (dim,), dtype, rng.choice(["contig", "mis", "aligned"]))
+    st0 = torch.randn(b + 2, dim, W - 1).to(dtype)
+    ci = torch.tensor(slots_for(b, b + 2), dtype=torch.int32) if rng.random() < 0.8 else None
+    o0 = torch.full_like(xs, SENT)
+    rs = st0.clone(); ro = o0.clone()
+    causal_conv1d_update_ref(xs, rs, w, bias, activation=act_, cache_indices=ci, out=ro, compute_dtype=torch.float64)
+    st = st0.clone(); o = o0.clone()
+    ops.causal_conv1d_update(xs, st, w, bias, activation=act_, cache_indices=ci, out=o)
+    close(o, ro, dtype, f"conv_update it {it}"); assert torch.equal(st, rs), f"conv_update state {it}"
+
+def fuzz_ssu(it):
+    dtype = rng.choice([f32, bf16, f16])
+    m1 = rng.random() < 0.4
+    dstate = rng.choice([1, 5, 8, 16, 40, 64, 128])
+    if m1:
+        nheads = rng.choice([3, 16, 33]); headdim = rng.choice([1, 1, 4]); ngroups = 1
+    else:
+        nheads = rng.choice([2, 4]); headdim = rng.choice([1, 3, 4, 8, 12]); ngroups = rng.choice([1, 2])
+    dim = nheads * headdim
+    b = rng.randint(1, 5); num_slots = 2 * b + 1
+    sdt = rng.choice([f32, dtype])
+    state = torch.randn(num_slots, nheads, headdim, dstate).to(sdt)
+    if rng.random() < 0.3:  # a strided pool: slots interleaved with another buffer
+        big = torch.randn(num_slots, 2, nheads, headdim, dstate).to(sdt); state = big[:, 1]
+    x3 = rng.random() < 0.5 and not m1
+    lay = lambda: rng.choice(["contig", "mis", "aligned"])
+    def a(ch, **k):
+        t = act((b, ch), dtype, lay(), **k)
+        return t
+    x = a(dim); z = a(dim) if rng.random() < 0.7 else None
+    if x3:
+        x = x.unflatten(-1, (nheads, headdim)); z = None if z is None else z.unflatten(-1, (nheads, headdim))
+    dt = a(nheads, scale=0.5)
+    A = (-torch.rand(nheads, dstate) * 2) if m1 else -torch.rand(nheads) * 2
+    B = a(ngroups * dstate).unflatten(-1, (ngroups, dstate)); C = a(ngroups * dstate).unflatten(-1, (ngroups, dstate))
+    D = torch.randn(nheads) if rng.random() < 0.7 else None
+    db = torch.randn(nheads) * 0.5 if rng.random() < 0.7 else None
+    perm = list(range(num_slots)); rng.shuffle(perm)
+    src = perm[:b]; dst = perm[b:2 * b] if rng.random() < 0.5 else None
+    src = [s if rng.random() < 0.8 else -1 for s in src]
+    if dst is not None: dst = [d if rng.random() < 0.8 else -1 for d in dst]
+    srct = torch.tensor(src, dtype=torch.int32) if rng.random() < 0.9 else None
+    if srct is None: src = list(range(b)); dst = None
+    dstt = None if dst is None else torch.tensor(dst, dtype=torch.int32)
+    out = torch.full_like(x, SENT)
+    kw = dict(D=D, z=z, dt_bias=db, dt_softplus=rng.random() < 0.7, state_batch_indices=srct,
+              dst_state_batch_indices=dstt)
+    rs = state.clone(); ro = out.clone()
+    selective_state_update_ref(rs, x, dt, A, B, C, out=ro, compute_dtype=torch.float64, **kw)
+    st = state.clone(); o = out.clone()
+    ops.selective_state_update(st, x, dt, A, B, C, out=o, **kw)
+    close(o, ro, dtype, f"ssu it {it} m1 {m1} N {dstate} hd {headdim}")
+    close(st.float(), rs.float(), sdt if sdt != f32 else dtype, f"ssu state it {it}")
+
+for it in range(N):
+    fuzz_conv(it); fuzz_scan(it); fuzz_ssu(it)
+print("fuzz ok", N)
