@@ -2,6 +2,7 @@
 # virtual environment it uses, so both work on a fresh machine.
 #   make demo   - build, then run the main job (python -m tpssm demo)
 #   make test   - build (CPU kernels + every CUDA source when nvcc is present), then the CPU suite
+#   make test-cuda-emu - the CUDA kernels' GPU tests, their code emulated on the CPU
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export MAX_JOBS
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build test demo
+.PHONY: setup build test test-cuda-emu demo
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,10 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The CUDA kernels' own code run on the CPU (tools/cuda_emu): their GPU tests without a GPU.
+test-cuda-emu: build
+	PYTHONPATH=tools/cuda_emu $(PY) -m pytest tests/test_ops_cuda.py -p emu_plugin -k "not large" $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m tpssm demo
