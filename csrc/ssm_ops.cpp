@@ -243,6 +243,25 @@ std::vector<int64_t> token_shape(const BatchShape& bs, std::vector<int64_t> inne
   return s;
 }
 
+// The batch-description rules the two prefill ops share: the index tensors, the initial-state
+// flags (they need a state pool), query_start_loc's values and the slots of a state pool.
+void check_prefill_batch(const char* op, const BatchShape& bs, const OptTensor& query_start_loc,
+                         const OptTensor& cache_indices, const OptTensor& has_initial_state,
+                         const char* states_name, bool has_states, int64_t num_slots,
+                         int64_t pad_slot_id) {
+  check_index_tensor(op, cache_indices, "cache_indices", bs.batch);
+  check_has_initial_state(op, has_initial_state, bs.batch, has_states, states_name);
+  if (bs.varlen) check_query_start_loc_values(op, *query_start_loc, bs.seqlen);
+  if (cache_indices.has_value()) {
+    if (values_checkable(*cache_indices)) {
+      check_slot_values(op, *cache_indices, "cache_indices", has_states ? num_slots : -1,
+                        pad_slot_id, has_states);
+    }
+  } else if (has_states) {
+    check_implicit_slots(op, bs.batch, num_slots, states_name);
+  }
+}
+
 void check_sizes_int32(const char* op, const BatchShape& bs, int64_t channels) {
   check_fits_int32(op, bs.batch, "the batch size");
   check_fits_int32(op, bs.seqlen, bs.varlen ? "total_tokens" : "seqlen");
@@ -388,20 +407,8 @@ CausalConv1dParams make_causal_conv1d_params(
     p.conv_states_channel_stride = s.stride(1);
     p.conv_states_width_stride = s.stride(2);
   }
-  check_index_tensor(op, cache_indices, "cache_indices", bs.batch);
-  check_has_initial_state(op, has_initial_state, bs.batch, conv_states.has_value(),
-                          "conv_states");
-
-  if (bs.varlen) check_query_start_loc_values(op, *query_start_loc, bs.seqlen);
-  if (cache_indices.has_value()) {
-    if (values_checkable(*cache_indices)) {
-      check_slot_values(op, *cache_indices, "cache_indices",
-                        conv_states.has_value() ? p.num_slots : -1, pad_slot_id,
-                        conv_states.has_value());
-    }
-  } else if (conv_states.has_value()) {
-    check_implicit_slots(op, bs.batch, p.num_slots, "conv_states");
-  }
+  check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "conv_states",
+                      conv_states.has_value(), p.num_slots, pad_slot_id);
 
   p.batch = bs.batch;
   p.dim = dim;
@@ -588,19 +595,8 @@ SelectiveScanParams make_selective_scan_params(
                       &p.ssm_states_head_stride, &p.ssm_states_dim_stride);
     p.ssm_states = ssm_states->data_ptr();
   }
-  check_index_tensor(op, cache_indices, "cache_indices", bs.batch);
-  check_has_initial_state(op, has_initial_state, bs.batch, ssm_states.has_value(),
-                          "ssm_states");
-  if (bs.varlen) check_query_start_loc_values(op, *query_start_loc, bs.seqlen);
-  if (cache_indices.has_value()) {
-    if (values_checkable(*cache_indices)) {
-      check_slot_values(op, *cache_indices, "cache_indices",
-                        ssm_states.has_value() ? p.num_slots : -1, pad_slot_id,
-                        ssm_states.has_value());
-    }
-  } else if (ssm_states.has_value()) {
-    check_implicit_slots(op, bs.batch, p.num_slots, "ssm_states");
-  }
+  check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "ssm_states",
+                      ssm_states.has_value(), p.num_slots, pad_slot_id);
 
   p.batch = bs.batch;
   p.seqlen = bs.seqlen;
