@@ -243,6 +243,22 @@ std::vector<int64_t> token_shape(const BatchShape& bs, std::vector<int64_t> inne
   return s;
 }
 
+// The conv ops' weight (dim, width) and optional bias (dim,), both in x's dtype; returns width.
+int64_t check_conv_weight_bias(const char* op, const at::Tensor& weight, const OptTensor& bias,
+                               const at::Tensor& x, int64_t dim) {
+  check_same_dtype(op, weight, "weight", x, "x");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dim, op,
+              ": weight must have shape (dim, width) with dim = ", dim, ", got ", weight.sizes());
+  const int64_t width = weight.size(1);
+  TORCH_CHECK(width >= 2 && width <= 4, op, ": weight width must be 2, 3 or 4, got ", width);
+  if (bias.has_value()) {
+    check_same_dtype(op, *bias, "bias", x, "x");
+    check_shape(op, *bias, "bias", {dim}, "(dim,)");
+    check_contiguous(op, *bias, "bias");
+  }
+  return width;
+}
+
 // The batch-description rules the two prefill ops share: the index tensors, the initial-state
 // flags (they need a state pool), query_start_loc's values and the slots of a state pool.
 void check_prefill_batch(const char* op, const BatchShape& bs, const OptTensor& query_start_loc,
@@ -374,16 +390,7 @@ CausalConv1dParams make_causal_conv1d_params(
   check_pad_slot_id(op, pad_slot_id);
   check_last_stride1(op, x, "x", "channels");
 
-  check_same_dtype(op, weight, "weight", x, "x");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dim, op,
-              ": weight must have shape (dim, width) with dim = ", dim, ", got ", weight.sizes());
-  const int64_t width = weight.size(1);
-  TORCH_CHECK(width >= 2 && width <= 4, op, ": weight width must be 2, 3 or 4, got ", width);
-  if (bias.has_value()) {
-    check_same_dtype(op, *bias, "bias", x, "x");
-    check_shape(op, *bias, "bias", {dim}, "(dim,)");
-    check_contiguous(op, *bias, "bias");
-  }
+  const int64_t width = check_conv_weight_bias(op, weight, bias, x, dim);
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
   check_no_overlap(op, out, "out", x, "x");
@@ -455,16 +462,7 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   check_pad_slot_id(op, pad_slot_id);
   check_last_stride1(op, x, "x", "channels");
 
-  check_same_dtype(op, weight, "weight", x, "x");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dim, op,
-              ": weight must have shape (dim, width) with dim = ", dim, ", got ", weight.sizes());
-  const int64_t width = weight.size(1);
-  TORCH_CHECK(width >= 2 && width <= 4, op, ": weight width must be 2, 3 or 4, got ", width);
-  if (bias.has_value()) {
-    check_same_dtype(op, *bias, "bias", x, "x");
-    check_shape(op, *bias, "bias", {dim}, "(dim,)");
-    check_contiguous(op, *bias, "bias");
-  }
+  const int64_t width = check_conv_weight_bias(op, weight, bias, x, dim);
   check_same_dtype(op, conv_state, "conv_state", x, "x");
   TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(1) == dim &&
                   conv_state.size(2) == width - 1,

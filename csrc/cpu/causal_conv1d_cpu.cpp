@@ -81,6 +81,29 @@ void load_weights(const T* weight, int64_t channel_stride, int64_t width_stride,
   }
 }
 
+// The width-1 previous inputs of nc channels: read from a conv state slot (zeros when state is
+// nullptr), and written back to it after the block's tokens.
+template <typename T>
+void load_window(const T* state, int64_t channel_stride, int64_t width_stride, int64_t nc,
+                 int width, float (&window)[kMaxWidth - 1][kChannelBlock]) {
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int k = 0; k < width - 1; ++k) {
+      window[k][c] =
+          state ? cpu::load(state + c * channel_stride + k * width_stride) : 0.0f;
+    }
+  }
+}
+
+template <typename T>
+void store_window(T* state, int64_t channel_stride, int64_t width_stride, int64_t nc, int width,
+                  const float (&window)[kMaxWidth - 1][kChannelBlock]) {
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int k = 0; k < width - 1; ++k) {
+      cpu::store(state + c * channel_stride + k * width_stride, window[k][c]);
+    }
+  }
+}
+
 template <typename T>
 void causal_conv1d_kernel(const CausalConv1dParams& p) {
   const int64_t num_blocks = (p.dim + kChannelBlock - 1) / kChannelBlock;
@@ -105,13 +128,8 @@ void causal_conv1d_kernel(const CausalConv1dParams& p) {
                            c0 * p.conv_states_channel_stride;
       const bool initial =
           state != nullptr && p.has_initial_state != nullptr && p.has_initial_state[b];
-      for (int64_t c = 0; c < nc; ++c) {
-        for (int k = 0; k < p.width - 1; ++k) {
-          window[k][c] = initial ? cpu::load(state + c * p.conv_states_channel_stride +
-                                             k * p.conv_states_width_stride)
-                                 : 0.0f;
-        }
-      }
+      load_window(initial ? state : nullptr, p.conv_states_channel_stride,
+                  p.conv_states_width_stride, nc, p.width, window);
       load_weights(static_cast<const T*>(p.weight), p.weight_channel_stride,
                    p.weight_width_stride, static_cast<const T*>(p.bias), c0, nc, p.width, w,
                    bias);
@@ -121,12 +139,8 @@ void causal_conv1d_kernel(const CausalConv1dParams& p) {
                            p.out_token_stride, t0, t1, nc, w, p.bias ? bias : nullptr, p.silu,
                            window);
       if (state == nullptr) continue;
-      for (int64_t c = 0; c < nc; ++c) {
-        for (int k = 0; k < p.width - 1; ++k) {
-          cpu::store(state + c * p.conv_states_channel_stride + k * p.conv_states_width_stride,
-                     window[k][c]);
-        }
-      }
+      store_window(state, p.conv_states_channel_stride, p.conv_states_width_stride, nc, p.width,
+                   window);
     }
   });
 }
@@ -149,12 +163,8 @@ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
       }
       T* state = static_cast<T*>(p.conv_state) + slot * p.conv_state_slot_stride +
                  c0 * p.conv_state_channel_stride;
-      for (int64_t c = 0; c < nc; ++c) {
-        for (int k = 0; k < p.width - 1; ++k) {
-          window[k][c] =
-              cpu::load(state + c * p.conv_state_channel_stride + k * p.conv_state_width_stride);
-        }
-      }
+      load_window(state, p.conv_state_channel_stride, p.conv_state_width_stride, nc, p.width,
+                  window);
       load_weights(static_cast<const T*>(p.weight), p.weight_channel_stride,
                    p.weight_width_stride, static_cast<const T*>(p.bias), c0, nc, p.width, w,
                    bias);
@@ -163,12 +173,8 @@ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
                            static_cast<T*>(p.out) + b * p.out_batch_stride + c0,
                            p.out_token_stride, 0, p.seqlen, nc, w, p.bias ? bias : nullptr,
                            p.silu, window);
-      for (int64_t c = 0; c < nc; ++c) {
-        for (int k = 0; k < p.width - 1; ++k) {
-          cpu::store(state + c * p.conv_state_channel_stride + k * p.conv_state_width_stride,
-                     window[k][c]);
-        }
-      }
+      store_window(state, p.conv_state_channel_stride, p.conv_state_width_stride, nc, p.width,
+                   window);
     }
   });
 }
