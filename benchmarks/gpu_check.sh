@@ -7,15 +7,21 @@
 #   3. runs the GPU tests (tests/test_ops_cuda.py and any other *cuda* / *gpu* tests),
 #   4. runs the benchmarks (--quick), JSON to $OUT (else benchmarks/results/),
 #   5. runs compute-sanitizer memcheck and racecheck on small cases,
-# and prints a compact table last. Each stage has its own timeout; designed for < 8 minutes on an
-# H100 (build ~1 min, tests ~2, benchmarks ~1.5, sanitizers ~2). Logs go to $OUT (or
-# benchmarks/out/). GPU_CHECK_SKIP="cmake tests bench sanitizer" skips stages on a rerun.
+# and prints a compact table last. Each stage has its own timeout, and the whole run keeps inside
+# GPU_CHECK_BUDGET_S (default 480 s): a stage gets at most what is left of it, a stage with too
+# little left is skipped, so the summary always prints. Logs go to benchmarks/out/<stamp>/; when
+# $OUT is set (the device tool returns at most 8 files from it) they are also packed into
+# $OUT/gpu_check_logs.tgz after every stage, and the summary and the benchmark JSON land there.
+# GPU_CHECK_SKIP="cmake tests bench sanitizer" skips stages on a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-OUTDIR=${OUT:-$ROOT/benchmarks/out}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUTDIR=$ROOT/benchmarks/out/$STAMP
 mkdir -p "$OUTDIR"
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+RESERVE=20  # seconds kept for the summary
 if [ -z "${CUDA_HOME:-}" ]; then
   if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
   elif command -v nvcc >/dev/null 2>&1; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
@@ -23,15 +29,25 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 declare -a SUMMARY=()
 T0=$(date +%s)
+
+publish() {  # the logs so far, as one file under $OUT (a killed run still returns them)
+  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.tgz" -C "$OUTDIR" . 2>/dev/null
+  return 0
+}
 
 stage() {  # stage NAME TIMEOUT_S COMMAND...: runs, logs, records status and duration
   local name=$1 limit=$2
   shift 2
   local start rc log="$OUTDIR/$name.log"
   start=$(date +%s)
+  local left=$(( T0 + BUDGET - RESERVE - start ))
+  if [ $left -lt 15 ]; then
+    SUMMARY+=("$(printf '%-26s %-12s' "$name" "skipped (budget)")")
+    return 1
+  fi
+  [ $left -lt $limit ] && limit=$left
   echo "=== $name (timeout ${limit}s) ==="
   # Through bash so that the exported shell functions below run under `timeout` too.
   timeout --kill-after=10 "$limit" bash -c '"$@"' stage-cmd "$@" > "$log" 2>&1
@@ -40,6 +56,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs, logs, records status and dur
   local status=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT"; elif [ $rc -ne 0 ]; then status="FAIL(rc=$rc)"; fi
   SUMMARY+=("$(printf '%-26s %-12s %5ss  %s' "$name" "$status" "$(( $(date +%s) - start ))" "$log")")
+  publish
   return $rc
 }
 
@@ -97,8 +114,7 @@ if want tests; then
   fi
 fi
 
-if [ -n "${OUT:-}" ]; then JSON="$OUT/bench_ssm_ops_$STAMP.json"; else
-  mkdir -p benchmarks/results; JSON="benchmarks/results/bench_ssm_ops_$STAMP.json"; fi
+JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
   stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-chunk-lens 512,2048 \
     --json "$JSON"
@@ -182,5 +198,8 @@ done
 grep -hE "^(time|check .*FAIL)" "$OUTDIR"/microbench_cmake.log 2>/dev/null | head -16
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR"/sanitizer_*.log 2>/dev/null | sort | uniq -c
 echo
-echo "=== gpu_check summary (total $(( $(date +%s) - T0 )) s) ==="
-printf '%s\n' "${SUMMARY[@]}"
+echo "=== gpu_check summary (total $(( $(date +%s) - T0 )) s) ===" | tee "$OUTDIR/summary.txt"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUTDIR/summary.txt"
+publish
+if [ -n "${OUT:-}" ]; then cp "$OUTDIR"/summary.txt "$OUTDIR"/*.json "$OUT"/ 2>/dev/null; fi
+echo "logs and JSON: $OUTDIR (copy the JSON to benchmarks/results/ to keep it)"
