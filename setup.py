@@ -84,6 +84,12 @@ def make_extension():
     # -ffp-contract=off: the quantized all-reduce must match its reference bit for bit, so no
     # multiply-add may be contracted into an FMA (targets with FMA contract by default).
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    # The C++ runtime must be the process's shared libstdc++.so.6, the one torch uses. Where a
+    # toolchain offers only the static libstdc++.a to the linker (seen on a GPU image), the
+    # extension gets a private copy whose locale is never set up: every number streamed into an
+    # error message (TORCH_CHECK) then crashes or vanishes. Naming the shared library ahead of
+    # the driver's own -lstdc++ resolves every symbol there first.
+    link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     with_cuda = cuda_build_wanted()
     if not with_cuda:
         return CppExtension(
@@ -91,6 +97,7 @@ def make_extension():
             sources=CPU_SOURCES,
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nccl_include, nccl_lib = nccl_paths()
@@ -106,7 +113,7 @@ def make_extension():
         include_dirs=[str(ROOT / "csrc"), str(nccl_include)],
         library_dirs=[str(nccl_lib)],
         # The exact soname torch loads; the wheel ships no unversioned libnccl.so.
-        extra_link_args=["-l:libnccl.so.2", "-Wl,-rpath,$ORIGIN/../nvidia/nccl/lib"],
+        extra_link_args=link_flags + ["-l:libnccl.so.2", "-Wl,-rpath,$ORIGIN/../nvidia/nccl/lib"],
         extra_compile_args={"cxx": cxx_flags + ["-DTPSSM_WITH_CUDA"], "nvcc": nvcc_flags},
     )
 

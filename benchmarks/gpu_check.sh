@@ -104,7 +104,8 @@ if want tests; then
   stage gpu_tests 270 $PY -m pytest tests/test_ops_cuda.py -q -ra --timeout=200 \
     --junitxml="$OUTDIR/gpu_tests.xml"
   # Other test files with GPU cases (device checks, ...): their CUDA tests skip on CPU.
-  others=()
+  # test_build.py: the build's own checks (linkage) on the machine's toolchain.
+  others=(tests/test_build.py)
   for t in $(grep -l -E "cuda.is_available|device=.cuda|\.cuda\(\)" tests/test_*.py); do
     [ "$t" != tests/test_ops_cuda.py ] && others+=("$t")
   done

@@ -29,3 +29,26 @@ def test_cuda_kernels_built_and_nccl_linked():
     needed = subprocess.run(["objdump", "-p", tpssm._C.__file__], capture_output=True,
                             text=True, check=True).stdout
     assert "libnccl.so.2" in needed
+
+
+def test_cxx_runtime_is_the_shared_libstdcxx():
+    """The extension uses the process's shared libstdc++.so.6 (the one torch uses), not a private
+    static copy: that copy's locale is never set up, and numbers streamed into error messages
+    crash or vanish (setup.py names the shared library explicitly)."""
+    so = tpssm._C.__file__
+    needed = subprocess.run(["objdump", "-p", so], capture_output=True, text=True,
+                            check=True).stdout
+    assert "NEEDED               libstdc++.so.6" in needed
+    symbols = subprocess.run(["nm", "--defined-only", "-C", so], capture_output=True, text=True,
+                             check=True).stdout
+    private = [line for line in symbols.splitlines() if "std::locale::" in line
+               or "std::codecvt<" in line]
+    assert not private, f"libstdc++ linked statically into {so}: {private[:3]}"
+
+
+def test_error_message_formats_numbers():
+    """The number in a validation message survives (a broken C++ runtime drops or crashes it)."""
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(dim, width\) with dim = 4, "
+                                           r"got \[5, 3\]"):
+        tpssm.ops.causal_conv1d(x, torch.randn(5, 3))
