@@ -351,7 +351,9 @@ def test_bad_inputs_quantize_pack():
     _err("send must have a 16-byte aligned", op, x, 2, 128, 0,
          torch.empty(send.numel() + 1, dtype=torch.uint8)[1:])
     if torch.cuda.is_available():
-        _err("send must be on the device", op, x, 2, 128, 0, send.cuda())
+        # A CUDA send routes the call to the CUDA kernel, which names x as the misplaced one.
+        _err("send must be on the device|x must be a CUDA tensor, got cpu", op, x, 2, 128, 0,
+             send.cuda())
 
 
 def test_bad_inputs_reduce_and_dequant():
