@@ -169,7 +169,9 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
                 native=native, native_note="torch gather / sum / index_copy_")
 
 
-def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0) -> Case:
+def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0, direct=False) -> Case:
+    """chunk_len: force the chunked plan with this chunk; direct: force the direct token walk
+    (no staged tiles) - extra rows that compare the launcher's choices in the same process."""
     m = shard(model, tp)
     h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
     dim = h * p
@@ -200,18 +202,25 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0) -> Case:
             ssm_states=s["ssm_states"], has_initial_state=s["has_initial_state"], out=s["out"])
 
     shape = f"{batch}x{seqlen} {h}x{p}x{n}"
+    overrides = {}
     if chunk_len:
-        plain_call = call
         shape += f" chunk {chunk_len}"
+        overrides["TPSSM_SCAN_CHUNK_LEN"] = str(chunk_len)
+    if direct:
+        shape += " direct"
+        overrides["TPSSM_SCAN_DIRECT"] = "1"
+    if overrides:
+        plain_call = call
 
         def call(s):
-            # The plan is fixed when the graph is captured, so the override only needs to hold
+            # The plan is fixed when the graph is captured, so the overrides only need to hold
             # around the call.
-            os.environ["TPSSM_SCAN_CHUNK_LEN"] = str(chunk_len)
+            os.environ.update(overrides)
             try:
                 plain_call(s)
             finally:
-                os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
+                for key in overrides:
+                    os.environ.pop(key, None)
 
     return Case("selective_scan", model, tp, shape, nbytes,
                 lambda: make(batch, seqlen), call, ref=ref, ref_scale=tokens / ref_len,
@@ -386,6 +395,9 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     for chunk_len in (args.scan_chunk_lens if batch == 1 else ()):
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                chunk_len))
+                    if args.scan_direct and MODELS[model]["form"] == "mamba1":
+                        cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
+                                               direct=True))
             for batch in decode:
                 if "conv_update" in wanted:
                     cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
@@ -404,18 +416,28 @@ def git_commit() -> str:
 
 def print_table(results: List[Dict], copy_gbs: float) -> None:
     print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'us':>10}{'MB':>9}{'GB/s':>8}"
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<36}{'us':>10}{'MB':>9}{'GB/s':>8}"
             f"{'%copy':>7}{'x ref':>9}{'x native':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
         ref = f"{r['speedup_vs_ref']:.1f}" if "speedup_vs_ref" in r else "-"
         nat = f"{r['speedup_vs_native']:.2f}" if "speedup_vs_native" in r else "-"
-        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['time_us']:>10.1f}"
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<36}{r['time_us']:>10.1f}"
               f"{r['bytes'] / 1e6:>9.1f}{r['gbs']:>8.0f}{r['pct_copy']:>7.1f}{ref:>9}{nat:>10}")
     notes = sorted({r.get("ref_note", "") for r in results} - {""})
     if notes:
         print("reference timings: " + "; ".join(notes))
+    # The launcher's scan plan against the forced direct walk, same shapes, same process.
+    times = {(r["model"], r["tp"], r["shape"]): r["time_us"] for r in results
+             if r["op"] == "selective_scan"}
+    speedups = []
+    for (model, tp, shape), direct_us in times.items():
+        plain = shape.removesuffix(" direct")
+        if plain != shape and (model, tp, plain) in times:
+            speedups.append(f"{model} tp{tp} {plain}: x{direct_us / times[model, tp, plain]:.2f}")
+    if speedups:
+        print("scan speedup of the launcher's plan over the direct walk: " + "; ".join(speedups))
 
 
 def main(argv=None) -> int:
@@ -425,6 +447,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="conv,scan,conv_update,state_update")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-ref", action="store_true", help="skip the slow reference timings")
+    parser.add_argument("--scan-direct", action="store_true",
+                        help="add Mamba1 scan rows with the direct token walk forced "
+                             "(TPSSM_SCAN_DIRECT=1) beside the launcher's own plan")
     parser.add_argument("--scan-chunk-lens", default="",
                         help="comma-separated chunk lengths to force on batch-1 scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
@@ -460,7 +485,7 @@ def main(argv=None) -> int:
             print(f"skipped {case.op} {case.model} tp{case.tp} {case.shape}: out of memory")
             continue
         results.append(res)
-        print(f"{res['op']:<23}{res['model']:<16} tp{res['tp']} {res['shape']:<30}"
+        print(f"{res['op']:<23}{res['model']:<16} tp{res['tp']} {res['shape']:<36}"
               f"{res['time_us']:9.1f} us {res['gbs']:7.0f} GB/s {res['pct_copy']:5.1f}%",
               flush=True)
     print_table(results, copy_gbs)

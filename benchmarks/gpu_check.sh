@@ -12,7 +12,7 @@
 # little left is skipped, so the summary always prints. Logs go to benchmarks/out/<stamp>/; when
 # $OUT is set (the device tool returns at most 8 files from it) they are also packed into
 # $OUT/gpu_check_logs.tgz after every stage, and the summary and the benchmark JSON land there.
-# GPU_CHECK_SKIP="cmake tests bench sanitizer" skips stages on a rerun.
+# GPU_CHECK_SKIP="cmake tests bench profile sanitizer" skips stages on a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -72,7 +72,7 @@ if ! $PY -c "import nvidia.nccl" 2>/dev/null; then
   exit 1
 fi
 
-# Stages to skip on a rerun: GPU_CHECK_SKIP="cmake tests bench sanitizer" (any subset).
+# Stages to skip on a rerun: GPU_CHECK_SKIP="cmake tests bench profile sanitizer" (any subset).
 want() { [[ " ${GPU_CHECK_SKIP:-} " != *" $1 "* ]]; }
 
 build() {
@@ -117,7 +117,7 @@ fi
 
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
-  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-chunk-lens 512,2048 \
+  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-chunk-lens 512,2048 --scan-direct \
     --json "$JSON"
 fi
 
@@ -154,6 +154,33 @@ if [ $HAVE_CMAKE -eq 1 ]; then
   stage microbench_cmake 90 microbench
 elif want cmake; then
   SUMMARY+=("$(printf '%-26s %-12s' microbench_cmake "skipped (no cmake build)")")
+fi
+
+# Nsight Compute on one launch of the main kernels (speed of light, occupancy, stall reasons):
+# where the next tuning step should go. GPU_CHECK_SKIP=profile skips it.
+NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
+  export NCU
+  profile() {
+    local rc=0
+    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis"
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
+      $B/bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
+      $B/bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:fwd_kernel $sections \
+      $B/bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:update $sections \
+      $B/bench_selective_state_update --form mamba1 --batch 256 --nheads 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    return $rc
+  }
+  export -f profile
+  stage ncu_profile 90 profile
 fi
 
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")

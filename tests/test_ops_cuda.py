@@ -263,6 +263,24 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
         check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
+@pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", ["aligned", "strided", "dense"])
+def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
+    """The Mamba1 form's staged token tiles: 72 channels (two full warps, one of 8 lanes),
+    sequences of several whole tiles plus a tail (tiles are 16 fp32 / 32 16-bit tokens), chunk
+    boundaries inside tiles; aligned inputs take the 16-byte tile loads, strided ones the
+    per-lane loads."""
+    varlen = layout != "dense"
+    kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=16, ngroups=1,
+                     group_dim=False, seqlens=(70, 33, 0, 16) if varlen else (67, 67),
+                     varlen=varlen, slots=(1, 0, 3, 2) if varlen else (1, 3),
+                     initial=(True, False, True, False) if varlen else (True, False),
+                     strided=layout == "strided")
+    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
+        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+
+
 @pytest.mark.parametrize("chunk", [None, 5], ids=["auto", "chunk5"])
 def test_selective_scan_cuda_16bit_state_rounds_only_when_stored(chunk):
     kw16 = {k: to_cuda(v) for k, v in scan_inputs(dtype=bf16, state_dtype=bf16).items()}

@@ -143,6 +143,12 @@ __device__ __forceinline__ Pack<T, kN> load_pack(const T* ptr) {
   return pack;
 }
 
+template <typename T, int kN>
+__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kN>& pack) {
+  static_assert(kN * sizeof(T) == 16, "vector access must be 16 bytes");
+  *reinterpret_cast<uint4*>(ptr) = *reinterpret_cast<const uint4*>(&pack);
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 // softplus with the reference threshold: identity above 20, where log1p(exp(x)) == x in fp32.

@@ -20,6 +20,13 @@
 // its initial state copied to the workspace (I_j) by pass 1, and only the chunk holding its end
 // writes the slot. With enough (sequence x channel-block) work the launcher uses one block row
 // per sequence and runs pass 3 alone.
+//
+// Staged token tiles (Mamba1 form, one thread per channel, a warp's channels in one group): the
+// direct walk has one token of look-ahead, so each thread waits a full memory latency per token
+// and the GPU sits at a few % of its bandwidth. The staged walk loads a tile of kTile tokens at
+// once - each lane its own channel's u / delta / z, the lanes together the warp's B / C rows -
+// into shared memory (a dozen independent loads in flight per lane), then scans the tile from
+// there. Only lanes of one warp share data, so __syncwarp over the warp's live lanes suffices.
 #include <algorithm>
 #include <type_traits>
 
@@ -33,11 +40,17 @@ namespace {
 constexpr int kScanThreads = 128;
 constexpr int kStates = 16;  // states per thread
 
-template <typename input_t_, typename state_t_, bool kPerStateA_>
+template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_>
 struct ScanTraits {
   using input_t = input_t_;
   using state_t = state_t_;
   static constexpr bool kPerStateA = kPerStateA_;
+  static constexpr bool kStaged = kStaged_;
+  // Tokens per staged tile: 32 KB of shared memory per 128-thread block for every input type.
+  static constexpr int kTile = 64 / sizeof(input_t);
+  // Staged: at most 128 registers a thread, so 4 blocks (16 warps) share an SM and hide each
+  // other's tile loads (unbounded, the compiler takes ~170 and 3 blocks fit).
+  static constexpr int kMinBlocks = kStaged ? 4 : 1;
   static constexpr int kThreads = kScanThreads;
   static constexpr int kStatesPerThread = kStates;
   static constexpr int kPerPack = 16 / sizeof(input_t);  // B / C elements per 16-byte access
@@ -50,6 +63,8 @@ struct ScanPlan {
   int group_threads;    // G
   bool flat;            // chunked flat plan (three passes) vs one block row per sequence
   bool bc_vec;          // B / C rows are 16-byte aligned with dstate % 16 == 0
+  bool staged;          // staged token tiles (see the top of this file)
+  bool own_vec;         // staged: u, delta, z tiles load as 16-byte packs (aligned, headdim 1)
   int64_t total_tokens;
   int64_t chunk_len;
   int64_t num_chunks;
@@ -67,6 +82,8 @@ struct ScanThread {
   int n0;
   int lane;
   unsigned group_mask;
+  int warp_live;        // staged plan: lanes 0..warp_live-1 of this warp own a channel
+  unsigned warp_mask;   // and this is their mask
 };
 
 __device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
@@ -82,6 +99,11 @@ __device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
   const unsigned warp_lane = threadIdx.x & 31u;
   t.group_mask =
       G == 32 ? 0xffffffffu : (((1u << G) - 1u) << (warp_lane & ~static_cast<unsigned>(G - 1)));
+  // With G = 1 lane i of a warp owns channel (warp's first channel + i): the live lanes are a
+  // prefix of the warp.
+  const int64_t warp_first = t.c - static_cast<int64_t>(warp_lane);
+  t.warp_live = static_cast<int>(min(static_cast<int64_t>(32), plan.channels - warp_first));
+  t.warp_mask = t.warp_live == 32 ? 0xffffffffu : ((1u << t.warp_live) - 1u);
   return true;
 }
 
@@ -122,6 +144,170 @@ __device__ __forceinline__ void load_states_row(
   }
 }
 
+// One stream of a full staged tile: base points at the warp's first channel, token 0 of the
+// walk; tile[k][ch] <- base[(k0 + k) * token_stride + ch] for kTile tokens x 32 channels.
+template <typename Traits>
+__device__ __forceinline__ void stage_tile_vec(const typename Traits::input_t* base,
+                                               int64_t token_stride, int64_t k0, int lane,
+                                               typename Traits::input_t (*tile)[32]) {
+  using input_t = typename Traits::input_t;
+  constexpr int kPP = Traits::kPerPack;
+  constexpr int kPacksPerToken = 32 / kPP;                          // 4 (16-bit) or 8 (fp32)
+  constexpr int kPerLane = Traits::kTile * kPacksPerToken / 32;     // 4 for every input type
+  Pack<input_t, kPP> v[kPerLane];
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) {
+    const int e = q * 32 + lane;
+    const int k = e / kPacksPerToken;
+    const int j = e % kPacksPerToken;
+    v[q] = load_pack<input_t, kPP>(base + (k0 + k) * token_stride + j * kPP);
+  }
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) {
+    const int e = q * 32 + lane;
+    store_pack<input_t, kPP>(&tile[e / kPacksPerToken][(e % kPacksPerToken) * kPP], v[q]);
+  }
+}
+
+// scan_tokens for the staged plan (G = 1, the warp's channels in one group, dstate <= 16).
+template <typename Traits, bool kOutput>
+__device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
+                                                   const ScanPlan& plan, const SeqView& seqs,
+                                                   const ScanThread& th,
+                                                   int64_t b, int64_t t_begin, int64_t t_end,
+                                                   const float (&A2)[kStates], float (&h)[kStates],
+                                                   float& dt_sum) {
+  using input_t = typename Traits::input_t;
+  constexpr int kPP = Traits::kPerPack;
+  constexpr int kTile = Traits::kTile;
+  constexpr int kWarps = kScanThreads / 32;
+  constexpr int kBatch = 4;  // loads issued before their shared-memory stores
+  __shared__ __align__(16) input_t s_u[kWarps][kTile][32];
+  __shared__ __align__(16) input_t s_dt[kWarps][kTile][32];
+  __shared__ __align__(16) input_t s_z[kWarps][kOutput ? kTile : 1][32];
+  __shared__ __align__(16) input_t s_B[kWarps][kTile][kStates];
+  __shared__ __align__(16) input_t s_C[kWarps][kOutput ? kTile : 1][kStates];
+  if (t_begin >= t_end) return;
+  const int w = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const input_t zero = from_float<input_t>(0.f);
+  const int64_t at_begin = seqs.addr_token(b, t_begin);  // token addresses are contiguous
+  const input_t* u = static_cast<const input_t*>(p.u) + seqs.batch_offset(b, p.u_batch_stride) +
+                     th.c + at_begin * p.u_token_stride;
+  const input_t* delta = static_cast<const input_t*>(p.delta) +
+                         seqs.batch_offset(b, p.delta_batch_stride) + th.h +
+                         at_begin * p.delta_token_stride;
+  const input_t* Bp = static_cast<const input_t*>(p.B) + seqs.batch_offset(b, p.B_batch_stride) +
+                      th.g * p.B_group_stride + at_begin * p.B_token_stride;
+  const input_t* Cp = static_cast<const input_t*>(p.C) + seqs.batch_offset(b, p.C_batch_stride) +
+                      th.g * p.C_group_stride + at_begin * p.C_token_stride;
+  const input_t* z = (kOutput && p.z) ? static_cast<const input_t*>(p.z) +
+                                            seqs.batch_offset(b, p.z_batch_stride) + th.c +
+                                            at_begin * p.z_token_stride
+                                      : nullptr;
+  input_t* out = static_cast<input_t*>(p.out) + seqs.batch_offset(b, p.out_batch_stride) + th.c +
+                 at_begin * p.out_token_stride;
+  const float bias = p.delta_bias ? p.delta_bias[th.h] : 0.f;
+  const float Dh = p.D ? p.D[th.h] : 0.f;
+
+  for (int64_t k0 = 0; k0 < t_end - t_begin; k0 += kTile) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTile), t_end - t_begin - k0));
+    if (plan.own_vec && n == kTile && th.warp_live == 32) {
+      // A whole tile of a whole warp: the 32 channels of a token are 64 or 128 contiguous bytes,
+      // so the lanes load u, delta (and z) as 16-byte packs, 4 per lane and stream, and each
+      // lane writes packs of other lanes' channels (the __syncwarp below orders them).
+      stage_tile_vec<Traits>(u - lane, p.u_token_stride, k0, lane, s_u[w]);
+      stage_tile_vec<Traits>(delta - lane, p.delta_token_stride, k0, lane, s_dt[w]);
+      if constexpr (kOutput) {
+        if (z) stage_tile_vec<Traits>(z - lane, p.z_token_stride, k0, lane, s_z[w]);
+      }
+    } else {
+    // This lane's channel: u, delta (and z) of the tile's tokens.
+    for (int kb = 0; kb < n; kb += kBatch) {
+      input_t ru[kBatch], rd[kBatch], rz[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (kb + q < n) {
+          const int64_t k = k0 + kb + q;
+          ru[q] = u[k * p.u_token_stride];
+          rd[q] = delta[k * p.delta_token_stride];
+          if (z) rz[q] = z[k * p.z_token_stride];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (kb + q < n) {
+          s_u[w][kb + q][lane] = ru[q];
+          s_dt[w][kb + q][lane] = rd[q];
+          if constexpr (kOutput) {
+            if (z) s_z[w][kb + q][lane] = rz[q];
+          }
+        }
+      }
+    }
+    }
+    // The warp's B (and C) rows of the tile, spread over the live lanes; states past dstate are 0.
+    const int elems = n * kStates;
+    for (int e0 = 0; e0 < elems; e0 += kBatch * th.warp_live) {
+      input_t rb[kBatch], rc[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int e = e0 + q * th.warp_live + lane;
+        const int k = e / kStates;
+        const int i = e % kStates;
+        const bool in = e < elems && i < p.dstate;
+        rb[q] = in ? Bp[(k0 + k) * p.B_token_stride + i] : zero;
+        if constexpr (kOutput) rc[q] = in ? Cp[(k0 + k) * p.C_token_stride + i] : zero;
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int e = e0 + q * th.warp_live + lane;
+        if (e < elems) {
+          s_B[w][e / kStates][e % kStates] = rb[q];
+          if constexpr (kOutput) s_C[w][e / kStates][e % kStates] = rc[q];
+        }
+      }
+    }
+    __syncwarp(th.warp_mask);
+
+    for (int k = 0; k < n; ++k) {
+      float dt = to_float(s_dt[w][k][lane]) + bias;
+      if (p.delta_softplus) dt = softplus_thresholded(dt);
+      const float uv = to_float(s_u[w][k][lane]);
+      const float dtu = dt * uv;
+      Pack<input_t, kPP> Bk[Traits::kPacks];
+#pragma unroll
+      for (int q = 0; q < Traits::kPacks; ++q) {
+        Bk[q] = load_pack<input_t, kPP>(&s_B[w][k][q * kPP]);
+      }
+      float y = 0.f;
+      if constexpr (kOutput) {
+        Pack<input_t, kPP> Ck[Traits::kPacks];
+#pragma unroll
+        for (int q = 0; q < Traits::kPacks; ++q) {
+          Ck[q] = load_pack<input_t, kPP>(&s_C[w][k][q * kPP]);
+        }
+#pragma unroll
+        for (int i = 0; i < kStates; ++i) {
+          h[i] = fmaf(h[i], exp2f(dt * A2[i]), dtu * to_float(Bk[i / kPP].elems[i % kPP]));
+          y = fmaf(h[i], to_float(Ck[i / kPP].elems[i % kPP]), y);
+        }
+        y = fmaf(Dh, uv, y);
+        if (z) y *= silu(to_float(s_z[w][k][lane]));
+        out[(k0 + k) * p.out_token_stride] = from_float<input_t>(y);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kStates; ++i) {
+          h[i] = fmaf(h[i], exp2f(dt * A2[i]), dtu * to_float(Bk[i / kPP].elems[i % kPP]));
+        }
+        dt_sum += dt;
+      }
+    }
+    // The next tile overwrites the rows every lane just read.
+    __syncwarp(th.warp_mask);
+  }
+}
+
 // Scans flat tokens [t_begin, t_end) of sequence b, updating h. kOutput: write y (pass 3);
 // otherwise accumulate sum(dt) for the chunk decay (pass 1).
 template <typename Traits, bool kOutput>
@@ -130,6 +316,10 @@ __device__ __forceinline__ void scan_tokens(const SelectiveScanParams& p, const 
                                             int64_t t_begin, int64_t t_end,
                                             const float (&A2)[kStates], float (&h)[kStates],
                                             float& dt_sum) {
+  if constexpr (Traits::kStaged) {
+    scan_tokens_staged<Traits, kOutput>(p, plan, seqs, th, b, t_begin, t_end, A2, h, dt_sum);
+    return;
+  }
   using input_t = typename Traits::input_t;
   constexpr int kPP = Traits::kPerPack;
   if (t_begin >= t_end) return;
@@ -240,8 +430,8 @@ __device__ __forceinline__ float* ws_row(float* base, const SelectiveScanParams&
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(kScanThreads) void chunk_state_kernel(SelectiveScanParams p,
-                                                                   ScanPlan plan) {
+__global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_kernel(
+    SelectiveScanParams p, ScanPlan plan) {
   const int64_t j = blockIdx.x;
   const int64_t chunk_begin = j * plan.chunk_len;
   const int64_t chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
@@ -321,8 +511,8 @@ __global__ __launch_bounds__(256) void chunk_combine_kernel(SelectiveScanParams 
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(kScanThreads) void scan_output_kernel(SelectiveScanParams p,
-                                                                   ScanPlan plan) {
+__global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void scan_output_kernel(
+    SelectiveScanParams p, ScanPlan plan) {
   ScanThread th;
   if (!make_scan_thread(p, plan, th)) return;
   const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
@@ -439,6 +629,23 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
                 p.B_group_stride % per_pack == 0 && p.C_group_stride % per_pack == 0 &&
                 (p.query_start_loc != nullptr ||
                  (p.B_batch_stride % per_pack == 0 && p.C_batch_stride % per_pack == 0));
+  // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
+  // channels (a block's channels start at a multiple of 128) read one group's B / C rows.
+  const int64_t channels_per_group = plan.channels / p.ngroups;
+  // TPSSM_SCAN_DIRECT=1 forces the direct walk (benchmarks compare the two in one process).
+  plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
+                env_override("TPSSM_SCAN_DIRECT") == 0;
+  // A warp's 32 channels of u, delta (one per channel: headdim 1) and z start 16-byte aligned
+  // for every token: aligned bases, token and batch strides whole packs.
+  auto packs_aligned = [&](const void* ptr, int64_t token_stride, int64_t batch_stride) {
+    return ptr == nullptr ||
+           (is_aligned(ptr, 16) && token_stride % per_pack == 0 &&
+            (p.query_start_loc != nullptr || batch_stride % per_pack == 0));
+  };
+  plan.own_vec = plan.staged && p.headdim == 1 &&
+                 packs_aligned(p.u, p.u_token_stride, p.u_batch_stride) &&
+                 packs_aligned(p.delta, p.delta_token_stride, p.delta_batch_stride) &&
+                 packs_aligned(p.z, p.z_token_stride, p.z_batch_stride);
   return plan;
 }
 
@@ -468,9 +675,13 @@ void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t strea
 void run_with_plan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
   TPSSM_DTYPE_SWITCH(p.act_dtype, input_t, [&] {
     TPSSM_STATE_DTYPE_SWITCH(p.state_dtype, p.act_dtype, input_t, state_t, [&] {
-      TPSSM_BOOL_SWITCH(p.a_is_per_state, kPerStateA, [&] {
-        launch_scan<ScanTraits<input_t, state_t, kPerStateA>>(p, plan, stream);
-      });
+      if (p.a_is_per_state) {
+        TPSSM_BOOL_SWITCH(plan.staged, kStaged, [&] {
+          launch_scan<ScanTraits<input_t, state_t, true, kStaged>>(p, plan, stream);
+        });
+      } else {
+        launch_scan<ScanTraits<input_t, state_t, false, false>>(p, plan, stream);
+      }
     });
   });
 }

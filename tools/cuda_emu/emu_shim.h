@@ -101,6 +101,16 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return r;
 }
 
+// __syncwarp(mask): a barrier of the mask's lanes (a member that never arrives is reported).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  const int lane = emu_threadIdx.x & 31;
+  const int warp = emu_threadIdx.x >> 5;
+  if (!((mask >> lane) & 1u)) { emu_fail("__syncwarp by a thread outside its mask"); return; }
+  if (!emu_arrive(emu_block->get(warp, mask), __builtin_popcount(mask))) {
+    emu_fail("__syncwarp deadlock: a mask member never arrived");
+  }
+}
+
 template <typename T>
 inline uint4 emu_ld16(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte load");
@@ -142,6 +152,9 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t, cudaStream_t
   if (!emu_error.empty()) throw std::runtime_error("emu: " + emu_error);
 }
 
+// Blocks run one after another, so a function-local static is one block's shared memory.
+#undef __shared__
+#define __shared__ static
 #define threadIdx emu_threadIdx
 #define blockIdx emu_blockIdx
 #define blockDim emu_blockDim
