@@ -110,7 +110,10 @@ if want tests; then
     [ "$t" != tests/test_ops_cuda.py ] && others+=("$t")
   done
   if [ ${#others[@]} -gt 0 ]; then
-    stage other_gpu_tests 200 $PY -m pytest "${others[@]}" -q -ra --timeout=150 \
+    # Mostly CPU work (gloo ranks, error cases): spread over 4 workers when xdist is there.
+    xdist=()
+    $PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
+    stage other_gpu_tests 200 $PY -m pytest "${others[@]}" "${xdist[@]}" -q -ra --timeout=150 \
       --junitxml="$OUTDIR/other_gpu_tests.xml"
   fi
 fi
@@ -123,10 +126,14 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-  # The engine at tp 1 on a preset's real widths (fewer layers to fit the check's time).
-  stage bench_engine 150 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --num-layers 16 \
+  # The engine at tp 1 on presets' real widths (fewer layers to fit the check's time), and one
+  # rank's shard of tp 2 / 4 alone (per-rank compute at shard sizes; one GPU has no peers).
+  stage bench_engine 150 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --rank-shard 2,4 \
+    --num-layers 16 --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 32 \
+    --compare-state-cache --dtype bfloat16 --json "${JSON%.json}_engine.json"
+  stage bench_engine_mamba2 90 $PY -m tpssm bench --preset mamba2-2.7b --tp 1 --num-layers 16 \
     --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 32 --compare-state-cache \
-    --dtype bfloat16 --json "${JSON%.json}_engine.json"
+    --dtype bfloat16 --json "${JSON%.json}_engine_mamba2.json"
 fi
 
 if [ $HAVE_CMAKE -eq 1 ]; then
@@ -154,33 +161,6 @@ if [ $HAVE_CMAKE -eq 1 ]; then
   stage microbench_cmake 90 microbench
 elif want cmake; then
   SUMMARY+=("$(printf '%-26s %-12s' microbench_cmake "skipped (no cmake build)")")
-fi
-
-# Nsight Compute on one launch of the main kernels (speed of light, occupancy, stall reasons):
-# where the next tuning step should go. GPU_CHECK_SKIP=profile skips it.
-NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
-if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
-  export NCU
-  profile() {
-    local rc=0
-    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis"
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
-      $B/bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
-      $B/bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:fwd_kernel $sections \
-      $B/bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:update $sections \
-      $B/bench_selective_state_update --form mamba1 --batch 256 --nheads 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    return $rc
-  }
-  export -f profile
-  stage ncu_profile 90 profile
 fi
 
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
@@ -214,6 +194,33 @@ else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")
 fi
 
+# Nsight Compute on one launch of the main kernels (speed of light, occupancy, stall reasons):
+# where the next tuning step should go. GPU_CHECK_SKIP=profile skips it.
+NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
+  export NCU
+  profile() {
+    local rc=0
+    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis"
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
+      $B/bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
+      $B/bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:fwd_kernel $sections \
+      $B/bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:update $sections \
+      $B/bench_selective_state_update --form mamba1 --batch 256 --nheads 5120 \
+      --iterations 1 --warmup 0 --no-check || rc=1
+    return $rc
+  }
+  export -f profile
+  stage ncu_profile 90 profile
+fi
+
 echo
 echo "=== benchmark table ($JSON) ==="
 sed -n '/^device copy bandwidth/,$p' "$OUTDIR/benchmarks.log" 2>/dev/null | head -90
@@ -225,6 +232,9 @@ for f in gpu_tests other_gpu_tests; do
 done
 grep -hE "^(time|check .*FAIL)" "$OUTDIR"/microbench_cmake.log 2>/dev/null | head -16
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR"/sanitizer_*.log 2>/dev/null | sort | uniq -c
+# ncu: each profiled kernel's name, then its time, throughputs, occupancy and registers.
+grep -hE "Context [0-9]+, Stream|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread) " \
+  "$OUTDIR"/ncu_profile.log 2>/dev/null | sed -E 's/^ +//; s/\(anonymous namespace\):://; s/^(void )?tpssm::([a-z_0-9]+)<.*\) \(/\2 (/' | cut -c1-110 | head -40
 echo
 echo "=== gpu_check summary (total $(( $(date +%s) - T0 )) s) ===" | tee "$OUTDIR/summary.txt"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUTDIR/summary.txt"

@@ -81,6 +81,24 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
     assert report["environment"]["torch"] == torch.__version__
 
 
+def test_bench_rank_shard_times_one_shard_alone(mamba_dir, tmp_path):
+    """--rank-shard 2: rank 0's half of the model in this one process, no group."""
+    _, path = mamba_dir
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_cli("bench", "--model", path, "--tp", "1", "--rank-shard", "2",
+                             "--prompt-lens", "5", "--batch-sizes", "2", "--gen-tokens", "3",
+                             "--json", str(out_json))
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["rows"]
+    full, = [r for r in rows if not r["rank_shard_only"]]
+    shard, = [r for r in rows if r["rank_shard_only"]]
+    assert (full["tp"], shard["tp"]) == (1, 2)
+    assert shard["throughput_tok_s"] > 0 and shard["ttft_ms"] > 0
+    # The mixers are split in two; embedding, norms and the LM head stay whole.
+    assert shard["param_bytes_per_rank"] < full["param_bytes_per_rank"]
+    assert "2 shard" in out
+
+
 def test_continuous_batching_more_requests_than_slots(mamba_dir):
     from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
     from tpssm.models import SSMForCausalLM

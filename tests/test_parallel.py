@@ -83,6 +83,19 @@ def test_single_process_context_is_tp1():
         RowParallelLinear([(0, 4)], 3, False, ctx, allreduce="int4")
 
 
+def test_local_shard_context_is_rank0_of_tp_without_a_group():
+    ctx = TPContext.local_shard(4)
+    assert (ctx.rank, ctx.world_size, ctx.group) == (0, 4, None) and not ctx.communicates
+    assert ctx.shard_range(10) == (0, 3)
+    x = torch.randn(3, 8)
+    assert ctx.all_reduce(x, "int8") is x and ctx.broadcast(x) is x
+    assert torch.equal(ctx.all_gather_cat(x, dim=0), torch.cat([x] * 4))
+    ctx.barrier()
+    assert TPContext().communicates is False
+    with pytest.raises(ValueError, match="tp must be >= 1"):
+        TPContext.local_shard(0)
+
+
 def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
     import torch.distributed as dist
 

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -58,6 +59,7 @@ class ModelSpec:
     allreduce: str = "exact"
     allreduce_min_bytes: int = 1 << 20
     seed: int = 0
+    local_shard_tp: int = 0  # > 0: one process builds rank 0's shard of a tp-way model (bench)
 
     def describe(self) -> str:
         return self.path or self.preset or "demo model"
@@ -90,7 +92,10 @@ def build_model(spec: ModelSpec):
     from tpssm.progress import ProgressSource
 
     device = _rank_device(spec)
-    ctx = TPContext(None, device) if dist.is_initialized() else TPContext(device=device)
+    if spec.local_shard_tp:
+        ctx = TPContext.local_shard(spec.local_shard_tp, device)
+    else:
+        ctx = TPContext(None, device) if dist.is_initialized() else TPContext(device=device)
     dtype = DTYPES[spec.dtype]
     if spec.path is not None:
         config = load_config(spec.path)
@@ -222,7 +227,8 @@ def bench_rank(job: BenchJob) -> List[dict]:
             decode.extend((r.finish_s - r.first_token_s) / max(1, len(r.output) - 1)
                           for r in done)
         seconds = statistics.median(times)
-        rows.append({"tp": model.ctx.tp, "state_cache": use_cache, "batch": batch,
+        rows.append({"tp": model.ctx.tp, "rank_shard_only": model.ctx.local_shard_only,
+                     "state_cache": use_cache, "batch": batch,
                      "prompt_len": plen, "gen_tokens": job.gen_tokens,
                      "seconds": seconds,
                      "throughput_tok_s": batch * job.gen_tokens / seconds,
@@ -402,12 +408,17 @@ def cmd_bench(args) -> int:
     for tp in tps:
         log(f"bench: {spec.describe()} at tp {tp}")
         rows.extend(_spawn(bench_rank, tp, job, args.timeout)[0])
+    for tp in _parse_int_list(args.rank_shard, "--rank-shard") if args.rank_shard else []:
+        log(f"bench: {spec.describe()}, rank 0's shard of tp {tp} alone (no communication)")
+        shard_job = dataclasses.replace(job, spec=dataclasses.replace(spec, local_shard_tp=tp))
+        rows.extend(_spawn(bench_rank, 1, shard_job, args.timeout)[0])
     if not is_primary():
         return 0
-    print(f"{'tp':>3} {'cache':>5} {'batch':>5} {'prompt':>6} {'tok/s':>9} {'TTFT ms':>9} "
+    print(f"{'tp':>7} {'cache':>5} {'batch':>5} {'prompt':>6} {'tok/s':>9} {'TTFT ms':>9} "
           f"{'ms/token':>9}")
     for r in rows:
-        print(f"{r['tp']:>3} {'on' if r['state_cache'] else 'off':>5} {r['batch']:>5} "
+        tp = f"{r['tp']}" + (" shard" if r["rank_shard_only"] else "")
+        print(f"{tp:>7} {'on' if r['state_cache'] else 'off':>5} {r['batch']:>5} "
               f"{r['prompt_len']:>6} {r['throughput_tok_s']:>9.1f} {r['ttft_ms']:>9.1f} "
               f"{r['decode_ms_per_token']:>9.2f}")
     report = {"model": spec.describe(), "num_layers": args.num_layers, "dtype": args.dtype,
@@ -417,7 +428,8 @@ def cmd_bench(args) -> int:
     if args.compare_state_cache:
         report["state_cache_ratios"] = _cache_ratios(rows)
         for r in report["state_cache_ratios"]:
-            print(f"state cache on/off tp {r['tp']} batch {r['batch']} prompt {r['prompt_len']}: "
+            tp = f"{r['tp']}" + (" (rank shard)" if r["rank_shard_only"] else "")
+            print(f"state cache on/off tp {tp} batch {r['batch']} prompt {r['prompt_len']}: "
                   f"throughput x{r['throughput_ratio']:.2f}, TTFT x{r['ttft_ratio']:.2f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -430,13 +442,14 @@ def cmd_bench(args) -> int:
 
 
 def _cache_ratios(rows: List[dict]) -> List[dict]:
-    key = lambda r: (r["tp"], r["batch"], r["prompt_len"])  # noqa: E731
+    key = lambda r: (r["tp"], r["rank_shard_only"], r["batch"], r["prompt_len"])  # noqa: E731
     off = {key(r): r for r in rows if not r["state_cache"]}
     out = []
     for r in rows:
         if r["state_cache"] and key(r) in off:
             o = off[key(r)]
-            out.append({"tp": r["tp"], "batch": r["batch"], "prompt_len": r["prompt_len"],
+            out.append({"tp": r["tp"], "rank_shard_only": r["rank_shard_only"],
+                        "batch": r["batch"], "prompt_len": r["prompt_len"],
                         "throughput_ratio": r["throughput_tok_s"] / o["throughput_tok_s"],
                         "ttft_ratio": o["ttft_ms"] / r["ttft_ms"]})
     return out
@@ -454,12 +467,14 @@ def _plot(rows: List[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     series: Dict[tuple, List[tuple]] = {}
     for r in rows:
-        series.setdefault((r["tp"], r["batch"], r["state_cache"]), []).append(
-            (r["prompt_len"], r["throughput_tok_s"]))
-    for (tp, batch, cache), pts in sorted(series.items()):
+        series.setdefault((r["tp"], r["rank_shard_only"], r["batch"], r["state_cache"]),
+                          []).append((r["prompt_len"], r["throughput_tok_s"]))
+    for (tp, shard, batch, cache), pts in sorted(series.items()):
         pts.sort()
         ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o",
-                label=f"tp {tp}, batch {batch}" + ("" if cache else ", no state cache"))
+                linestyle="--" if shard else "-",
+                label=f"tp {tp}" + (" rank shard" if shard else "") + f", batch {batch}"
+                + ("" if cache else ", no state cache"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("throughput (generated tokens/s)")
@@ -539,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="baseline: recompute the whole prefix for every new token")
     cache.add_argument("--compare-state-cache", action="store_true",
                        help="run with and without the state cache and print the ratios")
+    p.add_argument("--rank-shard", default="",
+                   help="tp degree(s): also time rank 0's shard of a tp-way model alone on one "
+                        "device, collectives skipped (per-rank compute at tp shard sizes)")
     _allreduce_args(p)
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a PNG of throughput vs prompt length (matplotlib)")

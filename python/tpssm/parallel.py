@@ -91,8 +91,14 @@ class TPContext:
                                      group means the world group).
     TPContext.from_env()             initialises torch.distributed from torchrun's environment
                                      (gloo on CPU, NCCL on CUDA) and uses the world group.
+    TPContext.local_shard(tp)        rank 0's shard of a tp-way model with no group at all: the
+                                     collectives return their local operand (all_gather_cat its
+                                     copies), so a benchmark times one rank's compute at tp
+                                     shard sizes on one device. Outputs are not the model's.
     `device` is where this rank's weights and activations live.
     """
+
+    local_shard_only = False
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None,
                  device: Optional[torch.device] = None):
@@ -123,6 +129,20 @@ class TPContext:
             dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
         return cls(None, device)
 
+    @classmethod
+    def local_shard(cls, tp: int, device: Optional[torch.device] = None) -> "TPContext":
+        if tp < 1:
+            raise ValueError(f"local_shard: tp must be >= 1, got {tp}")
+        ctx = cls.__new__(cls)
+        ctx.group, ctx.rank, ctx.world_size = None, 0, tp
+        ctx.device = torch.device(device) if device is not None else torch.device("cpu")
+        ctx.local_shard_only = True
+        return ctx
+
+    @property
+    def communicates(self) -> bool:
+        return self.world_size > 1 and not self.local_shard_only
+
     @property
     def tp(self) -> int:
         return self.world_size
@@ -134,7 +154,7 @@ class TPContext:
                    group_size: int = 128) -> torch.Tensor:
         """Sum of x over the group. "exact" reduces x in place and returns it; the quantized
         schemes return a new tensor. x must be contiguous."""
-        if self.world_size == 1:
+        if not self.communicates:
             return x
         if scheme not in ALLREDUCE_SCHEMES:
             raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {scheme!r}")
@@ -154,6 +174,8 @@ class TPContext:
         """Concatenation of every rank's x along dim (ranks may hold different sizes)."""
         if self.world_size == 1:
             return x
+        if self.local_shard_only:  # the gathered shape and the concatenation's cost
+            return torch.cat([x] * self.world_size, dim=dim)
         dim = dim % x.dim()
         sizes = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
@@ -169,12 +191,12 @@ class TPContext:
         return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
+        if self.communicates:
             dist.broadcast(x, src=dist.get_global_rank(self.group, src), group=self.group)
         return x
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self.communicates:
             dist.barrier(group=self.group)
 
 
