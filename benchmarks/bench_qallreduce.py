@@ -6,8 +6,9 @@ What is measured and what is modelled:
   all-reduce sends 2(N-1)/N * M * elem_bytes).
 - kernel time (MEASURED on the device named in the output): one rank's quantize-pack of the
   whole message, its reduce-requantize of N received chunks and the dequantize of the gathered
-  result - the compute a rank adds to the exchange. CUDA events on a GPU, wall clock on the CPU
-  (CPU kernel figures are for completeness; they say nothing about GPU overheads).
+  result - the compute a rank adds to the exchange. On a GPU: CUDA events around a CUDA graph
+  of 20 back-to-back calls, per call (the kernels' own time, without the host's dispatch gap);
+  wall clock on the CPU (CPU kernel figures are for completeness).
 - link time saved (MODELLED): (bf16 ring bytes - int8 bytes) / link bandwidth, for PCIe 4 at
   22 GB/s and H100 NVLink at 450 GB/s per direction; overhead_fraction = kernel time / time saved
   (below 1: the quantized path wins on that link, ignoring latency and overlap).
@@ -18,10 +19,14 @@ What is measured and what is modelled:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,25 +47,60 @@ def measured_wire_bytes(x: torch.Tensor, n: int, group_size: int, codec: str) ->
     return (send.numel() - cb) + mine.numel() * (n - 1)
 
 
+CALLS_PER_GRAPH = 20
+
+
+def git_commit() -> str:
+    """TPSSM_GIT_COMMIT where the checkout's .git is not the tree's own, else HEAD."""
+    if os.environ.get("TPSSM_GIT_COMMIT"):
+        return os.environ["TPSSM_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def time_cuda_graph(fn, iters: int) -> float:
+    """Median GPU time of one fn() call in microseconds: CALLS_PER_GRAPH calls captured in one
+    CUDA graph, replayed between two events. Timing single eager calls between events counts
+    the host's dispatch gap before each launch (~15 us from Python on an H200, whatever the
+    message size), which hides the kernels' own time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
 def time_fn(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Median time of fn() in microseconds."""
+    """Median time of fn() in microseconds (on CUDA: the kernels' own time, see
+    time_cuda_graph)."""
+    if device == "cuda":
+        return time_cuda_graph(fn, iters)
     for _ in range(warmup):
         fn()
     times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
 
 
@@ -148,7 +188,12 @@ def main(argv=None):
                   f"{link['nvlink_h100']['overhead_fraction']:>8.3f}")
     result = {"device": device, "device_name": device_name,
               "kernel_times": "measured", "link_times": "modelled",
-              "links_gbps": LINKS_GBPS, "torch": torch.__version__, "rows": rows}
+              "kernel_timing": "cuda graph of 20 calls, per call" if device == "cuda"
+              else "wall clock per call",
+              "links_gbps": LINKS_GBPS, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "git_commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -407,6 +407,8 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
 
 
 def git_commit() -> str:
+    if os.environ.get("TPSSM_GIT_COMMIT"):  # a copied tree whose .git is not its own
+        return os.environ["TPSSM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"

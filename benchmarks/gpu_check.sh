@@ -12,7 +12,9 @@
 # little left is skipped, so the summary always prints. Logs go to benchmarks/out/<stamp>/; when
 # $OUT is set (the device tool returns at most 8 files from it) they are also packed into
 # $OUT/gpu_check_logs.tgz after every stage, and the summary and the benchmark JSON land there.
-# GPU_CHECK_SKIP="cmake tests bench profile sanitizer" skips stages on a rerun.
+# GPU_CHECK_SKIP="cmake tests bench profile sanitizer" skips stages on a rerun. Where the checkout's
+# .git is not the tree's own (a copied working tree), TPSSM_GIT_COMMIT=<hash> names the commit the
+# benchmark JSON records.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

@@ -375,9 +375,13 @@ def cmd_generate(args) -> int:
 
 
 def _environment() -> dict:
+    # TPSSM_GIT_COMMIT names the commit where the checkout's .git is not the tree's own (a copied
+    # working tree, as on a lent GPU machine).
+    commit = os.environ.get("TPSSM_GIT_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                          text=True, cwd=os.path.dirname(__file__),
+                                          timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"torch": torch.__version__, "cuda": torch.version.cuda,
