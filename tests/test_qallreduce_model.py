@@ -1,6 +1,12 @@
 """Model level: a tiny TP model with the quantized all-reduce against the exact one - top-1
 agreement of next-token predictions over 960 positions, and the relative logit error (printed
-as QAR_MODEL lines with -s and recorded as test properties)."""
+as QAR_MODEL lines with -s and recorded as test properties). Two kinds of model: tiny random
+checkpoints of two families (flat next-token distributions: the hard case for top-1), and a tiny
+Mamba trained on a synthetic source (tests/assets/tiny_trained_mamba, made by
+tools/train_tiny_lm.py), whose confident predictions are what a real checkpoint has."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,18 +15,31 @@ import hf_models as H
 from dist_utils import run_distributed
 
 NUM_POSITIONS = 960
+LENGTHS = (80, 64, 96, 80, 120, 160, 200, 160)
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = ROOT / "tests" / "assets" / "tiny_trained_mamba"
 
 
 def _prompts():
     g = torch.Generator().manual_seed(5)
-    return [torch.randint(256, (n,), generator=g).tolist() for n in (80, 64, 96, 80, 120, 160, 200, 160)]
+    return [torch.randint(256, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def _rank_logits(rank, world, path, schemes):
+def _source_prompts():
+    """Prompts drawn from the trained model's own source (in distribution, like text)."""
+    spec = importlib.util.spec_from_file_location("train_tiny_lm",
+                                                  ROOT / "tools" / "train_tiny_lm.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    g = torch.Generator().manual_seed(5)
+    return [source.markov_tokens(1, n, g)[0].tolist() for n in LENGTHS]
+
+
+def _rank_logits(rank, world, path, schemes, prompts=None):
     from tpssm.models import SSMForCausalLM
     from tpssm.parallel import TPContext
 
-    prompts = _prompts()
+    prompts = prompts or _prompts()
     ids = torch.tensor([t for p in prompts for t in p])
     qsl = torch.cumsum(torch.tensor([0] + [len(p) for p in prompts], dtype=torch.int32), 0,
                        dtype=torch.int32)
@@ -69,10 +88,33 @@ def test_quantized_allreduce_keeps_top1(checkpoints, family, tp, record_property
     # int8 two-shot: two quantization steps per all-reduce, ~1% relative error each (the
     # bounds of qallreduce.md, asserted in test_qallreduce.py), so a few percent at the logits.
     assert 0 < report["int8"][1] < 0.02
-    # Issue 5 asks for >= 98% top-1 agreement. These tiny random models measure 97.5-98% at
-    # 960 positions: their next-token distributions are nearly flat (mean top-1 probability
-    # ~2%, median top-1/top-2 logit gap ~0.2 of the logit std), so a 1.5% logit perturbation
-    # flips near-ties that a trained model does not have. The 98% target stays open in issue 5
-    # until it is measured on a real checkpoint; this asserts the level the numerics guarantee
-    # here.
+    # Issue 5's >= 98% top-1 bar is asserted on the trained model below. These random models
+    # measure 97.5-98% at 960 positions: their next-token distributions are nearly flat (mean
+    # top-1 probability ~2%, median top-1/top-2 logit gap ~0.2 of the logit std), so a 1.5%
+    # logit perturbation flips near-ties that a trained model does not have (the trained one,
+    # mean top-1 probability ~0.76, keeps 99.8-99.9%). Here: the level the numerics guarantee.
     assert report["int8"][0] >= 0.97
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_int8_allreduce_keeps_top1_on_a_trained_model(tp, record_property):
+    """Issue 5's bar, >= 98% top-1 agreement with the exact all-reduce, on the trained tiny
+    Mamba over 960 in-distribution positions."""
+    prompts = _source_prompts()
+    per_rank = run_distributed(_rank_logits, tp, str(TRAINED), ("exact", "int8", "fp8"),
+                               prompts, timeout=300)
+    exact = per_rank[0]["exact"]
+    assert exact.shape[0] == NUM_POSITIONS
+    report = {}
+    for scheme in ("int8", "fp8"):
+        q = per_rank[0][scheme]
+        agree = (q.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        rel = ((q - exact).norm() / exact.norm()).item()
+        report[scheme] = (agree, rel)
+        record_property(f"trained_tp{tp}_{scheme}", {"top1": agree, "rel_l2": rel})
+    confidence = exact.softmax(-1).max(-1).values.mean().item()
+    print(f"QAR_MODEL trained tp{tp} (mean top-1 probability {confidence:.2f}) " + " ".join(
+        f"{s}: top1 {a:.4f} rel {e:.2e}" for s, (a, e) in report.items()))
+    assert 0 < report["int8"][1] < 0.02
+    assert report["int8"][0] >= 0.98
