@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The engine's GPU figures for issue 6, at the presets' full depth: tp 1 throughput, TTFT and
+# decode latency with the state cache on and off, and rank 0's shard of tp 2 / 4 timed alone
+# (per-rank compute at shard sizes; one GPU has no peers). Run after gpu_check.sh has built the
+# extension on the same machine (or set GPU_ENGINE_BUILD=1). About 6 minutes on an H200;
+# GPU_ENGINE_PRESETS and GPU_ENGINE_LAYERS trim it. JSON and PNG go to $OUT (or benchmarks/out/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-benchmarks/out}
+mkdir -p "$OUTDIR"
+if [ "${GPU_ENGINE_BUILD:-0}" = 1 ]; then
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install -q --no-build-isolation --no-deps -e . \
+    || exit 1
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+status=0
+for preset in ${GPU_ENGINE_PRESETS:-mamba-2.8b falcon-mamba-7b mamba2-2.7b}; do
+  layers=()
+  [ -n "${GPU_ENGINE_LAYERS:-}" ] && layers=(--num-layers "$GPU_ENGINE_LAYERS")
+  # Without the state cache every new token recomputes the prefix: 16 new tokens keep the
+  # baseline's longest points under a minute.
+  timeout 300 $PY -m tpssm bench --preset "$preset" "${layers[@]}" --tp 1 --rank-shard 2,4 \
+    --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 16 --repeats 2 --compare-state-cache \
+    --dtype bfloat16 --json "$OUTDIR/engine_${preset}_$STAMP.json" \
+    --plot "$OUTDIR/engine_${preset}_$STAMP.png" || status=1
+done
+exit $status
