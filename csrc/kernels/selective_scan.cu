@@ -222,29 +222,30 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
         if (z) stage_tile_vec<Traits>(z - lane, p.z_token_stride, k0, lane, s_z[w]);
       }
     } else {
-    // This lane's channel: u, delta (and z) of the tile's tokens.
-    for (int kb = 0; kb < n; kb += kBatch) {
-      input_t ru[kBatch], rd[kBatch], rz[kBatch];
+      // A partial tile or warp, or unaligned inputs: each lane loads its own channel's u, delta
+      // (and z), kBatch tokens of loads in flight.
+      for (int kb = 0; kb < n; kb += kBatch) {
+        input_t ru[kBatch], rd[kBatch], rz[kBatch];
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        if (kb + q < n) {
-          const int64_t k = k0 + kb + q;
-          ru[q] = u[k * p.u_token_stride];
-          rd[q] = delta[k * p.delta_token_stride];
-          if (z) rz[q] = z[k * p.z_token_stride];
+        for (int q = 0; q < kBatch; ++q) {
+          if (kb + q < n) {
+            const int64_t k = k0 + kb + q;
+            ru[q] = u[k * p.u_token_stride];
+            rd[q] = delta[k * p.delta_token_stride];
+            if (z) rz[q] = z[k * p.z_token_stride];
+          }
         }
-      }
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        if (kb + q < n) {
-          s_u[w][kb + q][lane] = ru[q];
-          s_dt[w][kb + q][lane] = rd[q];
-          if constexpr (kOutput) {
-            if (z) s_z[w][kb + q][lane] = rz[q];
+        for (int q = 0; q < kBatch; ++q) {
+          if (kb + q < n) {
+            s_u[w][kb + q][lane] = ru[q];
+            s_dt[w][kb + q][lane] = rd[q];
+            if constexpr (kOutput) {
+              if (z) s_z[w][kb + q][lane] = rz[q];
+            }
           }
         }
       }
-    }
     }
     // The warp's B (and C) rows of the tile, spread over the live lanes; states past dstate are 0.
     const int elems = n * kStates;
