@@ -20,8 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -404,6 +403,11 @@ def cmd_bench(args) -> int:
 
         preset_config(args.preset, args.num_layers)  # an unknown name fails here, not per rank
     tps = _parse_int_list(args.tp, "--tp")
+    if args.rank_shard:
+        from tpssm.launch import under_torchrun
+
+        if under_torchrun():
+            raise CLIError("--rank-shard times one process on its own: run it without torchrun")
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce,
                      allreduce_min_bytes=args.allreduce_min_bytes)
@@ -417,7 +421,7 @@ def cmd_bench(args) -> int:
         rows.extend(_spawn(bench_rank, tp, job, args.timeout)[0])
     for tp in _parse_int_list(args.rank_shard, "--rank-shard") if args.rank_shard else []:
         log(f"bench: {spec.describe()}, rank 0's shard of tp {tp} alone (no communication)")
-        shard_job = dataclasses.replace(job, spec=dataclasses.replace(spec, local_shard_tp=tp))
+        shard_job = replace(job, spec=replace(spec, local_shard_tp=tp))
         rows.extend(_spawn(bench_rank, 1, shard_job, args.timeout)[0])
     if not is_primary():
         return 0
