@@ -40,6 +40,15 @@ namespace {
 constexpr int kScanThreads = 128;
 constexpr int kStates = 16;  // states per thread
 
+// Blocks per SM the staged kernels are compiled for (launch bounds only matter to the device
+// passes). sm_90 fits the staged output pass in 128 registers (4 blocks) with a few bytes of
+// spill; on sm_80 / sm_86 that cap spills ~150 bytes a thread, so they take 168 (3 blocks).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kStagedMinBlocks = 3;
+#else
+constexpr int kStagedMinBlocks = 4;
+#endif
+
 template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_>
 struct ScanTraits {
   using input_t = input_t_;
@@ -48,9 +57,9 @@ struct ScanTraits {
   static constexpr bool kStaged = kStaged_;
   // Tokens per staged tile: 32 KB of shared memory per 128-thread block for every input type.
   static constexpr int kTile = 64 / sizeof(input_t);
-  // Staged: at most 128 registers a thread, so 4 blocks (16 warps) share an SM and hide each
-  // other's tile loads (unbounded, the compiler takes ~170 and 3 blocks fit).
-  static constexpr int kMinBlocks = kStaged ? 4 : 1;
+  // Staged: 4 blocks (16 warps) share an SM on sm_90 and hide each other's tile loads
+  // (unbounded, the compiler takes ~170 registers and 3 blocks fit).
+  static constexpr int kMinBlocks = kStaged ? kStagedMinBlocks : 1;
   static constexpr int kThreads = kScanThreads;
   static constexpr int kStatesPerThread = kStates;
   static constexpr int kPerPack = 16 / sizeof(input_t);  // B / C elements per 16-byte access
@@ -169,6 +178,30 @@ __device__ __forceinline__ void stage_tile_vec(const typename Traits::input_t* b
   }
 }
 
+// The B or C rows (kStates wide, 16-byte aligned) of a full staged tile: rows[k][i] <-
+// base[(k0 + k) * token_stride + i], the warp's lanes taking 16-byte packs in turn.
+template <typename Traits>
+__device__ __forceinline__ void stage_rows_vec(const typename Traits::input_t* base,
+                                               int64_t token_stride, int64_t k0, int lane,
+                                               typename Traits::input_t (*rows)[kStates]) {
+  using input_t = typename Traits::input_t;
+  constexpr int kPP = Traits::kPerPack;
+  constexpr int kPacksPerRow = kStates / kPP;                    // 2 (16-bit) or 4 (fp32)
+  constexpr int kPerLane = Traits::kTile * kPacksPerRow / 32;    // 2 for every input type
+  Pack<input_t, kPP> v[kPerLane];
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) {
+    const int e = q * 32 + lane;
+    v[q] = load_pack<input_t, kPP>(base + (k0 + e / kPacksPerRow) * token_stride +
+                                   (e % kPacksPerRow) * kPP);
+  }
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) {
+    const int e = q * 32 + lane;
+    store_pack<input_t, kPP>(&rows[e / kPacksPerRow][(e % kPacksPerRow) * kPP], v[q]);
+  }
+}
+
 // scan_tokens for the staged plan (G = 1, the warp's channels in one group, dstate <= 16).
 template <typename Traits, bool kOutput>
 __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
@@ -247,29 +280,36 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
         }
       }
     }
-    // The warp's B (and C) rows of the tile, spread over the live lanes; states past dstate are 0.
-    const int elems = n * kStates;
-    for (int e0 = 0; e0 < elems; e0 += kBatch * th.warp_live) {
-      input_t rb[kBatch], rc[kBatch];
+    if (plan.bc_vec && p.dstate == kStates && n == kTile && th.warp_live == 32) {
+      // Whole 16-state rows, 16-byte aligned: 2 packs of B (and of C) per lane, all in flight
+      // at once (the per-element walk below needs 8 rounds of loads for a tile).
+      stage_rows_vec<Traits>(Bp, p.B_token_stride, k0, lane, s_B[w]);
+      if constexpr (kOutput) stage_rows_vec<Traits>(Cp, p.C_token_stride, k0, lane, s_C[w]);
+    } else {
+      // Otherwise element by element over the live lanes; states past dstate are 0.
+      const int elems = n * kStates;
+      for (int e0 = 0; e0 < elems; e0 += kBatch * th.warp_live) {
+        input_t rb[kBatch], rc[kBatch];
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int e = e0 + q * th.warp_live + lane;
-        const int k = e / kStates;
-        const int i = e % kStates;
-        const bool in = e < elems && i < p.dstate;
-        rb[q] = in ? Bp[(k0 + k) * p.B_token_stride + i] : zero;
-        if constexpr (kOutput) rc[q] = in ? Cp[(k0 + k) * p.C_token_stride + i] : zero;
-      }
+        for (int q = 0; q < kBatch; ++q) {
+          const int e = e0 + q * th.warp_live + lane;
+          const int k = e / kStates;
+          const int i = e % kStates;
+          const bool in = e < elems && i < p.dstate;
+          rb[q] = in ? Bp[(k0 + k) * p.B_token_stride + i] : zero;
+          if constexpr (kOutput) rc[q] = in ? Cp[(k0 + k) * p.C_token_stride + i] : zero;
+        }
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int e = e0 + q * th.warp_live + lane;
-        if (e < elems) {
-          s_B[w][e / kStates][e % kStates] = rb[q];
-          if constexpr (kOutput) s_C[w][e / kStates][e % kStates] = rc[q];
+        for (int q = 0; q < kBatch; ++q) {
+          const int e = e0 + q * th.warp_live + lane;
+          if (e < elems) {
+            s_B[w][e / kStates][e % kStates] = rb[q];
+            if constexpr (kOutput) s_C[w][e / kStates][e % kStates] = rc[q];
+          }
         }
       }
     }
-    __syncwarp(th.warp_mask);
+    __syncwarp(th.warp_mask);  // the tile's rows and columns, written by other lanes
 
     for (int k = 0; k < n; ++k) {
       float dt = to_float(s_dt[w][k][lane]) + bias;
