@@ -153,41 +153,18 @@ __device__ __forceinline__ void load_states_row(
   }
 }
 
-// One stream of a full staged tile: base points at the warp's first channel, token 0 of the
-// walk; tile[k][ch] <- base[(k0 + k) * token_stride + ch] for kTile tokens x 32 channels.
-template <typename Traits>
-__device__ __forceinline__ void stage_tile_vec(const typename Traits::input_t* base,
-                                               int64_t token_stride, int64_t k0, int lane,
-                                               typename Traits::input_t (*tile)[32]) {
-  using input_t = typename Traits::input_t;
-  constexpr int kPP = Traits::kPerPack;
-  constexpr int kPacksPerToken = 32 / kPP;                          // 4 (16-bit) or 8 (fp32)
-  constexpr int kPerLane = Traits::kTile * kPacksPerToken / 32;     // 4 for every input type
-  Pack<input_t, kPP> v[kPerLane];
-#pragma unroll
-  for (int q = 0; q < kPerLane; ++q) {
-    const int e = q * 32 + lane;
-    const int k = e / kPacksPerToken;
-    const int j = e % kPacksPerToken;
-    v[q] = load_pack<input_t, kPP>(base + (k0 + k) * token_stride + j * kPP);
-  }
-#pragma unroll
-  for (int q = 0; q < kPerLane; ++q) {
-    const int e = q * 32 + lane;
-    store_pack<input_t, kPP>(&tile[e / kPacksPerToken][(e % kPacksPerToken) * kPP], v[q]);
-  }
-}
-
-// The B or C rows (kStates wide, 16-byte aligned) of a full staged tile: rows[k][i] <-
-// base[(k0 + k) * token_stride + i], the warp's lanes taking 16-byte packs in turn.
-template <typename Traits>
+// Rows of a full staged tile as 16-byte packs, the warp's 32 lanes taking packs in turn:
+// rows[k][i] <- base[(k0 + k) * token_stride + i] for kTile tokens and i < kWidth. kWidth 32: a
+// stream of the warp's own channels (base at its first channel); kWidth kStates: B or C rows.
+template <typename Traits, int kWidth>
 __device__ __forceinline__ void stage_rows_vec(const typename Traits::input_t* base,
                                                int64_t token_stride, int64_t k0, int lane,
-                                               typename Traits::input_t (*rows)[kStates]) {
+                                               typename Traits::input_t (*rows)[kWidth]) {
   using input_t = typename Traits::input_t;
   constexpr int kPP = Traits::kPerPack;
-  constexpr int kPacksPerRow = kStates / kPP;                    // 2 (16-bit) or 4 (fp32)
-  constexpr int kPerLane = Traits::kTile * kPacksPerRow / 32;    // 2 for every input type
+  constexpr int kPacksPerRow = kWidth / kPP;
+  constexpr int kPerLane = Traits::kTile * kPacksPerRow / 32;  // 4 (kWidth 32) or 2 (kStates)
+  static_assert(Traits::kTile * kPacksPerRow % 32 == 0, "whole packs per lane");
   Pack<input_t, kPP> v[kPerLane];
 #pragma unroll
   for (int q = 0; q < kPerLane; ++q) {
@@ -249,10 +226,10 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
       // A whole tile of a whole warp: the 32 channels of a token are 64 or 128 contiguous bytes,
       // so the lanes load u, delta (and z) as 16-byte packs, 4 per lane and stream, and each
       // lane writes packs of other lanes' channels (the __syncwarp below orders them).
-      stage_tile_vec<Traits>(u - lane, p.u_token_stride, k0, lane, s_u[w]);
-      stage_tile_vec<Traits>(delta - lane, p.delta_token_stride, k0, lane, s_dt[w]);
+      stage_rows_vec<Traits, 32>(u - lane, p.u_token_stride, k0, lane, s_u[w]);
+      stage_rows_vec<Traits, 32>(delta - lane, p.delta_token_stride, k0, lane, s_dt[w]);
       if constexpr (kOutput) {
-        if (z) stage_tile_vec<Traits>(z - lane, p.z_token_stride, k0, lane, s_z[w]);
+        if (z) stage_rows_vec<Traits, 32>(z - lane, p.z_token_stride, k0, lane, s_z[w]);
       }
     } else {
       // A partial tile or warp, or unaligned inputs: each lane loads its own channel's u, delta
@@ -283,8 +260,10 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
     if (plan.bc_vec && p.dstate == kStates && n == kTile && th.warp_live == 32) {
       // Whole 16-state rows, 16-byte aligned: 2 packs of B (and of C) per lane, all in flight
       // at once (the per-element walk below needs 8 rounds of loads for a tile).
-      stage_rows_vec<Traits>(Bp, p.B_token_stride, k0, lane, s_B[w]);
-      if constexpr (kOutput) stage_rows_vec<Traits>(Cp, p.C_token_stride, k0, lane, s_C[w]);
+      stage_rows_vec<Traits, kStates>(Bp, p.B_token_stride, k0, lane, s_B[w]);
+      if constexpr (kOutput) {
+        stage_rows_vec<Traits, kStates>(Cp, p.C_token_stride, k0, lane, s_C[w]);
+      }
     } else {
       // Otherwise element by element over the live lanes; states past dstate are 0.
       const int elems = n * kStates;
@@ -665,24 +644,25 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   }
   constexpr int kPerPackMin = 4;  // fp32 B / C: 4 elements per 16 bytes (16-bit: 8)
   const int64_t per_pack = p.act_dtype == DType::kFloat32 ? kPerPackMin : 2 * kPerPackMin;
-  plan.bc_vec = p.dstate % kStates == 0 && is_aligned(p.B, 16) && is_aligned(p.C, 16) &&
-                p.B_token_stride % per_pack == 0 && p.C_token_stride % per_pack == 0 &&
-                p.B_group_stride % per_pack == 0 && p.C_group_stride % per_pack == 0 &&
-                (p.query_start_loc != nullptr ||
-                 (p.B_batch_stride % per_pack == 0 && p.C_batch_stride % per_pack == 0));
+  // A tensor (or none) every row of which starts 16-byte aligned: an aligned base, token (and,
+  // dense, batch) strides of whole packs.
+  auto packs_aligned = [&](const void* ptr, int64_t token_stride, int64_t batch_stride) {
+    return ptr == nullptr ||
+           (is_aligned(ptr, 16) && token_stride % per_pack == 0 &&
+            (p.query_start_loc != nullptr || batch_stride % per_pack == 0));
+  };
+  plan.bc_vec = p.dstate % kStates == 0 && p.B_group_stride % per_pack == 0 &&
+                p.C_group_stride % per_pack == 0 &&
+                packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
+                packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
   // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
   // channels (a block's channels start at a multiple of 128) read one group's B / C rows.
   const int64_t channels_per_group = plan.channels / p.ngroups;
   // TPSSM_SCAN_DIRECT=1 forces the direct walk (benchmarks compare the two in one process).
   plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
                 env_override("TPSSM_SCAN_DIRECT") == 0;
-  // A warp's 32 channels of u, delta (one per channel: headdim 1) and z start 16-byte aligned
-  // for every token: aligned bases, token and batch strides whole packs.
-  auto packs_aligned = [&](const void* ptr, int64_t token_stride, int64_t batch_stride) {
-    return ptr == nullptr ||
-           (is_aligned(ptr, 16) && token_stride % per_pack == 0 &&
-            (p.query_start_loc != nullptr || batch_stride % per_pack == 0));
-  };
+  // A warp's 32 channels of u, delta (one per channel: headdim 1) and z then start 16-byte
+  // aligned for every token (a warp's first channel is a multiple of 32).
   plan.own_vec = plan.staged && p.headdim == 1 &&
                  packs_aligned(p.u, p.u_token_stride, p.u_batch_stride) &&
                  packs_aligned(p.delta, p.delta_token_stride, p.delta_batch_stride) &&
