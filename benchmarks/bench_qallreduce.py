@@ -21,18 +21,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import tpssm
-import tpssm.qallreduce as Q
-from tpssm.reference.qallreduce import qar_layout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ssm_ops import time_graph  # noqa: E402  (the same CUDA-graph timer)
+
+import tpssm  # noqa: E402
+import tpssm.qallreduce as Q  # noqa: E402
+from tpssm.cli import git_commit  # noqa: E402
+from tpssm.reference.qallreduce import qar_layout  # noqa: E402
 
 LINKS_GBPS = {"pcie4": 22.0, "nvlink_h100": 450.0}
 SCHEMES = ("exact", "fp16", "int8", "fp8")
@@ -50,50 +53,13 @@ def measured_wire_bytes(x: torch.Tensor, n: int, group_size: int, codec: str) ->
 CALLS_PER_GRAPH = 20
 
 
-def git_commit() -> str:
-    """TPSSM_GIT_COMMIT where the checkout's .git is not the tree's own, else HEAD."""
-    if os.environ.get("TPSSM_GIT_COMMIT"):
-        return os.environ["TPSSM_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def time_cuda_graph(fn, iters: int) -> float:
-    """Median GPU time of one fn() call in microseconds: CALLS_PER_GRAPH calls captured in one
-    CUDA graph, replayed between two events. Timing single eager calls between events counts
-    the host's dispatch gap before each launch (~15 us from Python on an H200, whatever the
-    message size), which hides the kernels' own time."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    return statistics.median(times)
-
-
 def time_fn(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Median time of fn() in microseconds (on CUDA: the kernels' own time, see
-    time_cuda_graph)."""
+    """Median time of fn() in microseconds. On CUDA: CALLS_PER_GRAPH calls captured in one CUDA
+    graph, replayed between two events, per call - timing single eager calls counts the host's
+    dispatch gap before each launch (~15 us from Python on an H200, whatever the message size),
+    which hides the kernels' own time."""
     if device == "cuda":
-        return time_cuda_graph(fn, iters)
+        return 1e3 * time_graph(lambda _: fn(), [None] * CALLS_PER_GRAPH, iters)
     for _ in range(warmup):
         fn()
     times = []
@@ -191,7 +157,7 @@ def main(argv=None):
               "kernel_timing": "cuda graph of 20 calls, per call" if device == "cuda"
               else "wall clock per call",
               "links_gbps": LINKS_GBPS, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "git_commit": git_commit(),
+              "git_commit": git_commit() or "unknown",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "rows": rows}
     if args.json:

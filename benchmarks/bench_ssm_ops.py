@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,7 +308,7 @@ def _time_eager(fn, iters=10, warmup=2) -> float:
     return times[len(times) // 2]
 
 
-def _time_graph(fn_per_set, sets, reps, reset=None) -> float:
+def time_graph(fn_per_set, sets, reps, reset=None) -> float:
     """Median ms per call: one CUDA graph calls fn on every input set in turn."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -355,13 +354,13 @@ def run_case(case: Case, copy_gbs: float, reps: int, with_ref: bool) -> Dict:
             for k in keys:
                 s[k].copy_(saved[k])
 
-    ms = _time_graph(case.call, sets, reps, reset_all if keys else None)
+    ms = time_graph(case.call, sets, reps, reset_all if keys else None)
     res = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, time_us=ms * 1e3,
                bytes=case.bytes, gbs=case.bytes / (ms * 1e-3) / 1e9, input_sets=num_sets)
     res["pct_copy"] = 100.0 * res["gbs"] / copy_gbs
     if case.native is not None:
         try:
-            native_ms = _time_graph(case.native, sets[: min(num_sets, 64)], reps)
+            native_ms = time_graph(case.native, sets[: min(num_sets, 64)], reps)
         except Exception:  # noqa: BLE001 - a baseline that cannot be captured runs eagerly
             native_ms = _time_eager(lambda: case.native(sets[0]), iters=reps)
         res["native_us"] = native_ms * 1e3
@@ -404,16 +403,6 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                 if "state_update" in wanted:
                     cases.append(ssu_case(model, tp, batch, ops, ref_mod))
     return cases
-
-
-def git_commit() -> str:
-    if os.environ.get("TPSSM_GIT_COMMIT"):  # a copied tree whose .git is not its own
-        return os.environ["TPSSM_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def print_table(results: List[Dict], copy_gbs: float) -> None:
@@ -464,6 +453,7 @@ def main(argv=None) -> int:
     import tpssm
     from tpssm import ops
     from tpssm import reference as ref_mod
+    from tpssm.cli import git_commit
 
     if not tpssm.has_cuda_kernels():
         print("bench_ssm_ops: this tpssm build has no CUDA kernels; nothing to benchmark")
@@ -494,7 +484,7 @@ def main(argv=None) -> int:
     if args.json:
         payload = dict(
             device=torch.cuda.get_device_name(0), torch=torch.__version__,
-            cuda=torch.version.cuda, git_commit=git_commit(),
+            cuda=torch.version.cuda, git_commit=git_commit() or "unknown",
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             copy_bandwidth_gbs=copy_gbs, quick=args.quick, activation_dtype=str(ACT),
             state_dtype=str(STATE), results=results)

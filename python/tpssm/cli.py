@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -376,16 +376,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _environment() -> dict:
-    # TPSSM_GIT_COMMIT names the commit where the checkout's .git is not the tree's own (a copied
-    # working tree, as on a lent GPU machine).
-    commit = os.environ.get("TPSSM_GIT_COMMIT", "")
+def git_commit() -> str:
+    """The commit of the source tree, "" when unknown (the benchmarks record it too).
+    TPSSM_GIT_COMMIT names it where the checkout's .git is not the tree's own (a copied working
+    tree, as on a lent GPU machine)."""
+    if os.environ.get("TPSSM_GIT_COMMIT"):
+        return os.environ["TPSSM_GIT_COMMIT"]
     try:
-        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                          text=True, cwd=os.path.dirname(__file__),
-                                          timeout=5).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return ""
+
+
+def _environment() -> dict:
+    commit = git_commit()
     return {"torch": torch.__version__, "cuda": torch.version.cuda,
             "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
             platform.processor() or platform.machine(),
