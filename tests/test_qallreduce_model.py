@@ -63,25 +63,33 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+def _agreement(per_rank, schemes, label, record_property, note=""):
+    """{scheme: (top-1 agreement with the exact logits, relative L2 error)} of rank 0, each
+    recorded as the test property <label>_<scheme> and printed as a QAR_MODEL line."""
+    exact = per_rank[0]["exact"]
+    assert exact.shape[0] == NUM_POSITIONS
+    report = {}
+    for scheme in schemes:
+        q = per_rank[0][scheme]
+        agree = (q.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        rel = ((q - exact).norm() / exact.norm()).item()
+        report[scheme] = (agree, rel)
+        record_property(f"{label}_{scheme}", {"top1": agree, "rel_l2": rel})
+    print(f"QAR_MODEL {label}{note} " + " ".join(
+        f"{s}: top1 {a:.4f} rel {e:.2e}" for s, (a, e) in report.items()))
+    return report
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["mamba", "mamba2_g1"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_quantized_allreduce_keeps_top1(checkpoints, family, tp, record_property):
     schemes = ("exact", "int8", "fp8", "fp16")
     per_rank = run_distributed(_rank_logits, tp, checkpoints[family], schemes, timeout=300)
-    exact = per_rank[0]["exact"]
-    assert exact.shape[0] == NUM_POSITIONS
-    report = {}
     for scheme in schemes[1:]:
         for r in range(1, tp):  # every rank holds the same logits, quantized or not
             assert torch.equal(per_rank[r][scheme], per_rank[0][scheme])
-        q = per_rank[0][scheme]
-        agree = (q.argmax(-1) == exact.argmax(-1)).float().mean().item()
-        rel = ((q - exact).norm() / exact.norm()).item()
-        report[scheme] = (agree, rel)
-        record_property(f"{family}_tp{tp}_{scheme}", {"top1": agree, "rel_l2": rel})
-    print(f"QAR_MODEL {family} tp{tp} " + " ".join(
-        f"{s}: top1 {a:.4f} rel {e:.2e}" for s, (a, e) in report.items()))
+    report = _agreement(per_rank, schemes[1:], f"{family}_tp{tp}", record_property)
     # The paper's fp16 cast keeps >= 98% top-1 (it reports 98.8% on Mamba-2.8B).
     assert report["fp16"][0] >= 0.98
     assert report["fp16"][1] < 1e-3
@@ -104,17 +112,8 @@ def test_int8_allreduce_keeps_top1_on_a_trained_model(tp, record_property):
     prompts = _source_prompts()
     per_rank = run_distributed(_rank_logits, tp, str(TRAINED), ("exact", "int8", "fp8"),
                                prompts, timeout=300)
-    exact = per_rank[0]["exact"]
-    assert exact.shape[0] == NUM_POSITIONS
-    report = {}
-    for scheme in ("int8", "fp8"):
-        q = per_rank[0][scheme]
-        agree = (q.argmax(-1) == exact.argmax(-1)).float().mean().item()
-        rel = ((q - exact).norm() / exact.norm()).item()
-        report[scheme] = (agree, rel)
-        record_property(f"trained_tp{tp}_{scheme}", {"top1": agree, "rel_l2": rel})
-    confidence = exact.softmax(-1).max(-1).values.mean().item()
-    print(f"QAR_MODEL trained tp{tp} (mean top-1 probability {confidence:.2f}) " + " ".join(
-        f"{s}: top1 {a:.4f} rel {e:.2e}" for s, (a, e) in report.items()))
+    confidence = per_rank[0]["exact"].softmax(-1).max(-1).values.mean().item()
+    report = _agreement(per_rank, ("int8", "fp8"), f"trained_tp{tp}", record_property,
+                        f" (mean top-1 probability {confidence:.2f})")
     assert 0 < report["int8"][1] < 0.02
     assert report["int8"][0] >= 0.98
