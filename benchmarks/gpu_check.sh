@@ -201,22 +201,19 @@ fi
 NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
 if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
   export NCU
-  profile() {
-    local rc=0
+  profile() {  # one launch of each kernel below: regex of its name, binary, arguments
+    local rc=0 kernel bin args
     local sections="--section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis"
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
-      $B/bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:scan_output $sections \
-      $B/bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:fwd_kernel $sections \
-      $B/bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
-    "$NCU" --clock-control none --launch-count 1 --kernel-name regex:update $sections \
-      $B/bench_selective_state_update --form mamba1 --batch 256 --nheads 5120 \
-      --iterations 1 --warmup 0 --no-check || rc=1
+    while read -r kernel bin args; do
+      "$NCU" --clock-control none --launch-count 1 --kernel-name "regex:$kernel" $sections \
+        "$B/$bin" $args --iterations 1 --warmup 0 --no-check || rc=1
+    done <<'CASES'
+scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120
+scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20
+fwd_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120
+update bench_selective_state_update --form mamba1 --batch 256 --nheads 5120
+CASES
     return $rc
   }
   export -f profile
