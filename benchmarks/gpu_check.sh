@@ -12,7 +12,8 @@
 # little left is skipped, so the summary always prints. Logs go to benchmarks/out/<stamp>/; when
 # $OUT is set (the device tool returns at most 8 files from it) they are also packed into
 # $OUT/gpu_check_logs.tgz after every stage, and the summary and the benchmark JSON land there.
-# GPU_CHECK_SKIP="cmake tests bench profile sanitizer" skips stages on a rerun. Where the checkout's
+# GPU_CHECK_SKIP="cmake tests bench engine profile sanitizer" skips stages on a rerun (engine:
+# the engine benches only, e.g. when gpu_engine_bench.sh runs them at full depth). Where the checkout's
 # .git is not the tree's own (a copied working tree), TPSSM_GIT_COMMIT=<hash> names the commit the
 # benchmark JSON records.
 set -uo pipefail
@@ -74,7 +75,7 @@ if ! $PY -c "import nvidia.nccl" 2>/dev/null; then
   exit 1
 fi
 
-# Stages to skip on a rerun: GPU_CHECK_SKIP="cmake tests bench profile sanitizer" (any subset).
+# Stages to skip on a rerun: GPU_CHECK_SKIP="cmake tests bench engine profile sanitizer" (any subset).
 want() { [[ " ${GPU_CHECK_SKIP:-} " != *" $1 "* ]]; }
 
 build() {
@@ -128,6 +129,9 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
+fi
+
+if want bench && want engine; then
   # The engine at tp 1 on presets' real widths (fewer layers to fit the check's time), and one
   # rank's shard of tp 2 / 4 alone (per-rank compute at shard sizes; one GPU has no peers).
   stage bench_engine 150 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --rank-shard 2,4 \
