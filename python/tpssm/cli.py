@@ -104,7 +104,7 @@ def build_model(spec: ModelSpec):
             config = preset_config(spec.preset, spec.num_layers)
         else:
             config = parse_config(spec.config)
-        source = RandomWeightSource(config, seed=spec.seed)
+        source = RandomWeightSource(config, seed=spec.seed, device=device)
     model = SSMForCausalLM(config, ctx, dtype, allreduce=spec.allreduce,
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     with torch.no_grad():
@@ -201,22 +201,24 @@ def bench_rank(job: BenchJob) -> List[dict]:
               for L in job.prompt_lens]
     rows = []
     progress = Progress(len(points), f"bench tp {model.ctx.tp}")
-    # One engine per (state cache mode, batch size), warmed up once at the sweep's longest
-    # prompt: kernels, the allocator's blocks (the scan workspace grows with the prompt; a first
-    # cudaMalloc inside a timed prefill added ~11 ms to TTFT on an H200) and the decode CUDA
-    # graphs are ready before any timed run, and reused across prompt lengths.
+    # One engine per (state cache mode, batch size), reused across prompt lengths. Every point
+    # first runs once untimed at its own shape: kernels a new shape selects (cuBLAS picks other
+    # GEMM kernels per token count; CUDA loads a kernel's module at its first launch), the
+    # allocator's blocks (the scan workspace grows with the prompt) and the decode CUDA graph of
+    # the batch size are all ready before the timed repeats. With one warm-up at the longest
+    # prompt only, the sweep's first point (batch 1, the shortest prompt) came out 7-17 ms
+    # slower in TTFT on an H100 than the same point without the state cache, timed later.
     engines = {}
-    warm_len = max(job.prompt_lens)
     for use_cache, batch, plen in points:
         gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
                           max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache)
         engine = engines.get((use_cache, batch))
         if engine is None:
             engine = engines[(use_cache, batch)] = _make_engine(model, gen)
-            gen.prompts = [torch.randint(vocab, (warm_len,), generator=g).tolist()] * batch
-            gen.max_new_tokens = 2
-            _run_job(engine, gen)
-            engine.finished.clear()
+        gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()] * batch
+        gen.max_new_tokens = 2
+        _run_job(engine, gen)
+        engine.finished.clear()
         gen.max_new_tokens = job.gen_tokens
         times, ttfts, decode = [], [], []
         for _ in range(job.repeats):
@@ -480,23 +482,38 @@ def _plot(rows: List[dict], path: str, title: str) -> None:
     except ImportError:
         log("bench: matplotlib is not installed, no plot written")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series: Dict[tuple, List[tuple]] = {}
-    for r in rows:
-        series.setdefault((r["tp"], r["rank_shard_only"], r["batch"], r["state_cache"]),
-                          []).append((r["prompt_len"], r["throughput_tok_s"]))
-    for (tp, shard, batch, cache), pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o",
-                linestyle="--" if shard else "-",
-                label=f"tp {tp}" + (" rank shard" if shard else "") + f", batch {batch}"
-                + ("" if cache else ", no state cache"))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("throughput (generated tokens/s)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(True, alpha=0.3)
+    # One panel per batch size; a colour per tp degree (rank shards dashed), the state cache
+    # off in open markers and dotted lines. Throughput on a log axis: the cache-off baseline is
+    # often 10x below.
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches) + 2.2, 4),
+                             squeeze=False)
+    degrees = sorted({(r["tp"], r["rank_shard_only"]) for r in rows})
+    colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(degrees)}
+    for ax, batch in zip(axes[0], batches):
+        series: Dict[tuple, List[tuple]] = {}
+        for r in rows:
+            if r["batch"] == batch:
+                series.setdefault((r["tp"], r["rank_shard_only"], r["state_cache"]),
+                                  []).append((r["prompt_len"], r["throughput_tok_s"]))
+        for (tp, shard, cache), pts in sorted(series.items(), key=lambda kv: (kv[0][0],
+                                                                               kv[0][1],
+                                                                               not kv[0][2])):
+            pts.sort()
+            colour = colours[(tp, shard)]
+            ax.plot([p for p, _ in pts], [t for _, t in pts], color=colour,
+                    marker="o", markerfacecolor=colour if cache else "none",
+                    linestyle=("--" if shard else "-") if cache else ":",
+                    label=f"tp {tp}" + (" rank shard" if shard else "")
+                    + ("" if cache else ", no state cache"))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("throughput (generated tokens/s)")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     log(f"bench: wrote {path}")

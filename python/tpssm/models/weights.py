@@ -24,8 +24,9 @@ _RENAMES = (("backbone.embeddings.", "backbone.embedding."),)
 
 
 class WeightSource:
-    """get / get_rows / get_cols return CPU tensors in the stored dtype; bytes_read counts what
-    was materialised (the per-rank host memory the loader needed)."""
+    """get / get_rows / get_cols return tensors in the stored dtype, on the CPU (generated
+    sources: on their device); bytes_read counts what was materialised (the per-rank memory the
+    loader needed)."""
 
     def __init__(self):
         self.bytes_read = 0
@@ -70,7 +71,8 @@ class WeightSource:
         raise NotImplementedError
 
 
-def _concat_ranges(read, ranges: Ranges, dim: int) -> torch.Tensor:
+def concat_ranges(read, ranges: Ranges, dim: int) -> torch.Tensor:
+    """read(range) for each range, concatenated along dim; a repeated range is read once."""
     cache: Dict[Tuple[int, int], torch.Tensor] = {}
     parts = []
     for r in ranges:
@@ -122,11 +124,11 @@ class SafetensorsSource(WeightSource):
 
     def get_rows(self, name: str, ranges: Ranges) -> torch.Tensor:
         sl = self._slice(name)
-        return _concat_ranges(lambda r: self._count(sl[r[0]:r[1]]), ranges, 0)
+        return concat_ranges(lambda r: self._count(sl[r[0]:r[1]]), ranges, 0)
 
     def get_cols(self, name: str, ranges: Ranges) -> torch.Tensor:
         sl = self._slice(name)
-        return _concat_ranges(lambda r: self._count(sl[:, r[0]:r[1]]), ranges, 1)
+        return concat_ranges(lambda r: self._count(sl[:, r[0]:r[1]]), ranges, 1)
 
 
 class DictSource(WeightSource):
@@ -148,8 +150,8 @@ class DictSource(WeightSource):
 
     def get_rows(self, name: str, ranges: Ranges) -> torch.Tensor:
         t = self._sd[self._resolve(name)]
-        return _concat_ranges(lambda r: self._count(t[r[0]:r[1]].cpu()), ranges, 0)
+        return concat_ranges(lambda r: self._count(t[r[0]:r[1]].cpu()), ranges, 0)
 
     def get_cols(self, name: str, ranges: Ranges) -> torch.Tensor:
         t = self._sd[self._resolve(name)]
-        return _concat_ranges(lambda r: self._count(t[:, r[0]:r[1]].cpu()), ranges, 1)
+        return concat_ranges(lambda r: self._count(t[:, r[0]:r[1]].cpu()), ranges, 1)
