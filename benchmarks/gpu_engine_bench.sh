@@ -2,8 +2,12 @@
 # The engine's GPU figures for issue 6, at the presets' full depth: tp 1 throughput, TTFT and
 # decode latency with the state cache on and off, and rank 0's shard of tp 2 / 4 timed alone
 # (per-rank compute at shard sizes; one GPU has no peers). Run after gpu_check.sh has built the
-# extension on the same machine (or set GPU_ENGINE_BUILD=1). About 6 minutes on an H200;
-# GPU_ENGINE_PRESETS and GPU_ENGINE_LAYERS trim it. JSON and PNG go to $OUT (or benchmarks/out/).
+# extension on the same machine (or set GPU_ENGINE_BUILD=1). GPU_ENGINE_PRESETS and
+# GPU_ENGINE_LAYERS trim it. JSON and PNG go to $OUT (or benchmarks/out/), one pair per preset as
+# soon as that preset is done. Timing on an H100 (2026-11-27), when random weights were still
+# sampled on the CPU (30-73 s per model load, three loads per preset; now generated on the GPU):
+# mamba-2.8b ~3 min, falcon-mamba-7b > 5 min (its 300 s timeout hit in the tp 2 shard load; tp 1
+# alone: 73 s loading + 33 s timed), mamba2-2.7b not finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
