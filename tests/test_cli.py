@@ -79,6 +79,22 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
         assert r["throughput_tok_s"] > 0 and r["ttft_ms"] > 0 and r["seconds"] > 0
     assert len(report["state_cache_ratios"]) == 8
     assert report["environment"]["torch"] == torch.__version__
+    assert report["complete"] is True
+
+
+def test_bench_keeps_finished_degrees_when_a_later_one_fails(mamba_dir, tmp_path):
+    """The JSON is rewritten after every tp degree: a sweep that dies part way keeps its rows."""
+    _, path = mamba_dir
+    out_json = tmp_path / "bench.json"
+    # A shard of tp 4096 has no channel to hold: the second run fails at model build.
+    code, out, err = run_cli("bench", "--model", path, "--tp", "1", "--rank-shard", "4096",
+                             "--prompt-lens", "5", "--batch-sizes", "1", "--gen-tokens", "2",
+                             "--json", str(out_json))
+    assert code != 0
+    assert "4096" in err.strip().splitlines()[-1]
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is False
+    assert [(r["tp"], r["rank_shard_only"]) for r in report["rows"]] == [(1, False)]
 
 
 def test_bench_rank_shard_times_one_shard_alone(mamba_dir, tmp_path):
