@@ -5,16 +5,18 @@
 #   2. builds the standalone CMake benchmark binaries (when cmake is there) and runs their
 #      reference checks,
 #   3. runs the GPU tests (tests/test_ops_cuda.py and any other *cuda* / *gpu* tests),
-#   4. runs the benchmarks (--quick), JSON to $OUT (else benchmarks/results/),
+#   4. runs the kernel benchmarks (--quick), JSON to $OUT (else benchmarks/results/),
 #   5. runs compute-sanitizer memcheck and racecheck on small cases,
+#   6. runs the engine sweep at the presets' full depth (gpu_engine_bench.sh) and an ncu profile,
 # and prints a compact table last. Each stage has its own timeout, and the whole run keeps inside
 # GPU_CHECK_BUDGET_S (default 480 s): a stage gets at most what is left of it, a stage with too
 # little left is skipped, so the summary always prints. Logs go to benchmarks/out/<stamp>/; when
 # $OUT is set (the device tool returns at most 8 files from it) they are also packed into
 # $OUT/gpu_check_logs.tgz after every stage, and the summary and the benchmark JSON land there.
-# GPU_CHECK_SKIP="cmake tests bench engine profile sanitizer" skips stages on a rerun (engine:
-# the engine benches only, e.g. when gpu_engine_bench.sh runs them at full depth). Where the checkout's
-# .git is not the tree's own (a copied working tree), TPSSM_GIT_COMMIT=<hash> names the commit the
+# GPU_CHECK_SKIP="build cmake tests bench engine profile sanitizer" skips stages on a rerun (build:
+# keep the extension a previous run built on this machine; engine: the full-depth engine sweep,
+# benchmarks/gpu_engine_bench.sh, which runs after the sanitizers). Where the checkout's .git is
+# not the tree's own (a copied working tree), TPSSM_GIT_COMMIT=<hash> names the commit the
 # benchmark JSON records.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +77,7 @@ if ! $PY -c "import nvidia.nccl" 2>/dev/null; then
   exit 1
 fi
 
-# Stages to skip on a rerun: GPU_CHECK_SKIP="cmake tests bench engine profile sanitizer" (any subset).
+# Stages to skip on a rerun: GPU_CHECK_SKIP="build cmake tests bench engine profile sanitizer".
 want() { [[ " ${GPU_CHECK_SKIP:-} " != *" $1 "* ]]; }
 
 build() {
@@ -98,7 +100,9 @@ if want cmake && command -v cmake >/dev/null 2>&1; then
     echo "$? $(( $(date +%s) - start ))" > "$OUTDIR/build_cmake.status" ) &
   CMAKE_PID=$!
 fi
-stage build_extension 300 build
+if want build; then
+  stage build_extension 300 build
+fi
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import tpssm; assert tpssm.has_cuda_kernels(), 'no CUDA kernels in the build'; print('tpssm CUDA kernels: ok')" \
   || echo "gpu_check: the extension does not import with CUDA kernels; later stages will fail"
@@ -129,17 +133,6 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-fi
-
-if want bench && want engine; then
-  # The engine at tp 1 on presets' real widths (fewer layers to fit the check's time), and one
-  # rank's shard of tp 2 / 4 alone (per-rank compute at shard sizes; one GPU has no peers).
-  stage bench_engine 150 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --rank-shard 2,4 \
-    --num-layers 16 --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 32 \
-    --compare-state-cache --dtype bfloat16 --json "${JSON%.json}_engine.json"
-  stage bench_engine_mamba2 90 $PY -m tpssm bench --preset mamba2-2.7b --tp 1 --num-layers 16 \
-    --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 32 --compare-state-cache \
-    --dtype bfloat16 --json "${JSON%.json}_engine_mamba2.json"
 fi
 
 if [ $HAVE_CMAKE -eq 1 ]; then
@@ -200,6 +193,14 @@ else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")
 fi
 
+# The engine at the presets' full depth (issue 6): tp 1 with the state cache on and off, and rank
+# 0's shard of tp 2 / 4 alone (one GPU has no peers). After the correctness stages, since it takes
+# what is left of the budget; each preset's JSON is written as it finishes (and rewritten after
+# every tp degree), so a cut-short run keeps what it measured. GPU_ENGINE_PRESETS picks presets.
+if want engine; then
+  stage bench_engine 300 env OUT="$OUTDIR" bash benchmarks/gpu_engine_bench.sh
+fi
+
 # Nsight Compute on one launch of the main kernels (speed of light, occupancy, stall reasons):
 # where the next tuning step should go. GPU_CHECK_SKIP=profile skips it.
 NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
@@ -224,9 +225,16 @@ CASES
   stage ncu_profile 90 profile
 fi
 
-echo
-echo "=== benchmark table ($JSON) ==="
-sed -n '/^device copy bandwidth/,$p' "$OUTDIR/benchmarks.log" 2>/dev/null | head -90
+if [ -e "$OUTDIR/benchmarks.log" ]; then
+  echo
+  echo "=== benchmark table ($JSON) ==="
+  sed -n '/^device copy bandwidth/,$p' "$OUTDIR/benchmarks.log" | head -90
+fi
+if [ -e "$OUTDIR/bench_engine.log" ]; then
+  echo
+  echo "=== engine, tp 1 (state cache on, then off; full rows and shards in the JSON) ==="
+  grep -E "^bench: .* at tp 1$|^ +(tp|1) +(cache|on|off) " "$OUTDIR/bench_engine.log" | head -40
+fi
 echo
 echo "=== test summary ==="
 for f in gpu_tests other_gpu_tests; do

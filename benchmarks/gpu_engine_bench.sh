@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The engine's GPU figures for issue 6, at the presets' full depth: tp 1 throughput, TTFT and
 # decode latency with the state cache on and off, and rank 0's shard of tp 2 / 4 timed alone
-# (per-rank compute at shard sizes; one GPU has no peers). Run after gpu_check.sh has built the
-# extension on the same machine (or set GPU_ENGINE_BUILD=1). GPU_ENGINE_PRESETS and
-# GPU_ENGINE_LAYERS trim it. JSON and PNG go to $OUT (or benchmarks/out/), one pair per preset as
+# (per-rank compute at shard sizes; one GPU has no peers). gpu_check.sh runs it as its engine
+# stage; alone, run it where the extension is built (or set GPU_ENGINE_BUILD=1).
+# GPU_ENGINE_PRESETS and GPU_ENGINE_LAYERS trim it; GPU_ENGINE_SWEEP replaces the sweep's
+# arguments (e.g. "--prompt-lens 16 --batch-sizes 1 --gen-tokens 2" for a quick check). JSON and PNG go to $OUT (or benchmarks/out/), one pair per preset as
 # soon as that preset is done. Timing on an H100 (2026-11-27), when random weights were still
 # sampled on the CPU (30-73 s per model load, three loads per preset; now generated on the GPU):
 # mamba-2.8b ~3 min, falcon-mamba-7b > 5 min (its 300 s timeout hit in the tp 2 shard load; tp 1
@@ -25,9 +26,10 @@ for preset in ${GPU_ENGINE_PRESETS:-mamba-2.8b falcon-mamba-7b mamba2-2.7b}; do
   [ -n "${GPU_ENGINE_LAYERS:-}" ] && layers=(--num-layers "$GPU_ENGINE_LAYERS")
   # Without the state cache every new token recomputes the prefix: 16 new tokens keep the
   # baseline's longest points under a minute.
+  read -r -a sweep <<< "${GPU_ENGINE_SWEEP:---prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 16 --repeats 2}"
   timeout 300 $PY -m tpssm bench --preset "$preset" "${layers[@]}" --tp 1 --rank-shard 2,4 \
-    --prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 16 --repeats 2 --compare-state-cache \
-    --dtype bfloat16 --json "$OUTDIR/engine_${preset}_$STAMP.json" \
+    "${sweep[@]}" --compare-state-cache --dtype bfloat16 \
+    --json "$OUTDIR/engine_${preset}_$STAMP.json" \
     --plot "$OUTDIR/engine_${preset}_$STAMP.png" || status=1
 done
 exit $status
