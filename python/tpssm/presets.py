@@ -148,8 +148,8 @@ def _random_values(name: str, shape: Tuple[int, ...], key: int,
 class RandomWeightSource(WeightSource):
     """Every tensor of `config`'s checkpoint, random but reproducible from (seed, name).
 
-    Only the requested rows / columns are generated, directly on `device` (default CPU): a
-    7B-parameter preset loads in seconds on a GPU instead of minutes of CPU sampling, and each
+    Only the requested rows / columns are generated, directly on `device` (default CPU): no CPU
+    sampling of whole tensors (73 s per falcon-mamba-7b load on an H100 machine before), and each
     rank of tp N generates 1/N of the sharded tensors. The values do not depend on the device up
     to the last bit of the transcendental functions (A, dt, fp32 buffers); ranks on one kind of
     device agree bit for bit.
