@@ -98,11 +98,14 @@ class TPContext:
     `device` is where this rank's weights and activations live.
     """
 
-    local_shard_only = False
-
     def __init__(self, group: Optional[dist.ProcessGroup] = None,
-                 device: Optional[torch.device] = None):
-        if dist.is_available() and dist.is_initialized():
+                 device: Optional[torch.device] = None, *, local_shard_of: int = 0):
+        self.local_shard_only = local_shard_of > 0
+        if self.local_shard_only:
+            if group is not None:
+                raise ValueError("local_shard_of: a local shard has no process group")
+            self.group, self.rank, self.world_size = None, 0, local_shard_of
+        elif dist.is_available() and dist.is_initialized():
             self.group = group if group is not None else dist.group.WORLD
             self.rank = dist.get_rank(self.group)
             self.world_size = dist.get_world_size(self.group)
@@ -133,11 +136,7 @@ class TPContext:
     def local_shard(cls, tp: int, device: Optional[torch.device] = None) -> "TPContext":
         if tp < 1:
             raise ValueError(f"local_shard: tp must be >= 1, got {tp}")
-        ctx = cls.__new__(cls)
-        ctx.group, ctx.rank, ctx.world_size = None, 0, tp
-        ctx.device = torch.device(device) if device is not None else torch.device("cpu")
-        ctx.local_shard_only = True
-        return ctx
+        return cls(device=device, local_shard_of=tp)
 
     @property
     def communicates(self) -> bool:
