@@ -142,7 +142,9 @@ def _random_values(name: str, shape: Tuple[int, ...], key: int,
     if name.endswith("embeddings.weight") or name.endswith("lm_head.weight"):
         return 0.02 * z
     fan_in = shape[-1] if len(shape) > 1 else 1
-    return z / math.sqrt(fan_in)
+    # A product, not a quotient: CUDA divides by a scalar through its reciprocal, the CPU does
+    # not, and the two may differ in the last bit; fp32 multiplications agree everywhere.
+    return z * (1.0 / math.sqrt(fan_in))
 
 
 class RandomWeightSource(WeightSource):
