@@ -4,9 +4,10 @@
 # (per-rank compute at shard sizes; one GPU has no peers). gpu_check.sh runs it as its engine
 # stage; alone, run it where the extension is built (or set GPU_ENGINE_BUILD=1).
 # GPU_ENGINE_PRESETS and GPU_ENGINE_LAYERS trim it; GPU_ENGINE_SWEEP replaces the sweep's
-# arguments (e.g. "--prompt-lens 16 --batch-sizes 1 --gen-tokens 2" for a quick check). JSON and PNG go to $OUT (or benchmarks/out/), one pair per preset as
-# soon as that preset is done. Timing on an H100 (2026-11-27), when random weights were still
-# sampled on the CPU (30-73 s per model load, three loads per preset; now generated on the GPU):
+# arguments (e.g. "--prompt-lens 16 --batch-sizes 1 --gen-tokens 2" for a quick check). JSON and
+# PNG go to $OUT (or benchmarks/out/); each preset's JSON is rewritten after every tp degree.
+# Timing on an H100 (2026-11-27), when random weights were still sampled on the CPU (30-73 s per
+# model load, three loads per preset; they are generated on the GPU now, not yet timed):
 # mamba-2.8b ~3 min, falcon-mamba-7b > 5 min (its 300 s timeout hit in the tp 2 shard load; tp 1
 # alone: 73 s loading + 33 s timed), mamba2-2.7b not finished.
 set -uo pipefail
