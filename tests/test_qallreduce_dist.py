@@ -4,14 +4,13 @@ every rank's output is bitwise identical and equals the single-process reference
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tpssm.launch import run_ranks
 from tpssm.reference.qallreduce import fp16_all_reduce_ref, qar_all_reduce_ref
 
 TOKENS, HIDDEN, G = 7, 256, 64
@@ -28,61 +27,47 @@ def _inputs(n):
     return xs, res
 
 
-def _worker(rank, n, init_file, out_dir):
+def _gloo_case(n):
     import tpssm.qallreduce as Q
 
-    torch.set_num_threads(1)  # N processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=60))
-    try:
-        xs, res = _inputs(n)
-        x = xs[rank]
-        out = {}
-        for scheme in Q.SCHEMES:
-            out[scheme] = Q.all_reduce(x, scheme=scheme, group_size=G)
-        out["int8_residual"] = Q.all_reduce(x, scheme="int8", group_size=G, residual=res)
-        out["fp8_residual"] = Q.all_reduce(x, scheme="fp8", group_size=G, residual=res)
-        out["int8_fp32_g128"] = Q.all_reduce(x.float(), scheme="int8", group_size=128)
-        qar = Q.QuantizedAllReduce(None, max_tokens=16, hidden=HIDDEN, dtype=torch.bfloat16,
-                                   device="cpu", scheme="int8", group_size=G,
-                                   min_bytes=MIN_BYTES)
-        out["object"] = qar(x)
-        out["object_again"] = qar(x)
-        out["object_residual"] = qar(x, residual=res)
-        out["object_small"] = qar(x[:1].contiguous())
-        out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
-        out["threshold_small"] = Q.all_reduce(x[:1].contiguous(), scheme="int8", group_size=G,
-                                              min_bytes=MIN_BYTES)
-        out["threshold_large"] = Q.all_reduce(x, scheme="int8", group_size=G,
-                                              min_bytes=MIN_BYTES)
-        errors = []
-        for bad in (torch.zeros(17, HIDDEN, dtype=torch.bfloat16),
-                    torch.zeros(2, HIDDEN // 2, dtype=torch.bfloat16),
-                    torch.zeros(2, HIDDEN, dtype=torch.float16)):
-            try:
-                qar(bad)
-            except ValueError as e:
-                errors.append(str(e))
-        out["errors"] = errors
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    rank = dist.get_rank()
+    xs, res = _inputs(n)
+    x = xs[rank]
+    out = {}
+    for scheme in Q.SCHEMES:
+        out[scheme] = Q.all_reduce(x, scheme=scheme, group_size=G)
+    out["int8_residual"] = Q.all_reduce(x, scheme="int8", group_size=G, residual=res)
+    out["fp8_residual"] = Q.all_reduce(x, scheme="fp8", group_size=G, residual=res)
+    out["int8_fp32_g128"] = Q.all_reduce(x.float(), scheme="int8", group_size=128)
+    qar = Q.QuantizedAllReduce(None, max_tokens=16, hidden=HIDDEN, dtype=torch.bfloat16,
+                               device="cpu", scheme="int8", group_size=G,
+                               min_bytes=MIN_BYTES)
+    out["object"] = qar(x)
+    out["object_again"] = qar(x)
+    out["object_residual"] = qar(x, residual=res)
+    out["object_small"] = qar(x[:1].contiguous())
+    out["exact_small"] = Q.all_reduce(x[:1].contiguous(), scheme="exact")
+    out["threshold_small"] = Q.all_reduce(x[:1].contiguous(), scheme="int8", group_size=G,
+                                          min_bytes=MIN_BYTES)
+    out["threshold_large"] = Q.all_reduce(x, scheme="int8", group_size=G,
+                                          min_bytes=MIN_BYTES)
+    errors = []
+    for bad in (torch.zeros(17, HIDDEN, dtype=torch.bfloat16),
+                torch.zeros(2, HIDDEN // 2, dtype=torch.bfloat16),
+                torch.zeros(2, HIDDEN, dtype=torch.float16)):
+        try:
+            qar(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    return out
 
 
-def _run(worker, n, tmp_path):
-    """Spawns n ranks of worker(rank, n, init_file, out_dir); kills them past the deadline."""
-    ctx = mp.start_processes(worker, args=(n, str(tmp_path / "init"), str(tmp_path)), nprocs=n,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{n} workers did not finish in {SPAWN_TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
+def _run(case, n, backend="gloo", collective_timeout_s=60):
+    """case(n) on n spawned ranks (tpssm.launch: a rank that fails, dies or hangs fails the
+    test with its cause); the ranks' return values in rank order."""
+    return run_ranks(case, n, (n,), backend=backend, timeout_s=SPAWN_TIMEOUT_S,
+                     collective_timeout_s=collective_timeout_s)
 
 
 def _bits(t):
@@ -91,8 +76,8 @@ def _bits(t):
 
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_gloo_composed_all_reduce(n, tmp_path):
-    outs = _run(_worker, n, tmp_path)
+def test_gloo_composed_all_reduce(n):
+    outs = _run(_gloo_case, n)
     xs, res = _inputs(n)
     for key in outs[0]:
         if key == "errors":
@@ -133,26 +118,20 @@ def test_gloo_composed_all_reduce(n, tmp_path):
     assert "must have dtype" in y["errors"][2]
 
 
-def _nccl_worker(rank, n, init_file, out_dir):
+def _nccl_case(n):
     import tpssm.qallreduce as Q
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=60))
-    try:
-        handle = Q.init_nccl_comm(None)
-        xs, res = _inputs(n)
-        x = xs[rank].cuda()
-        cb = Q.chunk_bytes(x.numel(), n, G)
-        bufs = [torch.zeros(n * cb, dtype=torch.uint8, device="cuda") for _ in range(4)]
-        out = torch.empty_like(x)
-        torch.ops.tpssm.qar_nccl_all_reduce(handle, x, G, 0, res.cuda(), *bufs, out)
-        composed = Q.all_reduce(x, scheme="int8", group_size=G, residual=res.cuda())
-        torch.save({"fused": out.cpu(), "composed": composed.cpu()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.ops.tpssm.qar_nccl_destroy(handle)
-    finally:
-        dist.destroy_process_group()
+    handle = Q.init_nccl_comm(None)
+    xs, res = _inputs(n)
+    x = xs[dist.get_rank()].cuda()
+    cb = Q.chunk_bytes(x.numel(), n, G)
+    bufs = [torch.zeros(n * cb, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    out = torch.empty_like(x)
+    torch.ops.tpssm.qar_nccl_all_reduce(handle, x, G, 0, res.cuda(), *bufs, out)
+    composed = Q.all_reduce(x, scheme="int8", group_size=G, residual=res.cuda())
+    torch.cuda.synchronize()
+    torch.ops.tpssm.qar_nccl_destroy(handle)
+    return {"fused": out.cpu(), "composed": composed.cpu()}
 
 
 def _num_gpus():
@@ -163,10 +142,10 @@ def _num_gpus():
 
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_nccl_fused_matches_reference(n, tmp_path):
+def test_nccl_fused_matches_reference(n):
     if _num_gpus() < n:
         pytest.skip(f"needs {n} GPU(s) and the CUDA build")
-    outs = _run(_nccl_worker, n, tmp_path)
+    outs = _run(_nccl_case, n, backend="nccl")
     xs, res = _inputs(n)
     ref = qar_all_reduce_ref(list(xs), G, "int8", res)[0]
     for y in outs:
@@ -207,60 +186,48 @@ def _patch_fake_nccl():
     return Q, fake
 
 
-def _uid_exchange_worker(rank, n, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=30))
-    try:
-        Q, _ = _patch_fake_nccl()
-        out = {"world_a": Q.init_nccl_comm(None, device="cuda:0")}
-        sub = dist.new_group([0, 1])
-        if rank in (0, 1):  # the last rank creates no communicator for this subgroup
-            out["sub"] = Q.init_nccl_comm(sub, device="cuda:0")
-        out["world_b"] = Q.init_nccl_comm(None, device="cuda:0")
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _uid_exchange_case(n):
+    Q, _ = _patch_fake_nccl()
+    out = {"world_a": Q.init_nccl_comm(None, device="cuda:0")}
+    sub = dist.new_group([0, 1])
+    if dist.get_rank() in (0, 1):  # the last rank creates no communicator for this subgroup
+        out["sub"] = Q.init_nccl_comm(sub, device="cuda:0")
+    out["world_b"] = Q.init_nccl_comm(None, device="cuda:0")
+    return out
 
 
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
-def test_nccl_unique_id_exchange_keys_per_group(tmp_path):
+def test_nccl_unique_id_exchange_keys_per_group():
     # Every rank joins with rank 0's id, for each communicator, even when only some ranks create
     # one for a subgroup in between (the keys must not depend on per-process call counts).
     n = 3
-    outs = _run(_uid_exchange_worker, n, tmp_path)
+    outs = _run(_uid_exchange_case, n, collective_timeout_s=30)
     for key in ("world_a", "world_b"):
         assert len({o[key] for o in outs}) == 1, key
     assert outs[0]["sub"] == outs[1]["sub"] and "sub" not in outs[2]
     assert len({outs[0]["world_a"], outs[0]["world_b"], outs[0]["sub"]}) == 3
 
 
-def _missing_rank_worker(rank, n, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=30))
+def _missing_rank_case(n):
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() != 0:  # never calls init_nccl_comm
+        store.wait(["test/done"], timedelta(seconds=60))
+        return {}
+    # Short only now: the rendezvous before must tolerate slow process starts.
+    store.set_timeout(timedelta(seconds=3))
+    Q, fake = _patch_fake_nccl()
+    error = None
     try:
-        store = dist.distributed_c10d._get_default_store()
-        if rank == 0:
-            # Short only now: the rendezvous above must tolerate slow process starts.
-            store.set_timeout(timedelta(seconds=3))
-            Q, fake = _patch_fake_nccl()
-            error = None
-            try:
-                Q.init_nccl_comm(None, device="cuda:0")
-            except Exception as e:  # the store's timeout error (its type varies across versions)
-                error = str(e) or type(e).__name__
-            torch.save({"error": error, "joined": fake.joined},
-                       os.path.join(out_dir, f"rank{rank}.pt"))
-            store.set("test/done", b"1")
-        else:  # never calls init_nccl_comm
-            store.wait(["test/done"], timedelta(seconds=60))
-            torch.save({}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        Q.init_nccl_comm(None, device="cuda:0")
+    except Exception as e:  # the store's timeout error (its type varies across versions)
+        error = str(e) or type(e).__name__
+    store.set("test/done", b"1")
+    return {"error": error, "joined": fake.joined}
 
 
 @pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
-def test_nccl_init_raises_when_a_rank_is_missing(tmp_path):
+def test_nccl_init_raises_when_a_rank_is_missing():
     # ncclCommInitRank would block forever: init_nccl_comm must time out before it.
-    outs = _run(_missing_rank_worker, 2, tmp_path)
+    outs = _run(_missing_rank_case, 2, collective_timeout_s=30)
     assert outs[0]["error"] is not None and "timeout" in outs[0]["error"].lower()
     assert outs[0]["joined"] == 0
