@@ -17,7 +17,7 @@ export MAX_JOBS
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-cuda-emu demo
+.PHONY: setup build test test-cuda-emu demo FORCE
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,20 @@ $(VENV)/.deps-installed:
 
 setup: $(VENV)/.deps-installed
 
-# Rebuilt only when a source changed (an editable pip build always starts from scratch).
+# Rebuilt only when a source or a build switch changed (an editable pip build always starts from
+# scratch). The switches setup.py reads are kept in a file rewritten only when they differ, so
+# `TORCH_CUDA_ARCH_LIST=9.0 make build` after a default build rebuilds.
 BUILD_STAMP := $(VENV)/.tpssm-built
-$(BUILD_STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(shell find csrc -type f)
+BUILD_SWITCHES := $(VENV)/.tpssm-build-switches
+SWITCHES := TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) TPSSM_SKIP_CUDA_BUILD=$(TPSSM_SKIP_CUDA_BUILD) TPSSM_REQUIRE_CUDA_BUILD=$(TPSSM_REQUIRE_CUDA_BUILD) CUDA_HOME=$(CUDA_HOME)
+$(BUILD_SWITCHES): $(VENV)/.deps-installed FORCE
+	@echo '$(SWITCHES)' | cmp -s - $@ || echo '$(SWITCHES)' > $@
+
+$(BUILD_STAMP): $(VENV)/.deps-installed $(BUILD_SWITCHES) setup.py pyproject.toml $(shell find csrc -type f)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
+
+FORCE:
 
 build: $(BUILD_STAMP)
 
