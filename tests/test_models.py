@@ -240,3 +240,28 @@ def test_model_matches_transformers(family, tp, oracles, record_property):
     full_state = (cfg["num_hidden_layers"] * cfg["expand"] * cfg["hidden_size"]
                   * cfg["state_size"] * 4)
     assert sum(o["ssm_bytes_per_slot"] for o in results) == full_state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norms_equal_transformers_bit_for_bit(dtype):
+    """The block norm and Falcon-Mamba's weightless dt / B / C norm (F.rms_norm, one fused kernel
+    on CUDA) round exactly like transformers' MambaRMSNorm / FalconMambaWeightlessRMSNorm."""
+    from transformers.models.falcon_mamba.modeling_falcon_mamba import (
+        FalconMambaWeightlessRMSNorm)
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    from tpssm.models.mixers import _weightless_rms
+    from tpssm.models.model import RMSNorm
+
+    g = torch.Generator().manual_seed(7)
+    for dim in (37, 2560):
+        x = (torch.randn(129, dim, generator=g) * 3).to(dtype)
+        weight = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+        ours = RMSNorm(dim, 1e-5, dtype, "cpu")
+        theirs = MambaRMSNorm(dim, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            ours.weight.copy_(weight)
+            theirs.weight.copy_(weight)
+            assert torch.equal(ours(x), theirs(x)), dim
+            assert torch.equal(_weightless_rms(x, 1e-6),
+                               FalconMambaWeightlessRMSNorm(dim, eps=1e-6)(x)), dim

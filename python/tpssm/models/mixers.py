@@ -50,8 +50,7 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 
 def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Falcon-Mamba's dt / B / C norm: fp32 RMS normalisation, no weight."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)  # fp32 inside, one rounding (as RMSNorm)
 
 
 class Mamba1Mixer(nn.Module):
