@@ -422,36 +422,28 @@ def cmd_bench(args) -> int:
     job = BenchJob(spec, _parse_int_list(args.prompt_lens, "--prompt-lens"),
                    _parse_int_list(args.batch_sizes, "--batch-sizes"), args.gen_tokens,
                    args.max_prefill_tokens, modes, args.repeats)
-    title = f"{spec.describe()} ({args.dtype}, {args.gen_tokens} new tokens)"
-
-    def report(rows: List[dict], complete: bool) -> dict:
-        out = {"model": spec.describe(), "num_layers": args.num_layers, "dtype": args.dtype,
-               "allreduce": args.allreduce, "allreduce_min_bytes": args.allreduce_min_bytes,
-               "gen_tokens": args.gen_tokens, "complete": complete,
-               "environment": _environment(), "rows": rows}
-        if args.compare_state_cache:
-            out["state_cache_ratios"] = _cache_ratios(rows)
-        return out
-
-    def save(rows: List[dict], complete: bool) -> None:
-        # Rewritten after every tp degree: a sweep killed part way keeps what it measured.
-        if args.json and is_primary():
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(report(rows, complete), f, indent=1)
-            if complete:
-                log(f"bench: wrote {args.json}")
-
+    report = {"model": spec.describe(), "num_layers": args.num_layers, "dtype": args.dtype,
+              "allreduce": args.allreduce, "allreduce_min_bytes": args.allreduce_min_bytes,
+              "gen_tokens": args.gen_tokens, "complete": False,
+              "environment": _environment(), "rows": []}
+    rows: List[dict] = report["rows"]
     runs = [(f" at tp {tp}", tp, job) for tp in tps]
     for tp in _parse_int_list(args.rank_shard, "--rank-shard") if args.rank_shard else []:
         runs.append((f", rank 0's shard of tp {tp} alone (no communication)", 1,
                      replace(job, spec=replace(spec, local_shard_tp=tp))))
-    rows: List[dict] = []
-    for what, nprocs, run_job in runs:
+    for i, (what, nprocs, run_job) in enumerate(runs):
         log(f"bench: {spec.describe()}{what}")
         rows.extend(_spawn(bench_rank, nprocs, run_job, args.timeout)[0])
-        save(rows, complete=False)
-    save(rows, complete=True)
+        report["complete"] = i == len(runs) - 1
+        if args.compare_state_cache:
+            report["state_cache_ratios"] = _cache_ratios(rows)
+        if args.json and is_primary():
+            # Rewritten after every tp degree: a sweep killed part way keeps what it measured.
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    if args.json and is_primary():
+        log(f"bench: wrote {args.json}")
     if not is_primary():
         return 0
     print(f"{'tp':>7} {'cache':>5} {'batch':>5} {'prompt':>6} {'tok/s':>9} {'TTFT ms':>9} "
@@ -462,12 +454,12 @@ def cmd_bench(args) -> int:
               f"{r['prompt_len']:>6} {r['throughput_tok_s']:>9.1f} {r['ttft_ms']:>9.1f} "
               f"{r['decode_ms_per_token']:>9.2f}")
     if args.compare_state_cache:
-        for r in _cache_ratios(rows):
+        for r in report["state_cache_ratios"]:
             tp = f"{r['tp']}" + (" (rank shard)" if r["rank_shard_only"] else "")
             print(f"state cache on/off tp {tp} batch {r['batch']} prompt {r['prompt_len']}: "
                   f"throughput x{r['throughput_ratio']:.2f}, TTFT x{r['ttft_ratio']:.2f}")
     if args.plot:
-        _plot(rows, args.plot, title)
+        _plot(rows, args.plot, f"{spec.describe()} ({args.dtype}, {args.gen_tokens} new tokens)")
     return 0
 
 
@@ -508,9 +500,9 @@ def _plot(rows: List[dict], path: str, title: str) -> None:
             if r["batch"] == batch:
                 series.setdefault((r["tp"], r["rank_shard_only"], r["state_cache"]),
                                   []).append((r["prompt_len"], r["throughput_tok_s"]))
-        for (tp, shard, cache), pts in sorted(series.items(), key=lambda kv: (kv[0][0],
-                                                                               kv[0][1],
-                                                                               not kv[0][2])):
+        # Per tp degree, the state cache on before off.
+        for (tp, shard, cache), pts in sorted(series.items(),
+                                              key=lambda kv: (kv[0][:2], not kv[0][2])):
             pts.sort()
             colour = colours[(tp, shard)]
             ax.plot([p for p, _ in pts], [t for _, t in pts], color=colour,
