@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,9 +167,10 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
                 native=native, native_note="torch gather / sum / index_copy_")
 
 
-def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0, direct=False) -> Case:
-    """chunk_len: force the chunked plan with this chunk; direct: force the direct token walk
-    (no staged tiles) - extra rows that compare the launcher's choices in the same process."""
+def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="auto") -> Case:
+    """split_len: force the split plan with pieces of this length; algorithm: force one of the
+    op's algorithms ('recurrent', 'recurrent_direct', 'ssd') - extra rows that compare the
+    launcher's choices in the same process."""
     m = shard(model, tp)
     h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
     dim = h * p
@@ -190,7 +190,8 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0, direct=False)
     def call(s):
         ops.selective_scan(s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias,
                            delta_softplus=True, ssm_states=s["ssm_states"],
-                           has_initial_state=s["has_initial_state"], out=s["out"])
+                           has_initial_state=s["has_initial_state"], out=s["out"],
+                           algorithm=algorithm, split_len=split_len)
 
     ref_len = 128
 
@@ -201,26 +202,10 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0, direct=False)
             ssm_states=s["ssm_states"], has_initial_state=s["has_initial_state"], out=s["out"])
 
     shape = f"{batch}x{seqlen} {h}x{p}x{n}"
-    overrides = {}
-    if chunk_len:
-        shape += f" chunk {chunk_len}"
-        overrides["TPSSM_SCAN_CHUNK_LEN"] = str(chunk_len)
-    if direct:
-        shape += " direct"
-        overrides["TPSSM_SCAN_DIRECT"] = "1"
-    if overrides:
-        plain_call = call
-
-        def call(s):
-            # The plan is fixed when the graph is captured, so the overrides only need to hold
-            # around the call.
-            os.environ.update(overrides)
-            try:
-                plain_call(s)
-            finally:
-                for key in overrides:
-                    os.environ.pop(key, None)
-
+    if split_len:
+        shape += f" split {split_len}"
+    if algorithm != "auto":
+        shape += f" {algorithm}"
     return Case("selective_scan", model, tp, shape, nbytes,
                 lambda: make(batch, seqlen), call, ref=ref, ref_scale=tokens / ref_len,
                 ref_note=f"ref at 1x{ref_len}, scaled by tokens")
@@ -391,12 +376,12 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                 if "scan" in wanted:
                     cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod))
                     # Forced chunk lengths for batch-1 prefill: data to tune the scan plan.
-                    for chunk_len in (args.scan_chunk_lens if batch == 1 else ()):
+                    for split_len in (args.scan_split_lens if batch == 1 else ()):
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
-                                               chunk_len))
+                                               split_len=split_len))
                     if args.scan_direct and MODELS[model]["form"] == "mamba1":
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
-                                               direct=True))
+                                               algorithm="recurrent_direct"))
             for batch in decode:
                 if "conv_update" in wanted:
                     cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
@@ -424,7 +409,7 @@ def print_table(results: List[Dict], copy_gbs: float) -> None:
              if r["op"] == "selective_scan"}
     speedups = []
     for (model, tp, shape), direct_us in times.items():
-        plain = shape.removesuffix(" direct")
+        plain = shape.removesuffix(" recurrent_direct")
         if plain != shape and (model, tp, plain) in times:
             speedups.append(f"{model} tp{tp} {plain}: x{direct_us / times[model, tp, plain]:.2f}")
     if speedups:
@@ -440,12 +425,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ref", action="store_true", help="skip the slow reference timings")
     parser.add_argument("--scan-direct", action="store_true",
                         help="add Mamba1 scan rows with the direct token walk forced "
-                             "(TPSSM_SCAN_DIRECT=1) beside the launcher's own plan")
-    parser.add_argument("--scan-chunk-lens", default="",
-                        help="comma-separated chunk lengths to force on batch-1 scan cases "
+                             "(algorithm='recurrent_direct') beside the launcher's own plan")
+    parser.add_argument("--scan-split-lens", default="",
+                        help="comma-separated split lengths to force on batch-1 scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
     args = parser.parse_args(argv)
-    args.scan_chunk_lens = [int(v) for v in args.scan_chunk_lens.split(",") if v.strip()]
+    args.scan_split_lens = [int(v) for v in args.scan_split_lens.split(",") if v.strip()]
 
     if not torch.cuda.is_available():
         print("bench_ssm_ops: CUDA is required (no CUDA device found); nothing to benchmark")

@@ -127,7 +127,7 @@ fi
 
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
-  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-chunk-lens 512,2048 --scan-direct \
+  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 --scan-direct \
     --json "$JSON"
 fi
 

@@ -45,8 +45,7 @@ def conv_cases():
 
 
 def scan_cases():
-    for chunk in ("", "3"):
-        os.environ["TPSSM_SCAN_CHUNK_LEN"] = chunk
+    for split_len in (0, 3):
         for form, h, p, n, g in (("mamba1", 24, 1, 16, 1), ("mamba2", 4, 8, 128, 2),
                                  ("mamba2", 3, 5, 40, 1)):
             for dtype, sdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
@@ -64,13 +63,13 @@ def scan_cases():
                     query_start_loc=torch.tensor([0, 1, 1, 8, 8, 11, 11], **i32),
                     cache_indices=torch.tensor([0, 1, 2, -1, 4, 5], **i32),
                     has_initial_state=torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool,
-                                                   device=dev))
+                                                   device=dev),
+                    split_len=split_len)
                 ops.selective_state_update(
                     states, rnd(4, dim), rnd(4, delta_dim), A, rnd(4, g, n), rnd(4, g, n),
                     torch.randn(h, device=dev), rnd(4, dim), torch.randn(h, device=dev),
                     dt_softplus=True, state_batch_indices=torch.tensor([0, -1, 2, 3], **i32),
                     dst_state_batch_indices=torch.tensor([5, 1, -1, 4], **i32))
-    os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
 
 
 if __name__ == "__main__":

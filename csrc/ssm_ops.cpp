@@ -14,7 +14,9 @@
 #include <utility>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <unordered_set>
 #include <vector>
@@ -513,12 +515,58 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   return p;
 }
 
+namespace {
+
+ScanAlgorithm scan_algorithm_of(const char* op, c10::string_view name) {
+  if (name == "auto") return ScanAlgorithm::kAuto;
+  if (name == "recurrent") return ScanAlgorithm::kRecurrent;
+  if (name == "recurrent_direct") return ScanAlgorithm::kRecurrentDirect;
+  if (name == "ssd") return ScanAlgorithm::kSsd;
+  TORCH_CHECK(false, op,
+              ": algorithm must be 'auto', 'recurrent', 'recurrent_direct' or 'ssd', got '",
+              std::string(name.data(), name.size()), "'");
+  return ScanAlgorithm::kAuto;
+}
+
+// The SSD kernel of the CUDA op is compiled for one chunk length.
+constexpr int64_t kCudaSsdChunk = 64;
+constexpr int64_t kMaxSsdChunk = 4096;
+
+void fill_scan_options(const char* op, const at::Tensor& u, const HeadForm& f,
+                       std::optional<double> dt_min, std::optional<double> dt_max,
+                       c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
+                       SelectiveScanParams& p) {
+  // None: no limit.
+  const double lo = dt_min.value_or(-std::numeric_limits<double>::infinity());
+  const double hi = dt_max.value_or(std::numeric_limits<double>::infinity());
+  TORCH_CHECK(!std::isnan(lo) && !std::isnan(hi) && lo <= hi, op,
+              ": dt_min must be <= dt_max (neither NaN), got dt_min = ", lo, ", dt_max = ", hi);
+  p.dt_min = static_cast<float>(lo);
+  p.dt_max = static_cast<float>(hi);
+  p.algorithm = scan_algorithm_of(op, algorithm);
+  TORCH_CHECK(p.algorithm != ScanAlgorithm::kSsd || !f.a_is_per_state, op,
+              ": algorithm 'ssd' needs the Mamba2 form (A of shape (nheads,)); A here is per state");
+  TORCH_CHECK(chunk_size >= 0 && chunk_size <= kMaxSsdChunk, op,
+              ": chunk_size must be 0 (the kernel's default) or 1..", kMaxSsdChunk, ", got ",
+              chunk_size);
+  TORCH_CHECK(!u.is_cuda() || chunk_size == 0 || chunk_size == kCudaSsdChunk, op,
+              ": chunk_size must be 0 or ", kCudaSsdChunk,
+              " on CUDA (the SSD kernel's chunk), got ", chunk_size);
+  p.chunk_size = chunk_size;
+  TORCH_CHECK(split_len >= 0, op, ": split_len must be >= 0 (0: the launcher decides), got ",
+              split_len);
+  p.split_len = split_len;
+}
+
+}  // namespace
+
 SelectiveScanParams make_selective_scan_params(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
     bool delta_softplus, const OptTensor& ssm_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, int64_t pad_slot_id,
-    const at::Tensor& out) {
+    const at::Tensor& out, std::optional<double> dt_min, std::optional<double> dt_max,
+    c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
   const char* op = "selective_scan";
   SelectiveScanParams p{};
   p.act_dtype = activation_dtype(op, u, "u");
@@ -634,6 +682,7 @@ SelectiveScanParams make_selective_scan_params(
   p.has_initial_state =
       has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   p.pad_slot_id = static_cast<int32_t>(pad_slot_id);
+  fill_scan_options(op, u, f, dt_min, dt_max, algorithm, chunk_size, split_len, p);
   return p;
 }
 

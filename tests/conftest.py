@@ -170,8 +170,9 @@ def _ssm_params(form, nheads, dstate):
 def scan_inputs(dtype=torch.float32, form="mamba2", nheads=6, headdim=3, ngroups=2, dstate=8,
                 seqlens=(7, 7), varlen=False, num_slots=4, slots=(1, 3), initial=(True, False),
                 D=True, z=True, delta_bias=True, delta_softplus=True, states=True,
-                state_dtype=torch.float32, group_dim=True, strided=False) -> Dict:
-    """kwargs of ops.selective_scan. Mamba1: form="mamba1" (headdim forced to 1)."""
+                state_dtype=torch.float32, group_dim=True, strided=False, **options) -> Dict:
+    """kwargs of ops.selective_scan. Mamba1: form="mamba1" (headdim forced to 1). `options`
+    (algorithm, chunk_size, split_len, dt_min, dt_max) pass through to the op."""
     if form == "mamba1":
         headdim = 1
     dim = nheads * headdim
@@ -205,6 +206,7 @@ def scan_inputs(dtype=torch.float32, form="mamba2", nheads=6, headdim=3, ngroups
         cache_indices=_index(slots),
         has_initial_state=_index(initial, torch.bool) if states else None,
         out=_tokens(tok, dim, dtype, strided).fill_(SENTINEL),
+        **options,
     )
 
 

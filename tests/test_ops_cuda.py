@@ -212,9 +212,8 @@ def test_causal_conv1d_update_cuda(name, params):
 @pytest.mark.parametrize("chunk", CHUNKINGS, ids=CHUNK_IDS)
 @pytest.mark.parametrize("name,params", SCAN_CASES, ids=_ids(SCAN_CASES))
 def test_selective_scan_cuda(name, params, chunk):
-    kw = scan_inputs(**params)
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        kw_gpu, before = check_op(ops.selective_scan, kw, ("out", "ssm_states"), kw["u"].dtype)
+    kw = scan_inputs(**params, split_len=chunk or 0)
+    kw_gpu, before = check_op(ops.selective_scan, kw, ("out", "ssm_states"), kw["u"].dtype)
     out = kw_gpu["out"].cpu()
     slots = params.get("slots", (1, 3))
     seqlens = params.get("seqlens", (7, 7))
@@ -247,8 +246,8 @@ def test_selective_scan_cuda_dstate(name, params, chunk):
     """dstate values that select 1, 4, 8 threads per channel and the vectorised B / C path."""
     kw = scan_inputs(dtype=bf16, seqlens=(5, 8, 0), varlen=True, slots=(1, 0, 3),
                      initial=(True, False, True), **params)
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        check_op(ops.selective_scan, kw, ("out", "ssm_states"), bf16)
+    kw["split_len"] = chunk or 0
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), bf16)
 
 
 @pytest.mark.parametrize("chunk", [None, 2], ids=["auto", "chunk2"])
@@ -259,8 +258,8 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
     kw = scan_inputs(dtype=dtype, seqlens=(5, 8, 0), varlen=True, slots=(1, 0, 3),
                      initial=(True, False, True), dstate=64, nheads=4, headdim=4, ngroups=2)
     kw["B"], kw["C"] = aligned_slice(kw["B"], 2), aligned_slice(kw["C"], 2)
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    kw["split_len"] = chunk or 0
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
 @pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
@@ -277,17 +276,17 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
                      varlen=varlen, slots=(1, 0, 3, 2) if varlen else (1, 3),
                      initial=(True, False, True, False) if varlen else (True, False),
                      strided=layout == "strided")
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    kw["split_len"] = chunk or 0
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["auto", "chunk5"])
 def test_selective_scan_cuda_16bit_state_rounds_only_when_stored(chunk):
     kw16 = {k: to_cuda(v) for k, v in scan_inputs(dtype=bf16, state_dtype=bf16).items()}
+    kw16["split_len"] = chunk or 0
     kw32 = dict(kw16, ssm_states=kw16["ssm_states"].float(), out=kw16["out"].clone())
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        ops.selective_scan(**kw16)
-        ops.selective_scan(**kw32)
+    ops.selective_scan(**kw16)
+    ops.selective_scan(**kw32)
     assert torch.equal(kw16["out"], kw32["out"])
     assert torch.equal(kw16["ssm_states"], kw32["ssm_states"].to(bf16))
 
@@ -411,25 +410,25 @@ def test_selective_scan_cuda_chunk_consistency(form, chunk):
         num_slots=3, **extra).items()}
     packed = ("u", "delta", "B", "C", "z")
     params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
+    params["split_len"] = chunk or 0
     fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
     qsl = query_start_loc(seqlens).to(CUDA)
     rest = tuple(n - f for n, f in zip(seqlens, first))
     starts = query_start_loc(seqlens).tolist()
     head_idx = [t for b in range(2) for t in range(starts[b], starts[b] + first[b])]
     tail_idx = [t for b in range(2) for t in range(starts[b] + first[b], starts[b + 1])]
-    with env("TPSSM_SCAN_CHUNK_LEN", chunk):
-        init = torch.randn_like(kw["ssm_states"])
-        states_full = init.clone()
-        out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params,
-                                      ssm_states=states_full, has_initial_state=fresh,
-                                      query_start_loc=qsl)
-        states = init.clone()
-        out_head = ops.selective_scan(**{k: kw[k][head_idx] for k in packed}, **params,
-                                      ssm_states=states, has_initial_state=fresh,
-                                      query_start_loc=query_start_loc(first).to(CUDA))
-        out_tail = ops.selective_scan(**{k: kw[k][tail_idx] for k in packed}, **params,
-                                      ssm_states=states, has_initial_state=~fresh,
-                                      query_start_loc=query_start_loc(rest).to(CUDA))
+    init = torch.randn_like(kw["ssm_states"])
+    states_full = init.clone()
+    out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params,
+                                  ssm_states=states_full, has_initial_state=fresh,
+                                  query_start_loc=qsl)
+    states = init.clone()
+    out_head = ops.selective_scan(**{k: kw[k][head_idx] for k in packed}, **params,
+                                  ssm_states=states, has_initial_state=fresh,
+                                  query_start_loc=query_start_loc(first).to(CUDA))
+    out_tail = ops.selective_scan(**{k: kw[k][tail_idx] for k in packed}, **params,
+                                  ssm_states=states, has_initial_state=~fresh,
+                                  query_start_loc=query_start_loc(rest).to(CUDA))
     merged = torch.empty_like(out_full)
     merged[head_idx] = out_head
     merged[tail_idx] = out_tail

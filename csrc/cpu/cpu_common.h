@@ -29,6 +29,13 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 // softplus with the threshold 20 of the reference implementations (identity above it).
 inline float softplus(float v) { return v <= 20.0f ? std::log1p(std::exp(v)) : v; }
 
+// The scan's dt limits, by comparisons so that a NaN stays NaN (as torch.clamp leaves it).
+inline float clamp_dt(float dt, float lo, float hi) {
+  if (dt < lo) dt = lo;
+  if (dt > hi) dt = hi;
+  return dt;
+}
+
 // Calls f(T{}) with T the C++ type of `dtype`.
 template <typename F>
 inline void dispatch_dtype(DType dtype, const char* op, F&& f) {

@@ -59,6 +59,7 @@ void selective_scan_kernel(const SelectiveScanParams& p) {
         float dt = cpu::load(delta_base + b * p.delta_batch_stride + t * p.delta_token_stride + hd);
         if (p.delta_bias) dt += dt_bias;
         if (p.delta_softplus) dt = cpu::softplus(dt);
+        dt = cpu::clamp_dt(dt, p.dt_min, p.dt_max);
         const T* Bt = B_base + b * p.B_batch_stride + t * p.B_token_stride + g * p.B_group_stride;
         const T* Ct = C_base + b * p.C_batch_stride + t * p.C_token_stride + g * p.C_group_stride;
         for (int64_t n = 0; n < p.dstate; ++n) {
@@ -144,10 +145,13 @@ void selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
                         const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus,
                         const OptTensor& ssm_states, const OptTensor& query_start_loc,
                         const OptTensor& cache_indices, const OptTensor& has_initial_state,
-                        int64_t pad_slot_id, const at::Tensor& out) {
+                        int64_t pad_slot_id, const at::Tensor& out,
+                        std::optional<double> dt_min, std::optional<double> dt_max,
+                        c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
   const SelectiveScanParams p = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
-      cache_indices, has_initial_state, pad_slot_id, out);
+      cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
+      split_len);
   cpu::dispatch_act_state(p.act_dtype, p.state_dtype, "selective_scan", [&](auto t, auto s) {
     selective_scan_kernel<decltype(t), decltype(s)>(p);
   });

@@ -38,10 +38,13 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
                          const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus,
                          const OptTensor& ssm_states, const OptTensor& query_start_loc,
                          const OptTensor& cache_indices, const OptTensor& has_initial_state,
-                         int64_t pad_slot_id, const at::Tensor& out) {
+                         int64_t pad_slot_id, const at::Tensor& out,
+                         std::optional<double> dt_min, std::optional<double> dt_max,
+                         c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
   const SelectiveScanParams params = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
-      cache_indices, has_initial_state, pad_slot_id, out);
+      cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
+      split_len);
   const c10::cuda::CUDAGuard guard(u.device());
   // The chunked plan's workspace comes from the caching allocator: no cudaMalloc on the hot path.
   const size_t bytes = selective_scan_workspace_bytes(params);

@@ -158,6 +158,16 @@ __device__ __forceinline__ float softplus_thresholded(float x) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
 
+// The scan's dt: bias, optional softplus, then the limits (comparisons, so a NaN stays NaN).
+__device__ __forceinline__ float scan_dt(float raw, float bias, bool softplus, float dt_min,
+                                         float dt_max) {
+  float dt = raw + bias;
+  if (softplus) dt = softplus_thresholded(dt);
+  if (dt < dt_min) dt = dt_min;
+  if (dt > dt_max) dt = dt_max;
+  return dt;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dense and varlen batches through one view: sequence b covers the "flat" token range
 // [begin(b), end(b)) of the batch laid end to end. Memory addresses use

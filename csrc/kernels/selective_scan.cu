@@ -291,8 +291,8 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
     __syncwarp(th.warp_mask);  // the tile's rows and columns, written by other lanes
 
     for (int k = 0; k < n; ++k) {
-      float dt = to_float(s_dt[w][k][lane]) + bias;
-      if (p.delta_softplus) dt = softplus_thresholded(dt);
+      const float dt =
+          scan_dt(to_float(s_dt[w][k][lane]), bias, p.delta_softplus, p.dt_min, p.dt_max);
       const float uv = to_float(s_u[w][k][lane]);
       const float dtu = dt * uv;
       Pack<input_t, kPP> Bk[Traits::kPacks];
@@ -373,8 +373,7 @@ __device__ __forceinline__ void scan_tokens(const SelectiveScanParams& p, const 
   load(t_begin, cur);
   for (int64_t t = t_begin; t < t_end; ++t) {
     if (t + 1 < t_end) load(t + 1, nxt);
-    float dt = to_float(cur.delta) + bias;
-    if (p.delta_softplus) dt = softplus_thresholded(dt);
+    const float dt = scan_dt(to_float(cur.delta), bias, p.delta_softplus, p.dt_min, p.dt_max);
     const float uv = to_float(cur.u);
     const float dtu = dt * uv;
     float y = 0.f;
@@ -626,11 +625,10 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   const int64_t sms = current_device_sm_count();
   const int64_t seq_blocks = p.batch * plan.channel_blocks;
   plan.flat = false;
-  const int64_t forced_chunk = env_override("TPSSM_SCAN_CHUNK_LEN");
-  if (plan.total_tokens > 0 && forced_chunk > 0) {
+  if (plan.total_tokens > 0 && p.split_len > 0) {
     plan.flat = true;
-    plan.chunk_len = forced_chunk;
-    plan.num_chunks = ceil_div(plan.total_tokens, forced_chunk);
+    plan.chunk_len = p.split_len;
+    plan.num_chunks = ceil_div(plan.total_tokens, p.split_len);
   } else if (plan.total_tokens > 0 && seq_blocks < kSeqPlanMinBlocksPerSm * sms) {
     const int64_t target = kFlatTargetBlocksPerSm * sms;
     const int64_t chunk_len =
@@ -658,9 +656,9 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
   // channels (a block's channels start at a multiple of 128) read one group's B / C rows.
   const int64_t channels_per_group = plan.channels / p.ngroups;
-  // TPSSM_SCAN_DIRECT=1 forces the direct walk (benchmarks compare the two in one process).
+  // kRecurrentDirect forces the direct walk (benchmarks compare the two in one process).
   plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
-                env_override("TPSSM_SCAN_DIRECT") == 0;
+                p.algorithm != ScanAlgorithm::kRecurrentDirect;
   // A warp's 32 channels of u, delta (one per channel: headdim 1) and z then start 16-byte
   // aligned for every token (a warp's first channel is a multiple of 32).
   plan.own_vec = plan.staged && p.headdim == 1 &&

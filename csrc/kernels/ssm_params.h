@@ -99,8 +99,18 @@ struct CausalConv1dUpdateParams {
   int32_t pad_slot_id;
 };
 
+// Which algorithm selective_scan runs (the op's `algorithm` argument).
+//   kAuto: the chunked (SSD) form for the Mamba2 form where the device and shapes allow it, the
+//          recurrence otherwise.
+//   kRecurrent: the per-token recurrence (Mamba1 on CUDA: staged token tiles).
+//   kRecurrentDirect: the recurrence with one token of look-ahead instead of staged tiles (CUDA,
+//          Mamba1 form; elsewhere the same as kRecurrent). Kept for comparison.
+//   kSsd: the chunked state-space-duality form: Mamba2 form only (A per head).
+enum class ScanAlgorithm : int32_t { kAuto = 0, kRecurrent = 1, kRecurrentDirect = 2, kSsd = 3 };
+
 // Prefill selective scan over the unified head form (see the header comment):
 //   dt      = delta_softplus ? softplus(delta + delta_bias) : delta + delta_bias
+//   dt      = min(max(dt, dt_min), dt_max)
 //   state   = exp(dt * A) * state + dt * B[t, g] * u[t]
 //   y[t]    = <state, C[t, g]> + D * u[t];  y *= silu(z[t]) when z is given
 // The state is carried in fp32 and rounded to state_dtype only when stored.
@@ -152,6 +162,15 @@ struct SelectiveScanParams {
   const int32_t* cache_indices;     // (batch,), nullptr: slot b for row b
   const bool* has_initial_state;    // (batch,), nullptr: no sequence has an initial state
   int32_t pad_slot_id;
+
+  float dt_min;         // dt limits (0 and +inf: none)
+  float dt_max;
+  ScanAlgorithm algorithm;
+  // Tokens per chunk of the SSD form (0: the kernel's default; CUDA supports 64 only).
+  int64_t chunk_size;
+  // Tokens per piece when the launcher splits the flattened token range to fill the device
+  // (0: the launcher decides; > 0 forces the split plan, so tests cross piece boundaries).
+  int64_t split_len;
 };
 
 // Decode: one token per request; the state is read from state_batch_indices[b] and the updated

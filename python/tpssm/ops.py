@@ -134,10 +134,16 @@ def selective_scan(
     has_initial_state: Optional[torch.Tensor] = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: Optional[torch.Tensor] = None,
+    dt_min: Optional[float] = None,
+    dt_max: Optional[float] = None,
+    algorithm: str = "auto",
+    chunk_size: int = 0,
+    split_len: int = 0,
 ) -> torch.Tensor:
     """Prefill selective scan (Mamba1 or Mamba2 form, see the module docstring).
 
-    dt = softplus(delta + delta_bias) (threshold 20) when delta_softplus, else delta + delta_bias;
+    dt = softplus(delta + delta_bias) (threshold 20) when delta_softplus, else delta + delta_bias,
+    then clamped to [dt_min, dt_max] (None: no limit);
     state = exp(dt * A) * state + dt * B * u; y = <state, C> + D * u; y *= silu(z) when z given.
     u, z: (batch, seqlen, dim) or (total_tokens, dim) with query_start_loc.
     delta: like u (Mamba1) or (..., nheads) (Mamba2).
@@ -148,11 +154,22 @@ def selective_scan(
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with ssm_states.
     out must not overlap the inputs or ssm_states. Returns out, shaped like u.
+
+    Algorithm (the results agree to rounding; see tests/test_ops_*.py for the tolerances):
+    algorithm: 'auto' (the chunked SSD form for the Mamba2 form where supported, else the
+      recurrence), 'recurrent' (per-token recurrence), 'recurrent_direct' (CUDA Mamba1: the walk
+      without staged token tiles, for comparison) or 'ssd' (chunked state-space-duality form;
+      Mamba2 form only; on CUDA it needs bf16 / fp16 activations, headdim 64 or 128, dstate 64 or
+      128 and sm_80 or later, and otherwise runs the recurrence).
+    chunk_size: tokens per SSD chunk, 0 for the kernel's default (CUDA: 64 only).
+    split_len: 0 lets the launcher decide how to split long sequences over the device; n > 0
+      forces the split plan with n-token pieces (tests use it to cross piece boundaries).
     """
     if out is None:
         out = torch.empty_like(u)
     _ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
-                        query_start_loc, cache_indices, has_initial_state, pad_slot_id, out)
+                        query_start_loc, cache_indices, has_initial_state, pad_slot_id, out,
+                        dt_min, dt_max, algorithm, chunk_size, split_len)
     return out
 
 
@@ -215,7 +232,8 @@ def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_indices,
 @torch.library.register_fake("tpssm::selective_scan")
 def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
                          query_start_loc, cache_indices, has_initial_state, pad_slot_id,
-                         out) -> None:
+                         out, dt_min=None, dt_max=None, algorithm="auto", chunk_size=0,
+                         split_len=0) -> None:
     _check_out_like("selective_scan", out, u, "u")
 
 

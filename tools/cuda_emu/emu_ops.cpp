@@ -34,9 +34,13 @@ void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                     const OptTensor& z, const OptTensor& db, bool sp, const OptTensor& states,
                     const OptTensor& qsl, const OptTensor& ci, const OptTensor& his, int64_t pad,
-                    const at::Tensor& out) {
+                    const at::Tensor& out, std::optional<double> dt_min,
+                    std::optional<double> dt_max, const std::string& algorithm, int64_t chunk_size,
+                    int64_t split_len) {
   reset();
-  auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci, his, pad, out);
+  auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci,
+                                             his, pad, out, dt_min, dt_max, algorithm, chunk_size,
+                                             split_len);
   const size_t bytes = tpssm::selective_scan_workspace_bytes(p);
   // 0xFF bytes: NaN floats, so a read of a workspace entry no pass wrote poisons the result.
   at::Tensor ws = at::full({static_cast<int64_t>(bytes) + 1}, 255, u.options().dtype(at::kByte));

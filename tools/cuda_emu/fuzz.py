@@ -105,14 +105,11 @@ def fuzz_scan(it):
     for chunk in rng.sample([None, 1, 2, 3, 7], 2):
         for sms in ([132, 1] if chunk is None else [132]):
             emu.set_sm_count(sms)
-            if chunk: os.environ["TPSSM_SCAN_CHUNK_LEN"] = str(chunk)
-            else: os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
             st = None if states is None else states.clone(); o = out.clone()
-            ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, **kw)
+            ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, split_len=chunk or 0, **kw)
             tag = f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype}"
             close(o, ro, dtype, tag + " out")
             if st is not None: close(st.float(), rs.float(), sdt if sdt != f32 else dtype, tag + " state")
-    os.environ.pop("TPSSM_SCAN_CHUNK_LEN", None)
 
 def fuzz_conv(it):
     dtype = rng.choice([f32, bf16, f16]); W = rng.choice([2, 3, 4])

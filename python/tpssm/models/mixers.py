@@ -219,8 +219,8 @@ class Mamba2Mixer(nn.Module):
                                           allreduce=allreduce,
                                           allreduce_min_bytes=allreduce_min_bytes,
                                           allreduce_group_size=allreduce_group_size)
-        lo, hi = config.time_step_limit
-        self.clamp_dt = lo > 0.0 or hi != math.inf
+        self.dt_limits = config.time_step_limit
+        self.clamp_dt = self.dt_limits[0] > 0.0 or self.dt_limits[1] != math.inf
         self._setup_norm(config, c0, c1)
 
     def _setup_norm(self, config: SSMConfig, c0: int, c1: int) -> None:
@@ -296,22 +296,23 @@ class Mamba2Mixer(nn.Module):
         x = xBC[:, :El]
         B = xBC[:, El:El + gn].unflatten(-1, (self.local_groups, self.d_state))
         C = xBC[:, El + gn:].unflatten(-1, (self.local_groups, self.d_state))
-        dt_bias, softplus = self.dt_bias, True
-        if self.clamp_dt:
-            # The ops have no dt clamp: apply softplus, bias and the limits here and pass the
-            # final dt through unchanged.
-            lo, hi = self.config.time_step_limit
-            dt = F.softplus(dt.float() + self.dt_bias).clamp(lo, hi).to(x.dtype)
-            dt_bias, softplus = None, False
         if meta.is_decode:
+            dt_bias, softplus = self.dt_bias, True
+            if self.clamp_dt:
+                # The state update has no dt limits: apply bias, softplus and the limits here and
+                # pass the final dt through unchanged.
+                dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.dt_limits).to(x.dtype)
+                dt_bias, softplus = None, False
             y = k.selective_state_update(ssm_state, x, dt, self.A, B, C, self.D, None, dt_bias,
                                          dt_softplus=softplus,
                                          state_batch_indices=meta.cache_indices)
         else:
-            y = k.selective_scan(x, dt, self.A, B, C, self.D, None, dt_bias,
-                                 delta_softplus=softplus, ssm_states=ssm_state,
+            dt_min, dt_max = self.dt_limits if self.clamp_dt else (None, None)
+            y = k.selective_scan(x, dt, self.A, B, C, self.D, None, self.dt_bias,
+                                 delta_softplus=True, ssm_states=ssm_state,
                                  query_start_loc=meta.query_start_loc,
                                  cache_indices=meta.cache_indices,
-                                 has_initial_state=meta.has_initial_state)
+                                 has_initial_state=meta.has_initial_state,
+                                 dt_min=dt_min, dt_max=dt_max)
         y = self._gated_norm(y, z)
         return self.out_proj(y)

@@ -180,11 +180,17 @@ def selective_scan_ref(
     has_initial_state: Optional[torch.Tensor] = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: Optional[torch.Tensor] = None,
+    dt_min: Optional[float] = None,
+    dt_max: Optional[float] = None,
+    algorithm: str = "auto",
+    chunk_size: int = 0,
+    split_len: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference of tpssm.ops.selective_scan (see the module docstring for the shapes).
     ssm_states, when given, holds the initial state of rows with has_initial_state and receives
-    every non-padded row's final state."""
+    every non-padded row's final state. kernel, chunk_size and split_len choose how the op
+    computes, not what: they are accepted and ignored here (the per-token recurrence)."""
     dim = u.shape[-1]
     dstate = B.shape[-1]
     nheads, headdim, A_hn = _head_form(A, dim, dstate, compute_dtype)
@@ -203,6 +209,8 @@ def selective_scan_ref(
             dt = dt + delta_bias.to(compute_dtype)
         if delta_softplus:
             dt = softplus_ref(dt)
+        if dt_min is not None or dt_max is not None:
+            dt = dt.clamp(dt_min, dt_max)
         Bs = _groups(_seq_slice(B, b, query_start_loc)).to(compute_dtype)
         Cs = _groups(_seq_slice(C, b, query_start_loc)).to(compute_dtype)
         heads_per_group = nheads // Bs.shape[1]
