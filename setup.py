@@ -40,6 +40,7 @@ CUDA_SOURCES = [
     "csrc/cuda/ssm_cuda_ops.cpp",
     "csrc/kernels/causal_conv1d.cu",
     "csrc/kernels/selective_scan.cu",
+    "csrc/kernels/ssd_scan.cu",
     "csrc/kernels/selective_state_update.cu",
     "csrc/kernels/qallreduce_kernels.cu",
     "csrc/cuda/qallreduce_cuda_ops.cpp",

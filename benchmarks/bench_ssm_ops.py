@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import sys
@@ -44,6 +45,8 @@ MODELS = {
 TPS = (1, 2, 4)
 DECODE_BATCHES = (1, 8, 64, 256)
 PREFILLS = ((1, 2048), (8, 2048), (1, 16384))
+# A mixed packed batch: long and short prompts, a one-token and an empty sequence (~16K tokens).
+VARLEN_SEQLENS = (7000, 17, 1, 0, 5000, 129, 2048, 1000, 1170)
 QUICK = dict(tps=(1, 4), decode=(1, 64, 256), prefill=((8, 2048), (1, 16384)))
 
 ACT = torch.bfloat16
@@ -74,6 +77,7 @@ class Case:
     ref_note: str = ""
     native: Optional[Callable[[Dict], None]] = None
     native_note: str = ""
+    flops: float = 0.0       # tensor-core work (the SSD scan), reported as TFLOP/s
     results: Dict = field(default_factory=dict)
 
 
@@ -167,48 +171,68 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
                 native=native, native_note="torch gather / sum / index_copy_")
 
 
-def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="auto") -> Case:
+def _ssd_flops(tokens, m) -> float:
+    """Useful tensor-core FLOPs of the SSD form for 64-token chunks: per token and head 2NP for
+    the inter-chunk output, 2NP for the chunk state, and the causal halves of C B^T (QN) and of
+    its product with x (QP)."""
+    n, p, q = m["dstate"], m["headdim"], 64
+    return tokens * m["nheads"] * (4 * n * p + q * (n + p))
+
+
+def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="auto",
+              seqlens=None) -> Case:
     """split_len: force the split plan with pieces of this length; algorithm: force one of the
     op's algorithms ('recurrent', 'recurrent_direct', 'ssd') - extra rows that compare the
-    launcher's choices in the same process."""
+    launcher's choices in the same process. seqlens: a packed varlen batch instead of
+    batch x seqlen."""
     m = shard(model, tp)
     h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
     dim = h * p
-    tokens = batch * seqlen
+    if seqlens is not None:
+        batch, tokens = len(seqlens), sum(seqlens)
+        qsl = torch.tensor([0] + list(itertools.accumulate(seqlens)), dtype=torch.int32,
+                           device="cuda")
+        lead = (tokens,)
+    else:
+        tokens, qsl, lead = batch * seqlen, None, (batch, seqlen)
     e, s_e = 2, 4
     nbytes = (e * (3 * tokens * dim + tokens * h + 2 * tokens * g * n)
               + 2 * s_e * batch * dim * n)
     A, D, dbias = _ssm_consts(m)
 
-    def make(b, L):
-        return dict(u=_rand(b, L, dim), delta=_rand(b, L, h, scale=0.5), B=_rand(b, L, g, n),
-                    C=_rand(b, L, g, n), z=_rand(b, L, dim),
-                    ssm_states=torch.randn(_state_shape(m, b), device="cuda", dtype=STATE),
-                    has_initial_state=torch.ones(b, dtype=torch.bool, device="cuda"),
-                    out=torch.empty(b, L, dim, dtype=ACT, device="cuda"))
+    def make(lead_shape, rows):
+        return dict(u=_rand(*lead_shape, dim), delta=_rand(*lead_shape, h, scale=0.5),
+                    B=_rand(*lead_shape, g, n), C=_rand(*lead_shape, g, n),
+                    z=_rand(*lead_shape, dim),
+                    ssm_states=torch.randn(_state_shape(m, rows), device="cuda", dtype=STATE),
+                    has_initial_state=torch.ones(rows, dtype=torch.bool, device="cuda"),
+                    out=torch.empty(*lead_shape, dim, dtype=ACT, device="cuda"))
 
     def call(s):
         ops.selective_scan(s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias,
                            delta_softplus=True, ssm_states=s["ssm_states"],
-                           has_initial_state=s["has_initial_state"], out=s["out"],
-                           algorithm=algorithm, split_len=split_len)
+                           has_initial_state=s["has_initial_state"], query_start_loc=qsl,
+                           out=s["out"], algorithm=algorithm, split_len=split_len)
 
     ref_len = 128
 
     def ref():
-        s = make(1, ref_len)
+        s = make((1, ref_len), 1)
         return lambda: ref_mod.selective_scan_ref(
             s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias, delta_softplus=True,
             ssm_states=s["ssm_states"], has_initial_state=s["has_initial_state"], out=s["out"])
 
-    shape = f"{batch}x{seqlen} {h}x{p}x{n}"
+    shape = (f"varlen {len(seqlens)} seqs {tokens} tok" if seqlens is not None
+             else f"{batch}x{seqlen}") + f" {h}x{p}x{n}"
     if split_len:
         shape += f" split {split_len}"
     if algorithm != "auto":
         shape += f" {algorithm}"
+    ssd = m["form"] == "mamba2" and algorithm in ("auto", "ssd")
     return Case("selective_scan", model, tp, shape, nbytes,
-                lambda: make(batch, seqlen), call, ref=ref, ref_scale=tokens / ref_len,
-                ref_note=f"ref at 1x{ref_len}, scaled by tokens")
+                lambda: make(lead, batch), call, ref=ref, ref_scale=tokens / ref_len,
+                ref_note=f"ref at 1x{ref_len}, scaled by tokens",
+                flops=_ssd_flops(tokens, m) if ssd else 0.0)
 
 
 def ssu_case(model, tp, batch, ops, ref_mod) -> Case:
@@ -343,6 +367,9 @@ def run_case(case: Case, copy_gbs: float, reps: int, with_ref: bool) -> Dict:
     res = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, time_us=ms * 1e3,
                bytes=case.bytes, gbs=case.bytes / (ms * 1e-3) / 1e9, input_sets=num_sets)
     res["pct_copy"] = 100.0 * res["gbs"] / copy_gbs
+    if case.flops:
+        res["flops"] = case.flops
+        res["tflops"] = case.flops / (ms * 1e-3) / 1e12
     if case.native is not None:
         try:
             native_ms = time_graph(case.native, sets[: min(num_sets, 64)], reps)
@@ -368,13 +395,17 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
     prefill = QUICK["prefill"] if args.quick else PREFILLS
     wanted = set(args.ops.split(","))
     cases = []
-    for model in MODELS:
+    for model in (args.models.split(",") if args.models else MODELS):
         for tp in tps:
             for batch, seqlen in prefill:
                 if "conv" in wanted:
                     cases.append(conv_case(model, tp, batch, seqlen, ops, ref_mod))
                 if "scan" in wanted:
                     cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod))
+                    if MODELS[model]["form"] == "mamba2":
+                        # The recurrence beside the SSD kernel, same shapes, same process.
+                        cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
+                                               algorithm="recurrent"))
                     # Forced chunk lengths for batch-1 prefill: data to tune the scan plan.
                     for split_len in (args.scan_split_lens if batch == 1 else ()):
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
@@ -382,6 +413,10 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     if args.scan_direct and MODELS[model]["form"] == "mamba1":
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                algorithm="recurrent_direct"))
+            if "scan" in wanted and MODELS[model]["form"] == "mamba2":
+                for algorithm in ("auto", "recurrent"):
+                    cases.append(scan_case(model, tp, 0, 0, ops, ref_mod, algorithm=algorithm,
+                                           seqlens=VARLEN_SEQLENS))
             for batch in decode:
                 if "conv_update" in wanted:
                     cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
@@ -393,14 +428,16 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
 def print_table(results: List[Dict], copy_gbs: float) -> None:
     print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<36}{'us':>10}{'MB':>9}{'GB/s':>8}"
-            f"{'%copy':>7}{'x ref':>9}{'x native':>10}")
+            f"{'%copy':>7}{'x ref':>9}{'x native':>10}{'TFLOP/s':>9}")
     print(head)
     print("-" * len(head))
     for r in results:
         ref = f"{r['speedup_vs_ref']:.1f}" if "speedup_vs_ref" in r else "-"
         nat = f"{r['speedup_vs_native']:.2f}" if "speedup_vs_native" in r else "-"
+        tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
         print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<36}{r['time_us']:>10.1f}"
-              f"{r['bytes'] / 1e6:>9.1f}{r['gbs']:>8.0f}{r['pct_copy']:>7.1f}{ref:>9}{nat:>10}")
+              f"{r['bytes'] / 1e6:>9.1f}{r['gbs']:>8.0f}{r['pct_copy']:>7.1f}{ref:>9}{nat:>10}"
+              f"{tf:>9}")
     notes = sorted({r.get("ref_note", "") for r in results} - {""})
     if notes:
         print("reference timings: " + "; ".join(notes))
@@ -414,6 +451,14 @@ def print_table(results: List[Dict], copy_gbs: float) -> None:
             speedups.append(f"{model} tp{tp} {plain}: x{direct_us / times[model, tp, plain]:.2f}")
     if speedups:
         print("scan speedup of the launcher's plan over the direct walk: " + "; ".join(speedups))
+    # The SSD kernel (the launcher's choice for Mamba2) against the recurrence.
+    ssd = []
+    for (model, tp, shape), rec_us in times.items():
+        plain = shape.removesuffix(" recurrent")
+        if plain != shape and (model, tp, plain) in times:
+            ssd.append(f"{model} tp{tp} {plain}: x{rec_us / times[model, tp, plain]:.1f}")
+    if ssd:
+        print("scan speedup of the SSD kernel over the recurrence: " + "; ".join(ssd))
 
 
 def main(argv=None) -> int:
@@ -421,6 +466,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a subset of shapes, fewer repeats")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--ops", default="conv,scan,conv_update,state_update")
+    parser.add_argument("--models", default="",
+                        help="comma-separated subset of " + ",".join(MODELS) + " (default all)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-ref", action="store_true", help="skip the slow reference timings")
     parser.add_argument("--scan-direct", action="store_true",

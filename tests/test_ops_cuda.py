@@ -34,6 +34,7 @@ from test_ops_cpu import CONV_CASES, CONV_UPDATE_CASES, SCAN_CASES, SSU_CASES  #
 from tpssm import ops  # noqa: E402
 from tpssm.reference import (  # noqa: E402
     causal_conv1d_update_ref,
+    selective_scan_ref,
     selective_state_update_ref,
 )
 
@@ -292,6 +293,147 @@ def test_selective_scan_cuda_16bit_state_rounds_only_when_stored(chunk):
 
 
 # ---------------------------------------------------------------------------------------------
+# The chunked SSD kernel: the Mamba2 form with 16-bit activations, headdim and dstate 64 or 128.
+#
+# Tolerance against the fp64 reference, max norm relative to max(1, |truth|): EPS[dtype], one
+# rounding of a stored value. The kernel rounds three intermediates to the activation dtype for the
+# tensor cores - the state entering a chunk (C H), the decayed C B^T tile and the B rows scaled by
+# their decay weights - each one relative rounding on terms summed in fp32, so its error is a few
+# roundings of the terms' magnitude, which the decaying state keeps of the order of the result
+# (measured with the emulated kernel: 3.5e-3 - 5.7e-3 for bf16 outputs, 4e-4 - 5e-4 for fp16, 2-3x
+# under EPS). The recurrent kernel and the reference rounding of the baseline rule (run_vs_ref)
+# are checked too.
+
+SSD_BASE = dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, varlen=True,
+                seqlens=(130, 0, 1, 64, 65), num_slots=6, slots=(1, 0, -1, 3, 5),
+                initial=(True, False, True, False, True))
+SSD_CASES = [
+    ("base", {}),
+    ("f16", dict(dtype=f16)),
+    ("headdim128", dict(headdim=128)),
+    ("dstate128", dict(dstate=128)),
+    ("p128_n128_bf16_state", dict(headdim=128, dstate=128, state_dtype=bf16)),
+    ("ngroups2", dict(nheads=4, ngroups=2)),
+    ("ngroups8", dict(nheads=8, ngroups=8, seqlens=(70, 3), slots=(1, 0),
+                      initial=(True, False))),
+    ("dense", dict(varlen=False, seqlens=(100, 100), slots=(2, 0), initial=(True, False))),
+    ("chunk_edges", dict(seqlens=(128, 63, 129, 192), slots=(1, 0, 3, 2),
+                         initial=(False, True, True, False))),
+    # Rows not 16-byte aligned: element loads and stores instead of the 16-byte copies.
+    ("strided", dict(strided=True)),
+    ("no_z_no_D", dict(z=False, D=False)),
+    ("dt_limits", dict(dt_min=0.05, dt_max=0.4)),
+    ("no_states", dict(states=False, slots=None, initial=None, seqlens=(100, 7))),
+]
+# Forced split lengths cross pieces inside and at the edges of chunks and sequences: every case
+# with the launcher's plan, the split plan on the cases that exercise its boundaries.
+SSD_SPLIT_CASES = ("base", "dstate128", "dense", "chunk_edges", "strided")
+SSD_RUNS = ([(name, params, 0) for name, params in SSD_CASES]
+            + [(name, params, split) for name, params in SSD_CASES if name in SSD_SPLIT_CASES
+               for split in (64, 100)])
+
+
+def _ssd_truth(kw):
+    """The fp64 reference's out and ssm_states for the op's inputs (CPU copies)."""
+    ref = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    selective_scan_ref(**ref, compute_dtype=torch.float64)
+    return ref
+
+
+def _assert_within(actual, truth, tol, what):
+    a, t = actual.cpu().double(), truth.double()
+    if t.numel() == 0:
+        return
+    err = (a - t).abs().max().item()
+    bound = tol * max(1.0, t.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("name,params,split", SSD_RUNS,
+                         ids=[f"{n}-split{s}" if s else n for n, _, s in SSD_RUNS])
+def test_selective_scan_cuda_ssd(name, params, split):
+    cfg = {**SSD_BASE, **params}
+    dtype = cfg["dtype"]
+    kw = scan_inputs(**cfg, algorithm="ssd", split_len=split)
+    truth = _ssd_truth(kw)
+    kw_gpu, before = check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    _assert_within(kw_gpu["out"], truth["out"], EPS[dtype], "out vs fp64")
+    rec = {k: to_cuda(v) for k, v in kw.items()}
+    for k in ("out", "ssm_states"):
+        if before.get(k) is not None:
+            rec[k] = to_cuda(before[k])
+    ops.selective_scan(**dict(rec, algorithm="recurrent"))
+    _assert_within(kw_gpu["out"], rec["out"].cpu(), 2 * EPS[dtype], "out vs recurrent")
+    if kw["ssm_states"] is None:
+        return
+    _assert_within(kw_gpu["ssm_states"], truth["ssm_states"], EPS[dtype], "state vs fp64")
+    _assert_within(kw_gpu["ssm_states"], rec["ssm_states"].cpu(), 2 * EPS[dtype],
+                   "state vs recurrent")
+    slots = cfg["slots"]
+    padded = [b for b, s in enumerate(slots) if s == -1]
+    if padded:
+        rows = _padded_out_rows(kw_gpu["out"].cpu(), cfg["seqlens"], cfg["varlen"], padded)
+        assert (rows == SENTINEL).all(), "padded output rows were written"
+    assert_slots_untouched(kw_gpu["ssm_states"].cpu(), before["ssm_states"], slots)
+
+
+@pytest.mark.parametrize("split", [0, 64], ids=["auto", "split64"])
+@pytest.mark.parametrize("first", [(17, 64, 0), (1, 100, 63)], ids=["at17_64_0", "at1_100_63"])
+def test_selective_scan_cuda_ssd_chunk_consistency(first, split):
+    """A prefill split at arbitrary points (the second part continuing from the slots) equals the
+    one-shot prefill, and the one-shot prefill followed by decode steps equals a longer prefill
+    (tails of 1..3 tokens as selective_state_update steps)."""
+    seqlens, slots = (80, 140, 66), (2, 0, 3)
+    kw = {k: to_cuda(v) for k, v in scan_inputs(
+        dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, seqlens=seqlens, varlen=True,
+        slots=slots, initial=(False, False, False), num_slots=4).items()}
+    packed = ("u", "delta", "B", "C", "z")
+    params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
+    params.update(algorithm="ssd", split_len=split)
+    fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
+    starts = query_start_loc(seqlens).tolist()
+    rest = tuple(n - f for n, f in zip(seqlens, first))
+    head_idx = [t for b in range(3) for t in range(starts[b], starts[b] + first[b])]
+    tail_idx = [t for b in range(3) for t in range(starts[b] + first[b], starts[b + 1])]
+    init = torch.randn_like(kw["ssm_states"])
+    states_full = init.clone()
+    out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params, ssm_states=states_full,
+                                  has_initial_state=fresh,
+                                  query_start_loc=query_start_loc(seqlens).to(CUDA))
+    states = init.clone()
+    out_head = ops.selective_scan(**{k: kw[k][head_idx] for k in packed}, **params,
+                                  ssm_states=states, has_initial_state=fresh,
+                                  query_start_loc=query_start_loc(first).to(CUDA))
+    out_tail = ops.selective_scan(**{k: kw[k][tail_idx] for k in packed}, **params,
+                                  ssm_states=states, has_initial_state=~fresh,
+                                  query_start_loc=query_start_loc(rest).to(CUDA))
+    merged = torch.empty_like(out_full)
+    merged[head_idx] = out_head
+    merged[tail_idx] = out_tail
+    # Different chunk boundaries round different intermediates: agreement to the SSD tolerance.
+    _assert_within(merged, out_full.cpu(), EPS[bf16], "split prefill out")
+    _assert_within(states, states_full.cpu(), EPS[bf16], "split prefill state")
+
+    # Decode: the last `steps` tokens of each sequence as single-token steps after a prefill of
+    # the rest must equal the one-shot prefill's outputs and states.
+    steps = 3
+    pre = tuple(n - steps for n in seqlens)
+    pre_idx = [t for b in range(3) for t in range(starts[b], starts[b] + pre[b])]
+    states = init.clone()
+    ops.selective_scan(**{k: kw[k][pre_idx] for k in packed}, **params, ssm_states=states,
+                       has_initial_state=fresh, query_start_loc=query_start_loc(pre).to(CUDA))
+    h, hd = kw["A"].shape[0], 64
+    for i in range(steps):
+        tok = [starts[b] + pre[b] + i for b in range(3)]
+        y = ops.selective_state_update(
+            states, kw["u"][tok].view(3, h, hd), kw["delta"][tok], kw["A"], kw["B"][tok],
+            kw["C"][tok], kw["D"], kw["z"][tok].view(3, h, hd), kw["delta_bias"],
+            dt_softplus=True, state_batch_indices=kw["cache_indices"])
+        _assert_within(y.view(3, -1), out_full[tok].cpu(), EPS[bf16], f"decode step {i}")
+    _assert_within(states, states_full.cpu(), EPS[bf16], "state after decode")
+
+
+# ---------------------------------------------------------------------------------------------
 # selective_state_update
 
 
@@ -343,8 +485,11 @@ def _large_check(op, kw, mutable, dtype):
 LARGE_SCAN = [
     ("mamba1_1x16384", dict(form="mamba1", nheads=256, dstate=16, ngroups=1, group_dim=False,
                             seqlens=(16384,))),
+    # bf16: the SSD kernel (its split plan at batch 1); fp32: the recurrence.
     ("mamba2_1x16384", dict(form="mamba2", nheads=4, headdim=64, dstate=128, ngroups=1,
                             seqlens=(16384,))),
+    ("mamba2_ssd_varlen", dict(form="mamba2", nheads=8, headdim=64, dstate=64, ngroups=2,
+                               seqlens=(5000, 1, 0, 9000, 383, 2), varlen=True)),
     ("mamba1_8x2048", dict(form="mamba1", nheads=512, dstate=16, ngroups=1, group_dim=False,
                            seqlens=(2048,) * 8)),
     # 5120 channels x 8 sequences fill an H100 without chunking: the one-row-per-sequence plan.

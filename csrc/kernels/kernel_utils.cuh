@@ -36,9 +36,10 @@ namespace tpssm {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Multiprocessor count of the current device, cached per device: launch heuristics need it on
-// every call and the attribute query is not free.
-inline int current_device_sm_count() {
+// A device attribute of the current device, cached per device and attribute slot: launch
+// heuristics ask on every call and the query is not free.
+template <int kSlot>
+inline int cached_device_attribute(cudaDeviceAttr attr) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};
   int device = 0;
@@ -47,10 +48,29 @@ inline int current_device_sm_count() {
     int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int count = 0;
-  TPSSM_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
-  return count;
+  int value = 0;
+  TPSSM_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  if (device >= 0 && device < kMaxDevices) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+inline int current_device_sm_count() {
+  return cached_device_attribute<2>(cudaDevAttrMultiProcessorCount);
+}
+
+inline int current_device_cc_major() {
+  return cached_device_attribute<0>(cudaDevAttrComputeCapabilityMajor);
+}
+
+// Shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize).
+inline int current_device_max_smem_per_block() {
+  return cached_device_attribute<1>(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+// The block's dynamic shared memory, 16-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];
+  return tpssm_dynamic_smem;
 }
 
 // Test knob: a positive integer in environment variable `name` overrides a launch heuristic (the

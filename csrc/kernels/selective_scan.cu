@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "kernel_utils.cuh"
+#include "scan_plan.h"
 #include "ssm_kernels.h"
 #include "static_switch.h"
 
@@ -68,23 +69,6 @@ struct ScanTraits {
   static_assert(kThreads % 32 == 0, "whole warps");
 };
 
-struct ScanPlan {
-  int group_threads;    // G
-  bool flat;            // chunked flat plan (three passes) vs one block row per sequence
-  bool bc_vec;          // B / C rows are 16-byte aligned with dstate % 16 == 0
-  bool staged;          // staged token tiles (see the top of this file)
-  bool own_vec;         // staged: u, delta, z tiles load as 16-byte packs (aligned, headdim 1)
-  int64_t total_tokens;
-  int64_t chunk_len;
-  int64_t num_chunks;
-  int64_t channels;
-  int64_t channel_blocks;
-  float* ws_S;          // (num_chunks, channels, dstate): chunk end states, then carried H_j
-  float* ws_I;          // (num_chunks, channels, dstate): initial state of a spanning sequence
-  float* ws_P;          // (num_chunks, nheads, dstate or 1): chunk decay
-  int32_t* ws_flags;    // (num_chunks,): 0 no carry, 1 carry starts here, 2 carry continues
-};
-
 // Per-thread constants of one (channel, state range).
 struct ScanThread {
   int64_t c, h, pidx, g;
@@ -113,18 +97,6 @@ __device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
   const int64_t warp_first = t.c - static_cast<int64_t>(warp_lane);
   t.warp_live = static_cast<int>(min(static_cast<int64_t>(32), plan.channels - warp_first));
   t.warp_mask = t.warp_live == 32 ? 0xffffffffu : ((1u << t.warp_live) - 1u);
-  return true;
-}
-
-// The slot a sequence reads / writes, or false when the row must be skipped entirely.
-__device__ __forceinline__ bool resolve_slot(const SelectiveScanParams& p, int64_t b,
-                                             int64_t& slot, bool& initial) {
-  slot = p.cache_indices ? p.cache_indices[b] : b;
-  if (p.cache_indices && slot == p.pad_slot_id) return false;
-  // Out-of-range slots cannot be rejected without a host sync: skip instead of touching memory
-  // outside the pool.
-  if (p.ssm_states && (slot < 0 || slot >= p.num_slots)) return false;
-  initial = p.ssm_states && p.has_initial_state && p.has_initial_state[b];
   return true;
 }
 
@@ -607,6 +579,35 @@ WorkspaceLayout workspace_layout(const SelectiveScanParams& p, const ScanPlan& p
   return w;
 }
 
+// The SSD kernel's split: one block per (sequence, head) when that gives every SM two blocks (its
+// blocks are large: 72-105 KB of shared memory, 2-3 per SM), else pieces of whole chunks sized
+// for ~3 blocks per SM, at least kSsdMinPiece tokens so the extra state pass stays small.
+constexpr int kSsdSeqPlanMinBlocksPerSm = 2;
+constexpr int kSsdFlatTargetBlocksPerSm = 3;
+constexpr int64_t kSsdChunk = 64;
+constexpr int64_t kSsdMinPiece = 4 * kSsdChunk;
+
+void plan_ssd_split(const SelectiveScanParams& p, int64_t sms, ScanPlan& plan) {
+  plan.flat = false;
+  if (plan.total_tokens == 0) return;
+  if (p.split_len > 0) {
+    plan.flat = true;
+    plan.chunk_len = p.split_len;
+    plan.num_chunks = ceil_div(plan.total_tokens, p.split_len);
+    return;
+  }
+  if (p.batch * p.nheads >= kSsdSeqPlanMinBlocksPerSm * sms) return;
+  const int64_t per_block =
+      ceil_div(plan.total_tokens * p.nheads, kSsdFlatTargetBlocksPerSm * sms);
+  const int64_t piece = std::max(kSsdMinPiece, ceil_div(per_block, kSsdChunk) * kSsdChunk);
+  const int64_t num_pieces = ceil_div(plan.total_tokens, piece);
+  if (num_pieces > p.batch) {
+    plan.flat = true;
+    plan.chunk_len = piece;
+    plan.num_chunks = num_pieces;
+  }
+}
+
 ScanPlan make_plan(const SelectiveScanParams& p) {
   if (p.dstate <= 0 || p.dstate > 32 * kStates) {
     throw std::runtime_error("tpssm selective_scan: dstate must be in 1..512, got " +
@@ -623,6 +624,29 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   plan.channel_blocks = ceil_div(plan.channels, kScanThreads / G);
   plan.total_tokens = p.query_start_loc ? p.seqlen : p.batch * p.seqlen;
   const int64_t sms = current_device_sm_count();
+  constexpr int kPerPackMin = 4;  // fp32 B / C: 4 elements per 16 bytes (16-bit: 8)
+  const int64_t per_pack = p.act_dtype == DType::kFloat32 ? kPerPackMin : 2 * kPerPackMin;
+  // A tensor (or none) every row of which starts 16-byte aligned: an aligned base, token (and,
+  // dense, batch) strides of whole packs.
+  auto packs_aligned = [&](const void* ptr, int64_t token_stride, int64_t batch_stride) {
+    return ptr == nullptr ||
+           (is_aligned(ptr, 16) && token_stride % per_pack == 0 &&
+            (p.query_start_loc != nullptr || batch_stride % per_pack == 0));
+  };
+  plan.ssd = (p.algorithm == ScanAlgorithm::kAuto || p.algorithm == ScanAlgorithm::kSsd) &&
+             ssd_supported(p);
+  if (plan.ssd) {
+    plan_ssd_split(p, sms, plan);
+    // headdim and dstate are multiples of 8, so a head's x / z rows and a group's B / C rows
+    // start 16-byte aligned whenever the tensor's rows do.
+    plan.ssd_in_vec = p.B_group_stride % per_pack == 0 && p.C_group_stride % per_pack == 0 &&
+                      packs_aligned(p.u, p.u_token_stride, p.u_batch_stride) &&
+                      packs_aligned(p.z, p.z_token_stride, p.z_batch_stride) &&
+                      packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
+                      packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
+    plan.ssd_out_vec = packs_aligned(p.out, p.out_token_stride, p.out_batch_stride);
+    return plan;
+  }
   const int64_t seq_blocks = p.batch * plan.channel_blocks;
   plan.flat = false;
   if (plan.total_tokens > 0 && p.split_len > 0) {
@@ -640,15 +664,6 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
       plan.num_chunks = num_chunks;
     }
   }
-  constexpr int kPerPackMin = 4;  // fp32 B / C: 4 elements per 16 bytes (16-bit: 8)
-  const int64_t per_pack = p.act_dtype == DType::kFloat32 ? kPerPackMin : 2 * kPerPackMin;
-  // A tensor (or none) every row of which starts 16-byte aligned: an aligned base, token (and,
-  // dense, batch) strides of whole packs.
-  auto packs_aligned = [&](const void* ptr, int64_t token_stride, int64_t batch_stride) {
-    return ptr == nullptr ||
-           (is_aligned(ptr, 16) && token_stride % per_pack == 0 &&
-            (p.query_start_loc != nullptr || batch_stride % per_pack == 0));
-  };
   plan.bc_vec = p.dstate % kStates == 0 && p.B_group_stride % per_pack == 0 &&
                 p.C_group_stride % per_pack == 0 &&
                 packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
@@ -668,6 +683,21 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   return plan;
 }
 
+void launch_combine(const SelectiveScanParams& p, const ScanPlan& plan, cudaStream_t stream) {
+  const int64_t elems = plan.channels * p.dstate;
+  chunk_combine_kernel<<<static_cast<unsigned>(ceil_div(elems, 256)), 256, 0, stream>>>(
+      p, plan, p.a_is_per_state);
+  TPSSM_CHECK_LAUNCH("chunk_combine_kernel");
+}
+
+void launch_ssd(const SelectiveScanParams& p, const ScanPlan& plan, cudaStream_t stream) {
+  if (plan.flat) {
+    launch_ssd_pass(p, plan, /*state_pass=*/true, stream);
+    launch_combine(p, plan, stream);
+  }
+  launch_ssd_pass(p, plan, /*state_pass=*/false, stream);
+}
+
 template <typename Traits>
 void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
   if (plan.channel_blocks > 65535) {
@@ -677,10 +707,7 @@ void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t strea
     dim3 grid(static_cast<unsigned>(plan.num_chunks), static_cast<unsigned>(plan.channel_blocks));
     chunk_state_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
     TPSSM_CHECK_LAUNCH("chunk_state_kernel");
-    const int64_t elems = plan.channels * p.dstate;
-    chunk_combine_kernel<<<static_cast<unsigned>(ceil_div(elems, 256)), 256, 0, stream>>>(
-        p, plan, Traits::kPerStateA);
-    TPSSM_CHECK_LAUNCH("chunk_combine_kernel");
+    launch_combine(p, plan, stream);
     scan_output_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
     TPSSM_CHECK_LAUNCH("scan_output_kernel");
   } else {
@@ -692,6 +719,10 @@ void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t strea
 }
 
 void run_with_plan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
+  if (plan.ssd) {
+    launch_ssd(p, plan, stream);
+    return;
+  }
   TPSSM_DTYPE_SWITCH(p.act_dtype, input_t, [&] {
     TPSSM_STATE_DTYPE_SWITCH(p.state_dtype, p.act_dtype, input_t, state_t, [&] {
       if (p.a_is_per_state) {

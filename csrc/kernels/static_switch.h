@@ -86,3 +86,36 @@ namespace tpssm {
     constexpr bool CONST_NAME = false;                                               \
     return __VA_ARGS__();                                                            \
   }()
+
+// 16-bit activation dtype: float16 or bfloat16 (the tensor-core kernels).
+#define TPSSM_HALF_DTYPE_SWITCH(DTYPE, TYPE_NAME, ...)                              \
+  [&] {                                                                              \
+    switch (DTYPE) {                                                                 \
+      case ::tpssm::DType::kFloat16: {                                               \
+        using TYPE_NAME = __half;                                                    \
+        return __VA_ARGS__();                                                        \
+      }                                                                              \
+      case ::tpssm::DType::kBFloat16: {                                              \
+        using TYPE_NAME = __nv_bfloat16;                                             \
+        return __VA_ARGS__();                                                        \
+      }                                                                              \
+      default:                                                                       \
+        break;                                                                       \
+    }                                                                                \
+    ::tpssm::throw_unsupported("dtype (must be float16 or bfloat16)",               \
+                               ::tpssm::dtype_name(DTYPE));                          \
+  }()
+
+// A power-of-two size among 64 and 128 (the SSD kernel's headdim and dstate).
+#define TPSSM_64_128_SWITCH(VALUE, CONST_NAME, ...)                                  \
+  [&] {                                                                              \
+    if ((VALUE) == 64) {                                                             \
+      constexpr int CONST_NAME = 64;                                                 \
+      return __VA_ARGS__();                                                          \
+    }                                                                                \
+    if ((VALUE) == 128) {                                                            \
+      constexpr int CONST_NAME = 128;                                                \
+      return __VA_ARGS__();                                                          \
+    }                                                                                \
+    ::tpssm::throw_unsupported("size (must be 64 or 128)", std::to_string(VALUE));   \
+  }()

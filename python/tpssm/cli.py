@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from tpssm.ops import SCAN_ALGORITHMS
+
 __all__ = ["main"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,6 +59,7 @@ class ModelSpec:
     device: str = "auto"
     allreduce: str = "exact"
     allreduce_min_bytes: int = 1 << 20
+    scan_algorithm: str = "auto"
     seed: int = 0
     local_shard_tp: int = 0  # > 0: one process builds rank 0's shard of a tp-way model (bench)
 
@@ -107,6 +110,7 @@ def build_model(spec: ModelSpec):
         source = RandomWeightSource(config, seed=spec.seed, device=device)
     model = SSMForCausalLM(config, ctx, dtype, allreduce=spec.allreduce,
                            allreduce_min_bytes=spec.allreduce_min_bytes)
+    model.set_scan_algorithm(spec.scan_algorithm)
     with torch.no_grad():
         model.load_weights(ProgressSource(source, config.num_hidden_layers,
                                           f"loading {spec.describe()} (tp {ctx.tp})"))
@@ -356,7 +360,8 @@ def cmd_generate(args) -> int:
                        f"{args.max_prompt_tokens}")
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
-                     allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes)
+                     allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
+                     scan_algorithm=args.scan_algorithm)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
@@ -417,13 +422,15 @@ def cmd_bench(args) -> int:
             raise CLIError("--rank-shard times one process on its own: run it without torchrun")
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce,
-                     allreduce_min_bytes=args.allreduce_min_bytes)
+                     allreduce_min_bytes=args.allreduce_min_bytes,
+                     scan_algorithm=args.scan_algorithm)
     modes = [True, False] if args.compare_state_cache else [not args.no_state_cache]
     job = BenchJob(spec, _parse_int_list(args.prompt_lens, "--prompt-lens"),
                    _parse_int_list(args.batch_sizes, "--batch-sizes"), args.gen_tokens,
                    args.max_prefill_tokens, modes, args.repeats)
     report = {"model": spec.describe(), "num_layers": args.num_layers, "dtype": args.dtype,
               "allreduce": args.allreduce, "allreduce_min_bytes": args.allreduce_min_bytes,
+              "scan_algorithm": args.scan_algorithm,
               "gen_tokens": args.gen_tokens, "complete": False,
               "environment": _environment(), "rows": []}
     rows: List[dict] = report["rows"]
@@ -540,6 +547,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="auto: a GPU per rank when there are enough, else the CPU")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before a run (all ranks) is declared dead")
+    p.add_argument("--scan-algorithm", choices=SCAN_ALGORITHMS, default="auto",
+                   help="prefill selective scan: auto (the chunked SSD kernel for Mamba-2 where "
+                        "it covers the shape, else the recurrence), or force one (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:

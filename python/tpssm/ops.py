@@ -42,6 +42,7 @@ import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
 
 __all__ = [
     "PAD_SLOT_ID",
+    "SCAN_ALGORITHMS",
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_scan",
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 PAD_SLOT_ID = -1
+
+# selective_scan's `algorithm` values (see its docstring).
+SCAN_ALGORITHMS = ("auto", "recurrent", "recurrent_direct", "ssd")
 
 _ops = torch.ops.tpssm
 

@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OUT = ROOT / "build" / "cuda_emu"
+KERNELS = ("causal_conv1d", "selective_scan", "ssd_scan", "selective_state_update")
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 
 
@@ -24,18 +25,23 @@ def transform() -> None:
         if f.name == "ssm_params.h":
             # One definition of the params structs: csrc/ssm_ops.h includes the original.
             text = f'#include "{f}"\n'
+        elif f.name == "mma_sm80.cuh":
+            # Tensor-core and async-copy primitives: the host emulation of the same functions.
+            text = '#include "emu_mma.h"\n'
         else:
             text = f.read_text()
             text = LAUNCH.sub(lambda m: f"emu_launch(&{m.group(1)}, {m.group(2)}, {m.group(3)});",
                               text)
             text = text.replace("*reinterpret_cast<const uint4*>(ptr)", "emu_ld16(ptr)")
             text = text.replace("*reinterpret_cast<uint4*>(ptr) =", "emu_st16(ptr) =")
+            text = text.replace("extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];",
+                                "unsigned char* tpssm_dynamic_smem = emu_dynamic_smem();")
             if f.suffix in (".cu", ".cuh"):
                 text = '#include "emu_shim.h"\n' + text
         out = dst / f.name
         if not out.exists() or out.read_text() != text:
             out.write_text(text)
-    for name in ("causal_conv1d", "selective_scan", "selective_state_update"):
+    for name in KERNELS:
         tu = OUT / f"emu_{name}.cpp"
         tu.write_text(f'#include "{name}.cu"\n')
 
@@ -51,7 +57,7 @@ def build(verbose: bool = False):
     obj = OUT / ("obj_asan" if asan else "obj")
     obj.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp"] + [
-        OUT / f"emu_{n}.cpp" for n in ("causal_conv1d", "selective_scan", "selective_state_update")]
+        OUT / f"emu_{n}.cpp" for n in KERNELS]
     return ce.load(name="tpssm_cuda_emu", sources=[str(s) for s in sources],
                    extra_include_paths=[str(OUT), str(OUT / "kernels"), str(HERE),
                                         str(ROOT / "csrc"), "/usr/local/cuda/include"],

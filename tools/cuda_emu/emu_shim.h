@@ -38,13 +38,31 @@ struct EmuGroupSync {
   float vals[32];
 };
 
+// A whole warp's exchange of up to 64 bytes per lane (warp-collective tensor-core operations).
+struct EmuWarpExchange {
+  std::mutex m;
+  std::condition_variable cv;
+  int count = 0;
+  long gen = 0;
+  unsigned char lanes[32][64];
+};
+
 struct EmuBlock {
   std::mutex m;
   std::map<std::pair<int, unsigned>, std::unique_ptr<EmuGroupSync>> groups;
+  std::map<int, std::unique_ptr<EmuWarpExchange>> exchanges;
+  EmuGroupSync block_barrier;           // __syncthreads
+  std::vector<unsigned char> dynamic;   // dynamic shared memory (the launch's byte count)
   EmuGroupSync& get(int warp, unsigned mask) {
     std::lock_guard<std::mutex> l(m);
     auto& p = groups[{warp, mask}];
     if (!p) p.reset(new EmuGroupSync());
+    return *p;
+  }
+  EmuWarpExchange& exchange(int warp) {
+    std::lock_guard<std::mutex> l(m);
+    auto& p = exchanges[warp];
+    if (!p) p.reset(new EmuWarpExchange());
     return *p;
   }
 };
@@ -63,7 +81,8 @@ inline void emu_fail(const std::string& what) {
   if (emu_error.empty()) emu_error = what;
 }
 
-inline bool emu_arrive(EmuGroupSync& g, int n) {
+template <typename Sync>
+inline bool emu_arrive(Sync& g, int n) {
   std::unique_lock<std::mutex> l(g.m);
   const long gen = g.gen;
   if (++g.count == n) {
@@ -75,31 +94,80 @@ inline bool emu_arrive(EmuGroupSync& g, int n) {
   return g.cv.wait_for(l, std::chrono::seconds(3), [&] { return g.gen != gen; });
 }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  static_assert(sizeof(T) == sizeof(float), "float shuffles only");
+// Shuffles that read another lane's value: src(lane) gives the lane read (itself when out of range).
+template <typename T, typename Src>
+inline T emu_shfl(unsigned mask, T v, Src src_of) {
+  static_assert(sizeof(T) == sizeof(float), "32-bit shuffles only");
   const int lane = emu_threadIdx.x & 31;
   const int warp = emu_threadIdx.x >> 5;
   if (!((mask >> lane) & 1u)) { emu_fail("shuffle by a thread outside its mask"); return v; }
   EmuGroupSync& g = emu_block->get(warp, mask);
   const int n = __builtin_popcount(mask);
-  // Threads of the mask that exited or never reach the shuffle leave the others waiting.
   {
     std::lock_guard<std::mutex> l(g.m);
-    g.vals[lane] = v;
+    std::memcpy(&g.vals[lane], &v, sizeof(T));
   }
   if (!emu_arrive(g, n)) { emu_fail("shuffle deadlock: a mask member never arrived"); return v; }
-  int src = lane ^ lane_mask;
-  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+  const int src = src_of(lane);
   if (!((mask >> src) & 1u)) emu_fail("shuffle reads a lane outside the mask");
   T r;
   {
     std::lock_guard<std::mutex> l(g.m);
-    r = g.vals[src];
+    std::memcpy(&r, &g.vals[src], sizeof(T));
   }
   if (!emu_arrive(g, n)) emu_fail("shuffle deadlock (second phase)");
   return r;
 }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return emu_shfl(mask, v, [&](int lane) {
+    const int src = lane ^ lane_mask;
+    return (src & ~(width - 1)) != (lane & ~(width - 1)) ? lane : src;
+  });
+}
+
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return emu_shfl(mask, v, [&](int lane) {
+    const int src = lane - static_cast<int>(delta);
+    return src < (lane & ~(width - 1)) ? lane : src;
+  });
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return emu_shfl(mask, v, [&](int lane) { return (lane & ~(width - 1)) + (src_lane & (width - 1)); });
+}
+
+// __syncthreads: a barrier of every thread of the block (one that exited or never arrives is
+// reported as a deadlock).
+inline void __syncthreads() {
+  if (!emu_arrive(emu_block->block_barrier, static_cast<int>(emu_blockDim.x))) {
+    emu_fail("__syncthreads deadlock: a thread of the block never arrived");
+  }
+}
+
+// Every lane of the (full) warp contributes `bytes` bytes; returns all 32 contributions in lane
+// order. The second barrier keeps a fast lane's next exchange from overwriting the buffer early.
+inline void emu_warp_all_gather(const void* mine, size_t bytes, void* all) {
+  const int lane = emu_threadIdx.x & 31;
+  const int warp = emu_threadIdx.x >> 5;
+  EmuWarpExchange& x = emu_block->exchange(warp);
+  {
+    std::lock_guard<std::mutex> l(x.m);
+    std::memcpy(x.lanes[lane], mine, bytes);
+  }
+  if (!emu_arrive(x, 32)) { emu_fail("warp-collective operation without the whole warp"); return; }
+  {
+    std::lock_guard<std::mutex> l(x.m);
+    for (int i = 0; i < 32; ++i) std::memcpy(static_cast<unsigned char*>(all) + i * bytes, x.lanes[i], bytes);
+  }
+  if (!emu_arrive(x, 32)) emu_fail("warp-collective operation without the whole warp (second phase)");
+}
+
+// The running block's dynamic shared memory.
+inline unsigned char* emu_dynamic_smem() { return emu_block->dynamic.data(); }
 
 // __syncwarp(mask): a barrier of the mask's lanes (a member that never arrives is reported).
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -125,7 +193,8 @@ inline uint4& emu_st16(T* p) {
 }
 
 template <typename... KArgs, typename... Args>
-void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t, cudaStream_t, Args&&... args) {
+void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
       grid.z > 65535 || block.x * block.y * block.z > 1024) {
     throw std::runtime_error("emu: invalid launch configuration");
@@ -137,6 +206,8 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t, cudaStream_t
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         EmuBlock blk;
+        // NaN-like garbage, as uninitialised shared memory would be.
+        blk.dynamic.assign(smem_bytes, 0xff);
         std::vector<std::thread> ts;
         ts.reserve(block.x);
         for (unsigned t = 0; t < block.x; ++t) {
@@ -161,7 +232,17 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t, cudaStream_t
 #define gridDim emu_gridDim
 #define cudaGetLastError() cudaSuccess
 #define cudaGetDevice(p) (*(p) = 0, cudaSuccess)
-#define cudaDeviceGetAttribute(p, a, d) (*(p) = emu_sm_count, cudaSuccess)
+// An sm_90 device (H100) with emu_sm_count multiprocessors.
+inline int emu_device_attribute(cudaDeviceAttr a) {
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount: return emu_sm_count;
+    case cudaDevAttrComputeCapabilityMajor: return 9;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return 227 * 1024;
+    default: emu_fail("emu: device attribute not emulated"); return 0;
+  }
+}
+#define cudaDeviceGetAttribute(p, a, d) (*(p) = emu_device_attribute(a), cudaSuccess)
+#define cudaFuncSetAttribute(f, a, v) cudaSuccess
 #define cudaGetErrorString(e) "emu"
 #define cudaMallocAsync(p, n, s) (throw std::runtime_error("emu: cudaMallocAsync"), cudaSuccess)
 #define cudaFreeAsync(p, s) cudaSuccess

@@ -66,6 +66,9 @@ class Mamba1Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.ctx = ctx
         self.kernels = get_backend(backend)
+        # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
+        # set_scan_algorithm changes it for every layer.
+        self.scan_algorithm = "auto"
         self.falcon = config.family == "falcon_mamba"
         E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
                          config.time_step_rank, config.conv_kernel)
@@ -141,7 +144,8 @@ class Mamba1Mixer(nn.Module):
                                  delta_softplus=True, ssm_states=ssm_state,
                                  query_start_loc=meta.query_start_loc,
                                  cache_indices=meta.cache_indices,
-                                 has_initial_state=meta.has_initial_state)
+                                 has_initial_state=meta.has_initial_state,
+                                 algorithm=self.scan_algorithm)
         return self.out_proj(y)  # all-reduce #2
 
 
@@ -186,6 +190,9 @@ class Mamba2Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.ctx = ctx
         self.kernels = get_backend(backend)
+        # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
+        # set_scan_algorithm changes it for every layer.
+        self.scan_algorithm = "auto"
         H, P, G, N = config.num_heads, config.head_dim, config.n_groups, config.state_size
         E, D, K = config.intermediate_size, config.hidden_size, config.conv_kernel
         self.h_range = ctx.shard_range(H, "num_heads")
@@ -313,6 +320,6 @@ class Mamba2Mixer(nn.Module):
                                  query_start_loc=meta.query_start_loc,
                                  cache_indices=meta.cache_indices,
                                  has_initial_state=meta.has_initial_state,
-                                 dt_min=dt_min, dt_max=dt_max)
+                                 dt_min=dt_min, dt_max=dt_max, algorithm=self.scan_algorithm)
         y = self._gated_norm(y, z)
         return self.out_proj(y)

@@ -19,6 +19,7 @@ from tpssm.cache import SSMStateCache
 from tpssm.models.config import SSMConfig, load_config
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
+from tpssm.ops import SCAN_ALGORITHMS
 from tpssm.parallel import TPContext
 
 __all__ = ["RMSNorm", "SSMBlock", "SSMForCausalLM"]
@@ -149,6 +150,14 @@ class SSMForCausalLM(nn.Module):
         return self.ctx.device
 
     # ----------------------------------------------------------------------------- cache
+    def set_scan_algorithm(self, algorithm: str) -> None:
+        """The prefill scan algorithm of every layer: 'auto', 'recurrent' or 'ssd' (see
+        tpssm.ops.selective_scan); results agree to rounding, speed differs."""
+        if algorithm not in SCAN_ALGORITHMS:
+            raise ValueError(f"scan algorithm must be one of {SCAN_ALGORITHMS}, got {algorithm!r}")
+        for layer in self.layers:
+            layer.mixer.scan_algorithm = algorithm
+
     def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
                        conv_dtype: Optional[torch.dtype] = None) -> SSMStateCache:
         """State pools for num_slots requests on this rank (conv state in the model dtype)."""

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The selective-scan GPU check (the SSD kernel of the Mamba2 form and the recurrent kernels), sized
+# for a few minutes of a lent GPU, from the repository root:
+#   1. builds the extension for sm_90 (GPU_SCAN_SKIP_BUILD=1 keeps an existing build),
+#   2. runs the scan tests of tests/test_ops_cuda.py (SSD cases, chunk consistency, L up to 16K),
+#   3. times the scan on the Mamba2-2.7B shard shapes, SSD beside the recurrence
+#      (bench_ssm_ops.py --ops scan --models mamba2-2.7b),
+#   4. profiles one SSD launch (8 x 2048, tp 1 shard) with Nsight Compute when ncu is there,
+#   5. runs the engine at full depth for mamba2-2.7b with the scan's automatic choice and with the
+#      recurrence forced (TTFT and throughput, batch 1 / 8, prompt 512 / 2048),
+# then prints a short table. Output (JSON, logs) goes to $OUT when set, else benchmarks/out/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-benchmarks/out}
+mkdir -p "$OUTDIR"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+T0=$(date +%s)
+declare -a SUMMARY=()
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (timeout ${limit}s) ==="
+  timeout --kill-after=5 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  rc=$?
+  tail -n "${GPU_SCAN_TAIL:-12}" "$OUTDIR/$name.log"
+  local status=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status="FAIL($rc)"; fi
+  SUMMARY+=("$(printf '%-16s %-10s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
+if [ "${GPU_SCAN_SKIP_BUILD:-0}" != 1 ]; then
+  stage build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TPSSM_REQUIRE_CUDA_BUILD=1 \
+    $PY setup.py build_ext --inplace
+fi
+
+stage tests 150 $PY -m pytest tests/test_ops_cuda.py -q -ra --timeout=120 -k "scan" \
+  --junitxml="$OUTDIR/scan_tests.xml"
+
+stage bench 110 $PY benchmarks/bench_ssm_ops.py --ops scan --models mamba2-2.7b --no-ref --reps 10 \
+  --scan-split-lens 512,1024,2048 --json "$OUTDIR/bench_scan_$STAMP.json"
+
+NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+if [ -x "$NCU" ]; then
+  stage ncu 60 "$NCU" --clock-control none --kernel-name regex:ssd_scan_kernel --launch-skip 1 \
+    --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    $PY -c "
+import torch, tpssm
+from tpssm import ops
+T, H, P, N = 8 * 2048, 80, 64, 128
+r = lambda *s: torch.randn(*s, device='cuda').to(torch.bfloat16)
+u, z, dt, B, C = r(T, H * P), r(T, H * P), r(T, H), r(T, 1, N), r(T, 1, N)
+A = -torch.rand(H, device='cuda') * 4 - 0.5
+qsl = torch.arange(0, T + 1, 2048, dtype=torch.int32, device='cuda')
+for _ in range(2):
+    ops.selective_scan(u, dt, A, B, C, torch.randn(H, device='cuda'), z, torch.zeros(H, device='cuda'),
+                       delta_softplus=True, query_start_loc=qsl)
+torch.cuda.synchronize()
+"
+fi
+
+# The recurrence only at the point the TTFT target compares (batch 8, prompt 2048): 64 layers of
+# it take seconds per prefill.
+engine() {  # engine ALGORITHM PROMPT_LENS BATCH_SIZES
+  stage "engine_$1" 110 $PY -m tpssm bench --preset mamba2-2.7b --tp 1 --prompt-lens "$2" \
+    --batch-sizes "$3" --gen-tokens 8 --repeats 1 --dtype bfloat16 --scan-algorithm "$1" \
+    --json "$OUTDIR/engine_mamba2-2.7b_${1}_$STAMP.json"
+}
+engine auto 512,2048 1,8
+engine recurrent 2048 8
+
+echo
+echo "=== scan tests ==="
+grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -1
+grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -20
+echo "=== scan benchmark ==="
+sed -n '/^device copy bandwidth/,$p' "$OUTDIR/bench.log" | head -40
+echo "=== ncu ==="
+grep -E "^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy|Block Limit) " \
+  "$OUTDIR/ncu.log" 2>/dev/null | head -16
+echo "=== engine (mamba2-2.7b, full depth) ==="
+for algorithm in auto recurrent; do
+  echo "-- scan $algorithm"
+  grep -E "^ *(tp|1) " "$OUTDIR/engine_$algorithm.log" | head -8
+done
+echo "=== summary (total $(( $(date +%s) - T0 )) s) ==="
+printf '%s\n' "${SUMMARY[@]}"
