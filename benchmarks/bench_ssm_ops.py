@@ -406,8 +406,8 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                         # The recurrence beside the SSD kernel, same shapes, same process.
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                algorithm="recurrent"))
-                    # Forced chunk lengths for batch-1 prefill: data to tune the scan plan.
-                    for split_len in (args.scan_split_lens if batch == 1 else ()):
+                    # Forced split lengths: data to tune the scan plan.
+                    for split_len in args.scan_split_lens:
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                split_len=split_len))
                     if args.scan_direct and MODELS[model]["form"] == "mamba1":
@@ -474,7 +474,7 @@ def main(argv=None) -> int:
                         help="add Mamba1 scan rows with the direct token walk forced "
                              "(algorithm='recurrent_direct') beside the launcher's own plan")
     parser.add_argument("--scan-split-lens", default="",
-                        help="comma-separated split lengths to force on batch-1 scan cases "
+                        help="comma-separated split lengths to force on the prefill scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
     args = parser.parse_args(argv)
     args.scan_split_lens = [int(v) for v in args.scan_split_lens.split(",") if v.strip()]

@@ -8,13 +8,17 @@
 #   4. profiles one SSD launch (8 x 2048, tp 1 shard) with Nsight Compute when ncu is there,
 #   5. runs the engine at full depth for mamba2-2.7b with the scan's automatic choice and with the
 #      recurrence forced (TTFT and throughput, batch 1 / 8, prompt 512 / 2048),
-# then prints a short table. Output (JSON, logs) goes to $OUT when set, else benchmarks/out/.
+#   6. runs compute-sanitizer racecheck and memcheck over benchmarks/sanitize_cases.py,
+# then prints a short table. Logs and JSON go to benchmarks/out/<stamp>/; with $OUT set (the
+# device tool returns up to 8 files from it) the JSON, the test and ncu logs are copied there.
+# GPU_SCAN_TESTS="-k scan" narrows the tests (default: all of tests/test_ops_cuda.py).
+# TPSSM_GIT_COMMIT=<hash> names the commit in the JSON where the checkout's .git is stale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUTDIR=${OUT:-benchmarks/out}
-mkdir -p "$OUTDIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUTDIR=benchmarks/out/$STAMP
+mkdir -p "$OUTDIR"
 T0=$(date +%s)
 declare -a SUMMARY=()
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -41,8 +45,8 @@ if [ "${GPU_SCAN_SKIP_BUILD:-0}" != 1 ]; then
     $PY setup.py build_ext --inplace
 fi
 
-stage tests 150 $PY -m pytest tests/test_ops_cuda.py -q -ra --timeout=120 -k "scan" \
-  --junitxml="$OUTDIR/scan_tests.xml"
+read -r -a test_args <<< "${GPU_SCAN_TESTS:-}"
+stage tests 200 $PY -m pytest tests/test_ops_cuda.py -q -ra --timeout=120 "${test_args[@]}"
 
 stage bench 110 $PY benchmarks/bench_ssm_ops.py --ops scan --models mamba2-2.7b --no-ref --reps 10 \
   --scan-split-lens 512,1024,2048 --json "$OUTDIR/bench_scan_$STAMP.json"
@@ -77,12 +81,18 @@ engine() {  # engine ALGORITHM PROMPT_LENS BATCH_SIZES
 engine auto 512,2048 1,8
 engine recurrent 2048 8
 
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+  stage racecheck 90 "$SAN" --tool racecheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py
+  stage memcheck 90 "$SAN" --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py
+fi
+
 echo
-echo "=== scan tests ==="
+echo "=== tests ==="
 grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -1
 grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -20
 echo "=== scan benchmark ==="
-sed -n '/^device copy bandwidth/,$p' "$OUTDIR/bench.log" | head -40
+sed -n '/^device copy bandwidth/,$p' "$OUTDIR/bench.log" | head -70
 echo "=== ncu ==="
 grep -E "^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy|Block Limit) " \
   "$OUTDIR/ncu.log" 2>/dev/null | head -16
@@ -91,5 +101,10 @@ for algorithm in auto recurrent; do
   echo "-- scan $algorithm"
   grep -E "^ *(tp|1) " "$OUTDIR/engine_$algorithm.log" | head -8
 done
+echo "=== sanitizers ==="
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR"/racecheck.log "$OUTDIR"/memcheck.log 2>/dev/null
 echo "=== summary (total $(( $(date +%s) - T0 )) s) ==="
 printf '%s\n' "${SUMMARY[@]}"
+if [ -n "${OUT:-}" ]; then
+  cp "$OUTDIR"/*.json "$OUTDIR"/tests.log "$OUTDIR"/ncu.log "$OUT"/ 2>/dev/null
+fi

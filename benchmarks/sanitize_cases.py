@@ -72,8 +72,27 @@ def scan_cases():
                     dst_state_batch_indices=torch.tensor([5, 1, -1, 4], **i32))
 
 
+def ssd_cases():
+    """The SSD kernel (Mamba2 form, 16-bit, headdim / dstate 64 or 128): its shared-memory tiles,
+    varlen with empty and one-token sequences, a padded row, the split plan."""
+    for split_len in (0, 40):
+        for dtype, (h, p, n, g) in ((torch.bfloat16, (2, 64, 64, 1)),
+                                    (torch.float16, (2, 128, 128, 2))):
+            dim, T = h * p, 150
+            rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+            ops.selective_scan(
+                rnd(T, dim), rnd(T, h), -torch.rand(h, device=dev), rnd(T, g, n), rnd(T, g, n),
+                torch.randn(h, device=dev), rnd(T, dim), torch.randn(h, device=dev),
+                delta_softplus=True, ssm_states=torch.randn(5, h, p, n, device=dev),
+                query_start_loc=torch.tensor([0, 70, 70, 71, 150], **i32),
+                cache_indices=torch.tensor([0, 1, -1, 4], **i32),
+                has_initial_state=torch.tensor([1, 0, 1, 1], dtype=torch.bool, device=dev),
+                algorithm="ssd", split_len=split_len)
+
+
 if __name__ == "__main__":
     conv_cases()
     scan_cases()
+    ssd_cases()
     torch.cuda.synchronize()
     print("sanitize_cases: all ops ran")

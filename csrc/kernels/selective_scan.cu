@@ -579,11 +579,11 @@ WorkspaceLayout workspace_layout(const SelectiveScanParams& p, const ScanPlan& p
   return w;
 }
 
-// The SSD kernel's split: one block per (sequence, head) when that gives every SM two blocks (its
-// blocks are large: 72-105 KB of shared memory, 2-3 per SM), else pieces of whole chunks sized
-// for ~3 blocks per SM, at least kSsdMinPiece tokens so the extra state pass stays small.
+// The SSD kernel's split: one block per (sequence, head) when that gives every SM two blocks (two
+// are resident at once), else pieces of whole chunks sized for ~8 blocks per SM (short pieces
+// balance better; the extra state pass covers each piece once), at least kSsdMinPiece tokens.
 constexpr int kSsdSeqPlanMinBlocksPerSm = 2;
-constexpr int kSsdFlatTargetBlocksPerSm = 3;
+constexpr int kSsdFlatTargetBlocksPerSm = 8;
 constexpr int64_t kSsdChunk = 64;
 constexpr int64_t kSsdMinPiece = 4 * kSsdChunk;
 

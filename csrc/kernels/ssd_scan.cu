@@ -15,14 +15,16 @@
 // plan, scan_plan.h) and walks its chunks in order. Per chunk, x / z / B / C rows are staged in
 // padded shared memory (cp.async; the 16-byte row padding keeps ldmatrix free of bank conflicts)
 // and warp 0 computes dt and the cumulative decay; then
-//   output phase: warp (row tile r, column group) computes y rows 16r..16r+15: first C H (scaled
-//     by exp(c_t)), then for each 16-token column tile s <= r the masked, decayed C B^T tile,
-//     which stays in registers as the A operand of its product with x (the m16n8 accumulator
-//     layout of two adjacent tiles is the m16n8k16 A layout);
-//   state phase: warp (state rows, headdim columns) updates its part of H in registers with
+//   decay tiles: the 10 lower-triangular 16 x 16 tiles of M = (C B^T) o L o dt, spread over the
+//     warps, go to shared memory (16-bit: they are the A operand of the next product);
+//   output: warp (row tile r, column group) computes its y rows: C H scaled by exp(c_t), plus
+//     M x over the column tiles s <= r, then the D skip and the z gate;
+//   state: warp (state rows, headdim columns) updates its part of H in registers with
 //     (B o w)^T x, w_t = exp(c_last - c_t) dt_t applied to the B fragments;
 // then H is copied to shared memory for the next chunk and y leaves through shared memory with
-// 16-byte stores. Chunks never straddle a sequence: each sequence (piece) restarts them.
+// 16-byte stores. Chunks never straddle a sequence: each sequence (piece) restarts them. Eight
+// warps per 64 headdim columns keep a thread's state share at 32 fp32 registers and the critical
+// path of a chunk short; two blocks share an SM.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -43,14 +45,17 @@ struct SsdTraits {
   static constexpr int kHeadDim = kHeadDim_;  // P
   static constexpr int kDState = kDState_;    // N
   static constexpr int kChunk = 64;           // Q
-  // 4 warps per 64 headdim columns: the fp32 state (N x P) is 64 registers a thread at most.
-  static constexpr int kWarps = kHeadDim / 16;
+  static constexpr int kWarps = kHeadDim / 8;
   static constexpr int kThreads = 32 * kWarps;
+  // Registers capped at 128 a thread (two 256-thread blocks, or one 512-thread block, per SM).
+  static constexpr int kMinBlocks = kThreads == 256 ? 2 : 1;
   static constexpr int kPad = 8;  // elements: rows 16 bytes apart modulo 128 bytes
   static constexpr int kLdP = kHeadDim + kPad;  // row length of the x / z / H tiles
   static constexpr int kLdN = kDState + kPad;   // of the B / C tiles
-  // Output phase: warp w takes row tile w % kRowTiles and column group w / kRowTiles.
+  static constexpr int kLdQ = kChunk + kPad;    // of the M tile
   static constexpr int kRowTiles = kChunk / 16;
+  static constexpr int kDecayTiles = kRowTiles * (kRowTiles + 1) / 2;  // s <= r
+  // Output phase: warp w takes row tile w % kRowTiles and column group w / kRowTiles.
   static constexpr int kColGroups = kWarps / kRowTiles;
   static constexpr int kOutCols = kHeadDim / kColGroups;
   static constexpr int kOutTiles = kOutCols / 8;
@@ -59,12 +64,13 @@ struct SsdTraits {
   static constexpr int kWarpsP = kWarps / kWarpsM;
   static constexpr int kStateMTiles = kDState / 16 / kWarpsM;
   static constexpr int kStatePTiles = kHeadDim / 8 / kWarpsP;
-  // Shared memory, in elements: x, z (then y), B, C tiles of kChunk rows, H (kDState rows).
+  // Shared memory, in elements: x, z (then y), B, C tiles of kChunk rows, H (kDState rows), M.
   static constexpr int kOffZ = kChunk * kLdP;
   static constexpr int kOffB = kOffZ + kChunk * kLdP;
   static constexpr int kOffC = kOffB + kChunk * kLdN;
   static constexpr int kOffH = kOffC + kChunk * kLdN;
-  static constexpr int kElems = kOffH + kDState * kLdP;
+  static constexpr int kOffM = kOffH + kDState * kLdP;
+  static constexpr int kElems = kOffM + kChunk * kLdQ;
   static constexpr size_t kSmemBytes = kElems * sizeof(input_t) + 2 * kChunk * sizeof(float);
 
   static_assert(sizeof(input_t) == 2, "tensor-core operands are 16-bit");
@@ -72,7 +78,8 @@ struct SsdTraits {
   static_assert(kWarps % kRowTiles == 0 && kOutTiles % 2 == 0, "output tiles in pairs");
   static_assert(kWarps % kWarpsM == 0 && kDState % (16 * kWarpsM) == 0, "state rows per warp");
   static_assert(kStatePTiles % 2 == 0, "state columns in pairs");
-  static_assert((kLdP * sizeof(input_t)) % 16 == 0 && (kLdN * sizeof(input_t)) % 16 == 0,
+  static_assert((kLdP * sizeof(input_t)) % 16 == 0 && (kLdN * sizeof(input_t)) % 16 == 0 &&
+                    (kLdQ * sizeof(input_t)) % 16 == 0,
                 "rows start 16-byte aligned (ldmatrix, cp.async)");
   static_assert(kChunk == 64, "warp 0 scans the chunk's dt as 2 x 32 lanes");
 };
@@ -85,6 +92,7 @@ struct SsdSmem {
   input_t* B;   // (kChunk, kLdN)
   input_t* C;   // (kChunk, kLdN)
   input_t* H;   // (kDState, kLdP): 16-bit copy of the state entering the chunk, H[n][p]
+  input_t* M;   // (kChunk, kLdQ): decayed C B^T, M[t][s] (tiles with s <= t only)
   float* dt;    // (kChunk,): dt after bias, softplus and limits; 0 past the piece
   float* cum;   // (kChunk,): inclusive cumulative dt * A in log2 units
 
@@ -95,6 +103,7 @@ struct SsdSmem {
     B = e + Traits::kOffB;
     C = e + Traits::kOffC;
     H = e + Traits::kOffH;
+    M = e + Traits::kOffM;
     dt = reinterpret_cast<float*>(e + Traits::kElems);
     cum = dt + Traits::kChunk;
   }
@@ -346,11 +355,55 @@ __device__ __forceinline__ void load_chunk(const SelectiveScanParams& p, const S
   }
 }
 
+// M = (C B^T) o L o dt in 16 x 16 tiles (r, s), s <= r, spread over the warps:
+// M[t][s] = (C_t . B_s) exp(c_t - c_s) dt_s for s <= t, 0 above the diagonal.
+template <typename Traits>
+__device__ __forceinline__ void decay_tiles_phase(const SsdSmem<Traits>& sm) {
+  using T = typename Traits::input_t;
+  constexpr int kLdN = Traits::kLdN, kLdQ = Traits::kLdQ;
+  constexpr uint32_t kE = sizeof(T);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int q = lane & 3;
+  const uint32_t c_base = smem_address(sm.C) + kE * lane_offset_rows_first(lane, kLdN);
+  const uint32_t b_base = smem_address(sm.B) + kE * lane_offset_cols_first(lane, kLdN);
+  const uint32_t m_base = smem_address(sm.M) + kE * ((lane >> 2) * kLdQ + 2 * q);
+  for (int tile = warp; tile < Traits::kDecayTiles; tile += Traits::kWarps) {
+    int r = 0;
+    while ((r + 1) * (r + 2) / 2 <= tile) ++r;
+    const int s = tile - r * (r + 1) / 2;
+    float g[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < Traits::kDState / 16; ++kk) {
+      uint32_t a[4], b[4];
+      ldmatrix_x4(a, c_base + kE * (16 * r * kLdN + 16 * kk));
+      ldmatrix_x4(b, b_base + kE * (16 * s * kLdN + 16 * kk));
+      mma_16816<T>(g[0], a, b[0], b[1]);
+      mma_16816<T>(g[1], a, b[2], b[3]);
+    }
+    const int t_lo = 16 * r + (lane >> 2), t_hi = t_lo + 8;
+    const float cum_lo = sm.cum[t_lo], cum_hi = sm.cum[t_hi];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int s0 = 16 * s + 8 * half + 2 * q;
+      const float dt0 = sm.dt[s0], dt1 = sm.dt[s0 + 1];
+      const float cs0 = sm.cum[s0], cs1 = sm.cum[s0 + 1];
+      const float v00 = s0 <= t_lo ? g[half][0] * exp2f(cum_lo - cs0) * dt0 : 0.f;
+      const float v01 = s0 + 1 <= t_lo ? g[half][1] * exp2f(cum_lo - cs1) * dt1 : 0.f;
+      const float v10 = s0 <= t_hi ? g[half][2] * exp2f(cum_hi - cs0) * dt0 : 0.f;
+      const float v11 = s0 + 1 <= t_hi ? g[half][3] * exp2f(cum_hi - cs1) * dt1 : 0.f;
+      const uint32_t at = m_base + kE * (16 * r * kLdQ + 16 * s + 8 * half);
+      st_shared_b32(at, pack2<T>(v00, v01));
+      st_shared_b32(at + kE * 8 * kLdQ, pack2<T>(v10, v11));
+    }
+  }
+}
+
 // y rows of this warp's tile, gated, written over the z tile.
 template <typename Traits>
 __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh, bool has_z) {
   using T = typename Traits::input_t;
-  constexpr int kLdP = Traits::kLdP, kLdN = Traits::kLdN, kTiles = Traits::kOutTiles;
+  constexpr int kLdP = Traits::kLdP, kLdN = Traits::kLdN, kLdQ = Traits::kLdQ;
+  constexpr int kTiles = Traits::kOutTiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = warp % Traits::kRowTiles;
   const int c0 = (warp / Traits::kRowTiles) * Traits::kOutCols;
@@ -358,9 +411,11 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
   const int t_lo = 16 * r + (lane >> 2), t_hi = t_lo + 8;
   constexpr uint32_t kE = sizeof(T);
   // Shared addresses of this lane's start in each operand (bytes), see lane_offset_*.
-  const uint32_t c_base = smem_address(sm.C) + kE * (lane_offset_rows_first(lane, kLdN) + 16 * r * kLdN);
+  const uint32_t c_base =
+      smem_address(sm.C) + kE * (lane_offset_rows_first(lane, kLdN) + 16 * r * kLdN);
   const uint32_t h_base = smem_address(sm.H) + kE * (lane_offset_rows_first(lane, kLdP) + c0);
-  const uint32_t b_base = smem_address(sm.B) + kE * lane_offset_cols_first(lane, kLdN);
+  const uint32_t m_base =
+      smem_address(sm.M) + kE * (lane_offset_rows_first(lane, kLdQ) + 16 * r * kLdQ);
   const uint32_t x_base = smem_address(sm.x) + kE * (lane_offset_rows_first(lane, kLdP) + c0);
   float acc[kTiles][4];
 #pragma unroll
@@ -379,8 +434,7 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
       mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
     }
   }
-  const float cum_lo = sm.cum[t_lo], cum_hi = sm.cum[t_hi];
-  const float e_lo = exp2f(cum_lo), e_hi = exp2f(cum_hi);
+  const float e_lo = exp2f(sm.cum[t_lo]), e_hi = exp2f(sm.cum[t_hi]);
 #pragma unroll
   for (int nt = 0; nt < kTiles; ++nt) {
     acc[nt][0] *= e_lo;
@@ -389,39 +443,16 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
     acc[nt][3] *= e_hi;
   }
 
-  // Intra-chunk, one 16-token column tile s at a time up to the diagonal: G = C B^T with
-  // A = C rows [t][n] and B = B rows [s][n] (stored [n][k]).
+  // Intra-chunk: M x over the column tiles s <= r; A = M rows [t][s], B = x rows [s][p].
   for (int s = 0; s <= r; ++s) {
-    float gacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < Traits::kDState / 16; ++kk) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4(a, c_base + kE * 16 * kk);
-      ldmatrix_x4(b, b_base + kE * (16 * s * kLdN + 16 * kk));
-      mma_16816<T>(gacc[0], a, b[0], b[1]);
-      mma_16816<T>(gacc[1], a, b[2], b[3]);
-    }
-    // G[t][s] exp(c_t - c_s) dt_s for s <= t, as the A operand (rows t, k = s).
-    uint32_t m[4];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int s0 = 16 * s + 8 * half + 2 * q;
-      const float dt0 = sm.dt[s0], dt1 = sm.dt[s0 + 1];
-      const float cs0 = sm.cum[s0], cs1 = sm.cum[s0 + 1];
-      const float v00 = s0 <= t_lo ? gacc[half][0] * exp2f(cum_lo - cs0) * dt0 : 0.f;
-      const float v01 = s0 + 1 <= t_lo ? gacc[half][1] * exp2f(cum_lo - cs1) * dt1 : 0.f;
-      const float v10 = s0 <= t_hi ? gacc[half][2] * exp2f(cum_hi - cs0) * dt0 : 0.f;
-      const float v11 = s0 + 1 <= t_hi ? gacc[half][3] * exp2f(cum_hi - cs1) * dt1 : 0.f;
-      m[2 * half] = pack2<T>(v00, v01);
-      m[2 * half + 1] = pack2<T>(v10, v11);
-    }
-    // y += M x; B = x rows [s][p] (stored [k][n]).
+    uint32_t a[4];
+    ldmatrix_x4(a, m_base + kE * 16 * s);
 #pragma unroll
     for (int nt = 0; nt < kTiles; nt += 2) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, x_base + kE * (16 * s * kLdP + 8 * nt));
-      mma_16816<T>(acc[nt], m, b[0], b[1]);
-      mma_16816<T>(acc[nt + 1], m, b[2], b[3]);
+      mma_16816<T>(acc[nt], a, b[0], b[1]);
+      mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
     }
   }
 
@@ -535,7 +566,11 @@ __device__ __forceinline__ float ssd_walk(const SelectiveScanParams& p, const Sc
     cp_async_wait_all();
     __syncthreads();
     total += sm.cum[Traits::kChunk - 1];
-    if (output) output_phase(sm, Dh, p.z != nullptr);
+    if (output) {
+      decay_tiles_phase(sm);
+      __syncthreads();  // the M tiles, written by other warps
+      output_phase(sm, Dh, p.z != nullptr);
+    }
     state_phase(sm, H);
     __syncthreads();  // every warp is done with the H copy and its y rows are in the z tile
     if (output) {
@@ -553,9 +588,8 @@ __device__ __forceinline__ float ssd_walk(const SelectiveScanParams& p, const Sc
 // workspace state, the copied initial state, the slot, or zeros). Mirrors the recurrent passes
 // of selective_scan.cu, whose combine pass runs in between.
 template <typename Traits>
-__global__ __launch_bounds__(Traits::kThreads) void ssd_scan_kernel(SelectiveScanParams p,
-                                                                    ScanPlan plan,
-                                                                    bool state_pass) {
+__global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void ssd_scan_kernel(
+    SelectiveScanParams p, ScanPlan plan, bool state_pass) {
   const SsdSmem<Traits> sm(dynamic_smem());
   const int64_t h = blockIdx.y;
   const int64_t g = h / (p.nheads / p.ngroups);
