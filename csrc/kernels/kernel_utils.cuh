@@ -178,6 +178,9 @@ __device__ __forceinline__ float softplus_thresholded(float x) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
 
+// silu with a fast division (2 ulp): for results rounded to 16 bits right after.
+__device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.f + __expf(-x)); }
+
 // The scan's dt: bias, optional softplus, then the limits (comparisons, so a NaN stays NaN).
 __device__ __forceinline__ float scan_dt(float raw, float bias, bool softplus, float dt_min,
                                          float dt_max) {

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernel_utils.cuh"
 #include "mma_sm80.cuh"
@@ -71,7 +72,7 @@ struct SsdTraits {
   static constexpr int kOffH = kOffC + kChunk * kLdN;
   static constexpr int kOffM = kOffH + kDState * kLdP;
   static constexpr int kElems = kOffM + kChunk * kLdQ;
-  static constexpr size_t kSmemBytes = kElems * sizeof(input_t) + 2 * kChunk * sizeof(float);
+  static constexpr size_t kSmemBytes = kElems * sizeof(input_t) + 3 * kChunk * sizeof(float);
 
   static_assert(sizeof(input_t) == 2, "tensor-core operands are 16-bit");
   static_assert(kHeadDim % 64 == 0 && kDState % 16 == 0, "whole tiles");
@@ -95,6 +96,7 @@ struct SsdSmem {
   input_t* M;   // (kChunk, kLdQ): decayed C B^T, M[t][s] (tiles with s <= t only)
   float* dt;    // (kChunk,): dt after bias, softplus and limits; 0 past the piece
   float* cum;   // (kChunk,): inclusive cumulative dt * A in log2 units
+  float* w;     // (kChunk,): the state weights exp(c_last - c_t) dt_t
 
   __device__ explicit SsdSmem(unsigned char* base) {
     input_t* e = reinterpret_cast<input_t*>(base);
@@ -106,24 +108,39 @@ struct SsdSmem {
     M = e + Traits::kOffM;
     dt = reinterpret_cast<float*>(e + Traits::kElems);
     cum = dt + Traits::kChunk;
+    w = cum + Traits::kChunk;
   }
 };
 
-// Two 16-bit values as one 32-bit register (the lower index in the low half), and back.
+// Two 16-bit values as one 32-bit register (the lower index in the low half), and back: one
+// conversion instruction each way.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  T v[2] = {from_float<T>(lo), from_float<T>(hi)};
   uint32_t r;
-  memcpy(&r, v, 4);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  }
   return r;
 }
 
 template <typename T>
 __device__ __forceinline__ void unpack2(uint32_t r, float& lo, float& hi) {
-  T v[2];
-  memcpy(v, &r, 4);
-  lo = to_float(v[0]);
-  hi = to_float(v[1]);
+  float2 f;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v;
+    memcpy(&v, &r, 4);
+    f = __bfloat1622float2(v);
+  } else {
+    __half2 v;
+    memcpy(&v, &r, 4);
+    f = __half22float2(v);
+  }
+  lo = f.x;
+  hi = f.y;
 }
 
 template <typename T>
@@ -268,8 +285,8 @@ __device__ __forceinline__ void state_to_smem(const StateFrag<Traits>& H,
 }
 
 // A tile of kChunk rows x kCols from `src` (row stride `stride`): 16-byte async copies (rows past
-// n zero-filled, their source clamped to row 0) when the rows are 16-byte aligned, else element
-// loads.
+// n zero-filled, their source address replaced by row 0's) when the rows are 16-byte aligned,
+// else element loads.
 template <typename Traits, int kCols, int kLd>
 __device__ __forceinline__ void stage_tile(const ScanPlan& plan, typename Traits::input_t* dst,
                                            const typename Traits::input_t* src, int64_t stride,
@@ -283,11 +300,13 @@ __device__ __forceinline__ void stage_tile(const ScanPlan& plan, typename Traits
     static_assert(kThreads % kPacks == 0 && kQ % kRowsPerPass == 0, "whole rows per pass");
     const int r0 = tid / kPacks, c = (tid % kPacks) * 8;
     const uint32_t base = smem_address(dst) + sizeof(T) * (r0 * kLd + c);
+    // One row pointer advanced by a stride product, rather than an offset kept per row.
+    const T* row = src + r0 * stride + c;
+    const int64_t step = kRowsPerPass * stride;
 #pragma unroll
-    for (int k = 0; k < kQ / kRowsPerPass; ++k) {
-      const int r = r0 + k * kRowsPerPass;
-      cp_async_16(base + sizeof(T) * k * kRowsPerPass * kLd, src + (r < n ? r : 0) * stride + c,
-                  r < n);
+    for (int k = 0; k < kQ / kRowsPerPass; ++k, row += step) {
+      const bool valid = r0 + k * kRowsPerPass < n;
+      cp_async_16(base + sizeof(T) * k * kRowsPerPass * kLd, valid ? row : src, valid);
     }
   } else {
     for (int e = tid; e < kQ * kCols; e += kThreads) {
@@ -347,10 +366,12 @@ __device__ __forceinline__ void load_chunk(const SelectiveScanParams& p, const S
       }
     }
     a[1] += __shfl_sync(0xffffffffu, a[0], 31);
+    const float last = __shfl_sync(0xffffffffu, a[1], 31);
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       sm.dt[tid + 32 * k] = dt[k];
       sm.cum[tid + 32 * k] = a[k];
+      sm.w[tid + 32 * k] = exp2f(last - a[k]) * dt[k];
     }
   }
 }
@@ -471,8 +492,8 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
       if (has_z) {
         float z0, z1;
         unpack2<T>(ld_shared_b32(ze_base + off), z0, z1);
-        y0 *= silu(z0);
-        y1 *= silu(z1);
+        y0 *= silu_fast(z0);
+        y1 *= silu_fast(z1);
       }
       st_shared_b32(ze_base + off, pack2<T>(y0, y1));
     }
@@ -496,15 +517,14 @@ __device__ __forceinline__ void state_phase(const SsdSmem<Traits>& sm, StateFrag
                           kE * (lane_offset_cols_first(lane, Traits::kLdN) + 16 * wm * kMT);
   const uint32_t x_base = smem_address(sm.x) +
                           kE * (lane_offset_rows_first(lane, Traits::kLdP) + 8 * wp * kPT);
-  const uint32_t cum_base = smem_address(sm.cum) + 4 * 2 * q;
-  const uint32_t dt_base = smem_address(sm.dt) + 4 * 2 * q;
-  auto weight = [&](int k) {  // w of token 2q + k
-    return exp2f(cum_last - ld_shared_f32(cum_base + 4 * k)) * ld_shared_f32(dt_base + 4 * k);
-  };
+  const uint32_t w_base = smem_address(sm.w) + 4 * 2 * q;
 #pragma unroll
   for (int kk = 0; kk < Traits::kChunk / 16; ++kk) {
-    const float w0 = weight(16 * kk), w1 = weight(16 * kk + 1);
-    const float w2 = weight(16 * kk + 8), w3 = weight(16 * kk + 9);
+    // The weights of this thread's tokens 16 kk + 2q + {0, 1, 8, 9}.
+    const float w0 = ld_shared_f32(w_base + 4 * 16 * kk);
+    const float w1 = ld_shared_f32(w_base + 4 * (16 * kk + 1));
+    const float w2 = ld_shared_f32(w_base + 4 * (16 * kk + 8));
+    const float w3 = ld_shared_f32(w_base + 4 * (16 * kk + 9));
     uint32_t a[kMT][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {

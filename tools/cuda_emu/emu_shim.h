@@ -29,6 +29,7 @@ using std::max;
 using std::min;
 
 inline float __expf(float x) { return expf(x); }
+inline float __fdividef(float x, float y) { return x / y; }
 
 struct EmuGroupSync {
   std::mutex m;
