@@ -174,6 +174,7 @@ elif [ -x "$SAN" ]; then
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_causal_conv1d --mode update --batch 3 --dim 72 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_scan --form mamba1 --batch 1 --seqlen 700 --nheads 40 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_scan --form mamba2 --batch 2 --seqlen 130 --nheads 2 --headdim 16 --iterations 1 --warmup 0 || rc=1
+      "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_scan --form mamba2 --batch 2 --seqlen 130 --nheads 2 --headdim 64 --dstate 64 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_state_update --form mamba1 --batch 3 --nheads 64 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_state_update --form mamba2 --batch 3 --nheads 2 --headdim 8 --iterations 1 --warmup 0 || rc=1
       return $rc
@@ -215,7 +216,8 @@ if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
         "$B/$bin" $args --iterations 1 --warmup 0 --no-check || rc=1
     done <<'CASES'
 scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120
-scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20
+scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 --algorithm recurrent
+ssd_scan bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 80
 fwd_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120
 update bench_selective_state_update --form mamba1 --batch 256 --nheads 5120
 CASES

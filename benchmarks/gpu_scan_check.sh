@@ -11,7 +11,8 @@
 #   6. runs compute-sanitizer racecheck and memcheck over benchmarks/sanitize_cases.py,
 # then prints a short table. Logs and JSON go to benchmarks/out/<stamp>/; with $OUT set (the
 # device tool returns up to 8 files from it) the JSON, the test and ncu logs are copied there.
-# GPU_SCAN_TESTS="-k scan" narrows the tests (default: all of tests/test_ops_cuda.py);
+# GPU_SCAN_TESTS="scan" narrows the tests to a -k expression (default: all of
+# tests/test_ops_cuda.py);
 # GPU_SCAN_SPLITS sets the forced split lengths of the benchmark's extra rows ("" for none).
 # TPSSM_GIT_COMMIT=<hash> names the commit in the JSON where the checkout's .git is stale.
 set -uo pipefail
@@ -46,7 +47,8 @@ if [ "${GPU_SCAN_SKIP_BUILD:-0}" != 1 ]; then
     $PY setup.py build_ext --inplace
 fi
 
-read -r -a test_args <<< "${GPU_SCAN_TESTS:-}"
+test_args=()
+[ -n "${GPU_SCAN_TESTS:-}" ] && test_args=(-k "$GPU_SCAN_TESTS")
 stage tests 200 $PY -m pytest tests/test_ops_cuda.py -q -ra --timeout=120 "${test_args[@]}"
 
 stage bench 110 $PY benchmarks/bench_ssm_ops.py --ops scan --models mamba2-2.7b --no-ref --reps 10 \
