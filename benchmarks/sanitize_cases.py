@@ -5,7 +5,6 @@ states and forced tiny chunks, so that every kernel and every boundary path runs
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,8 +19,7 @@ i32 = dict(dtype=torch.int32, device=dev)
 
 def conv_cases():
     dim, width = 40, 4
-    for chunk in ("", "2"):
-        os.environ["TPSSM_CONV_CHUNK_LEN"] = chunk
+    for chunk_len in (0, 2):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(10, dim, device=dev, dtype=dtype)
             w = torch.randn(dim, width, device=dev, dtype=dtype)
@@ -32,16 +30,16 @@ def conv_cases():
                               cache_indices=torch.tensor([0, 1, -1, 3, 4], **i32),
                               has_initial_state=torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool,
                                                              device=dev),
-                              activation="silu")
+                              activation="silu", chunk_len=chunk_len)
             xd = torch.randn(2, 9, dim + 3, device=dev, dtype=dtype)[..., 1:dim + 1]
             ops.causal_conv1d(xd, w, None, conv_states=states,
                               cache_indices=torch.tensor([2, -1], **i32),
                               has_initial_state=torch.tensor([1, 1], dtype=torch.bool,
-                                                             device=dev))
+                                                             device=dev),
+                              chunk_len=chunk_len)
             ops.causal_conv1d_update(torch.randn(3, dim, device=dev, dtype=dtype), states, w,
                                      cache_indices=torch.tensor([4, -1, 0], **i32),
                                      activation="silu")
-    os.environ.pop("TPSSM_CONV_CHUNK_LEN", None)
 
 
 def scan_cases():

@@ -374,9 +374,12 @@ CausalConv1dParams make_causal_conv1d_params(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
     const OptTensor& conv_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, bool silu,
-    int64_t pad_slot_id, const at::Tensor& out) {
+    int64_t pad_slot_id, const at::Tensor& out, int64_t chunk_len) {
   const char* op = "causal_conv1d";
   CausalConv1dParams p{};
+  TORCH_CHECK(chunk_len >= 0, op, ": chunk_len must be >= 0 (0: the launcher decides), got ",
+              chunk_len);
+  p.chunk_len = chunk_len;
   p.dtype = activation_dtype(op, x, "x");
   check_device(op, weight, "weight", x, "x");
   check_device(op, bias, "bias", x, "x");

@@ -19,7 +19,7 @@ CausalConv1dParams make_causal_conv1d_params(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
     const OptTensor& conv_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, bool silu,
-    int64_t pad_slot_id, const at::Tensor& out);
+    int64_t pad_slot_id, const at::Tensor& out, int64_t chunk_len);
 
 CausalConv1dUpdateParams make_causal_conv1d_update_params(
     const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,

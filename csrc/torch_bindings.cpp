@@ -13,7 +13,7 @@ TORCH_LIBRARY(tpssm, m) {
   m.def(
       "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? conv_states, "
       "Tensor? query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, bool silu, "
-      "int pad_slot_id, Tensor(b!) out) -> ()");
+      "int pad_slot_id, Tensor(b!) out, int chunk_len=0) -> ()");
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
       "bool silu, Tensor? cache_indices, int pad_slot_id, Tensor(b!) out) -> ()");

@@ -6,9 +6,6 @@ Skipped without a GPU or without the CUDA kernels in the build."""
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -75,22 +72,6 @@ def assert_matches_cpu(gpu: torch.Tensor, cpu: torch.Tensor, dtype, what: str) -
     assert err <= bound, f"{what}: CUDA vs CPU max error {err:.3g} > {bound:.3g}"
 
 
-@contextmanager
-def env(name, value):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = str(value)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def check_op(op, kw_cpu, mutable, dtype):
     """Runs the CUDA op against the fp64 reference (run_vs_ref) and against the CPU op on the
     same inputs. Returns (CUDA kwargs after the call, mutable tensors before it, on the CPU)."""
@@ -134,8 +115,8 @@ def aligned_slice(t: torch.Tensor, channel_dims: int = 1) -> torch.Tensor:
 
 
 def _check_conv(kw, params, chunk):
-    with env("TPSSM_CONV_CHUNK_LEN", chunk):
-        kw_gpu, before = check_op(ops.causal_conv1d, kw, ("out", "conv_states"), kw["x"].dtype)
+    kw["chunk_len"] = chunk or 0
+    kw_gpu, before = check_op(ops.causal_conv1d, kw, ("out", "conv_states"), kw["x"].dtype)
     out = kw_gpu["out"].cpu()
     slots = params.get("slots", (3, 0))
     seqlens = params.get("seqlens", (9, 9))
@@ -591,21 +572,21 @@ def test_causal_conv1d_cuda_chunk_consistency(chunk):
     bias = torch.randn(dim, device=CUDA) * 0.5
     idx = torch.tensor(slots, dtype=torch.int32, device=CUDA)
     fresh = torch.zeros(2, dtype=torch.bool, device=CUDA)
-    common = dict(weight=weight, bias=bias, cache_indices=idx, activation="silu")
+    common = dict(weight=weight, bias=bias, cache_indices=idx, activation="silu",
+                  chunk_len=chunk or 0)
     starts = query_start_loc(seqlens).tolist()
     head_idx = [t for b in range(2) for t in range(starts[b], starts[b] + first[b])]
     tail_idx = [t for b in range(2) for t in range(starts[b] + first[b], starts[b + 1])]
     rest = tuple(n - f for n, f in zip(seqlens, first))
-    with env("TPSSM_CONV_CHUNK_LEN", chunk):
-        init = torch.randn(2, dim, width - 1, device=CUDA)
-        states_full = init.clone()
-        out_full = ops.causal_conv1d(x, conv_states=states_full, has_initial_state=fresh,
-                                     query_start_loc=query_start_loc(seqlens).to(CUDA), **common)
-        states = init.clone()
-        out_head = ops.causal_conv1d(x[head_idx], conv_states=states, has_initial_state=fresh,
-                                     query_start_loc=query_start_loc(first).to(CUDA), **common)
-        out_tail = ops.causal_conv1d(x[tail_idx], conv_states=states, has_initial_state=~fresh,
-                                     query_start_loc=query_start_loc(rest).to(CUDA), **common)
+    init = torch.randn(2, dim, width - 1, device=CUDA)
+    states_full = init.clone()
+    out_full = ops.causal_conv1d(x, conv_states=states_full, has_initial_state=fresh,
+                                 query_start_loc=query_start_loc(seqlens).to(CUDA), **common)
+    states = init.clone()
+    out_head = ops.causal_conv1d(x[head_idx], conv_states=states, has_initial_state=fresh,
+                                 query_start_loc=query_start_loc(first).to(CUDA), **common)
+    out_tail = ops.causal_conv1d(x[tail_idx], conv_states=states, has_initial_state=~fresh,
+                                 query_start_loc=query_start_loc(rest).to(CUDA), **common)
     merged = torch.empty_like(out_full)
     merged[head_idx] = out_head
     merged[tail_idx] = out_tail

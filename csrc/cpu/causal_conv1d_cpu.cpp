@@ -182,10 +182,11 @@ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
 void causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                        const OptTensor& conv_states, const OptTensor& query_start_loc,
                        const OptTensor& cache_indices, const OptTensor& has_initial_state,
-                       bool silu, int64_t pad_slot_id, const at::Tensor& out) {
+                       bool silu, int64_t pad_slot_id, const at::Tensor& out,
+                       int64_t chunk_len) {
   const CausalConv1dParams p =
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                                has_initial_state, silu, pad_slot_id, out);
+                                has_initial_state, silu, pad_slot_id, out, chunk_len);
   cpu::dispatch_dtype(p.dtype, "causal_conv1d", [&](auto tag) {
     causal_conv1d_kernel<decltype(tag)>(p);
   });

@@ -15,10 +15,11 @@ namespace tpssm {
 void causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                         const OptTensor& conv_states, const OptTensor& query_start_loc,
                         const OptTensor& cache_indices, const OptTensor& has_initial_state,
-                        bool silu, int64_t pad_slot_id, const at::Tensor& out) {
+                        bool silu, int64_t pad_slot_id, const at::Tensor& out,
+                        int64_t chunk_len) {
   const CausalConv1dParams params =
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                                has_initial_state, silu, pad_slot_id, out);
+                                has_initial_state, silu, pad_slot_id, out, chunk_len);
   const c10::cuda::CUDAGuard guard(x.device());
   run_causal_conv1d(params, c10::cuda::getCurrentCUDAStream().stream());
 }

@@ -179,7 +179,7 @@ void launch_causal_conv1d_fwd(const CausalConv1dParams& p, int64_t total_tokens,
   int64_t chunk_len = ceil_div(total_tokens * channel_blocks, target_blocks);
   chunk_len = std::min<int64_t>(std::max<int64_t>(chunk_len, Traits::kMinChunk),
                                 Traits::kMaxChunk);
-  if (const int64_t forced = env_override("TPSSM_CONV_CHUNK_LEN")) chunk_len = forced;
+  if (p.chunk_len > 0) chunk_len = p.chunk_len;
   const int64_t num_chunks = ceil_div(total_tokens, chunk_len);
   if (channel_blocks > 65535) throw std::runtime_error("tpssm causal_conv1d: dim too large");
   dim3 grid(static_cast<unsigned>(num_chunks), static_cast<unsigned>(channel_blocks));

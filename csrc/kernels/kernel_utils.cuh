@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -71,15 +70,6 @@ inline int current_device_max_smem_per_block() {
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];
   return tpssm_dynamic_smem;
-}
-
-// Test knob: a positive integer in environment variable `name` overrides a launch heuristic (the
-// tests force tiny chunks so that small inputs exercise chunk boundaries). 0 when unset.
-inline int64_t env_override(const char* name) {
-  const char* value = std::getenv(name);
-  if (value == nullptr) return 0;
-  const long long parsed = std::atoll(value);
-  return parsed > 0 ? static_cast<int64_t>(parsed) : 0;
 }
 
 inline bool is_aligned(const void* ptr, int64_t bytes) {

@@ -66,6 +66,10 @@ struct CausalConv1dParams {
   const int32_t* cache_indices;     // (batch,) slot per sequence, nullptr: slot b for row b
   const bool* has_initial_state;    // (batch,), nullptr: no sequence has an initial state
   int32_t pad_slot_id;
+
+  // Tokens per block of the flattened token range (0: the launcher decides; tests force small
+  // chunks so that short inputs cross chunk boundaries).
+  int64_t chunk_len;
 };
 
 // Decode conv: seqlen (>= 1, small) new tokens per request, the slot's conv state updated in

@@ -77,6 +77,7 @@ def causal_conv1d(
     activation: Optional[str] = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: Optional[torch.Tensor] = None,
+    chunk_len: int = 0,
 ) -> torch.Tensor:
     """Prefill depthwise causal conv1d (optionally fused SiLU).
 
@@ -89,11 +90,13 @@ def causal_conv1d(
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with conv_states.
     out must not overlap the inputs or conv_states. Returns out, shaped like x.
+    chunk_len: tokens per CUDA block of the flattened token range, 0 to let the launcher decide
+      (tests force small chunks so that short inputs cross chunk boundaries; the CPU ignores it).
     """
     if out is None:
         out = torch.empty_like(x)
     _ops.causal_conv1d(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                       has_initial_state, _silu_flag(activation), pad_slot_id, out)
+                       has_initial_state, _silu_flag(activation), pad_slot_id, out, chunk_len)
     return out
 
 
@@ -223,7 +226,7 @@ def _check_out_like(op: str, out: torch.Tensor, ref: torch.Tensor, ref_name: str
 
 @torch.library.register_fake("tpssm::causal_conv1d")
 def _causal_conv1d_fake(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                        has_initial_state, silu, pad_slot_id, out) -> None:
+                        has_initial_state, silu, pad_slot_id, out, chunk_len=0) -> None:
     _check_out_like("causal_conv1d", out, x, "x")
 
 

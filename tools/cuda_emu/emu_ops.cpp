@@ -18,9 +18,11 @@ static void reset() { emu_error.clear(); }
 
 void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                    const OptTensor& conv_states, const OptTensor& qsl, const OptTensor& ci,
-                   const OptTensor& his, bool silu, int64_t pad, const at::Tensor& out) {
+                   const OptTensor& his, bool silu, int64_t pad, const at::Tensor& out,
+                   int64_t chunk_len) {
   reset();
-  auto p = tpssm::make_causal_conv1d_params(x, weight, bias, conv_states, qsl, ci, his, silu, pad, out);
+  auto p = tpssm::make_causal_conv1d_params(x, weight, bias, conv_states, qsl, ci, his, silu,
+                                            pad, out, chunk_len);
   tpssm::run_causal_conv1d(p, nullptr);
 }
 void causal_conv1d_update(const at::Tensor& x, const at::Tensor& st, const at::Tensor& weight,

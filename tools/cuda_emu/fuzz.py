@@ -2,7 +2,6 @@
 dtypes, Mamba1 / Mamba2 forms, dstate 1..128, dense and varlen batches with empty and short
 sequences, padded rows, aligned and misaligned column slices, 16-bit and strided state pools,
 forced scan / conv chunk lengths and both scan plans.  Usage: fuzz.py SEED ITERATIONS"""
-import os
 import random
 import sys
 from pathlib import Path
@@ -133,13 +132,10 @@ def fuzz_conv(it):
     rs = None if states is None else states.clone(); ro = out.clone()
     causal_conv1d_ref(x, w, bias, conv_states=rs, out=ro, compute_dtype=torch.float64, **kw)
     for chunk in rng.sample([None, 1, 2, 3, 5], 2):
-        if chunk: os.environ["TPSSM_CONV_CHUNK_LEN"] = str(chunk)
-        else: os.environ.pop("TPSSM_CONV_CHUNK_LEN", None)
         st = None if states is None else states.clone(); o = out.clone()
-        ops.causal_conv1d(x, w, bias, conv_states=st, out=o, **kw)
+        ops.causal_conv1d(x, w, bias, conv_states=st, out=o, chunk_len=chunk or 0, **kw)
         close(o, ro, dtype, f"conv it {it} chunk {chunk}")
         if st is not None: assert torch.equal(st, rs), f"conv state it {it} chunk {chunk}"
-    os.environ.pop("TPSSM_CONV_CHUNK_LEN", None)
     # decode update
     b = rng.randint(1, 4); sl = rng.choice([None, 1, 3])
     xs = act((b,) + (() if sl is None else (sl,)) + (dim,), dtype, rng.choice(["contig", "mis", "aligned"]))

@@ -88,10 +88,12 @@ def causal_conv1d_ref(
     activation: Optional[str] = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: Optional[torch.Tensor] = None,
+    chunk_len: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference of tpssm.ops.causal_conv1d. x: (batch, seqlen, dim) or (total_tokens, dim);
-    weight: (dim, width); conv_states: (num_slots, dim, width - 1), updated in place."""
+    weight: (dim, width); conv_states: (num_slots, dim, width - 1), updated in place. chunk_len
+    (how the CUDA op splits the work) is accepted and ignored."""
     silu = activation in ("silu", "swish")
     width = weight.shape[1]
     w = weight.to(compute_dtype)
