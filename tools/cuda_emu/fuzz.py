@@ -65,11 +65,14 @@ def slots_for(nb, num_slots, allow_pad=True):
 def fuzz_scan(it):
     dtype = rng.choice([f32, f32, bf16, f16])
     m1 = rng.random() < 0.4
-    dstate = rng.choice([1, 4, 5, 16, 16, 32, 40, 48, 64])
+    # The SSD kernel's shapes: 16-bit Mamba2 form with headdim and dstate 64 or 128.
+    ssd = not m1 and dtype != f32 and rng.random() < 0.4
+    dstate = rng.choice([64, 128] if ssd else [1, 4, 5, 16, 16, 32, 40, 48, 64])
     if m1:
         nheads = rng.choice([3, 7, 33]); headdim = rng.choice([1, 1, 2]); ngroups = 1
     else:
-        nheads = rng.choice([2, 4, 6]); headdim = rng.choice([1, 2, 4, 8])
+        nheads = rng.choice([1, 2] if ssd else [2, 4, 6])
+        headdim = rng.choice([64, 128] if ssd else [1, 2, 4, 8])
         ngroups = rng.choice([g for g in (1, 2, 3, 6) if nheads % g == 0])
     dim = nheads * headdim
     varlen, L = seqs(); nb = len(L)
