@@ -1,11 +1,22 @@
-// CPU kernels of selective_scan (prefill) and selective_state_update (decode). Work items are
-// (sequence, head): a head's (headdim, dstate) state stays in a local fp32 buffer for the whole
-// sequence and is rounded to the state dtype only when stored.
+// CPU kernels of selective_scan (prefill) and selective_state_update (decode).
+//
+// The recurrence (every Mamba1 call, and Mamba2 with algorithm 'recurrent' / 'recurrent_direct'):
+// work items are (sequence, head); a head's (headdim, dstate) state stays in a local fp32 buffer
+// for the whole sequence and is rounded to the state dtype only when stored.
+//
+// The chunked state-space-duality form (Mamba2 with algorithm 'auto' / 'ssd'): the scalar decay
+// per head turns a chunk of tokens into a few matrix products, run through ATen (BLAS) in fp32.
+// See ssd_scan_heads for the algebra.
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_common.h"
@@ -90,6 +101,174 @@ void selective_scan_kernel(const SelectiveScanParams& p) {
   });
 }
 
+// Default SSD chunk length on the CPU. Per token and head the intra-chunk product costs
+// O(chunk) multiply-adds and the state products O(dstate): a longer chunk only adds work, while a
+// much shorter one leaves BLAS too little to run at speed. Measured on 2 cores (headdim 64 / 128,
+// dstate 64 / 128, 16-80 heads, benchmarks/bench_ops_cpu.py): 64 was fastest or tied with 128,
+// 256 1.5-2x slower, 32 slightly slower.
+constexpr int64_t kCpuSsdChunk = 64;
+
+// Decays below exp(kMinLogDecay) ~ 1e-26 are flushed to exact zeros. Such terms are far below
+// fp32 resolution next to any O(1) term, and left in they reach the denormal range in the
+// products, where x86 arithmetic takes a microcode path many times slower.
+constexpr float kMinLogDecay = -60.0f;
+
+// Elements of the (heads, q, q) score tensors built at once (4 MiB of fp32): bounds the
+// temporaries when chunk_size is large (at 4096 a single head's scores are 64 MiB).
+constexpr int64_t kScoreElems = int64_t{1} << 20;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// exp of log-decays with the flush above; a NaN stays NaN, as in the recurrence.
+at::Tensor decay_exp(const at::Tensor& log_decay) {
+  return log_decay.masked_fill(log_decay < kMinLogDecay, -std::numeric_limits<float>::infinity())
+      .exp_();
+}
+
+// A non-owning tensor over the op's memory with the params' element strides (the kernel writes
+// only through the views of out and ssm_states).
+template <typename T>
+at::Tensor strided_view(T* data, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  using scalar_t = std::remove_const_t<T>;
+  return at::from_blob(const_cast<scalar_t*>(data), sizes, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+}
+
+// One sequence b, heads [h0, h0 + nh) of group g, chunk by chunk (Q tokens; chunks restart at
+// the sequence start, the last may be shorter). Per chunk and head, with a_t = dt_t * A and
+// c_t = a_1 + ... + a_t (inclusive, within the chunk):
+//   y_t   = sum_{s<=t} (C_t . B_s) exp(c_t - c_s) dt_s x_s   + exp(c_t) C_t H_prev + D x_t
+//   H_new = exp(c_last) H_prev + sum_t exp(c_last - c_t) dt_t x_t B_t^T
+// which is the recurrence unrolled over the chunk. The decays are exps of differences of the
+// cumulative sums, all <= 0 for A < 0 and dt >= 0: exp(c_t) * exp(-c_s) would overflow on long
+// chunks. C B^T depends on the group only and is shared by the block's heads.
+template <typename T, typename S>
+void ssd_scan_heads(const SelectiveScanParams& p, int64_t b, int64_t g, int64_t h0, int64_t nh,
+                    int64_t Q) {
+  int64_t slot = b;
+  if (p.cache_indices != nullptr) {
+    slot = p.cache_indices[b];
+    if (slot == p.pad_slot_id) return;
+  }
+  // The ATen calls below run on worker threads, which do not inherit the caller's dispatch
+  // state: skip autograd and version counting explicitly.
+  c10::InferenceMode inference;
+  const int64_t P = p.headdim;
+  const int64_t N = p.dstate;
+  const int64_t t0 = p.query_start_loc ? p.query_start_loc[b] : 0;
+  const int64_t L = (p.query_start_loc ? p.query_start_loc[b + 1] : p.seqlen) - t0;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+
+  at::Tensor state;  // (nh, P, N) in the slot, the state dtype
+  if (p.ssm_states != nullptr) {
+    S* base = static_cast<S*>(p.ssm_states) + slot * p.ssm_states_slot_stride +
+              h0 * p.ssm_states_head_stride;
+    state = strided_view(base, {nh, P, N}, {p.ssm_states_head_stride, p.ssm_states_dim_stride, 1});
+  }
+  // Contiguous: the state products view it as one (nh * P, N) matrix.
+  at::Tensor H = at::zeros({nh, P, N}, f32);
+  if (state.defined() && p.has_initial_state != nullptr && p.has_initial_state[b]) {
+    H.copy_(state);
+  }
+
+  // Token-major views of the sequence: (L, nh, P) for the head channels, (L, N) for the group.
+  const T* u = static_cast<const T*>(p.u) + b * p.u_batch_stride + t0 * p.u_token_stride;
+  const at::Tensor u_seq = strided_view(u + h0 * P, {L, nh, P}, {p.u_token_stride, P, 1});
+  const T* Bp = static_cast<const T*>(p.B) + b * p.B_batch_stride + t0 * p.B_token_stride +
+                g * p.B_group_stride;
+  const at::Tensor B_seq = strided_view(Bp, {L, N}, {p.B_token_stride, 1});
+  const T* Cp = static_cast<const T*>(p.C) + b * p.C_batch_stride + t0 * p.C_token_stride +
+                g * p.C_group_stride;
+  const at::Tensor C_seq = strided_view(Cp, {L, N}, {p.C_token_stride, 1});
+  at::Tensor z_seq;
+  if (p.z != nullptr) {
+    const T* z = static_cast<const T*>(p.z) + b * p.z_batch_stride + t0 * p.z_token_stride;
+    z_seq = strided_view(z + h0 * P, {L, nh, P}, {p.z_token_stride, P, 1});
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + t0 * p.out_token_stride + h0 * P;
+  const at::Tensor out_seq = strided_view(out, {L, nh, P}, {p.out_token_stride, P, 1});
+  at::Tensor D;
+  if (p.D != nullptr) D = strided_view(p.D + h0, {1, nh, 1}, {0, 1, 0});
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_batch_stride;
+
+  for (int64_t c0 = 0; c0 < L; c0 += Q) {
+    const int64_t q = std::min(Q, L - c0);
+    // dt exactly as the recurrence computes it (same scalar helpers), and its decay cumsum.
+    at::Tensor dt = at::empty({nh, q}, f32);
+    at::Tensor cum = at::empty({nh, q}, f32);
+    float* dt_p = dt.data_ptr<float>();
+    float* cum_p = cum.data_ptr<float>();
+    for (int64_t j = 0; j < nh; ++j) {
+      const int64_t hd = h0 + j;
+      const float A = p.A[hd * p.A_head_stride];
+      const float bias = p.delta_bias ? p.delta_bias[hd] : 0.0f;
+      float c = 0.0f;
+      for (int64_t s = 0; s < q; ++s) {
+        float v = cpu::load(delta + (t0 + c0 + s) * p.delta_token_stride + hd);
+        if (p.delta_bias) v += bias;
+        if (p.delta_softplus) v = cpu::softplus(v);
+        v = cpu::clamp_dt(v, p.dt_min, p.dt_max);
+        dt_p[j * q + s] = v;
+        c += v * A;
+        cum_p[j * q + s] = c;
+      }
+    }
+    const at::Tensor x = u_seq.narrow(0, c0, q).to(at::kFloat);  // (q, nh, P)
+    const at::Tensor Bc = B_seq.narrow(0, c0, q).to(at::kFloat);  // (q, N)
+    const at::Tensor Cc = C_seq.narrow(0, c0, q).to(at::kFloat);
+
+    const at::Tensor xdt = x * dt.t().unsqueeze(2);  // dt_s x_s, (q, nh, P)
+
+    // Inter-chunk: every head's entering state in one product, C (q, N) x H^T (N, nh * P).
+    at::Tensor y = at::mm(Cc, H.view({nh * P, N}).t()).view({q, nh, P});
+    y.mul_(decay_exp(cum).t().unsqueeze(2));
+
+    // Intra-chunk: (C B^T o decay) (dt x), in head slices of bounded size. Above the diagonal
+    // the exponent is positive, maybe inf; tril_ zeroes it.
+    const at::Tensor CB = at::mm(Cc, Bc.t());
+    const int64_t slice = std::max<int64_t>(1, kScoreElems / (q * q));
+    for (int64_t j = 0; j < nh; j += slice) {
+      const int64_t m = std::min(slice, nh - j);
+      const at::Tensor c = cum.narrow(0, j, m);
+      const at::Tensor scores = decay_exp(c.unsqueeze(2) - c.unsqueeze(1)).tril_().mul_(CB);
+      y.narrow(1, j, m).add_(at::bmm(scores, xdt.narrow(1, j, m).transpose(0, 1)).transpose(0, 1));
+    }
+    if (D.defined()) y.add_(x * D);
+    if (z_seq.defined()) y.mul_(at::silu(z_seq.narrow(0, c0, q).to(at::kFloat)));
+    out_seq.narrow(0, c0, q).copy_(y);
+
+    // State at the chunk end: decay the entering state, add the chunk's inputs decayed to it.
+    const at::Tensor c_last = cum.narrow(1, q - 1, 1);  // (nh, 1)
+    const at::Tensor xw = (xdt * decay_exp(c_last - cum).t().unsqueeze(2)).reshape({q, nh * P});
+    H.mul_(decay_exp(c_last).unsqueeze(2));
+    H.view({nh * P, N}).addmm_(xw.t(), Bc);
+  }
+  if (state.defined()) state.copy_(H);
+}
+
+template <typename T, typename S>
+void selective_scan_ssd_kernel(const SelectiveScanParams& p) {
+  if (p.batch == 0) return;
+  const int64_t Q = p.chunk_size > 0 ? p.chunk_size : kCpuSsdChunk;
+  const int64_t heads_per_group = p.nheads / p.ngroups;
+  // Work items are (sequence, group, block of the group's heads). Whole groups share C B^T best;
+  // groups are split into head blocks only when there are fewer (sequence, group) pairs than
+  // threads (batch 1, one group), at the cost of computing C B^T once per block.
+  const int64_t pairs = p.batch * p.ngroups;
+  const int64_t split = std::min(heads_per_group, ceil_div(at::get_num_threads(), pairs));
+  const int64_t block_heads = ceil_div(heads_per_group, split);
+  const int64_t blocks = ceil_div(heads_per_group, block_heads);
+  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (p.ngroups * blocks);
+      const int64_t g = item / blocks % p.ngroups;
+      const int64_t first = item % blocks * block_heads;
+      const int64_t nh = std::min(block_heads, heads_per_group - first);
+      ssd_scan_heads<T, S>(p, b, g, g * heads_per_group + first, nh, Q);
+    }
+  });
+}
+
 template <typename T, typename S>
 void selective_state_update_kernel(const SelectiveStateUpdateParams& p) {
   const int64_t heads_per_group = p.nheads / p.ngroups;
@@ -152,8 +331,15 @@ void selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
       split_len);
+  // split_len plans work over a CUDA device; the CPU kernels have no use for it.
+  const bool ssd = !p.a_is_per_state && (p.algorithm == ScanAlgorithm::kAuto ||
+                                         p.algorithm == ScanAlgorithm::kSsd);
   cpu::dispatch_act_state(p.act_dtype, p.state_dtype, "selective_scan", [&](auto t, auto s) {
-    selective_scan_kernel<decltype(t), decltype(s)>(p);
+    if (ssd) {
+      selective_scan_ssd_kernel<decltype(t), decltype(s)>(p);
+    } else {
+      selective_scan_kernel<decltype(t), decltype(s)>(p);
+    }
   });
 }
 
