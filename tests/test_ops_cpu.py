@@ -1,12 +1,16 @@
-"""The CPU kernels of the four SSM ops against their pure-PyTorch references, and the chunk
-consistency of the state cache (one-shot prefill == chunked prefill == prefill + decode)."""
+"""The CPU kernels of the four SSM ops against their pure-PyTorch references, the chunked (SSD)
+form of the Mamba2 scan against the reference and the recurrence, and the chunk consistency of the
+state cache (one-shot prefill == chunked prefill == prefill + decode)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from conftest import (
+    EPS,
     SENTINEL,
     assert_slots_untouched,
     conv_inputs,
@@ -18,6 +22,7 @@ from conftest import (
     token_rows,
 )
 from tpssm import ops
+from tpssm.reference import softplus_ref
 
 f16, bf16 = torch.float16, torch.bfloat16
 
@@ -149,33 +154,165 @@ SCAN_CASES = [
     ("strided", dict(strided=True)),
     ("strided_varlen", dict(strided=True, varlen=True, seqlens=(3, 0, 4), slots=(2, 0, 1),
                             initial=(False, True, True))),
+    # 'auto' runs the chunked form for Mamba2 on the CPU; these keep the recurrence covered.
+    ("recurrent", dict(algorithm="recurrent")),
+    ("recurrent_varlen_padded", dict(algorithm="recurrent", varlen=True, seqlens=(2, 3, 1),
+                                     slots=(3, -1, 0), initial=(True, True, False))),
 ]
 
 
-@pytest.mark.parametrize("name,params", SCAN_CASES, ids=_case_ids(SCAN_CASES))
-def test_selective_scan(name, params):
-    kw = scan_inputs(**params)
-    before = run_vs_ref(ops.selective_scan, kw, ("out", "ssm_states"), kw["u"].dtype)
-    slots = params.get("slots", (1, 3))
-    seqlens = params.get("seqlens", (7, 7))
+def _check_scan_untouched(kw, before, params, defaults):
+    """Padded rows' outputs keep SENTINEL; slots no non-padded row uses keep their values."""
+    slots = params.get("slots", defaults["slots"])
+    seqlens = params.get("seqlens", defaults["seqlens"])
+    varlen = params.get("varlen", defaults.get("varlen", False))
     padded = [b for b, s in enumerate(slots or ()) if s == -1]
     if padded:
-        rows = _padded_out_rows(kw["out"], seqlens, params.get("varlen", False), padded)
+        rows = _padded_out_rows(kw["out"], seqlens, varlen, padded)
         assert (rows == SENTINEL).all(), "padded output rows were written"
     if kw["ssm_states"] is not None:
         used = slots if slots is not None else range(len(seqlens))
         assert_slots_untouched(kw["ssm_states"], before["ssm_states"], used)
 
 
-def test_selective_scan_16bit_state_rounds_only_when_stored():
+@pytest.mark.parametrize("name,params", SCAN_CASES, ids=_case_ids(SCAN_CASES))
+def test_selective_scan(name, params):
+    kw = scan_inputs(**params)
+    before = run_vs_ref(ops.selective_scan, kw, ("out", "ssm_states"), kw["u"].dtype)
+    _check_scan_untouched(kw, before, params, dict(slots=(1, 3), seqlens=(7, 7)))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "recurrent"])
+def test_selective_scan_16bit_state_rounds_only_when_stored(algorithm):
     """A 16-bit state pool changes only the stored final state: the outputs equal those of an
     fp32 pool holding the same (rounded) initial states."""
-    kw16 = scan_inputs(dtype=bf16, state_dtype=bf16)
+    kw16 = scan_inputs(dtype=bf16, state_dtype=bf16, algorithm=algorithm)
     kw32 = dict(kw16, ssm_states=kw16["ssm_states"].float(), out=kw16["out"].clone())
     ops.selective_scan(**kw16)
     ops.selective_scan(**kw32)
     assert torch.equal(kw16["out"], kw32["out"])
     assert torch.equal(kw16["ssm_states"], kw32["ssm_states"].to(bf16))
+
+
+# ---------------------------------------------------------------------------------------------
+# selective_scan, the chunked (SSD) form of the Mamba2 scan. The base case is varlen with an
+# empty, a length-1 and chunk-boundary-length sequences (chunk 16: lengths 16, 17, 32), initial
+# states from scattered slots; each variation changes one thing. Every case is checked against
+# the fp64 reference with conftest's rule (error <= 2x the same-dtype reference's + EPS): the SSD
+# form computes in fp32 from the same fp32 dt, so its error is of the order of the fp32
+# reference's (different summation order, exps of cumulative sums instead of products of exps),
+# and for 16-bit activations far below the 16-bit reference's. It is also checked against the
+# recurrence on the same inputs (_assert_matches_recurrent).
+
+SSD_BASE = dict(nheads=4, headdim=64, dstate=64, ngroups=2, varlen=True,
+                seqlens=(16, 0, 1, 17, 32, 5), slots=(5, 0, 3, 1, 6, 2), num_slots=8,
+                initial=(True, True, False, True, True, False), algorithm="ssd", chunk_size=16)
+
+SSD_CASES = [
+    ("base", {}),
+    ("f16", dict(dtype=f16)),
+    ("bf16", dict(dtype=bf16)),
+    ("state_bf16", dict(dtype=bf16, state_dtype=bf16)),
+    ("state_f16", dict(dtype=f16, state_dtype=f16)),
+    ("headdim128", dict(headdim=128)),
+    ("dstate128", dict(dstate=128)),
+    ("ngroups1", dict(ngroups=1)),
+    ("ngroups8", dict(nheads=8, ngroups=8)),
+    ("chunk4", dict(chunk_size=4)),
+    # The default chunk (64 on the CPU): lengths Q, Q + 1, 2Q and a short one.
+    ("default_chunk", dict(chunk_size=0, seqlens=(64, 65, 128, 3), slots=(2, 7, 0, 4),
+                           initial=(True, False, True, True))),
+    # Decays far below fp32 resolution within a chunk (dt >= 1: a <= -1 per token).
+    ("strong_decay", dict(chunk_size=0, seqlens=(64, 65, 128, 3), slots=(2, 7, 0, 4),
+                          initial=(True, False, True, True), dt_min=1.0)),
+    ("dt_limits", dict(dt_min=0.25, dt_max=0.4)),
+    ("dense", dict(varlen=False, seqlens=(40, 40), slots=(3, 6), initial=(True, False))),
+    ("dense_padded", dict(varlen=False, seqlens=(20, 20), slots=(-1, 2), initial=(True, True))),
+    ("padded", dict(slots=(5, -1, 3, -1, 6, 2))),
+    ("all_empty", dict(seqlens=(0, 0), slots=(1, 4), initial=(True, False))),
+    ("empty_batch", dict(seqlens=(), slots=(), initial=())),
+    ("no_softplus", dict(delta_softplus=False)),
+    ("no_optional", dict(D=False, z=False, delta_bias=False, delta_softplus=False, states=False,
+                         slots=None)),
+    ("no_cache_indices", dict(slots=None)),
+    ("strided", dict(strided=True)),
+    # Fewer (sequence, group) pairs than threads: the group's heads split into blocks (3 + 2).
+    ("split_heads", dict(nheads=5, ngroups=1, seqlens=(37,), slots=(3,), initial=(True,),
+                         threads=2)),
+]
+
+
+def _dt_of(kw):
+    dt = kw["delta"].double()
+    if kw["delta_bias"] is not None:
+        dt = dt + kw["delta_bias"].double()
+    return softplus_ref(dt) if kw["delta_softplus"] else dt
+
+
+def _assert_matches_recurrent(actual, recurrent, dtype, what):
+    """Both forms compute in fp32 and differ only in the order of their sums (a few fp32 ulps of
+    the result's scale), so the stored values are at most about one rounding of the stored dtype
+    apart: EPS[dtype] relative to the result's magnitude (1e-5 for fp32)."""
+    if actual.numel() == 0:
+        return
+    err = (actual.double() - recurrent.double()).abs().max().item()
+    bound = EPS[dtype] * max(1.0, recurrent.double().abs().max().item())
+    assert err <= bound, f"{what}: SSD vs recurrence max difference {err:.3g} > {bound:.3g}"
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("name,params", SSD_CASES, ids=_case_ids(SSD_CASES))
+def test_selective_scan_ssd(name, params):
+    params = dict(params)
+    threads = params.pop("threads", None)
+    with _num_threads(threads) if threads else contextlib.nullcontext():
+        kw = scan_inputs(**{**SSD_BASE, **params})
+        if "dt_max" in params:  # the limits must bind, or the case tests nothing
+            dt = _dt_of(kw)
+            assert (dt < params["dt_min"]).any() and (dt > params["dt_max"]).any()
+        dtype = kw["u"].dtype
+        before = run_vs_ref(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+        _check_scan_untouched(kw, before, params, SSD_BASE)
+
+        rec = dict(kw, algorithm="recurrent", out=before["out"].clone())
+        if kw["ssm_states"] is not None:
+            rec["ssm_states"] = before["ssm_states"].clone()
+        ops.selective_scan(**rec)
+        _assert_matches_recurrent(kw["out"], rec["out"], dtype, "out")
+        states = kw["ssm_states"]
+        if states is not None:
+            _assert_matches_recurrent(states, rec["ssm_states"], states.dtype, "ssm_states")
+
+
+def test_selective_scan_cpu_algorithm_selection():
+    """'auto' is the SSD form for Mamba2 and the recurrence for Mamba1; chunk_size reaches the
+    SSD form; split_len changes nothing on the CPU. (The two forms sum in different orders, so
+    their fp32 results differ in the last bits: bit equality tells which form ran.)"""
+    def run(kw, **options):
+        k = dict(kw, out=kw["out"].clone(), ssm_states=kw["ssm_states"].clone(), **options)
+        ops.selective_scan(**k)
+        return torch.cat([k["out"].flatten(), k["ssm_states"].flatten()])
+
+    m2 = scan_inputs(nheads=4, headdim=16, dstate=16, seqlens=(40, 40))
+    ssd = run(m2, algorithm="ssd")
+    recurrent = run(m2, algorithm="recurrent")
+    assert not torch.equal(ssd, recurrent)
+    assert torch.equal(run(m2), ssd)
+    assert torch.equal(run(m2, algorithm="ssd", split_len=3), ssd)
+    assert torch.equal(run(m2, algorithm="recurrent_direct"), recurrent)
+    assert not torch.equal(run(m2, algorithm="ssd", chunk_size=8), ssd)
+    m1 = scan_inputs(form="mamba1", nheads=7, dstate=5, ngroups=1, group_dim=False,
+                     seqlens=(40, 40))
+    assert torch.equal(run(m1), run(m1, algorithm="recurrent"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,18 +433,30 @@ def test_causal_conv1d_chunk_consistency(first):
     _assert_same(states[list(SLOTS)], states_full[list(SLOTS)], "prefill + decode state")
 
 
-@pytest.mark.parametrize(
-    "form,dtype,first",
-    [("mamba2", torch.float32, (4, 2)), ("mamba1", torch.float32, (4, 2)),
-     ("mamba2", torch.float32, (0, 1)), ("mamba2", bf16, (3, 5))],
-    ids=["mamba2", "mamba1", "mamba2_empty_first", "mamba2_bf16"])
-def test_selective_scan_chunk_consistency(form, dtype, first):
+# Mamba2 runs the SSD form unless told otherwise; with chunk_size 4 the 9- and 6-token
+# sequences span several chunks and the splits fall inside and on chunk boundaries.
+SCAN_CONSISTENCY_CASES = [
+    ("mamba2", "mamba2", torch.float32, (4, 2), {}),
+    ("mamba1", "mamba1", torch.float32, (4, 2), {}),
+    ("mamba2_empty_first", "mamba2", torch.float32, (0, 1), {}),
+    ("mamba2_bf16", "mamba2", bf16, (3, 5), {}),
+    ("ssd_chunk4", "mamba2", torch.float32, (5, 2), dict(chunk_size=4)),
+    ("ssd_chunk4_on_boundary", "mamba2", torch.float32, (8, 4), dict(chunk_size=4)),
+    ("ssd_chunk3_bf16", "mamba2", bf16, (7, 1), dict(chunk_size=3)),
+    ("recurrent", "mamba2", torch.float32, (4, 2), dict(algorithm="recurrent")),
+]
+
+
+@pytest.mark.parametrize("name,form,dtype,first,options", SCAN_CONSISTENCY_CASES,
+                         ids=_case_ids([(c[0], None) for c in SCAN_CONSISTENCY_CASES]))
+def test_selective_scan_chunk_consistency(name, form, dtype, first, options):
     kw = scan_inputs(dtype=dtype, form=form, seqlens=SEQLENS, varlen=True, slots=SLOTS,
                      initial=(False, False), num_slots=3,
                      **(dict(nheads=5, dstate=4, ngroups=1, group_dim=False)
                         if form == "mamba1" else {}))
     packed = ("u", "delta", "B", "C", "z")
     params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
+    params.update(options)
     fresh = torch.zeros(len(SEQLENS), dtype=torch.bool)
 
     states_full = torch.randn_like(kw["ssm_states"])
