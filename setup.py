@@ -84,13 +84,16 @@ def make_extension():
     # No -std flag: torch picks the C++ standard its headers need (C++20 since 2.13).
     # -ffp-contract=off: the quantized all-reduce must match its reference bit for bit, so no
     # multiply-add may be contracted into an FMA (targets with FMA contract by default).
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is a header template that runs its range serially unless the
+    # including file is compiled with OpenMP (torch's CPU backend); the CPU kernels rely on it.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     # The C++ runtime must be the process's shared libstdc++.so.6, the one torch uses. Where a
     # toolchain offers only the static libstdc++.a to the linker (seen on a GPU image), the
     # extension gets a private copy whose locale is never set up: every number streamed into an
     # error message (TORCH_CHECK) then crashes or vanishes. Naming the shared library ahead of
     # the driver's own -lstdc++ resolves every symbol there first.
     link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    link_flags.append("-fopenmp")
     with_cuda = cuda_build_wanted()
     if not with_cuda:
         return CppExtension(
