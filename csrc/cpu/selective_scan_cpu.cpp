@@ -8,6 +8,7 @@
 // per head turns a chunk of tokens into a few matrix products, run through ATen (BLAS) in fp32.
 // See ssd_scan_heads for the algebra.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -102,10 +103,10 @@ void selective_scan_kernel(const SelectiveScanParams& p) {
 }
 
 // Default SSD chunk length on the CPU. Per token and head the intra-chunk product costs
-// O(chunk) multiply-adds and the state products O(dstate): a longer chunk only adds work, while a
-// much shorter one leaves BLAS too little to run at speed. Measured on 2 cores (headdim 64 / 128,
-// dstate 64 / 128, 16-80 heads, benchmarks/bench_ops_cpu.py): 64 was fastest or tied with 128,
-// 256 1.5-2x slower, 32 slightly slower.
+// O(chunk) multiply-adds and the state products O(dstate): a longer chunk only adds work (and its
+// (heads, chunk, chunk) scores outgrow the core's cache), while a much shorter one leaves BLAS
+// too little to run at speed. Measured on 2 cores (headdim 64 / 128, dstate 64 / 128, 16-80
+// heads, bf16): 32, 48 and 64 within noise of each other, 128 1.2-2x and 256 2-4x slower.
 constexpr int64_t kCpuSsdChunk = 64;
 
 // Decays below exp(kMinLogDecay) ~ 1e-26 are flushed to exact zeros. Such terms are far below
@@ -145,11 +146,7 @@ at::Tensor strided_view(T* data, at::IntArrayRef sizes, at::IntArrayRef strides)
 template <typename T, typename S>
 void ssd_scan_heads(const SelectiveScanParams& p, int64_t b, int64_t g, int64_t h0, int64_t nh,
                     int64_t Q) {
-  int64_t slot = b;
-  if (p.cache_indices != nullptr) {
-    slot = p.cache_indices[b];
-    if (slot == p.pad_slot_id) return;
-  }
+  const int64_t slot = p.cache_indices ? p.cache_indices[b] : b;  // padded rows have no items
   // The ATen calls below run on worker threads, which do not inherit the caller's dispatch
   // state: skip autograd and version counting explicitly.
   c10::InferenceMode inference;
@@ -246,25 +243,49 @@ void ssd_scan_heads(const SelectiveScanParams& p, int64_t b, int64_t g, int64_t 
   if (state.defined()) state.copy_(H);
 }
 
+// A work item of the SSD kernel: heads [h0, h0 + nh) of group g over sequence b.
+struct SsdItem {
+  int64_t b, g, h0, nh;
+  int64_t cost;  // tokens x heads
+};
+
 template <typename T, typename S>
 void selective_scan_ssd_kernel(const SelectiveScanParams& p) {
-  if (p.batch == 0) return;
   const int64_t Q = p.chunk_size > 0 ? p.chunk_size : kCpuSsdChunk;
   const int64_t heads_per_group = p.nheads / p.ngroups;
-  // Work items are (sequence, group, block of the group's heads). Whole groups share C B^T best;
-  // groups are split into head blocks only when there are fewer (sequence, group) pairs than
-  // threads (batch 1, one group), at the cost of computing C B^T once per block.
-  const int64_t pairs = p.batch * p.ngroups;
-  const int64_t split = std::min(heads_per_group, ceil_div(at::get_num_threads(), pairs));
-  const int64_t block_heads = ceil_div(heads_per_group, split);
-  const int64_t blocks = ceil_div(heads_per_group, block_heads);
-  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (p.ngroups * blocks);
-      const int64_t g = item / blocks % p.ngroups;
-      const int64_t first = item % blocks * block_heads;
-      const int64_t nh = std::min(block_heads, heads_per_group - first);
-      ssd_scan_heads<T, S>(p, b, g, g * heads_per_group + first, nh, Q);
+  const int64_t num_threads = at::get_num_threads();
+  auto seq_len = [&](int64_t b) {
+    return p.query_start_loc ? p.query_start_loc[b + 1] - p.query_start_loc[b] : p.seqlen;
+  };
+  int64_t total_cost = 0;
+  for (int64_t b = 0; b < p.batch; ++b) total_cost += seq_len(b) * p.nheads;
+  // A whole group shares C B^T best; a (sequence, group) pair costing more than a thread's share
+  // (few or very unequal sequences) is split into head blocks so that no thread waits on one
+  // long item.
+  const int64_t share = std::max<int64_t>(1, ceil_div(total_cost, num_threads));
+  std::vector<SsdItem> items;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.cache_indices != nullptr && p.cache_indices[b] == p.pad_slot_id) continue;
+    const int64_t len = seq_len(b);
+    const int64_t split =
+        std::clamp<int64_t>(ceil_div(len * heads_per_group, share), 1, heads_per_group);
+    const int64_t block_heads = ceil_div(heads_per_group, split);
+    for (int64_t g = 0; g < p.ngroups; ++g) {
+      for (int64_t first = 0; first < heads_per_group; first += block_heads) {
+        const int64_t nh = std::min(block_heads, heads_per_group - first);
+        items.push_back({b, g, g * heads_per_group + first, nh, len * nh});
+      }
+    }
+  }
+  // Costliest first, each thread taking the next item when done: no thread is left with a long
+  // item at the end.
+  std::stable_sort(items.begin(), items.end(),
+                   [](const SsdItem& x, const SsdItem& y) { return x.cost > y.cost; });
+  std::atomic<size_t> next_item{0};
+  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+    for (size_t i = next_item++; i < items.size(); i = next_item++) {
+      const SsdItem& it = items[i];
+      ssd_scan_heads<T, S>(p, it.b, it.g, it.h0, it.nh, Q);
     }
   });
 }
