@@ -1,10 +1,13 @@
 """CPU demo / benchmark of the four SSM ops: median time of the CPU kernel vs the pure-PyTorch
 reference on the same inputs, with the bytes each kernel must move and the bandwidth achieved.
+A second table times the Mamba2 scan's chunked (SSD) form against its recurrence on the same
+inputs, at Mamba2 layer shapes and SSD chunks of 64 (the CPU default), 128 and 256 tokens.
 
     PYTHONPATH=python python benchmarks/bench_ops_cpu.py [--repeats 5] [--threads N]
 
-Mutated states are reset (copied back) outside the timed region. Sizes are small so the Python
-reference loops finish in seconds; the table is a sanity check, not a tuned CPU benchmark.
+Mutated states are reset (copied back) outside the timed region. Sizes in the first table are
+small so the Python reference loops finish in seconds; it is a sanity check, not a tuned CPU
+benchmark.
 """
 
 from __future__ import annotations
@@ -100,6 +103,65 @@ def _cases():
            reference.selective_state_update_ref, ssu, ("ssm_state",), ssu_bytes)
 
 
+# Mamba2 layer shapes: (name, nheads, headdim, dstate, ngroups, sequence lengths).
+SSD_SHAPES = [
+    ("32 heads x 64, N 128, 1 group, 2 x 1024 tok", 32, 64, 128, 1, (1024, 1024)),
+    ("20 heads x 64, N 128, 1 group, 1 x 2048 tok", 20, 64, 128, 1, (2048,)),
+    ("32 heads x 64, N 128, 8 groups, 4 x 512 tok", 32, 64, 128, 8, (512,) * 4),
+    ("16 heads x 128, N 64, 2 groups, 2 x 1024 tok", 16, 128, 64, 2, (1024, 1024)),
+    ("32 heads x 64, N 128, 1 group, 2048+3x256 tok", 32, 64, 128, 1, (256, 2048, 256, 256)),
+]
+SSD_CHUNKS = (64, 128, 256)
+
+
+def _ssd_cases():
+    """(name, kwargs, bytes one call must move, SSD flops at each chunk of SSD_CHUNKS): bf16
+    activations, fp32 states continued from their slots."""
+    for name, nheads, headdim, dstate, ngroups, seqlens in SSD_SHAPES:
+        tokens, dim = sum(seqlens), nheads * headdim
+        qsl = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), dtype=torch.int32)
+        u = torch.randn(tokens, dim, dtype=BF16)
+        kw = dict(u=u, delta=torch.randn(tokens, nheads, dtype=BF16) * 0.5,
+                  A=-torch.rand(nheads) - 0.5, B=torch.randn(tokens, ngroups, dstate, dtype=BF16),
+                  C=torch.randn(tokens, ngroups, dstate, dtype=BF16), D=torch.randn(nheads),
+                  z=torch.randn_like(u), delta_bias=torch.randn(nheads) - 1.0,
+                  delta_softplus=True,
+                  ssm_states=torch.randn(len(seqlens), nheads, headdim, dstate),
+                  query_start_loc=qsl, cache_indices=torch.arange(len(seqlens), dtype=torch.int32),
+                  has_initial_state=torch.ones(len(seqlens), dtype=torch.bool),
+                  out=torch.empty_like(u))
+        nbytes = (_nbytes(u, kw["delta"], kw["B"], kw["C"], kw["z"], kw["out"])
+                  + 2 * _nbytes(kw["ssm_states"]))
+        flops = []
+        for q in SSD_CHUNKS:
+            # per chunk: C B^T per group; per head the masked (q x q) (q x P) product, C H^T and
+            # the state update (x B^T), 2 flops per multiply-add.
+            chunks = [min(q, n - c0) for n in seqlens for c0 in range(0, n, q)]
+            flops.append(sum(2 * c * c * (ngroups * dstate + nheads * headdim)
+                             + 4 * c * nheads * headdim * dstate for c in chunks))
+        yield name, kw, nbytes, flops
+
+
+def _ssd_table(repeats: int) -> None:
+    print()
+    header = (f"{'selective_scan mamba2 (bf16, fp32 state)':46s} {'recur ms':>9s} "
+              + " ".join(f"{f'ssd{q} ms':>9s}" for q in SSD_CHUNKS)
+              + f" {'rec/ssd':>8s} {'ssd GFLOP/s':>11s} {'MB':>6s}")
+    print(header)
+    print("-" * len(header))
+    for name, kw, nbytes, flops in _ssd_cases():
+        saved = kw["ssm_states"].clone()
+
+        def reset():
+            kw["ssm_states"].copy_(saved)
+
+        t_rec = _median_seconds(lambda: ops.selective_scan(**kw, algorithm="recurrent"), reset,
+                                max(1, repeats // 2))
+        t_ssd = [_median_seconds(lambda: ops.selective_scan(**kw, algorithm="ssd", chunk_size=q),
+                                 reset, repeats) for q in SSD_CHUNKS]
+        print(f"{name:46s} {t_rec * 1e3:9.1f} " + " ".join(f"{t * 1e3:9.1f}" for t in t_ssd)
+              + f" {t_rec / t_ssd[0]:7.1f}x {flops[0] / t_ssd[0] / 1e9:11.1f} {nbytes / 1e6:6.1f}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,6 +186,7 @@ def main() -> None:
         t_ref = _median_seconds(lambda: ref(**kw), reset, max(1, args.repeats // 2))
         print(f"{name:54s} {t_op * 1e3:10.3f} {t_ref * 1e3:10.1f} {t_ref / t_op:7.0f}x "
               f"{nbytes / 1e6:7.2f} {nbytes / t_op / 1e9:7.2f}")
+    _ssd_table(args.repeats)
 
 
 if __name__ == "__main__":
