@@ -236,7 +236,7 @@ SSD_CASES = [
                          slots=None)),
     ("no_cache_indices", dict(slots=None)),
     ("strided", dict(strided=True)),
-    # Fewer (sequence, group) pairs than threads: the group's heads split into blocks (3 + 2).
+    # One sequence costs more than a thread's share: its group's heads split into blocks (3 + 2).
     ("split_heads", dict(nheads=5, ngroups=1, seqlens=(37,), slots=(3,), initial=(True,),
                          threads=2)),
 ]
