@@ -144,18 +144,6 @@ __device__ __forceinline__ void unpack2(uint32_t r, float& lo, float& hi) {
 }
 
 template <typename T>
-__device__ __forceinline__ uint32_t load_u32(const T* p) {
-  uint32_t r;
-  memcpy(&r, p, 4);
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_u32(T* p, uint32_t r) {
-  memcpy(p, &r, 4);
-}
-
-template <typename T>
 __device__ __forceinline__ uint32_t scale2(uint32_t r, float s_lo, float s_hi) {
   float lo, hi;
   unpack2<T>(r, lo, hi);

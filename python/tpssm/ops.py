@@ -168,7 +168,8 @@ def selective_scan(
       without staged token tiles, for comparison) or 'ssd' (chunked state-space-duality form;
       Mamba2 form only; on CUDA it needs bf16 / fp16 activations, headdim 64 or 128, dstate 64 or
       128 and sm_80 or later, and otherwise runs the recurrence).
-    chunk_size: tokens per SSD chunk, 0 for the kernel's default (CUDA: 64 only).
+    chunk_size: tokens per SSD chunk, 0 for the kernel's default (64; the CPU takes 1..4096,
+      CUDA 64 only).
     split_len: 0 lets the launcher decide how to split long sequences over the device; n > 0
       forces the split plan with n-token pieces (tests use it to cross piece boundaries).
     """
