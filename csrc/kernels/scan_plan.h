@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "kernel_utils.cuh"
 #include "ssm_params.h"
 
 namespace tpssm {
@@ -42,6 +43,38 @@ __device__ __forceinline__ bool resolve_slot(const SelectiveScanParams& p, int64
   if (p.ssm_states && (slot < 0 || slot >= p.num_slots)) return false;
   initial = p.ssm_states && p.has_initial_state && p.has_initial_state[b];
   return true;
+}
+
+// The tokens and sequences one block of an output pass visits: piece j of the split plan (any
+// number of sequences, the first possibly continuing from piece j - 1), else sequence j.
+struct OutputPiece {
+  int64_t begin, end;       // flat token range
+  int64_t b_first, b_last;  // candidate sequences, in order
+  bool last;                // the plan's last piece (it also takes trailing empty sequences)
+
+  // False from the first sequence that belongs to a later piece: one starting past the end, or
+  // at the end unless this is the last piece.
+  __device__ __forceinline__ bool visits(int64_t seq_begin) const {
+    return seq_begin < end || (seq_begin == end && last);
+  }
+};
+
+__device__ __forceinline__ OutputPiece output_piece(const SelectiveScanParams& p,
+                                                    const ScanPlan& plan, const SeqView& seqs,
+                                                    int64_t j) {
+  OutputPiece r;
+  if (plan.flat) {
+    r.begin = j * plan.chunk_len;
+    r.end = min(r.begin + plan.chunk_len, plan.total_tokens);
+    r.b_first = seqs.first_in_chunk(r.begin);
+    r.b_last = p.batch - 1;
+  } else {
+    r.begin = seqs.begin(j);
+    r.end = seqs.end(j);
+    r.b_first = r.b_last = j;
+  }
+  r.last = !plan.flat || j == plan.num_chunks - 1;
+  return r;
 }
 
 // The SSD kernel covers the Mamba2 form with 16-bit activations, headdim 64 / 128 and dstate

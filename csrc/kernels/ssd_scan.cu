@@ -634,24 +634,12 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void ssd_scan
     return;
   }
 
-  int64_t chunk_begin, chunk_end, b_first, b_last;
-  if (plan.flat) {
-    chunk_begin = j * plan.chunk_len;
-    chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
-    b_first = seqs.first_in_chunk(chunk_begin);
-    b_last = p.batch - 1;
-  } else {
-    chunk_begin = seqs.begin(j);
-    chunk_end = seqs.end(j);
-    b_first = b_last = j;
-  }
-  const bool last_chunk = !plan.flat || j == plan.num_chunks - 1;
-  for (int64_t b = b_first; b <= b_last; ++b) {
+  const OutputPiece piece = output_piece(p, plan, seqs, j);
+  const int64_t chunk_begin = piece.begin, chunk_end = piece.end;
+  for (int64_t b = piece.b_first; b <= piece.b_last; ++b) {
     const int64_t seq_begin = seqs.begin(b);
     const int64_t seq_end = seqs.end(b);
-    // Sequences starting at the piece end belong to the next piece; trailing empty sequences
-    // (starting at the very end) to the last one.
-    if (seq_begin > chunk_end || (seq_begin == chunk_end && !last_chunk)) break;
+    if (!piece.visits(seq_begin)) break;
     int64_t slot = 0;
     bool initial = false;
     if (!resolve_slot(p, b, slot, initial)) continue;
