@@ -358,25 +358,17 @@ def test_selective_scan_cuda_ssd(name, params, split):
     assert_slots_untouched(kw_gpu["ssm_states"].cpu(), before["ssm_states"], slots)
 
 
-@pytest.mark.parametrize("split", [0, 64], ids=["auto", "split64"])
-@pytest.mark.parametrize("first", [(17, 64, 0), (1, 100, 63)], ids=["at17_64_0", "at1_100_63"])
-def test_selective_scan_cuda_ssd_chunk_consistency(first, split):
-    """A prefill split at arbitrary points (the second part continuing from the slots) equals the
-    one-shot prefill, and the one-shot prefill followed by decode steps equals a longer prefill
-    (tails of 1..3 tokens as selective_state_update steps)."""
-    seqlens, slots = (80, 140, 66), (2, 0, 3)
-    kw = {k: to_cuda(v) for k, v in scan_inputs(
-        dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, seqlens=seqlens, varlen=True,
-        slots=slots, initial=(False, False, False), num_slots=4).items()}
+def _one_shot_and_split_scan(kw, params, seqlens, first, init):
+    """The scan once over the packed batch, and again as two prefills split after first[b] tokens
+    of each sequence (the second continuing from the slots), both on copies of the state pool
+    `init`. Returns (one-shot out, its states, the two prefills' outputs merged, their states)."""
     packed = ("u", "delta", "B", "C", "z")
-    params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
-    params.update(algorithm="ssd", split_len=split)
     fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
     starts = query_start_loc(seqlens).tolist()
     rest = tuple(n - f for n, f in zip(seqlens, first))
-    head_idx = [t for b in range(3) for t in range(starts[b], starts[b] + first[b])]
-    tail_idx = [t for b in range(3) for t in range(starts[b] + first[b], starts[b + 1])]
-    init = torch.randn_like(kw["ssm_states"])
+    rows = range(len(seqlens))
+    head_idx = [t for b in rows for t in range(starts[b], starts[b] + first[b])]
+    tail_idx = [t for b in rows for t in range(starts[b] + first[b], starts[b + 1])]
     states_full = init.clone()
     out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params, ssm_states=states_full,
                                   has_initial_state=fresh,
@@ -391,6 +383,25 @@ def test_selective_scan_cuda_ssd_chunk_consistency(first, split):
     merged = torch.empty_like(out_full)
     merged[head_idx] = out_head
     merged[tail_idx] = out_tail
+    return out_full, states_full, merged, states
+
+
+@pytest.mark.parametrize("split", [0, 64], ids=["auto", "split64"])
+@pytest.mark.parametrize("first", [(17, 64, 0), (1, 100, 63)], ids=["at17_64_0", "at1_100_63"])
+def test_selective_scan_cuda_ssd_chunk_consistency(first, split):
+    """A prefill split at arbitrary points (the second part continuing from the slots) equals the
+    one-shot prefill, and the one-shot prefill followed by decode steps equals a longer prefill
+    (tails of 1..3 tokens as selective_state_update steps)."""
+    seqlens, slots = (80, 140, 66), (2, 0, 3)
+    kw = {k: to_cuda(v) for k, v in scan_inputs(
+        dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, seqlens=seqlens, varlen=True,
+        slots=slots, initial=(False, False, False), num_slots=4).items()}
+    packed = ("u", "delta", "B", "C", "z")
+    params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
+    params.update(algorithm="ssd", split_len=split)
+    init = torch.randn_like(kw["ssm_states"])
+    out_full, states_full, merged, states = _one_shot_and_split_scan(kw, params, seqlens, first,
+                                                                     init)
     # Different chunk boundaries round different intermediates: agreement to the SSD tolerance.
     _assert_within(merged, out_full.cpu(), EPS[bf16], "split prefill out")
     _assert_within(states, states_full.cpu(), EPS[bf16], "split prefill state")
@@ -398,6 +409,8 @@ def test_selective_scan_cuda_ssd_chunk_consistency(first, split):
     # Decode: the last `steps` tokens of each sequence as single-token steps after a prefill of
     # the rest must equal the one-shot prefill's outputs and states.
     steps = 3
+    fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
+    starts = query_start_loc(seqlens).tolist()
     pre = tuple(n - steps for n in seqlens)
     pre_idx = [t for b in range(3) for t in range(starts[b], starts[b] + pre[b])]
     states = init.clone()
@@ -534,30 +547,10 @@ def test_selective_scan_cuda_chunk_consistency(form, chunk):
     kw = {k: to_cuda(v) for k, v in scan_inputs(
         form=form, seqlens=seqlens, varlen=True, slots=slots, initial=(False, False),
         num_slots=3, **extra).items()}
-    packed = ("u", "delta", "B", "C", "z")
     params = {k: kw[k] for k in ("A", "D", "delta_bias", "delta_softplus", "cache_indices")}
     params["split_len"] = chunk or 0
-    fresh = torch.zeros(len(seqlens), dtype=torch.bool, device=CUDA)
-    qsl = query_start_loc(seqlens).to(CUDA)
-    rest = tuple(n - f for n, f in zip(seqlens, first))
-    starts = query_start_loc(seqlens).tolist()
-    head_idx = [t for b in range(2) for t in range(starts[b], starts[b] + first[b])]
-    tail_idx = [t for b in range(2) for t in range(starts[b] + first[b], starts[b + 1])]
-    init = torch.randn_like(kw["ssm_states"])
-    states_full = init.clone()
-    out_full = ops.selective_scan(**{k: kw[k] for k in packed}, **params,
-                                  ssm_states=states_full, has_initial_state=fresh,
-                                  query_start_loc=qsl)
-    states = init.clone()
-    out_head = ops.selective_scan(**{k: kw[k][head_idx] for k in packed}, **params,
-                                  ssm_states=states, has_initial_state=fresh,
-                                  query_start_loc=query_start_loc(first).to(CUDA))
-    out_tail = ops.selective_scan(**{k: kw[k][tail_idx] for k in packed}, **params,
-                                  ssm_states=states, has_initial_state=~fresh,
-                                  query_start_loc=query_start_loc(rest).to(CUDA))
-    merged = torch.empty_like(out_full)
-    merged[head_idx] = out_head
-    merged[tail_idx] = out_tail
+    out_full, states_full, merged, states = _one_shot_and_split_scan(
+        kw, params, seqlens, first, torch.randn_like(kw["ssm_states"]))
     torch.testing.assert_close(merged, out_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(states[list(slots)], states_full[list(slots)], atol=1e-5,
                                rtol=1e-5)

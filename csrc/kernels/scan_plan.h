@@ -77,6 +77,51 @@ __device__ __forceinline__ OutputPiece output_piece(const SelectiveScanParams& p
   return r;
 }
 
+// Where a sequence's state comes from when an output pass starts its part of piece j.
+enum class StartState {
+  kCarried,         // it began in an earlier piece: the combined state H_{j-1} (ws_S)
+  kCopiedInitial,   // it begins here and continues past the piece: its initial state as the
+                    // state pass copied it (ws_I), since the piece holding its end writes the slot
+  kSlot,            // it begins and ends here with an initial state: the slot itself
+  kZero,
+};
+
+__device__ __forceinline__ StartState start_state(const OutputPiece& piece, int64_t seq_begin,
+                                                  int64_t seq_end, bool initial) {
+  if (seq_begin < piece.begin) return StartState::kCarried;
+  if (seq_end > piece.end) return StartState::kCopiedInitial;
+  return initial ? StartState::kSlot : StartState::kZero;
+}
+
+// What the split plan's state pass does for piece j: scan the part [max(seq_begin, begin), end)
+// of the sequence b that holds the piece's last token when that sequence continues past it.
+// flag (ws_flags): 0 nothing to carry, 1 the carry starts in this piece (from the initial state
+// when `initial`, copied to ws_I), 2 it continues from an earlier piece.
+struct StatePiece {
+  int64_t begin, end;
+  int64_t b, seq_begin;
+  int64_t slot;
+  bool initial;
+  int32_t flag;
+};
+
+__device__ __forceinline__ StatePiece state_piece(const SelectiveScanParams& p,
+                                                  const ScanPlan& plan, const SeqView& seqs,
+                                                  int64_t j) {
+  StatePiece r;
+  r.begin = j * plan.chunk_len;
+  r.end = min(r.begin + plan.chunk_len, plan.total_tokens);
+  r.b = seqs.seq_of(r.end - 1);
+  r.seq_begin = seqs.begin(r.b);
+  r.slot = 0;
+  r.initial = false;
+  r.flag = 0;
+  if (seqs.end(r.b) > r.end && resolve_slot(p, r.b, r.slot, r.initial)) {
+    r.flag = r.seq_begin >= r.begin ? 1 : 2;
+  }
+  return r;
+}
+
 // The SSD kernel covers the Mamba2 form with 16-bit activations, headdim 64 / 128 and dstate
 // 64 / 128 on sm_80 and later (mma.sync with 16-bit operands).
 bool ssd_supported(const SelectiveScanParams& p);

@@ -424,18 +424,9 @@ template <typename Traits>
 __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_kernel(
     SelectiveScanParams p, ScanPlan plan) {
   const int64_t j = blockIdx.x;
-  const int64_t chunk_begin = j * plan.chunk_len;
-  const int64_t chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
   const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
-  const int64_t b = seqs.seq_of(chunk_end - 1);
-  const int64_t seq_begin = seqs.begin(b);
-  const int64_t seq_end = seqs.end(b);
-  int64_t slot = 0;
-  bool initial = false;
-  int32_t flag = 0;
-  if (seq_end > chunk_end && resolve_slot(p, b, slot, initial)) {
-    flag = seq_begin >= chunk_begin ? 1 : 2;
-  }
+  const StatePiece piece = state_piece(p, plan, seqs, j);
+  const int32_t flag = piece.flag;
   if (blockIdx.y == 0 && threadIdx.x == 0) plan.ws_flags[j] = flag;
   if (flag == 0) return;
 
@@ -444,8 +435,8 @@ __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_
   float A2[kStates];
   load_a<Traits>(p, th, A2);
   float h[kStates];
-  if (flag == 1 && initial) {
-    load_slot_state<Traits>(p, th, slot, h);
+  if (flag == 1 && piece.initial) {
+    load_slot_state<Traits>(p, th, piece.slot, h);
   } else {
 #pragma unroll
     for (int i = 0; i < kStates; ++i) h[i] = 0.f;
@@ -458,8 +449,8 @@ __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_
     }
   }
   float dt_sum = 0.f;
-  scan_tokens<Traits, false>(p, plan, seqs, th, b, max(seq_begin, chunk_begin), chunk_end, A2, h,
-                             dt_sum);
+  scan_tokens<Traits, false>(p, plan, seqs, th, piece.b, max(piece.seq_begin, piece.begin),
+                             piece.end, A2, h, dt_sum);
   float* S = ws_row(plan.ws_S, p, plan, j, th);
 #pragma unroll
   for (int i = 0; i < kStates; ++i) {
@@ -512,7 +503,6 @@ __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void scan_output_
 
   const int64_t j = blockIdx.x;
   const OutputPiece piece = output_piece(p, plan, seqs, j);
-  const int64_t chunk_begin = piece.begin, chunk_end = piece.end;
 
   for (int64_t b = piece.b_first; b <= piece.b_last; ++b) {
     const int64_t seq_begin = seqs.begin(b);
@@ -522,31 +512,26 @@ __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void scan_output_
     bool initial = false;
     if (!resolve_slot(p, b, slot, initial)) continue;
     float h[kStates];
-    if (seq_begin < chunk_begin) {
-      const float* H = ws_row(plan.ws_S, p, plan, j - 1, th);
+    const StartState start = start_state(piece, seq_begin, seq_end, initial);
+    if (start == StartState::kCarried || start == StartState::kCopiedInitial) {
+      const float* H = start == StartState::kCarried ? ws_row(plan.ws_S, p, plan, j - 1, th)
+                                                     : ws_row(plan.ws_I, p, plan, j, th);
 #pragma unroll
       for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? H[i] : 0.f;
-    } else if (seq_end > chunk_end) {
-      const float* I = ws_row(plan.ws_I, p, plan, j, th);
-#pragma unroll
-      for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? I[i] : 0.f;
-    } else if (initial) {
+    } else if (start == StartState::kSlot) {
       load_slot_state<Traits>(p, th, slot, h);
     } else {
 #pragma unroll
       for (int i = 0; i < kStates; ++i) h[i] = 0.f;
     }
     float unused = 0.f;
-    scan_tokens<Traits, true>(p, plan, seqs, th, b, max(seq_begin, chunk_begin),
-                              min(seq_end, chunk_end), A2, h, unused);
-    if (seq_end <= chunk_end && p.ssm_states) store_slot_state<Traits>(p, th, slot, h);
+    scan_tokens<Traits, true>(p, plan, seqs, th, b, max(seq_begin, piece.begin),
+                              min(seq_end, piece.end), A2, h, unused);
+    if (seq_end <= piece.end && p.ssm_states) store_slot_state<Traits>(p, th, slot, h);
   }
 }
 
 constexpr int64_t kWorkspaceAlign = 256;
-constexpr int kSeqPlanMinBlocksPerSm = 2;  // below this, chunking beats idle SMs
-constexpr int kFlatTargetBlocksPerSm = 4;
-constexpr int64_t kMinChunk = 64;
 
 inline int64_t align_up(int64_t v) { return ceil_div(v, kWorkspaceAlign) * kWorkspaceAlign; }
 
@@ -567,15 +552,27 @@ WorkspaceLayout workspace_layout(const SelectiveScanParams& p, const ScanPlan& p
   return w;
 }
 
-// The SSD kernel's split: one block per (sequence, head) when that gives every SM two blocks (two
-// are resident at once), else pieces of whole chunks sized for ~8 blocks per SM (short pieces
-// balance better; the extra state pass covers each piece once), at least kSsdMinPiece tokens.
-constexpr int kSsdSeqPlanMinBlocksPerSm = 2;
-constexpr int kSsdFlatTargetBlocksPerSm = 8;
-constexpr int64_t kSsdChunk = 64;
-constexpr int64_t kSsdMinPiece = 4 * kSsdChunk;
+// Whether and how to split the flattened token range over the device. Blocks per sequence is the
+// grid's second dimension (channel blocks, or heads for the SSD kernel). One block row per
+// sequence while that gives every SM min_blocks_per_sm blocks; else pieces sized for
+// target_blocks_per_sm blocks per SM, rounded up to a multiple of `granule`, at least min_piece
+// tokens, and only when that makes more pieces than sequences. split_len > 0 forces the split.
+struct SplitRule {
+  int min_blocks_per_sm;
+  int target_blocks_per_sm;
+  int64_t min_piece;
+  int64_t granule;
+};
 
-void plan_ssd_split(const SelectiveScanParams& p, int64_t sms, ScanPlan& plan) {
+// The recurrent kernels: light blocks, ~4 per SM.
+constexpr SplitRule kRecurrentSplit{2, 4, 64, 1};
+// The SSD kernel: two blocks are resident per SM, so one block row per sequence from 2 per SM;
+// below, pieces of whole 64-token chunks for ~8 blocks per SM (short pieces balance better; the
+// extra state pass covers each piece once).
+constexpr SplitRule kSsdSplit{2, 8, 256, 64};
+
+void plan_split(const SelectiveScanParams& p, int64_t blocks_per_seq, int64_t sms,
+                const SplitRule& rule, ScanPlan& plan) {
   plan.flat = false;
   if (plan.total_tokens == 0) return;
   if (p.split_len > 0) {
@@ -584,10 +581,11 @@ void plan_ssd_split(const SelectiveScanParams& p, int64_t sms, ScanPlan& plan) {
     plan.num_chunks = ceil_div(plan.total_tokens, p.split_len);
     return;
   }
-  if (p.batch * p.nheads >= kSsdSeqPlanMinBlocksPerSm * sms) return;
+  if (p.batch * blocks_per_seq >= rule.min_blocks_per_sm * sms) return;
   const int64_t per_block =
-      ceil_div(plan.total_tokens * p.nheads, kSsdFlatTargetBlocksPerSm * sms);
-  const int64_t piece = std::max(kSsdMinPiece, ceil_div(per_block, kSsdChunk) * kSsdChunk);
+      ceil_div(plan.total_tokens * blocks_per_seq, rule.target_blocks_per_sm * sms);
+  const int64_t piece =
+      std::max(rule.min_piece, ceil_div(per_block, rule.granule) * rule.granule);
   const int64_t num_pieces = ceil_div(plan.total_tokens, piece);
   if (num_pieces > p.batch) {
     plan.flat = true;
@@ -624,7 +622,7 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   plan.ssd = (p.algorithm == ScanAlgorithm::kAuto || p.algorithm == ScanAlgorithm::kSsd) &&
              ssd_supported(p);
   if (plan.ssd) {
-    plan_ssd_split(p, sms, plan);
+    plan_split(p, p.nheads, sms, kSsdSplit, plan);
     // headdim and dstate are multiples of 8, so a head's x / z rows and a group's B / C rows
     // start 16-byte aligned whenever the tensor's rows do.
     plan.ssd_in_vec = p.B_group_stride % per_pack == 0 && p.C_group_stride % per_pack == 0 &&
@@ -635,23 +633,7 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
     plan.ssd_out_vec = packs_aligned(p.out, p.out_token_stride, p.out_batch_stride);
     return plan;
   }
-  const int64_t seq_blocks = p.batch * plan.channel_blocks;
-  plan.flat = false;
-  if (plan.total_tokens > 0 && p.split_len > 0) {
-    plan.flat = true;
-    plan.chunk_len = p.split_len;
-    plan.num_chunks = ceil_div(plan.total_tokens, p.split_len);
-  } else if (plan.total_tokens > 0 && seq_blocks < kSeqPlanMinBlocksPerSm * sms) {
-    const int64_t target = kFlatTargetBlocksPerSm * sms;
-    const int64_t chunk_len =
-        std::max(kMinChunk, ceil_div(plan.total_tokens * plan.channel_blocks, target));
-    const int64_t num_chunks = ceil_div(plan.total_tokens, chunk_len);
-    if (num_chunks > p.batch) {
-      plan.flat = true;
-      plan.chunk_len = chunk_len;
-      plan.num_chunks = num_chunks;
-    }
-  }
+  plan_split(p, plan.channel_blocks, sms, kRecurrentSplit, plan);
   plan.bc_vec = p.dstate % kStates == 0 && p.B_group_stride % per_pack == 0 &&
                 p.C_group_stride % per_pack == 0 &&
                 packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&

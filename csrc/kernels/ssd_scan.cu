@@ -164,6 +164,21 @@ __device__ __forceinline__ int lane_offset_cols_first(int lane, int ld) {
   return ((lane & 7) + 8 * (lane >> 4)) * ld + 8 * ((lane >> 3) & 1);
 }
 
+// acc[nt] += a * B_nt over the kTiles 8-column tiles of a 16-row band of a [k][n] tile;
+// `band` is the shared address of this lane's start in the band (lane_offset_rows_first).
+template <typename T, int kTiles>
+__device__ __forceinline__ void mma_row_band(float (&acc)[kTiles][4], const uint32_t (&a)[4],
+                                             uint32_t band) {
+  static_assert(kTiles % 2 == 0, "column tiles in pairs");
+#pragma unroll
+  for (int nt = 0; nt < kTiles; nt += 2) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, band + sizeof(T) * 8 * nt);
+    mma_16816<T>(acc[nt], a, b[0], b[1]);
+    mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
+  }
+}
+
 // The thread's share of the fp32 state H (dstate x headdim): element (mt, pt, e) is
 // H[row(mt, e)][col(pt, e)] in the m16n8 accumulator layout.
 template <typename Traits>
@@ -435,13 +450,7 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
   for (int kk = 0; kk < Traits::kDState / 16; ++kk) {
     uint32_t a[4];
     ldmatrix_x4(a, c_base + kE * 16 * kk);
-#pragma unroll
-    for (int nt = 0; nt < kTiles; nt += 2) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, h_base + kE * (16 * kk * kLdP + 8 * nt));
-      mma_16816<T>(acc[nt], a, b[0], b[1]);
-      mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
-    }
+    mma_row_band<T>(acc, a, h_base + kE * 16 * kk * kLdP);
   }
   const float e_lo = exp2f(sm.cum[t_lo]), e_hi = exp2f(sm.cum[t_hi]);
 #pragma unroll
@@ -456,13 +465,7 @@ __device__ __forceinline__ void output_phase(const SsdSmem<Traits>& sm, float Dh
   for (int s = 0; s <= r; ++s) {
     uint32_t a[4];
     ldmatrix_x4(a, m_base + kE * 16 * s);
-#pragma unroll
-    for (int nt = 0; nt < kTiles; nt += 2) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, x_base + kE * (16 * s * kLdP + 8 * nt));
-      mma_16816<T>(acc[nt], a, b[0], b[1]);
-      mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
-    }
+    mma_row_band<T>(acc, a, x_base + kE * 16 * s * kLdP);
   }
 
   // D skip and z gate; each thread rewrites only the z elements it reads.
@@ -609,33 +612,23 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void ssd_scan
   StateFrag<Traits> H;
 
   if (state_pass) {
-    const int64_t chunk_begin = j * plan.chunk_len;
-    const int64_t chunk_end = min(chunk_begin + plan.chunk_len, plan.total_tokens);
-    const int64_t b = seqs.seq_of(chunk_end - 1);
-    const int64_t seq_begin = seqs.begin(b);
-    int64_t slot = 0;
-    bool initial = false;
-    int32_t flag = 0;
-    if (seqs.end(b) > chunk_end && resolve_slot(p, b, slot, initial)) {
-      flag = seq_begin >= chunk_begin ? 1 : 2;
-    }
-    if (h == 0 && threadIdx.x == 0) plan.ws_flags[j] = flag;
-    if (flag == 0) return;
-    if (flag == 1 && initial) {
-      load_state_from_slot(p, slot, h, H);
+    const StatePiece piece = state_piece(p, plan, seqs, j);
+    if (h == 0 && threadIdx.x == 0) plan.ws_flags[j] = piece.flag;
+    if (piece.flag == 0) return;
+    if (piece.flag == 1 && piece.initial) {
+      load_state_from_slot(p, piece.slot, h, H);
     } else {
       zero_state(H);
     }
-    if (flag == 1) store_state_to_ws(ws_head<Traits>(plan.ws_I, plan, j, h), H);
-    const float total = ssd_walk(p, plan, sm, seqs, b, max(seq_begin, chunk_begin), chunk_end, h,
-                                 g, A2, bias, Dh, false, H);
+    if (piece.flag == 1) store_state_to_ws(ws_head<Traits>(plan.ws_I, plan, j, h), H);
+    const float total = ssd_walk(p, plan, sm, seqs, piece.b, max(piece.seq_begin, piece.begin),
+                                 piece.end, h, g, A2, bias, Dh, false, H);
     store_state_to_ws(ws_head<Traits>(plan.ws_S, plan, j, h), H);
     if (threadIdx.x == 0) plan.ws_P[j * p.nheads + h] = exp2f(total);
     return;
   }
 
   const OutputPiece piece = output_piece(p, plan, seqs, j);
-  const int64_t chunk_begin = piece.begin, chunk_end = piece.end;
   for (int64_t b = piece.b_first; b <= piece.b_last; ++b) {
     const int64_t seq_begin = seqs.begin(b);
     const int64_t seq_end = seqs.end(b);
@@ -643,18 +636,23 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void ssd_scan
     int64_t slot = 0;
     bool initial = false;
     if (!resolve_slot(p, b, slot, initial)) continue;
-    if (seq_begin < chunk_begin) {
-      load_state_from_ws(ws_head<Traits>(plan.ws_S, plan, j - 1, h), H);
-    } else if (seq_end > chunk_end) {
-      load_state_from_ws(ws_head<Traits>(plan.ws_I, plan, j, h), H);
-    } else if (initial) {
-      load_state_from_slot(p, slot, h, H);
-    } else {
-      zero_state(H);
+    switch (start_state(piece, seq_begin, seq_end, initial)) {
+      case StartState::kCarried:
+        load_state_from_ws(ws_head<Traits>(plan.ws_S, plan, j - 1, h), H);
+        break;
+      case StartState::kCopiedInitial:
+        load_state_from_ws(ws_head<Traits>(plan.ws_I, plan, j, h), H);
+        break;
+      case StartState::kSlot:
+        load_state_from_slot(p, slot, h, H);
+        break;
+      case StartState::kZero:
+        zero_state(H);
+        break;
     }
-    ssd_walk(p, plan, sm, seqs, b, max(seq_begin, chunk_begin), min(seq_end, chunk_end), h, g,
+    ssd_walk(p, plan, sm, seqs, b, max(seq_begin, piece.begin), min(seq_end, piece.end), h, g,
              A2, bias, Dh, true, H);
-    if (seq_end <= chunk_end && p.ssm_states) store_state_to_slot(p, slot, h, H);
+    if (seq_end <= piece.end && p.ssm_states) store_state_to_slot(p, slot, h, H);
   }
 }
 
