@@ -668,7 +668,7 @@ void launch(const SelectiveScanParams& p, const ScanPlan& plan, bool state_pass,
   static std::atomic<uint64_t> configured{0};
   int device = 0;
   TPSSM_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
   if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
     TPSSM_CUDA_CHECK(cudaFuncSetAttribute(ssd_scan_kernel<Traits>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,

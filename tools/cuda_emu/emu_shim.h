@@ -232,7 +232,9 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
 #define blockDim emu_blockDim
 #define gridDim emu_gridDim
 #define cudaGetLastError() cudaSuccess
-#define cudaGetDevice(p) (*(p) = 0, cudaSuccess)
+// Device -1: an id outside the launchers' per-device attribute caches, so that set_sm_count takes
+// effect from one call to the next.
+#define cudaGetDevice(p) (*(p) = -1, cudaSuccess)
 // An sm_90 device (H100) with emu_sm_count multiprocessors.
 inline int emu_device_attribute(cudaDeviceAttr a) {
   switch (a) {
