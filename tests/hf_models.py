@@ -26,11 +26,33 @@ FAMILY_SPECS: Dict[str, dict] = {
         use_conv_bias=True, tie_word_embeddings=False)),
 }
 
+HYBRID_SPECS: Dict[str, dict] = {
+    # Hybrids: 4 attention heads (tp 1 / 2 / 4 even, 3 uneven); Zamba's 2 Mamba heads of 64
+    # channels are split between ranks at tp 3 (the x_proj all-reduce and per-run scans).
+    "zamba": dict(cls="ZambaForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=4, n_mamba_heads=2, intermediate_size=96, mamba_d_state=8,
+        mamba_dt_rank=6, mamba_d_conv=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid",
+                                                            "mamba"])),
+    # One shared block, q / k / v adapters and rotary on.
+    "zamba2_1blk": dict(cls="Zamba2ForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+        n_mamba_heads=8, mamba_ngroups=1, mamba_d_state=16, mamba_d_conv=4, intermediate_size=96,
+        num_mem_blocks=1, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"])),
+    # Two shared blocks (block 0 visited twice), the MLP adapter only, no rotary, 2 groups.
+    "zamba2_2blk": dict(cls="Zamba2ForCausalLM", cfg=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+        n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8, mamba_d_conv=3, intermediate_size=96,
+        num_mem_blocks=2, use_shared_attention_adapter=False, adapter_rank=8, use_mem_rope=False,
+        layers_block_type=["hybrid", "mamba", "hybrid", "mamba", "hybrid", "mamba"])),
+}
+
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
     import transformers
 
-    spec = FAMILY_SPECS[family]
+    spec = {**FAMILY_SPECS, **HYBRID_SPECS}[family]
     cls = getattr(transformers, spec["cls"])
     cfg_cls = getattr(transformers, spec["cls"].replace("ForCausalLM", "Config"))
     cfg = cfg_cls(**{**spec["cfg"], **overrides})
@@ -58,7 +80,7 @@ def randomize(model, seed: int) -> None:
             v = torch.log(1.0 + 15.0 * rand(shape))
         elif name.endswith(".D"):
             v = randn(shape)
-        elif name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
+        elif name.endswith(("dt_proj.bias", "dt_proj_bias", "dt_bias")):
             dt = torch.exp(rand(shape) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
             v = dt + torch.log(-torch.expm1(-dt))
         elif "norm" in name:
@@ -67,7 +89,7 @@ def randomize(model, seed: int) -> None:
             v = 0.5 * randn(shape)
         elif name.endswith("bias"):
             v = 0.1 * randn(shape)
-        elif "embedding" in name:
+        elif "embedding" in name or "embed_tokens" in name:
             # Small next to the mixer outputs, so a tied head does not just echo the input token.
             v = 0.05 * randn(shape)
         else:
@@ -91,13 +113,15 @@ def hf_greedy(model, prompt: Sequence[int], steps: int):
     """Prefill, then `steps` greedy 1-token decode steps through transformers' cache.
     Returns (tokens (steps + 1,), logits (steps + 1, V)): the prefill's last-token logits and
     each decode step's."""
+    # The SSM families return and take `cache_params`, the hybrids `past_key_values`.
+    key = "past_key_values" if model.config.model_type.startswith("zamba") else "cache_params"
     out = model(torch.tensor([list(prompt)]), use_cache=True)
-    cache = out.cache_params
+    cache = getattr(out, key)
     logits = [out.logits[0, -1].float()]
     tokens = [int(logits[-1].argmax())]
     for _ in range(steps):
-        out = model(torch.tensor([[tokens[-1]]]), cache_params=cache, use_cache=True)
-        cache = out.cache_params
+        out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{key: cache})
+        cache = getattr(out, key)
         logits.append(out.logits[0, -1].float())
         tokens.append(int(logits[-1].argmax()))
     return tokens, torch.stack(logits)

@@ -8,10 +8,19 @@ communication to read or write it):
     ssm_states[layer]:  Mamba1 (num_slots, local E, N); Mamba2 (num_slots, local H, P, N);
                         float32 by default, 16-bit optional
 
+Hybrid models (Zamba, Zamba2) add an attention KV cache per visit of a shared transformer block
+(the blocks' weights are shared, their keys and values are not), for this rank's heads:
+
+    k_states[visit], v_states[visit]: (num_slots + 1, local heads, max_seq_len, head_dim), the
+                        activation dtype; the extra last row absorbs padding rows' writes
+    kv_lengths:         (num_slots + 1,) int64, tokens cached per slot (one count for every
+                        visit: all visits see the same tokens)
+
 The tensors are allocated once and never reallocated, so a decode step that reads and writes them
 in place can be captured in a CUDA graph. Slot bookkeeping (allocate / free) runs on the host.
 A new request's first forward passes has_initial_state=False, which ignores whatever its slot
-holds, so freed slots need no clearing; `reset` zeroes slots explicitly when wanted.
+holds (its KV length restarts at 0), so freed slots need no clearing; `reset` zeroes slots
+explicitly when wanted.
 """
 
 from __future__ import annotations
@@ -21,11 +30,16 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["CacheFullError", "LayerStateShape", "SSMStateCache"]
+__all__ = ["CacheFullError", "KVCacheOverflowError", "KVShape", "LayerStateShape",
+           "SSMStateCache"]
 
 
 class CacheFullError(RuntimeError):
     """Raised when more slots are requested than are free."""
+
+
+class KVCacheOverflowError(RuntimeError):
+    """Raised when a request would hold more tokens than the KV cache's max_seq_len."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +50,23 @@ class LayerStateShape:
     ssm_shape: Tuple[int, ...]      # (local E, N) or (local H, P, N)
 
 
+@dataclass(frozen=True)
+class KVShape:
+    """The per-slot keys (and values) of one attention visit on one rank."""
+    num_heads: int                  # local heads
+    head_dim: int
+
+
 class SSMStateCache:
     def __init__(self, layer_shapes: Sequence[LayerStateShape], num_slots: int,
                  device: Union[str, torch.device] = "cpu", conv_dtype: torch.dtype = torch.float32,
-                 ssm_dtype: torch.dtype = torch.float32):
+                 ssm_dtype: torch.dtype = torch.float32, kv_shapes: Sequence[KVShape] = (),
+                 max_seq_len: int = 0):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if kv_shapes and max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1 for a cache with attention, got "
+                             f"{max_seq_len}")
         if ssm_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"ssm_dtype must be float32, float16 or bfloat16, got {ssm_dtype}")
         self.layer_shapes = list(layer_shapes)
@@ -55,6 +80,13 @@ class SSMStateCache:
         self.ssm_states: List[torch.Tensor] = [
             torch.zeros(num_slots, *s.ssm_shape, dtype=ssm_dtype, device=self.device)
             for s in self.layer_shapes]
+        self.kv_shapes = list(kv_shapes)
+        self.max_seq_len = int(max_seq_len) if self.kv_shapes else 0
+        self.k_states: List[torch.Tensor] = [
+            torch.zeros(num_slots + 1, s.num_heads, self.max_seq_len, s.head_dim,
+                        dtype=conv_dtype, device=self.device) for s in self.kv_shapes]
+        self.v_states: List[torch.Tensor] = [torch.zeros_like(k) for k in self.k_states]
+        self.kv_lengths = torch.zeros(num_slots + 1, dtype=torch.int64, device=self.device)
         self._free: List[int] = list(range(num_slots))
         self._used = set()
 
@@ -107,18 +139,26 @@ class SSMStateCache:
         if not slots:
             return
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        for conv, ssm in zip(self.conv_states, self.ssm_states):
-            conv.index_fill_(0, idx, 0)
-            ssm.index_fill_(0, idx, 0)
+        for t in self.conv_states + self.ssm_states + self.k_states + self.v_states:
+            t.index_fill_(0, idx, 0)
+        self.kv_lengths.index_fill_(0, idx, 0)
 
     def reset_all(self) -> None:
-        for conv, ssm in zip(self.conv_states, self.ssm_states):
-            conv.zero_()
-            ssm.zero_()
+        for t in self.conv_states + self.ssm_states + self.k_states + self.v_states:
+            t.zero_()
+        self.kv_lengths.zero_()
+
+    @property
+    def has_kv(self) -> bool:
+        return bool(self.kv_shapes)
+
+    def kv_bytes_per_slot(self) -> int:
+        """Key / value bytes of one request at max_seq_len on this rank, over all visits."""
+        return sum(2 * k[0].numel() * k.element_size() for k in self.k_states)
 
     def bytes_per_slot(self) -> int:
-        """State bytes of one request on this rank, over all layers."""
-        total = 0
+        """State bytes of one request on this rank, over all layers (KV cache included)."""
+        total = self.kv_bytes_per_slot()
         for conv, ssm in zip(self.conv_states, self.ssm_states):
             total += conv[0].numel() * conv.element_size() + ssm[0].numel() * ssm.element_size()
         return total
@@ -131,6 +171,8 @@ class SSMStateCache:
             raise ValueError(f"slot {s} is out of range [0, {self.num_slots})")
 
     def __repr__(self) -> str:
+        kv = (f"kv_visits={len(self.kv_shapes)}, max_seq_len={self.max_seq_len}, "
+              if self.kv_shapes else "")
         return (f"SSMStateCache(num_layers={self.num_layers}, num_slots={self.num_slots}, "
-                f"free={self.num_free}, bytes_per_slot={self.bytes_per_slot()}, "
+                f"free={self.num_free}, {kv}bytes_per_slot={self.bytes_per_slot()}, "
                 f"ssm_dtype={self.ssm_dtype}, device={self.device})")

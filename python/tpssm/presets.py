@@ -14,27 +14,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tpssm.models.config import SSMConfig, parse_config
+from tpssm.models import registry
+from tpssm.models.registry import preset_config
 from tpssm.models.weights import WeightSource, concat_ranges
 
 __all__ = ["PRESETS", "DEMO_CONFIG", "preset_config", "RandomWeightSource", "hf_weight_shapes"]
 
-# config.json dictionaries as the public checkpoints ship them (dimensions only).
-PRESETS: Dict[str, dict] = {
-    "mamba-2.8b": dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=50280,
-                       hidden_size=2560, num_hidden_layers=64, state_size=16, expand=2,
-                       conv_kernel=4, time_step_rank=160, use_bias=False, use_conv_bias=True,
-                       tie_word_embeddings=True),
-    "falcon-mamba-7b": dict(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba",
-                            vocab_size=65024, hidden_size=4096, num_hidden_layers=64,
-                            state_size=16, expand=2, conv_kernel=4, time_step_rank=256,
-                            use_bias=False, use_conv_bias=True, mixer_rms_eps=1e-6,
-                            tie_word_embeddings=False),
-    "mamba2-2.7b": dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2",
-                        vocab_size=50288, hidden_size=2560, num_hidden_layers=64, state_size=128,
-                        expand=2, conv_kernel=4, num_heads=80, head_dim=64, n_groups=1,
-                        use_bias=False, use_conv_bias=True, tie_word_embeddings=False),
-}
+# Every registered family's presets: name -> config.json dictionary (dimensions only).
+PRESETS: Dict[str, dict] = registry.presets()
 
 # The demo's small Mamba: big enough that tp 2 has real work to split, small enough for 2 cores.
 DEMO_CONFIG = dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=1024,
@@ -43,55 +30,9 @@ DEMO_CONFIG = dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab
                    tie_word_embeddings=True)
 
 
-def preset_config(name: str, num_layers: Optional[int] = None) -> SSMConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    cfg = dict(PRESETS[name])
-    if num_layers is not None:
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        cfg["num_hidden_layers"] = num_layers
-    return parse_config(cfg)
-
-
-def hf_weight_shapes(config: SSMConfig) -> Dict[str, Tuple[int, ...]]:
+def hf_weight_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every tensor a Hugging Face checkpoint of this config stores."""
-    D, E, N, K = config.hidden_size, config.intermediate_size, config.state_size, config.conv_kernel
-    shapes: Dict[str, Tuple[int, ...]] = {"backbone.embeddings.weight": (config.vocab_size, D),
-                                          "backbone.norm_f.weight": (D,)}
-    for i in range(config.num_hidden_layers):
-        p = f"backbone.layers.{i}."
-        shapes[p + "norm.weight"] = (D,)
-        m = p + "mixer."
-        if config.is_mamba2:
-            H, G = config.num_heads, config.n_groups
-            conv = E + 2 * G * N
-            shapes[m + "in_proj.weight"] = (2 * E + 2 * G * N + H, D)
-            shapes[m + "conv1d.weight"] = (conv, 1, K)
-            if config.use_conv_bias:
-                shapes[m + "conv1d.bias"] = (conv,)
-            shapes[m + "dt_bias"] = (H,)
-            shapes[m + "A_log"] = (H,)
-            shapes[m + "D"] = (H,)
-            shapes[m + "norm.weight"] = (E,)
-        else:
-            R = config.time_step_rank
-            shapes[m + "in_proj.weight"] = (2 * E, D)
-            shapes[m + "conv1d.weight"] = (E, 1, K)
-            if config.use_conv_bias:
-                shapes[m + "conv1d.bias"] = (E,)
-            shapes[m + "x_proj.weight"] = (R + 2 * N, E)
-            shapes[m + "dt_proj.weight"] = (E, R)
-            shapes[m + "dt_proj.bias"] = (E,)
-            shapes[m + "A_log"] = (E, N)
-            shapes[m + "D"] = (E,)
-        shapes[m + "out_proj.weight"] = (D, E)
-        if config.use_bias:
-            shapes[m + "in_proj.bias"] = (shapes[m + "in_proj.weight"][0],)
-            shapes[m + "out_proj.bias"] = (D,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, D)
-    return shapes
+    return registry.weight_shapes(config)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -132,14 +73,14 @@ def _random_values(name: str, shape: Tuple[int, ...], key: int,
         return torch.log(u * 15 + 1)                                       # A in [-16, -1]
     if name.endswith(".D"):
         return 1 + 0.1 * z
-    if name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
+    if name.endswith(("dt_proj.bias", "dt_proj_bias", "dt_bias")):
         dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         return dt + torch.log(-torch.expm1(-dt))                           # softplus^-1(dt)
-    if module in ("norm", "norm_f"):
+    if module in ("norm", "norm_f", "input_layernorm", "pre_ff_layernorm", "final_layernorm"):
         return 1 + 0.1 * z
     if name.endswith(".bias"):
         return 0.02 * z
-    if name.endswith("embeddings.weight") or name.endswith("lm_head.weight"):
+    if name.endswith(("embeddings.weight", "embed_tokens.weight", "lm_head.weight")):
         return 0.02 * z
     fan_in = shape[-1] if len(shape) > 1 else 1
     # A product, not a quotient: CUDA divides by a scalar through its reciprocal, the CPU does
@@ -157,7 +98,7 @@ class RandomWeightSource(WeightSource):
     device agree bit for bit.
     """
 
-    def __init__(self, config: SSMConfig, seed: int = 0,
+    def __init__(self, config, seed: int = 0,
                  device: Optional[torch.device] = None):
         super().__init__()
         self._shapes = hf_weight_shapes(config)
@@ -213,6 +154,16 @@ class RandomWeightSource(WeightSource):
     def get_rows(self, name: str, ranges) -> torch.Tensor:
         name = self._resolve(name)
         return concat_ranges(lambda r: self._count(self._rows(name, *r)), ranges, 0)
+
+    def get_block(self, name: str, index) -> torch.Tensor:
+        """Generates the flat positions of the block only (meant for small tensors: the
+        position grid of the whole tensor is built)."""
+        name = self._resolve(name)
+        shape = self._shapes[name]
+        pos = torch.arange(math.prod(shape), dtype=torch.int64, device=self.device)
+        pos = pos.view(shape)[index].contiguous()
+        return self._count(_random_values(name, shape, _tensor_key(name, self._seed),
+                                          pos.view(-1)).view(pos.shape))
 
     def get_cols(self, name: str, ranges) -> torch.Tensor:
         name = self._resolve(name)

@@ -56,7 +56,7 @@ class ProgressSource:
         if m and int(m.group(1)) > self._layer:
             self._layer = int(m.group(1))
             self._progress.update(self._layer + 1 - self._progress.done)
-        elif name.endswith("norm_f.weight") or name.endswith("lm_head.weight"):
+        elif name.endswith(("norm_f.weight", "final_layernorm.weight", "lm_head.weight")):
             self._progress.update(self._progress.total - self._progress.done)
             self._progress.close()
 
@@ -71,6 +71,10 @@ class ProgressSource:
     def get_cols(self, name, ranges):
         self._seen(name)
         return self._source.get_cols(name, ranges)
+
+    def get_block(self, name, index):
+        self._seen(name)
+        return self._source.get_block(name, index)
 
     def __getattr__(self, attr):
         return getattr(self._source, attr)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from tpssm.models.registry import dtype_of, read_config_json
 
 __all__ = ["SSMConfig", "FAMILIES", "load_config", "parse_config"]
 
@@ -55,13 +55,6 @@ _ALIASES = {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "d_state":
 GATED_NORM_CONVENTIONS = ("whole", "per_group")
 
 
-def _decode_floats(obj):
-    """transformers 5.18 writes non-finite floats as {"__float__": "Infinity"}."""
-    if isinstance(obj, dict) and set(obj) == {"__float__"}:
-        return float(obj["__float__"])
-    return obj
-
-
 @dataclass
 class SSMConfig:
     family: str
@@ -83,6 +76,8 @@ class SSMConfig:
     head_dim: int = 0
     n_groups: int = 1
     time_step_limit: Tuple[float, float] = (0.0, math.inf)
+    # Zamba2 (as transformers runs it) clamps dt to the limits in prefill only.
+    clamp_dt_in_decode: bool = True
     gated_norm: str = "whole"
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -114,13 +109,6 @@ def _family_of(cfg: Dict[str, Any]) -> str:
         f"Mamba2ForCausalLM")
 
 
-def _dtype_of(name: Any) -> Optional[torch.dtype]:
-    if not isinstance(name, str):
-        return None
-    return {"float32": torch.float32, "float16": torch.float16,
-            "bfloat16": torch.bfloat16}.get(name.replace("torch.", ""))
-
-
 def parse_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> SSMConfig:
     """SSMConfig from a config.json dictionary. gated_norm overrides the Mamba-2 norm convention
     (default: config key "tpssm_gated_norm", else "whole", transformers' convention)."""
@@ -147,7 +135,7 @@ def parse_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> SSMCo
         tie_word_embeddings=bool(merged["tie_word_embeddings"]), time_step_rank=rank,
         pad_token_id=merged.get("pad_token_id"), bos_token_id=merged.get("bos_token_id"),
         eos_token_id=merged.get("eos_token_id"),
-        dtype=_dtype_of(merged.get("dtype", merged.get("torch_dtype"))), raw=cfg)
+        dtype=dtype_of(merged.get("dtype", merged.get("torch_dtype"))), raw=cfg)
     if family == "falcon_mamba":
         out.mixer_rms_eps = float(merged["mixer_rms_eps"])
     if family == "mamba2":
@@ -174,8 +162,6 @@ def parse_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> SSMCo
 
 
 def load_config(path: str, gated_norm: Optional[str] = None) -> SSMConfig:
-    """Parses <path>/config.json (or path itself when it is a file)."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    with open(file) as f:
-        cfg = json.load(f, object_hook=_decode_floats)
-    return parse_config(cfg, gated_norm=gated_norm)
+    """Parses <path>/config.json (or path itself when it is a file) of a Mamba-family model
+    (tpssm.models.load_config takes every registered family)."""
+    return parse_config(read_config_json(path), gated_norm=gated_norm)

@@ -27,17 +27,22 @@ from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
 from tpssm.parallel import ColumnParallelLinear, RowParallelLinear, TPContext, shard_range
 
-__all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "mamba2_local_groups"]
+__all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
+           "mamba2_local_groups"]
 
 
 @dataclass
 class BatchMeta:
     """query_start_loc: int32 (batch + 1,) or None for a decode batch (one token per request);
     cache_indices: int32 (batch,) slots or None (row b uses slot b); has_initial_state: bool
-    (batch,) or None (no request continues; ignored for decode batches)."""
+    (batch,) or None (no request continues; ignored for decode batches).
+    decode_tokens: bool (T,) or None: the tokens of a prefill-style batch that are single
+    continuing tokens (decode steps riding along), for mixers whose dt limits apply in prefill
+    only (Zamba2); None when there are none or nobody needs to know."""
     query_start_loc: Optional[torch.Tensor]
     cache_indices: Optional[torch.Tensor]
     has_initial_state: Optional[torch.Tensor]
+    decode_tokens: Optional[torch.Tensor] = None
 
     @property
     def is_decode(self) -> bool:
@@ -228,6 +233,7 @@ class Mamba2Mixer(nn.Module):
                                           allreduce_group_size=allreduce_group_size)
         self.dt_limits = config.time_step_limit
         self.clamp_dt = self.dt_limits[0] > 0.0 or self.dt_limits[1] != math.inf
+        self.clamp_dt_in_decode = self.clamp_dt and config.clamp_dt_in_decode
         self._setup_norm(config, c0, c1)
 
     def _setup_norm(self, config: SSMConfig, c0: int, c1: int) -> None:
@@ -305,7 +311,7 @@ class Mamba2Mixer(nn.Module):
         C = xBC[:, El + gn:].unflatten(-1, (self.local_groups, self.d_state))
         if meta.is_decode:
             dt_bias, softplus = self.dt_bias, True
-            if self.clamp_dt:
+            if self.clamp_dt_in_decode:
                 # The state update has no dt limits: apply bias, softplus and the limits here and
                 # pass the final dt through unchanged.
                 dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.dt_limits).to(x.dtype)
@@ -315,11 +321,166 @@ class Mamba2Mixer(nn.Module):
                                          state_batch_indices=meta.cache_indices)
         else:
             dt_min, dt_max = self.dt_limits if self.clamp_dt else (None, None)
-            y = k.selective_scan(x, dt, self.A, B, C, self.D, None, self.dt_bias,
-                                 delta_softplus=True, ssm_states=ssm_state,
+            dt_bias, softplus = self.dt_bias, True
+            if (self.clamp_dt and not self.clamp_dt_in_decode
+                    and meta.decode_tokens is not None):
+                # Decode tokens riding in a prefill batch keep their dt unclamped, as in a
+                # decode step: the limits go per token here, not in the op.
+                full = F.softplus(dt.float() + self.dt_bias)
+                dt = torch.where(meta.decode_tokens[:, None], full,
+                                 full.clamp(*self.dt_limits)).to(x.dtype)
+                dt_min, dt_max, dt_bias, softplus = None, None, None, False
+            y = k.selective_scan(x, dt, self.A, B, C, self.D, None, dt_bias,
+                                 delta_softplus=softplus, ssm_states=ssm_state,
                                  query_start_loc=meta.query_start_loc,
                                  cache_indices=meta.cache_indices,
                                  has_initial_state=meta.has_initial_state,
                                  dt_min=dt_min, dt_max=dt_max, algorithm=self.scan_algorithm)
         y = self._gated_norm(y, z)
         return self.out_proj(y)
+
+
+class MultiHeadMamba1Mixer(nn.Module):
+    """Zamba's Mamba-1 mixer with n_mamba_heads independent heads on this rank's E / tp channels.
+
+    Head h owns channels [h * hd, (h + 1) * hd) and its own x_proj / dt_proj: its dt, B and C come
+    from its channels only. In the kernels' Mamba-1 form a head is a B / C group. The rank's
+    channels fall into runs, one per head they touch; x_proj needs no all-reduce when no head is
+    split between ranks (e.g. Zamba-7B at tp 2 and 4), otherwise every rank sums the per-head
+    partial products in one T x (n_mamba_heads * (R + 2N)) all-reduce. in_proj rows are stored
+    interleaved (row 2c: x of channel c, row 2c + 1: its gate z): each rank reads its one
+    contiguous block of rows and de-interleaves it once at load.
+    """
+
+    def __init__(self, config: SSMConfig, num_heads: int, layer_idx: int, ctx: TPContext,
+                 dtype: torch.dtype = torch.float32, backend: str = "ops",
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.ctx = ctx
+        self.kernels = get_backend(backend)
+        self.scan_algorithm = "auto"
+        E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
+                         config.time_step_rank, config.conv_kernel)
+        if E % num_heads:
+            raise ValueError(f"n_mamba_heads ({num_heads}) must divide the mixer width {E}")
+        self.num_heads, self.head_channels = num_heads, E // num_heads
+        hd = self.head_channels
+        self.e_range = ctx.shard_range(E, "intermediate_size (d_inner)")
+        e0, e1 = self.e_range
+        self.local_dim = e1 - e0
+        self.dt_rank, self.d_state, self.d_conv = R, N, K
+        # (head, first local channel, end local channel, first channel within the head)
+        self.runs = [(h, max(e0, h * hd) - e0, min(e1, (h + 1) * hd) - e0, max(e0, h * hd) - h * hd)
+                     for h in range(e0 // hd, (e1 - 1) // hd + 1)]
+        tp = ctx.world_size
+        bounds = [shard_range(E, tp, r, "intermediate_size (d_inner)") for r in range(tp)]
+        self.x_proj_allreduce = ctx.communicates and any(b % hd for _, b in bounds[:-1])
+        self.allreduce, self.allreduce_min_bytes = allreduce, allreduce_min_bytes
+        self.allreduce_group_size = allreduce_group_size
+        lengths = {b - a for _, a, b, _ in self.runs}
+        # Equal runs: one kernel call with a B / C group per run; unequal (a head split at an
+        # odd place): one call per run on column views of the activations and states.
+        self.one_call = len(lengths) == 1
+        dev = ctx.device
+        self.in_proj = ColumnParallelLinear(D, [(2 * e0, 2 * e1)], config.use_bias, ctx, dtype)
+        self.conv_weight = _param(torch.empty(self.local_dim, K, dtype=dtype, device=dev))
+        self.conv_bias = (_param(torch.empty(self.local_dim, dtype=dtype, device=dev))
+                          if config.use_conv_bias else None)
+        W = R + 2 * N
+        self.x_proj_weights = nn.ParameterList([
+            _param(torch.empty(W, b - a, dtype=dtype, device=dev)) for _, a, b, _ in self.runs])
+        self.dt_proj_weights = nn.ParameterList([
+            _param(torch.empty(b - a, R, dtype=dtype, device=dev)) for _, a, b, _ in self.runs])
+        self.register_buffer("dt_bias", torch.empty(self.local_dim, dtype=torch.float32,
+                                                    device=dev))
+        self.register_buffer("A", torch.empty(self.local_dim, N, dtype=torch.float32, device=dev))
+        self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
+        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
+                                          allreduce=allreduce,
+                                          allreduce_min_bytes=allreduce_min_bytes,
+                                          allreduce_group_size=allreduce_group_size)
+
+    def state_shape(self) -> LayerStateShape:
+        return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
+
+    @torch.no_grad()
+    def load(self, source, prefix: str) -> None:
+        e0, e1 = self.e_range
+        L, hd = self.local_dim, self.head_channels
+        w = source.get_rows(prefix + "in_proj.weight", [(2 * e0, 2 * e1)])
+        self.in_proj.weight.copy_(w.view(L, 2, -1).transpose(0, 1).reshape(2 * L, -1))
+        if self.in_proj.bias is not None:
+            b = source.get_rows(prefix + "in_proj.bias", [(2 * e0, 2 * e1)])
+            self.in_proj.bias.copy_(b.view(L, 2).t().reshape(-1))
+        rows = [self.e_range]
+        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", rows)
+                               .reshape(L, self.d_conv))
+        if self.conv_bias is not None:
+            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", rows))
+        for i, (h, a, b, c) in enumerate(self.runs):
+            head, chans = slice(h, h + 1), slice(c, c + b - a)
+            get = source.get_block
+            self.x_proj_weights[i].copy_(get(prefix + "x_proj_weight", (head, slice(None), chans))[0])
+            self.dt_proj_weights[i].copy_(get(prefix + "dt_proj_weight", (head, chans))[0])
+            self.dt_bias[a:b].copy_(get(prefix + "dt_proj_bias", (head, chans))[0])
+            self.A[a:b].copy_(-torch.exp(get(prefix + "A_log", (head, chans))[0].float()))
+            self.D[a:b].copy_(get(prefix + "D", (head, chans))[0])
+        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
+
+    def _x_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, local E) -> (T, runs, R + 2N): each run's head's dt / B / C inputs."""
+        parts = [F.linear(x[:, a:b], w) for (_, a, b, _), w in zip(self.runs, self.x_proj_weights)]
+        if not self.x_proj_allreduce:
+            return torch.stack(parts, dim=1)
+        W = self.dt_rank + 2 * self.d_state
+        full = x.new_zeros(x.shape[0], self.num_heads, W)
+        for (h, _, _, _), p in zip(self.runs, parts):
+            full[:, h] = p
+        full = self.ctx.all_reduce(full.view(x.shape[0], -1), self.allreduce,
+                                   self.allreduce_min_bytes, self.allreduce_group_size)
+        heads = [h for h, _, _, _ in self.runs]
+        return full.view(x.shape[0], self.num_heads, W)[:, heads[0]:heads[-1] + 1]
+
+    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+        k = self.kernels
+        xz = self.in_proj(hidden)
+        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
+        if meta.is_decode:
+            x = k.causal_conv1d_update(x, conv_state, self.conv_weight, self.conv_bias,
+                                       activation="silu", cache_indices=meta.cache_indices)
+        else:
+            x = k.causal_conv1d(x, self.conv_weight, self.conv_bias, conv_states=conv_state,
+                                query_start_loc=meta.query_start_loc,
+                                cache_indices=meta.cache_indices,
+                                has_initial_state=meta.has_initial_state, activation="silu")
+        dbl = self._x_proj(x)
+        R, N = self.dt_rank, self.d_state
+        dt = torch.cat([F.linear(dbl[:, i, :R], w) for i, w in enumerate(self.dt_proj_weights)],
+                       dim=1)
+        B, C = dbl[..., R:R + N], dbl[..., R + N:]
+        if self.one_call:
+            y = self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta, None)
+        else:
+            y = torch.empty_like(x)
+            for i, (_, a, b, _) in enumerate(self.runs):
+                self._scan(x[:, a:b], dt[:, a:b], self.A[a:b], B[:, i], C[:, i], self.D[a:b],
+                           z[:, a:b], self.dt_bias[a:b],
+                           None if ssm_state is None else ssm_state[:, a:b], meta, y[:, a:b])
+        return self.out_proj(y)  # the only other all-reduce
+
+    def _scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, meta: BatchMeta, out):
+        k = self.kernels
+        if meta.is_decode:
+            return k.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias,
+                                            dt_softplus=True,
+                                            state_batch_indices=meta.cache_indices, out=out)
+        return k.selective_scan(x, dt, A, B, C, D, z, dt_bias, delta_softplus=True,
+                                ssm_states=ssm_state, query_start_loc=meta.query_start_loc,
+                                cache_indices=meta.cache_indices,
+                                has_initial_state=meta.has_initial_state,
+                                algorithm=self.scan_algorithm, out=out)

@@ -16,13 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import SSMStateCache
-from tpssm.models.config import SSMConfig, load_config
+from tpssm.models import registry
+from tpssm.models.config import SSMConfig
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
 from tpssm.parallel import TPContext
 
-__all__ = ["RMSNorm", "SSMBlock", "SSMForCausalLM"]
+__all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +59,82 @@ class SSMBlock(nn.Module):
         return residual + out
 
 
-class SSMForCausalLM(nn.Module):
+class CausalLM(nn.Module):
+    """What every family's model shares: loading, weight accounting, the scan switch, decode.
+
+    A subclass builds its layers in __init__(config, ctx, dtype, backend=, allreduce=,
+    allreduce_min_bytes=, allreduce_group_size=) with `self.layers[i].mixer` for every layer,
+    and implements load_weights(source), allocate_cache(num_slots, ...) and forward(...).
+    """
+
+    config: object
+    ctx: TPContext
+
+    @classmethod
+    def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
+                        dtype: Optional[torch.dtype] = None, backend: str = "ops",
+                        allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                        allreduce_group_size: int = 128, **config_options) -> "CausalLM":
+        """Loads a local Hugging Face checkpoint directory (config.json + model.safetensors, or
+        shards with model.safetensors.index.json); each rank reads only its slices. dtype
+        defaults to the checkpoint's (float32 when config.json names none). config_options go
+        to the family's config parser (e.g. gated_norm for Mamba-2)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        config = registry.load_config(path, **config_options)
+        model_cls = registry.model_class(config)
+        if not issubclass(model_cls, cls):
+            raise ValueError(f"{path} holds a {config.family} model, which {cls.__name__} does "
+                             f"not build; use tpssm.models.load_model")
+        model = model_cls(config, ctx, dtype or config.dtype or torch.float32, backend=backend,
+                          allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
+                          allreduce_group_size=allreduce_group_size)
+        source = SafetensorsSource(path)
+        model.load_weights(source)
+        model.bytes_read = source.bytes_read
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict, ctx: Optional[TPContext] = None,
+                        dtype: torch.dtype = torch.float32, **kwargs) -> "CausalLM":
+        """From an in-memory Hugging Face state dict (e.g. a transformers model's)."""
+        model = cls(config, ctx, dtype, **kwargs)
+        model.load_weights(DictSource(state_dict))
+        return model
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this rank's weights (parameters and the fp32 A / D / dt-bias buffers)."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + [b for n, b in self.named_buffers()
+                                            if not n.endswith(("norm_group_index", "inv_freq"))]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def set_scan_algorithm(self, algorithm: str) -> None:
+        """The prefill scan algorithm of every layer: 'auto', 'recurrent' or 'ssd' (see
+        tpssm.ops.selective_scan); results agree to rounding, speed differs."""
+        if algorithm not in SCAN_ALGORITHMS:
+            raise ValueError(f"scan algorithm must be one of {SCAN_ALGORITHMS}, got {algorithm!r}")
+        for layer in self.layers:
+            layer.mixer.scan_algorithm = algorithm
+
+    def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
+               cache: SSMStateCache) -> torch.Tensor:
+        """One decode step: input_ids (batch,) -> logits (batch, vocab)."""
+        return self.forward(input_ids, None, cache_indices, None, cache)
+
+
+class SSMForCausalLM(CausalLM):
     """A TP model on the ranks of `ctx` (tp = 1 without one).
 
     Build with SSMForCausalLM.from_pretrained(path, ctx, ...) or construct + load_weights(source).
@@ -89,34 +165,6 @@ class SSMForCausalLM(nn.Module):
             self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
 
     # ----------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
-                        dtype: Optional[torch.dtype] = None, backend: str = "ops",
-                        allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                        allreduce_group_size: int = 128,
-                        gated_norm: Optional[str] = None) -> "SSMForCausalLM":
-        """Loads a local Hugging Face checkpoint directory (config.json + model.safetensors, or
-        shards with model.safetensors.index.json); each rank reads only its slices. dtype
-        defaults to the checkpoint's (float32 when config.json names none)."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-        config = load_config(path, gated_norm=gated_norm)
-        model = cls(config, ctx, dtype or config.dtype or torch.float32, backend=backend,
-                    allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
-                    allreduce_group_size=allreduce_group_size)
-        source = SafetensorsSource(path)
-        model.load_weights(source)
-        model.bytes_read = source.bytes_read
-        return model
-
-    @classmethod
-    def from_state_dict(cls, config: SSMConfig, state_dict, ctx: Optional[TPContext] = None,
-                        dtype: torch.dtype = torch.float32, **kwargs) -> "SSMForCausalLM":
-        """From an in-memory Hugging Face state dict (e.g. a transformers model's)."""
-        model = cls(config, ctx, dtype, **kwargs)
-        model.load_weights(DictSource(state_dict))
-        return model
-
     @torch.no_grad()
     def load_weights(self, source: WeightSource) -> None:
         self.embeddings.copy_(source.get("backbone.embeddings.weight"))
@@ -131,36 +179,12 @@ class SSMForCausalLM(nn.Module):
                                "lm_head.weight")
             self.lm_head.copy_(source.get("lm_head.weight"))
 
-    def parameter_bytes(self) -> int:
-        """Bytes of this rank's weights (parameters and the fp32 A / D / dt-bias buffers)."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + [b for n, b in self.named_buffers()
-                                            if not n.endswith("norm_group_index")]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.ctx.device
-
     # ----------------------------------------------------------------------------- cache
-    def set_scan_algorithm(self, algorithm: str) -> None:
-        """The prefill scan algorithm of every layer: 'auto', 'recurrent' or 'ssd' (see
-        tpssm.ops.selective_scan); results agree to rounding, speed differs."""
-        if algorithm not in SCAN_ALGORITHMS:
-            raise ValueError(f"scan algorithm must be one of {SCAN_ALGORITHMS}, got {algorithm!r}")
-        for layer in self.layers:
-            layer.mixer.scan_algorithm = algorithm
-
     def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
-                       conv_dtype: Optional[torch.dtype] = None) -> SSMStateCache:
-        """State pools for num_slots requests on this rank (conv state in the model dtype)."""
+                       conv_dtype: Optional[torch.dtype] = None,
+                       max_seq_len: Optional[int] = None) -> SSMStateCache:
+        """State pools for num_slots requests on this rank (conv state in the model dtype).
+        max_seq_len is ignored: the state of an SSM does not grow with the sequence."""
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
                              self.ctx.device, conv_dtype or self.dtype, ssm_dtype)
 
@@ -202,9 +226,3 @@ class SSMForCausalLM(nn.Module):
             hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
         hidden = self.norm_f(hidden)
         return F.linear(hidden.to(self.dtype), self.lm_head).float()
-
-    def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
-               cache: SSMStateCache) -> torch.Tensor:
-        """One decode step: input_ids (batch,) -> logits (batch, vocab)."""
-        return self.forward(input_ids, None, cache_indices, None, cache)
-

@@ -70,6 +70,11 @@ class WeightSource:
         """Columns [a, b) of dim 1 for each range, concatenated."""
         raise NotImplementedError
 
+    def get_block(self, name: str, index: Tuple[slice, ...]) -> torch.Tensor:
+        """tensor[index] for a tuple of slices (step 1), reading only that block (small
+        per-head tensors such as Zamba's x_proj_weight)."""
+        raise NotImplementedError
+
 
 def concat_ranges(read, ranges: Ranges, dim: int) -> torch.Tensor:
     """read(range) for each range, concatenated along dim; a repeated range is read once."""
@@ -130,6 +135,9 @@ class SafetensorsSource(WeightSource):
         sl = self._slice(name)
         return concat_ranges(lambda r: self._count(sl[:, r[0]:r[1]]), ranges, 1)
 
+    def get_block(self, name: str, index: Tuple[slice, ...]) -> torch.Tensor:
+        return self._count(self._slice(name)[index])
+
 
 class DictSource(WeightSource):
     def __init__(self, state_dict: Dict[str, torch.Tensor]):
@@ -155,3 +163,6 @@ class DictSource(WeightSource):
     def get_cols(self, name: str, ranges: Ranges) -> torch.Tensor:
         t = self._sd[self._resolve(name)]
         return concat_ranges(lambda r: self._count(t[:, r[0]:r[1]].cpu()), ranges, 1)
+
+    def get_block(self, name: str, index: Tuple[slice, ...]) -> torch.Tensor:
+        return self._count(self._sd[self._resolve(name)][index].cpu().contiguous())

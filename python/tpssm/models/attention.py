@@ -1,0 +1,366 @@
+"""The shared transformer block of the hybrid models (Zamba, Zamba2) under tensor parallelism.
+
+A block sees concat([hidden, embedding]) (width 2D) and returns MLP(pre_ff_norm(Attn(norm(x))))
+(width D, no residual inside). Sharding (docs/models.md):
+- attention by heads: q / k / v rows of the rank's heads in one column-parallel GEMM, o_proj
+  row-parallel (all-reduce #1, T x D); the rank's keys and values live in its KV cache;
+- MLP by intermediate channels: gate / up rows in one column-parallel GEMM, down_proj
+  row-parallel (all-reduce #2, T x D);
+- norms replicated; LoRA adapters (Zamba2, one set per visit of a shared block) without
+  communication: A replicated (every rank computes x A^T, adapter_rank wide), B sharded exactly
+  like the rows of the weight it augments.
+
+Attention is torch's scaled_dot_product_attention with the models' scale (head_dim / 2) ** -0.5.
+A prefill-style batch runs one attention per sequence over the slot's cached keys plus the
+chunk's (a continuation chunk takes a lower-right-aligned causal mask); a decode batch is one
+batched call over every row's slot with a length mask, entirely on the device (no host sync:
+CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
+from tpssm.models.model import RMSNorm
+from tpssm.parallel import RowParallelLinear, TPContext, ranges_size
+
+__all__ = ["AttentionConfig", "KVBatch", "SharedBlock", "ACTIVATIONS"]
+
+# Hugging Face activation names the MLP accepts ("gelu" is the exact, erf form).
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass
+class AttentionConfig:
+    hidden_size: int                 # D; the block's input is 2D wide
+    num_heads: int
+    head_dim: int                    # 2D / num_heads in both Zamba models
+    intermediate_size: int           # MLP width
+    hidden_act: str
+    rms_norm_eps: float
+    packed_gate_up: bool             # Zamba2: gate_up_proj (2I, D); Zamba: gate_proj / up_proj
+    mlp_bias: bool = False
+    adapter_rank: int = 0            # 0: no adapters
+    attention_adapters: bool = False  # q / k / v adapters (the MLP adapter exists with rank > 0)
+    rope_theta: float = 0.0          # 0: no rotary embedding
+
+    @property
+    def input_size(self) -> int:
+        return 2 * self.hidden_size
+
+    @property
+    def scale(self) -> float:
+        return (self.head_dim / 2) ** -0.5
+
+
+@dataclass
+class KVBatch:
+    """What every attention visit of one forward shares (built once per forward by the model).
+
+    Prefill-style batches: host lists (one sync to build them), per sequence: its token range,
+    its slot (-1: padding, skipped), and the number of tokens already cached (the keys it attends
+    to before its own). Decode batches: device tensors only.
+    """
+    decode: bool
+    seq_bounds: List[Tuple[int, int]]        # prefill: [start, end) token range per sequence
+    seq_slots: List[int]                     # prefill: slot or -1 (stateless: -1 is not padding)
+    seq_past: List[int]                      # prefill: cached tokens before the chunk
+    seq_continues: List[bool]                # prefill: has_initial_state per sequence
+    stateless: bool                          # prefill without a cache
+    positions: Optional[torch.Tensor]        # (T,) int64 rotary positions
+    row_index: Optional[torch.Tensor]        # decode: (B,) int64 cache rows (pad -> scratch row)
+    row_past: Optional[torch.Tensor]         # decode: (B,) int64 cached tokens per row
+
+    @staticmethod
+    def build(cache: Optional[SSMStateCache], num_tokens: int,
+              query_start_loc: Optional[torch.Tensor], cache_indices: Optional[torch.Tensor],
+              has_initial_state: Optional[torch.Tensor], device) -> "KVBatch":
+        if query_start_loc is None:
+            return KVBatch._build_decode(cache, num_tokens, cache_indices)
+        bounds = query_start_loc.tolist()
+        nseq = len(bounds) - 1
+        seq_bounds = [(bounds[i], bounds[i + 1]) for i in range(nseq)]
+        init = has_initial_state.tolist() if has_initial_state is not None else [False] * nseq
+        if cache is None:
+            past = [0] * nseq
+            slots = [-1] * nseq
+        else:
+            slots = (cache_indices.tolist() if cache_indices is not None else list(range(nseq)))
+            lengths = cache.kv_lengths.tolist()
+            past = [lengths[s] if (init[i] and s >= 0) else 0 for i, s in enumerate(slots)]
+            for i, s in enumerate(slots):
+                n = seq_bounds[i][1] - seq_bounds[i][0]
+                if s >= 0 and past[i] + n > cache.max_seq_len:
+                    raise KVCacheOverflowError(
+                        f"request in slot {s} would hold {past[i] + n} tokens, past the KV "
+                        f"cache's max_seq_len {cache.max_seq_len}; allocate the cache with a "
+                        f"larger max_seq_len")
+        pos = torch.empty(num_tokens, dtype=torch.int64)
+        for (a, b), p in zip(seq_bounds, past):
+            pos[a:b] = torch.arange(p, p + b - a)
+        return KVBatch(False, seq_bounds, slots, past, [bool(i) for i in init], cache is None,
+                       pos.to(device), None, None)
+
+    @staticmethod
+    def _build_decode(cache: SSMStateCache, batch: int,
+                      cache_indices: Optional[torch.Tensor]) -> "KVBatch":
+        dev = cache.kv_lengths.device
+        if cache_indices is None:
+            rows = torch.arange(batch, dtype=torch.int64, device=dev)
+        else:
+            rows = cache_indices.long()
+            # Padding rows (and any slot outside the pool) read and write the scratch row.
+            bad = (rows < 0) | (rows >= cache.num_slots)
+            rows = torch.where(bad, torch.full_like(rows, cache.num_slots), rows)
+        past = cache.kv_lengths.index_select(0, rows)
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            full = (past >= cache.max_seq_len) & (rows < cache.num_slots)
+            if bool(full.any()):
+                slot = int(rows[full][0])
+                raise KVCacheOverflowError(
+                    f"request in slot {slot} already holds {cache.max_seq_len} tokens, the KV "
+                    f"cache's max_seq_len; allocate the cache with a larger max_seq_len")
+        # Under capture the write position is clamped (a full slot overwrites its last key
+        # instead of writing out of bounds); the engine rejects such requests up front.
+        past = past.clamp(max=cache.max_seq_len - 1)
+        return KVBatch(True, [], [], [], [], False, past, rows, past)
+
+    def decode_tokens(self, device) -> Optional[torch.Tensor]:
+        """(T,) bool marking the single continuing tokens of a prefill-style batch (decode
+        steps riding along), or None when it has none."""
+        if self.decode or not any(c and b - a == 1 for (a, b), c in
+                                  zip(self.seq_bounds, self.seq_continues)):
+            return None
+        mask = torch.zeros(self.seq_bounds[-1][1], dtype=torch.bool)
+        for (a, b), c in zip(self.seq_bounds, self.seq_continues):
+            mask[a:b] = c and b - a == 1
+        return mask.to(device)
+
+    def advance(self, cache: SSMStateCache) -> None:
+        """Records the batch's tokens in the cache's per-slot lengths (after every visit)."""
+        if self.decode:
+            cache.kv_lengths.index_put_((self.row_index,), self.row_past + 1)
+            return
+        rows = [(s, p + b - a) for (a, b), s, p in zip(self.seq_bounds, self.seq_slots,
+                                                       self.seq_past) if s >= 0]
+        if rows:
+            idx = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+            val = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+            cache.kv_lengths.index_put_((idx.to(cache.kv_lengths.device),),
+                                        val.to(cache.kv_lengths.device))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Adapters(nn.Module):
+    """LoRA adapters of one visit for a fused column-parallel GEMM of `parts` segments: the
+    output of segment i gains (x A_i^T) B_i[rows_i]^T. A replicated, B sharded by rows."""
+
+    def __init__(self, in_features: int, rank: int, part_rows: Sequence[Sequence[Tuple[int, int]]],
+                 dtype, device):
+        super().__init__()
+        self.rank = rank
+        self.part_rows = [list(r) for r in part_rows]
+        self.A = nn.Parameter(torch.empty(len(part_rows) * rank, in_features, dtype=dtype,
+                                          device=device), requires_grad=False)
+        self.B = nn.ParameterList([
+            nn.Parameter(torch.empty(ranges_size(rows), rank, dtype=dtype, device=device),
+                         requires_grad=False) for rows in self.part_rows])
+
+    def load(self, source, a_names: Sequence[str], b_names: Sequence[str]) -> None:
+        r = self.rank
+        for i, (a, b) in enumerate(zip(a_names, b_names)):
+            self.A[i * r:(i + 1) * r].copy_(source.get(a))
+            self.B[i].copy_(source.get_rows(b, self.part_rows[i]))
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, part_cols: Sequence[Tuple[int, int]]):
+        """out[:, cols_i] += (x A_i^T) B_i^T for every part (out is the fused GEMM's output)."""
+        xa = F.linear(x, self.A)
+        r = self.rank
+        for i, (c0, c1) in enumerate(part_cols):
+            out[:, c0:c1] += F.linear(xa[:, i * r:(i + 1) * r], self.B[i])
+
+
+class SharedBlock(nn.Module):
+    """One shared transformer block on this rank: its weights once, the adapters of each visit
+    (Zamba2) in `adapters_of_visit`, indexed by the global hybrid-visit number."""
+
+    def __init__(self, cfg: AttentionConfig, visits: Sequence[int], ctx: TPContext,
+                 dtype: torch.dtype, allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        dev = ctx.device
+        D, Di, hd, H, I = (cfg.hidden_size, cfg.input_size, cfg.head_dim, cfg.num_heads,
+                           cfg.intermediate_size)
+        self.h_range = ctx.shard_range(H, "num_attention_heads")
+        h0, h1 = self.h_range
+        self.local_heads = h1 - h0
+        self.head_rows = [(h0 * hd, h1 * hd)]
+        self.i_range = ctx.shard_range(I, "intermediate_size (the MLP width)")
+        i0, i1 = self.i_range
+        self.local_inter = i1 - i0
+        L = self.local_heads * hd
+        self.input_norm = RMSNorm(Di, cfg.rms_norm_eps, dtype, dev)
+        self.pre_ff_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, dev)
+        self.qkv_weight = nn.Parameter(torch.empty(3 * L, Di, dtype=dtype, device=dev),
+                                       requires_grad=False)
+        self.o_proj = RowParallelLinear(self.head_rows, D, False, ctx, dtype,
+                                        allreduce=allreduce,
+                                        allreduce_min_bytes=allreduce_min_bytes,
+                                        allreduce_group_size=allreduce_group_size)
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * self.local_inter, D, dtype=dtype,
+                                                       device=dev), requires_grad=False)
+        self.gate_up_bias = (nn.Parameter(torch.empty(2 * self.local_inter, dtype=dtype,
+                                                      device=dev), requires_grad=False)
+                             if cfg.mlp_bias else None)
+        self.down_proj = RowParallelLinear([self.i_range], D, cfg.mlp_bias, ctx, dtype,
+                                           allreduce=allreduce,
+                                           allreduce_min_bytes=allreduce_min_bytes,
+                                           allreduce_group_size=allreduce_group_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.visits = list(visits)
+        self.qkv_adapters = nn.ModuleDict()
+        self.mlp_adapters = nn.ModuleDict()
+        if cfg.adapter_rank:
+            for v in self.visits:
+                if cfg.attention_adapters:
+                    self.qkv_adapters[str(v)] = _Adapters(Di, cfg.adapter_rank,
+                                                          [self.head_rows] * 3, dtype, dev)
+                self.mlp_adapters[str(v)] = _Adapters(D, cfg.adapter_rank,
+                                                      [[(i0, i1), (I + i0, I + i1)]], dtype, dev)
+        if cfg.rope_theta:
+            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            self.register_buffer("inv_freq", inv.to(dev), persistent=False)
+
+    def kv_shape(self) -> KVShape:
+        return KVShape(self.local_heads, self.cfg.head_dim)
+
+    # ------------------------------------------------------------------------------- loading
+    @torch.no_grad()
+    def load(self, source, prefix: str, zamba2: bool) -> None:
+        """prefix: 'model.layers.<i>.shared_transf(ormer).' of the block's first visit."""
+        L = self.local_heads * self.cfg.head_dim
+        att = prefix + "self_attn."
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            self.qkv_weight[i * L:(i + 1) * L].copy_(
+                source.get_rows(att + name + ".weight", self.head_rows))
+        self.o_proj.load(source, att + "o_proj.weight")
+        self.input_norm.weight.copy_(source.get(prefix + "input_layernorm.weight"))
+        self.pre_ff_norm.weight.copy_(source.get(prefix + "pre_ff_layernorm.weight"))
+        ff = prefix + "feed_forward."
+        i0, i1 = self.i_range
+        I, Il = self.cfg.intermediate_size, self.local_inter
+        if self.cfg.packed_gate_up:
+            rows = [(i0, i1), (I + i0, I + i1)]
+            self.gate_up_weight.copy_(source.get_rows(ff + "gate_up_proj.weight", rows))
+            if self.gate_up_bias is not None:
+                self.gate_up_bias.copy_(source.get_rows(ff + "gate_up_proj.bias", rows))
+        else:
+            self.gate_up_weight[:Il].copy_(source.get_rows(ff + "gate_proj.weight", [(i0, i1)]))
+            self.gate_up_weight[Il:].copy_(source.get_rows(ff + "up_proj.weight", [(i0, i1)]))
+        self.down_proj.load(source, ff + "down_proj.weight", ff + "down_proj.bias")
+        for v in self.visits:
+            if str(v) in self.qkv_adapters:
+                names = [f"{att}linear_{p}_adapter_list.{v}" for p in "qkv"]
+                self.qkv_adapters[str(v)].load(source, [n + ".0.weight" for n in names],
+                                               [n + ".1.weight" for n in names])
+            if str(v) in self.mlp_adapters:
+                n = f"{ff}gate_up_proj_adapter_list.{v}"
+                self.mlp_adapters[str(v)].load(source, [n + ".0.weight"], [n + ".1.weight"])
+
+    # ------------------------------------------------------------------------------- forward
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, head_dim); NeoX rotation at `positions`, cos / sin rounded to x's dtype
+        before use (as transformers does)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(x.dtype)[:, None, :]
+        sin = emb.sin().to(x.dtype)[:, None, :]
+        return x * cos + _rotate_half(x) * sin
+
+    def forward(self, x: torch.Tensor, visit: int, kv: KVBatch,
+                k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (T, 2D) = concat(hidden, embedding) -> (T, D), reduced over the TP group."""
+        cfg = self.cfg
+        T, hd, Hl = x.shape[0], cfg.head_dim, self.local_heads
+        L = Hl * hd
+        h = self.input_norm(x)
+        qkv = F.linear(h, self.qkv_weight)
+        if str(visit) in self.qkv_adapters:
+            self.qkv_adapters[str(visit)].add_to(qkv, h, [(0, L), (L, 2 * L), (2 * L, 3 * L)])
+        q, k, v = (t.view(T, Hl, hd) for t in qkv.split(L, dim=-1))
+        if cfg.rope_theta:
+            q, k = self._rotary(q, kv.positions), self._rotary(k, kv.positions)
+        if kv.decode:
+            o = self._decode_attention(q, k, v, kv, k_cache, v_cache)
+        else:
+            o = self._prefill_attention(q, k, v, kv, k_cache, v_cache)
+        a = self.o_proj(o.reshape(T, L))  # all-reduce #1
+        a = self.pre_ff_norm(a)
+        gu = F.linear(a, self.gate_up_weight, self.gate_up_bias)
+        Il = self.local_inter
+        if str(visit) in self.mlp_adapters:
+            self.mlp_adapters[str(visit)].add_to(gu, a, [(0, 2 * Il)])
+        m = self.act(gu[:, :Il]) * gu[:, Il:]
+        return self.down_proj(m)  # all-reduce #2
+
+    def _prefill_attention(self, q, k, v, kv: KVBatch, k_cache, v_cache) -> torch.Tensor:
+        """Per sequence: write the chunk's keys / values to its slot, attend to the slot's
+        cached keys plus the chunk's (lower-right causal)."""
+        o = torch.zeros_like(q)
+        scale = self.cfg.scale
+        for (a, b), slot, past in zip(kv.seq_bounds, kv.seq_slots, kv.seq_past):
+            if slot < 0 and not kv.stateless:
+                continue  # padding row
+            n = b - a
+            qs = q[a:b].transpose(0, 1)            # (H, n, hd)
+            if kv.stateless:
+                ks, vs = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+            else:
+                k_cache[slot, :, past:past + n] = k[a:b].transpose(0, 1)
+                v_cache[slot, :, past:past + n] = v[a:b].transpose(0, 1)
+                ks, vs = k_cache[slot, :, :past + n], v_cache[slot, :, :past + n]
+            if past == 0:
+                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            else:
+                # Query i (absolute position past + i) sees keys 0 .. past + i: is_causal would
+                # align the mask to the top left instead.
+                mask = (torch.arange(past + n, device=q.device)[None, :]
+                        <= torch.arange(n, device=q.device)[:, None] + past)
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            o[a:b] = out.transpose(0, 1)
+        return o
+
+    def _decode_attention(self, q, k, v, kv: KVBatch, k_cache, v_cache) -> torch.Tensor:
+        """One token per row, all on the device: write each row's key / value at its length,
+        attend over its slot with a length mask."""
+        rows, past = kv.row_index, kv.row_past
+        k_cache[rows, :, past] = k
+        v_cache[rows, :, past] = v
+        ks = k_cache.index_select(0, rows)         # (B, H, max_len, hd)
+        vs = v_cache.index_select(0, rows)
+        max_len = k_cache.shape[2]
+        mask = (torch.arange(max_len, device=q.device)[None, :] <= past[:, None])
+        out = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs,
+                                             attn_mask=mask[:, None, None, :],
+                                             scale=self.cfg.scale)
+        return out[:, :, 0, :]

@@ -1,0 +1,178 @@
+"""HybridForCausalLM: Zamba (v1) and Zamba2 under tensor parallelism.
+
+Every layer has its own Mamba mixer (Zamba: multi-head Mamba-1, Zamba2: Mamba-2); a hybrid layer
+first runs a shared transformer block on concat([hidden, embedding]) (the raw token embedding),
+maps the block's output through its own D x D `linear`, and adds it to the mixer's input only:
+
+    mamba layer:   hidden = hidden + mixer(norm(hidden))
+    hybrid layer:  t = linear(block(concat(hidden, emb)));  hidden = hidden + mixer(norm(hidden + t))
+
+Residual adds run in the model dtype. Zamba2 has num_mem_blocks shared blocks: hybrid visit k
+(the k-th hybrid layer) uses block k % num_mem_blocks with visit k's LoRA adapters (an untied
+checkpoint has a block per visit: HybridConfig.share_blocks). Each visit has
+its own keys and values in the state cache (see tpssm.cache). Sharding: mixers as the Mamba
+families (channels / heads), shared blocks by attention heads and MLP channels
+(tpssm.models.attention); embedding, norms, `linear` and lm_head replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tpssm.cache import SSMStateCache
+from tpssm.models.attention import KVBatch, SharedBlock
+from tpssm.models.mixers import BatchMeta, Mamba2Mixer, MultiHeadMamba1Mixer
+from tpssm.models.model import CausalLM, RMSNorm
+from tpssm.models.weights import WeightSource
+from tpssm.parallel import TPContext
+
+__all__ = ["HybridForCausalLM", "HybridLayer"]
+
+
+class HybridLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, ctx: TPContext, dtype: torch.dtype,
+                 **mixer_kwargs):
+        super().__init__()
+        self.hybrid = config.layer_types[layer_idx] == "hybrid"
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
+        if config.is_zamba2:
+            self.mixer = Mamba2Mixer(config.mixer, layer_idx, ctx, dtype, **mixer_kwargs)
+        else:
+            self.mixer = MultiHeadMamba1Mixer(config.mixer, config.n_mamba_heads, layer_idx, ctx,
+                                              dtype, **mixer_kwargs)
+        self.linear = (nn.Parameter(torch.empty(config.hidden_size, config.hidden_size,
+                                                dtype=dtype, device=ctx.device),
+                                    requires_grad=False) if self.hybrid else None)
+
+
+class HybridForCausalLM(CausalLM):
+    """A TP Zamba / Zamba2 model on the ranks of `ctx` (tp = 1 without one); the interface of
+    SSMForCausalLM. Build with tpssm.models.load_model(path, ctx) or construct +
+    load_weights(source)."""
+
+    def __init__(self, config, ctx: Optional[TPContext] = None,
+                 dtype: torch.dtype = torch.float32, backend: str = "ops",
+                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce_group_size: int = 128):
+        super().__init__()
+        self.config = config
+        self.ctx = ctx if ctx is not None else TPContext()
+        self.dtype = dtype
+        dev = self.ctx.device
+        comm = dict(allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
+                    allreduce_group_size=allreduce_group_size)
+        self.embeddings = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
+            requires_grad=False)
+        self.layers = nn.ModuleList([HybridLayer(config, i, self.ctx, dtype, backend=backend,
+                                                 **comm)
+                                     for i in range(config.num_hidden_layers)])
+        self.hybrid_layers = config.hybrid_layers
+        nvisits = len(self.hybrid_layers)
+        self.visit_of_layer = {layer: k for k, layer in enumerate(self.hybrid_layers)}
+        self.block_of_visit = [config.block_of_visit(k) for k in range(nvisits)]
+        nblocks = max(self.block_of_visit, default=-1) + 1
+        self.blocks = nn.ModuleList([
+            SharedBlock(config.attention, [k for k in range(nvisits)
+                                           if self.block_of_visit[k] == b],
+                        self.ctx, dtype, **comm)
+            for b in range(nblocks)])
+        self.norm_f = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dev)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embeddings
+        else:
+            self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
+
+    # ----------------------------------------------------------------------------- loading
+    @torch.no_grad()
+    def load_weights(self, source: WeightSource) -> None:
+        """Each rank reads only its slices; a shared block is read at its first visit (where
+        the checkpoint stores it), so the loader walks the layers in order."""
+        self.embeddings.copy_(source.get("model.embed_tokens.weight"))
+        block_name = "shared_transformer" if self.config.is_zamba2 else "shared_transf"
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}."
+            mamba = prefix + ("mamba_decoder." if layer.hybrid else "")
+            layer.norm.weight.copy_(source.get(mamba + "input_layernorm.weight"))
+            layer.mixer.load(source, mamba + "mamba.")
+            if layer.hybrid:
+                visit = self.visit_of_layer[i]
+                if self.block_of_visit[visit] == visit:  # the block's first visit
+                    self.blocks[visit].load(source, f"{prefix}{block_name}.",
+                                            self.config.is_zamba2)
+                layer.linear.copy_(source.get(prefix + "linear.weight"))
+        self.norm_f.weight.copy_(source.get("model.final_layernorm.weight"))
+        if not self.config.tie_word_embeddings:
+            if not source.has("lm_head.weight"):
+                raise KeyError("config has tie_word_embeddings=False but the checkpoint has no "
+                               "lm_head.weight")
+            self.lm_head.copy_(source.get("lm_head.weight"))
+
+    # ----------------------------------------------------------------------------- cache
+    def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
+                       conv_dtype: Optional[torch.dtype] = None,
+                       max_seq_len: Optional[int] = None) -> SSMStateCache:
+        """State pools for num_slots requests on this rank: conv and SSM states per layer, keys
+        and values per hybrid visit for up to max_seq_len tokens a request (default: the
+        config's max_position_embeddings). cache.bytes_per_slot() reports what a request costs;
+        the KV part grows with max_seq_len and dominates at long contexts."""
+        kv = [self.blocks[b].kv_shape() for b in self.block_of_visit]
+        return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
+                             self.ctx.device, conv_dtype or self.dtype, ssm_dtype, kv_shapes=kv,
+                             max_seq_len=max_seq_len or self.config.max_position_embeddings)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, query_start_loc: Optional[torch.Tensor] = None,
+                cache_indices: Optional[torch.Tensor] = None,
+                has_initial_state: Optional[torch.Tensor] = None,
+                cache: Optional[SSMStateCache] = None,
+                return_all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32) of a packed batch; arguments as SSMForCausalLM.forward. A request's
+        keys and values are appended to its slot's KV cache (has_initial_state False starts it
+        over); a request longer than the cache's max_seq_len raises KVCacheOverflowError."""
+        if query_start_loc is None and cache is None:
+            raise ValueError("a decode batch (query_start_loc=None) needs a cache")
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D (total_tokens,), got shape "
+                             f"{tuple(input_ids.shape)}")
+        if cache is not None and self.blocks and len(cache.k_states) != len(self.hybrid_layers):
+            raise ValueError(f"cache has KV pools for {len(cache.k_states)} attention visits, the "
+                             f"model has {len(self.hybrid_layers)}: allocate it with "
+                             f"model.allocate_cache")
+        # The attention visits' shared view of the batch (a model without hybrid layers still
+        # needs a prefill batch's decode tokens for the dt rule below).
+        kv = (KVBatch.build(cache if self.blocks else None, input_ids.shape[0], query_start_loc,
+                            cache_indices, has_initial_state, self.device)
+              if self.blocks or query_start_loc is not None else None)
+        meta = BatchMeta(query_start_loc, cache_indices,
+                         None if query_start_loc is None else has_initial_state,
+                         kv.decode_tokens(self.device) if kv is not None and cache is not None
+                         else None)
+        emb = F.embedding(input_ids, self.embeddings)
+        hidden = emb
+        for i, layer in enumerate(self.layers):
+            conv = cache.conv_states[i] if cache is not None else None
+            ssm = cache.ssm_states[i] if cache is not None else None
+            x = hidden
+            if layer.hybrid:
+                k = self.visit_of_layer[i]
+                kc = cache.k_states[k] if cache is not None else None
+                vc = cache.v_states[k] if cache is not None else None
+                block = self.blocks[self.block_of_visit[k]]
+                t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc)
+                x = hidden + F.linear(t, layer.linear)
+            hidden = hidden + layer.mixer(layer.norm(x), conv, ssm, meta)
+        if cache is not None and self.blocks:
+            kv.advance(cache)
+        if not return_all_logits and query_start_loc is not None:
+            hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
+        hidden = self.norm_f(hidden)
+        return F.linear(hidden, self.lm_head).float()
