@@ -11,6 +11,7 @@ max |ours - hf| / max |hf| (fp32).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -228,3 +229,95 @@ def test_hybrid_matches_transformers(name, tp, oracles, record_property):
         for key in ("weight_bytes", "bytes_read"):
             ratio = other[key] / expect
             assert 0.97 <= ratio <= 1.10, (rank, key, ratio)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,tp", [("zamba", 2), ("zamba2_1blk", 2), ("zamba2_2blk", 4)])
+def test_command_line_generate_matches_transformers(name, tp, oracles):
+    """`python -m tpssm generate --model DIR --tp N` on a Zamba / Zamba2 checkpoint gives
+    transformers' greedy tokens."""
+    from test_cli import run_cli
+
+    oracle = oracles(name)
+    prompt = oracle["prompts"][0]
+    code, out, err = run_cli("generate", "--model", oracle["path"], "--tp", str(tp),
+                             "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+                             str(DECODE_STEPS + 1), "--greedy", "--ignore-eos", "--json")
+    assert code == 0, err
+    assert json.loads(out)["output_ids"] == oracle["tokens"][0]
+
+
+@pytest.mark.timeout(600)
+def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
+    """The engine over a hybrid: 5 requests through 2 slots with 5-token prefill chunks
+    (decode tokens ride along in prefill steps) give each request's solo tokens; a request that
+    could outgrow the KV cache is refused when added."""
+    from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
+    from tpssm.models import load_model
+
+    oracle = oracles("zamba2_1blk")
+    model = load_model(oracle["path"], backend=BACKEND)
+    sampling = SamplingParams(max_new_tokens=DECODE_STEPS + 1)
+    prompts = oracle["prompts"] + [oracle["prompts"][2][:9]]
+
+    def run(batch, slots, chunk):
+        engine = GenerationEngine(CachedModel(model, model.allocate_cache(slots,
+                                                                          max_seq_len=KV_LEN)),
+                                  max_batch_size=slots, max_prefill_tokens=chunk)
+        for p in batch:
+            engine.add_request(p, sampling)
+        return [r.output for r in sorted(engine.run(), key=lambda r: r.request_id)]
+
+    together = run(prompts, 2, 5)
+    assert together[:4] == oracle["tokens"]
+    assert together == [run([p], 1, 4096)[0] for p in prompts]
+    engine = GenerationEngine(CachedModel(model, model.allocate_cache(1, max_seq_len=8)))
+    with pytest.raises(ValueError, match="exceeds the KV cache's max_seq_len 8"):
+        engine.add_request(list(range(5)), SamplingParams(max_new_tokens=4))
+
+
+def test_preset_shapes_match_transformers_and_models_build():
+    """The presets' checkpoint shapes are transformers' own (its model built on the meta device
+    from the same config.json), and every preset builds at full dimensions as a local shard."""
+    import transformers
+
+    from tpssm.models import registry
+    from tpssm.presets import PRESETS, hf_weight_shapes, preset_config
+
+    for name in ("zamba-7b-v1", "zamba2-1.2b", "zamba2-2.7b", "zamba2-7b"):
+        raw = PRESETS[name]
+        cls = getattr(transformers, raw["architectures"][0])
+        hf_cfg = getattr(transformers, raw["architectures"][0].replace("ForCausalLM", "Config"))(
+            **{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+        with torch.device("meta"):
+            hf = cls(hf_cfg)
+        ours = hf_weight_shapes(preset_config(name))
+        stored = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+        missing = {k: v for k, v in ours.items() if stored.get(k) != v}
+        assert not missing, (name, list(missing.items())[:3])
+        # Tied copies transformers lists but does not store (lm_head, later visits' blocks).
+        extra = set(stored) - set(ours)
+        assert all(k == "lm_head.weight" or ".shared_transf" in k for k in extra), name
+        cfg = preset_config(name, num_layers=7)
+        assert cfg.num_hidden_layers == 7 and len(cfg.layer_types) == 7
+        assert registry.family_of(raw).name == cfg.family
+
+
+def test_hybrid_config_errors():
+    from tpssm.models import parse_config
+
+    base = dict(architectures=["Zamba2ForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"])
+    assert parse_config(base).layer_types == ["mamba", "hybrid"]
+    assert parse_config({**base, "layers_block_type": ["linear_attention", "hybrid"]}
+                        ).layer_types == ["mamba", "hybrid"]
+    with pytest.raises(ValueError, match="lists 2 layers but num_hidden_layers is 3"):
+        parse_config({**base, "num_hidden_layers": 3})
+    with pytest.raises(ValueError, match="grouped-query attention is not supported"):
+        parse_config({**base, "num_key_value_heads": 2})
+    with pytest.raises(ValueError, match="unknown layer types \\['attention'\\]"):
+        parse_config({**base, "layers_block_type": ["mamba", "attention"]})
+    with pytest.raises(ValueError, match="mamba_ngroups \\(3\\) must divide n_mamba_heads"):
+        parse_config({**base, "mamba_ngroups": 3})
+    zamba = parse_config(dict(architectures=["ZambaForCausalLM"], num_hidden_layers=10))
+    assert zamba.hybrid_layers == [2, 7]   # transformers' default period 6, offset 4

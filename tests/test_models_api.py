@@ -73,7 +73,7 @@ def test_config_spellings_and_errors():
     base = dict(architectures=["Mamba2ForCausalLM"], hidden_size=64, num_heads=8, head_dim=16,
                 n_groups=2, state_size=16)
     txt = json.dumps({**base, "time_step_limit": [0.0, {"__float__": "Infinity"}]})
-    from tpssm.models.config import _decode_floats
+    from tpssm.models.registry import _decode_floats
 
     cfg = parse_config(json.loads(txt, object_hook=_decode_floats))
     assert cfg.time_step_limit == (0.0, math.inf)

@@ -86,8 +86,7 @@ def build_model(spec: ModelSpec):
     """This rank's shard of the model (run inside a rank)."""
     import torch.distributed as dist
 
-    from tpssm.models import SSMForCausalLM, load_config
-    from tpssm.models.config import parse_config
+    from tpssm.models import build_model as build_unloaded, load_config, parse_config
     from tpssm.models.weights import SafetensorsSource
     from tpssm.parallel import TPContext
     from tpssm.presets import RandomWeightSource, preset_config
@@ -108,7 +107,7 @@ def build_model(spec: ModelSpec):
         else:
             config = parse_config(spec.config)
         source = RandomWeightSource(config, seed=spec.seed, device=device)
-    model = SSMForCausalLM(config, ctx, dtype, allreduce=spec.allreduce,
+    model = build_unloaded(config, ctx, dtype, allreduce=spec.allreduce,
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     model.set_scan_algorithm(spec.scan_algorithm)
     with torch.no_grad():
@@ -133,6 +132,9 @@ class GenerateJob:
     num_slots: Optional[int] = None
     use_state_cache: bool = True
     warmup: bool = False
+    # Tokens a request may hold in a hybrid model's KV cache (None: the longest prompt plus
+    # max_new_tokens); ignored by pure SSMs.
+    max_seq_len: Optional[int] = None
 
 
 def _make_engine(model, job: GenerateJob):
@@ -141,7 +143,8 @@ def _make_engine(model, job: GenerateJob):
     slots = job.num_slots if job.num_slots is not None else job.max_batch_size
     if slots < 1:
         raise CLIError(f"the state cache needs at least one slot, got num_slots={slots}")
-    runner = CachedModel(model, model.allocate_cache(slots))
+    max_len = job.max_seq_len or max((len(p) for p in job.prompts), default=0) + job.max_new_tokens
+    runner = CachedModel(model, model.allocate_cache(slots, max_seq_len=max_len))
     return GenerationEngine(runner, max_batch_size=min(job.max_batch_size, slots),
                             max_prefill_tokens=job.max_prefill_tokens,
                             max_prompt_tokens=job.max_prompt_tokens,
@@ -215,7 +218,8 @@ def bench_rank(job: BenchJob) -> List[dict]:
     engines = {}
     for use_cache, batch, plen in points:
         gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
-                          max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache)
+                          max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache,
+                          max_seq_len=max(job.prompt_lens) + job.gen_tokens)
         engine = engines.get((use_cache, batch))
         if engine is None:
             engine = engines[(use_cache, batch)] = _make_engine(model, gen)

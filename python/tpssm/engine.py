@@ -53,13 +53,16 @@ class GenerationModel(Protocol):
 
 
 class CachedModel:
-    """A tpssm.models.SSMForCausalLM and its SSMStateCache, seen as a GenerationModel."""
+    """A tpssm.models model (any family) and its SSMStateCache, seen as a GenerationModel."""
 
     def __init__(self, model, cache):
         self.model = model
         self.cache = cache
         self.vocab_size = model.config.vocab_size
         self.device = model.ctx.device
+        # Tokens a request may hold (prompt + output) in a hybrid model's KV cache; None when
+        # the model keeps only a fixed-size state.
+        self.max_seq_len = cache.max_seq_len if cache.has_kv else None
 
     def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
         return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
@@ -178,6 +181,13 @@ class GenerationEngine:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.model.vocab_size}), "
                              f"got {bad[:5]}")
+        # A hybrid model's KV cache holds a bounded number of tokens per request: refuse a
+        # request that could outgrow it here, before any of its work is done.
+        max_len = getattr(self.model, "max_seq_len", None)
+        if max_len and len(prompt) + sampling.max_new_tokens > max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens "
+                             f"{sampling.max_new_tokens} exceeds the KV cache's max_seq_len "
+                             f"{max_len}")
         req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter())
         if sampling.temperature > 0:
             req.generator = torch.Generator(device="cpu").manual_seed(sampling.seed)

@@ -1,4 +1,4 @@
-"""A simple generate helper on top of SSMForCausalLM: one packed prefill of all prompts, then one
+"""A simple generate helper on top of any tpssm.models model: one packed prefill of all prompts, then one
 decode step per new token from the state cache. Greedy by default; sampling with temperature,
 top-k and top-p. Under TP every rank must call it with the same arguments; rank 0 picks the
 tokens and broadcasts them, so all ranks stay in lockstep even when sampling."""
@@ -50,7 +50,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     ctx = model.ctx
     dev = ctx.device
     if cache is None:
-        cache = model.allocate_cache(len(prompts))
+        cache = model.allocate_cache(len(prompts),
+                                     max_seq_len=max(len(p) for p in prompts) + max_new_tokens)
     slots = cache.allocate(len(prompts))
     eos = set() if eos_token_id is None else (
         {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
