@@ -133,6 +133,9 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
+  # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464).
+  stage attention_backends 60 $PY benchmarks/attention_backends.py \
+    --json "${JSON%.json}_attention.json"
 fi
 
 if [ $HAVE_CMAKE -eq 1 ]; then

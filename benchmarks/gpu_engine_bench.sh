@@ -27,7 +27,7 @@ layers=()
 # Without the state cache every new token recomputes the prefix: 16 new tokens keep the
 # baseline's longest points under a minute.
 read -r -a sweep <<< "${GPU_ENGINE_SWEEP:---prompt-lens 512,2048 --batch-sizes 1,8 --gen-tokens 16 --repeats 2}"
-for preset in ${GPU_ENGINE_PRESETS:-mamba-2.8b falcon-mamba-7b mamba2-2.7b}; do
+for preset in ${GPU_ENGINE_PRESETS:-mamba-2.8b falcon-mamba-7b mamba2-2.7b zamba2-2.7b}; do
   timeout 300 $PY -m tpssm bench --preset "$preset" "${layers[@]}" --tp 1 --rank-shard 2,4 \
     "${sweep[@]}" --compare-state-cache --dtype bfloat16 \
     --json "$OUTDIR/engine_${preset}_$STAMP.json" \

@@ -249,7 +249,7 @@ def test_command_line_generate_matches_transformers(name, tp, oracles):
 
 @pytest.mark.timeout(600)
 def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
-    """The engine over a hybrid: 5 requests through 2 slots with 5-token prefill chunks
+    """The engine over a hybrid: 5 requests through 3 slots with 5-token prefill chunks
     (decode tokens ride along in prefill steps) give each request's solo tokens; a request that
     could outgrow the KV cache is refused when added."""
     from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
@@ -268,7 +268,7 @@ def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
             engine.add_request(p, sampling)
         return [r.output for r in sorted(engine.run(), key=lambda r: r.request_id)]
 
-    together = run(prompts, 2, 5)
+    together = run(prompts, 3, 5)
     assert together[:4] == oracle["tokens"]
     assert together == [run([p], 1, 4096)[0] for p in prompts]
     engine = GenerationEngine(CachedModel(model, model.allocate_cache(1, max_seq_len=8)))

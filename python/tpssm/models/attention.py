@@ -19,7 +19,6 @@ CUDA-graph capturable).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -83,6 +82,9 @@ class KVBatch:
     positions: Optional[torch.Tensor]        # (T,) int64 rotary positions
     row_index: Optional[torch.Tensor]        # decode: (B,) int64 cache rows (pad -> scratch row)
     row_past: Optional[torch.Tensor]         # decode: (B,) int64 cached tokens per row
+    # prefill: the single continuing tokens (decode steps riding along), attended in one
+    # batched call like a decode batch: their token indices, or None when there are none
+    single_tokens: Optional[torch.Tensor] = None
 
     @staticmethod
     def build(cache: Optional[SSMStateCache], num_tokens: int,
@@ -111,8 +113,18 @@ class KVBatch:
         pos = torch.empty(num_tokens, dtype=torch.int64)
         for (a, b), p in zip(seq_bounds, past):
             pos[a:b] = torch.arange(p, p + b - a)
-        return KVBatch(False, seq_bounds, slots, past, [bool(i) for i in init], cache is None,
-                       pos.to(device), None, None)
+        singles = [i for i, ((a, b), s) in enumerate(zip(seq_bounds, slots))
+                   if cache is not None and s >= 0 and init[i] and b - a == 1]
+        batch = KVBatch(False, seq_bounds, slots, past, [bool(i) for i in init], cache is None,
+                        pos.to(device), None, None)
+        if len(singles) > 1:
+            batch.single_tokens = torch.tensor([seq_bounds[i][0] for i in singles],
+                                               dtype=torch.int64, device=device)
+            batch.row_index = torch.tensor([slots[i] for i in singles], dtype=torch.int64,
+                                           device=device)
+            batch.row_past = torch.tensor([past[i] for i in singles], dtype=torch.int64,
+                                          device=device)
+        return batch
 
     @staticmethod
     def _build_decode(cache: SSMStateCache, batch: int,
@@ -311,7 +323,7 @@ class SharedBlock(nn.Module):
         if cfg.rope_theta:
             q, k = self._rotary(q, kv.positions), self._rotary(k, kv.positions)
         if kv.decode:
-            o = self._decode_attention(q, k, v, kv, k_cache, v_cache)
+            o = self._decode_attention(q, k, v, kv.row_index, kv.row_past, k_cache, v_cache)
         else:
             o = self._prefill_attention(q, k, v, kv, k_cache, v_cache)
         a = self.o_proj(o.reshape(T, L))  # all-reduce #1
@@ -328,10 +340,17 @@ class SharedBlock(nn.Module):
         cached keys plus the chunk's (lower-right causal)."""
         o = torch.zeros_like(q)
         scale = self.cfg.scale
-        for (a, b), slot, past in zip(kv.seq_bounds, kv.seq_slots, kv.seq_past):
+        singles = kv.single_tokens
+        if singles is not None:
+            o[singles] = self._decode_attention(q[singles], k[singles], v[singles], kv.row_index,
+                                                kv.row_past, k_cache, v_cache)
+        for (a, b), slot, past, cont in zip(kv.seq_bounds, kv.seq_slots, kv.seq_past,
+                                            kv.seq_continues):
             if slot < 0 and not kv.stateless:
                 continue  # padding row
             n = b - a
+            if singles is not None and n == 1 and cont:
+                continue  # attended above
             qs = q[a:b].transpose(0, 1)            # (H, n, hd)
             if kv.stateless:
                 ks, vs = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
@@ -350,10 +369,9 @@ class SharedBlock(nn.Module):
             o[a:b] = out.transpose(0, 1)
         return o
 
-    def _decode_attention(self, q, k, v, kv: KVBatch, k_cache, v_cache) -> torch.Tensor:
-        """One token per row, all on the device: write each row's key / value at its length,
-        attend over its slot with a length mask."""
-        rows, past = kv.row_index, kv.row_past
+    def _decode_attention(self, q, k, v, rows, past, k_cache, v_cache) -> torch.Tensor:
+        """One token per row, all on the device: write each row's key / value at position
+        past[row] of cache row rows[row], attend over the row's slot with a length mask."""
         k_cache[rows, :, past] = k
         v_cache[rows, :, past] = v
         ks = k_cache.index_select(0, rows)         # (B, H, max_len, hd)

@@ -409,7 +409,7 @@ class MultiHeadMamba1Mixer(nn.Module):
     @torch.no_grad()
     def load(self, source, prefix: str) -> None:
         e0, e1 = self.e_range
-        L, hd = self.local_dim, self.head_channels
+        L = self.local_dim
         w = source.get_rows(prefix + "in_proj.weight", [(2 * e0, 2 * e1)])
         self.in_proj.weight.copy_(w.view(L, 2, -1).transpose(0, 1).reshape(2 * L, -1))
         if self.in_proj.bias is not None:

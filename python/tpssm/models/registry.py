@@ -11,7 +11,6 @@ presets at the dimensions of public checkpoints. Adding a family is one new modu
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -136,7 +135,3 @@ def dtype_of(name: Any) -> Optional[torch.dtype]:
         return None
     return {"float32": torch.float32, "float16": torch.float16,
             "bfloat16": torch.bfloat16}.get(name.replace("torch.", ""))
-
-
-def finite_or_inf(x: Any) -> float:
-    return math.inf if x is None else float(x)
