@@ -59,15 +59,9 @@ class HybridForCausalLM(CausalLM):
                  allreduce: str = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
         super().__init__()
-        self.config = config
-        self.ctx = ctx if ctx is not None else TPContext()
-        self.dtype = dtype
-        dev = self.ctx.device
+        self._init_ends(config, ctx, dtype, config.rms_norm_eps)
         comm = dict(allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
                     allreduce_group_size=allreduce_group_size)
-        self.embeddings = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
-            requires_grad=False)
         self.layers = nn.ModuleList([HybridLayer(config, i, self.ctx, dtype, backend=backend,
                                                  **comm)
                                      for i in range(config.num_hidden_layers)])
@@ -81,11 +75,6 @@ class HybridForCausalLM(CausalLM):
                                            if self.block_of_visit[k] == b],
                         self.ctx, dtype, **comm)
             for b in range(nblocks)])
-        self.norm_f = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dev)
-        if config.tie_word_embeddings:
-            self.lm_head = self.embeddings
-        else:
-            self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
 
     # ----------------------------------------------------------------------------- loading
     @torch.no_grad()
@@ -106,11 +95,7 @@ class HybridForCausalLM(CausalLM):
                                             self.config.is_zamba2)
                 layer.linear.copy_(source.get(prefix + "linear.weight"))
         self.norm_f.weight.copy_(source.get("model.final_layernorm.weight"))
-        if not self.config.tie_word_embeddings:
-            if not source.has("lm_head.weight"):
-                raise KeyError("config has tie_word_embeddings=False but the checkpoint has no "
-                               "lm_head.weight")
-            self.lm_head.copy_(source.get("lm_head.weight"))
+        self._load_lm_head(source)
 
     # ----------------------------------------------------------------------------- cache
     def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
@@ -172,7 +157,4 @@ class HybridForCausalLM(CausalLM):
             hidden = hidden + layer.mixer(layer.norm(x), conv, ssm, meta)
         if cache is not None and self.blocks:
             kv.advance(cache)
-        if not return_all_logits and query_start_loc is not None:
-            hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
-        hidden = self.norm_f(hidden)
-        return F.linear(hidden, self.lm_head).float()
+        return self._logits(hidden, query_start_loc, return_all_logits)

@@ -58,9 +58,24 @@ def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=eps)  # fp32 inside, one rounding (as RMSNorm)
 
 
+def _causal_conv(kernels, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 conv_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+    """The mixers' conv + SiLU: the update op for a decode batch, the varlen op otherwise."""
+    if meta.is_decode:
+        return kernels.causal_conv1d_update(x, conv_state, weight, bias, activation="silu",
+                                            cache_indices=meta.cache_indices)
+    return kernels.causal_conv1d(x, weight, bias, conv_states=conv_state,
+                                 query_start_loc=meta.query_start_loc,
+                                 cache_indices=meta.cache_indices,
+                                 has_initial_state=meta.has_initial_state, activation="silu")
+
+
 class Mamba1Mixer(nn.Module):
     """Mamba1 / Falcon-Mamba mixer on this rank's E / tp channels (uneven: the first ranks take one
-    extra channel). Two all-reduces per layer: x_proj's T x (R + 2N) and out_proj's T x D."""
+    extra channel). Two all-reduces per layer: x_proj's T x (R + 2N) and out_proj's T x D.
+
+    Subclasses change how in_proj rows are stored (_in_proj_rows, _load_in_proj) and how the
+    x_proj / dt_proj stage and the scan run (_build_ssm_inputs, _load_ssm_inputs, _ssm)."""
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
@@ -81,58 +96,46 @@ class Mamba1Mixer(nn.Module):
         e0, e1 = self.e_range
         self.local_dim = e1 - e0
         self.dt_rank, self.d_state, self.d_conv = R, N, K
+        self.comm = dict(allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
+                         allreduce_group_size=allreduce_group_size)
         dev = ctx.device
-        self.in_proj = ColumnParallelLinear(D, [(e0, e1), (E + e0, E + e1)], config.use_bias, ctx,
-                                            dtype)
+        self.in_proj = ColumnParallelLinear(D, self._in_proj_rows(), config.use_bias, ctx, dtype)
         self.conv_weight = _param(torch.empty(self.local_dim, K, dtype=dtype, device=dev))
         self.conv_bias = (_param(torch.empty(self.local_dim, dtype=dtype, device=dev))
                           if config.use_conv_bias else None)
-        self.x_proj = RowParallelLinear([(e0, e1)], R + 2 * N, False, ctx, dtype,
-                                        allreduce=allreduce,
-                                        allreduce_min_bytes=allreduce_min_bytes,
-                                        allreduce_group_size=allreduce_group_size)
-        self.dt_proj_weight = _param(torch.empty(self.local_dim, R, dtype=dtype, device=dev))
+        self._build_ssm_inputs(dtype)
         self.register_buffer("dt_bias", torch.empty(self.local_dim, dtype=torch.float32,
                                                     device=dev))
         self.register_buffer("A", torch.empty(self.local_dim, N, dtype=torch.float32, device=dev))
         self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
-        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
-                                          allreduce=allreduce,
-                                          allreduce_min_bytes=allreduce_min_bytes,
-                                          allreduce_group_size=allreduce_group_size)
+        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype, **self.comm)
 
-    def state_shape(self) -> LayerStateShape:
-        return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
+    # --- the parts subclasses change
+    def _in_proj_rows(self) -> List[Tuple[int, int]]:
+        E, (e0, e1) = self.config.intermediate_size, self.e_range
+        return [(e0, e1), (E + e0, E + e1)]  # x rows, then z rows
 
-    @torch.no_grad()
-    def load(self, source, prefix: str) -> None:
-        rows = [self.e_range]
+    def _build_ssm_inputs(self, dtype: torch.dtype) -> None:
+        R, N = self.dt_rank, self.d_state
+        self.x_proj = RowParallelLinear([self.e_range], R + 2 * N, False, self.ctx, dtype,
+                                        **self.comm)
+        self.dt_proj_weight = _param(torch.empty(self.local_dim, R, dtype=dtype,
+                                                 device=self.ctx.device))
+
+    def _load_in_proj(self, source, prefix: str) -> None:
         self.in_proj.load(source, prefix + "in_proj.weight", prefix + "in_proj.bias")
-        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", rows)
-                               .reshape(self.local_dim, self.d_conv))
-        if self.conv_bias is not None:
-            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", rows))
+
+    def _load_ssm_inputs(self, source, prefix: str) -> None:
+        rows = [self.e_range]
         self.x_proj.load(source, prefix + "x_proj.weight")
         self.dt_proj_weight.copy_(source.get_rows(prefix + "dt_proj.weight", rows))
         self.dt_bias.copy_(source.get_rows(prefix + "dt_proj.bias", rows))
         self.A.copy_(-torch.exp(source.get_rows(prefix + "A_log", rows).float()))
         self.D.copy_(source.get_rows(prefix + "D", rows))
-        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
 
-    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
-                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
-        k = self.kernels
-        xz = self.in_proj(hidden)
-        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
-        if meta.is_decode:
-            x = k.causal_conv1d_update(x, conv_state, self.conv_weight, self.conv_bias,
-                                       activation="silu", cache_indices=meta.cache_indices)
-        else:
-            x = k.causal_conv1d(x, self.conv_weight, self.conv_bias, conv_states=conv_state,
-                                query_start_loc=meta.query_start_loc,
-                                cache_indices=meta.cache_indices,
-                                has_initial_state=meta.has_initial_state, activation="silu")
+    def _ssm(self, x: torch.Tensor, z: torch.Tensor, ssm_state: Optional[torch.Tensor],
+             meta: BatchMeta) -> torch.Tensor:
+        """Conv output x and gate z (T, local E) -> the gated scan output (T, local E)."""
         x_dbl = self.x_proj(x)  # all-reduce #1
         R, N = self.dt_rank, self.d_state
         dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
@@ -140,18 +143,42 @@ class Mamba1Mixer(nn.Module):
             eps = self.config.mixer_rms_eps
             dt, B, C = _weightless_rms(dt, eps), _weightless_rms(B, eps), _weightless_rms(C, eps)
         dt = F.linear(dt, self.dt_proj_weight)
+        return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta)
+
+    # --- shared
+    def _scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, meta: BatchMeta, out=None):
+        k = self.kernels
         if meta.is_decode:
-            y = k.selective_state_update(ssm_state, x, dt, self.A, B, C, self.D, z, self.dt_bias,
-                                         dt_softplus=True,
-                                         state_batch_indices=meta.cache_indices)
-        else:
-            y = k.selective_scan(x, dt, self.A, B, C, self.D, z, self.dt_bias,
-                                 delta_softplus=True, ssm_states=ssm_state,
-                                 query_start_loc=meta.query_start_loc,
-                                 cache_indices=meta.cache_indices,
-                                 has_initial_state=meta.has_initial_state,
-                                 algorithm=self.scan_algorithm)
-        return self.out_proj(y)  # all-reduce #2
+            return k.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias,
+                                            dt_softplus=True,
+                                            state_batch_indices=meta.cache_indices, out=out)
+        return k.selective_scan(x, dt, A, B, C, D, z, dt_bias, delta_softplus=True,
+                                ssm_states=ssm_state, query_start_loc=meta.query_start_loc,
+                                cache_indices=meta.cache_indices,
+                                has_initial_state=meta.has_initial_state,
+                                algorithm=self.scan_algorithm, out=out)
+
+    def state_shape(self) -> LayerStateShape:
+        return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
+
+    @torch.no_grad()
+    def load(self, source, prefix: str) -> None:
+        rows = [self.e_range]
+        self._load_in_proj(source, prefix)
+        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", rows)
+                               .reshape(self.local_dim, self.d_conv))
+        if self.conv_bias is not None:
+            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", rows))
+        self._load_ssm_inputs(source, prefix)
+        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
+
+    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+        xz = self.in_proj(hidden)
+        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
+        x = _causal_conv(self.kernels, x, self.conv_weight, self.conv_bias, conv_state, meta)
+        return self.out_proj(self._ssm(x, z, ssm_state, meta))  # all-reduce #2
 
 
 def mamba2_local_groups(num_heads: int, n_groups: int, h0: int, h1: int) -> Tuple[List[int], int]:
@@ -298,14 +325,7 @@ class Mamba2Mixer(nn.Module):
         z = zxbcdt[:, :El]
         xBC = zxbcdt[:, El:El + self.conv_channels]
         dt = zxbcdt[:, El + self.conv_channels:]
-        if meta.is_decode:
-            xBC = k.causal_conv1d_update(xBC, conv_state, self.conv_weight, self.conv_bias,
-                                         activation="silu", cache_indices=meta.cache_indices)
-        else:
-            xBC = k.causal_conv1d(xBC, self.conv_weight, self.conv_bias, conv_states=conv_state,
-                                  query_start_loc=meta.query_start_loc,
-                                  cache_indices=meta.cache_indices,
-                                  has_initial_state=meta.has_initial_state, activation="silu")
+        xBC = _causal_conv(k, xBC, self.conv_weight, self.conv_bias, conv_state, meta)
         x = xBC[:, :El]
         B = xBC[:, El:El + gn].unflatten(-1, (self.local_groups, self.d_state))
         C = xBC[:, El + gn:].unflatten(-1, (self.local_groups, self.d_state))
@@ -340,7 +360,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
 
-class MultiHeadMamba1Mixer(nn.Module):
+class MultiHeadMamba1Mixer(Mamba1Mixer):
     """Zamba's Mamba-1 mixer with n_mamba_heads independent heads on this rank's E / tp channels.
 
     Head h owns channels [h * hd, (h + 1) * hd) and its own x_proj / dt_proj: its dt, B and C come
@@ -356,58 +376,39 @@ class MultiHeadMamba1Mixer(nn.Module):
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
                  allreduce: str = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.ctx = ctx
-        self.kernels = get_backend(backend)
-        self.scan_algorithm = "auto"
-        E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
-                         config.time_step_rank, config.conv_kernel)
+        E = config.intermediate_size
         if E % num_heads:
             raise ValueError(f"n_mamba_heads ({num_heads}) must divide the mixer width {E}")
-        self.num_heads, self.head_channels = num_heads, E // num_heads
-        hd = self.head_channels
-        self.e_range = ctx.shard_range(E, "intermediate_size (d_inner)")
+        self._num_heads = num_heads
+        super().__init__(config, layer_idx, ctx, dtype, backend, allreduce, allreduce_min_bytes,
+                         allreduce_group_size)
+
+    def _in_proj_rows(self) -> List[Tuple[int, int]]:
         e0, e1 = self.e_range
-        self.local_dim = e1 - e0
-        self.dt_rank, self.d_state, self.d_conv = R, N, K
+        return [(2 * e0, 2 * e1)]  # interleaved x / z: de-interleaved in _load_in_proj
+
+    def _build_ssm_inputs(self, dtype: torch.dtype) -> None:
+        E, R, N = self.config.intermediate_size, self.dt_rank, self.d_state
+        self.num_heads, self.head_channels = self._num_heads, E // self._num_heads
+        hd = self.head_channels
+        e0, e1 = self.e_range
         # (head, first local channel, end local channel, first channel within the head)
         self.runs = [(h, max(e0, h * hd) - e0, min(e1, (h + 1) * hd) - e0, max(e0, h * hd) - h * hd)
                      for h in range(e0 // hd, (e1 - 1) // hd + 1)]
-        tp = ctx.world_size
+        tp = self.ctx.world_size
         bounds = [shard_range(E, tp, r, "intermediate_size (d_inner)") for r in range(tp)]
-        self.x_proj_allreduce = ctx.communicates and any(b % hd for _, b in bounds[:-1])
-        self.allreduce, self.allreduce_min_bytes = allreduce, allreduce_min_bytes
-        self.allreduce_group_size = allreduce_group_size
-        lengths = {b - a for _, a, b, _ in self.runs}
+        self.x_proj_allreduce = self.ctx.communicates and any(b % hd for _, b in bounds[:-1])
         # Equal runs: one kernel call with a B / C group per run; unequal (a head split at an
         # odd place): one call per run on column views of the activations and states.
-        self.one_call = len(lengths) == 1
-        dev = ctx.device
-        self.in_proj = ColumnParallelLinear(D, [(2 * e0, 2 * e1)], config.use_bias, ctx, dtype)
-        self.conv_weight = _param(torch.empty(self.local_dim, K, dtype=dtype, device=dev))
-        self.conv_bias = (_param(torch.empty(self.local_dim, dtype=dtype, device=dev))
-                          if config.use_conv_bias else None)
-        W = R + 2 * N
+        self.one_call = len({b - a for _, a, b, _ in self.runs}) == 1
+        dev = self.ctx.device
         self.x_proj_weights = nn.ParameterList([
-            _param(torch.empty(W, b - a, dtype=dtype, device=dev)) for _, a, b, _ in self.runs])
+            _param(torch.empty(R + 2 * N, b - a, dtype=dtype, device=dev))
+            for _, a, b, _ in self.runs])
         self.dt_proj_weights = nn.ParameterList([
             _param(torch.empty(b - a, R, dtype=dtype, device=dev)) for _, a, b, _ in self.runs])
-        self.register_buffer("dt_bias", torch.empty(self.local_dim, dtype=torch.float32,
-                                                    device=dev))
-        self.register_buffer("A", torch.empty(self.local_dim, N, dtype=torch.float32, device=dev))
-        self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
-        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
-                                          allreduce=allreduce,
-                                          allreduce_min_bytes=allreduce_min_bytes,
-                                          allreduce_group_size=allreduce_group_size)
 
-    def state_shape(self) -> LayerStateShape:
-        return LayerStateShape(self.local_dim, self.d_conv, (self.local_dim, self.d_state))
-
-    @torch.no_grad()
-    def load(self, source, prefix: str) -> None:
+    def _load_in_proj(self, source, prefix: str) -> None:
         e0, e1 = self.e_range
         L = self.local_dim
         w = source.get_rows(prefix + "in_proj.weight", [(2 * e0, 2 * e1)])
@@ -415,20 +416,17 @@ class MultiHeadMamba1Mixer(nn.Module):
         if self.in_proj.bias is not None:
             b = source.get_rows(prefix + "in_proj.bias", [(2 * e0, 2 * e1)])
             self.in_proj.bias.copy_(b.view(L, 2).t().reshape(-1))
-        rows = [self.e_range]
-        self.conv_weight.copy_(source.get_rows(prefix + "conv1d.weight", rows)
-                               .reshape(L, self.d_conv))
-        if self.conv_bias is not None:
-            self.conv_bias.copy_(source.get_rows(prefix + "conv1d.bias", rows))
+
+    def _load_ssm_inputs(self, source, prefix: str) -> None:
+        get = source.get_block
         for i, (h, a, b, c) in enumerate(self.runs):
             head, chans = slice(h, h + 1), slice(c, c + b - a)
-            get = source.get_block
-            self.x_proj_weights[i].copy_(get(prefix + "x_proj_weight", (head, slice(None), chans))[0])
+            self.x_proj_weights[i].copy_(get(prefix + "x_proj_weight",
+                                             (head, slice(None), chans))[0])
             self.dt_proj_weights[i].copy_(get(prefix + "dt_proj_weight", (head, chans))[0])
             self.dt_bias[a:b].copy_(get(prefix + "dt_proj_bias", (head, chans))[0])
             self.A[a:b].copy_(-torch.exp(get(prefix + "A_log", (head, chans))[0].float()))
             self.D[a:b].copy_(get(prefix + "D", (head, chans))[0])
-        self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
 
     def _x_proj(self, x: torch.Tensor) -> torch.Tensor:
         """(T, local E) -> (T, runs, R + 2N): each run's head's dt / B / C inputs."""
@@ -439,48 +437,24 @@ class MultiHeadMamba1Mixer(nn.Module):
         full = x.new_zeros(x.shape[0], self.num_heads, W)
         for (h, _, _, _), p in zip(self.runs, parts):
             full[:, h] = p
-        full = self.ctx.all_reduce(full.view(x.shape[0], -1), self.allreduce,
-                                   self.allreduce_min_bytes, self.allreduce_group_size)
+        full = self.ctx.all_reduce(full.view(x.shape[0], -1), self.comm["allreduce"],
+                                   self.comm["allreduce_min_bytes"],
+                                   self.comm["allreduce_group_size"])
         heads = [h for h, _, _, _ in self.runs]
         return full.view(x.shape[0], self.num_heads, W)[:, heads[0]:heads[-1] + 1]
 
-    def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
-                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
-        k = self.kernels
-        xz = self.in_proj(hidden)
-        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
-        if meta.is_decode:
-            x = k.causal_conv1d_update(x, conv_state, self.conv_weight, self.conv_bias,
-                                       activation="silu", cache_indices=meta.cache_indices)
-        else:
-            x = k.causal_conv1d(x, self.conv_weight, self.conv_bias, conv_states=conv_state,
-                                query_start_loc=meta.query_start_loc,
-                                cache_indices=meta.cache_indices,
-                                has_initial_state=meta.has_initial_state, activation="silu")
+    def _ssm(self, x: torch.Tensor, z: torch.Tensor, ssm_state: Optional[torch.Tensor],
+             meta: BatchMeta) -> torch.Tensor:
         dbl = self._x_proj(x)
         R, N = self.dt_rank, self.d_state
         dt = torch.cat([F.linear(dbl[:, i, :R], w) for i, w in enumerate(self.dt_proj_weights)],
                        dim=1)
         B, C = dbl[..., R:R + N], dbl[..., R + N:]
         if self.one_call:
-            y = self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta, None)
-        else:
-            y = torch.empty_like(x)
-            for i, (_, a, b, _) in enumerate(self.runs):
-                self._scan(x[:, a:b], dt[:, a:b], self.A[a:b], B[:, i], C[:, i], self.D[a:b],
-                           z[:, a:b], self.dt_bias[a:b],
-                           None if ssm_state is None else ssm_state[:, a:b], meta, y[:, a:b])
-        return self.out_proj(y)  # the only other all-reduce
-
-    def _scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, meta: BatchMeta, out):
-        k = self.kernels
-        if meta.is_decode:
-            return k.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias,
-                                            dt_softplus=True,
-                                            state_batch_indices=meta.cache_indices, out=out)
-        return k.selective_scan(x, dt, A, B, C, D, z, dt_bias, delta_softplus=True,
-                                ssm_states=ssm_state, query_start_loc=meta.query_start_loc,
-                                cache_indices=meta.cache_indices,
-                                has_initial_state=meta.has_initial_state,
-                                algorithm=self.scan_algorithm, out=out)
+            return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta)
+        y = torch.empty_like(x)
+        for i, (_, a, b, _) in enumerate(self.runs):
+            self._scan(x[:, a:b], dt[:, a:b], self.A[a:b], B[:, i], C[:, i], self.D[a:b],
+                       z[:, a:b], self.dt_bias[a:b],
+                       None if ssm_state is None else ssm_state[:, a:b], meta, y[:, a:b])
+        return y

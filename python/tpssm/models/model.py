@@ -70,6 +70,23 @@ class CausalLM(nn.Module):
     config: object
     ctx: TPContext
 
+    def _init_ends(self, config, ctx: Optional[TPContext], dtype: torch.dtype,
+                   norm_eps: float) -> None:
+        """config / ctx / dtype and the replicated ends of the model: the embedding, the final
+        norm and lm_head (the embedding itself when tied)."""
+        self.config = config
+        self.ctx = ctx if ctx is not None else TPContext()
+        self.dtype = dtype
+        dev = self.ctx.device
+        self.embeddings = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
+            requires_grad=False)
+        self.norm_f = RMSNorm(config.hidden_size, norm_eps, dtype, dev)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embeddings
+        else:
+            self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
+
     @classmethod
     def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
                         dtype: Optional[torch.dtype] = None, backend: str = "ops",
@@ -133,6 +150,23 @@ class CausalLM(nn.Module):
         """One decode step: input_ids (batch,) -> logits (batch, vocab)."""
         return self.forward(input_ids, None, cache_indices, None, cache)
 
+    # --- pieces the subclasses' load_weights / forward share
+    def _load_lm_head(self, source: WeightSource) -> None:
+        if not self.config.tie_word_embeddings:
+            if not source.has("lm_head.weight"):
+                raise KeyError("config has tie_word_embeddings=False but the checkpoint has no "
+                               "lm_head.weight")
+            self.lm_head.copy_(source.get("lm_head.weight"))
+
+    def _logits(self, hidden: torch.Tensor, query_start_loc: Optional[torch.Tensor],
+                return_all_logits: bool) -> torch.Tensor:
+        """Final norm and head: float32 logits of each request's last token (every token's with
+        return_all_logits; a decode batch's rows are its requests)."""
+        if not return_all_logits and query_start_loc is not None:
+            hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
+        hidden = self.norm_f(hidden)
+        return F.linear(hidden.to(self.dtype), self.lm_head).float()
+
 
 class SSMForCausalLM(CausalLM):
     """A TP model on the ranks of `ctx` (tp = 1 without one).
@@ -146,23 +180,12 @@ class SSMForCausalLM(CausalLM):
                  allreduce: str = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
         super().__init__()
-        self.config = config
-        self.ctx = ctx if ctx is not None else TPContext()
-        self.dtype = dtype
-        dev = self.ctx.device
-        self.embeddings = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
-            requires_grad=False)
+        self._init_ends(config, ctx, dtype, config.layer_norm_epsilon)
         self.layers = nn.ModuleList([
             SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=allreduce,
                      allreduce_min_bytes=allreduce_min_bytes,
                      allreduce_group_size=allreduce_group_size)
             for i in range(config.num_hidden_layers)])
-        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, dev)
-        if config.tie_word_embeddings:
-            self.lm_head = self.embeddings
-        else:
-            self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
 
     # ----------------------------------------------------------------------------- loading
     @torch.no_grad()
@@ -173,11 +196,7 @@ class SSMForCausalLM(CausalLM):
             layer.norm.weight.copy_(source.get(prefix + "norm.weight"))
             layer.mixer.load(source, prefix + "mixer.")
         self.norm_f.weight.copy_(source.get("backbone.norm_f.weight"))
-        if not self.config.tie_word_embeddings:
-            if not source.has("lm_head.weight"):
-                raise KeyError("config has tie_word_embeddings=False but the checkpoint has no "
-                               "lm_head.weight")
-            self.lm_head.copy_(source.get("lm_head.weight"))
+        self._load_lm_head(source)
 
     # ----------------------------------------------------------------------------- cache
     def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
@@ -222,7 +241,4 @@ class SSMForCausalLM(CausalLM):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
             hidden = layer(hidden, conv, ssm, meta)
-        if not return_all_logits and query_start_loc is not None:
-            hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
-        hidden = self.norm_f(hidden)
-        return F.linear(hidden.to(self.dtype), self.lm_head).float()
+        return self._logits(hidden, query_start_loc, return_all_logits)
