@@ -180,14 +180,23 @@ def test_errors_are_one_line(mamba_dir, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_generate_with_quantized_allreduce(mamba_dir):
+    """--allreduce int8 reaches the model: its reductions take the quantized path (counted by
+    the model's strategy), and with the default threshold decode-sized messages stay exact."""
     _, path = mamba_dir
-    code, out, err = run_cli("generate", "--model", path, "--tp", "2", "--input-ids", "1,2,3,4",
-                             "--max-new-tokens", "5", "--ignore-eos", "--allreduce", "int8",
-                             "--allreduce-min-bytes", "0", "--json")
+    common = ("generate", "--model", path, "--tp", "2", "--input-ids", "1,2,3,4",
+              "--max-new-tokens", "5", "--ignore-eos", "--json")
+    code, out, err = run_cli(*common, "--allreduce", "int8", "--allreduce-min-bytes", "0")
     assert code == 0, err
     record = json.loads(out)
     assert len(record["output_ids"]) == 5
     assert all(0 <= t < 256 for t in record["output_ids"])
+    calls = record["allreduce_calls"]
+    # out_proj (width 64) quantizes; x_proj's 36-wide output no group size divides stays exact.
+    assert calls["quantized"] > 0 and calls["exact"] == calls["quantized"], calls
+    code, out, err = run_cli(*common, "--allreduce", "exact")
+    assert code == 0, err
+    calls = json.loads(out)["allreduce_calls"]
+    assert calls["quantized"] == 0 and calls["exact"] > 0, calls
 
 
 @pytest.mark.timeout(300)

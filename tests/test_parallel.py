@@ -128,19 +128,22 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
     dist.all_reduce(p)
     out["row_partial"] = float((p - ref).abs().max())
 
-    # Quantized schemes go to tpssm.qallreduce.all_reduce, except under the size threshold.
-    calls = []
+    # Quantized schemes run the two-shot algorithm on the strategy's buffers, except under the
+    # size threshold; the exchange is replaced by an exact sum here to check the routing.
+    from tpssm import qallreduce
+    from tpssm.reference.qallreduce import CODECS
 
-    def fake_all_reduce(t, group, scheme="int8", group_size=128):
-        calls.append((scheme, t.numel(), group_size))
+    calls = []
+    names = {v[0]: k for k, v in CODECS.items()}
+
+    def fake_two_shot(t, group, n, codec, group_size, residual, send, recv, mine, gathered,
+                      out_buf):
+        calls.append((names[codec], t.numel(), group_size))
         r = t.clone()
         dist.all_reduce(r, group=group)
-        return r
+        return out_buf.copy_(r if residual is None else r + residual)
 
-    sys.modules["tpssm.qallreduce"] = types.SimpleNamespace(all_reduce=fake_all_reduce)
-    import tpssm
-
-    tpssm.qallreduce = sys.modules["tpssm.qallreduce"]
+    qallreduce._two_shot = fake_two_shot
     q = RowParallelLinear(cols, full_w_row.shape[0], True, ctx, allreduce="int8")
     q.load(src, "rw", "rb")
     out["row_int8"] = float((q(xl) - ref).abs().max())

@@ -182,7 +182,8 @@ def generate_rank(job: GenerateJob) -> dict:
     return {"outputs": [r.output for r in done], "seconds": seconds,
             "ttft_s": [r.ttft_s for r in done],
             "new_tokens": sum(len(r.output) for r in done), "device": str(model.ctx.device),
-            "param_bytes_per_rank": model.parameter_bytes()}
+            "param_bytes_per_rank": model.parameter_bytes(),
+            "allreduce_calls": dict(model.allreduce.calls)}
 
 
 @dataclass
@@ -373,7 +374,8 @@ def cmd_generate(args) -> int:
     result = _spawn(generate_rank, args.tp, job, args.timeout)[0]
     out = result["outputs"][0]
     record = {"model": args.model, "tp": args.tp, "input_ids": ids, "output_ids": out,
-              "seconds": result["seconds"]}
+              "seconds": result["seconds"], "allreduce": args.allreduce,
+              "allreduce_calls": result["allreduce_calls"]}
     if tokenizer is not None:
         record["text"] = tokenizer.decode(out)
     if not is_primary():

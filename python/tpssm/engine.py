@@ -71,6 +71,11 @@ class CachedModel:
     def decode(self, input_ids, cache_indices):
         return self.model.decode(input_ids, cache_indices, self.cache)
 
+    def reserve_step(self, num_tokens: int) -> None:
+        """Sizes the model's all-reduce buffers for steps of up to num_tokens tokens (before any
+        decode step is captured in a CUDA graph)."""
+        self.model.allreduce.reserve(num_tokens * self.model.config.hidden_size)
+
     def allocate_slot(self) -> int:
         return self.cache.allocate()
 
@@ -165,6 +170,10 @@ class GenerationEngine:
         self._next_id = 0
         self._graphs: Dict[int, "_DecodeGraph"] = {}
         self.num_steps = 0
+        # The largest step: a full prefill chunk plus every other running request's token.
+        reserve = getattr(model, "reserve_step", None)
+        if reserve is not None:
+            reserve(max_prefill_tokens + max_batch_size)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int], sampling: Optional[SamplingParams] = None

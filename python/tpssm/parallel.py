@@ -5,19 +5,20 @@ Uneven splits are supported: a dimension of size n over tp ranks gives the first
 extra unit (channel, head), as in the paper's prototype. Splits that would leave a rank with
 nothing raise up front (`shard_range` names the dimension and the tp degree).
 
-Row-parallel reductions are pluggable: `allreduce="exact"` is a plain `dist.all_reduce`; "int8",
-"fp8" and "fp16" call `tpssm.qallreduce.all_reduce` (imported when first used), except for
-payloads under `allreduce_min_bytes`, which always take the exact path (latency-bound decode
-messages gain nothing from quantization). int8 / fp8 quantize in groups of `group_size`
-elements of the last dim: the largest supported size <= the requested one that divides the last
-dim is used, and a last dim no supported size divides (e.g. a tiny x_proj output) is reduced
-exactly.
+Row-parallel reductions go through one `AllReduce` strategy per model: "exact" is a plain
+`dist.all_reduce`; "int8", "fp8" and "fp16" run `tpssm.qallreduce.QuantizedAllReduce` on
+persistent buffers shared by every reduction of the model (the fused NCCL op on CUDA with an
+NCCL group, the composed collectives otherwise), except for payloads under `min_bytes`, which
+always take the exact path (latency-bound decode messages gain nothing from quantization). int8 /
+fp8 quantize in groups of `group_size` elements of the last dim: the largest supported size <=
+the requested one that divides the last dim is used, and a last dim no supported size divides
+(e.g. a tiny x_proj output) is reduced exactly.
 """
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 __all__ = [
     "ALLREDUCE_SCHEMES",
+    "AllReduce",
     "TPContext",
     "ColumnParallelLinear",
     "RowParallelLinear",
@@ -205,6 +207,82 @@ def _check_scheme(allreduce: str) -> str:
     return allreduce
 
 
+class AllReduce:
+    """A model's one all-reduce strategy, shared by all its row-parallel reductions.
+
+    scheme: "exact" | "int8" | "fp8" | "fp16"; payloads under min_bytes are reduced exactly;
+    group_size: the int8 / fp8 quantization group (see the module docstring); backend: "auto"
+    (the fused NCCL op on CUDA with an NCCL group, else composed), "composed" or "fused".
+    The quantized schemes keep persistent buffers (fixed addresses: CUDA-graph safe), created
+    at the first reduction or by reserve(num_elements) - call it with the largest step's
+    T x width before capturing graphs; a larger message outside capture grows them.
+    """
+
+    def __init__(self, ctx: "TPContext", scheme: str = "exact", min_bytes: int = 0,
+                 group_size: int = 128, backend: str = "auto"):
+        self.ctx = ctx
+        self.scheme = _check_scheme(scheme)
+        self.min_bytes = int(min_bytes)
+        self.group_size = int(group_size)
+        self.backend = backend
+        self._quantized = None   # tpssm.qallreduce.QuantizedAllReduce, built on first use
+        # Reductions issued per path (a CUDA graph counts its captured ones once, at capture).
+        self.calls = {"exact": 0, "quantized": 0}
+        if self.scheme != "exact" and self.group_size not in QUANT_GROUP_SIZES:
+            raise ValueError(f"allreduce_group_size must be one of {QUANT_GROUP_SIZES}, got "
+                             f"{group_size}")
+
+    @classmethod
+    def of(cls, ctx: "TPContext", allreduce: Union[str, "AllReduce"] = "exact",
+           min_bytes: int = 0, group_size: int = 128) -> "AllReduce":
+        """`allreduce` itself when it is a strategy, else a new one for the scheme it names."""
+        if isinstance(allreduce, AllReduce):
+            return allreduce
+        return cls(ctx, allreduce, min_bytes, group_size)
+
+    def reserve(self, num_elements: int, device=None) -> None:
+        """Sizes the persistent buffers for messages of up to num_elements elements."""
+        if self.scheme in ("int8", "fp8") and self.ctx.communicates:
+            self._buffers(device or self.ctx.device).reserve(num_elements)
+
+    def _buffers(self, device):
+        if self._quantized is None:
+            from tpssm.qallreduce import QuantizedAllReduce  # needs the compiled extension
+
+            self._quantized = QuantizedAllReduce(
+                self.ctx.group, hidden=None, dtype=None, device=device, scheme=self.scheme,
+                group_size=self.group_size, min_bytes=self.min_bytes, backend=self.backend,
+                max_elements=1)
+        return self._quantized
+
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+        """The sum of x over the group, plus `residual` when given. With a residual of x's
+        dtype the quantized schemes add it in fp32 before their one rounding (fused into the
+        dequantize); otherwise it is added after the reduction. "exact" reduces x in place."""
+        ctx = self.ctx
+        if ctx.communicates:
+            if (self.scheme == "exact" or x.numel() * x.element_size() < self.min_bytes
+                    or (self.scheme != "fp16" and not any(
+                        g <= self.group_size and x.shape[-1] % g == 0 for g in QUANT_GROUP_SIZES))):
+                self.calls["exact"] += 1
+                dist.all_reduce(x, group=ctx.group)
+            else:
+                self.calls["quantized"] += 1
+                fuse = residual is not None and residual.dtype == x.dtype
+                x = self._buffers(x.device)(x.contiguous(), residual if fuse else None)
+                if fuse:
+                    return x
+        return x if residual is None else residual + x
+
+    def close(self) -> None:
+        """Destroys the fused backend's NCCL communicator (collective; see
+        QuantizedAllReduce.close)."""
+        if self._quantized is not None:
+            self._quantized.close()
+            self._quantized = None
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x @ W[rows]^T (+ b[rows]): the rank holds the output rows `rows` (global
     [start, end) ranges, possibly several for a packed weight, possibly repeated for replicated
@@ -244,26 +322,24 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W[:, cols]^T) + b: the rank holds the input columns `cols`.
 
-    x: (..., local_in_features) -> (..., out_features).
-    reduce_results=False returns the partial sum instead (the caller reduces, e.g. fused with
-    the residual add); the bias is then added on rank 0 only, so the later reduction counts it
-    once. allreduce: "exact" | "int8" | "fp8" | "fp16"; payloads smaller than
-    allreduce_min_bytes always use "exact"; allreduce_group_size is the int8 / fp8 quantization
-    group (see TPContext.all_reduce).
+    x: (..., local_in_features) -> (..., out_features); forward(x, residual) returns
+    residual + y with the add done by the reduction where it can (see AllReduce).
+    reduce_results=False returns the partial sum instead (the caller reduces); the bias is then
+    added on rank 0 only, so the later reduction counts it once. allreduce: the model's
+    AllReduce strategy, or a scheme name ("exact" | "int8" | "fp8" | "fp16") for a strategy of
+    this layer's own with allreduce_min_bytes / allreduce_group_size.
     """
 
     def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, device=None, reduce_results: bool = True,
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce: Union[str, AllReduce] = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
         super().__init__()
         self.cols = list(cols)
         self.out_features = out_features
         self.ctx = ctx
         self.reduce_results = reduce_results
-        self.allreduce = _check_scheme(allreduce)
-        self.allreduce_min_bytes = int(allreduce_min_bytes)
-        self.allreduce_group_size = int(allreduce_group_size)
+        self.allreduce = AllReduce.of(ctx, allreduce, allreduce_min_bytes, allreduce_group_size)
         device = device if device is not None else ctx.device
         self.weight = nn.Parameter(torch.empty(out_features, ranges_size(self.cols), dtype=dtype,
                                                device=device), requires_grad=False)
@@ -276,14 +352,13 @@ class RowParallelLinear(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(source.get(bias_name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight)
         if not self.reduce_results:
             if self.bias is not None and self.ctx.rank == 0:
                 y = y + self.bias
-            return y
-        y = self.ctx.all_reduce(y, self.allreduce, self.allreduce_min_bytes,
-                                self.allreduce_group_size)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+            return y if residual is None else residual + y
+        if self.bias is None:
+            return self.allreduce(y, residual)
+        y = self.allreduce(y) + self.bias
+        return y if residual is None else residual + y

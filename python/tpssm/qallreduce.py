@@ -53,6 +53,8 @@ __all__ = [
     "chunk_bytes",
     "wire_bytes",
     "init_nccl_comm",
+    "GROUP_SIZES",
+    "pick_group_size",
 ]
 
 SCHEMES = ("exact", "int8", "fp8", "fp16")
@@ -290,6 +292,16 @@ def init_nccl_comm(group=None, device=None) -> int:
         return int(_ops.qar_nccl_init(uid, rank, n))
 
 
+# Quantization group sizes the kernels support, largest first.
+GROUP_SIZES = (256, 128, 64, 32)
+
+
+def pick_group_size(width: int, group_size: int) -> int:
+    """The largest supported group size <= group_size dividing `width` (groups never straddle
+    rows), or 0 when none does."""
+    return next((g for g in GROUP_SIZES if g <= group_size and width % g == 0), 0)
+
+
 class QuantizedAllReduce:
     """Reusable all-reduce with persistent buffers (fixed addresses: CUDA-graph safe).
 
@@ -298,18 +310,26 @@ class QuantizedAllReduce:
     backend: "composed" (torch.distributed collectives on the buffers), "fused" (one op on the
     extension's own NCCL communicator, CUDA only) or "auto" (fused on CUDA with the CUDA build
     and an NCCL group, composed otherwise).
+
+    hidden=None serves any last dim (a model's reductions of several widths share one set of
+    buffers): each call quantizes in groups of pick_group_size(width, group_size) elements and
+    reduces exactly when no supported size divides the width; dtype=None accepts any dtype;
+    max_elements sizes the buffers. reserve(numel) grows them (never during CUDA-graph capture).
     """
 
-    def __init__(self, group=None, max_tokens: int = 1, hidden: int = 128,
-                 dtype: torch.dtype = torch.bfloat16, device=None, scheme: str = "int8",
-                 group_size: int = 128, min_bytes: int = 0, backend: str = "auto"):
+    def __init__(self, group=None, max_tokens: int = 1, hidden: Optional[int] = 128,
+                 dtype: Optional[torch.dtype] = torch.bfloat16, device=None,
+                 scheme: str = "int8", group_size: int = 128, min_bytes: int = 0,
+                 backend: str = "auto", max_elements: Optional[int] = None):
         _check_scheme(scheme)
         if backend not in ("auto", "composed", "fused"):
             raise ValueError(f"backend must be 'auto', 'composed' or 'fused', got {backend!r}")
-        if hidden % group_size != 0:
+        if hidden is not None and hidden % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide hidden ({hidden})")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.max_tokens, self.hidden, self.dtype = max_tokens, hidden, dtype
@@ -326,27 +346,52 @@ class QuantizedAllReduce:
         if backend == "fused" and (self.device.type != "cuda" or not tpssm.has_cuda_kernels()):
             raise ValueError("backend='fused' needs a CUDA device and the CUDA build of tpssm")
         self.backend = backend
-        self.capacity = chunk_bytes(max_tokens * hidden, n, group_size)
-        mk = lambda size: torch.zeros(size, dtype=torch.uint8, device=self.device)  # noqa: E731
-        self.send, self.recv = mk(n * self.capacity), mk(n * self.capacity)
-        self.mine, self.gathered = mk(self.capacity), mk(n * self.capacity)
+        self.capacity = 0
+        self.reserve(max_elements if max_elements is not None
+                     else max_tokens * (hidden or group_size))
         if backend == "fused" and self.codec is not None and n > 1:
             self.handle = init_nccl_comm(group, self.device)
+
+    def _bytes_for(self, numel: int) -> int:
+        # Chunk bytes for any group size a call may pick: small sizes carry more scales, large
+        # ones round stripes up further.
+        sizes = ([self.group_size] if self.hidden is not None
+                 else [g for g in GROUP_SIZES if g <= self.group_size])
+        return max(chunk_bytes(-(-numel // g) * g, self.world_size, g) for g in sizes)
+
+    def reserve(self, numel: int) -> None:
+        """Grows the buffers to hold messages of numel elements (no-op when they do)."""
+        need = self._bytes_for(max(1, int(numel)))
+        if need <= self.capacity:
+            return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"QuantizedAllReduce: a {numel}-element message does not fit the "
+                               f"buffers during CUDA-graph capture; reserve() before capturing")
+        n = self.world_size
+        mk = lambda size: torch.zeros(size, dtype=torch.uint8, device=self.device)  # noqa: E731
+        self.capacity = need
+        self.send, self.recv = mk(n * need), mk(n * need)
+        self.mine, self.gathered = mk(need), mk(n * need)
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (tokens, hidden) (any leading shape) -> the sum over ranks (+ residual)."""
         n = self.world_size
-        if x.shape[-1] != self.hidden:
-            raise ValueError(f"x must have hidden dim {self.hidden}, got shape {tuple(x.shape)}")
-        if x.numel() > self.max_tokens * self.hidden:
-            raise ValueError(f"x has {x.numel() // self.hidden} tokens, more than max_tokens "
-                             f"({self.max_tokens}) the buffers were sized for")
-        if x.dtype != self.dtype:
+        group_size = self.group_size
+        if self.hidden is not None:
+            if x.shape[-1] != self.hidden:
+                raise ValueError(f"x must have hidden dim {self.hidden}, got shape "
+                                 f"{tuple(x.shape)}")
+            if x.numel() > self.max_tokens * self.hidden:
+                raise ValueError(f"x has {x.numel() // self.hidden} tokens, more than max_tokens "
+                                 f"({self.max_tokens}) the buffers were sized for")
+        else:
+            group_size = pick_group_size(x.shape[-1], self.group_size)
+        if self.dtype is not None and x.dtype != self.dtype:
             raise ValueError(f"x must have dtype {self.dtype}, got {x.dtype}")
         if n == 1 or x.numel() == 0:
             y = _add_residual(x.clone(), residual, x.dtype)
-        elif x.numel() * x.element_size() < self.min_bytes:
+        elif x.numel() * x.element_size() < self.min_bytes or not group_size:
             y = _plain_all_reduce(x, self.group, "exact", residual)
         elif self.codec is None:
             y = _plain_all_reduce(x, self.group, self.scheme, residual)
@@ -356,16 +401,17 @@ class QuantizedAllReduce:
             if out is None:
                 return y
             return out.copy_(y)
+        self.reserve(x.numel())
         x = _aligned(x)
         if residual is not None:
             residual = _aligned(residual)
         if out is None:
             out = torch.empty_like(x)
         if self.backend == "fused":
-            _ops.qar_nccl_all_reduce(self.handle, x, self.group_size, self.codec, residual,
+            _ops.qar_nccl_all_reduce(self.handle, x, group_size, self.codec, residual,
                                      self.send, self.recv, self.mine, self.gathered, out)
             return out
-        return _two_shot(x, self.group, n, self.codec, self.group_size, residual, self.send,
+        return _two_shot(x, self.group, n, self.codec, group_size, residual, self.send,
                          self.recv, self.mine, self.gathered, out)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ CUDA-graph capturable).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
 from tpssm.models.model import RMSNorm
-from tpssm.parallel import RowParallelLinear, TPContext, ranges_size
+from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, ranges_size
 
 __all__ = ["AttentionConfig", "KVBatch", "SharedBlock", "ACTIVATIONS"]
 
@@ -215,11 +215,11 @@ class SharedBlock(nn.Module):
     (Zamba2) in `adapters_of_visit`, indexed by the global hybrid-visit number."""
 
     def __init__(self, cfg: AttentionConfig, visits: Sequence[int], ctx: TPContext,
-                 dtype: torch.dtype, allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 dtype: torch.dtype, allreduce: Union[str, AllReduce] = "exact"):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
+        allreduce = AllReduce.of(ctx, allreduce)
         dev = ctx.device
         D, Di, hd, H, I = (cfg.hidden_size, cfg.input_size, cfg.head_dim, cfg.num_heads,
                            cfg.intermediate_size)
@@ -236,18 +236,14 @@ class SharedBlock(nn.Module):
         self.qkv_weight = nn.Parameter(torch.empty(3 * L, Di, dtype=dtype, device=dev),
                                        requires_grad=False)
         self.o_proj = RowParallelLinear(self.head_rows, D, False, ctx, dtype,
-                                        allreduce=allreduce,
-                                        allreduce_min_bytes=allreduce_min_bytes,
-                                        allreduce_group_size=allreduce_group_size)
+                                        allreduce=allreduce)
         self.gate_up_weight = nn.Parameter(torch.empty(2 * self.local_inter, D, dtype=dtype,
                                                        device=dev), requires_grad=False)
         self.gate_up_bias = (nn.Parameter(torch.empty(2 * self.local_inter, dtype=dtype,
                                                       device=dev), requires_grad=False)
                              if cfg.mlp_bias else None)
         self.down_proj = RowParallelLinear([self.i_range], D, cfg.mlp_bias, ctx, dtype,
-                                           allreduce=allreduce,
-                                           allreduce_min_bytes=allreduce_min_bytes,
-                                           allreduce_group_size=allreduce_group_size)
+                                           allreduce=allreduce)
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.visits = list(visits)
         self.qkv_adapters = nn.ModuleDict()

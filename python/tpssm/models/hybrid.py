@@ -17,7 +17,7 @@ families (channels / heads), shared blocks by attention heads and MLP channels
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from tpssm.models.attention import KVBatch, SharedBlock
 from tpssm.models.mixers import BatchMeta, Mamba2Mixer, MultiHeadMamba1Mixer
 from tpssm.models.model import CausalLM, RMSNorm
 from tpssm.models.weights import WeightSource
-from tpssm.parallel import TPContext
+from tpssm.parallel import AllReduce, TPContext
 
 __all__ = ["HybridForCausalLM", "HybridLayer"]
 
@@ -56,12 +56,12 @@ class HybridForCausalLM(CausalLM):
 
     def __init__(self, config, ctx: Optional[TPContext] = None,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce: Union[str, AllReduce] = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
         super().__init__()
-        self._init_ends(config, ctx, dtype, config.rms_norm_eps)
-        comm = dict(allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
-                    allreduce_group_size=allreduce_group_size)
+        self._init_ends(config, ctx, dtype, config.rms_norm_eps, allreduce, allreduce_min_bytes,
+                        allreduce_group_size)
+        comm = dict(allreduce=self.allreduce)
         self.layers = nn.ModuleList([HybridLayer(config, i, self.ctx, dtype, backend=backend,
                                                  **comm)
                                      for i in range(config.num_hidden_layers)])
@@ -154,7 +154,7 @@ class HybridForCausalLM(CausalLM):
                 block = self.blocks[self.block_of_visit[k]]
                 t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc)
                 x = hidden + F.linear(t, layer.linear)
-            hidden = hidden + layer.mixer(layer.norm(x), conv, ssm, meta)
+            hidden = layer.mixer(layer.norm(x), conv, ssm, meta, residual=hidden)
         if cache is not None and self.blocks:
             kv.advance(cache)
         return self._logits(hidden, query_start_loc, return_all_logits)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tpssm.cache import LayerStateShape
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
-from tpssm.parallel import ColumnParallelLinear, RowParallelLinear, TPContext, shard_range
+from tpssm.parallel import (AllReduce, ColumnParallelLinear, RowParallelLinear, TPContext,
+                            shard_range)
 
 __all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
            "mamba2_local_groups"]
@@ -79,13 +80,13 @@ class Mamba1Mixer(nn.Module):
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 allreduce: Union[str, AllReduce] = "exact"):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.ctx = ctx
         self.kernels = get_backend(backend)
+        self.allreduce = AllReduce.of(ctx, allreduce)
         # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
         # set_scan_algorithm changes it for every layer.
         self.scan_algorithm = "auto"
@@ -96,8 +97,6 @@ class Mamba1Mixer(nn.Module):
         e0, e1 = self.e_range
         self.local_dim = e1 - e0
         self.dt_rank, self.d_state, self.d_conv = R, N, K
-        self.comm = dict(allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
-                         allreduce_group_size=allreduce_group_size)
         dev = ctx.device
         self.in_proj = ColumnParallelLinear(D, self._in_proj_rows(), config.use_bias, ctx, dtype)
         self.conv_weight = _param(torch.empty(self.local_dim, K, dtype=dtype, device=dev))
@@ -108,7 +107,8 @@ class Mamba1Mixer(nn.Module):
                                                     device=dev))
         self.register_buffer("A", torch.empty(self.local_dim, N, dtype=torch.float32, device=dev))
         self.register_buffer("D", torch.empty(self.local_dim, dtype=torch.float32, device=dev))
-        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype, **self.comm)
+        self.out_proj = RowParallelLinear([(e0, e1)], D, config.use_bias, ctx, dtype,
+                                          allreduce=self.allreduce)
 
     # --- the parts subclasses change
     def _in_proj_rows(self) -> List[Tuple[int, int]]:
@@ -118,7 +118,7 @@ class Mamba1Mixer(nn.Module):
     def _build_ssm_inputs(self, dtype: torch.dtype) -> None:
         R, N = self.dt_rank, self.d_state
         self.x_proj = RowParallelLinear([self.e_range], R + 2 * N, False, self.ctx, dtype,
-                                        **self.comm)
+                                        allreduce=self.allreduce)
         self.dt_proj_weight = _param(torch.empty(self.local_dim, R, dtype=dtype,
                                                  device=self.ctx.device))
 
@@ -173,12 +173,14 @@ class Mamba1Mixer(nn.Module):
         self.out_proj.load(source, prefix + "out_proj.weight", prefix + "out_proj.bias")
 
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
-                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
+        added by the reduction where it can)."""
         xz = self.in_proj(hidden)
         x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
         x = _causal_conv(self.kernels, x, self.conv_weight, self.conv_bias, conv_state, meta)
-        return self.out_proj(self._ssm(x, z, ssm_state, meta))  # all-reduce #2
+        return self.out_proj(self._ssm(x, z, ssm_state, meta), residual)  # all-reduce #2
 
 
 def mamba2_local_groups(num_heads: int, n_groups: int, h0: int, h1: int) -> Tuple[List[int], int]:
@@ -215,13 +217,13 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 allreduce: Union[str, AllReduce] = "exact"):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.ctx = ctx
         self.kernels = get_backend(backend)
+        self.allreduce = AllReduce.of(ctx, allreduce)
         # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
         # set_scan_algorithm changes it for every layer.
         self.scan_algorithm = "auto"
@@ -255,9 +257,7 @@ class Mamba2Mixer(nn.Module):
         self.register_buffer("D", torch.empty(self.local_heads, dtype=torch.float32, device=dev))
         self.norm_weight = _param(torch.empty(self.local_dim, dtype=dtype, device=dev))
         self.out_proj = RowParallelLinear([(c0, c1)], D, config.use_bias, ctx, dtype,
-                                          allreduce=allreduce,
-                                          allreduce_min_bytes=allreduce_min_bytes,
-                                          allreduce_group_size=allreduce_group_size)
+                                          allreduce=self.allreduce)
         self.dt_limits = config.time_step_limit
         self.clamp_dt = self.dt_limits[0] > 0.0 or self.dt_limits[1] != math.inf
         self.clamp_dt_in_decode = self.clamp_dt and config.clamp_dt_in_decode
@@ -317,8 +317,10 @@ class Mamba2Mixer(nn.Module):
         return self.norm_weight * out.to(y.dtype)
 
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
-                ssm_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group."""
+                ssm_state: Optional[torch.Tensor], meta: BatchMeta,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
+        added by the reduction where it can)."""
         k = self.kernels
         El, gn, Hl = self.local_dim, self.local_groups * self.d_state, self.local_heads
         zxbcdt = self.in_proj(hidden)
@@ -357,7 +359,7 @@ class Mamba2Mixer(nn.Module):
                                  has_initial_state=meta.has_initial_state,
                                  dt_min=dt_min, dt_max=dt_max, algorithm=self.scan_algorithm)
         y = self._gated_norm(y, z)
-        return self.out_proj(y)
+        return self.out_proj(y, residual)
 
 
 class MultiHeadMamba1Mixer(Mamba1Mixer):
@@ -374,14 +376,12 @@ class MultiHeadMamba1Mixer(Mamba1Mixer):
 
     def __init__(self, config: SSMConfig, num_heads: int, layer_idx: int, ctx: TPContext,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 allreduce: Union[str, AllReduce] = "exact"):
         E = config.intermediate_size
         if E % num_heads:
             raise ValueError(f"n_mamba_heads ({num_heads}) must divide the mixer width {E}")
         self._num_heads = num_heads
-        super().__init__(config, layer_idx, ctx, dtype, backend, allreduce, allreduce_min_bytes,
-                         allreduce_group_size)
+        super().__init__(config, layer_idx, ctx, dtype, backend, allreduce)
 
     def _in_proj_rows(self) -> List[Tuple[int, int]]:
         e0, e1 = self.e_range
@@ -437,9 +437,7 @@ class MultiHeadMamba1Mixer(Mamba1Mixer):
         full = x.new_zeros(x.shape[0], self.num_heads, W)
         for (h, _, _, _), p in zip(self.runs, parts):
             full[:, h] = p
-        full = self.ctx.all_reduce(full.view(x.shape[0], -1), self.comm["allreduce"],
-                                   self.comm["allreduce_min_bytes"],
-                                   self.comm["allreduce_group_size"])
+        full = self.allreduce(full.view(x.shape[0], -1))
         heads = [h for h, _, _, _ in self.runs]
         return full.view(x.shape[0], self.num_heads, W)[:, heads[0]:heads[-1] + 1]
 

@@ -9,7 +9,7 @@ small next to the mixers of the models this targets, and replicating them costs 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from tpssm.models.config import SSMConfig
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
-from tpssm.parallel import TPContext
+from tpssm.parallel import AllReduce, TPContext
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
@@ -55,8 +55,10 @@ class SSMBlock(nn.Module):
 
     def forward(self, hidden, conv_state, ssm_state, meta: BatchMeta):
         residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden.to(self.dtype)), conv_state, ssm_state, meta)
-        return residual + out
+        # The residual add rides on the mixer's out_proj reduction (fused into the quantized
+        # all-reduce's dequantize when the residual has the activation dtype).
+        return self.mixer(self.norm(hidden.to(self.dtype)), conv_state, ssm_state, meta,
+                          residual=residual)
 
 
 class CausalLM(nn.Module):
@@ -65,18 +67,24 @@ class CausalLM(nn.Module):
     A subclass builds its layers in __init__(config, ctx, dtype, backend=, allreduce=,
     allreduce_min_bytes=, allreduce_group_size=) with `self.layers[i].mixer` for every layer,
     and implements load_weights(source), allocate_cache(num_slots, ...) and forward(...).
+    `self.allreduce` is the model's one AllReduce strategy (tpssm.parallel), built in
+    _init_ends from those three arguments (or given as `allreduce`), shared by every
+    row-parallel reduction.
     """
 
     config: object
     ctx: TPContext
 
     def _init_ends(self, config, ctx: Optional[TPContext], dtype: torch.dtype,
-                   norm_eps: float) -> None:
-        """config / ctx / dtype and the replicated ends of the model: the embedding, the final
-        norm and lm_head (the embedding itself when tied)."""
+                   norm_eps: float, allreduce: Union[str, AllReduce], allreduce_min_bytes: int,
+                   allreduce_group_size: int) -> None:
+        """config / ctx / dtype, the all-reduce strategy and the replicated ends of the model:
+        the embedding, the final norm and lm_head (the embedding itself when tied)."""
         self.config = config
         self.ctx = ctx if ctx is not None else TPContext()
         self.dtype = dtype
+        self.allreduce = AllReduce.of(self.ctx, allreduce, allreduce_min_bytes,
+                                      allreduce_group_size)
         dev = self.ctx.device
         self.embeddings = nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
@@ -90,8 +98,9 @@ class CausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
                         dtype: Optional[torch.dtype] = None, backend: str = "ops",
-                        allreduce: str = "exact", allreduce_min_bytes: int = 0,
-                        allreduce_group_size: int = 128, **config_options) -> "CausalLM":
+                        allreduce: Union[str, AllReduce] = "exact",
+                        allreduce_min_bytes: int = 0, allreduce_group_size: int = 128,
+                        **config_options) -> "CausalLM":
         """Loads a local Hugging Face checkpoint directory (config.json + model.safetensors, or
         shards with model.safetensors.index.json); each rank reads only its slices. dtype
         defaults to the checkpoint's (float32 when config.json names none). config_options go
@@ -177,14 +186,13 @@ class SSMForCausalLM(CausalLM):
 
     def __init__(self, config: SSMConfig, ctx: Optional[TPContext] = None,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
-                 allreduce: str = "exact", allreduce_min_bytes: int = 0,
+                 allreduce: Union[str, AllReduce] = "exact", allreduce_min_bytes: int = 0,
                  allreduce_group_size: int = 128):
         super().__init__()
-        self._init_ends(config, ctx, dtype, config.layer_norm_epsilon)
+        self._init_ends(config, ctx, dtype, config.layer_norm_epsilon, allreduce,
+                        allreduce_min_bytes, allreduce_group_size)
         self.layers = nn.ModuleList([
-            SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=allreduce,
-                     allreduce_min_bytes=allreduce_min_bytes,
-                     allreduce_group_size=allreduce_group_size)
+            SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=self.allreduce)
             for i in range(config.num_hidden_layers)])
 
     # ----------------------------------------------------------------------------- loading
