@@ -101,6 +101,10 @@ class KVBatch:
             slots = [-1] * nseq
         else:
             slots = (cache_indices.tolist() if cache_indices is not None else list(range(nseq)))
+            bad = [s for s in slots if not (s == -1 or 0 <= s < cache.num_slots)]
+            if bad:
+                raise ValueError(f"cache_indices must be slots in [0, {cache.num_slots}) or -1 "
+                                 f"(padding), got {bad[:5]}")
             lengths = cache.kv_lengths.tolist()
             past = [lengths[s] if (init[i] and s >= 0) else 0 for i, s in enumerate(slots)]
             for i, s in enumerate(slots):
@@ -211,8 +215,9 @@ class _Adapters(nn.Module):
 
 
 class SharedBlock(nn.Module):
-    """One shared transformer block on this rank: its weights once, the adapters of each visit
-    (Zamba2) in `adapters_of_visit`, indexed by the global hybrid-visit number."""
+    """One shared transformer block on this rank: its weights once, and the LoRA adapters of
+    each of its visits (Zamba2) in qkv_adapters / mlp_adapters, keyed by the global hybrid-visit
+    number."""
 
     def __init__(self, cfg: AttentionConfig, visits: Sequence[int], ctx: TPContext,
                  dtype: torch.dtype, allreduce: Union[str, AllReduce] = "exact"):
@@ -264,7 +269,7 @@ class SharedBlock(nn.Module):
 
     # ------------------------------------------------------------------------------- loading
     @torch.no_grad()
-    def load(self, source, prefix: str, zamba2: bool) -> None:
+    def load(self, source, prefix: str) -> None:
         """prefix: 'model.layers.<i>.shared_transf(ormer).' of the block's first visit."""
         L = self.local_heads * self.cfg.head_dim
         att = prefix + "self_attn."

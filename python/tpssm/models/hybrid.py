@@ -9,10 +9,10 @@ maps the block's output through its own D x D `linear`, and adds it to the mixer
 
 Residual adds run in the model dtype. Zamba2 has num_mem_blocks shared blocks: hybrid visit k
 (the k-th hybrid layer) uses block k % num_mem_blocks with visit k's LoRA adapters (an untied
-checkpoint has a block per visit: HybridConfig.share_blocks). Each visit has
-its own keys and values in the state cache (see tpssm.cache). Sharding: mixers as the Mamba
-families (channels / heads), shared blocks by attention heads and MLP channels
-(tpssm.models.attention); embedding, norms, `linear` and lm_head replicated.
+checkpoint has a block per visit: HybridConfig.share_blocks). Each visit has its own keys and
+values in the state cache (see tpssm.cache). Sharding: mixers as the Mamba families (channels /
+heads), shared blocks by attention heads and MLP channels (tpssm.models.attention); embedding,
+norms, `linear` and lm_head replicated.
 """
 
 from __future__ import annotations
@@ -91,8 +91,7 @@ class HybridForCausalLM(CausalLM):
             if layer.hybrid:
                 visit = self.visit_of_layer[i]
                 if self.block_of_visit[visit] == visit:  # the block's first visit
-                    self.blocks[visit].load(source, f"{prefix}{block_name}.",
-                                            self.config.is_zamba2)
+                    self.blocks[visit].load(source, f"{prefix}{block_name}.")
                 layer.linear.copy_(source.get(prefix + "linear.weight"))
         self.norm_f.weight.copy_(source.get("model.final_layernorm.weight"))
         self._load_lm_head(source)
@@ -109,10 +108,6 @@ class HybridForCausalLM(CausalLM):
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
                              self.ctx.device, conv_dtype or self.dtype, ssm_dtype, kv_shapes=kv,
                              max_seq_len=max_seq_len or self.config.max_position_embeddings)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.max_position_embeddings
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, query_start_loc: Optional[torch.Tensor] = None,
