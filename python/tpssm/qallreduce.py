@@ -207,14 +207,25 @@ def _plain_all_reduce(x, group, scheme, residual):
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _exchange(collective, dst: torch.Tensor, src: torch.Tensor, group) -> None:
+    """collective(dst, src, group=group). gloo has no all-to-all or all-gather for CUDA tensors:
+    there (TP ranks sharing one GPU, a correctness setting) the bytes go through the host."""
+    if src.is_cuda and dist.get_backend(group) == "gloo":
+        host = torch.empty(dst.shape, dtype=dst.dtype)
+        collective(host, src.cpu(), group=group)
+        dst.copy_(host)
+    else:
+        collective(dst, src, group=group)
+
+
 def _two_shot(x, group, n, codec, group_size, residual, send, recv, mine, gathered, out):
     numel = x.numel()
     cb = chunk_bytes(numel, n, group_size)
     send, recv, gathered, mine = send[: n * cb], recv[: n * cb], gathered[: n * cb], mine[:cb]
     _ops.qar_quantize_pack(x, n, group_size, codec, send)
-    dist.all_to_all_single(recv, send, group=group)
+    _exchange(dist.all_to_all_single, recv, send, group)
     _ops.qar_reduce_requant(recv, numel, n, group_size, codec, mine)
-    _all_gather(gathered, mine, group=group)
+    _exchange(_all_gather, gathered, mine, group)
     _ops.qar_dequant(gathered, n, group_size, codec, residual, out)
     return out
 
