@@ -37,7 +37,7 @@ def _rank_run(rank, world, path, schemes):
     from tpssm.models import load_model
     from tpssm.parallel import TPContext
 
-    ctx = TPContext(device=torch.device("cuda", 0)) if world > 1 or rank == 0 else None
+    ctx = TPContext(device=torch.device("cuda", 0))  # every rank on the same GPU
     prompts = _prompts()
     ids = torch.tensor([t for p in prompts for t in p], device="cuda")
     qsl = torch.cumsum(torch.tensor([0] + [len(p) for p in prompts]), 0).to(
