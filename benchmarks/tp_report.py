@@ -209,7 +209,8 @@ class Collective:
         return self.rows * self.width
 
 
-def layer_collectives(dims: ModelDims, tokens: int, n: int, elem_bytes: int = 2) -> List[Collective]:
+def layer_collectives(dims: ModelDims, tokens: int, n: int,
+                      elem_bytes: int = 2) -> List[Collective]:
     """The row-parallel reductions of one layer for a step of `tokens` tokens at tp n."""
     if n == 1:
         return []
@@ -647,7 +648,7 @@ def format_table(report: dict) -> str:
 LINKS_NAMES = {k: v.name for k, v in LINKS.items()}
 
 
-def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> Setting:
+def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> dict:
     """Throughput speedup against tp, a panel per preset, a colour per link preset (exact solid,
     int8 dashed), the rank shard's no-communication ratio dotted, the paper's ranges shaded."""
     import matplotlib
@@ -671,8 +672,9 @@ def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> S
                and (r["batch"], r["prompt_len"]) == setting]
         for n, key in ((2, "speedup_tp2"), (4, "speedup_tp4")):
             lo, hi = report["paper"][key]
+            label = "paper's range (its measurements, A6000 / A100)" if n == 2 else None
             ax.fill_between([n - 0.35, n + 0.35], lo, hi, color="0.6", alpha=0.25, lw=0,
-                            label="paper's range (its measurements, A6000 / A100)" if n == 2 else None)
+                            label=label)
         ax.plot([1] + tps, [1] + tps, color="0.3", lw=0.8, ls="-.", label="ideal (x tp)")
         assumed = False
         for link in links:
@@ -711,8 +713,10 @@ def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> S
                  fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    labels = [h.get_label() for h in axes[0][-1].get_legend().legend_handles]
+    title = fig._suptitle.get_text()
     plt.close(fig)
-    return setting
+    return {"setting": setting, "title": title, "legend": labels}
 
 
 # --------------------------------------------------------------------------------------- CLI
