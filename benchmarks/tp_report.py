@@ -34,7 +34,9 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -468,8 +470,13 @@ def shard_compute(run: EngineRun, n: int, key: Setting,
     if ref_shard is None or ref_tp1 is None:
         return None, "not measured"
     out = {m: run.tp1[key][m] * ref_shard[m] / ref_tp1[m] for m in METRICS}
+    note = ""
+    if borrow.gen_tokens != run.gen_tokens:
+        # The run-time ratio mixes prefill and decode in the donor's proportions.
+        note = (f"; the donor generated {borrow.gen_tokens} tokens per request, this run "
+                f"{run.gen_tokens}")
     return out, (f"assumed: {run.path} tp 1 x {borrow.model}'s measured shard / tp 1 ratio "
-                 f"({borrow.path})")
+                 f"({borrow.path}){note}")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -648,9 +655,10 @@ def format_table(report: dict) -> str:
 LINKS_NAMES = {k: v.name for k, v in LINKS.items()}
 
 
-def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> dict:
-    """Throughput speedup against tp, a panel per preset, a colour per link preset (exact solid,
-    int8 dashed), the rank shard's no-communication ratio dotted, the paper's ranges shaded."""
+def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] = None) -> dict:
+    """Throughput speedup against tp: a row per setting, a panel per preset, a colour per link
+    preset (exact solid, int8 dashed), the rank shard's no-communication ratio dotted, the
+    paper's ranges shaded. Default settings: every batch size at the longest prompt."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -658,65 +666,69 @@ def plot_report(report: dict, path: str, setting: Optional[Setting] = None) -> d
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     rows = report["results"]
-    if setting is None:
-        setting = max({(r["batch"], r["prompt_len"]) for r in rows},
-                      key=lambda k: (k[0] * k[1], k[0]))
+    if not settings:
+        longest = max(r["prompt_len"] for r in rows)
+        settings = sorted({(r["batch"], longest) for r in rows}, reverse=True)
+    settings = list(settings)
     presets = list(dict.fromkeys(r["preset"] for r in rows))
-    fig, axes = plt.subplots(1, len(presets), figsize=(4.6 * len(presets) + 2.4, 4.4),
+    fig, axes = plt.subplots(len(settings), len(presets),
+                             figsize=(4.6 * len(presets) + 2.6, 3.9 * len(settings) + 0.5),
                              squeeze=False, sharey=True)
     links = list(dict.fromkeys(r["link"] for r in rows))
     colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(links)}
     tps = sorted({r["tp"] for r in rows})
-    for ax, preset in zip(axes[0], presets):
-        sel = [r for r in rows if r["preset"] == preset
-               and (r["batch"], r["prompt_len"]) == setting]
-        for n, key in ((2, "speedup_tp2"), (4, "speedup_tp4")):
-            lo, hi = report["paper"][key]
-            label = "paper's range (its measurements, A6000 / A100)" if n == 2 else None
-            ax.fill_between([n - 0.35, n + 0.35], lo, hi, color="0.6", alpha=0.25, lw=0,
-                            label=label)
-        ax.plot([1] + tps, [1] + tps, color="0.3", lw=0.8, ls="-.", label="ideal (x tp)")
-        assumed = False
-        for link in links:
-            pts = sorted((r["tp"], r) for r in sel if r["link"] == link)
-            if not pts:
-                continue
-            assumed |= any(not r["shard_compute"]["source"].startswith("measured")
-                           for _, r in pts)
-            xs = [1] + [t for t, _ in pts]
-            for scheme, ls in (("exact", "-"), ("int8", "--")):
-                ys = [1.0] + [r["modelled"]["schemes"][scheme]["speedup"]["throughput"]
-                              for _, r in pts]
-                ax.plot(xs, ys, color=colours[link], ls=ls, marker="o", ms=4,
-                        label=f"{LINKS_NAMES.get(link, link)}, {scheme} (modelled)")
-        bound = sorted({(r["tp"], r["no_comm_bound"]["throughput"]) for r in sel})
-        if bound:
-            ax.plot([1] + [t for t, _ in bound], [1.0] + [b for _, b in bound], color="k",
-                    ls=":", marker="s", ms=3, label="rank shard alone, no communication")
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator([1] + tps))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlim(0.85, max(tps) * 1.15)
-        ax.set_ylim(0, max(tps) + 0.5)
-        ax.set_xlabel("tensor-parallel degree (GPUs)")
-        ax.set_title(f"{preset}" + (" (shard compute assumed)" if assumed else ""),
-                     fontsize="medium")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("throughput speedup over measured tp 1 (x)")
+    for row_axes, setting in zip(axes, settings):
+        for ax, preset in zip(row_axes, presets):
+            sel = [r for r in rows if r["preset"] == preset
+                   and (r["batch"], r["prompt_len"]) == tuple(setting)]
+            for n, key in ((2, "speedup_tp2"), (4, "speedup_tp4")):
+                lo, hi = report["paper"][key]
+                label = "paper's range (its measurements, A6000 / A100)" if n == 2 else None
+                ax.fill_between([n - 0.35, n + 0.35], lo, hi, color="0.6", alpha=0.25, lw=0,
+                                label=label)
+            ax.plot([1] + tps, [1] + tps, color="0.3", lw=0.8, ls="-.", label="ideal (x tp)")
+            assumed = False
+            for link in links:
+                pts = sorted(((r["tp"], r) for r in sel if r["link"] == link),
+                             key=lambda tr: tr[0])
+                if not pts:
+                    continue
+                assumed |= any(not r["shard_compute"]["source"].startswith("measured")
+                               for _, r in pts)
+                xs = [1] + [t for t, _ in pts]
+                for scheme, ls in (("exact", "-"), ("int8", "--")):
+                    ys = [1.0] + [r["modelled"]["schemes"][scheme]["speedup"]["throughput"]
+                                  for _, r in pts]
+                    ax.plot(xs, ys, color=colours[link], ls=ls, marker="o", ms=4,
+                            label=f"{LINKS_NAMES.get(link, link)}, {scheme} (modelled)")
+            bound = sorted({(r["tp"], r["no_comm_bound"]["throughput"]) for r in sel})
+            if bound:
+                ax.plot([1] + [t for t, _ in bound], [1.0] + [b for _, b in bound],
+                        color="k", ls=":", marker="s", ms=3,
+                        label="rank shard alone, no communication")
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator([1] + tps))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlim(0.85, max(tps) * 1.15)
+            ax.set_ylim(0, max(tps) + 0.5)
+            ax.set_xlabel("tensor-parallel degree (GPUs)")
+            ax.set_title(f"{preset}, batch {setting[0]}, prompt {setting[1]}"
+                         + ("\n(shard compute assumed)" if assumed else ""), fontsize="medium")
+            ax.grid(True, alpha=0.3)
+        row_axes[0].set_ylabel("throughput speedup vs measured tp 1")
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     devices = sorted({e.get("environment", {}).get("device_name", "?")
                       for e in report["inputs"]["measured"]["engine"]})
     fig.suptitle(f"MODELLED tensor-parallel speedup: shard compute measured on "
-                 f"{', '.join(devices)} + link model, no overlap (batch {setting[0]}, prompt "
-                 f"{setting[1]}, state cache on)",
+                 f"{', '.join(devices)} + link model, no overlap (state cache on)",
                  fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     labels = [h.get_label() for h in axes[0][-1].get_legend().legend_handles]
     title = fig._suptitle.get_text()
     plt.close(fig)
-    return {"setting": setting, "title": title, "legend": labels}
+    return {"settings": settings, "title": title, "legend": labels}
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -728,8 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench_qallreduce.py JSON with CUDA-graph kernel times")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write the PNG here (matplotlib)")
-    p.add_argument("--plot-setting", default="",
-                   help="BATCHxPROMPT shown in the plot (default: the largest)")
+    p.add_argument("--plot-settings", default="",
+                   help="BATCHxPROMPT rows of the plot, comma-separated (default: every batch "
+                        "size at the longest prompt)")
     p.add_argument("--tp", default="2,4", help="tp degrees to model")
     p.add_argument("--links", default=",".join(LINKS), help="link presets to model")
     p.add_argument("--link", action="append", default=[], metavar="NAME:bw=GBS,lat=US",
@@ -744,6 +757,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset whose measured shard / tp 1 ratios stand in (assumed) for "
                         "presets without rank-shard rows")
     return p
+
+
+def _rounded(x, digits: int = 6):
+    """Floats to `digits` significant digits: the model is not that precise and the file stays
+    readable."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return x
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -778,6 +811,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tps = [int(t) for t in args.tp.split(",") if t]
     report = build_report(runs, kernels, links, tps, cs, args.max_prefill_tokens, borrow,
                           args.qallreduce_json)
+    report["generated"] = {
+        "command": "python benchmarks/tp_report.py " + " ".join(
+            os.path.relpath(a, ROOT) if os.path.isfile(a) else a
+            for a in (sys.argv[1:] if argv is None else argv)),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git_commit()}
     missing = [f"{r.model} tp {n}" for r in runs for n in tps
                if n not in r.shards and borrow is None]
     if missing:
@@ -789,14 +828,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(_rounded(report), f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        setting = None
-        if args.plot_setting:
-            b, _, L = args.plot_setting.partition("x")
-            setting = (int(b), int(L))
-        plot_report(report, args.plot, setting)
+        settings = [tuple(int(v) for v in item.split("x"))
+                    for item in args.plot_settings.split(",") if item]
+        plot_report(report, args.plot, settings)
         print(f"wrote {args.plot}")
     return 0
 
