@@ -34,6 +34,8 @@ CPU_SOURCES = [
     "csrc/cpu/selective_scan_cpu.cpp",
     "csrc/qallreduce_ops.cpp",
     "csrc/cpu/qallreduce_cpu.cpp",
+    "csrc/norm_ops.cpp",
+    "csrc/cpu/norm_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
@@ -44,6 +46,8 @@ CUDA_SOURCES = [
     "csrc/kernels/selective_state_update.cu",
     "csrc/kernels/qallreduce_kernels.cu",
     "csrc/cuda/qallreduce_cuda_ops.cpp",
+    "csrc/kernels/rms_norm.cu",
+    "csrc/cuda/norm_cuda_ops.cpp",
 ]
 
 

@@ -28,6 +28,11 @@ TORCH_LIBRARY(tpssm, m) {
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
       "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int pad_slot_id, "
       "Tensor(b!) out) -> ()");
+  // Fused residual add + RMSNorm (kernels/norm_params.h): residual += x; out = weight *
+  // rms_norm(residual in x's dtype) (or of x without a residual).
+  m.def(
+      "add_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps, "
+      "Tensor(b!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
   // Quantized two-shot all-reduce (design: qallreduce.md; layout: kernels/qallreduce_params.h).
   // codec: 0 = int8, 1 = fp8 e4m3. Buffers are uint8; only their first bytes (as the layout of

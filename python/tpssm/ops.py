@@ -43,6 +43,7 @@ import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
 __all__ = [
     "PAD_SLOT_ID",
     "SCAN_ALGORITHMS",
+    "add_rms_norm",
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_scan",
@@ -214,6 +215,29 @@ def selective_state_update(
     return out
 
 
+def add_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused residual add + RMSNorm (one kernel on CUDA): with `residual`, residual += x in the
+    residual's dtype (fp32 or x's; updated in place) and the norm reads the result rounded to x's
+    dtype; without, the norm of x. out = weight * rms_norm(h) with torch's rounding: normalised
+    in fp32, rounded to x's dtype, multiplied by weight in x's dtype.
+    x, out: (rows, dim), float32 / float16 / bfloat16, last dim contiguous; weight: (dim,) of
+    x's dtype; residual: (rows, dim). out and residual must not share memory with any argument.
+    Returns out (allocated when not given). The CPU op is bit-identical to the unfused ATen
+    chain; the CUDA kernel sums the squares in another order.
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    _ops.add_rms_norm(x, residual, weight, eps, out)
+    return out
+
+
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
 # needs no shape logic; they check the one rule a traced graph could otherwise get wrong silently
 # (out shaped and typed like the input it mirrors). The real ops check everything else.
@@ -250,3 +274,8 @@ def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_so
                                  state_batch_indices, dst_state_batch_indices, pad_slot_id,
                                  out) -> None:
     _check_out_like("selective_state_update", out, x, "x")
+
+
+@torch.library.register_fake("tpssm::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps, out) -> None:
+    _check_out_like("add_rms_norm", out, x, "x")

@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OUT = ROOT / "build" / "cuda_emu"
-KERNELS = ("causal_conv1d", "selective_scan", "ssd_scan", "selective_state_update")
+KERNELS = ("causal_conv1d", "selective_scan", "ssd_scan", "selective_state_update", "rms_norm")
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 
 
@@ -56,7 +56,8 @@ def build(verbose: bool = False):
     asan = os.environ.get("EMU_ASAN") == "1"
     obj = OUT / ("obj_asan" if asan else "obj")
     obj.mkdir(parents=True, exist_ok=True)
-    sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp"] + [
+    sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp",
+               ROOT / "csrc" / "norm_ops.cpp"] + [
         OUT / f"emu_{n}.cpp" for n in KERNELS]
     return ce.load(name="tpssm_cuda_emu", sources=[str(s) for s in sources],
                    extra_include_paths=[str(OUT), str(OUT / "kernels"), str(HERE),

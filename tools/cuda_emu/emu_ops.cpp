@@ -2,6 +2,8 @@
 #include "emu_shim.h"
 #include "ssm_ops.h"
 #include "kernels/ssm_kernels.h"  // the transformed copies (build dir first on the include path)
+#include "kernels/norm_kernels.h"
+#include "norm_ops.h"
 
 thread_local uint3 emu_threadIdx;
 thread_local uint3 emu_blockIdx;
@@ -57,6 +59,12 @@ void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::
   auto p = tpssm::make_selective_state_update_params(s, x, dt, A, B, C, D, z, db, sp, src, dst, pad, out);
   tpssm::run_selective_state_update(p, nullptr);
 }
+void add_rms_norm(const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight,
+                  double eps, const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_add_rms_norm_params(x, residual, weight, eps, out);
+  tpssm::run_add_rms_norm(p, nullptr);
+}
 void set_sm_count(int n) { emu_sm_count = n; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -64,5 +72,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d_update", &causal_conv1d_update);
   m.def("selective_scan", &selective_scan);
   m.def("selective_state_update", &selective_state_update);
+  m.def("add_rms_norm", &add_rms_norm);
   m.def("set_sm_count", &set_sm_count);
 }

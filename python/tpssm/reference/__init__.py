@@ -18,3 +18,4 @@ from tpssm.reference.qallreduce import (  # noqa: F401
     qar_reduce_requant_ref,
     qar_wire_bytes,
 )
+from tpssm.reference.norm import add_rms_norm_ref  # noqa: F401,E402
