@@ -11,9 +11,21 @@ __all__ = ["BACKENDS", "get_backend"]
 BACKENDS = ("ops", "reference")
 
 
+def _add_rms_norm_torch(x, weight, eps, *, residual=None, out=None):
+    """add_rms_norm as the unfused torch chain (the CPU op's arithmetic, on any device)."""
+    import torch.nn.functional as F
+
+    h = x
+    if residual is not None:
+        residual.copy_(residual + x)
+        h = residual.to(x.dtype)
+    y = weight * F.rms_norm(h, (h.shape[-1],), eps=eps)
+    return y if out is None else out.copy_(y)
+
+
 def get_backend(name: str = "ops") -> SimpleNamespace:
-    """Namespace with causal_conv1d, causal_conv1d_update, selective_scan and
-    selective_state_update for backend `name` ("ops" or "reference")."""
+    """Namespace with causal_conv1d, causal_conv1d_update, selective_scan,
+    selective_state_update and add_rms_norm for backend `name` ("ops" or "reference")."""
     if name == "ops":
         from tpssm import ops
 
@@ -23,6 +35,7 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             causal_conv1d_update=ops.causal_conv1d_update,
             selective_scan=ops.selective_scan,
             selective_state_update=ops.selective_state_update,
+            add_rms_norm=ops.add_rms_norm,
         )
     if name == "reference":
         from tpssm import reference
@@ -33,5 +46,6 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             causal_conv1d_update=reference.causal_conv1d_update_ref,
             selective_scan=reference.selective_scan_ref,
             selective_state_update=reference.selective_state_update_ref,
+            add_rms_norm=_add_rms_norm_torch,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tpssm.cache import SSMStateCache
 from tpssm.models import registry
 from tpssm.models.config import SSMConfig
+from tpssm.models.kernels import get_backend
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
@@ -44,21 +45,16 @@ class RMSNorm(nn.Module):
 
 
 class SSMBlock(nn.Module):
+    """A Mamba-family layer: hidden + mixer(norm(hidden)). SSMForCausalLM runs the residual add
+    and the next layer's norm as one fused op (tpssm.ops.add_rms_norm); the block holds the norm
+    weight and the mixer."""
+
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext, dtype: torch.dtype,
                  **mixer_kwargs):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, ctx.device)
         cls = Mamba2Mixer if config.is_mamba2 else Mamba1Mixer
         self.mixer = cls(config, layer_idx, ctx, dtype, **mixer_kwargs)
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.dtype = dtype
-
-    def forward(self, hidden, conv_state, ssm_state, meta: BatchMeta):
-        residual = hidden.float() if self.residual_in_fp32 else hidden
-        # The residual add rides on the mixer's out_proj reduction (fused into the quantized
-        # all-reduce's dequantize when the residual has the activation dtype).
-        return self.mixer(self.norm(hidden.to(self.dtype)), conv_state, ssm_state, meta,
-                          residual=residual)
 
 
 class CausalLM(nn.Module):
@@ -194,6 +190,7 @@ class SSMForCausalLM(CausalLM):
         self.layers = nn.ModuleList([
             SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=self.allreduce)
             for i in range(config.num_hidden_layers)])
+        self.add_rms_norm = get_backend(backend).add_rms_norm
 
     # ----------------------------------------------------------------------------- loading
     @torch.no_grad()
@@ -245,8 +242,18 @@ class SSMForCausalLM(CausalLM):
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state)
         hidden = F.embedding(input_ids, self.embeddings)
+        # The residual stream (fp32 with residual_in_fp32) is updated in place by the fused add +
+        # norm between layers: out of layer i and the norm of layer i + 1 (or the final norm) are
+        # one op, the arithmetic of `residual + out` followed by RMSNorm(stream in the model dtype).
+        residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
+        eps = self.config.layer_norm_epsilon
+        h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            hidden = layer(hidden, conv, ssm, meta)
-        return self._logits(hidden, query_start_loc, return_all_logits)
+            out = layer.mixer(h, conv, ssm, meta)
+            following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
+            h = self.add_rms_norm(out, following.weight, eps, residual=residual)
+        if not return_all_logits and query_start_loc is not None:
+            h = h.index_select(0, query_start_loc[1:].long() - 1)
+        return F.linear(h, self.lm_head).float()
