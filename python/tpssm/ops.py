@@ -23,6 +23,11 @@ A, D and the delta bias are float32; activations float32, float16 or bfloat16; S
 Each wrapper allocates `out` when not given and returns it. The C++ ops validate every argument
 and raise errors that name the argument and the rule.
 
+Memory rule, checked on every call from pointers and sizes (no host synchronisation): no buffer an
+op writes (`out`, the state pools) may share a byte with any tensor it reads - index tensors
+included - or with another buffer it writes ("<written> must not overlap <input>"). Column slices
+of one buffer interleave and count as overlapping; disjoint parts of one storage are fine.
+
 Value checks - slots in range (0 <= slot < num_slots or == pad_slot_id), distinct slots among the
 non-padded rows (the rows run concurrently; for selective_state_update: distinct write slots, and
 no row writes a slot another row reads), and query_start_loc starting at 0, non-decreasing and
@@ -89,7 +94,7 @@ def causal_conv1d(
       inputs are written back to its slot.
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with conv_states.
-    out must not overlap the inputs or conv_states. Returns out, shaped like x.
+    out and conv_states must not overlap any input or each other. Returns out, shaped like x.
     chunk_len: tokens per CUDA block of the flattened token range, 0 to let the launcher decide
       (tests force small chunks so that short inputs cross chunk boundaries; the CPU ignores it).
     """
@@ -115,6 +120,7 @@ def causal_conv1d_update(
 
     conv_state: (num_slots, dim, width - 1), updated in place to the last width - 1 inputs.
     weight: (dim, width); bias: (dim,) or None; cache_indices: (batch,) int32 or None.
+    out and conv_state must not overlap any input or each other.
     Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
     """
     if out is None:
@@ -160,7 +166,7 @@ def selective_scan(
       row's final state (the state is carried in fp32 and rounded only when stored).
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with ssm_states.
-    out must not overlap the inputs or ssm_states. Returns out, shaped like u.
+    out and ssm_states must not overlap any input or each other. Returns out, shaped like u.
 
     Algorithm (the results agree to rounding; see tests/test_ops_*.py for the tolerances):
     algorithm: 'auto' (the chunked SSD form for the Mamba2 form where supported, else the
@@ -205,6 +211,7 @@ def selective_state_update(
     ssm_state: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate). Row b reads slot
     state_batch_indices[b] and writes slot dst_state_batch_indices[b] (the same slot when None):
     a state can be forked without copies. A write slot must not be another row's read slot.
+    out and ssm_state must not overlap any input or each other.
     Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
     """
     if out is None:
