@@ -31,10 +31,22 @@ of one buffer interleave and count as overlapping; disjoint parts of one storage
 Value checks - slots in range (0 <= slot < num_slots or == pad_slot_id), distinct slots among the
 non-padded rows (the rows run concurrently; for selective_state_update: distinct write slots, and
 no row writes a slot another row reads), and query_start_loc starting at 0, non-decreasing and
-ending at total_tokens - need the index values on the host. They always run for CPU tensors. For
-CUDA tensors they run only when the environment variable TPSSM_DEBUG_CHECKS=1 is set, because
-reading the indices back is a host synchronisation (and breaks CUDA-graph capture); without it the
-CUDA kernels skip out-of-range slots defensively but the results of such rows are undefined.
+ending at total_tokens - need the index values on the host. The CPU ops always run them and raise
+an error naming the index tensor, the entry and the rule. The CUDA ops run them only when the
+environment variable TPSSM_DEBUG_CHECKS=1 is set, because reading the indices back is a host
+synchronisation (and breaks CUDA-graph capture). Without it the CUDA kernels never read or write
+outside the tensors whatever the index values, with these results:
+- a row whose slot (cache_indices[b], state_batch_indices[b] or dst_state_batch_indices[b]) is
+  neither pad_slot_id nor in [0, num_slots) is a padded row: no slot read or written, its out rows
+  left untouched (without a state pool, cache_indices only mark padding);
+- query_start_loc entries act clamped to [0, total_tokens], and a sequence whose (clamped) end
+  precedes its start is empty. When the clamped starts are non-decreasing the result is that of the
+  clamped query_start_loc, and tokens outside every sequence (before the first start, after the
+  last end) keep their out rows. Otherwise (sequences out of order or overlapping) the out rows and
+  final states of the rows involved are unspecified, but nothing outside their token rows and slots
+  is written;
+- slots repeated among non-padded rows (or a write slot another row reads): the results of those
+  rows are unspecified (the rows race), other rows and slots are unaffected.
 """
 
 from __future__ import annotations
