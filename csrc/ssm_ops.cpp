@@ -13,6 +13,8 @@
 // nor with another buffer it writes.
 #include "ssm_ops.h"
 
+#include "overlap_checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
@@ -114,48 +116,6 @@ void check_pad_slot_id(const char* op, int64_t pad_slot_id) {
 void check_no_internal_overlap(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
               " must not have internally overlapping memory (e.g. an expanded tensor)");
-}
-
-// Conservative: tensors in one storage overlap when their address ranges intersect. Column slices
-// of one buffer interleave and are reported as overlapping; outputs must simply live elsewhere.
-bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.storage().is_alias_of(b.storage())) return false;
-  auto range = [](const at::Tensor& t) {
-    const char* begin = static_cast<const char*>(t.data_ptr());
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return std::make_pair(begin, begin + (last + 1) * t.element_size());
-  };
-  auto [a0, a1] = range(a);
-  auto [b0, b1] = range(b);
-  return a0 < b1 && b0 < a1;
-}
-
-// One argument of an op for the overlap rules; t is null when an optional argument is absent.
-struct Arg {
-  const at::Tensor* t;
-  const char* name;
-};
-
-Arg arg(const at::Tensor& t, const char* name) { return {&t, name}; }
-Arg arg(const OptTensor& t, const char* name) { return {t.has_value() ? &*t : nullptr, name}; }
-
-// No written buffer may overlap a read tensor or another written buffer: the kernels read and
-// write concurrently, so an alias gives wrong results, and an index tensor overwritten by an
-// output sends the kernels' accesses anywhere. Host pointer arithmetic only.
-void check_written_disjoint(const char* op, std::initializer_list<Arg> written,
-                            std::initializer_list<Arg> read) {
-  for (auto w = written.begin(); w != written.end(); ++w) {
-    if (w->t == nullptr) continue;
-    auto check = [&](const Arg& other) {
-      if (other.t == nullptr) return;
-      TORCH_CHECK(!may_overlap(*w->t, *other.t), op, ": ", w->name, " must not overlap ",
-                  other.name, " (in-place use is not supported)");
-    };
-    for (auto o = w + 1; o != written.end(); ++o) check(*o);
-    for (const Arg& r : read) check(r);
-  }
 }
 
 // Index tensors: int32, 1-D of the batch size, contiguous.
@@ -436,11 +396,11 @@ CausalConv1dParams make_causal_conv1d_params(
     p.conv_states_channel_stride = s.stride(1);
     p.conv_states_width_stride = s.stride(2);
   }
-  check_written_disjoint(op, {arg(out, "out"), arg(conv_states, "conv_states")},
-                         {arg(x, "x"), arg(weight, "weight"), arg(bias, "bias"),
-                          arg(query_start_loc, "query_start_loc"),
-                          arg(cache_indices, "cache_indices"),
-                          arg(has_initial_state, "has_initial_state")});
+  check_written_disjoint(op, {named(out, "out"), named(conv_states, "conv_states")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(query_start_loc, "query_start_loc"),
+                          named(cache_indices, "cache_indices"),
+                          named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "conv_states",
                       conv_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
@@ -503,9 +463,9 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   check_last_stride1(op, out, "out", "channels");
 
   check_index_tensor(op, cache_indices, "cache_indices", batch);
-  check_written_disjoint(op, {arg(out, "out"), arg(conv_state, "conv_state")},
-                         {arg(x, "x"), arg(weight, "weight"), arg(bias, "bias"),
-                          arg(cache_indices, "cache_indices")});
+  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(cache_indices, "cache_indices")});
   if (cache_indices.has_value()) {
     if (check_index_values) {
       check_slot_values(op, *cache_indices, "cache_indices", p.num_slots, pad_slot_id, true);
@@ -656,12 +616,13 @@ SelectiveScanParams make_selective_scan_params(
                       &p.ssm_states_head_stride, &p.ssm_states_dim_stride);
     p.ssm_states = ssm_states->data_ptr();
   }
-  check_written_disjoint(op, {arg(out, "out"), arg(ssm_states, "ssm_states")},
-                         {arg(u, "u"), arg(delta, "delta"), arg(A, "A"), arg(B, "B"),
-                          arg(C, "C"), arg(D, "D"), arg(z, "z"), arg(delta_bias, "delta_bias"),
-                          arg(query_start_loc, "query_start_loc"),
-                          arg(cache_indices, "cache_indices"),
-                          arg(has_initial_state, "has_initial_state")});
+  check_written_disjoint(op, {named(out, "out"), named(ssm_states, "ssm_states")},
+                         {named(u, "u"), named(delta, "delta"), named(A, "A"), named(B, "B"),
+                          named(C, "C"), named(D, "D"), named(z, "z"),
+                          named(delta_bias, "delta_bias"),
+                          named(query_start_loc, "query_start_loc"),
+                          named(cache_indices, "cache_indices"),
+                          named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "ssm_states",
                       ssm_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
@@ -775,11 +736,11 @@ SelectiveStateUpdateParams make_selective_state_update_params(
 
   check_index_tensor(op, state_batch_indices, "state_batch_indices", batch);
   check_index_tensor(op, dst_state_batch_indices, "dst_state_batch_indices", batch);
-  check_written_disjoint(op, {arg(out, "out"), arg(ssm_state, "ssm_state")},
-                         {arg(x, "x"), arg(dt, "dt"), arg(A, "A"), arg(B, "B"), arg(C, "C"),
-                          arg(D, "D"), arg(z, "z"), arg(dt_bias, "dt_bias"),
-                          arg(state_batch_indices, "state_batch_indices"),
-                          arg(dst_state_batch_indices, "dst_state_batch_indices")});
+  check_written_disjoint(op, {named(out, "out"), named(ssm_state, "ssm_state")},
+                         {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
+                          named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
+                          named(state_batch_indices, "state_batch_indices"),
+                          named(dst_state_batch_indices, "dst_state_batch_indices")});
   if (!state_batch_indices.has_value()) {
     check_implicit_slots(op, batch, p.num_slots, "ssm_state");
   }

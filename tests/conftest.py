@@ -86,6 +86,24 @@ def assert_slots_untouched(after: torch.Tensor, before: torch.Tensor,
             assert torch.equal(after[slot], before[slot]), f"slot {slot} was modified"
 
 
+def place_overlapping(k, first, second, overlap_bytes=16):
+    """Moves k[first] and k[second] (same values, contiguous) into one byte buffer, second starting
+    16-byte aligned in the last `overlap_bytes` bytes of first (or its last byte, first being
+    smaller than that); with overlap_bytes=0 they are adjacent and disjoint. The values of second
+    are written last, so index tensors keep valid values."""
+    a, b = k[first].contiguous(), k[second].contiguous()
+    if overlap_bytes:
+        off = (a.nbytes - 1) // 16 * 16
+    else:
+        off = (a.nbytes + 15) // 16 * 16
+    buf = torch.zeros(off + b.nbytes + a.nbytes, dtype=torch.uint8)
+    va = buf[:a.nbytes].view(a.dtype).view(a.shape)
+    vb = buf[off:off + b.nbytes].view(b.dtype).view(b.shape)
+    va.copy_(a)
+    vb.copy_(b)
+    k[first], k[second] = va, vb
+
+
 def token_rows(seqlens: Sequence[int], rows: Iterable[int]) -> torch.Tensor:
     """Packed token indices of the given batch rows of a varlen batch."""
     starts = [0]

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import tpssm
-from conftest import conv_inputs, conv_update_inputs, query_start_loc, scan_inputs, ssu_inputs
+from conftest import (
+    conv_inputs,
+    conv_update_inputs,
+    place_overlapping,
+    query_start_loc,
+    scan_inputs,
+    ssu_inputs,
+)
 from tpssm import ops
 
 I32 = torch.int32
@@ -351,24 +358,6 @@ for _key, (_op, _make, _written, _read) in OVERLAP_OPS.items():
     for _i, _w in enumerate(_written):
         for _r in _written[_i + 1:] + _read:
             OVERLAP_CASES.append((f"{_key}/{_w}-{_r}", _op, _make, _w, _r))
-
-
-def place_overlapping(k, first, second, overlap_bytes=16):
-    """Moves k[first] and k[second] (same values, contiguous) into one byte buffer, second starting
-    16-byte aligned in the last `overlap_bytes` bytes of first (or its last byte, first being
-    smaller than that); with overlap_bytes=0 they are adjacent and disjoint. The values of second
-    are written last, so index tensors keep valid values."""
-    a, b = k[first].contiguous(), k[second].contiguous()
-    if overlap_bytes:
-        off = (a.nbytes - 1) // 16 * 16
-    else:
-        off = (a.nbytes + 15) // 16 * 16
-    buf = torch.zeros(off + b.nbytes + a.nbytes, dtype=torch.uint8)
-    va = buf[:a.nbytes].view(a.dtype).view(a.shape)
-    vb = buf[off:off + b.nbytes].view(b.dtype).view(b.shape)
-    va.copy_(a)
-    vb.copy_(b)
-    k[first], k[second] = va, vb
 
 
 @pytest.mark.parametrize("name,op,make,written,read", OVERLAP_CASES,
