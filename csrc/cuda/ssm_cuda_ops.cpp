@@ -49,13 +49,15 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
       split_len, cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(u.device());
-  // The chunked plan's workspace comes from the caching allocator: no cudaMalloc on the hot path.
-  const size_t bytes = selective_scan_workspace_bytes(params);
+  // One plan per call: it sizes the workspace and is what the launcher runs. The chunked plan's
+  // workspace comes from the caching allocator: no cudaMalloc on the hot path.
+  const ScanPlan plan = plan_selective_scan(params);
+  const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   at::Tensor workspace;
   if (bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(bytes)}, u.options().dtype(at::kByte));
   }
-  run_selective_scan(params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
+  run_selective_scan(params, plan, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
                      c10::cuda::getCurrentCUDAStream().stream());
 }
 

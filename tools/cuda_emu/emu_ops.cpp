@@ -45,10 +45,11 @@ void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci,
                                              his, pad, out, dt_min, dt_max, algorithm, chunk_size,
                                              split_len, tpssm::cuda_index_values_checked_on_host());
-  const size_t bytes = tpssm::selective_scan_workspace_bytes(p);
+  const tpssm::ScanPlan plan = tpssm::plan_selective_scan(p);
+  const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   // 0xFF bytes: NaN floats, so a read of a workspace entry no pass wrote poisons the result.
   at::Tensor ws = at::full({static_cast<int64_t>(bytes) + 1}, 255, u.options().dtype(at::kByte));
-  tpssm::run_selective_scan(p, bytes ? ws.data_ptr() : nullptr, bytes, nullptr);
+  tpssm::run_selective_scan(p, plan, bytes ? ws.data_ptr() : nullptr, bytes, nullptr);
 }
 void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::Tensor& dt,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
