@@ -86,13 +86,13 @@ def assert_slots_untouched(after: torch.Tensor, before: torch.Tensor,
             assert torch.equal(after[slot], before[slot]), f"slot {slot} was modified"
 
 
-def place_overlapping(k, first, second, overlap_bytes=16):
-    """Moves k[first] and k[second] (same values, contiguous) into one byte buffer, second starting
-    16-byte aligned in the last `overlap_bytes` bytes of first (or its last byte, first being
-    smaller than that); with overlap_bytes=0 they are adjacent and disjoint. The values of second
-    are written last, so index tensors keep valid values."""
+def place_overlapping(k, first, second, overlap=True):
+    """Moves k[first] and k[second] (values kept, made contiguous) into one byte buffer: second
+    starts at the last 16-byte boundary inside first (they share 1 to 16 bytes), or with
+    overlap=False at the first boundary after it (one storage, disjoint bytes). second is written
+    last, so index tensors keep valid values."""
     a, b = k[first].contiguous(), k[second].contiguous()
-    if overlap_bytes:
+    if overlap:
         off = (a.nbytes - 1) // 16 * 16
     else:
         off = (a.nbytes + 15) // 16 * 16

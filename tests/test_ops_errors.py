@@ -375,7 +375,7 @@ def test_written_buffer_overlaps(name, op, make, written, read):
 def test_written_buffer_adjacent_is_accepted(name, op, make, written, read):
     """One storage, disjoint byte ranges: not an overlap (the rule compares byte ranges)."""
     kw = make()
-    place_overlapping(kw, written, read, overlap_bytes=0)
+    place_overlapping(kw, written, read, overlap=False)
     op(**kw)
 
 
