@@ -212,9 +212,10 @@ struct SeqView {
   __device__ __forceinline__ int64_t batch_offset(int64_t b, int64_t batch_stride) const {
     return qsl ? 0 : b * batch_stride;
   }
-  // The sequence holding flat token `flat` (0 <= flat < T). With ordered sequence starts it is
-  // the last one starting at or before `flat`; otherwise (a malformed query_start_loc) some
-  // sequence in [0, batch) that callers intersect with their range like any other.
+  // The sequence holding flat token `flat` (0 <= flat < T): the last one starting at or before
+  // it, or 0 when none does. With a malformed query_start_loc (starts out of order, or `flat` in
+  // a gap between sequences) it is some sequence in [0, batch) that need not hold `flat`;
+  // callers intersect its range with theirs like any other.
   __device__ __forceinline__ int64_t seq_of(int64_t flat) const {
     if (!qsl) return flat / seqlen;
     int64_t lo = 0, hi = batch;  // first b in [0, batch] with begin(b) > flat, minus one
