@@ -13,7 +13,6 @@ from conftest import (
     conv_inputs,
     conv_update_inputs,
     place_overlapping,
-    query_start_loc,
     scan_inputs,
     ssu_inputs,
 )
@@ -256,7 +255,8 @@ CASES = [
      "query_start_loc must start at 0, got 2"),
     ("scan/slot_negative", *SCAN_VARLEN, setk(cache_indices=torch.tensor([1, -5, 3], dtype=I32)),
      "cache_indices[1] = -5 is out of range"),
-    ("scan/slot_range_varlen", *SCAN_VARLEN, setk(cache_indices=torch.tensor([1, 0, 4], dtype=I32)),
+    ("scan/slot_range_varlen", *SCAN_VARLEN,
+     setk(cache_indices=torch.tensor([1, 0, 4], dtype=I32)),
      "cache_indices[2] = 4 is out of range: a slot must satisfy 0 <= slot < num_slots (4)"),
     ("scan/qsl_monotonic", *SCAN_VARLEN,
      setk(query_start_loc=torch.tensor([0, 5, 3, 7], dtype=I32)),
