@@ -191,12 +191,13 @@ elif [ -x "$SAN" ]; then
     stage sanitizer_memcheck_bins 60 san_bins memcheck
     stage sanitizer_racecheck_bins 60 san_bins racecheck
   fi
-  # Varlen, padded rows, distinct slots and forced chunks: the paths the binaries do not take.
-  stage sanitizer_memcheck_py 120 "$SAN" --tool memcheck --error-exitcode 3 \
+  # Varlen, padded rows, distinct slots and forced chunks: the paths the binaries do not take;
+  # memcheck also over malformed index values (slots out of range, bad query_start_loc).
+  stage sanitizer_memcheck_py 180 "$SAN" --tool memcheck --error-exitcode 3 \
     $PY benchmarks/sanitize_cases.py
   if [ $HAVE_CMAKE -eq 0 ]; then
     stage sanitizer_racecheck_py 120 "$SAN" --tool racecheck --error-exitcode 3 \
-      $PY benchmarks/sanitize_cases.py
+      $PY benchmarks/sanitize_cases.py conv scan ssd
   fi
 else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")

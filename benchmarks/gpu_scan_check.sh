@@ -86,8 +86,9 @@ engine recurrent 2048 8
 
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
-  stage racecheck 90 "$SAN" --tool racecheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py
-  stage memcheck 90 "$SAN" --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py
+  stage racecheck 90 "$SAN" --tool racecheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py \
+    conv scan ssd
+  stage memcheck 150 "$SAN" --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py
 fi
 
 echo

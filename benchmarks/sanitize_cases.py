@@ -1,14 +1,27 @@
 """Small runs of every CUDA op for compute-sanitizer (memcheck, racecheck): dense and varlen
 batches with empty and length-1 sequences, padded rows, distinct read / write slots, 16-bit
-states and forced tiny chunks, so that every kernel and every boundary path runs once.
+states and forced tiny chunks, so that every kernel and every boundary path runs once; then
+malformed index values (slots out of range, query_start_loc negative, past the token count, out
+of order), which the CUDA ops do not check on the host: memcheck must find no access outside the
+tensors.
 
-    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py [GROUP ...]
+
+GROUPs (default all): conv, scan, ssd, malformed. The malformed-index group only matters to
+memcheck: its out-of-order sequences race between blocks on purpose, in global memory, which
+racecheck (shared memory) does not examine.
 """
 
+import os
 import sys
 from pathlib import Path
 
-import torch
+# One cudaMalloc per tensor, so that memcheck sees an access past a tensor instead of a hit inside
+# the caching allocator's segment; index values unchecked on the host, as in production.
+os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+os.environ.pop("TPSSM_DEBUG_CHECKS", None)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from tpssm import ops  # noqa: E402
@@ -88,9 +101,84 @@ def ssd_cases():
                 algorithm="ssd", split_len=split_len)
 
 
+# query_start_loc values for 10 tokens in 4 sequences: negative, past the end, int32 extremes,
+# gaps, out of order, descending.
+BAD_QSL = ([-4, 3, 5, 6, 10], [0, 3, 1000, 6, 10], [0, 3, 5, 6, 2 ** 31 - 1],
+           [-2 ** 31, 3, 5, 6, 2 ** 31 - 1], [2, 3, 5, 6, 8], [0, 6, 3, 9, 10], [0, 2, 1, 3, 4],
+           [10, 7, 3, 1, 0], [100, 200, 300, 400, 500], [-9, -5, -3, -2, -1])
+# Slots for a pool of 5: one past the end, negative (not the pad id), the int32 extremes.
+BAD_SLOTS = ([0, 5, 2, 3], [-3, 1, 2, 3], [0, 1, 2 ** 31 - 1, 3], [0, 1, 2, -2 ** 31])
+
+
+def malformed_index_cases():
+    dim, width, T = 40, 4, 10
+    flags = torch.tensor([1, 0, 1, 1], dtype=torch.bool, device=dev)
+    for dtype in (torch.float32, torch.bfloat16):
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+        w = rnd(dim, width)
+        conv_states = rnd(5, dim, width - 1)
+        for chunk_len in (0, 2):
+            for qsl in BAD_QSL:
+                ops.causal_conv1d(rnd(T, dim), w, rnd(dim), conv_states=conv_states,
+                                  query_start_loc=torch.tensor(qsl, **i32),
+                                  cache_indices=torch.tensor([0, 1, 2, 3], **i32),
+                                  has_initial_state=flags, activation="silu",
+                                  chunk_len=chunk_len)
+            for slots in BAD_SLOTS:
+                ops.causal_conv1d(rnd(T, dim), w, None, conv_states=conv_states,
+                                  query_start_loc=torch.tensor([0, 3, 5, 6, 10], **i32),
+                                  cache_indices=torch.tensor(slots, **i32),
+                                  has_initial_state=flags, chunk_len=chunk_len)
+        for slots in BAD_SLOTS:
+            ops.causal_conv1d_update(rnd(4, 2, dim), conv_states, w, rnd(dim),
+                                     cache_indices=torch.tensor(slots, **i32), activation="silu")
+        # Recurrent kernels (Mamba1 staged tiles, Mamba2 groups), whole-sequence and split plans.
+        for form, h, p, n in (("mamba1", 40, 1, 16), ("mamba2", 4, 8, 16)):
+            d = h * p
+            A = -torch.rand(h, n, device=dev) if form == "mamba1" else -torch.rand(h, device=dev)
+            st_shape = (5, d, n) if form == "mamba1" else (5, h, p, n)
+            states = torch.randn(st_shape, device=dev)
+            for split_len in (0, 2):
+                for qsl, slots in [(q, [0, 1, 2, 3]) for q in BAD_QSL] + [
+                        ([0, 3, 5, 6, 10], s) for s in BAD_SLOTS]:
+                    ops.selective_scan(
+                        rnd(T, d), rnd(T, h), A, rnd(T, 1, n), rnd(T, 1, n),
+                        torch.randn(h, device=dev), rnd(T, d), torch.randn(h, device=dev),
+                        delta_softplus=True, ssm_states=states,
+                        query_start_loc=torch.tensor(qsl, **i32),
+                        cache_indices=torch.tensor(slots, **i32), has_initial_state=flags,
+                        algorithm="recurrent", split_len=split_len)
+            for src, dst in [(s, None) for s in BAD_SLOTS] + [([0, 1, 2, 3], s)
+                                                               for s in BAD_SLOTS]:
+                ops.selective_state_update(
+                    states, rnd(4, d), rnd(4, h), A, rnd(4, 1, n), rnd(4, 1, n),
+                    torch.randn(h, device=dev), rnd(4, d), torch.randn(h, device=dev),
+                    dt_softplus=True, state_batch_indices=torch.tensor(src, **i32),
+                    dst_state_batch_indices=None if dst is None else torch.tensor(dst, **i32))
+    # The SSD kernel (16-bit, headdim / dstate 64): whole-sequence and split plans.
+    h, p, n = 2, 64, 64
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16)  # noqa: E731
+    states = torch.randn(5, h, p, n, device=dev)
+    for split_len in (0, 2):
+        for qsl, slots in [(q, [0, 1, 2, 3]) for q in BAD_QSL] + [
+                ([0, 3, 5, 6, 10], s) for s in BAD_SLOTS]:
+            ops.selective_scan(
+                rnd(T, h * p), rnd(T, h), -torch.rand(h, device=dev), rnd(T, 1, n), rnd(T, 1, n),
+                torch.randn(h, device=dev), rnd(T, h * p), torch.randn(h, device=dev),
+                delta_softplus=True, ssm_states=states, query_start_loc=torch.tensor(qsl, **i32),
+                cache_indices=torch.tensor(slots, **i32), has_initial_state=flags,
+                algorithm="ssd", split_len=split_len)
+
+
+GROUPS = {"conv": conv_cases, "scan": scan_cases, "ssd": ssd_cases,
+          "malformed": malformed_index_cases}
+
 if __name__ == "__main__":
-    conv_cases()
-    scan_cases()
-    ssd_cases()
+    names = sys.argv[1:] or list(GROUPS)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        sys.exit(f"sanitize_cases: unknown groups {unknown}, choose from {list(GROUPS)}")
+    for name in names:
+        GROUPS[name]()
     torch.cuda.synchronize()
     print("sanitize_cases: all ops ran")

@@ -3,10 +3,17 @@
 // error names the op, the argument and the rule.
 //
 // Value checks (slot ranges, distinct write slots, query_start_loc monotonicity) need the index
-// values on the host. They run when the index tensors live on the CPU; for device tensors they run
-// only with TPSSM_DEBUG_CHECKS=1, because reading the values back is a host synchronisation that
-// the decode hot path (and CUDA-graph capture) cannot afford.
+// values on the host: the caller says whether to run them (check_index_values). The CPU ops always
+// do, since their kernels trust the values; the CUDA ops only with TPSSM_DEBUG_CHECKS=1, because
+// reading the values back is a host synchronisation that the decode hot path (and CUDA-graph
+// capture) cannot afford - their kernels range-check every index on the device instead.
+//
+// Memory rules are checked whatever the device, from pointers and sizes only: no buffer an op
+// writes (out, the state pools) may share a byte with any tensor it reads, index tensors included,
+// nor with another buffer it writes.
 #include "ssm_ops.h"
+
+#include "overlap_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -37,11 +44,6 @@ const char* dtype_str(at::ScalarType st) {
     case at::kDouble: return "float64";
     default: return c10::toString(st);
   }
-}
-
-bool debug_checks_enabled() {
-  const char* v = std::getenv("TPSSM_DEBUG_CHECKS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 DType activation_dtype(const char* op, const at::Tensor& t, const char* name) {
@@ -116,29 +118,6 @@ void check_no_internal_overlap(const char* op, const at::Tensor& t, const char* 
               " must not have internally overlapping memory (e.g. an expanded tensor)");
 }
 
-// Conservative: tensors in one storage overlap when their address ranges intersect. Column slices
-// of one buffer interleave and are reported as overlapping; outputs must simply live elsewhere.
-bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.storage().is_alias_of(b.storage())) return false;
-  auto range = [](const at::Tensor& t) {
-    const char* begin = static_cast<const char*>(t.data_ptr());
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return std::make_pair(begin, begin + (last + 1) * t.element_size());
-  };
-  auto [a0, a1] = range(a);
-  auto [b0, b1] = range(b);
-  return a0 < b1 && b0 < a1;
-}
-
-void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name,
-                      const OptTensor& t, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(!may_overlap(out, *t), op, ": ", out_name, " must not overlap ", name,
-              " (in-place use is not supported)");
-}
-
 // Index tensors: int32, 1-D of the batch size, contiguous.
 void check_index_tensor(const char* op, const OptTensor& t, const char* name, int64_t batch) {
   if (!t.has_value()) return;
@@ -157,8 +136,6 @@ void check_has_initial_state(const char* op, const OptTensor& t, int64_t batch,
               " (the initial states are read from it)");
 }
 
-bool values_checkable(const at::Tensor& t) { return t.is_cpu() || debug_checks_enabled(); }
-
 std::vector<int32_t> host_int32(const at::Tensor& t) {
   at::Tensor h = t.is_cpu() ? t : t.to(at::kCPU);
   h = h.contiguous();
@@ -167,7 +144,6 @@ std::vector<int32_t> host_int32(const at::Tensor& t) {
 }
 
 void check_query_start_loc_values(const char* op, const at::Tensor& qsl, int64_t total_tokens) {
-  if (!values_checkable(qsl)) return;
   const std::vector<int32_t> v = host_int32(qsl);
   TORCH_CHECK(!v.empty() && v.front() == 0, op, ": query_start_loc must start at 0, got ",
               v.empty() ? -1 : v.front());
@@ -262,16 +238,17 @@ int64_t check_conv_weight_bias(const char* op, const at::Tensor& weight, const O
 }
 
 // The batch-description rules the two prefill ops share: the index tensors, the initial-state
-// flags (they need a state pool), query_start_loc's values and the slots of a state pool.
+// flags (they need a state pool) and, when check_values, query_start_loc's values and the slots of
+// a state pool.
 void check_prefill_batch(const char* op, const BatchShape& bs, const OptTensor& query_start_loc,
                          const OptTensor& cache_indices, const OptTensor& has_initial_state,
                          const char* states_name, bool has_states, int64_t num_slots,
-                         int64_t pad_slot_id) {
+                         int64_t pad_slot_id, bool check_values) {
   check_index_tensor(op, cache_indices, "cache_indices", bs.batch);
   check_has_initial_state(op, has_initial_state, bs.batch, has_states, states_name);
-  if (bs.varlen) check_query_start_loc_values(op, *query_start_loc, bs.seqlen);
+  if (bs.varlen && check_values) check_query_start_loc_values(op, *query_start_loc, bs.seqlen);
   if (cache_indices.has_value()) {
-    if (values_checkable(*cache_indices)) {
+    if (check_values) {
       check_slot_values(op, *cache_indices, "cache_indices", has_states ? num_slots : -1,
                         pad_slot_id, has_states);
     }
@@ -370,11 +347,16 @@ void fill_state_layout(const char* op, const at::Tensor& s, const char* name, co
 
 }  // namespace
 
+bool cuda_index_values_checked_on_host() {
+  const char* v = std::getenv("TPSSM_DEBUG_CHECKS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 CausalConv1dParams make_causal_conv1d_params(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
     const OptTensor& conv_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, bool silu,
-    int64_t pad_slot_id, const at::Tensor& out, int64_t chunk_len) {
+    int64_t pad_slot_id, const at::Tensor& out, int64_t chunk_len, bool check_index_values) {
   const char* op = "causal_conv1d";
   CausalConv1dParams p{};
   TORCH_CHECK(chunk_len >= 0, op, ": chunk_len must be >= 0 (0: the launcher decides), got ",
@@ -398,10 +380,6 @@ CausalConv1dParams make_causal_conv1d_params(
   const int64_t width = check_conv_weight_bias(op, weight, bias, x, dim);
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
-  check_no_overlap(op, out, "out", x, "x");
-  check_no_overlap(op, out, "out", weight, "weight");
-  check_no_overlap(op, out, "out", bias, "bias");
-  check_no_overlap(op, out, "out", conv_states, "conv_states");
 
   p.num_slots = 0;
   if (conv_states.has_value()) {
@@ -413,14 +391,18 @@ CausalConv1dParams make_causal_conv1d_params(
     p.num_slots = s.size(0);
     check_fits_int32(op, p.num_slots, "num_slots");
     check_no_internal_overlap(op, s, "conv_states");
-    check_no_overlap(op, s, "conv_states", x, "x");
     p.conv_states = s.data_ptr();
     p.conv_states_slot_stride = s.stride(0);
     p.conv_states_channel_stride = s.stride(1);
     p.conv_states_width_stride = s.stride(2);
   }
+  check_written_disjoint(op, {named(out, "out"), named(conv_states, "conv_states")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(query_start_loc, "query_start_loc"),
+                          named(cache_indices, "cache_indices"),
+                          named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "conv_states",
-                      conv_states.has_value(), p.num_slots, pad_slot_id);
+                      conv_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
   p.batch = bs.batch;
   p.dim = dim;
@@ -448,7 +430,7 @@ CausalConv1dParams make_causal_conv1d_params(
 CausalConv1dUpdateParams make_causal_conv1d_update_params(
     const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
     const OptTensor& bias, bool silu, const OptTensor& cache_indices, int64_t pad_slot_id,
-    const at::Tensor& out) {
+    const at::Tensor& out, bool check_index_values) {
   const char* op = "causal_conv1d_update";
   CausalConv1dUpdateParams p{};
   p.dtype = activation_dtype(op, x, "x");
@@ -476,18 +458,16 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   p.num_slots = conv_state.size(0);
   check_fits_int32(op, p.num_slots, "num_slots");
   check_no_internal_overlap(op, conv_state, "conv_state");
-  check_no_overlap(op, conv_state, "conv_state", x, "x");
 
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
-  check_no_overlap(op, out, "out", x, "x");
-  check_no_overlap(op, out, "out", weight, "weight");
-  check_no_overlap(op, out, "out", bias, "bias");
-  check_no_overlap(op, out, "out", conv_state, "conv_state");
 
   check_index_tensor(op, cache_indices, "cache_indices", batch);
+  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(cache_indices, "cache_indices")});
   if (cache_indices.has_value()) {
-    if (values_checkable(*cache_indices)) {
+    if (check_index_values) {
       check_slot_values(op, *cache_indices, "cache_indices", p.num_slots, pad_slot_id, true);
     }
   } else {
@@ -569,7 +549,8 @@ SelectiveScanParams make_selective_scan_params(
     bool delta_softplus, const OptTensor& ssm_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, int64_t pad_slot_id,
     const at::Tensor& out, std::optional<double> dt_min, std::optional<double> dt_max,
-    c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
+    c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
+    bool check_index_values) {
   const char* op = "selective_scan";
   SelectiveScanParams p{};
   p.act_dtype = activation_dtype(op, u, "u");
@@ -626,15 +607,6 @@ SelectiveScanParams make_selective_scan_params(
 
   check_out(op, out, u, "u");
   check_last_stride1(op, out, "out", "channels");
-  check_no_overlap(op, out, "out", u, "u");
-  check_no_overlap(op, out, "out", delta, "delta");
-  check_no_overlap(op, out, "out", A, "A");
-  check_no_overlap(op, out, "out", B, "B");
-  check_no_overlap(op, out, "out", C, "C");
-  check_no_overlap(op, out, "out", D, "D");
-  check_no_overlap(op, out, "out", z, "z");
-  check_no_overlap(op, out, "out", delta_bias, "delta_bias");
-  check_no_overlap(op, out, "out", ssm_states, "ssm_states");
 
   p.num_slots = 0;
   p.state_dtype = DType::kFloat32;
@@ -644,8 +616,15 @@ SelectiveScanParams make_selective_scan_params(
                       &p.ssm_states_head_stride, &p.ssm_states_dim_stride);
     p.ssm_states = ssm_states->data_ptr();
   }
+  check_written_disjoint(op, {named(out, "out"), named(ssm_states, "ssm_states")},
+                         {named(u, "u"), named(delta, "delta"), named(A, "A"), named(B, "B"),
+                          named(C, "C"), named(D, "D"), named(z, "z"),
+                          named(delta_bias, "delta_bias"),
+                          named(query_start_loc, "query_start_loc"),
+                          named(cache_indices, "cache_indices"),
+                          named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "ssm_states",
-                      ssm_states.has_value(), p.num_slots, pad_slot_id);
+                      ssm_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
   p.batch = bs.batch;
   p.seqlen = bs.seqlen;
@@ -693,7 +672,8 @@ SelectiveStateUpdateParams make_selective_state_update_params(
     const at::Tensor& ssm_state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
     const OptTensor& dt_bias, bool dt_softplus, const OptTensor& state_batch_indices,
-    const OptTensor& dst_state_batch_indices, int64_t pad_slot_id, const at::Tensor& out) {
+    const OptTensor& dst_state_batch_indices, int64_t pad_slot_id, const at::Tensor& out,
+    bool check_index_values) {
   const char* op = "selective_state_update";
   SelectiveStateUpdateParams p{};
   p.act_dtype = activation_dtype(op, x, "x");
@@ -750,31 +730,21 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   p.state_dtype = state_dtype_of(op, ssm_state, "ssm_state", x, p.act_dtype);
   fill_state_layout(op, ssm_state, "ssm_state", f, &p.num_slots, &p.state_slot_stride,
                     &p.state_head_stride, &p.state_dim_stride);
-  check_no_overlap(op, ssm_state, "ssm_state", x, "x");
-  check_no_overlap(op, ssm_state, "ssm_state", B, "B");
-  check_no_overlap(op, ssm_state, "ssm_state", C, "C");
 
   check_out(op, out, x, "x");
   check_channels_dense(op, out, "out", 1);
-  check_no_overlap(op, out, "out", ssm_state, "ssm_state");
-  check_no_overlap(op, out, "out", x, "x");
-  check_no_overlap(op, out, "out", dt, "dt");
-  check_no_overlap(op, out, "out", A, "A");
-  check_no_overlap(op, out, "out", B, "B");
-  check_no_overlap(op, out, "out", C, "C");
-  check_no_overlap(op, out, "out", D, "D");
-  check_no_overlap(op, out, "out", z, "z");
-  check_no_overlap(op, out, "out", dt_bias, "dt_bias");
 
   check_index_tensor(op, state_batch_indices, "state_batch_indices", batch);
   check_index_tensor(op, dst_state_batch_indices, "dst_state_batch_indices", batch);
-  const bool checkable =
-      (!state_batch_indices.has_value() || values_checkable(*state_batch_indices)) &&
-      (!dst_state_batch_indices.has_value() || values_checkable(*dst_state_batch_indices));
+  check_written_disjoint(op, {named(out, "out"), named(ssm_state, "ssm_state")},
+                         {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
+                          named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
+                          named(state_batch_indices, "state_batch_indices"),
+                          named(dst_state_batch_indices, "dst_state_batch_indices")});
   if (!state_batch_indices.has_value()) {
     check_implicit_slots(op, batch, p.num_slots, "ssm_state");
   }
-  if (checkable) {
+  if (check_index_values) {
     // Rows run concurrently: a row may not write a slot that another row reads or writes.
     std::vector<int32_t> src(batch), dst;
     for (int64_t b = 0; b < batch; ++b) src[b] = static_cast<int32_t>(b);

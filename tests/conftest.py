@@ -86,6 +86,24 @@ def assert_slots_untouched(after: torch.Tensor, before: torch.Tensor,
             assert torch.equal(after[slot], before[slot]), f"slot {slot} was modified"
 
 
+def place_overlapping(k, first, second, overlap=True):
+    """Moves k[first] and k[second] (values kept, made contiguous) into one byte buffer: second
+    starts at the last 16-byte boundary inside first (they share 1 to 16 bytes), or with
+    overlap=False at the first boundary after it (one storage, disjoint bytes). second is written
+    last, so index tensors keep valid values."""
+    a, b = k[first].contiguous(), k[second].contiguous()
+    if overlap:
+        off = (a.nbytes - 1) // 16 * 16
+    else:
+        off = (a.nbytes + 15) // 16 * 16
+    buf = torch.zeros(off + b.nbytes + a.nbytes, dtype=torch.uint8)
+    va = buf[:a.nbytes].view(a.dtype).view(a.shape)
+    vb = buf[off:off + b.nbytes].view(b.dtype).view(b.shape)
+    va.copy_(a)
+    vb.copy_(b)
+    k[first], k[second] = va, vb
+
+
 def token_rows(seqlens: Sequence[int], rows: Iterable[int]) -> torch.Tensor:
     """Packed token indices of the given batch rows of a varlen batch."""
     starts = [0]

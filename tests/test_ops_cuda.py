@@ -675,3 +675,182 @@ def test_selective_state_update_cuda_graph(form):
         return ref["out"], ref["ssm_state"]
 
     _replay_and_check(capture, refresh, reference, lambda: (kw["out"], kw["ssm_state"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed index values. The CUDA ops do not read index values back to the host (unless
+# TPSSM_DEBUG_CHECKS=1), so whatever the values the kernels must stay in bounds and give the
+# documented result (tpssm.ops): an index that is neither pad_slot_id nor a slot of the pool makes
+# its row a padded row; query_start_loc entries act clamped to [0, total_tokens], a sequence
+# ending before its start is empty, and tokens outside every sequence keep their out rows; with
+# the clamped starts out of order, the rows involved get unspecified values but nothing outside
+# their token rows and slots is written. The CPU ops reject all of these (test_ops_errors.py).
+# Under the emulator with EMU_ASAN=1, an access outside any tensor fails the run.
+
+BAD_SLOTS = [("num_slots", None), ("negative", -3), ("int32_max", 2 ** 31 - 1),
+             ("int32_min", -2 ** 31)]
+QSL_T = 9  # total tokens of the malformed query_start_loc cases (seqlens (3, 2, 4))
+QSL_CASES = [
+    ("first_negative", [-4, 3, 5, 9]),
+    ("interior_negative", [0, -7, 5, 9]),
+    ("entry_past_total", [0, 3, 1000, 9]),
+    ("last_past_total", [0, 3, 5, 2 ** 31 - 1]),
+    ("int32_extremes", [-2 ** 31, 3, 5, 2 ** 31 - 1]),
+    ("gaps_at_both_ends", [2, 3, 5, 7]),
+    ("all_past_total", [100, 200, 300, 400]),
+    ("all_negative", [-9, -5, -3, -1]),
+    ("out_of_order", [0, 5, 3, 9]),
+    ("out_of_order_gap", [0, 2, 1, 3]),
+    ("descending", [9, 6, 3, 0]),
+]
+
+
+@pytest.fixture
+def _device_index_checks_only(monkeypatch):
+    monkeypatch.delenv("TPSSM_DEBUG_CHECKS", raising=False)
+
+
+def _cpu_op(op, kw):
+    """op on the CPU kernels (the emulator points tpssm.ops at the emulated CUDA kernels)."""
+    saved = ops._ops
+    ops._ops = torch.ops.tpssm
+    try:
+        op(**kw)
+    finally:
+        ops._ops = saved
+
+
+def _cpu_copy(kw):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _clamped_ranges(qsl, total):
+    """Each sequence's token range as the kernels read query_start_loc (see kernel_utils.cuh)."""
+    begins = [min(max(v, 0), total) for v in qsl[:-1]]
+    ends = [max(min(max(v, 0), total), b) for v, b in zip(qsl[1:], begins)]
+    return list(zip(begins, ends))
+
+
+def _with_bad_slot(values, b, bad, num_slots):
+    values = list(values)
+    values[b] = num_slots if bad is None else bad
+    return values
+
+
+def _check_bad_slot(op, kw, index_name, b, bad, num_slots, mutable, dtype):
+    """Row b's index replaced by a bad value on the device must give the CPU op's result with
+    that row padded."""
+    expect = _cpu_copy(kw)
+    expect[index_name] = torch.tensor(_with_bad_slot(kw[index_name].tolist(), b, -1, num_slots),
+                                      dtype=torch.int32)
+    _cpu_op(op, expect)
+    kw_gpu = {k: to_cuda(v) for k, v in kw.items()}
+    kw_gpu[index_name] = torch.tensor(_with_bad_slot(kw[index_name].tolist(), b, bad, num_slots),
+                                      dtype=torch.int32, device=CUDA)
+    op(**kw_gpu)
+    for n in mutable:
+        assert_matches_cpu(kw_gpu[n], expect[n], dtype, n)
+    return kw_gpu
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("bad_name,bad", BAD_SLOTS, ids=[n for n, _ in BAD_SLOTS])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_causal_conv1d_cuda_bad_slot_is_padding(varlen, bad_name, bad):
+    kw = conv_inputs(varlen=True, seqlens=(3, 2, 4), slots=(1, 0, 4),
+                     initial=(True, True, False)) if varlen else conv_inputs()
+    kw_gpu = _check_bad_slot(ops.causal_conv1d, kw, "cache_indices", 1, bad, 5,
+                                ("out", "conv_states"), kw["x"].dtype)
+    rows = kw_gpu["out"].cpu()[3:5] if varlen else kw_gpu["out"].cpu()[1]
+    assert (rows == SENTINEL).all(), "the out rows of a row with a bad slot were written"
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("bad_name,bad", BAD_SLOTS, ids=[n for n, _ in BAD_SLOTS])
+def test_causal_conv1d_update_cuda_bad_slot_is_padding(bad_name, bad):
+    kw = conv_update_inputs(seqlen=2)
+    kw_gpu = _check_bad_slot(ops.causal_conv1d_update, kw, "cache_indices", 2, bad, 5,
+                                ("out", "conv_state"), kw["x"].dtype)
+    assert (kw_gpu["out"].cpu()[2] == SENTINEL).all()
+
+
+SCAN_PLANS = [
+    ("recurrent", dict(), 0),
+    ("recurrent_split2", dict(), 2),
+    ("mamba1_staged", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 0),
+    ("mamba1_staged_split2",
+     dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 2),
+    ("ssd", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, algorithm="ssd"), 0),
+    ("ssd_split2", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1,
+                        algorithm="ssd"), 2),
+]
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("bad_name,bad", BAD_SLOTS[:2], ids=[n for n, _ in BAD_SLOTS[:2]])
+@pytest.mark.parametrize("plan,params,split", SCAN_PLANS, ids=[c[0] for c in SCAN_PLANS])
+def test_selective_scan_cuda_bad_slot_is_padding(plan, params, split, bad_name, bad):
+    kw = scan_inputs(varlen=True, seqlens=(3, 2, 4), slots=(1, 0, 3),
+                     initial=(True, True, False), split_len=split, **params)
+    kw_gpu = _check_bad_slot(ops.selective_scan, kw, "cache_indices", 1, bad, 4,
+                                ("out", "ssm_states"), kw["u"].dtype)
+    assert (kw_gpu["out"].cpu()[3:5] == SENTINEL).all()
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("bad_name,bad", BAD_SLOTS, ids=[n for n, _ in BAD_SLOTS])
+@pytest.mark.parametrize("index_name", ["state_batch_indices", "dst_state_batch_indices"])
+def test_selective_state_update_cuda_bad_slot_is_padding(index_name, bad_name, bad):
+    kw = ssu_inputs(dst=(1, 3, 5))
+    kw_gpu = _check_bad_slot(ops.selective_state_update, kw, index_name, 0, bad, 6,
+                                ("out", "ssm_state"), kw["x"].dtype)
+    assert (kw_gpu["out"].cpu()[0] == SENTINEL).all()
+
+
+def _check_malformed_qsl(op, kw, qsl, packed, states_name, dtype):
+    """Runs op on the device with query_start_loc = qsl. Clamped starts in order: the result is
+    the CPU op's over the tokens of the clamped sequences. Otherwise: token rows outside every
+    clamped sequence and slots of no row keep their values."""
+    ranges = _clamped_ranges(qsl, QSL_T)
+    kw_gpu = {k: to_cuda(v) for k, v in kw.items()}
+    kw_gpu["query_start_loc"] = torch.tensor(qsl, dtype=torch.int32, device=CUDA)
+    before_states = kw[states_name].clone()
+    op(**kw_gpu)
+    out = kw_gpu["out"].cpu()
+    covered = {t for b, e in ranges for t in range(b, e)}
+    untouched = [t for t in range(QSL_T) if t not in covered]
+    assert (out[untouched] == SENTINEL).all(), "out rows outside every sequence were written"
+    assert_slots_untouched(kw_gpu[states_name].cpu(), before_states, kw["cache_indices"].tolist())
+    begins = [b for b, _ in ranges]
+    if begins != sorted(begins):
+        return
+    first, last = ranges[0][0], ranges[-1][1]
+    expect = _cpu_copy(kw)
+    for n in packed:
+        if expect.get(n) is not None:
+            expect[n] = expect[n][first:last]
+    expect["out"] = kw["out"][first:last].clone()
+    expect["query_start_loc"] = torch.tensor([b - first for b in begins] + [last - first],
+                                             dtype=torch.int32)
+    _cpu_op(op, expect)
+    assert_matches_cpu(kw_gpu["out"][first:last], expect["out"], dtype, "out")
+    assert_matches_cpu(kw_gpu[states_name], expect[states_name], dtype, states_name)
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("chunk", [None, 2], ids=["auto", "chunk2"])
+@pytest.mark.parametrize("name,qsl", QSL_CASES, ids=[c[0] for c in QSL_CASES])
+def test_causal_conv1d_cuda_malformed_query_start_loc(name, qsl, chunk):
+    kw = conv_inputs(varlen=True, seqlens=(3, 2, 4), slots=(1, 0, 4), initial=(True, True, False))
+    kw["chunk_len"] = chunk or 0
+    _check_malformed_qsl(ops.causal_conv1d, kw, qsl, ("x",), "conv_states", kw["x"].dtype)
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("plan,params,split", SCAN_PLANS, ids=[c[0] for c in SCAN_PLANS])
+@pytest.mark.parametrize("name,qsl", QSL_CASES, ids=[c[0] for c in QSL_CASES])
+def test_selective_scan_cuda_malformed_query_start_loc(name, qsl, plan, params, split):
+    kw = scan_inputs(varlen=True, seqlens=(3, 2, 4), slots=(1, 0, 3),
+                     initial=(True, True, False), split_len=split, **params)
+    _check_malformed_qsl(ops.selective_scan, kw, qsl, ("u", "delta", "B", "C", "z"),
+                         "ssm_states", kw["u"].dtype)

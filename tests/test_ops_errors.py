@@ -9,7 +9,13 @@ import pytest
 import torch
 
 import tpssm
-from conftest import conv_inputs, conv_update_inputs, query_start_loc, scan_inputs, ssu_inputs
+from conftest import (
+    conv_inputs,
+    conv_update_inputs,
+    place_overlapping,
+    scan_inputs,
+    ssu_inputs,
+)
 from tpssm import ops
 
 I32 = torch.int32
@@ -86,6 +92,12 @@ CASES = [
     ("conv/qsl_end", *CONV_VARLEN,
      setk(query_start_loc=torch.tensor([0, 3, 3, 6], dtype=I32)),
      "query_start_loc must end at total_tokens (x.size(0) = 7), got 6"),
+    ("conv/qsl_negative", *CONV_VARLEN,
+     setk(query_start_loc=torch.tensor([-1, 3, 3, 7], dtype=I32)),
+     "query_start_loc must start at 0, got -1"),
+    ("conv/qsl_past_total_tokens", *CONV_VARLEN,
+     setk(query_start_loc=torch.tensor([0, 3, 9, 7], dtype=I32)),
+     "query_start_loc[2] = 9 > query_start_loc[3] = 7"),
     ("conv/weight_dtype", *CONV, lambda k: k.update(weight=k["weight"].half()),
      "weight must have the dtype of x (float32), got float16"),
     ("conv/weight_shape", *CONV, lambda k: k.update(weight=k["weight"][:5]),
@@ -165,6 +177,8 @@ CASES = [
      "conv_state must not have internally overlapping memory"),
     ("update/slot_range", *UPD, setk(cache_indices=torch.tensor([4, 1, 5], dtype=I32)),
      "cache_indices[2] = 5 is out of range"),
+    ("update/slot_negative", *UPD, setk(cache_indices=torch.tensor([4, -7, 2], dtype=I32)),
+     "cache_indices[1] = -7 is out of range"),
     ("update/slot_distinct", *UPD, setk(cache_indices=torch.tensor([4, 1, 4], dtype=I32)),
      "cache_indices must be distinct among non-padded rows, slot 4 appears twice"),
     ("update/cache_indices_shape", *UPD, setk(cache_indices=torch.tensor([4, 1], dtype=I32)),
@@ -237,6 +251,13 @@ CASES = [
     ("scan/has_initial_state_dtype", *SCAN,
      lambda k: k.update(has_initial_state=k["has_initial_state"].float()),
      "has_initial_state must be bool"),
+    ("scan/qsl_start", *SCAN_VARLEN, setk(query_start_loc=torch.tensor([2, 3, 3, 7], dtype=I32)),
+     "query_start_loc must start at 0, got 2"),
+    ("scan/slot_negative", *SCAN_VARLEN, setk(cache_indices=torch.tensor([1, -5, 3], dtype=I32)),
+     "cache_indices[1] = -5 is out of range"),
+    ("scan/slot_range_varlen", *SCAN_VARLEN,
+     setk(cache_indices=torch.tensor([1, 0, 4], dtype=I32)),
+     "cache_indices[2] = 4 is out of range: a slot must satisfy 0 <= slot < num_slots (4)"),
     ("scan/qsl_monotonic", *SCAN_VARLEN,
      setk(query_start_loc=torch.tensor([0, 5, 3, 7], dtype=I32)),
      "query_start_loc must be non-decreasing"),
@@ -290,6 +311,8 @@ CASES = [
      "dst_state_batch_indices must have shape (batch,)"),
     ("ssu/src_range", *SSU, setk(state_batch_indices=torch.tensor([2, 6, 4], dtype=I32)),
      "state_batch_indices[1] = 6 is out of range: a slot must satisfy 0 <= slot < num_slots (6)"),
+    ("ssu/src_negative", *SSU, setk(state_batch_indices=torch.tensor([2, 0, -4], dtype=I32)),
+     "state_batch_indices[2] = -4 is out of range"),
     ("ssu/dst_range", *SSU, setk(dst_state_batch_indices=torch.tensor([1, -3, 3], dtype=I32)),
      "dst_state_batch_indices[1] = -3 is out of range"),
     ("ssu/write_slots_distinct", *SSU,
@@ -307,6 +330,65 @@ CASES = [
      lambda k: k.update(out=k["ssm_state"].view(-1)[:36].view(3, 12)),
      "out must not overlap ssm_state"),
 ]
+
+
+# ---- overlap rules: no buffer an op writes may share a byte with any tensor it reads or with
+# another buffer it writes. Builders with every optional input present.
+OVERLAP_OPS = {
+    "conv": (ops.causal_conv1d,
+             lambda: conv_inputs(varlen=True, seqlens=(3, 0, 4), slots=(1, 0, 4),
+                                 initial=(True, False, True)),
+             ("out", "conv_states"),
+             ("x", "weight", "bias", "query_start_loc", "cache_indices", "has_initial_state")),
+    "update": (ops.causal_conv1d_update, conv_update_inputs, ("out", "conv_state"),
+               ("x", "weight", "bias", "cache_indices")),
+    "scan": (ops.selective_scan,
+             lambda: scan_inputs(varlen=True, seqlens=(3, 0, 4), slots=(1, 0, 3),
+                                 initial=(True, False, True)),
+             ("out", "ssm_states"),
+             ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "query_start_loc",
+              "cache_indices", "has_initial_state")),
+    "ssu": (ops.selective_state_update, lambda: ssu_inputs(dst=(1, 3, 5)), ("out", "ssm_state"),
+            ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
+             "dst_state_batch_indices")),
+}
+
+OVERLAP_CASES = []
+for _key, (_op, _make, _written, _read) in OVERLAP_OPS.items():
+    for _i, _w in enumerate(_written):
+        for _r in _written[_i + 1:] + _read:
+            OVERLAP_CASES.append((f"{_key}/{_w}-{_r}", _op, _make, _w, _r))
+
+
+@pytest.mark.parametrize("name,op,make,written,read", OVERLAP_CASES,
+                         ids=[c[0] for c in OVERLAP_CASES])
+def test_written_buffer_overlaps(name, op, make, written, read):
+    kw = make()
+    place_overlapping(kw, written, read)
+    with pytest.raises(RuntimeError,
+                       match=re.escape(f"{written} must not overlap {read} (in-place use")):
+        op(**kw)
+
+
+@pytest.mark.parametrize("name,op,make,written,read", OVERLAP_CASES,
+                         ids=[c[0] for c in OVERLAP_CASES])
+def test_written_buffer_adjacent_is_accepted(name, op, make, written, read):
+    """One storage, disjoint byte ranges: not an overlap (the rule compares byte ranges)."""
+    kw = make()
+    place_overlapping(kw, written, read, overlap=False)
+    op(**kw)
+
+
+def test_every_overlap_pair_is_listed():
+    """Each op's written buffers and read tensors above are all of its tensor arguments."""
+    import inspect
+
+    for key, (op, make, written, read) in OVERLAP_OPS.items():
+        kw = make()
+        tensors = {n for n, v in kw.items() if isinstance(v, torch.Tensor)}
+        params = set(inspect.signature(op).parameters)
+        assert tensors == set(written) | set(read), key
+        assert set(written) | set(read) <= params, key
 
 
 @pytest.mark.parametrize("name,op,make,mutate,message", CASES, ids=[c[0] for c in CASES])

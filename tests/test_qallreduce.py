@@ -12,6 +12,7 @@ import torch
 
 import tpssm
 import tpssm.qallreduce as Q
+from conftest import place_overlapping
 from tpssm.reference.qallreduce import (
     TINY_ABSMAX,
     qar_all_reduce_ref,
@@ -403,6 +404,70 @@ def test_bad_inputs_loopback_and_python_api():
         Q.wire_bytes(256, 2, "int4")
     with pytest.raises(ValueError, match="group_size must be one of"):
         Q.chunk_bytes(256, 2, 96)
+
+
+# One message of 512 elements over 2 ranks in groups of 128 (the overlap tests).
+QAR_NUMEL, QAR_N, QAR_G = 512, 2, 128
+
+
+def _qar_single_op_args():
+    cb = Q.chunk_bytes(QAR_NUMEL, QAR_N, QAR_G)
+    return dict(
+        x=torch.randn(2, 256, dtype=torch.bfloat16),
+        send=torch.zeros(QAR_N * cb, dtype=torch.uint8),
+        recv=torch.zeros(QAR_N * cb, dtype=torch.uint8),
+        mine=torch.zeros(cb, dtype=torch.uint8),
+        gathered=torch.zeros(QAR_N * cb, dtype=torch.uint8),
+        residual=torch.randn(2, 256, dtype=torch.bfloat16),
+        out=torch.empty(2, 256, dtype=torch.bfloat16),
+    )
+
+
+def _qar_loopback_args():
+    xs = make_inputs(QAR_N, 2, 128, torch.bfloat16)
+    cb = Q.chunk_bytes(256, QAR_N, QAR_G)
+    big = lambda: torch.zeros(QAR_N * QAR_N * cb, dtype=torch.uint8)  # noqa: E731
+    return dict(xs=xs, residual=torch.randn(2, 128, dtype=torch.bfloat16), send=big(),
+                recv=big(), mine=torch.zeros(QAR_N * cb, dtype=torch.uint8), gathered=big(),
+                out=torch.empty_like(xs))
+
+
+def _qar_call(name, k):
+    ops = torch.ops.tpssm
+    if name == "qar_quantize_pack":
+        ops.qar_quantize_pack(k["x"], QAR_N, QAR_G, 0, k["send"])
+    elif name == "qar_reduce_requant":
+        ops.qar_reduce_requant(k["recv"], QAR_NUMEL, QAR_N, QAR_G, 0, k["mine"])
+    elif name == "qar_dequant":
+        ops.qar_dequant(k["gathered"], QAR_N, QAR_G, 0, k["residual"], k["out"])
+    else:
+        ops.qar_loopback(k["xs"], QAR_G, 0, k["residual"], k["send"], k["recv"], k["mine"],
+                         k["gathered"], k["out"])
+
+
+# (op, written buffers, read tensors): every pair must be rejected when it overlaps.
+QAR_OVERLAP_OPS = [
+    ("qar_quantize_pack", ("send",), ("x",)),
+    ("qar_reduce_requant", ("mine",), ("recv",)),
+    ("qar_dequant", ("out",), ("gathered", "residual")),
+    ("qar_loopback", ("send", "recv", "mine", "gathered", "out"), ("xs", "residual")),
+]
+QAR_OVERLAP_CASES = [(op, w, r) for op, written, read in QAR_OVERLAP_OPS
+                     for i, w in enumerate(written) for r in written[i + 1:] + read]
+
+
+@pytest.mark.parametrize("op,written,read", QAR_OVERLAP_CASES,
+                         ids=[f"{o}/{w}-{r}" for o, w, r in QAR_OVERLAP_CASES])
+def test_bad_inputs_written_buffer_overlaps(op, written, read):
+    def make():
+        return _qar_loopback_args() if op == "qar_loopback" else _qar_single_op_args()
+
+    k = make()
+    place_overlapping(k, written, read)
+    _err(f"{op}: {written} must not overlap {read} \\(in-place use", _qar_call, op, k)
+    k = make()
+    place_overlapping(k, written, read, overlap=False)
+    _qar_call(op, k)
 
 
 # ------------------------------------------------------------------ CUDA (skip without a GPU)

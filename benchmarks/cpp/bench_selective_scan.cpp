@@ -130,12 +130,13 @@ int main(int argc, char** argv) {
   p.algorithm = parse_algorithm(args.get("--algorithm", "auto"));
   p.split_len = args.get_int("--split-len", 0);
 
-  const size_t ws_bytes = tpssm::selective_scan_workspace_bytes(p);
+  const tpssm::ScanPlan plan = tpssm::plan_selective_scan(p);
+  const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes);
   void* workspace = nullptr;
   if (ws_bytes) BENCH_CHECK(cudaMalloc(&workspace, ws_bytes));
   std::printf("plan: %s, workspace %.1f MB\n", ws_bytes ? "chunked" : "one block row per sequence",
               ws_bytes / 1e6);
-  auto run = [&] { tpssm::run_selective_scan(p, workspace, ws_bytes, nullptr); };
+  auto run = [&] { tpssm::run_selective_scan(p, plan, workspace, ws_bytes, nullptr); };
   auto reset = [&] {
     BENCH_CHECK(cudaMemcpyAsync(d_state.ptr, d_state0.ptr, d_state.bytes,
                                 cudaMemcpyDeviceToDevice));

@@ -186,7 +186,8 @@ void causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, const OptT
                        int64_t chunk_len) {
   const CausalConv1dParams p =
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                                has_initial_state, silu, pad_slot_id, out, chunk_len);
+                                has_initial_state, silu, pad_slot_id, out, chunk_len,
+                                /*check_index_values=*/true);
   cpu::dispatch_dtype(p.dtype, "causal_conv1d", [&](auto tag) {
     causal_conv1d_kernel<decltype(tag)>(p);
   });
@@ -197,7 +198,8 @@ void causal_conv1d_update_cpu(const at::Tensor& x, const at::Tensor& conv_state,
                               const OptTensor& cache_indices, int64_t pad_slot_id,
                               const at::Tensor& out) {
   const CausalConv1dUpdateParams p = make_causal_conv1d_update_params(
-      x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out);
+      x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out,
+      /*check_index_values=*/true);
   cpu::dispatch_dtype(p.dtype, "causal_conv1d_update", [&](auto tag) {
     causal_conv1d_update_kernel<decltype(tag)>(p);
   });

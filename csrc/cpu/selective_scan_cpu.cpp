@@ -351,7 +351,7 @@ void selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
   const SelectiveScanParams p = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
-      split_len);
+      split_len, /*check_index_values=*/true);
   // split_len plans work over a CUDA device; the CPU kernels have no use for it.
   const bool ssd = !p.a_is_per_state && (p.algorithm == ScanAlgorithm::kAuto ||
                                          p.algorithm == ScanAlgorithm::kSsd);
@@ -373,7 +373,7 @@ void selective_state_update_cpu(const at::Tensor& ssm_state, const at::Tensor& x
                                 const at::Tensor& out) {
   const SelectiveStateUpdateParams p = make_selective_state_update_params(
       ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-      dst_state_batch_indices, pad_slot_id, out);
+      dst_state_batch_indices, pad_slot_id, out, /*check_index_values=*/true);
   cpu::dispatch_act_state(p.act_dtype, p.state_dtype, "selective_state_update",
                           [&](auto t, auto s) {
                             selective_state_update_kernel<decltype(t), decltype(s)>(p);

@@ -19,7 +19,8 @@ void causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const Opt
                         int64_t chunk_len) {
   const CausalConv1dParams params =
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
-                                has_initial_state, silu, pad_slot_id, out, chunk_len);
+                                has_initial_state, silu, pad_slot_id, out, chunk_len,
+                                cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(x.device());
   run_causal_conv1d(params, c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -29,7 +30,8 @@ void causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state
                                const OptTensor& cache_indices, int64_t pad_slot_id,
                                const at::Tensor& out) {
   const CausalConv1dUpdateParams params = make_causal_conv1d_update_params(
-      x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out);
+      x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out,
+      cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(x.device());
   run_causal_conv1d_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -45,15 +47,17 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
   const SelectiveScanParams params = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
-      split_len);
+      split_len, cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(u.device());
-  // The chunked plan's workspace comes from the caching allocator: no cudaMalloc on the hot path.
-  const size_t bytes = selective_scan_workspace_bytes(params);
+  // One plan per call: it sizes the workspace and is what the launcher runs. The chunked plan's
+  // workspace comes from the caching allocator: no cudaMalloc on the hot path.
+  const ScanPlan plan = plan_selective_scan(params);
+  const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   at::Tensor workspace;
   if (bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(bytes)}, u.options().dtype(at::kByte));
   }
-  run_selective_scan(params, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
+  run_selective_scan(params, plan, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
                      c10::cuda::getCurrentCUDAStream().stream());
 }
 
@@ -66,7 +70,7 @@ void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& 
                                  const at::Tensor& out) {
   const SelectiveStateUpdateParams params = make_selective_state_update_params(
       ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-      dst_state_batch_indices, pad_slot_id, out);
+      dst_state_batch_indices, pad_slot_id, out, cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(x.device());
   run_selective_state_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }

@@ -186,16 +186,25 @@ __device__ __forceinline__ float scan_dt(float raw, float bias, bool softplus, f
 // [begin(b), end(b)) of the batch laid end to end. Memory addresses use
 // batch_offset(b, batch_stride) + addr_token(b, flat) * token_stride, which is the dense
 // (b, t) address or the varlen packed-row address.
+//
+// query_start_loc is not validated on the host (that would be a sync), so its values are
+// clamped here: begin(b) = clamp(qsl[b], 0, T) and end(b) = clamp(qsl[b + 1], begin(b), T), with
+// T the total token count. Every range lies in [0, T) whatever the values, so no kernel touches a
+// token row outside the tensors: an entry below 0 or above T acts as 0 or T, and a sequence whose
+// end precedes its start is empty. A well-formed query_start_loc is unchanged.
 struct SeqView {
   const int32_t* qsl;  // (batch + 1,) or nullptr for dense
   int64_t batch;
-  int64_t seqlen;      // dense tokens per sequence (unused for varlen)
+  int64_t seqlen;      // dense: tokens per sequence; varlen: total tokens T
 
+  __device__ __forceinline__ int64_t clamp_token(int32_t v) const {
+    return min(max(static_cast<int64_t>(v), int64_t{0}), seqlen);
+  }
   __device__ __forceinline__ int64_t begin(int64_t b) const {
-    return qsl ? static_cast<int64_t>(qsl[b]) : b * seqlen;
+    return qsl ? clamp_token(qsl[b]) : b * seqlen;
   }
   __device__ __forceinline__ int64_t end(int64_t b) const {
-    return qsl ? static_cast<int64_t>(qsl[b + 1]) : (b + 1) * seqlen;
+    return qsl ? max(clamp_token(qsl[b + 1]), begin(b)) : (b + 1) * seqlen;
   }
   __device__ __forceinline__ int64_t addr_token(int64_t b, int64_t flat) const {
     return qsl ? flat : flat - b * seqlen;
@@ -203,15 +212,18 @@ struct SeqView {
   __device__ __forceinline__ int64_t batch_offset(int64_t b, int64_t batch_stride) const {
     return qsl ? 0 : b * batch_stride;
   }
-  // The sequence holding flat token `flat` (which must exist, so the sequence is non-empty).
+  // The sequence holding flat token `flat` (0 <= flat < T): the last one starting at or before
+  // it, or 0 when none does. With a malformed query_start_loc (starts out of order, or `flat` in
+  // a gap between sequences) it is some sequence in [0, batch) that need not hold `flat`;
+  // callers intersect its range with theirs like any other.
   __device__ __forceinline__ int64_t seq_of(int64_t flat) const {
     if (!qsl) return flat / seqlen;
-    int64_t lo = 0, hi = batch;  // first b in [0, batch] with qsl[b] > flat, minus one
+    int64_t lo = 0, hi = batch;  // first b in [0, batch] with begin(b) > flat, minus one
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (static_cast<int64_t>(qsl[mid]) > flat) hi = mid; else lo = mid + 1;
+      if (begin(mid) > flat) hi = mid; else lo = mid + 1;
     }
-    return lo - 1;
+    return max(lo - 1, int64_t{0});
   }
   // The first sequence a chunk starting at flat token `chunk_begin` must visit: the one that
   // continues into the chunk, else the first one starting at or after it (empty ones included).
@@ -220,7 +232,7 @@ struct SeqView {
     int64_t lo = 0, hi = batch;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      const bool reached = qsl[mid + 1] > chunk_begin || qsl[mid] >= chunk_begin;
+      const bool reached = end(mid) > chunk_begin || begin(mid) >= chunk_begin;
       if (reached) hi = mid; else lo = mid + 1;
     }
     return lo;

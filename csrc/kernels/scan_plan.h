@@ -1,7 +1,7 @@
-// The launch plan of selective_scan, shared by its two kernel families: the recurrent kernels
-// (selective_scan.cu) and the chunked SSD kernel of the Mamba2 form (ssd_scan.cu). The launcher in
-// selective_scan.cu builds the plan and the workspace; both families use the same split plan and
-// workspace layout, so the state-combine pass serves both. Internal to csrc/kernels.
+// Device-side helpers of the selective_scan launch plan (ScanPlan, ssm_kernels.h), shared by its
+// two kernel families: the recurrent kernels (selective_scan.cu) and the chunked SSD kernel of the
+// Mamba2 form (ssd_scan.cu). Both use the same split plan and workspace layout, so the
+// state-combine pass serves both. Internal to csrc/kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,29 +9,10 @@
 #include <cstdint>
 
 #include "kernel_utils.cuh"
+#include "ssm_kernels.h"
 #include "ssm_params.h"
 
 namespace tpssm {
-
-struct ScanPlan {
-  int group_threads;    // G
-  bool flat;            // chunked flat plan (three passes) vs one block row per sequence
-  bool bc_vec;          // B / C rows are 16-byte aligned with dstate % 16 == 0
-  bool staged;          // staged token tiles (see the top of selective_scan.cu)
-  bool own_vec;         // staged: u, delta, z tiles load as 16-byte packs (aligned, headdim 1)
-  bool ssd;             // the chunked SSD kernel (ssd_scan.cu) instead of the recurrence
-  bool ssd_in_vec;      // SSD: u, z, B, C rows load as 16-byte async copies
-  bool ssd_out_vec;     // SSD: out rows store as 16-byte packs
-  int64_t total_tokens;
-  int64_t chunk_len;
-  int64_t num_chunks;
-  int64_t channels;
-  int64_t channel_blocks;
-  float* ws_S;          // (num_chunks, channels, dstate): chunk end states, then carried H_j
-  float* ws_I;          // (num_chunks, channels, dstate): initial state of a spanning sequence
-  float* ws_P;          // (num_chunks, nheads, dstate or 1): chunk decay
-  int32_t* ws_flags;    // (num_chunks,): 0 no carry, 1 carry starts here, 2 carry continues
-};
 
 // The slot a sequence reads / writes, or false when the row must be skipped entirely.
 __device__ __forceinline__ bool resolve_slot(const SelectiveScanParams& p, int64_t b,

@@ -712,23 +712,25 @@ bool scan_is_empty(const SelectiveScanParams& p) {
 
 }  // namespace
 
-size_t selective_scan_workspace_bytes(const SelectiveScanParams& p) {
-  if (scan_is_empty(p)) return 0;
-  const ScanPlan plan = make_plan(p);
-  return static_cast<size_t>(workspace_layout(p, plan).total);
+ScanPlan plan_selective_scan(const SelectiveScanParams& p) {
+  if (scan_is_empty(p)) return ScanPlan{};
+  ScanPlan plan = make_plan(p);
+  plan.workspace_bytes = workspace_layout(p, plan).total;
+  return plan;
 }
 
-void run_selective_scan(const SelectiveScanParams& p, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream) {
+void run_selective_scan(const SelectiveScanParams& p, const ScanPlan& built, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
   if (scan_is_empty(p)) return;
-  ScanPlan plan = make_plan(p);
-  const WorkspaceLayout layout = workspace_layout(p, plan);
-  if (static_cast<size_t>(layout.total) > workspace_bytes || (layout.total > 0 && !workspace)) {
+  if (static_cast<size_t>(built.workspace_bytes) > workspace_bytes ||
+      (built.workspace_bytes > 0 && !workspace)) {
     throw std::runtime_error("tpssm selective_scan: workspace of " +
                              std::to_string(workspace_bytes) + " bytes, the plan needs " +
-                             std::to_string(layout.total));
+                             std::to_string(built.workspace_bytes));
   }
+  ScanPlan plan = built;
   if (plan.flat) {
+    const WorkspaceLayout layout = workspace_layout(p, plan);
     char* base = static_cast<char*>(workspace);
     plan.ws_S = reinterpret_cast<float*>(base + layout.S);
     plan.ws_I = reinterpret_cast<float*>(base + layout.I);
@@ -739,9 +741,10 @@ void run_selective_scan(const SelectiveScanParams& p, void* workspace, size_t wo
 }
 
 void run_selective_scan(const SelectiveScanParams& p, cudaStream_t stream) {
-  const size_t bytes = selective_scan_workspace_bytes(p);
+  const ScanPlan plan = plan_selective_scan(p);
+  const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   if (bytes == 0) {
-    run_selective_scan(p, nullptr, 0, stream);
+    run_selective_scan(p, plan, nullptr, 0, stream);
     return;
   }
   // Stream-ordered allocation keeps this capturable and sync-free; the torch binding passes a
@@ -749,7 +752,7 @@ void run_selective_scan(const SelectiveScanParams& p, cudaStream_t stream) {
   void* workspace = nullptr;
   TPSSM_CUDA_CHECK(cudaMallocAsync(&workspace, bytes, stream));
   try {
-    run_selective_scan(p, workspace, bytes, stream);
+    run_selective_scan(p, plan, workspace, bytes, stream);
   } catch (...) {
     cudaFreeAsync(workspace, stream);
     throw;

@@ -15,6 +15,11 @@
 //   B and C are (tokens, ngroups, dstate); head h uses group h / (nheads / ngroups).
 // - A slot index equal to pad_slot_id marks a batch row that is skipped entirely: nothing is read
 //   from or written to its slot, and its output rows are not written.
+// - Index values are not validated before a CUDA launch (that would be a host sync), so the
+//   kernels keep every access in bounds whatever they are: a slot index outside [0, num_slots)
+//   makes its row a padded row, and query_start_loc entries are clamped to [0, total_tokens]
+//   with a sequence ending before its start taken as empty (SeqView in kernel_utils.cuh). The
+//   results this gives are documented in python/tpssm/ops.py.
 #pragma once
 
 #include <cstdint>

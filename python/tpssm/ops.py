@@ -23,13 +23,30 @@ A, D and the delta bias are float32; activations float32, float16 or bfloat16; S
 Each wrapper allocates `out` when not given and returns it. The C++ ops validate every argument
 and raise errors that name the argument and the rule.
 
+Memory rule, checked on every call from pointers and sizes (no host synchronisation): no buffer an
+op writes (`out`, the state pools) may share a byte with any tensor it reads - index tensors
+included - or with another buffer it writes ("<written> must not overlap <input>"). Column slices
+of one buffer interleave and count as overlapping; disjoint parts of one storage are fine.
+
 Value checks - slots in range (0 <= slot < num_slots or == pad_slot_id), distinct slots among the
 non-padded rows (the rows run concurrently; for selective_state_update: distinct write slots, and
 no row writes a slot another row reads), and query_start_loc starting at 0, non-decreasing and
-ending at total_tokens - need the index values on the host. They always run for CPU tensors. For
-CUDA tensors they run only when the environment variable TPSSM_DEBUG_CHECKS=1 is set, because
-reading the indices back is a host synchronisation (and breaks CUDA-graph capture); without it the
-CUDA kernels skip out-of-range slots defensively but the results of such rows are undefined.
+ending at total_tokens - need the index values on the host. The CPU ops always run them and raise
+an error naming the index tensor, the entry and the rule. The CUDA ops run them only when the
+environment variable TPSSM_DEBUG_CHECKS=1 is set, because reading the indices back is a host
+synchronisation (and breaks CUDA-graph capture). Without it the CUDA kernels never read or write
+outside the tensors whatever the index values, with these results:
+- a row whose slot (cache_indices[b], state_batch_indices[b] or dst_state_batch_indices[b]) is
+  neither pad_slot_id nor in [0, num_slots) is a padded row: no slot read or written, its out rows
+  left untouched (without a state pool, cache_indices only mark padding);
+- query_start_loc entries act clamped to [0, total_tokens], and a sequence whose (clamped) end
+  precedes its start is empty. When the clamped starts are non-decreasing the result is that of the
+  clamped query_start_loc, and tokens outside every sequence (before the first start, after the
+  last end) keep their out rows. Otherwise (sequences out of order or overlapping) the out rows and
+  final states of the rows involved are unspecified, but nothing outside their token rows and slots
+  is written;
+- slots repeated among non-padded rows (or a write slot another row reads): the results of those
+  rows are unspecified (the rows race), other rows and slots are unaffected.
 """
 
 from __future__ import annotations
@@ -90,7 +107,7 @@ def causal_conv1d(
       inputs are written back to its slot.
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with conv_states.
-    out must not overlap the inputs or conv_states. Returns out, shaped like x.
+    out and conv_states must not overlap any input or each other. Returns out, shaped like x.
     chunk_len: tokens per CUDA block of the flattened token range, 0 to let the launcher decide
       (tests force small chunks so that short inputs cross chunk boundaries; the CPU ignores it).
     """
@@ -116,6 +133,7 @@ def causal_conv1d_update(
 
     conv_state: (num_slots, dim, width - 1), updated in place to the last width - 1 inputs.
     weight: (dim, width); bias: (dim,) or None; cache_indices: (batch,) int32 or None.
+    out and conv_state must not overlap any input or each other.
     Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
     """
     if out is None:
@@ -161,7 +179,7 @@ def selective_scan(
       row's final state (the state is carried in fp32 and rounded only when stored).
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with ssm_states.
-    out must not overlap the inputs or ssm_states. Returns out, shaped like u.
+    out and ssm_states must not overlap any input or each other. Returns out, shaped like u.
 
     Algorithm (the results agree to rounding; see tests/test_ops_*.py for the tolerances):
     algorithm: 'auto' (the chunked SSD form for the Mamba2 form where supported, else the
@@ -206,6 +224,7 @@ def selective_state_update(
     ssm_state: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate). Row b reads slot
     state_batch_indices[b] and writes slot dst_state_batch_indices[b] (the same slot when None):
     a state can be forked without copies. A write slot must not be another row's read slot.
+    out and ssm_state must not overlap any input or each other.
     Returns out, shaped like x. No allocation when out is given (CUDA-graph capturable).
     """
     if out is None:

@@ -24,14 +24,16 @@ void causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTenso
                    int64_t chunk_len) {
   reset();
   auto p = tpssm::make_causal_conv1d_params(x, weight, bias, conv_states, qsl, ci, his, silu,
-                                            pad, out, chunk_len);
+                                            pad, out, chunk_len,
+                                            tpssm::cuda_index_values_checked_on_host());
   tpssm::run_causal_conv1d(p, nullptr);
 }
 void causal_conv1d_update(const at::Tensor& x, const at::Tensor& st, const at::Tensor& weight,
                           const OptTensor& bias, bool silu, const OptTensor& ci, int64_t pad,
                           const at::Tensor& out) {
   reset();
-  auto p = tpssm::make_causal_conv1d_update_params(x, st, weight, bias, silu, ci, pad, out);
+  auto p = tpssm::make_causal_conv1d_update_params(x, st, weight, bias, silu, ci, pad, out,
+                                                   tpssm::cuda_index_values_checked_on_host());
   tpssm::run_causal_conv1d_update(p, nullptr);
 }
 void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -44,11 +46,12 @@ void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   reset();
   auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci,
                                              his, pad, out, dt_min, dt_max, algorithm, chunk_size,
-                                             split_len);
-  const size_t bytes = tpssm::selective_scan_workspace_bytes(p);
+                                             split_len, tpssm::cuda_index_values_checked_on_host());
+  const tpssm::ScanPlan plan = tpssm::plan_selective_scan(p);
+  const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   // 0xFF bytes: NaN floats, so a read of a workspace entry no pass wrote poisons the result.
   at::Tensor ws = at::full({static_cast<int64_t>(bytes) + 1}, 255, u.options().dtype(at::kByte));
-  tpssm::run_selective_scan(p, bytes ? ws.data_ptr() : nullptr, bytes, nullptr);
+  tpssm::run_selective_scan(p, plan, bytes ? ws.data_ptr() : nullptr, bytes, nullptr);
 }
 void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::Tensor& dt,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -56,7 +59,8 @@ void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::
                             const OptTensor& src, const OptTensor& dst, int64_t pad,
                             const at::Tensor& out) {
   reset();
-  auto p = tpssm::make_selective_state_update_params(s, x, dt, A, B, C, D, z, db, sp, src, dst, pad, out);
+  auto p = tpssm::make_selective_state_update_params(s, x, dt, A, B, C, D, z, db, sp, src, dst, pad,
+                                                     out, tpssm::cuda_index_values_checked_on_host());
   tpssm::run_selective_state_update(p, nullptr);
 }
 void add_rms_norm(const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight,
