@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 3): on a fresh GPU machine with torch installed and no internet,
+# The prepared GPU check: on a fresh GPU machine with torch installed and no internet,
 # from the repository root:
 #   1. builds the extension for sm_90 (pip install -e, falling back to an in-place build),
 #   2. builds the standalone CMake benchmark binaries (when cmake is there) and runs their
@@ -202,7 +202,7 @@ else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")
 fi
 
-# The engine at the presets' full depth (issue 6): tp 1 with the state cache on and off, and rank
+# The engine at the presets' full depth: tp 1 with the state cache on and off, and rank
 # 0's shard of tp 2 / 4 alone (one GPU has no peers). After the correctness stages, since it takes
 # what is left of the budget; each preset's JSON is written as it finishes (and rewritten after
 # every tp degree), so a cut-short run keeps what it measured. GPU_ENGINE_PRESETS picks presets.
