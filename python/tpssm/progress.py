@@ -76,7 +76,8 @@ class ProgressSource:
     through its `on_generated` hook, so a tensor that takes a minute to generate (a large
     vocabulary's embedding on a CPU) shows progress while it is made; other sources are counted
     per tensor read. Use as a context manager: leaving it completes the progress line (the total
-    is an estimate, the rank's parameter count, which a tied or replicated tensor can exceed).
+    is an estimate - the elements of the rank's parameters and buffers - which a source that
+    serves a tensor twice, or a tensor the model converts, can miss in either direction).
     """
 
     def __init__(self, source, total_elements: int, desc: str):
