@@ -401,3 +401,20 @@ def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path)
     assert record["input_ids"] == [5, 17, 99]
     assert record["output_ids"] == expected
     assert record["text"] == " ".join(f"w{t}" for t in expected)
+
+
+@pytest.mark.timeout(300)
+def test_sampled_generation_at_tp2_is_seeded(mamba_dir):
+    """Sampling at tp 2: rank 0's tokens are broadcast, so the ranks stay in lockstep, and the
+    same seed gives the same tokens."""
+    _, path = mamba_dir
+    args = ("generate", "--model", path, "--tp", "2", "--input-ids", "5,17,99",
+            "--max-new-tokens", "6", "--ignore-eos", "--temperature", "0.9", "--top-k", "20",
+            "--seed", "7", "--json")
+    runs = []
+    for _ in range(2):
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        runs.append(json.loads(out)["output_ids"])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 6 and all(0 <= t < 256 for t in runs[0])

@@ -64,6 +64,7 @@ class Progress:
             return
         if self._printed:
             self.update(self.total - self.done)
+        self.done = self.total
         self._closed = True
         if self.enabled and self.tty and self._printed:
             print(file=sys.stderr, flush=True)
