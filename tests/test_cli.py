@@ -165,7 +165,6 @@ def test_errors_are_one_line(mamba_dir, tmp_path):
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama",
                                                    "architectures": ["LlamaForCausalLM"]}))
-    (llama / "model.safetensors").write_bytes(b"")
     cases = [
         (["generate", "--model", str(tmp_path / "missing"), "--input-ids", "1"], 2,
          "is not a directory"),

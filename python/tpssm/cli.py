@@ -126,14 +126,15 @@ def check_checkpoint(path: str, option: str = "--model"):
                          f"{exc.lineno} column {exc.colno}; is the file complete?)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{option} {path}: cannot read {config_file} ({exc})") from None
+    try:
+        config = load_config(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{option} {path}: {one_line(str(exc))}") from None
     if not (os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
             or glob.glob(os.path.join(path, "*.safetensors"))):
         raise UsageError(f"{option} {path}: no *.safetensors weights (model.safetensors, or "
                          f"shards listed in model.safetensors.index.json)")
-    try:
-        return load_config(path)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{option} {path}: {one_line(str(exc))}") from None
+    return config
 
 
 def check_plot(path: Optional[str]) -> None:
