@@ -133,7 +133,7 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-  # Issue 12's profile: the kernels of one decode step, tp 1 and the tp 4 rank shard.
+  # Where decode time goes: the kernels of one decode step, tp 1 and the tp 4 rank shard.
   stage profile_decode 120 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
     --json "${JSON%.json}_decode_profile_tp1.json"
   stage profile_decode_shard 90 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
