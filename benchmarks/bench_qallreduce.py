@@ -34,7 +34,7 @@ from bench_ssm_ops import time_graph  # noqa: E402  (the same CUDA-graph timer)
 
 import tpssm  # noqa: E402
 import tpssm.qallreduce as Q  # noqa: E402
-from tpssm.cli import git_commit  # noqa: E402
+from tpssm.bench import git_commit  # noqa: E402
 from tpssm.reference.qallreduce import qar_layout  # noqa: E402
 
 LINKS_GBPS = {"pcie4": 22.0, "nvlink_h100": 450.0}

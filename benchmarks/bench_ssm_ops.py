@@ -478,7 +478,7 @@ def main(argv=None) -> int:
     import tpssm
     from tpssm import ops
     from tpssm import reference as ref_mod
-    from tpssm.cli import git_commit
+    from tpssm.bench import git_commit
 
     if not tpssm.has_cuda_kernels():
         print("bench_ssm_ops: this tpssm build has no CUDA kernels; nothing to benchmark")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 3): on a fresh GPU machine with torch installed and no internet,
+# The prepared GPU check: on a fresh GPU machine with torch installed and no internet,
 # from the repository root:
 #   1. builds the extension for sm_90 (pip install -e, falling back to an in-place build),
 #   2. builds the standalone CMake benchmark binaries (when cmake is there) and runs their
@@ -133,7 +133,7 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-  # Issue 12's profile: the kernels of one decode step, tp 1 and the tp 4 rank shard.
+  # Where decode time goes: the kernels of one decode step, tp 1 and the tp 4 rank shard.
   stage profile_decode 120 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
     --json "${JSON%.json}_decode_profile_tp1.json"
   stage profile_decode_shard 90 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
@@ -203,7 +203,7 @@ else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")
 fi
 
-# The engine at the presets' full depth (issue 6): tp 1 with the state cache on and off, and rank
+# The engine at the presets' full depth: tp 1 with the state cache on and off, and rank
 # 0's shard of tp 2 / 4 alone (one GPU has no peers). After the correctness stages, since it takes
 # what is left of the budget; each preset's JSON is written as it finishes (and rewritten after
 # every tp degree), so a cut-short run keeps what it measured. GPU_ENGINE_PRESETS picks presets.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The engine's GPU figures for issue 6, at the presets' full depth: tp 1 throughput, TTFT and
-# decode latency with the state cache on and off, and rank 0's shard of tp 2 / 4 timed alone
+# The engine's GPU figures at the presets' full depth: tp 1 throughput, TTFT and decode
+# latency with the state cache on and off, and rank 0's shard of tp 2 / 4 timed alone
 # (per-rank compute at shard sizes; one GPU has no peers). gpu_check.sh runs it as its engine
 # stage; alone, run it where the extension is built (or set GPU_ENGINE_BUILD=1).
 # GPU_ENGINE_PRESETS and GPU_ENGINE_LAYERS trim it; GPU_ENGINE_SWEEP replaces the sweep's

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The selective-scan GPU check (the SSD kernel of the Mamba2 form and the recurrent kernels), sized
-# for a few minutes of a lent GPU, from the repository root:
+# for a few minutes on one GPU, from the repository root:
 #   1. builds the extension for sm_90 (GPU_SCAN_SKIP_BUILD=1 keeps an existing build),
 #   2. runs the scan tests of tests/test_ops_cuda.py (SSD cases, chunk consistency, L up to 16K),
 #   3. times the scan on the Mamba2-2.7B shard shapes, SSD beside the recurrence

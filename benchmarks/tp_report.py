@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Modelled tensor-parallel speedup of the engine, beside the paper's figures (issue 14, item 5).
+"""Modelled tensor-parallel speedup of the engine, beside the paper's figures.
 
 One GPU has no peers, so tp 2 / 4 is not measured end to end here. This report combines what was
 measured with a documented link model:
@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS_SOURCE = os.path.join(ROOT, "python", "tpssm", "models", "mamba_family.py")
 
-# arXiv 2602.21144 (tp-design.md "What the paper claims"): batch-request throughput on A6000
+# arXiv 2602.21144 (docs/tp-design.md "What the paper claims"): batch-request throughput on A6000
 # (PCIe) and A100 machines, Mamba-2.8B / Falcon-Mamba-7B / Zamba-7B.
 PAPER = {
     "source": "arXiv 2602.21144, measured on NVIDIA A6000 (PCIe) and A100",
@@ -76,7 +76,7 @@ LINKS: Dict[str, Link] = {
         "NVLink 4 (H100 SXM5, NVSwitch): 900 GB/s bidirectional = 450 GB/s per direction "
         "(NVIDIA H100 datasheet); nccl-tests all_reduce_perf busbw on 8x H100 SXM reaches "
         "~450-480 GB/s at large sizes, so 450 is the large-message ceiling (the figure "
-        "qallreduce.md and bench_qallreduce.py use); ~8 us is NCCL's small-message all-reduce "
+        "docs/qallreduce.md and bench_qallreduce.py use); ~8 us is NCCL's small-message all-reduce "
         "time on NVLink (nccl-tests rows at 8 B)"),
     "nvlink-a100": Link(
         "NVLink A100", 230.0, 10.0,
@@ -87,7 +87,7 @@ LINKS: Dict[str, Link] = {
     "pcie4-a6000": Link(
         "PCIe 4 A6000", 22.0, 20.0,
         "PCIe 4.0 x16: 32 GB/s per direction raw, ~22 GB/s achieved by NCCL through the host "
-        "bridge (qallreduce.md; the paper's A6000 machine has no NVLink); small-message "
+        "bridge (docs/qallreduce.md; the paper's A6000 machine has no NVLink); small-message "
         "latency over PCIe ~15-25 us, 20 us taken"),
 }
 

@@ -34,7 +34,8 @@ TORCH_LIBRARY(tpssm, m) {
       "add_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps, "
       "Tensor(b!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
-  // Quantized two-shot all-reduce (design: qallreduce.md; layout: kernels/qallreduce_params.h).
+  // Quantized two-shot all-reduce (design: docs/qallreduce.md; layout:
+  // kernels/qallreduce_params.h).
   // codec: 0 = int8, 1 = fp8 e4m3. Buffers are uint8; only their first bytes (as the layout of
   // the current message needs) are read or written.
   m.def(

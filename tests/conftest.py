@@ -1,9 +1,9 @@
 """Shared helpers of the tpssm test suite: the per-dtype tolerances (declared once, here), input
 builders of the four SSM ops and the comparison against their references.
 
-Tolerance rule (conventions.md): a kernel's error against the fp64 reference must be at most twice
-the error of the same reference computed in the kernel's dtype, plus a small epsilon (one rounding
-of the stored value, relative to the magnitude of the result).
+Tolerance rule (docs/conventions.md): a kernel's error against the fp64 reference must be at most
+twice the error of the same reference computed in the kernel's dtype, plus a small epsilon (one
+rounding of the stored value, relative to the magnitude of the result).
 """
 
 from __future__ import annotations

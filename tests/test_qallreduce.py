@@ -1,5 +1,5 @@
 """Quantized all-reduce: kernels vs reference (bit-exact), numerics bounds, special values, input
-validation, and the CUDA paths (skipped without a GPU). Assertion groups of qallreduce.md:
+validation, and the CUDA paths (skipped without a GPU). Assertion groups of docs/qallreduce.md:
 1 bit-exact payload and outputs, 2 identical ranks, 3 per-element bound, 4 relative L2, 5 special
 values / determinism / graph replay. Multi-process (gloo) tests: test_qallreduce_dist.py."""
 
@@ -29,7 +29,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 HALF_SUBNORMAL = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25,
                   torch.float32: 2.0 ** -150}
-# Relative L2 bounds of qallreduce.md (int8, Gaussian inputs).
+# Relative L2 bounds of docs/qallreduce.md (int8, Gaussian inputs).
 L2_BOUND_INT8 = {32: 0.010, 128: 0.012, 256: 0.013}
 # e4m3 keeps 3 mantissa bits: two RNE steps of relative error <= 2^-4 give about 3.5% RMS in
 # simulation; this bound is ours, not the design's.

@@ -26,7 +26,7 @@ def close(x):
 
 
 def test_wire_bytes_qallreduce_md_example():
-    # qallreduce.md: 2048 tokens x 4096, tp 4 -> 24 MiB bf16 vs ~12.4 MiB int8 per rank.
+    # docs/qallreduce.md: 2048 tokens x 4096, tp 4 -> 24 MiB bf16 vs ~12.4 MiB int8 per rank.
     M = 2048 * 4096
     assert tp_report.wire_bytes(M, 4, "exact") == 24 * MiB
     assert tp_report.wire_bytes(M, 4, "fp16") == 24 * MiB  # a bf16 payload gains nothing
@@ -82,7 +82,7 @@ def test_collectives_per_family(configs):
     T = 8192
     got = {k: [(c.name, c.rows, c.width, c.elem_bytes, c.quantizable)
                for c in tp_report.layer_collectives(d, T, 2)] for k, d in dims.items()}
-    # tp-design.md: Mamba-1 192 + 2560 and 288 + 4096 elements per token, two all-reduces.
+    # docs/tp-design.md: Mamba-1 192 + 2560 and 288 + 4096 elements per token, two all-reduces.
     assert got["mamba-2.8b"] == [("x_proj", T, 192, 2, True), ("out_proj", T, 2560, 2, True)]
     assert got["falcon-mamba-7b"] == [("x_proj", T, 288, 2, True),
                                       ("out_proj", T, 4096, 2, True)]

@@ -1,4 +1,4 @@
-// Plain parameter structs of the quantized two-shot all-reduce (design: qallreduce.md).
+// Plain parameter structs of the quantized two-shot all-reduce (design: docs/qallreduce.md).
 // Torch-free: the CPU kernels, the CUDA kernels and standalone benchmarks consume these;
 // csrc/qallreduce_ops.cpp fills them from tensors after validating every rule.
 //

@@ -25,7 +25,9 @@ from typing import Dict, List, Optional, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
+from tpssm.generate import select_tokens
 from tpssm.ops import PAD_SLOT_ID
+from tpssm.parallel import TPContext
 
 __all__ = ["GenerationModel", "CachedModel", "Request", "SamplingParams", "GenerationEngine"]
 
@@ -162,6 +164,9 @@ class GenerationEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.group = group
         self.device = model.device
+        # The token broadcast's group: `group`, or the default group when torch.distributed is
+        # initialised (a lone process has nothing to broadcast to).
+        self._tp = TPContext(group, self.device)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.use_state_cache = use_state_cache
         self.waiting: List[Request] = []
@@ -316,25 +321,17 @@ class GenerationEngine:
     def _sample_into(self, rows: List[Request], logits: torch.Tensor) -> None:
         if not rows:
             return
-        logits = logits.float()
-        next_ids = torch.empty(len(rows), dtype=torch.int64)
-        greedy = logits.argmax(dim=-1).cpu()
+        # Greedy rows share one argmax; a sampling row draws from its own generator, so its
+        # tokens do not depend on which requests it was batched with.
+        next_ids = select_tokens(logits).cpu()
         for i, r in enumerate(rows):
             s = r.sampling
-            if s.temperature == 0:
-                next_ids[i] = greedy[i]
-                continue
-            row = logits[i].cpu() / s.temperature
-            if s.top_k:
-                kth = torch.topk(row, min(s.top_k, row.numel())).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            next_ids[i] = torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator)[0]
-        if self.group is not None or (dist.is_initialized() and dist.get_world_size() > 1):
-            # Ranks agree on every token: rank 0's choice is the one all ranks use.
-            on_dev = next_ids.to(self.device)
-            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-            dist.broadcast(on_dev, src=src, group=self.group)
-            next_ids = on_dev.cpu()
+            if s.temperature > 0:
+                next_ids[i] = select_tokens(logits[i:i + 1].cpu(), do_sample=True,
+                                            temperature=s.temperature, top_k=s.top_k,
+                                            generator=r.generator)[0]
+        # Ranks agree on every token: rank 0's choice is the one all ranks use.
+        next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
             if r.first_token_s is None:

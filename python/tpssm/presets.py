@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -91,11 +91,14 @@ def _random_values(name: str, shape: Tuple[int, ...], key: int,
 class RandomWeightSource(WeightSource):
     """Every tensor of `config`'s checkpoint, random but reproducible from (seed, name).
 
-    Only the requested rows / columns are generated, directly on `device` (default CPU): no CPU
-    sampling of whole tensors (73 s per falcon-mamba-7b load on an H100 machine before), and each
-    rank of tp N generates 1/N of the sharded tensors. The values do not depend on the device up
-    to the last bit of the transcendental functions (A, dt, fp32 buffers); ranks on one kind of
-    device agree bit for bit.
+    Only the requested rows / columns are generated, directly on `device` (default CPU): sampling
+    whole tensors on the CPU would make a GPU rank's load of a 7B preset take over a minute, and
+    each rank of tp N generates 1/N of the sharded tensors. The values do not depend on the
+    device up to the last bit of the transcendental functions (A, dt, fp32 buffers); ranks on one
+    kind of device agree bit for bit.
+
+    `on_generated`, when set, is called with the element count of every generated chunk (load
+    progress: on a CPU a large vocabulary's embedding alone takes tens of seconds).
     """
 
     def __init__(self, config, seed: int = 0,
@@ -108,6 +111,11 @@ class RandomWeightSource(WeightSource):
                                  f"index positions with 32 bits")
         self._seed = seed
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.on_generated: Optional[Callable[[int], None]] = None
+
+    def _generated(self, n: int) -> None:
+        if self.on_generated is not None:
+            self.on_generated(n)
 
     def keys(self) -> List[str]:
         return sorted(self._shapes)
@@ -131,6 +139,7 @@ class RandomWeightSource(WeightSource):
             index = torch.arange(a * inner + i, a * inner + i + n, dtype=torch.int64,
                                  device=self.device)
             flat[i:i + n] = _random_values(name, shape, key, index)
+            self._generated(n)
         return out
 
     def _cols(self, name: str, a: int, b: int) -> torch.Tensor:
@@ -145,6 +154,7 @@ class RandomWeightSource(WeightSource):
             index = (torch.arange(r, r1, dtype=torch.int64, device=self.device)[:, None] * cols
                      + offsets[None, :])
             out[r:r1] = _random_values(name, (rows, cols), key, index)
+            self._generated((r1 - r) * (b - a))
         return out
 
     def get(self, name: str) -> torch.Tensor:
@@ -162,6 +172,7 @@ class RandomWeightSource(WeightSource):
         shape = self._shapes[name]
         pos = torch.arange(math.prod(shape), dtype=torch.int64, device=self.device)
         pos = pos.view(shape)[index].contiguous()
+        self._generated(pos.numel())
         return self._count(_random_values(name, shape, _tensor_key(name, self._seed),
                                           pos.view(-1)).view(pos.shape))
 

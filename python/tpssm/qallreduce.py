@@ -1,4 +1,4 @@
-"""Quantized two-shot all-reduce for the tensor-parallel aggregation (design: qallreduce.md).
+"""Quantized two-shot all-reduce for the tensor-parallel aggregation (docs/qallreduce.md).
 
 Schemes
 - "exact": torch.distributed.all_reduce in the input dtype.

@@ -3,8 +3,8 @@
 Activations are token-major, (total_tokens, channels), end to end: in_proj's output columns are
 sliced (no copies, no transposes) into the conv, the scan and the gate, and the scan output feeds
 out_proj directly. Each mixer holds only its rank's channels / heads and the matching slices of
-every packed tensor (see tp-design.md); the SSM state lives in an SSMStateCache sharded the same
-way.
+every packed tensor (see docs/tp-design.md); the SSM state lives in an SSMStateCache sharded the
+same way.
 
 A batch is described by `BatchMeta`: a prefill-style batch (query_start_loc given) may mix new
 requests, continuation chunks and single decode tokens (has_initial_state says which continue from

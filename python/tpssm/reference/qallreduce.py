@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the quantized two-shot all-reduce (design: qallreduce.md).
+"""Pure-PyTorch reference of the quantized two-shot all-reduce (design: docs/qallreduce.md).
 
 The kernels (CPU and CUDA) must reproduce these bytes exactly, so every step here is written as
 separate fp32 operations in the order the kernels use (no fused multiply-add).
