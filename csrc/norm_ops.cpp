@@ -1,8 +1,9 @@
 #include "norm_ops.h"
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include "overlap_checks.h"
 
 namespace tpssm {
 namespace {
@@ -27,13 +28,6 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t dim
               " must have a contiguous last dim, got strides ", t.strides());
   TORCH_CHECK(rows <= 1 || t.stride(0) >= dim, kOp, ": ", name,
               " rows must not overlap each other, got strides ", t.strides());
-}
-
-void check_apart(const at::Tensor& written, const char* wname, const at::Tensor& other,
-                 const char* oname) {
-  const auto status = at::get_overlap_status(written, other);
-  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
-              kOp, ": ", wname, " must not share memory with ", oname);
 }
 
 }  // namespace
@@ -61,8 +55,8 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
     TORCH_CHECK(t->device() == x.device(), kOp, ": every tensor must be on x's device (",
                 x.device(), "), got ", t->device());
   }
-  check_apart(out, "out", x, "x");
-  check_apart(out, "out", weight, "weight");
+  check_written_disjoint(kOp, {named(out, "out"), named(residual, "residual")},
+                         {named(x, "x"), named(weight, "weight")});
   p.rows = rows;
   p.dim = dim;
   p.x_row_stride = x.stride(0);
@@ -79,9 +73,6 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
     TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == x.scalar_type(), kOp,
                 ": residual must be float32 or x's dtype (", x.scalar_type(), "), got ",
                 r.scalar_type());
-    check_apart(r, "residual", x, "x");
-    check_apart(r, "residual", weight, "weight");
-    check_apart(out, "out", r, "residual");
     p.residual_dtype = dtype_of(r, "residual");
     p.residual_row_stride = r.stride(0);
     p.residual = r.data_ptr();

@@ -13,7 +13,7 @@ namespace tpssm {
 
 // x, out: (rows, dim), float32 / float16 / bfloat16, last dim contiguous; weight: (dim,) of x's
 // dtype; residual: (rows, dim), float32 or x's dtype, updated in place, or none. No written
-// tensor (out, residual) may share memory with another argument.
+// tensor (out, residual) may overlap another argument.
 AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
                                           const std::optional<at::Tensor>& residual,
                                           const at::Tensor& weight, double eps,

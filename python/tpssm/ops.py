@@ -247,7 +247,7 @@ def add_rms_norm(
     dtype; without, the norm of x. out = weight * rms_norm(h) with torch's rounding: normalised
     in fp32, rounded to x's dtype, multiplied by weight in x's dtype.
     x, out: (rows, dim), float32 / float16 / bfloat16, last dim contiguous; weight: (dim,) of
-    x's dtype; residual: (rows, dim). out and residual must not share memory with any argument.
+    x's dtype; residual: (rows, dim). out and residual must not overlap any argument or each other.
     Returns out (allocated when not given). The CPU op is bit-identical to the unfused ATen
     chain; the CUDA kernel sums the squares in another order.
     """
