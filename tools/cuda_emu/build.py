@@ -22,8 +22,9 @@ def transform() -> None:
     dst = OUT / "kernels"
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.name == "ssm_params.h":
-            # One definition of the params structs: csrc/ssm_ops.h includes the original.
+        if f.name in ("ssm_params.h", "norm_params.h"):
+            # One definition of the params structs: csrc/ssm_ops.h / norm_ops.h include the
+            # originals.
             text = f'#include "{f}"\n'
         elif f.name == "mma_sm80.cuh":
             # Tensor-core and async-copy primitives: the host emulation of the same functions.

@@ -30,6 +30,7 @@ using std::min;
 
 inline float __expf(float x) { return expf(x); }
 inline float __fdividef(float x, float y) { return x / y; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
 struct EmuGroupSync {
   std::mutex m;
