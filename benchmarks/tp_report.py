@@ -56,7 +56,7 @@ SCHEMES = ("exact", "fp16", "int8", "fp8")
 # The paper's fp16 variant halves an fp32 payload; our exact path already sends bf16, so the
 # paper's gain is reproduced only against this hypothetical fp32 exact all-reduce.
 REFERENCE_SCHEMES = ("exact_fp32",)
-QUANT_GROUP_SIZES = (256, 128, 64, 32)  # tpssm.parallel.QUANT_GROUP_SIZES
+QUANT_GROUP_SIZES = (256, 128, 64, 32)  # tpssm.reference.qallreduce.SUPPORTED_GROUP_SIZES
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 

@@ -1,4 +1,5 @@
-"""tpssm: tensor-parallel inference of selective state-space models (Mamba, Falcon-Mamba, Mamba-2).
+"""tpssm: tensor-parallel inference of selective state-space models (Mamba, Falcon-Mamba, Mamba-2,
+Zamba, Zamba2).
 
 Importing the package loads the compiled extension, which registers the ops under
 torch.ops.tpssm; python/tpssm/ops.py holds their typed wrappers and fake implementations.

@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int_list(1, "integers >= 1"), default="1",
                    help="tp degree(s), comma-separated, e.g. 1,2,4; one run each")
     p.add_argument("--num-layers", type=POSITIVE, default=None,
-                   help="shorten the preset to this many layers (default: its full depth, 64; "
-                        "a CPU has no time for 64)")
+                   help="shorten the preset to this many layers (default: its full depth, "
+                        "38-81 layers; a CPU has no time for that)")
     p.add_argument("--prompt-lens", type=int_list(1, "integers >= 1"), default="128,512,2048",
                    help="prompt lengths of the sweep, in tokens")
     p.add_argument("--batch-sizes", type=int_list(1, "integers >= 1"), default="1,8",

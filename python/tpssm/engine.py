@@ -331,7 +331,8 @@ class GenerationEngine:
                                             temperature=s.temperature, top_k=s.top_k,
                                             generator=r.generator)[0]
         # Ranks agree on every token: rank 0's choice is the one all ranks use.
-        next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
+        if self._tp.communicates:
+            next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
             if r.first_token_s is None:

@@ -1,6 +1,6 @@
-"""A simple generate helper on top of any tpssm.models model: one packed prefill of all prompts, then one
-decode step per new token from the state cache. Greedy by default; sampling with temperature,
-top-k and top-p. Under TP every rank must call it with the same arguments; rank 0 picks the
+"""A simple generate helper on top of any tpssm.models model: one packed prefill of all prompts,
+then one decode step per new token from the state cache. Greedy by default; sampling with
+temperature, top-k and top-p. Under TP every rank must call it with the same arguments; rank 0 picks the
 tokens and broadcasts them, so all ranks stay in lockstep even when sampling."""
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tpssm.reference.qallreduce import SUPPORTED_GROUP_SIZES, pick_group_size
+
 __all__ = [
     "ALLREDUCE_SCHEMES",
     "AllReduce",
@@ -36,8 +38,6 @@ __all__ = [
 ]
 
 ALLREDUCE_SCHEMES = ("exact", "int8", "fp8", "fp16")
-# Quantization group sizes tpssm.qallreduce supports; a group must divide the last dim.
-QUANT_GROUP_SIZES = (256, 128, 64, 32)
 
 Ranges = List[Tuple[int, int]]
 
@@ -160,8 +160,7 @@ class TPContext:
         if scheme not in ALLREDUCE_SCHEMES:
             raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {scheme!r}")
         if scheme in ("int8", "fp8"):
-            group_size = next((g for g in QUANT_GROUP_SIZES
-                               if g <= group_size and x.shape[-1] % g == 0), 0)
+            group_size = pick_group_size(x.shape[-1], group_size)
             if not group_size:
                 scheme = "exact"
         if scheme == "exact" or x.numel() * x.element_size() < min_bytes:
@@ -228,8 +227,8 @@ class AllReduce:
         self._quantized = None   # tpssm.qallreduce.QuantizedAllReduce, built on first use
         # Reductions issued per path (a CUDA graph counts its captured ones once, at capture).
         self.calls = {"exact": 0, "quantized": 0}
-        if self.scheme != "exact" and self.group_size not in QUANT_GROUP_SIZES:
-            raise ValueError(f"allreduce_group_size must be one of {QUANT_GROUP_SIZES}, got "
+        if self.scheme != "exact" and self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"allreduce_group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
                              f"{group_size}")
 
     @classmethod
@@ -263,8 +262,8 @@ class AllReduce:
         ctx = self.ctx
         if ctx.communicates:
             if (self.scheme == "exact" or x.numel() * x.element_size() < self.min_bytes
-                    or (self.scheme != "fp16" and not any(
-                        g <= self.group_size and x.shape[-1] % g == 0 for g in QUANT_GROUP_SIZES))):
+                    or (self.scheme != "fp16"
+                        and not pick_group_size(x.shape[-1], self.group_size))):
                 self.calls["exact"] += 1
                 dist.all_reduce(x, group=ctx.group)
             else:

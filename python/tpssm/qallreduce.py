@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
-from tpssm.reference.qallreduce import CODECS, qar_layout, qar_wire_bytes
+from tpssm.reference.qallreduce import (CODECS, SUPPORTED_GROUP_SIZES, pick_group_size,
+                                        qar_layout, qar_wire_bytes)
 
 __all__ = [
     "SCHEMES",
@@ -53,7 +54,6 @@ __all__ = [
     "chunk_bytes",
     "wire_bytes",
     "init_nccl_comm",
-    "GROUP_SIZES",
     "pick_group_size",
 ]
 
@@ -303,16 +303,6 @@ def init_nccl_comm(group=None, device=None) -> int:
         return int(_ops.qar_nccl_init(uid, rank, n))
 
 
-# Quantization group sizes the kernels support, largest first.
-GROUP_SIZES = (256, 128, 64, 32)
-
-
-def pick_group_size(width: int, group_size: int) -> int:
-    """The largest supported group size <= group_size dividing `width` (groups never straddle
-    rows), or 0 when none does."""
-    return next((g for g in GROUP_SIZES if g <= group_size and width % g == 0), 0)
-
-
 class QuantizedAllReduce:
     """Reusable all-reduce with persistent buffers (fixed addresses: CUDA-graph safe).
 
@@ -339,8 +329,9 @@ class QuantizedAllReduce:
             raise ValueError(f"group_size ({group_size}) must divide hidden ({hidden})")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
+                             f"{group_size}")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.max_tokens, self.hidden, self.dtype = max_tokens, hidden, dtype
@@ -367,7 +358,7 @@ class QuantizedAllReduce:
         # Chunk bytes for any group size a call may pick: small sizes carry more scales, large
         # ones round stripes up further.
         sizes = ([self.group_size] if self.hidden is not None
-                 else [g for g in GROUP_SIZES if g <= self.group_size])
+                 else [g for g in SUPPORTED_GROUP_SIZES if g <= self.group_size])
         return max(chunk_bytes(-(-numel // g) * g, self.world_size, g) for g in sizes)
 
     def reserve(self, numel: int) -> None:

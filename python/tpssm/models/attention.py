@@ -34,7 +34,7 @@ __all__ = ["AttentionConfig", "KVBatch", "SharedBlock", "ACTIVATIONS"]
 
 # Hugging Face activation names the MLP accepts ("gelu" is the exact, erf form).
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
@@ -85,6 +85,19 @@ class KVBatch:
     # prefill: the single continuing tokens (decode steps riding along), attended in one
     # batched call like a decode batch: their token indices, or None when there are none
     single_tokens: Optional[torch.Tensor] = None
+    # rotary cos / sin at `positions`, computed by the first visit and reused by the others
+    _rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def rotary(self, inv_freq: torch.Tensor, dtype: torch.dtype
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, 1, head_dim) in `dtype`: NeoX rotation angles at `positions`,
+        rounded to the activation dtype before use (as transformers does). Every visit of a
+        forward shares them (all blocks have the same head_dim and theta)."""
+        if self._rotary is None:
+            freqs = self.positions.float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rotary = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
+        return self._rotary
 
     @staticmethod
     def build(cache: Optional[SSMStateCache], num_tokens: int,
@@ -301,15 +314,6 @@ class SharedBlock(nn.Module):
                 self.mlp_adapters[str(v)].load(source, [n + ".0.weight"], [n + ".1.weight"])
 
     # ------------------------------------------------------------------------------- forward
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (T, heads, head_dim); NeoX rotation at `positions`, cos / sin rounded to x's dtype
-        before use (as transformers does)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(x.dtype)[:, None, :]
-        sin = emb.sin().to(x.dtype)[:, None, :]
-        return x * cos + _rotate_half(x) * sin
-
     def forward(self, x: torch.Tensor, visit: int, kv: KVBatch,
                 k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (T, 2D) = concat(hidden, embedding) -> (T, D), reduced over the TP group."""
@@ -322,7 +326,8 @@ class SharedBlock(nn.Module):
             self.qkv_adapters[str(visit)].add_to(qkv, h, [(0, L), (L, 2 * L), (2 * L, 3 * L)])
         q, k, v = (t.view(T, Hl, hd) for t in qkv.split(L, dim=-1))
         if cfg.rope_theta:
-            q, k = self._rotary(q, kv.positions), self._rotary(k, kv.positions)
+            cos, sin = kv.rotary(self.inv_freq, q.dtype)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if kv.decode:
             o = self._decode_attention(q, k, v, kv.row_index, kv.row_past, k_cache, v_cache)
         else:

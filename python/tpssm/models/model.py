@@ -164,12 +164,13 @@ class CausalLM(nn.Module):
             self.lm_head.copy_(source.get("lm_head.weight"))
 
     def _logits(self, hidden: torch.Tensor, query_start_loc: Optional[torch.Tensor],
-                return_all_logits: bool) -> torch.Tensor:
-        """Final norm and head: float32 logits of each request's last token (every token's with
-        return_all_logits; a decode batch's rows are its requests)."""
+                return_all_logits: bool, normed: bool = False) -> torch.Tensor:
+        """Final norm (unless `normed`) and head: float32 logits of each request's last token
+        (every token's with return_all_logits; a decode batch's rows are its requests)."""
         if not return_all_logits and query_start_loc is not None:
             hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
-        hidden = self.norm_f(hidden)
+        if not normed:
+            hidden = self.norm_f(hidden)
         return F.linear(hidden.to(self.dtype), self.lm_head).float()
 
 
@@ -254,6 +255,4 @@ class SSMForCausalLM(CausalLM):
             out = layer.mixer(h, conv, ssm, meta)
             following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
             h = self.add_rms_norm(out, following.weight, eps, residual=residual)
-        if not return_all_logits and query_start_loc is not None:
-            h = h.index_select(0, query_start_loc[1:].long() - 1)
-        return F.linear(h, self.lm_head).float()
+        return self._logits(h, query_start_loc, return_all_logits, normed=True)

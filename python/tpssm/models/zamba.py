@@ -88,15 +88,25 @@ def _layer_types(cfg: Dict[str, Any], family: str, n: int) -> List[str]:
     return types
 
 
+def _family(cfg: Dict[str, Any]) -> str:
+    return ("zamba2" if (cfg.get("model_type") == "zamba2"
+                         or "Zamba2ForCausalLM" in (cfg.get("architectures") or [])) else "zamba")
+
+
+def _num_layers(cfg: Dict[str, Any], family: str) -> int:
+    """num_hidden_layers, or transformers' default (Zamba-7B's 76, Zamba2-2.7B's 54)."""
+    n = cfg.get("num_hidden_layers")
+    return int(n) if n is not None else (76 if family == "zamba" else 54)
+
+
 def parse_zamba_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> HybridConfig:
     """HybridConfig from a ZambaForCausalLM / Zamba2ForCausalLM config.json dictionary."""
-    family = "zamba2" if (cfg.get("model_type") == "zamba2"
-                          or "Zamba2ForCausalLM" in (cfg.get("architectures") or [])) else "zamba"
+    family = _family(cfg)
     if gated_norm not in (None, "per_group"):
         raise ValueError(f"gated_norm: {family} normalises per group; got {gated_norm!r}")
     get = lambda key, default: default if cfg.get(key) is None else cfg[key]  # noqa: E731
     D = int(get("hidden_size", 3712 if family == "zamba" else 2560))
-    n = int(get("num_hidden_layers", 76 if family == "zamba" else 54))
+    n = _num_layers(cfg, family)
     heads = int(get("num_attention_heads", 16 if family == "zamba" else 32))
     kv_heads = int(get("num_key_value_heads", heads))
     if kv_heads != heads:
@@ -250,9 +260,8 @@ def zamba_weight_shapes(config: HybridConfig) -> Dict[str, Tuple[int, ...]]:
 
 
 def _with_num_layers(cfg: Dict[str, Any], n: int) -> Dict[str, Any]:
-    family = "zamba2" if cfg.get("model_type") == "zamba2" else "zamba"
-    types = _layer_types(cfg, family, int(cfg.get("num_hidden_layers",
-                                                  76 if family == "zamba" else 54)))
+    family = _family(cfg)
+    types = _layer_types(cfg, family, _num_layers(cfg, family))
     return dict(cfg, num_hidden_layers=n, layers_block_type=types[:n])
 
 

@@ -50,6 +50,13 @@ TINY_ABSMAX = 2.0 ** -118
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def pick_group_size(width: int, group_size: int) -> int:
+    """The largest supported group size <= group_size dividing `width` (groups never straddle
+    rows), or 0 when none does (the message is then reduced exactly)."""
+    return max((g for g in SUPPORTED_GROUP_SIZES if g <= group_size and width % g == 0),
+               default=0)
+
+
 def _codec(codec) -> tuple:
     if isinstance(codec, int):
         for name, (cid, qmax) in CODECS.items():
