@@ -1,4 +1,4 @@
-"""Benchmark of the four SSM CUDA kernels on per-rank shards of real models.
+"""Benchmark of the SSM CUDA kernels on per-rank shards of real models, and of the fused norms.
 
 For each kernel and shape: median time per call (CUDA events around CUDA-graph replays of one
 call per input set, after warm-up; input sets are rotated so that the working set exceeds the L2
@@ -8,7 +8,7 @@ the device copy bandwidth measured in the same run (a large device-to-device cop
 speed-up against the pure-PyTorch reference (tpssm.reference; timed eagerly on a reduced case
 and scaled linearly where the full case is too slow - the table says so) and against a
 torch-native baseline where one exists (F.conv1d for the conv, vectorised torch for the two
-decode ops).
+decode ops, the unfused torch chains the models ran before for the norms).
 
     python benchmarks/bench_ssm_ops.py [--quick] [--json PATH] [--ops conv,scan,...]
 
@@ -42,6 +42,11 @@ MODELS = {
     "mamba2-2.7b": dict(form="mamba2", d_inner=5120, dstate=128, nheads=80, headdim=64,
                         ngroups=1, width=4),
 }
+# The residual stream's width (replicated on every rank: the norms run at tp 1 shapes only) and
+# Falcon-Mamba's x_proj row (dt_rank, then B and C of dstate each: one gated_rms_norm launch).
+HIDDEN = {"mamba-2.8b": 2560, "falcon-mamba-7b": 4096, "mamba2-2.7b": 2560}
+FALCON_XPROJ = dict(dt_rank=256, dstate=16)
+NORM_ROWS = (1, 64, 256, 16384)
 TPS = (1, 2, 4)
 DECODE_BATCHES = (1, 8, 64, 256)
 PREFILLS = ((1, 2048), (8, 2048), (1, 16384))
@@ -389,12 +394,69 @@ def run_case(case: Case, copy_gbs: float, reps: int, with_ref: bool) -> Dict:
     return res
 
 
+def add_rms_norm_case(model, rows, ops) -> Case:
+    d = HIDDEN[model]
+    nbytes = rows * d * (2 + 4 + 4 + 2) + 2 * d  # x, residual in / out (fp32), out; weight
+
+    def make_set():
+        return dict(x=_rand(rows, d), residual=_rand(rows, d, dtype=torch.float32),
+                    weight=_rand(d, scale=0.1, offset=1.0),
+                    out=torch.empty(rows, d, dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.add_rms_norm(s["x"], s["weight"], 1e-5, residual=s["residual"], out=s["out"])
+
+    def native(s):
+        r = s["residual"] + s["x"]
+        s["native_out"] = s["weight"] * F.rms_norm(r.to(ACT), (d,), eps=1e-5)
+
+    return Case("add_rms_norm", model, 1, f"{rows} x {d}, fp32 residual", nbytes, make_set, call,
+                native=native, native_note="torch add, cast, rms_norm, weight multiply")
+
+
+def gated_rms_norm_case(model, rows, ops) -> Case:
+    """Mamba-2's gated norm over the local d_inner (one group at tp 1), or Falcon-Mamba's dt / B /
+    C norms of x_proj's row (three groups, no gate or weight)."""
+    falcon = MODELS[model]["form"] == "mamba1"
+    if falcon:
+        R, N = FALCON_XPROJ["dt_rank"], FALCON_XPROJ["dstate"]
+        e, gs, first = R + 2 * N, N, R
+    else:
+        e = gs = MODELS[model]["d_inner"]
+        first = 0
+    nbytes = rows * e * 2 * (2 if falcon else 3) + (0 if falcon else 2 * e)
+
+    def make_set():
+        return dict(x=_rand(rows, e), z=None if falcon else _rand(rows, e),
+                    weight=None if falcon else _rand(e, scale=0.1, offset=1.0),
+                    out=torch.empty(rows, e, dtype=ACT, device="cuda"))
+
+    def call(s):
+        ops.gated_rms_norm(s["x"], s["weight"], 1e-6, z=s["z"], group_size=gs,
+                           first_group_size=first, out=s["out"])
+
+    def native(s):
+        x = s["x"]
+        if falcon:  # the three F.rms_norm calls the model made
+            s["native_out"] = [F.rms_norm(x[:, a:b], (b - a,), eps=1e-6)
+                               for a, b in ((0, R), (R, R + N), (R + N, e))]
+            return
+        g = x.float() * F.silu(s["z"].float())
+        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)).to(ACT)
+        s["native_out"] = s["weight"] * y
+
+    shape = (f"{rows} x ({R} | {N} | {N})" if falcon else f"{rows} x {e}, gated")
+    return Case("gated_rms_norm", model, 1, shape, nbytes, make_set, call, native=native,
+                native_note="the unfused torch chains of the mixers")
+
+
 def build_cases(args, ops, ref_mod) -> List[Case]:
     tps = QUICK["tps"] if args.quick else TPS
     decode = QUICK["decode"] if args.quick else DECODE_BATCHES
     prefill = QUICK["prefill"] if args.quick else PREFILLS
     wanted = set(args.ops.split(","))
     cases = []
+    norm_widths = set()  # add_rms_norm once per residual width
     for model in (args.models.split(",") if args.models else MODELS):
         for tp in tps:
             for batch, seqlen in prefill:
@@ -422,6 +484,13 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     cases.append(conv_update_case(model, tp, batch, ops, ref_mod))
                 if "state_update" in wanted:
                     cases.append(ssu_case(model, tp, batch, ops, ref_mod))
+        if "norm" in wanted:
+            for rows in NORM_ROWS:
+                if HIDDEN[model] not in norm_widths:
+                    cases.append(add_rms_norm_case(model, rows, ops))
+                if model != "mamba-2.8b":  # Mamba-1 proper has no gated or weightless norm
+                    cases.append(gated_rms_norm_case(model, rows, ops))
+            norm_widths.add(HIDDEN[model])
     return cases
 
 
@@ -458,7 +527,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of shapes, fewer repeats")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--ops", default="conv,scan,conv_update,state_update")
+    parser.add_argument("--ops", default="conv,scan,conv_update,state_update,norm")
     parser.add_argument("--models", default="",
                         help="comma-separated subset of " + ",".join(MODELS) + " (default all)")
     parser.add_argument("--reps", type=int, default=None)

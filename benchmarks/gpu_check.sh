@@ -133,11 +133,18 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-  # Where decode time goes: the kernels of one decode step, tp 1 and the tp 4 rank shard.
-  stage profile_decode 120 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
-    --json "${JSON%.json}_decode_profile_tp1.json"
-  stage profile_decode_shard 90 $PY benchmarks/profile_decode.py --preset mamba-2.8b --batch 1 \
-    --tp-shard 4 --json "${JSON%.json}_decode_profile_tp4shard.json"
+  # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes.
+  stage bench_projections 90 $PY benchmarks/bench_projections.py --tokens 1,8 \
+    --json "${JSON%.json}_projections.json"
+  # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
+  # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.
+  stage profile_decode 120 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
+    --tp-shards 1,4 --json "${JSON%.json}_decode_profile.json"
+  stage profile_decode_m2 90 $PY benchmarks/profile_step.py --preset mamba2-2.7b --batch 1 \
+    --json "${JSON%.json}_decode_profile_mamba2.json"
+  stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \
+    --batch 8 --prompt-len 2048 --steps 3 --tp-shards 1,2,4 \
+    --json "${JSON%.json}_prefill_profile.json"
   # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464).
   stage attention_backends 60 $PY benchmarks/attention_backends.py \
     --json "${JSON%.json}_attention.json"

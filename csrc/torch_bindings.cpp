@@ -33,6 +33,15 @@ TORCH_LIBRARY(tpssm, m) {
   m.def(
       "add_rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps, "
       "Tensor(b!) out) -> ()");
+  // Grouped RMSNorm of x * silu(z) (kernels/norm_params.h): Mamba-2's gated norm; without z and
+  // weight, a plain weightless RMSNorm per group. Groups spanning TP ranks: gated_sum_squares,
+  // an all-reduce of its sums, then gated_rms_norm with sum_sq and norm_size.
+  m.def(
+      "gated_rms_norm(Tensor x, Tensor? z, Tensor? weight, int group_size, int first_group_size, "
+      "float eps, Tensor? sum_sq, int norm_size, Tensor(a!) out) -> ()");
+  m.def(
+      "gated_sum_squares(Tensor x, Tensor? z, int group_size, int first_group_size, "
+      "Tensor(a!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
   // Quantized two-shot all-reduce (design: docs/qallreduce.md; layout:
   // kernels/qallreduce_params.h).

@@ -24,13 +24,15 @@ def _model(device):
     return model
 
 
-def _run(model, prompts, use_cuda_graphs, slots=4):
-    engine = GenerationEngine(CachedModel(model, model.allocate_cache(slots)),
-                              max_batch_size=slots, max_prefill_tokens=16,
-                              use_cuda_graphs=use_cuda_graphs)
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_new_tokens=12))
-    done = engine.run()
+def _run(model, prompts, use_cuda_graphs, slots=4, sampling=None, engine=None):
+    """Runs prompts to the end (on `engine` when given); sampling(i) -> request i's params."""
+    engine = engine or GenerationEngine(CachedModel(model, model.allocate_cache(slots)),
+                                        max_batch_size=slots, max_prefill_tokens=16,
+                                        use_cuda_graphs=use_cuda_graphs)
+    first = engine._next_id
+    for i, p in enumerate(prompts):
+        engine.add_request(p, sampling(i) if sampling else SamplingParams(max_new_tokens=12))
+    done = [r for r in engine.run() if r.request_id >= first]
     return [r.output for r in done], engine
 
 
@@ -84,3 +86,49 @@ def test_hybrid_graph_decode_equals_eager_and_cpu(dtype):
         cpu, _ = _run(hybrid("cpu"), prompts, False)
         same = sum(a == b for a, b in zip(graphs, cpu))
         assert same >= len(prompts) - 1, (graphs, cpu)
+
+
+def test_greedy_graph_decode_step_reads_tokens_as_its_only_sync():
+    """A decode step of greedy rows replays its graph (argmax included) and synchronises only to
+    read the tokens: under torch's sync debug mode "error" any other synchronising call (reading
+    logits, a pageable copy, .item()) raises. The event wait that reads the tokens is not one
+    torch flags."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1024, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (5,), generator=g)]
+    gpu = _model("cuda")
+    first, engine = _run(gpu, prompts, True)  # captures the graphs of the batch sizes used
+    strict_steps = []
+    decode_step = engine._decode_step
+
+    def strict_decode_step():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decode_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        strict_steps.append(len(engine.running))
+
+    engine._decode_step = strict_decode_step
+    second, _ = _run(gpu, prompts, True, engine=engine)
+    assert strict_steps, "no decode step ran"
+    assert second == first
+
+
+def test_graph_decode_with_sampling_rows_equals_eager():
+    """Rows that sample read their logits from the graph's output; greedy rows beside them keep
+    the in-graph argmax. Each sampling row has its own generator, so graph and eager agree."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1024, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (6,), generator=g)]
+
+    def sampling(i):
+        if i % 2:
+            return SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, seed=100 + i)
+        return SamplingParams(max_new_tokens=10)
+
+    gpu = _model("cuda")
+    graphs, engine = _run(gpu, prompts, True, sampling=sampling)
+    assert engine._graphs
+    eager, _ = _run(gpu, prompts, False, sampling=sampling)
+    assert graphs == eager

@@ -244,13 +244,14 @@ def test_model_matches_transformers(family, tp, oracles, record_property):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_norms_equal_transformers_bit_for_bit(dtype):
-    """The block norm and Falcon-Mamba's weightless dt / B / C norm (F.rms_norm, one fused kernel
-    on CUDA) round exactly like transformers' MambaRMSNorm / FalconMambaWeightlessRMSNorm."""
+    """The block norm and Falcon-Mamba's weightless dt / B / C norms (tpssm.ops.gated_rms_norm:
+    three groups of x_proj's row in one op) round exactly like transformers' MambaRMSNorm /
+    FalconMambaWeightlessRMSNorm applied to each segment."""
     from transformers.models.falcon_mamba.modeling_falcon_mamba import (
         FalconMambaWeightlessRMSNorm)
     from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
-    from tpssm.models.mixers import _weightless_rms
+    from tpssm import ops
     from tpssm.models.model import RMSNorm
 
     g = torch.Generator().manual_seed(7)
@@ -263,5 +264,10 @@ def test_norms_equal_transformers_bit_for_bit(dtype):
             ours.weight.copy_(weight)
             theirs.weight.copy_(weight)
             assert torch.equal(ours(x), theirs(x)), dim
-            assert torch.equal(_weightless_rms(x, 1e-6),
-                               FalconMambaWeightlessRMSNorm(dim, eps=1e-6)(x)), dim
+    # x_proj's row: dt (R columns), then B and C (N each).
+    for R, N in ((5, 4), (160, 16)):
+        x = (torch.randn(33, R + 2 * N, generator=g) * 3).to(dtype)
+        hf = FalconMambaWeightlessRMSNorm(R + 2 * N, eps=1e-6)
+        want = torch.cat([hf(x[:, :R]), hf(x[:, R:R + N]), hf(x[:, R + N:])], 1)
+        got = ops.gated_rms_norm(x, None, 1e-6, group_size=N, first_group_size=R)
+        assert torch.equal(got, want), (R, N)

@@ -1,13 +1,13 @@
-"""The fused residual add + RMSNorm CUDA kernel against the float64 reference and the CPU op (on a
-GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
+"""The fused norm CUDA kernels (add_rms_norm, gated_rms_norm) against the float64 references and
+the CPU ops (on a GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
 
 import pytest
 import torch
 
 import tpssm
-from test_norm_ops import SHAPES, ULP, DTYPES, _inputs
+from test_norm_ops import DTYPES, GATED_SHAPES, SHAPES, ULP, _gated_inputs, _inputs
 from tpssm import ops
-from tpssm.reference import add_rms_norm_ref
+from tpssm.reference import add_rms_norm_ref, gated_rms_norm_ref, gated_sum_squares_ref
 
 if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
     pytest.skip("needs a CUDA device and a build with the CUDA kernels", allow_module_level=True)
@@ -34,3 +34,68 @@ def test_cuda_kernel_against_the_reference_and_the_cpu_op(shape, residual, dtype
     tol = 4 * ULP[dtype] * (w.float().abs().max() * 6)
     assert (dev.float() - ref.float()).abs().max() <= tol
     assert (dev.float() - cpu.float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["gate+weight", "gate", "plain"])
+@pytest.mark.parametrize("shape", GATED_SHAPES)
+def test_gated_cuda_kernel_against_the_reference_and_the_cpu_op(shape, variant, dtype):
+    rows, dim, gs = shape
+    x, z, w = _gated_inputs(rows, dim, dtype, strided=dim % 2 == 0, seed=1)
+    z = z if "gate" in variant else None
+    w = w if "weight" in variant else None
+    cpu = torch.empty(x.shape, dtype=dtype)
+    torch.ops.tpssm.gated_rms_norm(x, z, w, gs, 0, 1e-6, None, 0, cpu)  # the registered CPU op
+
+    def dev(t):
+        """t on the device with its strides (a column slice stays a slice of a copied buffer)."""
+        if t is None:
+            return None
+        base = t if t._base is None else t._base
+        return base.to(CUDA, copy=True).as_strided(t.shape, t.stride(), t.storage_offset())
+
+    out = ops.gated_rms_norm(dev(x), dev(w), 1e-6, z=dev(z), group_size=gs).cpu()
+    ref = gated_rms_norm_ref(x, w, 1e-6, z=z, group_size=gs)
+    wmax = 1.0 if w is None else w.float().abs().max()
+    tol = 4 * ULP[dtype] * wmax * (gs or dim) ** 0.5
+    assert (out.float() - ref.float()).abs().max() <= tol
+    assert (out.float() - cpu.float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first,gs,dim", [(40, 16, 72), (5, 3, 11), (256, 16, 288)])
+def test_gated_cuda_kernel_leading_group(first, gs, dim, dtype):
+    """Falcon-Mamba's dt / B / C norms in one launch: a first group of another width."""
+    x, _, _ = _gated_inputs(5, dim, dtype, seed=4)
+    out = ops.gated_rms_norm(x.to(CUDA, copy=True), None, 1e-6, group_size=gs,
+                             first_group_size=first).cpu()
+    cpu = torch.empty_like(x)
+    torch.ops.tpssm.gated_rms_norm(x, None, None, gs, first, 1e-6, None, 0, cpu)
+    ref = gated_rms_norm_ref(x, None, 1e-6, group_size=gs, first_group_size=first)
+    tol = 4 * ULP[dtype] * max(first, gs) ** 0.5
+    assert (out.float() - ref.float()).abs().max() <= tol
+    assert (out.float() - cpu.float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,gs,first", [(96, 0, 0), (2560, 0, 0), (40, 8, 16)])
+def test_gated_cuda_kernels_spanning_ranks(dim, gs, first, dtype):
+    """gated_sum_squares and gated_rms_norm with reduced sums (groups spanning TP ranks): the sums
+    against the float64 reference, the norm from given sums against the reference with the same
+    sums and against the CPU op."""
+    x, z, w = _gated_inputs(3, dim, dtype, strided=True, seed=9)
+    d = lambda t: t.to(CUDA, copy=True)  # noqa: E731 - contiguous copies are fine here
+    sums = ops.gated_sum_squares(d(x), z=d(z), group_size=gs, first_group_size=first).cpu()
+    ref_sums = gated_sum_squares_ref(x, z=z, group_size=gs, first_group_size=first)
+    assert torch.allclose(sums.double(), ref_sums, rtol=1e-5, atol=1e-6)
+    total = sums * 2.5  # as if the other ranks held more of the groups
+    norm_size = 3 * (gs or dim)
+    out = ops.gated_rms_norm(d(x), d(w), 1e-6, z=d(z), group_size=gs, first_group_size=first,
+                             sum_sq=d(total), norm_size=norm_size).cpu()
+    cpu = torch.empty_like(x)
+    torch.ops.tpssm.gated_rms_norm(x, z, w, gs, first, 1e-6, total, norm_size, cpu)
+    ref = gated_rms_norm_ref(x, w, 1e-6, z=z, group_size=gs, first_group_size=first,
+                             sum_sq=total, norm_size=norm_size)
+    tol = 4 * ULP[dtype] * w.float().abs().max() * (gs or dim) ** 0.5
+    assert (out.float() - ref.float()).abs().max() <= tol
+    assert (out.float() - cpu.float()).abs().max() <= tol

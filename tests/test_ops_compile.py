@@ -36,6 +36,28 @@ def _ssu_args(kw):
             kw["dst_state_batch_indices"], -1, kw["out"])
 
 
+def _norm_args(residual):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, generator=g, dtype=torch.bfloat16)
+    r = torch.randn(3, 40, generator=g) if residual else None
+    return (x, r, torch.rand(40, generator=g, dtype=torch.bfloat16), 1e-5, torch.empty_like(x))
+
+
+def _gated_norm_args(gate):
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(3, 100, generator=g)  # x and z as column slices of one buffer
+    x, z = buf[:, :48], buf[:, 50:98]
+    if gate:
+        return (x, z, torch.rand(48, generator=g), 16, 0, 1e-6, None, 0, torch.empty(3, 48))
+    return (x, None, None, 8, 32, 1e-6, torch.ones(3, 3), 64, torch.empty(3, 48))
+
+
+def _sum_squares_args():
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(3, 100, generator=g)
+    return (buf[:, :48], buf[:, 50:98], 16, 0, torch.empty(3, 3))
+
+
 OPCHECK_CASES = [
     ("conv_full", _tp.causal_conv1d.default, lambda: _conv_args(conv_inputs(
         varlen=True, seqlens=(3, 0, 2), slots=(1, -1, 0), initial=(True, False, False)))),
@@ -53,6 +75,11 @@ OPCHECK_CASES = [
      lambda: _ssu_args(ssu_inputs(dst=(5, -1, 3)))),
     ("ssu_none", _tp.selective_state_update.default,
      lambda: _ssu_args(ssu_inputs(src=None, D=False, z=False, dt_bias=False))),
+    ("add_rms_norm", _tp.add_rms_norm.default, lambda: _norm_args(residual=True)),
+    ("add_rms_norm_none", _tp.add_rms_norm.default, lambda: _norm_args(residual=False)),
+    ("gated_rms_norm", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=True)),
+    ("gated_rms_norm_none", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=False)),
+    ("gated_sum_squares", _tp.gated_sum_squares.default, _sum_squares_args),
 ]
 
 

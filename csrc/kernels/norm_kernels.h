@@ -1,4 +1,4 @@
-// Launcher of the fused residual add + RMSNorm kernel (csrc/kernels/rms_norm.cu).
+// Launchers of the fused norm kernels (csrc/kernels/rms_norm.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,5 +8,8 @@
 namespace tpssm {
 
 void run_add_rms_norm(const AddRmsNormParams& params, cudaStream_t stream);
+void run_gated_rms_norm(const GatedRmsNormParams& params, cudaStream_t stream);
+// gated_sum_squares: the same params with sum_sq_out set.
+void run_gated_sum_squares(const GatedRmsNormParams& params, cudaStream_t stream);
 
 }  // namespace tpssm

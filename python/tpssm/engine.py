@@ -7,6 +7,9 @@ Requests arrive with prompts. Each engine step runs one packed varlen batch:
   ride along in the same batch as length-1 sequences;
 - otherwise a decode step for every running request through the model's decode path, which on
   CUDA replays a captured CUDA graph for the padded batch size (padding rows use pad_slot_id).
+  The graph covers the greedy choice too: ids and slots go in through pinned host buffers
+  (asynchronous copies), the argmax tokens come out through one, and reading them is the step's
+  only host synchronisation unless a row samples (its logits are read then).
 A request that finishes frees its slot; waiting requests take it.
 
 Under tensor parallelism every rank runs the same engine on the same requests; sampled tokens
@@ -299,13 +302,17 @@ class GenerationEngine:
 
     def _decode_step(self) -> None:
         rows = self.running
-        ids = torch.tensor([r.output[-1] for r in rows], dtype=torch.int64)
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.int32)
+        ids = [r.output[-1] for r in rows]
+        slots = [r.slot for r in rows]
         if self.use_cuda_graphs:
-            logits = self._graph_for(len(rows)).replay(ids, slots)
+            graph = self._graph_for(len(rows))
+            logits, greedy = graph.replay(ids, slots)
+            self._sample_into(rows, logits, greedy, agreed=graph.broadcasts)
         else:
-            logits = self.model.decode(ids.to(self.device), slots.to(self.device))
-        self._sample_into(rows, logits)
+            dev = self.device
+            logits = self.model.decode(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                       torch.tensor(slots, dtype=torch.int32, device=dev))
+            self._sample_into(rows, logits)
 
     def _graph_for(self, batch: int) -> "_DecodeGraph":
         size = 1
@@ -313,25 +320,30 @@ class GenerationEngine:
             size *= 2
         graph = self._graphs.get(size)
         if graph is None:
-            graph = _DecodeGraph(self.model, size)
+            graph = _DecodeGraph(self.model, size, self._tp)
             self._graphs[size] = graph
         return graph
 
     # ---- sampling ---------------------------------------------------------------------------
-    def _sample_into(self, rows: List[Request], logits: torch.Tensor) -> None:
+    def _sample_into(self, rows: List[Request], logits: torch.Tensor,
+                     greedy: Optional[torch.Tensor] = None, agreed: bool = False) -> None:
+        """Appends each row's next token. greedy: the rows' argmax tokens on the host when
+        already computed (a decode graph's); agreed: they are rank 0's on every rank already."""
         if not rows:
             return
         # Greedy rows share one argmax; a sampling row draws from its own generator, so its
         # tokens do not depend on which requests it was batched with.
-        next_ids = select_tokens(logits).cpu()
+        next_ids = select_tokens(logits).cpu() if greedy is None else greedy
+        sampled = False
         for i, r in enumerate(rows):
             s = r.sampling
             if s.temperature > 0:
+                sampled = True
                 next_ids[i] = select_tokens(logits[i:i + 1].cpu(), do_sample=True,
                                             temperature=s.temperature, top_k=s.top_k,
                                             generator=r.generator)[0]
         # Ranks agree on every token: rank 0's choice is the one all ranks use.
-        if self._tp.communicates:
+        if self._tp.communicates and (sampled or not agreed):
             next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
@@ -341,28 +353,54 @@ class GenerationEngine:
 
 
 class _DecodeGraph:
-    """A decode step captured as a CUDA graph for one padded batch size."""
+    """A decode step captured as a CUDA graph for one padded batch size: the model's step, the
+    greedy token of every row and, under tensor parallelism with NCCL, rank 0's tokens broadcast
+    to all ranks. Inputs and greedy tokens pass through pinned host buffers with asynchronous
+    copies, so a replay synchronises with the host once: to read the tokens."""
 
-    def __init__(self, model: GenerationModel, batch: int):
+    def __init__(self, model: GenerationModel, batch: int, tp: TPContext):
         dev = model.device
         self.batch = batch
+        self.host_ids = torch.zeros(batch, dtype=torch.int64, pin_memory=True)
+        self.host_slots = torch.full((batch,), PAD_SLOT_ID, dtype=torch.int32, pin_memory=True)
+        self.host_tokens = torch.zeros(batch, dtype=torch.int64, pin_memory=True)
         self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.slots = torch.full((batch,), PAD_SLOT_ID, dtype=torch.int32, device=dev)
+        self.done = torch.cuda.Event()
+        # gloo collectives cannot be captured (TP ranks sharing one GPU): the engine broadcasts
+        # after the replay there.
+        self.broadcasts = tp.communicates and dist.get_backend(tp.group) == "nccl"
+
+        def step():
+            logits = model.decode(self.ids, self.slots)
+            tokens = select_tokens(logits)
+            if self.broadcasts:
+                tp.broadcast(tokens, src=0)
+            return logits, tokens
+
         # Warm up on a side stream (as torch.cuda.graphs asks), all rows padded: no state moves.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model.decode(self.ids, self.slots)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.decode(self.ids, self.slots)
+            self.logits, self.tokens = step()
 
-    def replay(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        n = ids.numel()
-        self.ids[:n].copy_(ids, non_blocking=True)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        self.slots[n:].fill_(PAD_SLOT_ID)
+    def replay(self, ids: List[int], slots: List[int]):
+        """-> (logits (n, vocab) on the device, greedy tokens (n,) int64 on the host)."""
+        n = len(ids)
+        # The previous replay's copies finished before its tokens were read: the pinned
+        # buffers are free to overwrite.
+        self.host_ids[:n] = torch.tensor(ids, dtype=torch.int64)
+        self.host_slots[:n] = torch.tensor(slots, dtype=torch.int32)
+        self.host_slots[n:] = PAD_SLOT_ID
+        self.ids.copy_(self.host_ids, non_blocking=True)
+        self.slots.copy_(self.host_slots, non_blocking=True)
         self.graph.replay()
-        return self.logits[:n]
+        self.host_tokens.copy_(self.tokens, non_blocking=True)
+        self.done.record()
+        self.done.synchronize()
+        return self.logits[:n], self.host_tokens[:n].clone()

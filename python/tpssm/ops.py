@@ -62,6 +62,8 @@ __all__ = [
     "SCAN_ALGORITHMS",
     "add_rms_norm",
     "causal_conv1d",
+    "gated_rms_norm",
+    "gated_sum_squares",
     "causal_conv1d_update",
     "selective_scan",
     "selective_state_update",
@@ -257,6 +259,58 @@ def add_rms_norm(
     return out
 
 
+def gated_rms_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    z: Optional[torch.Tensor] = None,
+    group_size: int = 0,
+    first_group_size: int = 0,
+    sum_sq: Optional[torch.Tensor] = None,
+    norm_size: int = 0,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Grouped RMSNorm of x * silu(z) (one kernel on CUDA): Mamba-2's gated norm (the gate before
+    the norm), and without z and weight a weightless RMSNorm (Falcon-Mamba's dt / B / C norms).
+    A row's columns form groups of `group_size` adjacent columns (0: one group of all of them),
+    the first of `first_group_size` columns when given (> 0); the groups must tile the row.
+    Per row and group:
+    v = x * silu(z) in fp32; out = weight * round(v * rsqrt(mean(v^2) + eps)), rounded to x's dtype
+    before the weight multiply (in x's dtype), as the models' torch code rounds.
+    x, out: (rows, dim), float32 / float16 / bfloat16, last dim contiguous (column slices of a wider
+    buffer are fine); z: like x, or None; weight: (dim,) of x's dtype, or None.
+    Groups spanning tensor-parallel ranks: sum_sq, float32 (rows, groups), the groups' sums of
+    squares reduced over the ranks (gated_sum_squares, then an all-reduce), replaces the local
+    sums, and the mean divides by norm_size (the groups' width over all ranks).
+    out must not overlap any input. Returns out (allocated when not given). The CPU op is
+    bit-identical to the unfused ATen chain; the CUDA kernel sums in another order.
+    """
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops.gated_rms_norm(x, z, weight, group_size, first_group_size, eps, sum_sq, norm_size, out)
+    return out
+
+
+def gated_sum_squares(
+    x: torch.Tensor,
+    *,
+    z: Optional[torch.Tensor] = None,
+    group_size: int = 0,
+    first_group_size: int = 0,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The first half of gated_rms_norm for groups that span ranks: float32 (rows, groups), each
+    group's sum of (x * silu(z))^2 (fp32) over this rank's columns. x, z and the groups as in
+    gated_rms_norm; out may be a column slice of a wider (rows, all groups) buffer."""
+    if out is None:
+        first = first_group_size or group_size or x.shape[-1]
+        groups = 1 + (x.shape[-1] - first) // (group_size or x.shape[-1])
+        out = torch.empty(x.shape[0], groups, dtype=torch.float32, device=x.device)
+    _ops.gated_sum_squares(x, z, group_size, first_group_size, out)
+    return out
+
+
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
 # needs no shape logic; they check the one rule a traced graph could otherwise get wrong silently
 # (out shaped and typed like the input it mirrors). The real ops check everything else.
@@ -298,3 +352,15 @@ def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_so
 @torch.library.register_fake("tpssm::add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps, out) -> None:
     _check_out_like("add_rms_norm", out, x, "x")
+
+
+@torch.library.register_fake("tpssm::gated_rms_norm")
+def _gated_rms_norm_fake(x, z, weight, group_size, first_group_size, eps, sum_sq, norm_size,
+                         out) -> None:
+    _check_out_like("gated_rms_norm", out, x, "x")
+
+
+@torch.library.register_fake("tpssm::gated_sum_squares")
+def _gated_sum_squares_fake(x, z, group_size, first_group_size, out) -> None:
+    torch._check(out.dtype == torch.float32,
+                 lambda: f"gated_sum_squares: out must be float32, got {out.dtype}")

@@ -69,6 +69,20 @@ void add_rms_norm(const at::Tensor& x, const OptTensor& residual, const at::Tens
   auto p = tpssm::make_add_rms_norm_params(x, residual, weight, eps, out);
   tpssm::run_add_rms_norm(p, nullptr);
 }
+void gated_rms_norm(const at::Tensor& x, const OptTensor& z, const OptTensor& weight,
+                    int64_t group_size, int64_t first_group_size, double eps,
+                    const OptTensor& sum_sq, int64_t norm_size, const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_gated_rms_norm_params(x, z, weight, group_size, first_group_size, eps,
+                                             sum_sq, norm_size, out);
+  tpssm::run_gated_rms_norm(p, nullptr);
+}
+void gated_sum_squares(const at::Tensor& x, const OptTensor& z, int64_t group_size,
+                       int64_t first_group_size, const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_gated_sum_squares_params(x, z, group_size, first_group_size, out);
+  tpssm::run_gated_sum_squares(p, nullptr);
+}
 void set_sm_count(int n) { emu_sm_count = n; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -77,5 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_scan", &selective_scan);
   m.def("selective_state_update", &selective_state_update);
   m.def("add_rms_norm", &add_rms_norm);
+  m.def("gated_rms_norm", &gated_rms_norm);
+  m.def("gated_sum_squares", &gated_sum_squares);
   m.def("set_sm_count", &set_sm_count);
 }

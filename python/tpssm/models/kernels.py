@@ -23,9 +23,53 @@ def _add_rms_norm_torch(x, weight, eps, *, residual=None, out=None):
     return y if out is None else out.copy_(y)
 
 
+def _gated_runs(x, z, group_size, first_group_size):
+    """The gated values in fp32 and the groups as (begin, end, width) runs of equal width."""
+    import torch.nn.functional as F
+
+    dim = x.shape[1]
+    gs = group_size or dim
+    first = first_group_size or gs
+    v = x.float()
+    if z is not None:
+        v = v * F.silu(z.float())
+    runs = [(0, dim, gs)] if first == gs else [(0, first, first), (first, dim, gs)]
+    return v, runs
+
+
+def _gated_rms_norm_torch(x, weight=None, eps=1e-6, *, z=None, group_size=0, first_group_size=0,
+                          sum_sq=None, norm_size=0, out=None):
+    """gated_rms_norm as the unfused torch chain (the CPU op's arithmetic, on any device)."""
+    import torch
+
+    v, runs = _gated_runs(x, z, group_size, first_group_size)
+    parts, g0 = [], 0
+    for a, b, w in runs:
+        g = v[:, a:b].reshape(v.shape[0], -1, w)
+        n = g.shape[1]
+        mean = (sum_sq[:, g0:g0 + n].unsqueeze(-1) / norm_size if sum_sq is not None
+                else g.pow(2).mean(-1, keepdim=True))
+        parts.append((g * torch.rsqrt(mean + eps)).reshape(v.shape[0], b - a))
+        g0 += n
+    y = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(x.dtype)
+    if weight is not None:
+        y = weight * y
+    return y if out is None else out.copy_(y)
+
+
+def _gated_sum_squares_torch(x, *, z=None, group_size=0, first_group_size=0, out=None):
+    """gated_sum_squares as the unfused torch chain."""
+    import torch
+
+    v, runs = _gated_runs(x, z, group_size, first_group_size)
+    y = torch.cat([v[:, a:b].reshape(v.shape[0], -1, w).pow(2).sum(-1) for a, b, w in runs], 1)
+    return y if out is None else out.copy_(y)
+
+
 def get_backend(name: str = "ops") -> SimpleNamespace:
     """Namespace with causal_conv1d, causal_conv1d_update, selective_scan,
-    selective_state_update and add_rms_norm for backend `name` ("ops" or "reference")."""
+    selective_state_update, add_rms_norm, gated_rms_norm and gated_sum_squares for backend `name`
+    ("ops" or "reference")."""
     if name == "ops":
         from tpssm import ops
 
@@ -36,6 +80,8 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             selective_scan=ops.selective_scan,
             selective_state_update=ops.selective_state_update,
             add_rms_norm=ops.add_rms_norm,
+            gated_rms_norm=ops.gated_rms_norm,
+            gated_sum_squares=ops.gated_sum_squares,
         )
     if name == "reference":
         from tpssm import reference
@@ -47,5 +93,7 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             selective_scan=reference.selective_scan_ref,
             selective_state_update=reference.selective_state_update_ref,
             add_rms_norm=_add_rms_norm_torch,
+            gated_rms_norm=_gated_rms_norm_torch,
+            gated_sum_squares=_gated_sum_squares_torch,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -54,11 +54,6 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Falcon-Mamba's dt / B / C norm: fp32 RMS normalisation, no weight."""
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)  # fp32 inside, one rounding (as RMSNorm)
-
-
 def _causal_conv(kernels, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  conv_state: Optional[torch.Tensor], meta: BatchMeta) -> torch.Tensor:
     """The mixers' conv + SiLU: the update op for a decode batch, the varlen op otherwise."""
@@ -140,8 +135,11 @@ class Mamba1Mixer(nn.Module):
         R, N = self.dt_rank, self.d_state
         dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
         if self.falcon:
-            eps = self.config.mixer_rms_eps
-            dt, B, C = _weightless_rms(dt, eps), _weightless_rms(B, eps), _weightless_rms(C, eps)
+            # Falcon-Mamba's weightless fp32 RMS norms of dt, B and C in one launch: three groups
+            # of x_dbl's columns, R then N and N wide.
+            x_dbl = self.kernels.gated_rms_norm(x_dbl, None, self.config.mixer_rms_eps,
+                                                group_size=N, first_group_size=R)
+            dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
         dt = F.linear(dt, self.dt_proj_weight)
         return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta)
 
@@ -300,21 +298,21 @@ class Mamba2Mixer(nn.Module):
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y * silu(z)) * weight, normalising over the configured groups (fp32)."""
         eps = self.config.layer_norm_epsilon
+        k = self.kernels
+        if not self.norm_allreduce:  # every norm group lies inside this rank: one fused op
+            return k.gated_rms_norm(y, self.norm_weight, eps, z=z, group_size=self.norm_group_size)
+        if self.norm_groups == 1:  # one group over every rank's columns: local sums, all-reduce
+            ss = self.ctx.all_reduce(k.gated_sum_squares(y, z=z), "exact")
+            return k.gated_rms_norm(y, self.norm_weight, eps, z=z, sum_sq=ss,
+                                    norm_size=self.norm_group_size)
+        # Several groups, some cut by rank boundaries (per-group norm, G % tp != 0): the sums go
+        # per global group through an index_add, in torch.
         g = y.float() * F.silu(z.float())
-        T = g.shape[0]
-        if not self.norm_allreduce:
-            g3 = g.view(T, -1, self.norm_group_size)
-            out = (g3 * torch.rsqrt(g3.pow(2).mean(-1, keepdim=True) + eps)).view(T, -1)
-        elif self.norm_groups == 1:
-            ss = self.ctx.all_reduce(g.pow(2).sum(-1, keepdim=True), "exact")
-            out = g * torch.rsqrt(ss / self.norm_group_size + eps)
-        else:
-            ss = torch.zeros(T, self.norm_groups, dtype=torch.float32, device=g.device)
-            ss.index_add_(1, self.norm_group_index, g.pow(2))
-            ss = self.ctx.all_reduce(ss, "exact")
-            var = ss.index_select(1, self.norm_group_index) / self.norm_group_size
-            out = g * torch.rsqrt(var + eps)
-        return self.norm_weight * out.to(y.dtype)
+        ss = torch.zeros(g.shape[0], self.norm_groups, dtype=torch.float32, device=g.device)
+        ss.index_add_(1, self.norm_group_index, g.pow(2))
+        ss = self.ctx.all_reduce(ss, "exact")
+        var = ss.index_select(1, self.norm_group_index) / self.norm_group_size
+        return self.norm_weight * (g * torch.rsqrt(var + eps)).to(y.dtype)
 
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
                 ssm_state: Optional[torch.Tensor], meta: BatchMeta,

@@ -18,4 +18,8 @@ from tpssm.reference.qallreduce import (  # noqa: F401
     qar_reduce_requant_ref,
     qar_wire_bytes,
 )
-from tpssm.reference.norm import add_rms_norm_ref  # noqa: F401,E402
+from tpssm.reference.norm import (  # noqa: F401,E402
+    add_rms_norm_ref,
+    gated_rms_norm_ref,
+    gated_sum_squares_ref,
+)

@@ -1,0 +1,146 @@
+"""Benchmark of the decode-sized projections (GEMV-like GEMMs, M = 1..8 tokens) of each preset's
+per-rank shards against their bytes.
+
+At decode a projection reads its whole weight for a handful of tokens, so it is bound by the
+weight bytes: its floor is bytes / copy bandwidth. For every projection of a layer (in_proj,
+x_proj, dt_proj, out_proj; Mamba-2: in_proj, out_proj) and the head, at tp 1 / 2 / 4 and M
+tokens, this times torch's F.linear (cuBLAS) on the rank's weight shape: median time per call
+(CUDA events around CUDA-graph replays, weights rotated over enough copies to miss the L2 cache),
+the bytes (weight + activations in and out), GB/s and % of the copy bandwidth measured in the same
+run. Below ~80% a projection is a candidate for other cuBLASLt settings or a split-K GEMV kernel.
+
+    python benchmarks/bench_projections.py [--presets mamba-2.8b,...] [--tokens 1,2,4,8] [--json P]
+
+Without CUDA it prints that CUDA is required and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+sys.path.insert(0, str(HERE))
+
+PRESETS = ("mamba-2.8b", "falcon-mamba-7b", "mamba2-2.7b")
+ACT = torch.bfloat16
+
+
+def projections(config, tp: int) -> List[Tuple[str, int, int]]:
+    """(name, out_features, in_features) of one layer's projections on rank 0 of tp, and the head
+    (replicated). Rank 0 holds the largest share of an uneven split."""
+    from tpssm.models.mixers import mamba2_local_groups
+    from tpssm.parallel import shard_range
+
+    D, N, V = config.hidden_size, config.state_size, config.vocab_size
+
+    def local(n):
+        a, b = shard_range(n, tp, 0, "projection")
+        return b - a
+
+    if config.family == "mamba2":
+        H, P, G = config.num_heads, config.head_dim, config.n_groups
+        h0, h1 = shard_range(H, tp, 0, "num_heads")
+        heads = h1 - h0
+        groups = len(mamba2_local_groups(H, G, h0, h1)[0])
+        El = heads * P
+        rows = 2 * El + 2 * groups * N + heads
+        layer = [("in_proj", rows, D), ("out_proj", D, El)]
+    else:
+        E, R = config.intermediate_size, config.time_step_rank
+        El = local(E)
+        layer = [("in_proj", 2 * El, D), ("x_proj", R + 2 * N, El), ("dt_proj", El, R),
+                 ("out_proj", D, El)]
+    return layer + [("lm_head", V, D)]
+
+
+def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs: float,
+        reps: int) -> Dict:
+    from bench_ssm_ops import l2_bytes, time_graph
+
+    weight_bytes = n_out * n_in * 2
+    copies = max(1, min(64, math.ceil(3 * l2_bytes() / weight_bytes)))
+    sets = [dict(w=torch.randn(n_out, n_in, device="cuda").to(ACT),
+                 x=torch.randn(m, n_in, device="cuda").to(ACT),
+                 out=torch.empty(m, n_out, device="cuda", dtype=ACT)) for _ in range(copies)]
+
+    def call(s):
+        torch.matmul(s["x"], s["w"].t(), out=s["out"])  # F.linear's GEMM into a fixed buffer
+
+    ms = time_graph(call, sets, reps)
+    nbytes = weight_bytes + 2 * m * (n_in + n_out)
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    del sets
+    torch.cuda.empty_cache()
+    return dict(preset=preset, tp=tp, projection=name, out_features=n_out, in_features=n_in,
+                tokens=m, time_us=ms * 1e3, bytes=nbytes, gbs=gbs,
+                pct_copy=100.0 * gbs / copy_gbs, weight_copies=copies)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=",".join(PRESETS),
+                   help=f"comma-separated presets (default {','.join(PRESETS)})")
+    p.add_argument("--tps", default="1,2,4", help="tp degrees (default 1,2,4)")
+    p.add_argument("--tokens", default="1,2,4,8", help="tokens per call (default 1,2,4,8)")
+    p.add_argument("--reps", type=int, default=15, help="timed replays (default 15)")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    try:
+        tps = [int(v) for v in args.tps.split(",")]
+        tokens = [int(v) for v in args.tokens.split(",")]
+    except ValueError:
+        p.error("--tps and --tokens take comma-separated integers")
+    if min(tps + tokens) < 1 or args.reps < 1:
+        p.error("--tps, --tokens and --reps take values >= 1")
+    if not torch.cuda.is_available():
+        print("bench_projections: CUDA is required (no CUDA device found); nothing to benchmark")
+        return 0
+    from bench_ssm_ops import copy_bandwidth
+    from tpssm.bench import git_commit
+    from tpssm.presets import preset_config
+
+    copy_gbs = copy_bandwidth()
+    results = []
+    for preset in args.presets.split(","):
+        config = preset_config(preset, None)
+        for tp in tps:
+            seen = set()
+            for name, n_out, n_in in projections(config, tp):
+                if name == "lm_head" and tp != tps[0]:
+                    continue  # replicated: the same shape at every tp
+                for m in tokens:
+                    key = (n_out, n_in, m)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    r = run(preset, tp, name, n_out, n_in, m, copy_gbs, args.reps)
+                    results.append(r)
+                    print(f"{preset:<16} tp{tp} {name:<9} {n_out:>6} x {n_in:<6} M {m}: "
+                          f"{r['time_us']:8.1f} us {r['gbs']:7.0f} GB/s {r['pct_copy']:5.1f}% "
+                          "of copy", flush=True)
+    below = [r for r in results if r["pct_copy"] < 80.0]
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s; {len(below)} of {len(results)} "
+          "projection timings below 80% of it")
+    if args.json:
+        payload = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                       git_commit=git_commit() or "unknown",
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                           timespec="seconds"),
+                       copy_bandwidth_gbs=copy_gbs, dtype=str(ACT), results=results)
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Kernels of one model step, decode or prefill: which kernels run, how long each takes, and how
+each phase's time shrinks from tp 1 to the tp N rank shards.
+
+Builds a preset with random weights (full depth by default) on one device, at tp 1 or as rank 0's
+shard of tp N (TPContext.local_shard: the shard's compute, no communication), and profiles with
+torch.profiler either `--steps` eager decode steps after a short prefill (`--phase decode`; the
+captured CUDA graph replays the same kernels, and the profiler attributes kernels inside a graph
+unreliably) or `--steps` prefill steps of `--batch` fresh prompts of `--prompt-len` tokens
+(`--phase prefill`). Kernels are grouped by name (launches and microseconds per step) and by
+phase (projections, conv, scan, norms, attention, communication, embedding / head gathers, other
+elementwise work and copies). Each step is also timed unprofiled (CUDA events, median).
+
+`--tp-shards 1,2,4` profiles each shard in turn and prints the per-phase table of tp 1 against
+the shards: time per step and tp 1 / shard (ideal: the tp degree for sharded work, 1 for
+replicated work). That table says what does not shrink with the shard.
+
+    python benchmarks/profile_step.py --preset mamba-2.8b --phase decode --batch 1 --json out.json
+    python benchmarks/profile_step.py --phase prefill --batch 8 --prompt-len 2048 --tp-shards 1,2,4
+
+On a CPU it profiles the CPU ops instead (for a quick look, and for the test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+# (phase, substrings of kernel / op names), first match wins; names are lower-cased.
+PHASES = (
+    ("communication", ("nccl", "qar_", "all_reduce", "allreduce")),
+    ("conv", ("conv1d",)),
+    ("scan", ("selective_scan", "ssd_scan", "state_update")),
+    ("norms", ("rms_norm", "layer_norm")),
+    ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
+    ("projections", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::linear",
+                     "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "splitk")),
+    ("embedding / head gathers", ("embedding", "index_select", "gather", "argmax")),
+)
+OTHER = "other (elementwise, copies)"
+
+
+def phase_of(name: str) -> str:
+    low = name.lower()
+    for phase, keys in PHASES:
+        if any(k in low for k in keys):
+            return phase
+    return OTHER
+
+
+def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: torch.device):
+    from tpssm.models import build_model, load_config
+    from tpssm.parallel import TPContext
+    from tpssm.presets import RandomWeightSource, preset_config
+
+    # A preset name, or a config.json (any registered family) for a model of one's own size.
+    config = load_config(preset) if preset.endswith(".json") else preset_config(preset, num_layers)
+    ctx = TPContext.local_shard(tp_shard, device) if tp_shard > 1 else TPContext(device=device)
+    model = build_model(config, ctx, dtype)
+    with torch.no_grad():
+        model.load_weights(RandomWeightSource(config, seed=0, device=device))
+    return config, model
+
+
+def _median_ms(fn, steps: int, cuda: bool, device) -> float:
+    times = []
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: int = 5,
+            prompt_len: int = 16, dtype: torch.dtype = torch.bfloat16, device=None,
+            phase: str = "decode") -> dict:
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    config, model = _build(preset, num_layers, tp_shard, dtype, device)
+    # Decode appends a token a step: warm-up, the timed steps and the profiled steps.
+    cache = model.allocate_cache(batch, max_seq_len=prompt_len + 2 * steps + 4)
+    slots = torch.tensor(cache.allocate(batch), dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(config.vocab_size, (batch * prompt_len,), generator=g).to(device)
+    qsl = torch.arange(0, batch * prompt_len + 1, prompt_len, dtype=torch.int32, device=device)
+    fresh = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = torch.randint(config.vocab_size, (batch,), generator=g).to(device)
+
+    def prefill():
+        # Fresh prompts every time: the same work per step whatever the slots hold. A hybrid's
+        # KV lengths restart too (the prefill of a fresh sequence resets its slot).
+        model(ids, qsl, slots, fresh, cache)
+
+    def decode():
+        model.decode(tokens, slots, cache)
+
+    step = prefill if phase == "prefill" else decode
+    with torch.no_grad():
+        prefill()
+        step()  # warm-up: kernels loaded, allocator blocks ready, plans built
+        if cuda:
+            torch.cuda.synchronize(device)
+        step_ms = _median_ms(step, steps, cuda, device)
+        activities = [torch.profiler.ProfilerActivity.CUDA if cuda
+                      else torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and (ev.device_type != torch.autograd.DeviceType.CPU
+                         or not ev.name.startswith(("aten::", "tpssm::"))
+                         or ev.cpu_parent is not None):
+            continue  # on the CPU: the top-level ops, standing in for kernels
+        k = kernels[ev.name]
+        k[0] += 1
+        k[1] += (ev.device_time_total if cuda else ev.cpu_time_total)
+    rows = sorted(({"name": n, "phase": phase_of(n), "launches_per_step": c / steps,
+                    "us_per_step": t / steps}
+                   for n, (c, t) in kernels.items()), key=lambda r: -r["us_per_step"])
+    phases: Dict[str, Dict[str, float]] = {}
+    for r in rows:
+        p = phases.setdefault(r["phase"], {"us_per_step": 0.0, "launches_per_step": 0.0})
+        p["us_per_step"] += r["us_per_step"]
+        p["launches_per_step"] += r["launches_per_step"]
+    per_step = sum(r["launches_per_step"] for r in rows)
+    return {"preset": preset, "phase": phase, "num_layers": config.num_hidden_layers,
+            "tp_shard": tp_shard, "batch": batch,
+            "prompt_len": prompt_len if phase == "prefill" else None, "dtype": str(dtype),
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "kind": "cuda kernels" if cuda else "cpu ops",
+            "kernels_per_step": per_step, "kernels_per_layer": per_step / config.num_hidden_layers,
+            "device_us_per_step": sum(r["us_per_step"] for r in rows),
+            "step_ms_median_unprofiled": step_ms, "phases": phases, "kernels": rows}
+
+
+def shard_table(results: List[dict]) -> List[dict]:
+    """Per phase: us per step of each shard and tp 1 / shard (results[0] must be tp 1)."""
+    base = results[0]
+    names = sorted({p for r in results for p in r["phases"]},
+                   key=lambda p: -base["phases"].get(p, {"us_per_step": 0.0})["us_per_step"])
+    table = []
+    for name in names + ["total"]:
+        row = {"phase": name}
+        for r in results:
+            us = (r["device_us_per_step"] if name == "total"
+                  else r["phases"].get(name, {"us_per_step": 0.0})["us_per_step"])
+            row[f"tp{r['tp_shard']}_us"] = us
+            b = row[f"tp{base['tp_shard']}_us"]
+            if r is not base:
+                row[f"speedup_tp{r['tp_shard']}"] = b / us if us > 0 else None
+        table.append(row)
+    return table
+
+
+def _print_one(res: dict) -> None:
+    what = (f"prefill of {res['batch']} x {res['prompt_len']}" if res["phase"] == "prefill"
+            else f"decode batch {res['batch']}")
+    print(f"{res['preset']} ({res['num_layers']} layers) tp shard {res['tp_shard']} {what} on "
+          f"{res['device']}: {res['kernels_per_step']:.0f} {res['kind']} a step, "
+          f"{res['kernels_per_layer']:.1f} a layer, {res['device_us_per_step']:.0f} us a step "
+          f"(profiled), {res['step_ms_median_unprofiled']:.3f} ms a step unprofiled")
+    for r in res["kernels"][:25]:
+        print(f"  {r['us_per_step']:10.1f} us  x{r['launches_per_step']:6.1f}  "
+              f"{r['phase'][:12]:<12}  {r['name'][:80]}")
+
+
+def _print_shards(table: List[dict], shards: List[int]) -> None:
+    head = f"{'phase':<30}" + "".join(f"{f'tp{t} us':>12}" for t in shards) + "".join(
+        f"{f'x tp{t}':>9}" for t in shards[1:])
+    print("\nper-phase device time per step, tp 1 against the rank shards (ideal x = tp for "
+          "sharded work, x1 for replicated work):")
+    print(head)
+    for row in table:
+        line = f"{row['phase']:<30}" + "".join(f"{row[f'tp{t}_us']:12.1f}" for t in shards)
+        for t in shards[1:]:
+            s = row.get(f"speedup_tp{t}")
+            line += f"{s:9.2f}" if s else f"{'-':>9}"
+        print(line)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mamba-2.8b",
+                   help="model preset, or a config.json path (default mamba-2.8b)")
+    p.add_argument("--phase", default="decode", choices=("decode", "prefill"),
+                   help="which step to profile (default decode)")
+    p.add_argument("--num-layers", type=int, default=None, help="layers (default: all)")
+    p.add_argument("--batch", type=int, default=1, help="requests in the step (default 1)")
+    p.add_argument("--prompt-len", type=int, default=16,
+                   help="tokens per request of the prefill (default 16)")
+    p.add_argument("--tp-shard", type=int, default=1,
+                   help="profile rank 0's shard of this tp degree (default 1: the whole model)")
+    p.add_argument("--tp-shards", default="",
+                   help="comma-separated tp degrees starting with 1 (e.g. 1,2,4): profile each "
+                        "shard and print the per-phase comparison (overrides --tp-shard)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (default 5)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="weights and activations (default bfloat16)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "steps", "tp_shard"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        shards = [int(v) for v in args.tp_shards.split(",") if v.strip()] or [args.tp_shard]
+    except ValueError:
+        p.error(f"--tp-shards must be comma-separated integers, got {args.tp_shards!r}")
+    if args.tp_shards and (shards[0] != 1 or any(t < 1 for t in shards)):
+        p.error(f"--tp-shards must start with 1 and hold degrees >= 1, got {args.tp_shards!r}")
+    results = []
+    for tp in shards:
+        res = profile(args.preset, args.batch, tp, args.num_layers, args.steps,
+                      prompt_len=args.prompt_len, dtype=getattr(torch, args.dtype),
+                      device=args.device, phase=args.phase)
+        _print_one(res)
+        results.append(res)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out: dict = results[0]
+    if len(results) > 1:
+        table = shard_table(results)
+        _print_shards(table, shards)
+        out = {"phase": args.phase, "preset": args.preset, "shards": results,
+               "per_phase": table}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

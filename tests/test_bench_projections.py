@@ -1,0 +1,58 @@
+"""benchmarks/bench_projections.py's shapes are the shapes the models' rank shards hold (tiny
+configs of each family at tp 1 / 2 / 3, rank 0 of an uneven split included); the script exits 0
+without a GPU and rejects bad arguments."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpssm.models import build_model, parse_config
+from tpssm.parallel import TPContext
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "mamba": dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=100,
+                  hidden_size=48, num_hidden_layers=1, state_size=8, expand=2, conv_kernel=4),
+    "falcon_mamba": dict(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba",
+                         vocab_size=100, hidden_size=48, num_hidden_layers=1, state_size=8,
+                         expand=2, conv_kernel=4),
+    "mamba2": dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", vocab_size=100,
+                   hidden_size=64, num_hidden_layers=1, state_size=8, expand=2, head_dim=16,
+                   num_heads=8, n_groups=2, conv_kernel=4),
+}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_projections",
+                                                  ROOT / "benchmarks" / "bench_projections.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_shapes_are_the_rank_shards(family, tp):
+    config = parse_config(CONFIGS[family])
+    model = build_model(config, TPContext.local_shard(tp) if tp > 1 else TPContext(),
+                        torch.float32)
+    mixer = model.layers[0].mixer
+    held = {"in_proj": mixer.in_proj.weight.shape, "out_proj": mixer.out_proj.weight.shape,
+            "lm_head": model.lm_head.shape}
+    if family != "mamba2":
+        held["x_proj"] = mixer.x_proj.weight.shape
+        held["dt_proj"] = mixer.dt_proj_weight.shape
+    listed = {name: (n_out, n_in) for name, n_out, n_in in _script().projections(config, tp)}
+    assert listed == {k: tuple(v) for k, v in held.items()}
+
+
+def test_cli(capsys):
+    mod = _script()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--tokens", "0"])
+    assert e.value.code == 2
+    if not torch.cuda.is_available():
+        assert mod.main(["--presets", "mamba-2.8b"]) == 0
+        assert "CUDA is required" in capsys.readouterr().out

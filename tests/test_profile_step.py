@@ -1,0 +1,90 @@
+"""benchmarks/profile_step.py end to end on the CPU (its GPU run lists CUDA kernels instead of
+CPU ops): a tiny Mamba and a tiny Zamba2, decode and prefill, JSON fields, the per-layer count,
+the phase grouping and the tp 1 / shard comparison."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MAMBA = dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=128,
+             hidden_size=64, num_hidden_layers=3, state_size=16, expand=2, conv_kernel=4)
+ZAMBA2 = dict(architectures=["Zamba2ForCausalLM"], model_type="zamba2", vocab_size=128,
+              hidden_size=64, num_hidden_layers=3, num_attention_heads=4, n_mamba_heads=8,
+              mamba_d_state=16, intermediate_size=96, adapter_rank=4,
+              layers_block_type=["mamba", "hybrid", "mamba"])
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("profile_step",
+                                                  ROOT / "benchmarks" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp_path, config, *extra):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config))
+    out = tmp_path / "profile.json"
+    assert _script().main(["--preset", str(cfg), "--batch", "2", "--steps", "2", "--dtype",
+                           "float32", "--device", "cpu", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _one_per_layer(res, op):
+    row = next(r for r in res["kernels"] if r["name"] == op)
+    assert row["launches_per_step"] == 3, row  # one per layer
+
+
+@pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
+def test_profile_decode_counts_a_steps_ops(tmp_path, config):
+    res = _run(tmp_path, config)
+    assert res["num_layers"] == 3 and res["kind"] == "cpu ops" and res["phase"] == "decode"
+    _one_per_layer(res, "tpssm::selective_state_update")
+    _one_per_layer(res, "tpssm::causal_conv1d_update")
+    assert res["kernels_per_layer"] == pytest.approx(res["kernels_per_step"] / 3)
+    assert res["kernels_per_step"] == pytest.approx(sum(r["launches_per_step"]
+                                                        for r in res["kernels"]))
+    # The phases partition the kernels.
+    assert sum(p["launches_per_step"] for p in res["phases"].values()) == pytest.approx(
+        res["kernels_per_step"])
+    assert res["phases"]["scan"]["launches_per_step"] == 3
+    assert res["phases"]["conv"]["launches_per_step"] == 3
+    assert torch.isfinite(torch.tensor(res["device_us_per_step"]))
+    assert res["step_ms_median_unprofiled"] > 0
+
+
+@pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
+def test_profile_prefill_and_shard_comparison(tmp_path, config):
+    res = _run(tmp_path, config, "--phase", "prefill", "--prompt-len", "7", "--tp-shards", "1,2")
+    assert [r["tp_shard"] for r in res["shards"]] == [1, 2]
+    for r in res["shards"]:
+        assert r["phase"] == "prefill" and r["prompt_len"] == 7
+        _one_per_layer(r, "tpssm::selective_scan")
+        _one_per_layer(r, "tpssm::causal_conv1d")
+    table = {row["phase"]: row for row in res["per_phase"]}
+    assert {"scan", "conv", "projections", "total"} <= set(table)
+    total = table["total"]
+    assert total["tp1_us"] == pytest.approx(res["shards"][0]["device_us_per_step"])
+    assert total["speedup_tp2"] == pytest.approx(total["tp1_us"] / total["tp2_us"])
+
+
+def test_phase_names():
+    mod = _script()
+    assert mod.phase_of("void tpssm::ssd_scan_kernel<...>") == "scan"
+    assert mod.phase_of("nvjet_tst_128x64_64x8_1x1_v_bz_TNT") == "projections"
+    assert mod.phase_of("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert mod.phase_of("gated_rms_norm_kernel<__nv_bfloat16>") == "norms"
+    assert mod.phase_of("void at::native::vectorized_elementwise_kernel<4, ...>") == mod.OTHER
+
+
+def test_bad_arguments_exit_2(capsys):
+    mod = _script()
+    for argv in (["--tp-shards", "2,4"], ["--batch", "0"], ["--tp-shards", "1,x"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
