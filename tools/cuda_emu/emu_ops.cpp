@@ -13,6 +13,7 @@ thread_local EmuBlock* emu_block = nullptr;
 std::mutex emu_err_mutex;
 std::string emu_error;
 int emu_sm_count = 132;
+int emu_max_grid_y = 65535;
 
 using tpssm::OptTensor;
 
@@ -70,6 +71,7 @@ void add_rms_norm(const at::Tensor& x, const OptTensor& residual, const at::Tens
   tpssm::run_add_rms_norm(p, nullptr);
 }
 void set_sm_count(int n) { emu_sm_count = n; }
+void set_max_grid_y(int n) { emu_max_grid_y = n; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d", &causal_conv1d);
@@ -78,4 +80,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_state_update", &selective_state_update);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("set_sm_count", &set_sm_count);
+  m.def("set_max_grid_y", &set_max_grid_y);
 }
