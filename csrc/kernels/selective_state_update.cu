@@ -43,6 +43,10 @@ struct StateUpdateTraits {
   // 4, each with its A row (another 16 B, from L2): 64 B of state per thread, 128 channels per
   // block at dstate 16 fp32. Derived from the register budget; the counts are not yet measured.
   static constexpr int kRows = kHeadTile ? 8 : 4;
+  // Occupancy floor: at most 128 registers a thread, 4 blocks (16 warps) an SM. Unbounded, ptxas
+  // takes 130-190 registers for load-ahead scheduling and leaves 2-3 blocks an SM. Not yet
+  // measured.
+  static constexpr int kMinBlocks = 4;
 
   static_assert(kVec == 1 || kVec * sizeof(state_t) == 16, "kVec must fill 16 bytes or be 1");
   static_assert(kVec == 1 || kVec % 4 == 0, "a vector chunk's A row is whole 16-byte fp32 loads");
@@ -76,9 +80,10 @@ __device__ __forceinline__ float head_dt(const SelectiveStateUpdateParams& p,
   return dt;
 }
 
+// B and C of group g at state n0; C zeroed on lanes past dstate, whose products must add nothing.
 template <typename input_t, int kV>
 __device__ __forceinline__ void load_bc(const SelectiveStateUpdateParams& p, int b, int g, int n0,
-                                        float (&Bv)[kV], float (&Cv)[kV]) {
+                                        bool active, float (&Bv)[kV], float (&Cv)[kV]) {
   const input_t* Bg = static_cast<const input_t*>(p.B) + b * p.B_batch_stride +
                       g * p.B_group_stride + n0;
   const input_t* Cg = static_cast<const input_t*>(p.C) + b * p.C_batch_stride +
@@ -86,13 +91,13 @@ __device__ __forceinline__ void load_bc(const SelectiveStateUpdateParams& p, int
 #pragma unroll
   for (int i = 0; i < kV; ++i) {
     Bv[i] = to_float(Bg[i]);
-    Cv[i] = to_float(Cg[i]);
+    Cv[i] = active ? to_float(Cg[i]) : 0.f;
   }
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(Traits::kThreads) void selective_state_update_kernel(
-    SelectiveStateUpdateParams p, StateUpdateShape sh) {
+__global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void
+selective_state_update_kernel(SelectiveStateUpdateParams p, StateUpdateShape sh) {
   using input_t = typename Traits::input_t;
   using state_t = typename Traits::state_t;
   constexpr int kV = Traits::kVec;
@@ -108,37 +113,42 @@ __global__ __launch_bounds__(Traits::kThreads) void selective_state_update_kerne
   const int rows_per_block = Traits::kWarps * rows_per_warp;
   // The thread's row r has index first + r * rows_per_step (the headdim index for head tiles, the
   // row of the batch row for flat tiles): a warp's step covers rows_per_step adjacent rows,
-  // G * 16 contiguous bytes each.
+  // G * 16 contiguous bytes each. Rows past the end stand in for the tile's first row (which
+  // exists): every load stays in bounds without a branch, and only their stores and outputs are
+  // skipped.
   int head = 0;  // head tiles: the block's head
-  int first;
+  int tile_first;
   if constexpr (kHeadTile) {
     head = blockIdx.x / sh.tiles_per_head;
-    first = (blockIdx.x - head * sh.tiles_per_head) * rows_per_block;
+    tile_first = (blockIdx.x - head * sh.tiles_per_head) * rows_per_block;
   } else {
-    first = blockIdx.x * rows_per_block;
+    tile_first = blockIdx.x * rows_per_block;
   }
-  first += (threadIdx.x >> 5) * rows_per_warp + (lane >> sh.log2_lanes);
+  const int first = tile_first + (threadIdx.x >> 5) * rows_per_warp + (lane >> sh.log2_lanes);
   const int end = kHeadTile ? sh.headdim : sh.rows;
   auto valid = [&](int r) { return first + r * rows_per_step < end; };
+  auto index_of = [&](int r) { return valid(r) ? first + r * rows_per_step : tile_first; };
   auto head_of = [&](int r) {
     if constexpr (kHeadTile) {
       return head;
     } else {
-      const int idx = first + r * rows_per_step;
+      const int idx = index_of(r);
       return sh.headdim == 1 ? idx : idx / sh.headdim;
     }
   };
   auto chan_of = [&](int r) {  // channel in x, z, out
-    return kHeadTile ? head * sh.headdim + first + r * rows_per_step : first + r * rows_per_step;
+    return kHeadTile ? head * sh.headdim + index_of(r) : index_of(r);
   };
-  auto offset_of = [&](int r) {  // in-slot state offset
+  auto offset_of = [&](int r) {  // in-slot state offset of the row
     const int h = head_of(r);
     return h * sh.head_stride + (chan_of(r) - h * sh.headdim) * sh.dim_stride;
   };
   auto group_of = [&](int h) { return sh.ngroups == 1 ? 0 : h / sh.heads_per_group; };
-  // With G >= kR, lane j (< kR) computes row j's dt and writes row j's output: one softplus and
-  // one output per lane. Otherwise (dstate of at most a few chunks) every lane does all its rows.
-  const bool spread = G >= kR;
+  // With G >= kR (always for head tiles: the launcher's rule), lane j < kR computes row j's dt
+  // and writes row j's output: one softplus and one output per lane. Otherwise (flat tiles with
+  // dstate of one or two chunks) every lane computes all its rows' dt, and lane j writes the rows
+  // r with r % G == j.
+  const bool spread = kHeadTile || G >= kR;
   const int mine = j < kR ? j : 0;
   const bool writes_mine = spread && j < kR && valid(mine);
 
@@ -157,62 +167,57 @@ __global__ __launch_bounds__(Traits::kThreads) void selective_state_update_kerne
     const input_t* dt_b = static_cast<const input_t*>(p.dt) + b * p.dt_batch_stride;
     const input_t* z_b = p.z ? static_cast<const input_t*>(p.z) + b * p.z_batch_stride : nullptr;
 
-    float xv[kR];
+    // x of every row (flat tiles), or of the lane's own row, shuffled to the others when used
+    // (head tiles: 8 rows, 7 registers fewer).
+    float xv[kHeadTile ? 1 : kR];
+    if constexpr (kHeadTile) {
+      xv[0] = to_float(x_b[chan_of(mine)]);
+    } else {
 #pragma unroll
-    for (int r = 0; r < kR; ++r) xv[r] = valid(r) ? to_float(x_b[chan_of(r)]) : 0.f;
+      for (int r = 0; r < kR; ++r) xv[r] = to_float(x_b[chan_of(r)]);
+    }
     // The epilogue inputs of the lane's own row, loaded now: after the stores they would cost a
     // second memory round trip.
     float z_mine = 0.f, D_mine = 0.f;
-    if (writes_mine) {
+    if (spread) {
       if (z_b) z_mine = to_float(z_b[chan_of(mine)]);
       if (p.D) D_mine = p.D[head_of(mine)];
     }
 
-    float y[kR], dt[kR];
+    float y[kR], dt[kHeadTile ? 1 : kR];  // head tiles: one dt for all rows
     float dA_head = 0.f;
 #pragma unroll
     for (int r = 0; r < kR; ++r) y[r] = 0.f;
     // One pass for dstate <= 32 * kVec (every model shape); more passes for larger dstate.
 #pragma unroll 1
     for (int c0 = 0; c0 < sh.num_chunks; c0 += G) {
-      const int n0 = (c0 + j) * kV;
+      // Lanes past dstate read chunk 0 and add nothing (their C is zero).
       const bool active = c0 + j < sh.num_chunks;
-
-      // Rows past the end (a tile's tail) load and compute row 0's values and store nothing:
-      // branch-free loads let all of them issue back to back.
-      const bool any = active && valid(0);
-      auto clamp = [&](int r) { return valid(r) ? r : 0; };
+      const int n0 = active ? (c0 + j) * kV : 0;
       Pack<state_t, kV> raw[kR];
-      if (any) {
 #pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          raw[r] = load_pack<state_t, kV>(s_src + offset_of(clamp(r)) + n0);
-        }
-      }
+      for (int r = 0; r < kR; ++r) raw[r] = load_pack<state_t, kV>(s_src + offset_of(r) + n0);
 
       // dt once per row, on the first pass, after its state loads are issued.
       if (c0 == 0) {
         if constexpr (kHeadTile) {
-          const float d = head_dt(p, dt_b, head);
-#pragma unroll
-          for (int r = 0; r < kR; ++r) dt[r] = d;
-          dA_head = exp2f(d * (p.A[head * p.A_head_stride] * kLog2e));
+          dt[0] = head_dt(p, dt_b, head);
+          dA_head = exp2f(dt[0] * (p.A[head * p.A_head_stride] * kLog2e));
         } else if (spread) {
-          const float own = writes_mine ? head_dt(p, dt_b, head_of(mine)) : 0.f;
+          const float own = head_dt(p, dt_b, head_of(mine));
 #pragma unroll
           for (int r = 0; r < kR; ++r) dt[r] = __shfl_sync(kFull, own, r, G);
         } else {
 #pragma unroll
-          for (int r = 0; r < kR; ++r) dt[r] = valid(r) ? head_dt(p, dt_b, head_of(r)) : 0.f;
+          for (int r = 0; r < kR; ++r) dt[r] = head_dt(p, dt_b, head_of(r));
         }
       }
-      if (!any) continue;
 
       float a[kHeadTile ? 1 : kR][kV];
       if constexpr (!kHeadTile) {
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
-          const float* A_row = p.A + head_of(clamp(r)) * p.A_head_stride;
+          const float* A_row = p.A + head_of(r) * p.A_head_stride;
           bool done = false;
           if constexpr (kV % 4 == 0) {
             if (sh.a_vec) {
@@ -235,32 +240,33 @@ __global__ __launch_bounds__(Traits::kThreads) void selective_state_update_kerne
       // Row 0's group is every row's in head tiles, and in flat tiles but past a group boundary.
       float Bv[kV], Cv[kV];
       int g_loaded = group_of(head_of(0));
-      load_bc<input_t, kV>(p, b, g_loaded, n0, Bv, Cv);
+      load_bc<input_t, kV>(p, b, g_loaded, n0, active, Bv, Cv);
 
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        float dA[kV];
+        float dA[kV], dtx;
         if constexpr (kHeadTile) {
 #pragma unroll
           for (int i = 0; i < kV; ++i) dA[i] = dA_head;
+          dtx = dt[0] * __shfl_sync(kFull, xv[0], r, G);
         } else {
-          const int g = group_of(head_of(clamp(r)));
+          const int g = group_of(head_of(r));
           if (g != g_loaded) {
-            load_bc<input_t, kV>(p, b, g, n0, Bv, Cv);
+            load_bc<input_t, kV>(p, b, g, n0, active, Bv, Cv);
             g_loaded = g;
           }
           const float dt_log2e = dt[r] * kLog2e;
 #pragma unroll
           for (int i = 0; i < kV; ++i) dA[i] = exp2f(a[r][i] * dt_log2e);
+          dtx = dt[r] * xv[r];
         }
-        const float dtx = dt[r] * xv[r];
         float s[kV];
 #pragma unroll
         for (int i = 0; i < kV; ++i) {
           s[i] = fmaf(to_float(raw[r].elems[i]), dA[i], dtx * Bv[i]);
           y[r] = fmaf(s[i], Cv[i], y[r]);
         }
-        if (valid(r)) store_vec<state_t, kV>(s_dst + offset_of(r) + n0, s);
+        if (active && valid(r)) store_vec<state_t, kV>(s_dst + offset_of(r) + n0, s);
       }
     }
 
@@ -276,14 +282,14 @@ __global__ __launch_bounds__(Traits::kThreads) void selective_state_update_kerne
         for (int r = 1; r < kR; ++r) {
           if (r == mine) {
             v = y[r];
-            x_mine = xv[r];
+            if constexpr (!kHeadTile) x_mine = xv[r];
           }
         }
         if (p.D) v = fmaf(D_mine, x_mine, v);
         if (z_b) v *= silu(z_mine);
         out_b[chan_of(mine)] = from_float<input_t>(v);
       }
-    } else {
+    } else if constexpr (!kHeadTile) {
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
         if (!valid(r) || (r & (G - 1)) != j) continue;
@@ -375,8 +381,10 @@ void launch_state_update(const SelectiveStateUpdateParams& p, cudaStream_t strea
   }
   using HeadTraits = StateUpdateTraits<input_t, state_t, kVecFull, true>;
   const int head_rows_per_block = HeadTraits::kWarps * HeadTraits::kRows * (32 >> sh.log2_lanes);
-  // Head tiles when at least half of a block's rows are used; flat tiles otherwise.
-  if (!p.a_is_per_state && 2 * p.headdim >= head_rows_per_block) {
+  // Head tiles when at least half of a block's rows are used and a row has at least kRows lanes
+  // (each lane then writes one output); flat tiles otherwise.
+  if (!p.a_is_per_state && 2 * p.headdim >= head_rows_per_block &&
+      (1 << sh.log2_lanes) >= HeadTraits::kRows) {
     launch_state_update_with<HeadTraits>(p, sh, stream);
   } else {
     launch_state_update_with<StateUpdateTraits<input_t, state_t, kVecFull, false>>(p, sh,
