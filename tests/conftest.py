@@ -231,12 +231,15 @@ def scan_inputs(dtype=torch.float32, form="mamba2", nheads=6, headdim=3, ngroups
 def ssu_inputs(dtype=torch.float32, form="mamba2", batch=3, nheads=4, headdim=3, ngroups=2,
                dstate=8, num_slots=6, src=(2, 0, 4), dst=None, D=True, z=True, dt_bias=True,
                dt_softplus=True, state_dtype=torch.float32, x3d=False, group_dim=True,
-               strided=False) -> Dict:
-    """kwargs of ops.selective_state_update."""
+               strided=False, a_per_state=False) -> Dict:
+    """kwargs of ops.selective_state_update. a_per_state: the Mamba2 form with an A per head and
+    state, (nheads, dstate), as Mamba1's A with headdim > 1."""
     if form == "mamba1":
         headdim = 1
     dim = nheads * headdim
     A, Dv, db = _ssm_params(form, nheads, dstate)
+    if a_per_state:
+        A = _ssm_params("mamba1", nheads, dstate)[0]
 
     def act(channels, **kw):
         return _tokens((batch,), channels, dtype, strided, **kw)

@@ -445,8 +445,44 @@ SSU_EXTRA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,params", SSU_CASES + SSU_EXTRA_CASES,
-                         ids=_ids(SSU_CASES + SSU_EXTRA_CASES))
+# Tile boundaries of the kernel (selective_state_update.cu): flat tiles of 128 Mamba-1 channels
+# (fp32 state: 4 lanes a channel, 4 channels a thread; 16-bit state: 2 lanes, so lanes write
+# several outputs each), head tiles of 32 (fp32, dstate 128) or 64 rows of one head, several
+# passes over dstate past 32 chunks, the scalar path when dstate is not a multiple of the
+# vector width, B / C groups changing inside a thread's rows (Zamba's Mamba-1 form with ngroups
+# > 1), and padded rows and distinct write slots next to valid rows.
+M1 = dict(form="mamba1", dstate=16, ngroups=1, group_dim=False)
+M1_PAD = dict(batch=5, num_slots=8, src=(2, -1, 0, 7, 4), dst=(1, 3, -1, 5, 6))
+SSU_TILE_CASES = [
+    ("m1_dim37", dict(M1, nheads=37)),
+    ("m1_dim130_bf16_padded", dict(M1, nheads=130, dtype=bf16, **M1_PAD)),
+    ("m1_dim130_f16_state", dict(M1, nheads=130, dtype=f16, state_dtype=f16)),
+    ("m1_dim130_bf16_state_padded", dict(M1, nheads=130, dtype=bf16, state_dtype=bf16,
+                                         **M1_PAD)),
+    ("m1_ngroups5", dict(M1, nheads=130, ngroups=5, group_dim=True)),
+    ("m1_group_per_channel", dict(M1, nheads=40, ngroups=40, group_dim=True, dtype=bf16)),
+    ("m1_scalar_n18", dict(M1, nheads=37, dstate=18)),
+    ("m1_no_optional", dict(M1, nheads=130, D=False, z=False, dt_bias=False,
+                            dt_softplus=False)),
+    ("m1_strided", dict(M1, nheads=130, strided=True, dtype=f16)),
+    ("m2_p64_n128", dict(nheads=3, headdim=64, dstate=128, ngroups=3)),
+    ("m2_p64_n128_bf16_state", dict(nheads=2, headdim=64, dstate=128, ngroups=1, dtype=bf16,
+                                    state_dtype=bf16, src=(2, -1, 4), dst=(1, 0, 3))),
+    ("m2_p50_n128_f16", dict(nheads=4, headdim=50, dstate=128, ngroups=2, dtype=f16)),
+    ("m2_p37_n64_padded", dict(nheads=2, headdim=37, dstate=64, ngroups=1, **M1_PAD)),
+    ("m2_p18_n64_flat", dict(nheads=2, headdim=18, dstate=64, ngroups=2, x3d=True)),
+    ("m2_n256_two_passes", dict(nheads=2, headdim=16, dstate=256, ngroups=1, dst=(1, 3, 5))),
+    ("m2_scalar_n18", dict(nheads=3, headdim=6, dstate=18, ngroups=1, dtype=bf16)),
+    ("m2_no_optional", dict(nheads=2, headdim=64, dstate=128, ngroups=2, D=False, z=False,
+                            dt_bias=False, dt_softplus=False)),
+    ("m2_a_per_state_p4", dict(nheads=6, headdim=4, dstate=16, ngroups=2, a_per_state=True)),
+    ("m2_a_per_state_p64_f16_state", dict(nheads=2, headdim=64, dstate=16, ngroups=1,
+                                          a_per_state=True, dtype=f16, state_dtype=f16)),
+]
+SSU_CUDA_CASES = SSU_CASES + SSU_EXTRA_CASES + SSU_TILE_CASES
+
+
+@pytest.mark.parametrize("name,params", SSU_CUDA_CASES, ids=_ids(SSU_CUDA_CASES))
 def test_selective_state_update_cuda(name, params):
     kw = ssu_inputs(**params)
     kw_gpu, before = check_op(ops.selective_state_update, kw, ("out", "ssm_state"),
@@ -462,6 +498,33 @@ def test_selective_state_update_cuda(name, params):
     written = [(dst if dst is not None else src or list(rows))[b] for b in rows
                if b not in padded]
     assert_slots_untouched(kw_gpu["ssm_state"].cpu(), before["ssm_state"], written)
+
+
+def test_selective_state_update_cuda_strided_A():
+    """A (dim, dstate) as a transposed view: the 16-byte state path with element-wise A loads."""
+    kw = ssu_inputs(**dict(M1, nheads=37))
+    kw["A"] = kw["A"].t().contiguous().t()
+    check_op(ops.selective_state_update, kw, ("out", "ssm_state"), torch.float32)
+
+
+@pytest.mark.parametrize("form", ["mamba1", "mamba2"])
+def test_selective_state_update_cuda_batch_beyond_grid_y(form):
+    """Batches beyond the device's gridDim.y limit: blocks loop over batch rows. Emulator only,
+    where the limit can be lowered (65535 on real devices)."""
+    emu = ops._ops
+    if not hasattr(emu, "set_max_grid_y"):
+        pytest.skip("needs the emulator's adjustable grid limit")
+    params = dict(M1, nheads=130) if form == "mamba1" else dict(nheads=2, headdim=64,
+                                                                 dstate=128, ngroups=1)
+    kw = ssu_inputs(dtype=bf16, **M1_PAD, **params)
+    emu.set_max_grid_y(2)
+    try:
+        kw_gpu, before = check_op(ops.selective_state_update, kw, ("out", "ssm_state"), bf16)
+    finally:
+        emu.set_max_grid_y(65535)
+    out = kw_gpu["out"].cpu()
+    assert (out[1] == SENTINEL).all() and (out[2] == SENTINEL).all()
+    assert_slots_untouched(kw_gpu["ssm_state"].cpu(), before["ssm_state"], (1, 5, 6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,14 +860,24 @@ def test_selective_scan_cuda_bad_slot_is_padding(plan, params, split, bad_name, 
     assert (kw_gpu["out"].cpu()[3:5] == SENTINEL).all()
 
 
+SSU_BAD_SLOT_SHAPES = [
+    ("base", {}),
+    ("mamba1_dim130", dict(M1, nheads=130, dtype=bf16)),
+    ("mamba2_p64_n128", dict(nheads=2, headdim=64, dstate=128, ngroups=1)),
+]
+
+
 @pytest.mark.usefixtures("_device_index_checks_only")
 @pytest.mark.parametrize("bad_name,bad", BAD_SLOTS, ids=[n for n, _ in BAD_SLOTS])
 @pytest.mark.parametrize("index_name", ["state_batch_indices", "dst_state_batch_indices"])
-def test_selective_state_update_cuda_bad_slot_is_padding(index_name, bad_name, bad):
-    kw = ssu_inputs(dst=(1, 3, 5))
-    kw_gpu = _check_bad_slot(ops.selective_state_update, kw, index_name, 0, bad, 6,
+@pytest.mark.parametrize("shape,params", SSU_BAD_SLOT_SHAPES, ids=_ids(SSU_BAD_SLOT_SHAPES))
+def test_selective_state_update_cuda_bad_slot_is_padding(shape, params, index_name, bad_name,
+                                                         bad):
+    """The bad row in the middle of the batch: its neighbours on both sides are updated."""
+    kw = ssu_inputs(dst=(1, 3, 5), **params)
+    kw_gpu = _check_bad_slot(ops.selective_state_update, kw, index_name, 1, bad, 6,
                                 ("out", "ssm_state"), kw["x"].dtype)
-    assert (kw_gpu["out"].cpu()[0] == SENTINEL).all()
+    assert (kw_gpu["out"].cpu()[1] == SENTINEL).all()
 
 
 def _check_malformed_qsl(op, kw, qsl, packed, states_name, dtype):

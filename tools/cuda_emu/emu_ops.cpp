@@ -13,6 +13,7 @@ thread_local EmuBlock* emu_block = nullptr;
 std::mutex emu_err_mutex;
 std::string emu_error;
 int emu_sm_count = 132;
+int emu_max_grid_y = 65535;
 
 using tpssm::OptTensor;
 
@@ -84,6 +85,7 @@ void gated_sum_squares(const at::Tensor& x, const OptTensor& z, int64_t group_si
   tpssm::run_gated_sum_squares(p, nullptr);
 }
 void set_sm_count(int n) { emu_sm_count = n; }
+void set_max_grid_y(int n) { emu_max_grid_y = n; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d", &causal_conv1d);
@@ -94,4 +96,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_rms_norm", &gated_rms_norm);
   m.def("gated_sum_squares", &gated_sum_squares);
   m.def("set_sm_count", &set_sm_count);
+  m.def("set_max_grid_y", &set_max_grid_y);
 }

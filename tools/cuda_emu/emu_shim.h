@@ -77,6 +77,7 @@ extern thread_local EmuBlock* emu_block;
 extern std::mutex emu_err_mutex;
 extern std::string emu_error;
 extern int emu_sm_count;
+extern int emu_max_grid_y;  // gridDim.y limit (65535; tests lower it to make launchers loop)
 
 inline void emu_fail(const std::string& what) {
   std::lock_guard<std::mutex> l(emu_err_mutex);
@@ -197,7 +198,7 @@ inline uint4& emu_st16(T* p) {
 template <typename... KArgs, typename... Args>
 void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                 Args&&... args) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > static_cast<unsigned>(emu_max_grid_y) ||
       grid.z > 65535 || block.x * block.y * block.z > 1024) {
     throw std::runtime_error("emu: invalid launch configuration");
   }
@@ -242,6 +243,7 @@ inline int emu_device_attribute(cudaDeviceAttr a) {
     case cudaDevAttrMultiProcessorCount: return emu_sm_count;
     case cudaDevAttrComputeCapabilityMajor: return 9;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: return 227 * 1024;
+    case cudaDevAttrMaxGridDimY: return emu_max_grid_y;
     default: emu_fail("emu: device attribute not emulated"); return 0;
   }
 }
