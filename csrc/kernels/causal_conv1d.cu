@@ -28,6 +28,26 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Prefill
 
+// One sequence's part of a tile, for the compute phase: token rows [lo, hi) of the tile (0 =
+// its first token), how many of the window's width-1 earlier inputs lie inside the sequence
+// (the halo rows before lo), and where the slot's state starts (-1: zeros before the sequence).
+struct alignas(16) ConvSegment {
+  int16_t lo, hi;
+  int32_t avail;
+  int64_t state_off;
+};
+static_assert(sizeof(ConvSegment) == 16, "one 16-byte shared-memory load per segment");
+
+// The per-tile tables in static shared memory, next to the tile.
+template <int kRows, int kTokens>
+struct ConvTileTables {
+  int64_t x_off[kRows];        // element offset of tile row r in x; -1: before token 0
+  int64_t out_off[kTokens];    // element offset of token row r (tile row r + width-1) in out
+  ConvSegment segs[kTokens];   // the segments of the tile, in token order
+  uint64_t store_mask;         // bit r: token row r belongs to a segment (is stored)
+  int num_segs;
+};
+
 template <typename input_t_, int kWidth_, int kVec_>
 struct ConvTileTraits {
   using input_t = input_t_;
@@ -45,14 +65,18 @@ struct ConvTileTraits {
   // ~20-30 KB per SM that Little's law asks of HBM3 (bandwidth x latency / SMs, derived). The
   // halo re-read costs (width-1)/kTileTokens of the input, mostly L2 hits. Tile size not yet
   // measured against 32 / 128 tokens.
-  static constexpr int kTileTokens = 16 * 1024 / (kTileChannels * static_cast<int>(sizeof(input_t)));
+  static constexpr int kTileTokens =
+      16 * 1024 / (kTileChannels * static_cast<int>(sizeof(input_t)));
   static constexpr int kTileRows = kTileTokens + kWidth - 1;
   static constexpr int kChunksPerRow = kTileChannels / kVec;
-  static constexpr int kRowStep = kThreads / kChunksPerRow;  // rows one pass of 16-byte accesses covers
+  // Rows that one pass of 16-byte accesses by the block covers.
+  static constexpr int kRowStep = kThreads / kChunksPerRow;
   static constexpr int kTileBytes = kTileRows * kTileChannels * static_cast<int>(sizeof(input_t));
-  // Blocks per SM the shared memory allows on sm_90 (228 KB, 1 KB reserved per block, ~1 KB of
-  // row tables): the register cap that keeps them all resident.
-  static constexpr int kMinBlocksPerSm = 11;
+  using Tables = ConvTileTables<kTileRows, kTileTokens>;
+  // Blocks per SM that shared memory allows on sm_90 (228 KB per SM, 1 KB reserved per block):
+  // the register cap (65536 / (11 * 128) -> 40 per thread) that keeps them all resident. fp32
+  // takes 10 (48 registers): its IEEE division in silu spills under a cap of 40 (ptxas, sm_90).
+  static constexpr int kMinBlocksPerSm = sizeof(input_t) == 4 ? 10 : 11;
   static_assert(kWidth >= 2 && kWidth <= 4, "conv width must be 2..4");
   static_assert(kVec == 1 || kVec * sizeof(input_t) == 16, "kVec must fill 16 bytes or be 1");
   static_assert(kThreads % 32 == 0, "whole warps");
@@ -62,7 +86,8 @@ struct ConvTileTraits {
   static_assert(kTileRows <= kThreads, "one thread per tile row builds the row table");
   static_assert(kTileChannels * sizeof(input_t) % 16 == 0, "tile rows stay 16-byte aligned");
   static_assert(kTileBytes <= 48 * 1024, "no opt-in shared-memory limit needed");
-  static_assert(kMinBlocksPerSm * (kTileBytes + 2048) <= 228 * 1024,
+  static_assert(kMinBlocksPerSm * kThreads <= 1536, "resident threads per SM (sm_86: 1536)");
+  static_assert(kMinBlocksPerSm * (kTileBytes + sizeof(Tables) + 1024) <= 228 * 1024,
                 "the register cap does not ask for more blocks than shared memory holds");
 };
 
@@ -80,6 +105,43 @@ __device__ __forceinline__ int64_t dense_row_of(int64_t flat, int64_t seqlen, bo
                  : flat / seqlen;
 }
 
+// The segments of the sequences that tile [t0, t0 + num_tokens) meets, in order, skipping
+// empty ones and padded rows (slot == pad_slot_id, or out of range when there are states: an
+// out-of-range slot cannot be validated without a host sync, so the row is skipped rather than
+// touch memory outside the pool). `window` = width - 1. Returns the count; bit r of *store_mask
+// marks the token rows that are computed and stored. Well-formed sequences are disjoint, so
+// there are at most max_segments (= the tile's tokens); overlapping malformed ones are cut off
+// there (their results are unspecified, their accesses in bounds).
+__device__ int build_segments(const CausalConv1dParams& p, const ConvTilePlan& plan, int64_t t0,
+                              int num_tokens, int window, ConvSegment* segs, int max_segments,
+                              uint64_t* store_mask) {
+  const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
+  const int64_t t1 = t0 + num_tokens;
+  int n = 0;
+  uint64_t mask = 0;
+  int64_t b = p.query_start_loc ? seqs.seq_of(t0) : dense_row_of(t0, p.seqlen, plan.index32);
+  for (; b < p.batch && n < max_segments; ++b) {
+    const int64_t seq_begin = seqs.begin(b);
+    if (seq_begin >= t1) break;
+    const int64_t seq_end = seqs.end(b);
+    if (seq_end <= t0 || seq_end <= seq_begin) continue;
+    const int64_t slot = p.cache_indices ? p.cache_indices[b] : b;
+    if (p.cache_indices && slot == p.pad_slot_id) continue;
+    if (p.conv_states && (slot < 0 || slot >= p.num_slots)) continue;
+    const bool initial = p.conv_states && p.has_initial_state && p.has_initial_state[b];
+    ConvSegment seg;
+    seg.lo = static_cast<int16_t>(max(seq_begin - t0, int64_t{0}));
+    seg.hi = static_cast<int16_t>(min(seq_end - t0, int64_t{num_tokens}));
+    seg.avail = static_cast<int32_t>(min(max(t0 - seq_begin, int64_t{0}), int64_t{window}));
+    seg.state_off = initial ? slot * p.conv_states_slot_stride : -1;
+    segs[n++] = seg;
+    mask |= (seg.hi == 64 ? ~uint64_t{0} : (uint64_t{1} << seg.hi) - 1) &
+            ~((uint64_t{1} << seg.lo) - 1);
+  }
+  *store_mask = mask;
+  return n;
+}
+
 template <typename Traits>
 __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
@@ -95,10 +157,9 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
   // Row r of the tile holds flat token t0 - (kW-1) + r; results overwrite rows kW-1 .. . In
   // dynamic shared memory: cp.async addresses it there.
   auto s_tile = reinterpret_cast<input_t (*)[Traits::kTileChannels]>(dynamic_smem());
-  __shared__ int64_t s_x_off[kRows];        // element offset of the row in x; -1: before token 0
-  __shared__ int64_t s_out_off[kTokens];    // element offset of token row r + kW-1 in out
-  __shared__ int64_t s_first_seq;           // the sequence holding t0 (SeqView::seq_of)
-  __shared__ uint64_t s_store_mask;         // bit r: token row r + kW-1 belongs to a stored sequence
+  __shared__ typename Traits::Tables s_tab;
+  int64_t* s_x_off = s_tab.x_off;
+  int64_t* s_out_off = s_tab.out_off;
 
   const int tid = threadIdx.x;
   const uint32_t tile_c = blockIdx.x % plan.channel_tiles;
@@ -107,7 +168,7 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
   const int c_base = static_cast<int>(tile_c) * Traits::kTileChannels;
   const int c = c_base + tid;  // this thread's channel in the compute phase
   const bool active = c < p.dim;
-  // The channel of this thread's 16-byte accesses in the load / store phases.
+  // The channels of this thread's 16-byte accesses in the load / store phases.
   const int col = tid % Traits::kChunksPerRow;
   const int row0 = tid / Traits::kChunksPerRow;
   const int c_vec = c_base + col * kV;
@@ -125,8 +186,6 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
   const input_t* x = static_cast<const input_t*>(p.x);
   input_t* out = static_cast<input_t*>(p.out);
   const input_t* conv_states = static_cast<const input_t*>(p.conv_states);
-  const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
-  const bool varlen = p.query_start_loc != nullptr;
   // 16-bit results are rounded right after: the fast division's 2 ulp do not show.
   constexpr bool kFastSilu = sizeof(input_t) == 2;
 
@@ -136,13 +195,12 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
     const int num_tokens = static_cast<int>(min(chunk_end - t0, int64_t{kTokens}));
     const int num_rows = num_tokens + kW - 1;
 
-    // Phase 0: per-row offsets (one dense row division per row, not per access) and the first
-    // sequence, shared by the whole block.
+    // Phase 0: per-row offsets, one dense row division per row instead of one per access.
     if (tid < num_rows) {
       const int64_t flat = t0 - (kW - 1) + tid;
       int64_t x_off = -1, out_off = 0;
       if (flat >= 0) {
-        if (varlen) {
+        if (p.query_start_loc) {
           x_off = flat * p.x_token_stride;
           out_off = flat * p.out_token_stride;
         } else {
@@ -155,17 +213,14 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
       s_x_off[tid] = x_off;
       if (tid >= kW - 1) s_out_off[tid - (kW - 1)] = out_off;
     }
-    if (tid == 0) {
-      s_first_seq = varlen ? seqs.seq_of(t0) : dense_row_of(t0, p.seqlen, plan.index32);
-    }
     __syncthreads();
 
     // Phase 1: the tile and its halo. 16-byte rows go global -> shared without registers, so
-    // the whole tile's loads are in flight at once.
+    // the whole tile's loads are in flight at once; meanwhile thread 0 lists the segments.
     if constexpr (kV > 1) {
       if (vec_active) {
         const uint32_t base = smem_address(&s_tile[row0][col * kV]);
-#pragma unroll
+#pragma unroll 3
         for (int i = 0; i < kPasses; ++i) {
           const int r = row0 + i * kRowStep;
           if (r < num_rows) {
@@ -173,12 +228,11 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
             if (off >= 0) cp_async_16(base + i * kRowStep * kRowBytes, x + off + c_vec, true);
           }
         }
-        cp_async_wait_all();
       }
     } else {
       if (active) {
         // Groups of kScalarBatch loads in flight: a whole tile's would take a register each.
-        constexpr int kScalarBatch = 8;
+        constexpr int kScalarBatch = 4;
         for (int r0 = 0; r0 < num_rows; r0 += kScalarBatch) {
           input_t vals[kScalarBatch];
 #pragma unroll
@@ -194,47 +248,35 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
         }
       }
     }
+    if (tid == 0) {
+      uint64_t mask;
+      s_tab.num_segs = build_segments(p, plan, t0, num_tokens, kW - 1, s_tab.segs, kTokens, &mask);
+      s_tab.store_mask = mask;
+    }
+    if constexpr (kV > 1) cp_async_wait_all();
     __syncthreads();
 
-    // Phase 2: each thread walks the segments of the sequences the tile meets, for its channel.
-    // Every thread visits the same segments; thread 0 also records which rows are stored.
-    uint64_t store_mask = 0;
+    // Phase 2: each thread computes its channel over the segments, from shared memory, writing
+    // each result over the input it no longer needs (row r is read before it is written, and
+    // the rows before a segment are read first, into the window).
     if (active) {
-      const int64_t t1 = t0 + num_tokens;
-      for (int64_t b = s_first_seq; b < p.batch; ++b) {
-        const int64_t seq_begin = seqs.begin(b);
-        if (seq_begin >= t1) break;
-        const int64_t seq_end = seqs.end(b);
-        if (seq_end <= t0 || seq_end <= seq_begin) continue;
-        const int64_t slot = p.cache_indices ? p.cache_indices[b] : b;
-        if (p.cache_indices && slot == p.pad_slot_id) continue;
-        // An out-of-range slot cannot be validated without a host sync: skip the row rather
-        // than touch memory outside the pool.
-        if (p.conv_states && (slot < 0 || slot >= p.num_slots)) continue;
-        const bool initial = p.conv_states && p.has_initial_state && p.has_initial_state[b];
-
-        // The segment's token rows relative to the tile, [lo, hi), and how many of the window's
-        // kW-1 earlier inputs lie inside the sequence (the rest come from the state or zeros).
-        const int lo = static_cast<int>(max(seq_begin - t0, int64_t{0}));
-        const int hi = static_cast<int>(min(seq_end - t0, int64_t{num_tokens}));
-        const int avail = static_cast<int>(min(max(t0 - seq_begin, int64_t{0}), int64_t{kW - 1}));
-        store_mask |= (hi == 64 ? ~uint64_t{0} : (uint64_t{1} << hi) - 1) &
-                      ~((uint64_t{1} << lo) - 1);
-
-        float win[kW - 1];  // inputs of tokens lo - (kW-1) .. lo - 1 (tile rows lo .. lo+kW-2)
+      const int num_segs = s_tab.num_segs;
+      for (int i = 0; i < num_segs; ++i) {
+        const ConvSegment seg = s_tab.segs[i];
+        float win[kW - 1];  // inputs of tokens lo - (kW-1) .. lo - 1 = tile rows lo .. lo+kW-2
 #pragma unroll
         for (int k = 0; k < kW - 1; ++k) {
-          if (k >= kW - 1 - avail) {
-            win[k] = to_float(s_tile[lo + k][tid]);
-          } else if (initial) {
-            win[k] = to_float(conv_states[slot * p.conv_states_slot_stride +
-                                          c * p.conv_states_channel_stride +
-                                          (k + avail) * p.conv_states_width_stride]);
+          if (k >= kW - 1 - seg.avail) {
+            win[k] = to_float(s_tile[seg.lo + k][tid]);
+          } else if (seg.state_off >= 0) {
+            win[k] = to_float(conv_states[seg.state_off +
+                                          static_cast<int64_t>(c) * p.conv_states_channel_stride +
+                                          (k + seg.avail) * p.conv_states_width_stride]);
           } else {
             win[k] = 0.f;
           }
         }
-        for (int r = lo + kW - 1; r < hi + kW - 1; ++r) {
+        for (int r = seg.lo + kW - 1; r < seg.hi + kW - 1; ++r) {
           const float xv = to_float(s_tile[r][tid]);
           float a = bias;
 #pragma unroll
@@ -248,14 +290,13 @@ void causal_conv1d_tile_kernel(CausalConv1dParams p, ConvTilePlan plan) {
         }
       }
     }
-    if (tid == 0) s_store_mask = store_mask;
     __syncthreads();
 
     // Phase 3: the results of stored rows, 16 bytes at a time.
-    const uint64_t mask = s_store_mask;
+    const uint64_t mask = s_tab.store_mask;
     if constexpr (kV > 1) {
       if (vec_active) {
-#pragma unroll 4
+#pragma unroll 2
         for (int i = 0; i < (kTokens + kRowStep - 1) / kRowStep; ++i) {
           const int r = row0 + i * kRowStep;
           if (r < num_tokens && ((mask >> r) & 1)) {
@@ -354,9 +395,16 @@ struct ConvUpdateTraits {
   static constexpr int kRowsPerBlock = kThreads / 32;
   static constexpr int kGroups = 32;
   static constexpr int kChannels = kGroups * kVec;  // channels per block
+  // A decode step is a few microseconds of dependent loads (slot, then state): residency is
+  // what hides them. 6 blocks (80 registers) is the most the 16-byte width-4 kernel takes
+  // without spilling (ptxas, sm_90; a cap of 8 spills): a batch of 256 rows x 5120 bf16
+  // channels (1280 blocks) is then ~1.6 waves on 132 SMs (derived). Not yet measured.
+  static constexpr int kMinBlocksPerSm = 6;
   static_assert(kWidth >= 2 && kWidth <= 4, "conv width must be 2..4");
   static_assert(kVec == 1 || kVec * sizeof(input_t) == 16, "kVec must fill 16 bytes or be 1");
-  static_assert(kRowsPerBlock * kGroups == kThreads, "threads = rows x channel groups");
+  static_assert(kGroups == 32 && kRowsPerBlock * kGroups == kThreads,
+                "a warp per row: threads = rows x 32 channel groups");
+  static_assert(kMinBlocksPerSm * kThreads <= 1536, "resident threads per SM (sm_86: 1536)");
 };
 
 struct ConvUpdatePlan {
@@ -366,65 +414,42 @@ struct ConvUpdatePlan {
   bool state_vec;
 };
 
-// The conv-state rows of kVec adjacent channels when the state is (slots, dim, width-1) with the
-// last two dims contiguous: kVec * (width-1) elements, i.e. width-1 aligned 16-byte packs.
-// win[k][v] is column k of channel v.
-template <typename input_t, int kW, int kV>
-__device__ __forceinline__ void load_state_run(const input_t* run, float (&win)[kW - 1][kV]) {
-  if constexpr (kV > 1) {
-    Pack<input_t, kV> packs[kW - 1];
-#pragma unroll
-    for (int j = 0; j < kW - 1; ++j) packs[j] = load_pack<input_t, kV>(run + j * kV);
-#pragma unroll
-    for (int v = 0; v < kV; ++v) {
-#pragma unroll
-      for (int k = 0; k < kW - 1; ++k) {
-        const int e = v * (kW - 1) + k;
-        win[k][v] = to_float(packs[e / kV].elems[e % kV]);
-      }
-    }
-  }
-}
-
-template <typename input_t, int kW, int kV>
-__device__ __forceinline__ void store_state_run(input_t* run, const float (&win)[kW - 1][kV]) {
-  if constexpr (kV > 1) {
-    Pack<input_t, kV> packs[kW - 1];
-#pragma unroll
-    for (int v = 0; v < kV; ++v) {
-#pragma unroll
-      for (int k = 0; k < kW - 1; ++k) {
-        const int e = v * (kW - 1) + k;
-        packs[e / kV].elems[e % kV] = from_float<input_t>(win[k][v]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kW - 1; ++j) store_pack<input_t, kV>(run + j * kV, packs[j]);
+// store_pack for a 16-byte pack, a plain store for one element (the scalar instantiation
+// compiles the 16-byte branch too).
+template <typename T, int kN>
+__device__ __forceinline__ void store_pack_any(T* ptr, const Pack<T, kN>& pack) {
+  if constexpr (kN == 1) {
+    ptr[0] = pack.elems[0];
+  } else {
+    store_pack<T, kN>(ptr, pack);
   }
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(Traits::kThreads)
+__global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
 void causal_conv1d_update_kernel(CausalConv1dUpdateParams p, ConvUpdatePlan plan) {
   using input_t = typename Traits::input_t;
   constexpr int kW = Traits::kWidth;
   constexpr int kV = Traits::kVec;
-  constexpr int kC = Traits::kChannels;
+  constexpr int kGroups = Traits::kGroups;
   using pack_t = Pack<input_t, kV>;
 
-  __shared__ float s_w[kW][kC];
-  __shared__ float s_bias[kC];
+  // Weights and bias of the block's channels in their own dtype (exact), one pack per channel
+  // group and tap: a thread reads its group's with kW + 1 conflict-free 16-byte loads.
+  __shared__ pack_t s_w[kW][kGroups];
+  __shared__ pack_t s_bias[kGroups];
 
   const int tid = threadIdx.x;
   const uint32_t cblock = blockIdx.x % plan.channel_blocks;
   const int64_t row = static_cast<int64_t>(blockIdx.x / plan.channel_blocks) *
-                          Traits::kRowsPerBlock + tid / Traits::kGroups;
-  const int64_t c_block = static_cast<int64_t>(cblock) * kC;
-  const int g = tid % Traits::kGroups;
-  const int64_t c0 = c_block + g * kV;
+                          Traits::kRowsPerBlock + tid / kGroups;
+  // dim fits int32 (the binding checks it): channel indices are 32-bit.
+  const int c_block = static_cast<int>(cblock) * Traits::kChannels;
+  const int g = tid % kGroups;
+  const int c0 = c_block + g * kV;
   const bool active = row < p.batch && c0 < p.dim;
 
-  // The slot index and the first token are independent of the weights: issue them first.
+  // The slot index and the first token do not depend on the weights: issue them first.
   int64_t slot = 0;
   pack_t x_first;
   const input_t* x = static_cast<const input_t*>(p.x) + row * p.x_batch_stride + c0;
@@ -433,18 +458,19 @@ void causal_conv1d_update_kernel(CausalConv1dUpdateParams p, ConvUpdatePlan plan
     x_first = load_pack<input_t, kV>(x);
   }
 
-  // Weights and bias of the block's channels, once per block.
   const input_t* weight = static_cast<const input_t*>(p.weight);
-  for (int e = tid; e < kW * kC; e += Traits::kThreads) {
+  const input_t* bias = static_cast<const input_t*>(p.bias);
+  for (int e = tid; e < kW * Traits::kChannels; e += Traits::kThreads) {
     const int ch = e / kW, k = e % kW;  // consecutive threads: consecutive weight elements
-    const int64_t cc = c_block + ch;
-    s_w[k][ch] = cc < p.dim ? to_float(weight[cc * p.weight_channel_stride +
-                                              k * p.weight_width_stride])
-                            : 0.f;
+    const int cc = c_block + ch;
+    s_w[k][ch / kV].elems[ch % kV] =
+        cc < p.dim ? weight[static_cast<int64_t>(cc) * p.weight_channel_stride +
+                            k * p.weight_width_stride]
+                   : from_float<input_t>(0.f);
   }
-  for (int e = tid; e < kC; e += Traits::kThreads) {
-    const int64_t cc = c_block + e;
-    s_bias[e] = p.bias && cc < p.dim ? to_float(static_cast<const input_t*>(p.bias)[cc]) : 0.f;
+  for (int ch = tid; ch < Traits::kChannels; ch += Traits::kThreads) {
+    const int cc = c_block + ch;
+    s_bias[ch / kV].elems[ch % kV] = bias && cc < p.dim ? bias[cc] : from_float<input_t>(0.f);
   }
   __syncthreads();
 
@@ -452,59 +478,76 @@ void causal_conv1d_update_kernel(CausalConv1dUpdateParams p, ConvUpdatePlan plan
   if (p.cache_indices && slot == p.pad_slot_id) return;
   if (slot < 0 || slot >= p.num_slots) return;  // out of range: a padded row, nothing written
 
+  // The window of the kV channels, raw: element v * (kW-1) + k is column k of channel v, the
+  // order of a (slots, dim, width-1) state, so the 16-byte path moves it as (kW-1) packs. Its
+  // values are inputs, exact in input_t.
   input_t* st = static_cast<input_t*>(p.conv_state) + slot * p.conv_state_slot_stride;
-  float win[kW - 1][kV];
+  pack_t win[kW - 1];
   bool state_vec = false;
   if constexpr (kV > 1) state_vec = plan.state_vec;
   if (state_vec) {
-    load_state_run<input_t, kW, kV>(st + c0 * (kW - 1), win);
+#pragma unroll
+    for (int j = 0; j < kW - 1; ++j) {
+      win[j] = load_pack<input_t, kV>(st + static_cast<int64_t>(c0) * (kW - 1) + j * kV);
+    }
   } else {
 #pragma unroll
     for (int v = 0; v < kV; ++v) {
 #pragma unroll
       for (int k = 0; k < kW - 1; ++k) {
-        win[k][v] = to_float(st[(c0 + v) * p.conv_state_channel_stride +
-                                k * p.conv_state_width_stride]);
+        const int e = v * (kW - 1) + k;
+        win[e / kV].elems[e % kV] = st[static_cast<int64_t>(c0 + v) * p.conv_state_channel_stride +
+                                       k * p.conv_state_width_stride];
       }
     }
   }
 
-  float w[kW][kV], bias[kV];
+  pack_t wp[kW];
 #pragma unroll
-  for (int v = 0; v < kV; ++v) {
-#pragma unroll
-    for (int k = 0; k < kW; ++k) w[k][v] = s_w[k][g * kV + v];
-    bias[v] = s_bias[g * kV + v];
-  }
+  for (int k = 0; k < kW; ++k) wp[k] = s_w[k][g];
+  const pack_t bp = s_bias[g];
 
   input_t* out = static_cast<input_t*>(p.out) + row * p.out_batch_stride + c0;
+  // Decode steps are mostly one token: the loop stays rolled rather than hold several tokens'
+  // registers.
+#pragma unroll 1
   for (int64_t t = 0; t < p.seqlen; ++t) {
     const pack_t xp = t == 0 ? x_first : load_pack<input_t, kV>(x + t * p.x_token_stride);
     float res[kV];
 #pragma unroll
     for (int v = 0; v < kV; ++v) {
-      const float xv = to_float(xp.elems[v]);
-      float a = bias[v];
+      float a = to_float(bp.elems[v]);
 #pragma unroll
-      for (int k = 0; k < kW - 1; ++k) a = fmaf(w[k][v], win[k][v], a);
-      a = fmaf(w[kW - 1][v], xv, a);
+      for (int k = 0; k < kW - 1; ++k) {
+        const int e = v * (kW - 1) + k;
+        a = fmaf(to_float(wp[k].elems[v]), to_float(win[e / kV].elems[e % kV]), a);
+      }
+      a = fmaf(to_float(wp[kW - 1].elems[v]), to_float(xp.elems[v]), a);
       res[v] = p.silu ? silu(a) : a;
 #pragma unroll
-      for (int k = 0; k < kW - 2; ++k) win[k][v] = win[k + 1][v];
-      win[kW - 2][v] = xv;
+      for (int k = 0; k < kW - 2; ++k) {
+        const int e = v * (kW - 1) + k;
+        win[e / kV].elems[e % kV] = win[(e + 1) / kV].elems[(e + 1) % kV];
+      }
+      const int last = v * (kW - 1) + kW - 2;
+      win[last / kV].elems[last % kV] = xp.elems[v];
     }
     store_vec<input_t, kV>(out + t * p.out_token_stride, res);
   }
 
   if (state_vec) {
-    store_state_run<input_t, kW, kV>(st + c0 * (kW - 1), win);
+#pragma unroll
+    for (int j = 0; j < kW - 1; ++j) {
+      store_pack_any<input_t, kV>(st + static_cast<int64_t>(c0) * (kW - 1) + j * kV, win[j]);
+    }
   } else {
 #pragma unroll
     for (int v = 0; v < kV; ++v) {
 #pragma unroll
       for (int k = 0; k < kW - 1; ++k) {
-        st[(c0 + v) * p.conv_state_channel_stride + k * p.conv_state_width_stride] =
-            from_float<input_t>(win[k][v]);
+        const int e = v * (kW - 1) + k;
+        st[static_cast<int64_t>(c0 + v) * p.conv_state_channel_stride +
+           k * p.conv_state_width_stride] = win[e / kV].elems[e % kV];
       }
     }
   }
