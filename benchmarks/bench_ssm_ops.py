@@ -105,7 +105,9 @@ def _state_shape(m, slots):
     return (slots, m["nheads"], m["headdim"], m["dstate"])
 
 
-def conv_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
+def conv_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0) -> Case:
+    """chunk_len: force the tokens per block (walked in 64-token tiles, 32 for fp32) - extra rows
+    beside the launcher's one tile per block, same process."""
     m = shard(model, tp)
     dim, width = m["conv_dim"], m["width"]
     e = 2
@@ -120,7 +122,7 @@ def conv_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
     def call(s):
         ops.causal_conv1d(s["x"], s["weight"], s["bias"], conv_states=s["conv_states"],
                           has_initial_state=s["has_initial_state"], activation="silu",
-                          out=s["out"])
+                          out=s["out"], chunk_len=chunk_len)
 
     def native(s):
         x = s["x"].transpose(1, 2)
@@ -133,7 +135,8 @@ def conv_case(model, tp, batch, seqlen, ops, ref_mod) -> Case:
             s["x"], s["weight"], s["bias"], conv_states=s["conv_states"],
             has_initial_state=s["has_initial_state"], activation="silu", out=s["out"])
 
-    return Case("causal_conv1d", model, tp, f"{batch}x{seqlen} dim {dim}", nbytes, make_set,
+    shape = f"{batch}x{seqlen} dim {dim}" + (f" chunk {chunk_len}" if chunk_len else "")
+    return Case("causal_conv1d", model, tp, shape, nbytes, make_set,
                 call, ref=ref, native=native,
                 native_note="F.conv1d on the transposed view, no initial state")
 
@@ -462,6 +465,10 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
             for batch, seqlen in prefill:
                 if "conv" in wanted:
                     cases.append(conv_case(model, tp, batch, seqlen, ops, ref_mod))
+                    # Forced tokens per block: data to tune the conv launcher.
+                    for chunk_len in args.conv_chunk_lens:
+                        cases.append(conv_case(model, tp, batch, seqlen, ops, ref_mod,
+                                               chunk_len=chunk_len))
                 if "scan" in wanted:
                     cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod))
                     if MODELS[model]["form"] == "mamba2":
@@ -538,8 +545,13 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-split-lens", default="",
                         help="comma-separated split lengths to force on the prefill scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
+    parser.add_argument("--conv-chunk-lens", default="",
+                        help="comma-separated chunk_len values (tokens per block) to force on "
+                             "the prefill conv cases (extra rows beside the launcher's one tile "
+                             "per block), e.g. 128,256,1024")
     args = parser.parse_args(argv)
     args.scan_split_lens = [int(v) for v in args.scan_split_lens.split(",") if v.strip()]
+    args.conv_chunk_lens = [int(v) for v in args.conv_chunk_lens.split(",") if v.strip()]
 
     if not torch.cuda.is_available():
         print("bench_ssm_ops: CUDA is required (no CUDA device found); nothing to benchmark")

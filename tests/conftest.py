@@ -158,16 +158,31 @@ def conv_inputs(dtype=torch.float32, dim=37, width=4, seqlens=(9, 9), varlen=Fal
     )
 
 
+def _conv_state(num_slots, dim, width, dtype, layout="contiguous"):
+    """A (num_slots, dim, width - 1) conv state: contiguous; "transposed", a view of a
+    (num_slots, width - 1, dim) tensor; or "offset", contiguous rows one element past a 16-byte
+    boundary (a slice of a flat buffer)."""
+    if layout == "transposed":
+        return torch.randn(num_slots, width - 1, dim).to(dtype).transpose(1, 2)
+    if layout == "offset":
+        n = num_slots * dim * (width - 1)
+        return torch.randn(n + 1).to(dtype)[1:].view(num_slots, dim, width - 1)
+    assert layout == "contiguous", layout
+    return torch.randn(num_slots, dim, width - 1).to(dtype)
+
+
 def conv_update_inputs(dtype=torch.float32, dim=37, width=4, batch=3, seqlen=None,
                        num_slots=5, slots=(4, 1, 2), bias=True, activation="silu",
-                       strided=False) -> Dict:
-    """kwargs of ops.causal_conv1d_update; seqlen None means x is (batch, dim)."""
+                       strided=False, state_layout="contiguous", weight_t=False) -> Dict:
+    """kwargs of ops.causal_conv1d_update; seqlen None means x is (batch, dim). state_layout: see
+    _conv_state; weight_t: the weight is a transposed view (strides (1, dim))."""
     tok = (batch,) if seqlen is None else (batch, seqlen)
     x = _tokens(tok, dim, dtype, strided)
     return dict(
         x=x,
-        conv_state=torch.randn(num_slots, dim, width - 1).to(dtype),
-        weight=(torch.randn(dim, width) * 0.5).to(dtype),
+        conv_state=_conv_state(num_slots, dim, width, dtype, state_layout),
+        weight=(torch.randn(width, dim).t() if weight_t else torch.randn(dim, width)).to(dtype)
+        * 0.5,
         bias=(torch.randn(dim) * 0.5).to(dtype) if bias else None,
         activation=activation,
         cache_indices=_index(slots),

@@ -169,6 +169,78 @@ def test_causal_conv1d_cuda_state_is_exact_copy_of_inputs():
     assert torch.equal(kw["conv_states"][0], torch.cat([prev[:, 2:], x[6:8].t()], dim=1))
 
 
+# The prefill kernel works in shared-memory tiles of 128 channels x T tokens (T = 64 for 16-bit,
+# 32 for fp32) plus a halo of width - 1 tokens; a block walks chunk_len tokens (0: one tile).
+# These cross tile boundaries in tokens and channels (dim 72: one partial channel tile; 136 and
+# 264: a partial second one; 130 with 16-bit and 37: the scalar path). The varlen batch puts a
+# sequence with an initial state at a tile start, one shorter than the halo across a tile start,
+# and empty, length-1 and padded sequences inside one tile.
+def _tile_seqlens(tile):
+    # starts: 0, T (tile start), 2T-1 (crosses 2T, 2 tokens), 2T+1, 2T+2 (empty), 2T+2, 2T+3,
+    # 3T-1 (crosses 3T)
+    return (tile, tile - 1, 2, 1, 0, 1, tile - 4, 4)
+
+
+def _tile_case(dtype, dim, width=4, varlen=True, **extra):
+    tile = 32 if dtype == torch.float32 else 64
+    if varlen:
+        seqlens = _tile_seqlens(tile)
+        params = dict(dtype=dtype, dim=dim, width=width, varlen=True, seqlens=seqlens,
+                      num_slots=10, slots=(0, 2, 9, 4, 7, 5, -1, 1),
+                      initial=(True, True, False, True, True, False, True, True))
+    else:
+        params = dict(dtype=dtype, dim=dim, width=width, seqlens=(tile + 7,) * 3, num_slots=4,
+                      slots=(3, -1, 0), initial=(False, True, True))
+    params.update(extra)
+    return params
+
+
+CONV_TILE_CASES = [
+    ("bf16_dim72_varlen", _tile_case(bf16, 72)),
+    ("bf16_dim136_dense", _tile_case(bf16, 136, varlen=False)),
+    ("f16_dim130_scalar_varlen_w3", _tile_case(f16, 130, width=3)),
+    ("f16_dim264_dense_w2", _tile_case(f16, 264, width=2, varlen=False)),
+    ("f32_dim72_varlen_w2", _tile_case(torch.float32, 72, width=2)),
+    ("f32_dim37_scalar_dense_w3", _tile_case(torch.float32, 37, width=3, varlen=False)),
+    ("bf16_dim136_no_bias_no_silu", _tile_case(bf16, 136, bias=False, activation=None)),
+    ("f32_dim136_no_states", _tile_case(torch.float32, 136, states=False, slots=None)),
+]
+TILE_CHUNKS = [None, 5, 100]  # one tile per block, tiny tiles, several tiles per block
+TILE_CHUNK_IDS = ["auto", "chunk5", "chunk100"]
+
+
+@pytest.mark.parametrize("chunk", TILE_CHUNKS, ids=TILE_CHUNK_IDS)
+@pytest.mark.parametrize("name,params", CONV_TILE_CASES, ids=_ids(CONV_TILE_CASES))
+def test_causal_conv1d_cuda_tiles(name, params, chunk):
+    _check_conv(conv_inputs(**params), params, chunk)
+
+
+@pytest.mark.parametrize("layout", ["aligned_slice", "misaligned", "weight_transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+def test_causal_conv1d_cuda_tiles_strided(dtype, layout):
+    params = _tile_case(dtype, 72, varlen=False)
+    kw = conv_inputs(**params, strided=layout == "misaligned",
+                     weight_t=layout == "weight_transposed")
+    if layout == "aligned_slice":
+        kw["x"], kw["out"] = aligned_slice(kw["x"]), aligned_slice(kw["out"])
+    _check_conv(kw, params, None)
+
+
+def test_causal_conv1d_cuda_chunk_len_in_tiles_agree():
+    """Any chunk_len gives the same result: the tiles only change where the halo is re-read."""
+    kw = conv_inputs(**_tile_case(bf16, 136))
+    outs = []
+    for chunk in (0, 1, 7, 64, 65, 1000):
+        k = {n: (v.clone() if isinstance(v, torch.Tensor) else v)
+             for n, v in kw.items()}
+        k = {n: to_cuda(v) for n, v in k.items()}
+        ops.causal_conv1d(**k, chunk_len=chunk)
+        outs.append((k["out"].cpu(), k["conv_states"].cpu()))
+    for out, states in outs[1:]:
+        assert torch.equal(out, outs[0][0])
+        assert torch.equal(states, outs[0][1])
+
+
 # ---------------------------------------------------------------------------------------------
 # causal_conv1d_update
 
@@ -185,6 +257,71 @@ def test_causal_conv1d_update_cuda(name, params):
             assert (out[b] == SENTINEL).all(), "padded output row was written"
     used = slots if slots is not None else range(kw["x"].shape[0])
     assert_slots_untouched(kw_gpu["conv_state"].cpu(), before["conv_state"], used)
+
+
+# The update kernel: a warp per batch row (4 rows a block), 16-byte channel groups (8 x 16-bit /
+# 4 x fp32) where x / out allow, the state rows of a group as one 16-byte run where the state is
+# (slots, dim, width - 1) contiguous; scalar fallbacks otherwise.
+CONV_UPDATE_VEC_CASES = [
+    ("bf16_dim72_batch7", dict(dtype=bf16, dim=72, batch=7, num_slots=9,
+                               slots=(8, 0, -1, 3, 5, 1, 2))),
+    ("bf16_dim264_seqlen3", dict(dtype=bf16, dim=264, batch=6, seqlen=3, num_slots=8,
+                                 slots=(7, 1, 2, -1, 0, 4))),
+    ("f16_w2_seqlen1", dict(dtype=f16, dim=64, width=2, batch=5, seqlen=1, num_slots=6,
+                            slots=(5, 4, 3, 2, 1))),
+    ("f32_dim136_w3", dict(dim=136, width=3, batch=9, num_slots=12,
+                           slots=(11, 0, 1, 2, -1, 3, 4, 5, 6))),
+    ("f32_odd_dim_scalar", dict(dim=37, batch=6, seqlen=3, num_slots=7,
+                                slots=(6, 5, -1, 3, 2, 1))),
+    ("bf16_state_transposed", dict(dtype=bf16, dim=72, batch=5, seqlen=3, num_slots=6,
+                                   slots=(5, 4, -1, 2, 1), state_layout="transposed")),
+    ("bf16_state_offset", dict(dtype=bf16, dim=72, batch=5, num_slots=6,
+                               slots=(5, 4, 3, 2, -1), state_layout="offset")),
+    ("f32_weight_transposed_no_bias", dict(dim=72, batch=5, num_slots=6, slots=None,
+                                          weight_t=True, bias=False, activation=None)),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "aligned_slice", "misaligned"])
+@pytest.mark.parametrize("name,params", CONV_UPDATE_VEC_CASES, ids=_ids(CONV_UPDATE_VEC_CASES))
+def test_causal_conv1d_update_cuda_vector_path(name, params, layout):
+    kw = conv_update_inputs(**params, strided=layout == "misaligned")
+    if layout == "aligned_slice":
+        kw["x"], kw["out"] = aligned_slice(kw["x"]), aligned_slice(kw["out"])
+    kw_gpu, before = check_op(ops.causal_conv1d_update, kw, ("out", "conv_state"),
+                              kw["x"].dtype)
+    slots = params.get("slots")
+    out = kw_gpu["out"].cpu()
+    for b, s in enumerate(slots or ()):
+        if s == -1:
+            assert (out[b] == SENTINEL).all(), "padded output row was written"
+    used = slots if slots is not None else range(kw["x"].shape[0])
+    assert_slots_untouched(kw_gpu["conv_state"].cpu(), before["conv_state"], used)
+
+
+@pytest.mark.usefixtures("_device_index_checks_only")
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+def test_causal_conv1d_update_cuda_bad_slots_in_a_block(dtype):
+    """Padded and out-of-range slots among the rows of one block, on the 16-byte path: those rows
+    write nothing, the others match the CPU op with the bad rows padded."""
+    kw = conv_update_inputs(dtype=dtype, dim=72, batch=7, seqlen=3, num_slots=8,
+                            slots=(7, 0, 1, 2, 3, 4, 5))
+    bad = {1: -1, 2: 8, 4: -5, 6: 2 ** 31 - 1}
+    expect = _cpu_copy(kw)
+    expect["cache_indices"] = torch.tensor(
+        [-1 if b in bad else s for b, s in enumerate(kw["cache_indices"].tolist())],
+        dtype=torch.int32)
+    _cpu_op(ops.causal_conv1d_update, expect)
+    kw_gpu = {k: to_cuda(v) for k, v in kw.items()}
+    kw_gpu["cache_indices"] = torch.tensor(
+        [bad.get(b, s) for b, s in enumerate(kw["cache_indices"].tolist())],
+        dtype=torch.int32, device=CUDA)
+    ops.causal_conv1d_update(**kw_gpu)
+    for n in ("out", "conv_state"):
+        assert_matches_cpu(kw_gpu[n], expect[n], dtype, n)
+    out = kw_gpu["out"].cpu()
+    for b in bad:
+        assert (out[b] == SENTINEL).all(), f"row {b} with a bad slot was written"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,8 +110,11 @@ def causal_conv1d(
     cache_indices: (batch,) int32 slots, distinct among non-padded rows; has_initial_state:
       (batch,) bool, only together with conv_states.
     out and conv_states must not overlap any input or each other. Returns out, shaped like x.
-    chunk_len: tokens per CUDA block of the flattened token range, 0 to let the launcher decide
-      (tests force small chunks so that short inputs cross chunk boundaries; the CPU ignores it).
+    chunk_len: tokens per CUDA block of the flattened token range (every value >= 1 is valid;
+      0 = one tile). A block walks its chunk in shared-memory tiles of 128 channels x 64 tokens
+      (16-bit) / 32 tokens (fp32), re-reading the width - 1 tokens before each tile; tests force
+      small values so that short inputs cross tile boundaries, benchmarks larger ones to trade
+      blocks for the halo re-read. The result does not depend on it; the CPU ignores it.
     """
     if out is None:
         out = torch.empty_like(x)
