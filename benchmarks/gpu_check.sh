@@ -127,7 +127,7 @@ fi
 
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
-  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 --scan-direct \
+  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 --scan-direct --conv-chunk-lens 256 \
     --json "$JSON"
 fi
 
@@ -234,8 +234,10 @@ if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
 scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120
 scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 --algorithm recurrent
 ssd_scan bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 80
-fwd_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120
+tile_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120
 update bench_selective_state_update --form mamba1 --batch 256 --nheads 5120
+update bench_selective_state_update --form mamba2 --batch 64 --nheads 80
+update bench_causal_conv1d --mode update --batch 256 --dim 5120
 CASES
     return $rc
   }
