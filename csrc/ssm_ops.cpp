@@ -671,9 +671,9 @@ SelectiveScanParams make_selective_scan_params(
 SelectiveStateUpdateParams make_selective_state_update_params(
     const at::Tensor& ssm_state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-    const OptTensor& dt_bias, bool dt_softplus, const OptTensor& state_batch_indices,
-    const OptTensor& dst_state_batch_indices, int64_t pad_slot_id, const at::Tensor& out,
-    bool check_index_values) {
+    const OptTensor& dt_bias, const OptTensor& dt_proj_weight, bool dt_softplus,
+    const OptTensor& state_batch_indices, const OptTensor& dst_state_batch_indices,
+    int64_t pad_slot_id, const at::Tensor& out, bool check_index_values) {
   const char* op = "selective_state_update";
   SelectiveStateUpdateParams p{};
   p.act_dtype = activation_dtype(op, x, "x");
@@ -685,6 +685,7 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   check_device(op, D, "D", x, "x");
   check_device(op, z, "z", x, "x");
   check_device(op, dt_bias, "dt_bias", x, "x");
+  check_device(op, dt_proj_weight, "dt_proj_weight", x, "x");
   check_device(op, state_batch_indices, "state_batch_indices", x, "x");
   check_device(op, dst_state_batch_indices, "dst_state_batch_indices", x, "x");
   check_device(op, out, "out", x, "x");
@@ -716,8 +717,26 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   check_last_stride1(op, C, "C", "dstate");
 
   check_same_dtype(op, dt, "dt", x, "x");
-  check_shape(op, dt, "dt", {batch, f.nheads}, "(batch, nheads)");
-  check_last_stride1(op, dt, "dt", "heads");
+  int64_t dt_rank = 0;
+  if (dt_proj_weight.has_value()) {
+    // The kernels project per channel inside the flat (Mamba-1) tiling; a Mamba-2 head's dt is
+    // one value per head and comes straight from in_proj.
+    TORCH_CHECK(f.a_is_per_state && f.headdim == 1, op,
+                ": dt_proj_weight requires the Mamba-1 form (A of shape (dim, dstate), headdim 1),"
+                " got A of shape ", A.sizes(), " and headdim ", f.headdim);
+    check_same_dtype(op, *dt_proj_weight, "dt_proj_weight", x, "x");
+    TORCH_CHECK(dt_proj_weight->dim() == 2 && dt_proj_weight->size(0) == f.nheads, op,
+                ": dt_proj_weight must have shape (nheads, dt_rank) = (", f.nheads,
+                ", dt.size(1)), got ", dt_proj_weight->sizes());
+    dt_rank = dt_proj_weight->size(1);
+    check_fits_int32(op, dt_rank, "dt_rank");
+    check_last_stride1(op, *dt_proj_weight, "dt_proj_weight", "dt_rank");
+    check_shape(op, dt, "dt", {batch, dt_rank}, "(batch, dt_rank) with dt_proj_weight");
+    check_last_stride1(op, dt, "dt", "dt_rank");
+  } else {
+    check_shape(op, dt, "dt", {batch, f.nheads}, "(batch, nheads)");
+    check_last_stride1(op, dt, "dt", "heads");
+  }
   check_per_head_param(op, D, "D", f.nheads);
   check_per_head_param(op, dt_bias, "dt_bias", f.nheads);
   if (z.has_value()) {
@@ -739,6 +758,7 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   check_written_disjoint(op, {named(out, "out"), named(ssm_state, "ssm_state")},
                          {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
                           named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
+                          named(dt_proj_weight, "dt_proj_weight"),
                           named(state_batch_indices, "state_batch_indices"),
                           named(dst_state_batch_indices, "dst_state_batch_indices")});
   if (!state_batch_indices.has_value()) {
@@ -788,6 +808,9 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   p.x_batch_stride = x.stride(0);
   p.dt = dt.data_ptr();
   p.dt_batch_stride = dt.stride(0);
+  p.dt_proj_weight = dt_proj_weight.has_value() ? dt_proj_weight->data_ptr() : nullptr;
+  p.dt_rank = dt_rank;
+  p.dt_proj_row_stride = dt_proj_weight.has_value() ? dt_proj_weight->stride(0) : 0;
   p.A = A.data_ptr<float>();
   p.A_head_stride = A.stride(0);
   p.A_state_stride = f.a_is_per_state ? A.stride(1) : 0;

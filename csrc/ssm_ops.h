@@ -42,9 +42,9 @@ SelectiveScanParams make_selective_scan_params(
 SelectiveStateUpdateParams make_selective_state_update_params(
     const at::Tensor& ssm_state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-    const OptTensor& dt_bias, bool dt_softplus, const OptTensor& state_batch_indices,
-    const OptTensor& dst_state_batch_indices, int64_t pad_slot_id, const at::Tensor& out,
-    bool check_index_values);
+    const OptTensor& dt_bias, const OptTensor& dt_proj_weight, bool dt_softplus,
+    const OptTensor& state_batch_indices, const OptTensor& dst_state_batch_indices,
+    int64_t pad_slot_id, const at::Tensor& out, bool check_index_values);
 
 // True when TPSSM_DEBUG_CHECKS=1: the CUDA ops then check index values on the host as well.
 bool cuda_index_values_checked_on_host();

@@ -25,9 +25,9 @@ TORCH_LIBRARY(tpssm, m) {
       "int split_len=0) -> ()");
   m.def(
       "selective_state_update(Tensor(a!) ssm_state, Tensor x, Tensor dt, Tensor A, Tensor B, "
-      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
-      "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int pad_slot_id, "
-      "Tensor(b!) out) -> ()");
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? dt_proj_weight, "
+      "bool dt_softplus, Tensor? state_batch_indices, Tensor? dst_state_batch_indices, "
+      "int pad_slot_id, Tensor(b!) out) -> ()");
   // Fused residual add + RMSNorm (kernels/norm_params.h): residual += x; out = weight *
   // rms_norm(residual in x's dtype) (or of x without a residual).
   m.def(

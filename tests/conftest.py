@@ -246,9 +246,12 @@ def scan_inputs(dtype=torch.float32, form="mamba2", nheads=6, headdim=3, ngroups
 def ssu_inputs(dtype=torch.float32, form="mamba2", batch=3, nheads=4, headdim=3, ngroups=2,
                dstate=8, num_slots=6, src=(2, 0, 4), dst=None, D=True, z=True, dt_bias=True,
                dt_softplus=True, state_dtype=torch.float32, x3d=False, group_dim=True,
-               strided=False, a_per_state=False) -> Dict:
+               strided=False, a_per_state=False, dt_rank=None) -> Dict:
     """kwargs of ops.selective_state_update. a_per_state: the Mamba2 form with an A per head and
-    state, (nheads, dstate), as Mamba1's A with headdim > 1."""
+    state, (nheads, dstate), as Mamba1's A with headdim > 1. dt_rank: the fused dt_proj - dt is
+    the low-rank dt, the first dt_rank columns of an x_proj-like (batch, dt_rank + 2 dstate)
+    buffer, with dt_proj_weight (dim, dt_rank); strided moves both off 16-byte alignment (a
+    column slice at offset 3 of a wider buffer), which takes the kernel's scalar projection."""
     if form == "mamba1":
         headdim = 1
     dim = nheads * headdim
@@ -268,10 +271,25 @@ def ssu_inputs(dtype=torch.float32, form="mamba2", batch=3, nheads=4, headdim=3,
 
     state_shape = (num_slots, dim, dstate) if form == "mamba1" else (
         num_slots, nheads, headdim, dstate)
+    extra = {}
+    if dt_rank is None:
+        dt = act(nheads, scale=0.5, offset=0.0 if dt_softplus else 0.5)
+    else:
+        # Projected dt ~ N(0, 0.25) (+ 0.5 without softplus), as the unfused inputs' dt.
+        off = 3 if strided else 0
+        x_dbl = torch.randn(batch, off + dt_rank + 2 * dstate)
+        if not dt_softplus:
+            x_dbl[:, off] += 2.0 * dt_rank ** 0.5
+        dt = x_dbl.to(dtype)[:, off:off + dt_rank]
+        w = torch.randn(dim, off + dt_rank + (1 if strided else 0)) * (0.5 / dt_rank ** 0.5)
+        if not dt_softplus:
+            w[:, off] = 0.25 / dt_rank ** 0.5
+        extra["dt_proj_weight"] = w.to(dtype)[:, off:off + dt_rank]
     return dict(
         ssm_state=torch.randn(state_shape).to(state_dtype),
         x=heads(act(dim)),
-        dt=act(nheads, scale=0.5, offset=0.0 if dt_softplus else 0.5),
+        dt=dt,
+        **extra,
         A=A,
         B=bc(),
         C=bc(),

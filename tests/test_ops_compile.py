@@ -32,8 +32,8 @@ def _scan_args(kw):
 
 def _ssu_args(kw):
     return (kw["ssm_state"], kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
-            kw["dt_bias"], kw["dt_softplus"], kw["state_batch_indices"],
-            kw["dst_state_batch_indices"], -1, kw["out"])
+            kw["dt_bias"], kw.get("dt_proj_weight"), kw["dt_softplus"],
+            kw["state_batch_indices"], kw["dst_state_batch_indices"], -1, kw["out"])
 
 
 def _norm_args(residual):
@@ -75,6 +75,9 @@ OPCHECK_CASES = [
      lambda: _ssu_args(ssu_inputs(dst=(5, -1, 3)))),
     ("ssu_none", _tp.selective_state_update.default,
      lambda: _ssu_args(ssu_inputs(src=None, D=False, z=False, dt_bias=False))),
+    ("ssu_dt_proj", _tp.selective_state_update.default,
+     lambda: _ssu_args(ssu_inputs(form="mamba1", nheads=6, dstate=8, ngroups=1,
+                                  group_dim=False, dt_rank=5, dst=(5, -1, 3)))),
     ("add_rms_norm", _tp.add_rms_norm.default, lambda: _norm_args(residual=True)),
     ("add_rms_norm_none", _tp.add_rms_norm.default, lambda: _norm_args(residual=False)),
     ("gated_rms_norm", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=True)),

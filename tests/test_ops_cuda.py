@@ -27,7 +27,13 @@ from conftest import (  # noqa: E402
     token_rows,
 )
 from test_ops_compile import OPCHECK_CASES  # noqa: E402
-from test_ops_cpu import CONV_CASES, CONV_UPDATE_CASES, SCAN_CASES, SSU_CASES  # noqa: E402
+from test_ops_cpu import (  # noqa: E402
+    CONV_CASES,
+    CONV_UPDATE_CASES,
+    SCAN_CASES,
+    SSU_CASES,
+    SSU_DT_PROJ_CASES,
+)
 from tpssm import ops  # noqa: E402
 from tpssm.reference import (  # noqa: E402
     causal_conv1d_update_ref,
@@ -616,7 +622,25 @@ SSU_TILE_CASES = [
     ("m2_a_per_state_p64_f16_state", dict(nheads=2, headdim=64, dstate=16, ngroups=1,
                                           a_per_state=True, dtype=f16, state_dtype=f16)),
 ]
-SSU_CUDA_CASES = SSU_CASES + SSU_EXTRA_CASES + SSU_TILE_CASES
+# The fused dt_proj (project_dt) on the kernel's flat tiles: the CPU cases (dt_rank 1, 7, 16,
+# 160; vector chunks, the scalar tail and, strided, the unaligned scalar path) plus every
+# activation / state dtype pair, dt_rank 160 on 16-bit states (one chunk in flight), a rank
+# spread unevenly over 4 lanes, lanes with no chunk at all (dt_rank 8 in fp32: 2 chunks over 4
+# lanes), several passes over dstate and the scalar state path.
+SSU_DT_PROJ_CUDA_CASES = SSU_DT_PROJ_CASES + [
+    ("dtp_r160_f32_dim130", dict(M1, nheads=130, dt_rank=160)),
+    ("dtp_r160_bf16_state_bf16", dict(M1, nheads=130, dt_rank=160, dtype=bf16,
+                                      state_dtype=bf16)),
+    ("dtp_r160_f16", dict(M1, nheads=37, dt_rank=160, dtype=f16)),
+    ("dtp_r7_f32", dict(M1, nheads=130, dt_rank=7)),
+    ("dtp_r8_f32_idle_lanes", dict(M1, nheads=37, dt_rank=8)),
+    ("dtp_r48_bf16_strided_padded", dict(M1, nheads=130, dt_rank=48, dtype=bf16, strided=True,
+                                         **M1_PAD)),
+    ("dtp_r16_n256_two_passes", dict(M1, nheads=37, dstate=256, dt_rank=16, dtype=bf16)),
+    ("dtp_r16_scalar_n18", dict(M1, nheads=37, dstate=18, dt_rank=16)),
+    ("dtp_r16_ngroups5", dict(M1, nheads=130, ngroups=5, group_dim=True, dt_rank=16)),
+]
+SSU_CUDA_CASES = SSU_CASES + SSU_EXTRA_CASES + SSU_TILE_CASES + SSU_DT_PROJ_CUDA_CASES
 
 
 @pytest.mark.parametrize("name,params", SSU_CUDA_CASES, ids=_ids(SSU_CUDA_CASES))
@@ -642,6 +666,19 @@ def test_selective_state_update_cuda_strided_A():
     kw = ssu_inputs(**dict(M1, nheads=37))
     kw["A"] = kw["A"].t().contiguous().t()
     check_op(ops.selective_state_update, kw, ("out", "ssm_state"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, bf16])
+def test_selective_state_update_cuda_dt_proj_vector_tail(dtype):
+    """dt_rank 13 with 16-byte aligned rows (strides padded to 16 elements): whole 16-byte chunks
+    of the projection, then a scalar tail, on the same lanes."""
+    kw = ssu_inputs(**dict(M1, nheads=130, dt_rank=13, dtype=dtype))
+
+    def padded(t):
+        return torch.zeros(t.shape[0], 16, dtype=t.dtype)[:, :13].copy_(t)
+
+    kw["dt"], kw["dt_proj_weight"] = padded(kw["dt"]), padded(kw["dt_proj_weight"])
+    check_op(ops.selective_state_update, kw, ("out", "ssm_state"), dtype)
 
 
 @pytest.mark.parametrize("form", ["mamba1", "mamba2"])
@@ -1001,6 +1038,7 @@ SSU_BAD_SLOT_SHAPES = [
     ("base", {}),
     ("mamba1_dim130", dict(M1, nheads=130, dtype=bf16)),
     ("mamba2_p64_n128", dict(nheads=2, headdim=64, dstate=128, ngroups=1)),
+    ("mamba1_dt_proj", dict(M1, nheads=130, dtype=bf16, dt_rank=160)),
 ]
 
 

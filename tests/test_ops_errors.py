@@ -62,6 +62,9 @@ SCAN_M1 = (ops.selective_scan, lambda: scan_inputs(form="mamba1", nheads=5, dsta
                                                    group_dim=False))
 SSU = (ops.selective_state_update, ssu_inputs)
 SSU_3D = (ops.selective_state_update, lambda: ssu_inputs(x3d=True))
+SSU_DTP = (ops.selective_state_update,
+           lambda: ssu_inputs(form="mamba1", nheads=6, dstate=8, ngroups=1, group_dim=False,
+                              dt_rank=5))
 
 BIG = 2 ** 31
 
@@ -329,6 +332,29 @@ CASES = [
     ("ssu/out_overlaps_state", *SSU,
      lambda k: k.update(out=k["ssm_state"].view(-1)[:36].view(3, 12)),
      "out must not overlap ssm_state"),
+    ("ssu/dt_proj_mamba2_form", *SSU, setk(dt_proj_weight=torch.randn(4, 5)),
+     "dt_proj_weight requires the Mamba-1 form (A of shape (dim, dstate), headdim 1), got A of "
+     "shape [4] and headdim 3"),
+    ("ssu/dt_proj_a_per_state_headdim", SSU[0], lambda: ssu_inputs(a_per_state=True),
+     setk(dt_proj_weight=torch.randn(4, 5)),
+     "dt_proj_weight requires the Mamba-1 form (A of shape (dim, dstate), headdim 1), got A of "
+     "shape [4, 8] and headdim 3"),
+    ("ssu/dt_proj_shape", *SSU_DTP, setk(dt_proj_weight=torch.randn(5, 5)),
+     "dt_proj_weight must have shape (nheads, dt_rank) = (6, dt.size(1)), got [5, 5]"),
+    ("ssu/dt_proj_dims", *SSU_DTP, setk(dt_proj_weight=torch.randn(6)),
+     "dt_proj_weight must have shape (nheads, dt_rank) = (6, dt.size(1)), got [6]"),
+    ("ssu/dt_proj_dtype", *SSU_DTP,
+     lambda k: k.update(dt_proj_weight=k["dt_proj_weight"].half()),
+     "dt_proj_weight must have the dtype of x (float32), got float16"),
+    ("ssu/dt_proj_stride", *SSU_DTP, transposed_last("dt_proj_weight"),
+     "dt_proj_weight must have stride 1 in its last dimension (dt_rank)"),
+    ("ssu/dt_proj_dt_shape", *SSU_DTP, setk(dt=torch.randn(3, 6)),
+     "dt must have shape (batch, dt_rank) with dt_proj_weight = [3, 5], got [3, 6]"),
+    ("ssu/dt_proj_dt_stride", *SSU_DTP, transposed_last("dt"),
+     "dt must have stride 1 in its last dimension (dt_rank)"),
+    ("ssu/out_overlaps_dt_proj_weight", *SSU_DTP,
+     lambda k: k.update(out=k["dt_proj_weight"].reshape(-1)[:18].view(3, 6)),
+     "out must not overlap dt_proj_weight"),
 ]
 
 
@@ -351,6 +377,12 @@ OVERLAP_OPS = {
     "ssu": (ops.selective_state_update, lambda: ssu_inputs(dst=(1, 3, 5)), ("out", "ssm_state"),
             ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices",
              "dst_state_batch_indices")),
+    "ssu_dt_proj": (ops.selective_state_update,
+                    lambda: ssu_inputs(form="mamba1", nheads=6, dstate=8, ngroups=1,
+                                       group_dim=False, dt_rank=5, dst=(1, 3, 5)),
+                    ("out", "ssm_state"),
+                    ("x", "dt", "dt_proj_weight", "A", "B", "C", "D", "z", "dt_bias",
+                     "state_batch_indices", "dst_state_batch_indices")),
 }
 
 OVERLAP_CASES = []
@@ -401,7 +433,7 @@ def test_bad_input(name, op, make, mutate, message):
 
 def test_builders_are_valid():
     """The unmodified inputs pass: each failure above comes from its one mutation."""
-    for op, make in {CONV, CONV_VARLEN, UPD, SCAN, SCAN_VARLEN, SCAN_M1, SSU, SSU_3D}:
+    for op, make in {CONV, CONV_VARLEN, UPD, SCAN, SCAN_VARLEN, SCAN_M1, SSU, SSU_3D, SSU_DTP}:
         op(**make())
 
 

@@ -308,7 +308,18 @@ void selective_state_update_kernel(const SelectiveStateUpdateParams& p) {
       const S* s_in = static_cast<const S*>(p.state) + src * p.state_slot_stride +
                       hd * p.state_head_stride;
       S* s_out = static_cast<S*>(p.state) + dst * p.state_slot_stride + hd * p.state_head_stride;
-      float dt = cpu::load(static_cast<const T*>(p.dt) + b * p.dt_batch_stride + hd);
+      const T* dt_b = static_cast<const T*>(p.dt) + b * p.dt_batch_stride;
+      float dt;
+      if (p.dt_proj_weight) {
+        // The fused dt_proj: fp32 accumulation rounded to the activation dtype, as the GEMM it
+        // replaces stores its output.
+        const T* w = static_cast<const T*>(p.dt_proj_weight) + hd * p.dt_proj_row_stride;
+        float acc = 0.0f;
+        for (int64_t r = 0; r < p.dt_rank; ++r) acc += cpu::load(w + r) * cpu::load(dt_b + r);
+        dt = static_cast<float>(static_cast<T>(acc));
+      } else {
+        dt = cpu::load(dt_b + hd);
+      }
       if (p.dt_bias) dt += p.dt_bias[hd];
       if (p.dt_softplus) dt = cpu::softplus(dt);
       const T* Bb = static_cast<const T*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride;
@@ -367,13 +378,14 @@ void selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
 void selective_state_update_cpu(const at::Tensor& ssm_state, const at::Tensor& x,
                                 const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                                 const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-                                const OptTensor& dt_bias, bool dt_softplus,
-                                const OptTensor& state_batch_indices,
+                                const OptTensor& dt_bias, const OptTensor& dt_proj_weight,
+                                bool dt_softplus, const OptTensor& state_batch_indices,
                                 const OptTensor& dst_state_batch_indices, int64_t pad_slot_id,
                                 const at::Tensor& out) {
   const SelectiveStateUpdateParams p = make_selective_state_update_params(
-      ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-      dst_state_batch_indices, pad_slot_id, out, /*check_index_values=*/true);
+      ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, dt_softplus,
+      state_batch_indices, dst_state_batch_indices, pad_slot_id, out,
+      /*check_index_values=*/true);
   cpu::dispatch_act_state(p.act_dtype, p.state_dtype, "selective_state_update",
                           [&](auto t, auto s) {
                             selective_state_update_kernel<decltype(t), decltype(s)>(p);

@@ -64,13 +64,14 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
 void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& x,
                                  const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                                  const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-                                 const OptTensor& dt_bias, bool dt_softplus,
-                                 const OptTensor& state_batch_indices,
+                                 const OptTensor& dt_bias, const OptTensor& dt_proj_weight,
+                                 bool dt_softplus, const OptTensor& state_batch_indices,
                                  const OptTensor& dst_state_batch_indices, int64_t pad_slot_id,
                                  const at::Tensor& out) {
   const SelectiveStateUpdateParams params = make_selective_state_update_params(
-      ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-      dst_state_batch_indices, pad_slot_id, out, cuda_index_values_checked_on_host());
+      ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, dt_softplus,
+      state_batch_indices, dst_state_batch_indices, pad_slot_id, out,
+      cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(x.device());
   run_selective_state_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }

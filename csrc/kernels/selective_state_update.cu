@@ -14,6 +14,9 @@
 //    are read as 16-byte vectors, B and C are reloaded only where a row's group changes.
 // After the G-lane shuffle reduction every lane holds every row's sum, so the epilogue (D, the z
 // gate, the output) is spread over the G lanes: lane j writes the rows r with r % G == j.
+// Mamba-1 decode may fuse its dt_proj GEMM (dt_proj_weight): a flat-tile row's dt is then the dot
+// product of its weight row with the batch row's low-rank dt, split over the row's G lanes and
+// shuffle-summed where dt is otherwise loaded (project_dt), which saves a GEMM launch per layer.
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -47,12 +50,19 @@ struct StateUpdateTraits {
   // takes 130-190 registers for load-ahead scheduling and leaves 2-3 blocks an SM. Not yet
   // measured.
   static constexpr int kMinBlocks = 4;
+  // Fused dt_proj (project_dt): loop steps whose weight chunks a lane keeps in flight. Two halve
+  // the serial L2 round trips of a long dt_rank (160 in bf16 at 4 lanes a row: 3 instead of 5)
+  // and fit the fp32-state tiles without spills (ptxas, sm_90); the 16-bit-state tiles have no
+  // registers left for a second step (bf16: 28 bytes of spill stores with two, 8 with one).
+  // Latency not yet measured.
+  static constexpr int kDtProjUnroll = sizeof(state_t) == 4 ? 2 : 1;
 
   static_assert(kVec == 1 || kVec * sizeof(state_t) == 16, "kVec must fill 16 bytes or be 1");
   static_assert(kVec == 1 || kVec % 4 == 0, "a vector chunk's A row is whole 16-byte fp32 loads");
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, one block");
   static_assert(kRows >= 1 && (kRows & (kRows - 1)) == 0, "rows per thread: a power of two");
   static_assert(!kHeadTile || kVec > 1, "head tiles serve the vector path only");
+  static_assert(kDtProjUnroll >= 1, "at least one dt_proj chunk in flight");
 };
 
 // Launch-time shape constants, 32-bit: every row index and in-slot offset fits (checked by the
@@ -69,15 +79,67 @@ struct StateUpdateShape {
   int log2_lanes;       // G = 1 << log2_lanes lanes share a row
   int tiles_per_head;   // head tiles: ceil(headdim / rows per block)
   bool a_vec;           // flat vector path: A rows contiguous and 16-byte aligned
+  bool dt_proj_vec;     // fused dt_proj: dt and its weight rows 16-byte aligned
 };
+
+// dt of head h from its raw value: bias, then softplus.
+__device__ __forceinline__ float finish_dt(const SelectiveStateUpdateParams& p, float dt, int h) {
+  if (p.dt_bias) dt += p.dt_bias[h];
+  if (p.dt_softplus) dt = softplus_thresholded(dt);
+  return dt;
+}
 
 template <typename input_t>
 __device__ __forceinline__ float head_dt(const SelectiveStateUpdateParams& p,
                                          const input_t* dt_b, int h) {
-  float dt = to_float(dt_b[h]);
-  if (p.dt_bias) dt += p.dt_bias[h];
-  if (p.dt_softplus) dt = softplus_thresholded(dt);
-  return dt;
+  return finish_dt(p, to_float(dt_b[h]), h);
+}
+
+// The fused dt_proj (Mamba-1, headdim 1): the raw dt of row r is
+// round_to_act_dtype(sum_k W[h[r], k] * dt_lr[k]), accumulated in fp32; the rounding reproduces
+// the activation-dtype output of the dt_proj GEMM this replaces. The G lanes of a row split
+// dt_rank - lane j takes the 16-byte chunks j, j + G, ... (vec: dt_lr, W and their strides
+// 16-byte aligned) and then the tail elements past the last whole chunk - so a row's weights are
+// read once per batch row, spread over its lanes, and each loaded dt_lr chunk serves all kR rows.
+// The xor-shuffle sum leaves every row's total on every lane; every lane must call this.
+template <typename input_t, int kR, int kUnroll>
+__device__ __forceinline__ void project_dt(const SelectiveStateUpdateParams& p,
+                                           const input_t* dt_lr, const int (&h)[kR], int j,
+                                           int log2_lanes, bool vec, float (&dt_raw)[kR]) {
+  constexpr int kDtVec = 16 / sizeof(input_t);
+  constexpr unsigned kFull = 0xffffffffu;
+  const int G = 1 << log2_lanes;
+  const int rank = static_cast<int>(p.dt_rank);
+  const int w_stride = static_cast<int>(p.dt_proj_row_stride);
+  const input_t* W = static_cast<const input_t*>(p.dt_proj_weight);
+  float acc[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) acc[r] = 0.f;
+  const int num_vec = vec ? rank / kDtVec : 0;
+#pragma unroll kUnroll
+  for (int c = j; c < num_vec; c += G) {
+    float d[kDtVec];
+    load_vec<input_t, kDtVec>(dt_lr + c * kDtVec, d);
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      float w[kDtVec];
+      load_vec<input_t, kDtVec>(W + h[r] * w_stride + c * kDtVec, w);
+#pragma unroll
+      for (int i = 0; i < kDtVec; ++i) acc[r] = fmaf(w[i], d[i], acc[r]);
+    }
+  }
+#pragma unroll 1
+  for (int k = num_vec * kDtVec + j; k < rank; k += G) {
+    const float d = to_float(dt_lr[k]);
+#pragma unroll
+    for (int r = 0; r < kR; ++r) acc[r] = fmaf(to_float(W[h[r] * w_stride + k]), d, acc[r]);
+  }
+  for (int offset = G >> 1; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) acc[r] += __shfl_xor_sync(kFull, acc[r], offset);
+  }
+#pragma unroll
+  for (int r = 0; r < kR; ++r) dt_raw[r] = to_float(from_float<input_t>(acc[r]));
 }
 
 // B and C of group g at state n0; C zeroed on lanes past dstate, whose products must add nothing.
@@ -203,6 +265,27 @@ selective_state_update_kernel(SelectiveStateUpdateParams p, StateUpdateShape sh)
         if constexpr (kHeadTile) {
           dt[0] = head_dt(p, dt_b, head);
           dA_head = exp2f(dt[0] * (p.A[head * p.A_head_stride] * kLog2e));
+        } else if (p.dt_proj_weight) {
+          // Flat tiles only: the binding allows dt_proj_weight for the Mamba-1 form (A per
+          // state), which the launcher never gives head tiles.
+          int h[kR];
+#pragma unroll
+          for (int r = 0; r < kR; ++r) h[r] = head_of(r);
+          project_dt<input_t, kR, Traits::kDtProjUnroll>(p, dt_b, h, j, sh.log2_lanes,
+                                                         sh.dt_proj_vec, dt);
+          if (spread) {
+            float own = dt[0];
+#pragma unroll
+            for (int r = 1; r < kR; ++r) {
+              if (r == mine) own = dt[r];
+            }
+            own = finish_dt(p, own, head_of(mine));
+#pragma unroll
+            for (int r = 0; r < kR; ++r) dt[r] = __shfl_sync(kFull, own, r, G);
+          } else {
+#pragma unroll
+            for (int r = 0; r < kR; ++r) dt[r] = finish_dt(p, dt[r], h[r]);
+          }
         } else if (spread) {
           const float own = head_dt(p, dt_b, head_of(mine));
 #pragma unroll
@@ -363,6 +446,10 @@ void launch_state_update(const SelectiveStateUpdateParams& p, cudaStream_t strea
     throw std::runtime_error(
         "tpssm selective_state_update: a state slot must span fewer than 2^31 elements");
   }
+  if (p.dt_proj_weight && (p.nheads - 1) * p.dt_proj_row_stride + p.dt_rank > INT_MAX) {
+    throw std::runtime_error(
+        "tpssm selective_state_update: dt_proj_weight must span fewer than 2^31 elements");
+  }
   StateUpdateShape sh{};
   sh.batch = static_cast<int>(p.batch);
   sh.rows = static_cast<int>(p.nheads * p.headdim);
@@ -375,6 +462,9 @@ void launch_state_update(const SelectiveStateUpdateParams& p, cudaStream_t strea
   sh.log2_lanes = log2_ceil(std::min(sh.num_chunks, 32));
   sh.a_vec = p.a_is_per_state && p.A_state_stride == 1 && p.A_head_stride % 4 == 0 &&
              is_aligned(p.A, 16);
+  constexpr int kDtVec = 16 / sizeof(input_t);
+  sh.dt_proj_vec = p.dt_proj_weight && is_aligned(p.dt, 16) && is_aligned(p.dt_proj_weight, 16) &&
+                   p.dt_batch_stride % kDtVec == 0 && p.dt_proj_row_stride % kDtVec == 0;
   if (!vec_ok) {
     launch_state_update_with<StateUpdateTraits<input_t, state_t, 1, false>>(p, sh, stream);
     return;

@@ -205,8 +205,14 @@ struct SelectiveStateUpdateParams {
 
   const void* x;        // (batch, nheads * headdim)
   int64_t x_batch_stride;
-  const void* dt;       // (batch, nheads)
+  const void* dt;       // (batch, nheads), or (batch, dt_rank) with dt_proj_weight
   int64_t dt_batch_stride;
+  // (nheads, dt_rank), last dim contiguous, or nullptr. Mamba-1 form only: dt of head h is then
+  // round_to_act_dtype(sum_r dt_proj_weight[h, r] * dt[b, r]), accumulated in fp32 (the rounding
+  // reproduces the activation-dtype output of the dt_proj GEMM this replaces).
+  const void* dt_proj_weight;
+  int64_t dt_rank;
+  int64_t dt_proj_row_stride;
   const float* A;       // (nheads, dstate) or (nheads,)
   int64_t A_head_stride;
   int64_t A_state_stride;

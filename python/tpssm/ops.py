@@ -216,6 +216,7 @@ def selective_state_update(
     z: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     *,
+    dt_proj_weight: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     state_batch_indices: Optional[torch.Tensor] = None,
     dst_state_batch_indices: Optional[torch.Tensor] = None,
@@ -226,6 +227,11 @@ def selective_state_update(
 
     x, z: (batch, dim) or (batch, nheads, headdim); dt: (batch, dim) (Mamba1) or (batch, nheads);
     B, C: (batch, ngroups, dstate) or (batch, dstate).
+    dt_proj_weight (Mamba1 form only: A (dim, dstate)): (dim, dt_rank) in x's dtype, last
+    dimension dense. dt is then the low-rank dt, (batch, dt_rank) with a dense last dimension
+    (x_proj's first dt_rank columns, a column slice), and the op computes Mamba1's dt_proj inside
+    the kernel: dt[b, c] = sum_r dt_proj_weight[c, r] * dt[b, r], accumulated in fp32 and rounded
+    to x's dtype (as the dt_proj GEMM's output), before dt_bias and the softplus.
     ssm_state: (num_slots, dim, dstate) or (num_slots, nheads, headdim, dstate). Row b reads slot
     state_batch_indices[b] and writes slot dst_state_batch_indices[b] (the same slot when None):
     a state can be forked without copies. A write slot must not be another row's read slot.
@@ -234,8 +240,9 @@ def selective_state_update(
     """
     if out is None:
         out = torch.empty_like(x)
-    _ops.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                state_batch_indices, dst_state_batch_indices, pad_slot_id, out)
+    _ops.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight,
+                                dt_softplus, state_batch_indices, dst_state_batch_indices,
+                                pad_slot_id, out)
     return out
 
 
@@ -346,9 +353,9 @@ def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ss
 
 
 @torch.library.register_fake("tpssm::selective_state_update")
-def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                 state_batch_indices, dst_state_batch_indices, pad_slot_id,
-                                 out) -> None:
+def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight,
+                                 dt_softplus, state_batch_indices, dst_state_batch_indices,
+                                 pad_slot_id, out) -> None:
     _check_out_like("selective_state_update", out, x, "x")
 
 

@@ -56,12 +56,14 @@ void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tens
 }
 void selective_state_update(const at::Tensor& s, const at::Tensor& x, const at::Tensor& dt,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                            const OptTensor& D, const OptTensor& z, const OptTensor& db, bool sp,
+                            const OptTensor& D, const OptTensor& z, const OptTensor& db,
+                            const OptTensor& dtw, bool sp,
                             const OptTensor& src, const OptTensor& dst, int64_t pad,
                             const at::Tensor& out) {
   reset();
-  auto p = tpssm::make_selective_state_update_params(s, x, dt, A, B, C, D, z, db, sp, src, dst, pad,
-                                                     out, tpssm::cuda_index_values_checked_on_host());
+  auto p = tpssm::make_selective_state_update_params(
+      s, x, dt, A, B, C, D, z, db, dtw, sp, src, dst, pad, out,
+      tpssm::cuda_index_values_checked_on_host());
   tpssm::run_selective_state_update(p, nullptr);
 }
 void add_rms_norm(const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight,

@@ -140,15 +140,21 @@ class Mamba1Mixer(nn.Module):
             x_dbl = self.kernels.gated_rms_norm(x_dbl, None, self.config.mixer_rms_eps,
                                                 group_size=N, first_group_size=R)
             dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
+        if meta.is_decode:
+            # The state update projects the low-rank dt itself (one launch fewer per layer).
+            return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta,
+                              dt_proj_weight=self.dt_proj_weight)
         dt = F.linear(dt, self.dt_proj_weight)
         return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta)
 
     # --- shared
-    def _scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, meta: BatchMeta, out=None):
+    def _scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, meta: BatchMeta, out=None,
+              dt_proj_weight=None):
+        """dt_proj_weight (decode only): dt is low-rank and the state update projects it."""
         k = self.kernels
         if meta.is_decode:
             return k.selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_bias,
-                                            dt_softplus=True,
+                                            dt_proj_weight=dt_proj_weight, dt_softplus=True,
                                             state_batch_indices=meta.cache_indices, out=out)
         return k.selective_scan(x, dt, A, B, C, D, z, dt_bias, delta_softplus=True,
                                 ssm_states=ssm_state, query_start_loc=meta.query_start_loc,
@@ -443,6 +449,9 @@ class MultiHeadMamba1Mixer(Mamba1Mixer):
              meta: BatchMeta) -> torch.Tensor:
         dbl = self._x_proj(x)
         R, N = self.dt_rank, self.d_state
+        # Per-head dt_proj: the GEMMs stay even in decode. The fused projection of the state
+        # update takes one (dim, dt_rank) weight against one low-rank dt per batch row, while
+        # each head here projects its own low-rank dt.
         dt = torch.cat([F.linear(dbl[:, i, :R], w) for i, w in enumerate(self.dt_proj_weights)],
                        dim=1)
         B, C = dbl[..., R:R + N], dbl[..., R + N:]

@@ -251,6 +251,7 @@ def selective_state_update_ref(
     z: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     *,
+    dt_proj_weight: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     state_batch_indices: Optional[torch.Tensor] = None,
     dst_state_batch_indices: Optional[torch.Tensor] = None,
@@ -262,7 +263,13 @@ def selective_state_update_ref(
     (batch, dim) or (batch, nheads, headdim); dt: (batch, dim) (Mamba1) or (batch, nheads);
     B, C: (batch, ngroups, dstate) or (batch, dstate); ssm_state (num_slots, dim, dstate) or
     (num_slots, nheads, headdim, dstate) is read at state_batch_indices[b] and written at
-    dst_state_batch_indices[b]."""
+    dst_state_batch_indices[b].
+
+    With dt_proj_weight (dim, dt_rank), dt is the low-rank dt (batch, dt_rank) and is projected
+    first: dt @ dt_proj_weight.T computed in compute_dtype, then rounded to x's dtype as the ops
+    round it (the output of the dt_proj GEMM they replace). The rounding is kept even in fp64:
+    without it the fp64 reference would miss the 16-bit rounding of dt that every implementation
+    of the model performs, and the tolerance rule would compare against a different function."""
     batch = x.shape[0]
     dim = x[0].numel()
     dstate = B.shape[-1]
@@ -278,7 +285,11 @@ def selective_state_update_ref(
                 dst_state_batch_indices is not None and dst == pad_slot_id):
             continue
         xb = x[b].to(compute_dtype).reshape(nheads, headdim)
-        dtb = dt[b].to(compute_dtype).reshape(nheads, -1)[:, 0]
+        if dt_proj_weight is not None:
+            dtb = (dt_proj_weight.to(compute_dtype) @ dt[b].to(compute_dtype))
+            dtb = dtb.to(x.dtype).to(compute_dtype)
+        else:
+            dtb = dt[b].to(compute_dtype).reshape(nheads, -1)[:, 0]
         if dt_bias is not None:
             dtb = dtb + dt_bias.to(compute_dtype)
         if dt_softplus:
