@@ -271,3 +271,31 @@ def test_norms_equal_transformers_bit_for_bit(dtype):
         want = torch.cat([hf(x[:, :R]), hf(x[:, R:R + N]), hf(x[:, R + N:])], 1)
         got = ops.gated_rms_norm(x, None, 1e-6, group_size=N, first_group_size=R)
         assert torch.equal(got, want), (R, N)
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+def test_decode_dt_proj_fused_equals_the_gemm_path(family, oracles):
+    """Small decode batches project dt inside the state update; larger ones keep the dt_proj
+    GEMM (Mamba1Mixer.fuse_dt_proj_max_batch). Both paths give the same steps (the model test
+    against transformers runs the fused one)."""
+    from tpssm.models import load_model
+
+    model = load_model(oracles.get(family)["path"], backend=BACKEND)
+    prompts = _prompts()
+    logits = {}
+    for fused in (True, False):
+        for layer in model.layers:
+            layer.mixer.fuse_dt_proj_max_batch = 8 if fused else 0
+        cache = model.allocate_cache(len(prompts))
+        slots = _i32(cache.allocate(len(prompts)))
+        ids = torch.tensor([t for p in prompts for t in p])
+        out = model(ids, _qsl([len(p) for p in prompts]), slots,
+                    torch.zeros(len(prompts), dtype=torch.bool), cache)
+        steps = []
+        for _ in range(DECODE_STEPS):
+            out = model.decode(out.argmax(-1), slots, cache)
+            steps.append(out)
+        logits[fused] = torch.stack(steps)
+    err = ((logits[True] - logits[False]).abs().max() / logits[False].abs().max()).item()
+    assert err <= 1e-5, err
+    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))

@@ -85,6 +85,9 @@ class Mamba1Mixer(nn.Module):
         # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
         # set_scan_algorithm changes it for every layer.
         self.scan_algorithm = "auto"
+        # Decode batches up to this size project dt inside the state update (see _ssm). 8: the
+        # decode sizes where launches, not bytes, dominate (kernels-r2.md); not yet measured.
+        self.fuse_dt_proj_max_batch = 8
         self.falcon = config.family == "falcon_mamba"
         E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
                          config.time_step_rank, config.conv_kernel)
@@ -140,8 +143,10 @@ class Mamba1Mixer(nn.Module):
             x_dbl = self.kernels.gated_rms_norm(x_dbl, None, self.config.mixer_rms_eps,
                                                 group_size=N, first_group_size=R)
             dt, B, C = x_dbl[:, :R], x_dbl[:, R:R + N], x_dbl[:, R + N:]
-        if meta.is_decode:
-            # The state update projects the low-rank dt itself (one launch fewer per layer).
+        if meta.is_decode and x.shape[0] <= self.fuse_dt_proj_max_batch:
+            # The state update projects the low-rank dt itself: one launch fewer per layer. Its
+            # blocks re-read the weight rows for every batch row (from L2), so large decode
+            # batches keep the GEMM, which reads the weight once.
             return self._scan(x, dt, self.A, B, C, self.D, z, self.dt_bias, ssm_state, meta,
                               dt_proj_weight=self.dt_proj_weight)
         dt = F.linear(dt, self.dt_proj_weight)
