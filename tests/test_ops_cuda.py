@@ -251,18 +251,21 @@ def test_causal_conv1d_cuda_chunk_len_in_tiles_agree():
 # causal_conv1d_update
 
 
-@pytest.mark.parametrize("name,params", CONV_UPDATE_CASES, ids=_ids(CONV_UPDATE_CASES))
-def test_causal_conv1d_update_cuda(name, params):
-    kw = conv_update_inputs(**params)
+def _check_conv_update(kw, slots):
+    """The op against the reference; padded rows' outputs and unused slots untouched."""
     kw_gpu, before = check_op(ops.causal_conv1d_update, kw, ("out", "conv_state"),
                               kw["x"].dtype)
-    slots = params.get("slots", (4, 1, 2))
     out = kw_gpu["out"].cpu()
     for b, s in enumerate(slots or ()):
         if s == -1:
             assert (out[b] == SENTINEL).all(), "padded output row was written"
     used = slots if slots is not None else range(kw["x"].shape[0])
     assert_slots_untouched(kw_gpu["conv_state"].cpu(), before["conv_state"], used)
+
+
+@pytest.mark.parametrize("name,params", CONV_UPDATE_CASES, ids=_ids(CONV_UPDATE_CASES))
+def test_causal_conv1d_update_cuda(name, params):
+    _check_conv_update(conv_update_inputs(**params), params.get("slots", (4, 1, 2)))
 
 
 # The update kernel: a warp per batch row (4 rows a block), 16-byte channel groups (8 x 16-bit /
@@ -294,15 +297,7 @@ def test_causal_conv1d_update_cuda_vector_path(name, params, layout):
     kw = conv_update_inputs(**params, strided=layout == "misaligned")
     if layout == "aligned_slice":
         kw["x"], kw["out"] = aligned_slice(kw["x"]), aligned_slice(kw["out"])
-    kw_gpu, before = check_op(ops.causal_conv1d_update, kw, ("out", "conv_state"),
-                              kw["x"].dtype)
-    slots = params.get("slots")
-    out = kw_gpu["out"].cpu()
-    for b, s in enumerate(slots or ()):
-        if s == -1:
-            assert (out[b] == SENTINEL).all(), "padded output row was written"
-    used = slots if slots is not None else range(kw["x"].shape[0])
-    assert_slots_untouched(kw_gpu["conv_state"].cpu(), before["conv_state"], used)
+    _check_conv_update(kw, params.get("slots"))
 
 
 @pytest.mark.usefixtures("_device_index_checks_only")

@@ -62,9 +62,9 @@ __all__ = [
     "SCAN_ALGORITHMS",
     "add_rms_norm",
     "causal_conv1d",
+    "causal_conv1d_update",
     "gated_rms_norm",
     "gated_sum_squares",
-    "causal_conv1d_update",
     "selective_scan",
     "selective_state_update",
 ]
@@ -285,8 +285,7 @@ def gated_rms_norm(
     the norm), and without z and weight a weightless RMSNorm (Falcon-Mamba's dt / B / C norms).
     A row's columns form groups of `group_size` adjacent columns (0: one group of all of them),
     the first of `first_group_size` columns when given (> 0); the groups must tile the row.
-    Per row and group:
-    v = x * silu(z) in fp32; out = weight * round(v * rsqrt(mean(v^2) + eps)), rounded to x's dtype
+    Per row and group: v = x * silu(z) in fp32; out = weight * round(v * rsqrt(mean(v^2) + eps)), rounded to x's dtype
     before the weight multiply (in x's dtype), as the models' torch code rounds.
     x, out: (rows, dim), float32 / float16 / bfloat16, last dim contiguous (column slices of a wider
     buffer are fine); z: like x, or None; weight: (dim,) of x's dtype, or None.

@@ -85,8 +85,10 @@ class Mamba1Mixer(nn.Module):
         # selective_scan's algorithm for prefill (tpssm.ops.selective_scan); the model's
         # set_scan_algorithm changes it for every layer.
         self.scan_algorithm = "auto"
-        # Decode batches up to this size project dt inside the state update (see _ssm). 8: the
-        # decode sizes where launches, not bytes, dominate (kernels-r2.md); not yet measured.
+        # Decode batches up to this size project dt inside the state update (see _ssm). 8 is a
+        # guess, not yet measured: small decode steps are launch-bound, so the launch saved
+        # outweighs the weight re-reads; at 64 rows the re-reads (~105 MB of L2 traffic at
+        # mamba-2.8b tp 1, against ~42 MB of state) would not.
         self.fuse_dt_proj_max_batch = 8
         self.falcon = config.family == "falcon_mamba"
         E, D, N, R, K = (config.intermediate_size, config.hidden_size, config.state_size,
