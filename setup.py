@@ -36,6 +36,8 @@ CPU_SOURCES = [
     "csrc/cpu/qallreduce_cpu.cpp",
     "csrc/norm_ops.cpp",
     "csrc/cpu/norm_cpu.cpp",
+    "csrc/attention_ops.cpp",
+    "csrc/cpu/attention_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
@@ -48,6 +50,8 @@ CUDA_SOURCES = [
     "csrc/cuda/qallreduce_cuda_ops.cpp",
     "csrc/kernels/rms_norm.cu",
     "csrc/cuda/norm_cuda_ops.cpp",
+    "csrc/kernels/attention.cu",
+    "csrc/cuda/attention_cuda_ops.cpp",
 ]
 
 

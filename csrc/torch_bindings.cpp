@@ -42,6 +42,11 @@ TORCH_LIBRARY(tpssm, m) {
   m.def(
       "gated_sum_squares(Tensor x, Tensor? z, int group_size, int first_group_size, "
       "Tensor(a!) out) -> ()");
+  // Decode attention read in place from the KV cache (kernels/attention_params.h): row b attends
+  // keys 0 .. lengths[b] - 1 of cache row rows[b]; a bad row or a length <= 0 gives zeros.
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor lengths, "
+      "float scale, Tensor(a!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
   // Quantized two-shot all-reduce (design: docs/qallreduce.md; layout:
   // kernels/qallreduce_params.h).

@@ -16,7 +16,7 @@ REQUIRED = os.environ.get("TPSSM_REQUIRE_CUDA_BUILD", "0") == "1"
 def test_cpu_kernels_registered():
     for op in ("causal_conv1d", "causal_conv1d_update", "selective_scan",
                "selective_state_update", "qar_quantize_pack", "qar_reduce_requant",
-               "qar_dequant"):
+               "qar_dequant", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{op}", "CPU"), op
 
 
@@ -24,7 +24,7 @@ def test_cpu_kernels_registered():
 def test_cuda_kernels_built_and_nccl_linked():
     assert tpssm.has_cuda_kernels()
     for op in ("causal_conv1d", "selective_scan", "selective_state_update",
-               "qar_nccl_all_reduce", "qar_loopback"):
+               "qar_nccl_all_reduce", "qar_loopback", "decode_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tpssm::{op}", "CUDA"), op
     needed = subprocess.run(["objdump", "-p", tpssm._C.__file__], capture_output=True,
                             text=True, check=True).stdout

@@ -58,6 +58,17 @@ def _sum_squares_args():
     return (buf[:, :48], buf[:, 50:98], 16, 0, torch.empty(3, 3))
 
 
+def _attention_args(index_dtype):
+    g = torch.Generator().manual_seed(2)
+    kv = torch.randn(2, 3, 4, 8, 16, generator=g, dtype=torch.float16)  # k, v of 3 slots
+    q = torch.randn(2, 2, 16, generator=g, dtype=torch.float16)
+    rows = torch.tensor([2, 0], dtype=index_dtype)
+    lengths = torch.tensor([3, 8], dtype=index_dtype)
+    out = torch.empty(2, 2, 16, dtype=torch.float16)
+    # k and v as head slices (strided, offset) of one buffer
+    return (q, kv[0, :, ::2], kv[1, :, 1:3], rows, lengths, 0.25, out)
+
+
 OPCHECK_CASES = [
     ("conv_full", _tp.causal_conv1d.default, lambda: _conv_args(conv_inputs(
         varlen=True, seqlens=(3, 0, 2), slots=(1, -1, 0), initial=(True, False, False)))),
@@ -83,6 +94,9 @@ OPCHECK_CASES = [
     ("gated_rms_norm", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=True)),
     ("gated_rms_norm_none", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=False)),
     ("gated_sum_squares", _tp.gated_sum_squares.default, _sum_squares_args),
+    ("decode_attention", _tp.decode_attention.default, lambda: _attention_args(torch.int64)),
+    ("decode_attention_int32", _tp.decode_attention.default,
+     lambda: _attention_args(torch.int32)),
 ]
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "add_rms_norm",
     "causal_conv1d",
     "causal_conv1d_update",
+    "decode_attention",
     "gated_rms_norm",
     "gated_sum_squares",
     "selective_scan",
@@ -320,6 +321,33 @@ def gated_sum_squares(
     return out
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode attention read in place from a slot-indexed KV cache: for every row b and head h,
+    out[b, h] = softmax(scale * K[rows[b], h, :n] q[b, h]) V[rows[b], h, :n] with
+    n = min(lengths[b], max_len), fp32 accumulation. Only the keys a row holds are read (no
+    gather of the slot, no mask).
+    q, out: (B, H, head_dim), float32 / float16 / bfloat16; k_cache, v_cache: (num_slots, H,
+    max_len, head_dim) of q's dtype; every head_dim contiguous (other strides free: a head or
+    column slice of a wider cache is fine), head_dim <= 256; rows, lengths: (B,) int64 or int32.
+    Values are never checked on the host (no sync; CUDA-graph capturable), on the CPU as on CUDA:
+    a row outside [0, num_slots) or a length <= 0 gives out[b] = 0, and lengths clamp to
+    max_len. out must not overlap any input. Returns out (allocated when not given).
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _ops.decode_attention(q, k_cache, v_cache, rows, lengths, scale, out)
+    return out
+
+
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
 # needs no shape logic; they check the one rule a traced graph could otherwise get wrong silently
 # (out shaped and typed like the input it mirrors). The real ops check everything else.
@@ -373,3 +401,8 @@ def _gated_rms_norm_fake(x, z, weight, group_size, first_group_size, eps, sum_sq
 def _gated_sum_squares_fake(x, z, group_size, first_group_size, out) -> None:
     torch._check(out.dtype == torch.float32,
                  lambda: f"gated_sum_squares: out must be float32, got {out.dtype}")
+
+
+@torch.library.register_fake("tpssm::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out) -> None:
+    _check_out_like("decode_attention", out, q, "q")

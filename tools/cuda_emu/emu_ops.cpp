@@ -4,6 +4,8 @@
 #include "kernels/ssm_kernels.h"  // the transformed copies (build dir first on the include path)
 #include "kernels/norm_kernels.h"
 #include "norm_ops.h"
+#include "kernels/attention_kernels.h"
+#include "attention_ops.h"
 
 thread_local uint3 emu_threadIdx;
 thread_local uint3 emu_blockIdx;
@@ -86,6 +88,13 @@ void gated_sum_squares(const at::Tensor& x, const OptTensor& z, int64_t group_si
   auto p = tpssm::make_gated_sum_squares_params(x, z, group_size, first_group_size, out);
   tpssm::run_gated_sum_squares(p, nullptr);
 }
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& rows, const at::Tensor& lengths, double scale,
+                      const at::Tensor& out) {
+  reset();
+  auto p = tpssm::make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out);
+  tpssm::run_decode_attention(p, nullptr);
+}
 void set_sm_count(int n) { emu_sm_count = n; }
 void set_max_grid_y(int n) { emu_max_grid_y = n; }
 
@@ -97,6 +106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("gated_rms_norm", &gated_rms_norm);
   m.def("gated_sum_squares", &gated_sum_squares);
+  m.def("decode_attention", &decode_attention);
   m.def("set_sm_count", &set_sm_count);
   m.def("set_max_grid_y", &set_max_grid_y);
 }

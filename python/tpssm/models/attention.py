@@ -10,11 +10,12 @@ A block sees concat([hidden, embedding]) (width 2D) and returns MLP(pre_ff_norm(
   communication: A replicated (every rank computes x A^T, adapter_rank wide), B sharded exactly
   like the rows of the weight it augments.
 
-Attention is torch's scaled_dot_product_attention with the models' scale (head_dim / 2) ** -0.5.
-A prefill-style batch runs one attention per sequence over the slot's cached keys plus the
-chunk's (a continuation chunk takes a lower-right-aligned causal mask); a decode batch is one
-batched call over every row's slot with a length mask, entirely on the device (no host sync:
-CUDA-graph capturable).
+Attention uses the models' scale (head_dim / 2) ** -0.5. A prefill-style batch runs torch's
+scaled_dot_product_attention once per sequence over the slot's cached keys plus the chunk's (a
+continuation chunk takes a lower-right-aligned causal mask); a decode batch is one
+decode_attention call (tpssm.ops: reads each row's cached keys in place, only as many as the row
+holds; the reference backend: gather of the slots + masked SDPA), entirely on the device (no
+host sync: CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
+from tpssm.models.kernels import get_backend
 from tpssm.models.model import RMSNorm
 from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, ranges_size
 
@@ -233,9 +235,11 @@ class SharedBlock(nn.Module):
     number."""
 
     def __init__(self, cfg: AttentionConfig, visits: Sequence[int], ctx: TPContext,
-                 dtype: torch.dtype, allreduce: Union[str, AllReduce] = "exact"):
+                 dtype: torch.dtype, allreduce: Union[str, AllReduce] = "exact",
+                 backend: str = "ops"):
         super().__init__()
         self.cfg = cfg
+        self.decode_attention = get_backend(backend).decode_attention
         self.ctx = ctx
         allreduce = AllReduce.of(ctx, allreduce)
         dev = ctx.device
@@ -377,14 +381,7 @@ class SharedBlock(nn.Module):
 
     def _decode_attention(self, q, k, v, rows, past, k_cache, v_cache) -> torch.Tensor:
         """One token per row, all on the device: write each row's key / value at position
-        past[row] of cache row rows[row], attend over the row's slot with a length mask."""
+        past[row] of cache row rows[row], then attend over the row's first past + 1 keys."""
         k_cache[rows, :, past] = k
         v_cache[rows, :, past] = v
-        ks = k_cache.index_select(0, rows)         # (B, H, max_len, hd)
-        vs = v_cache.index_select(0, rows)
-        max_len = k_cache.shape[2]
-        mask = (torch.arange(max_len, device=q.device)[None, :] <= past[:, None])
-        out = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs,
-                                             attn_mask=mask[:, None, None, :],
-                                             scale=self.cfg.scale)
-        return out[:, :, 0, :]
+        return self.decode_attention(q, k_cache, v_cache, rows, past + 1, self.cfg.scale)

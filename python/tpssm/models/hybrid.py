@@ -73,7 +73,7 @@ class HybridForCausalLM(CausalLM):
         self.blocks = nn.ModuleList([
             SharedBlock(config.attention, [k for k in range(nvisits)
                                            if self.block_of_visit[k] == b],
-                        self.ctx, dtype, **comm)
+                        self.ctx, dtype, backend=backend, **comm)
             for b in range(nblocks)])
 
     # ----------------------------------------------------------------------------- loading

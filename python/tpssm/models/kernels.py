@@ -66,10 +66,26 @@ def _gated_sum_squares_torch(x, *, z=None, group_size=0, first_group_size=0, out
     return y if out is None else out.copy_(y)
 
 
+def _decode_attention_torch(q, k_cache, v_cache, rows, lengths, scale, *, out=None):
+    """decode_attention as gather + masked SDPA (the models' torch code before the op): each
+    row's whole slot is gathered and keys at or past its length are masked. Rows must be valid
+    and lengths in [1, max_len] (the model guarantees both)."""
+    import torch
+    import torch.nn.functional as F
+
+    ks = k_cache.index_select(0, rows)         # (B, H, max_len, hd)
+    vs = v_cache.index_select(0, rows)
+    max_len = k_cache.shape[2]
+    mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    y = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs,
+                                       attn_mask=mask[:, None, None, :], scale=scale)[:, :, 0, :]
+    return y if out is None else out.copy_(y)
+
+
 def get_backend(name: str = "ops") -> SimpleNamespace:
     """Namespace with causal_conv1d, causal_conv1d_update, selective_scan,
-    selective_state_update, add_rms_norm, gated_rms_norm and gated_sum_squares for backend `name`
-    ("ops" or "reference")."""
+    selective_state_update, add_rms_norm, gated_rms_norm, gated_sum_squares and decode_attention
+    for backend `name` ("ops" or "reference")."""
     if name == "ops":
         from tpssm import ops
 
@@ -82,6 +98,7 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             add_rms_norm=ops.add_rms_norm,
             gated_rms_norm=ops.gated_rms_norm,
             gated_sum_squares=ops.gated_sum_squares,
+            decode_attention=ops.decode_attention,
         )
     if name == "reference":
         from tpssm import reference
@@ -95,5 +112,6 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             add_rms_norm=_add_rms_norm_torch,
             gated_rms_norm=_gated_rms_norm_torch,
             gated_sum_squares=_gated_sum_squares_torch,
+            decode_attention=_decode_attention_torch,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -23,3 +23,4 @@ from tpssm.reference.norm import (  # noqa: F401,E402
     gated_rms_norm_ref,
     gated_sum_squares_ref,
 )
+from tpssm.reference.attention import decode_attention_ref  # noqa: F401,E402

@@ -1,0 +1,79 @@
+"""The decode_attention CUDA kernel against the float64 reference and the CPU op (on a GPU, or
+emulated on the CPU: make test-cuda-emu). Skipped without either."""
+
+import pytest
+import torch
+
+import tpssm
+from test_attention_ops import CASES, DTYPE_IDS, DTYPES, _inputs, _lengths, check_vs_ref
+from tpssm import ops
+
+if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
+    pytest.skip("needs a CUDA device and a build with the CUDA kernels", allow_module_level=True)
+
+CUDA = torch.device("cuda")
+
+
+def dev(t):
+    """t on the device with its strides (a slice stays a slice of a copied buffer)."""
+    base = t if t._base is None else t._base
+    return base.to(CUDA, copy=True).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def run_both(q, k, v, rows, lengths, scale, out=None):
+    """(device result on the CPU, the registered CPU op's result)."""
+    cpu = torch.empty(q.shape, dtype=q.dtype)
+    torch.ops.tpssm.decode_attention(q, k, v, rows, lengths, scale, cpu)
+    got = ops.decode_attention(dev(q), dev(k), dev(v), dev(rows), dev(lengths), scale,
+                               out=None if out is None else dev(out))
+    return got.cpu(), cpu
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_kernel_against_the_reference_and_the_cpu_op(case, dtype):
+    batch, heads, hd, max_len, kind = case
+    q, k, v = _inputs(batch, heads, hd, 5, max_len, dtype, seed=1)
+    rows = torch.tensor([4, 0, 2, 1, 3][:batch])
+    lengths = _lengths(kind, batch, max_len)
+    got, cpu = run_both(q, k, v, rows, lengths, hd ** -0.5)
+    check_vs_ref(got, q, k, v, rows, lengths, hd ** -0.5, dtype, "kernel")
+    check_vs_ref(cpu, q, k, v, rows, lengths, hd ** -0.5, dtype, "cpu op")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_strided_caches_repeated_rows_int32(dtype):
+    q, k, v = _inputs(6, 4, 80, 4, 21, dtype, strided=True, seed=2)
+    rows = torch.tensor([2, 2, 0, 3, 0, 1], dtype=torch.int32)
+    lengths = torch.tensor([21, 5, 1, 17, 20, 2], dtype=torch.int32)
+    got, _ = run_both(q, k, v, rows, lengths, 0.3)
+    check_vs_ref(got, q, k, v, rows, lengths, 0.3, dtype)
+
+
+def test_cuda_bad_rows_and_lengths_give_zeros_and_lengths_clamp():
+    q, k, v = _inputs(6, 2, 37, 3, 10, torch.float32, seed=3)
+    rows = torch.tensor([-1, 3, 0, 1, 2, 1])
+    lengths = torch.tensor([4, 4, 0, -3, 25, 10])
+    got, cpu = run_both(q, k, v, rows, lengths, 0.5, out=torch.full_like(q, 7.0))
+    assert (got[:4] == 0).all()
+    check_vs_ref(got, q, k, v, rows, lengths, 0.5, torch.float32)
+    assert torch.allclose(got, cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_capture():
+    """The op allocates nothing but out and never syncs: it replays inside a CUDA graph with
+    new lengths."""
+    q, k, v = (dev(t) for t in _inputs(3, 4, 64, 4, 32, torch.float16, seed=4))
+    rows = torch.tensor([3, 0, 1], device=CUDA)
+    lengths = torch.tensor([1, 2, 3], device=CUDA)
+    out = torch.empty_like(q)
+    ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out)
+    lengths.copy_(torch.tensor([32, 17, 5]))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_vs_ref(out.cpu(), q.cpu(), k.cpu(), v.cpu(), rows.cpu(), lengths.cpu(), 0.125,
+                 torch.float16)
