@@ -68,7 +68,7 @@ def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: t
     return config, model
 
 
-def _median_ms(fn, steps: int, cuda: bool, device) -> float:
+def _median_ms(fn, steps: int, cuda: bool) -> float:
     times = []
     for _ in range(steps):
         if cuda:
@@ -116,7 +116,7 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
         step()  # warm-up: kernels loaded, allocator blocks ready, plans built
         if cuda:
             torch.cuda.synchronize(device)
-        step_ms = _median_ms(step, steps, cuda, device)
+        step_ms = _median_ms(step, steps, cuda)
         activities = [torch.profiler.ProfilerActivity.CUDA if cuda
                       else torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities) as prof:

@@ -18,7 +18,6 @@
 // product of its weight row with the batch row's low-rank dt, split over the row's G lanes and
 // shuffle-summed where dt is otherwise loaded (project_dt), which saves a GEMM launch per layer.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -385,23 +384,9 @@ selective_state_update_kernel(SelectiveStateUpdateParams p, StateUpdateShape sh)
   }
 }
 
-// gridDim.y limit of the current device (65535 on every architecture so far), cached per device:
-// larger batches loop over batch rows inside the kernel.
-int device_max_grid_y() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int device = 0;
-  TPSSM_CUDA_CHECK(cudaGetDevice(&device));
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  TPSSM_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxGridDimY, device));
-  if (cached) cache[device].store(v, std::memory_order_relaxed);
-  return v;
-}
+// gridDim.y limit of the current device (65535 on every architecture so far): larger batches
+// loop over batch rows inside the kernel.
+int device_max_grid_y() { return cached_device_attribute<3>(cudaDevAttrMaxGridDimY); }
 
 inline int log2_ceil(int64_t v) {
   int l = 0;
