@@ -204,7 +204,7 @@ elif [ -x "$SAN" ]; then
     $PY benchmarks/sanitize_cases.py
   if [ $HAVE_CMAKE -eq 0 ]; then
     stage sanitizer_racecheck_py 120 "$SAN" --tool racecheck --error-exitcode 3 \
-      $PY benchmarks/sanitize_cases.py conv scan ssd
+      $PY benchmarks/sanitize_cases.py conv scan staged ssd
   fi
 else
   SUMMARY+=("$(printf '%-26s %-12s' sanitizer "skipped (no compute-sanitizer)")")

@@ -7,7 +7,7 @@ tensors.
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py [GROUP ...]
 
-GROUPs (default all): conv, scan, ssd, malformed. The malformed-index group only matters to
+GROUPs (default all): conv, scan, staged, ssd, malformed. The malformed-index group only matters to
 memcheck: its out-of-order sequences race between blocks on purpose, in global memory, which
 racecheck (shared memory) does not examine.
 """
@@ -81,6 +81,24 @@ def scan_cases():
                     torch.randn(h, device=dev), rnd(4, dim), torch.randn(h, device=dev),
                     dt_softplus=True, state_batch_indices=torch.tensor([0, -1, 2, 3], **i32),
                     dst_state_batch_indices=torch.tensor([5, 1, -1, 4], **i32))
+
+
+def staged_scan_cases():
+    """The Mamba1 staged walk with its double-buffered cp.async tiles: 72 channels (a full 2-warp
+    block, then a block of one full warp and one of 8 lanes, which loads per lane), sequences of
+    several 16-token tiles plus a tail, whole-sequence and split plans."""
+    h, n, T = 72, 16, 87
+    qsl = torch.tensor([0, 37, 37, 87], **i32)
+    for split_len in (0, 24):
+        for dtype in (torch.float32, torch.bfloat16):
+            rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+            ops.selective_scan(
+                rnd(T, h), rnd(T, h), -torch.rand(h, n, device=dev), rnd(T, 1, n), rnd(T, 1, n),
+                torch.randn(h, device=dev), rnd(T, h), torch.randn(h, device=dev),
+                delta_softplus=True, ssm_states=torch.randn(4, h, n, device=dev),
+                query_start_loc=qsl, cache_indices=torch.tensor([2, 0, 3], **i32),
+                has_initial_state=torch.tensor([1, 0, 1], dtype=torch.bool, device=dev),
+                split_len=split_len)
 
 
 def ssd_cases():
@@ -170,7 +188,7 @@ def malformed_index_cases():
                 algorithm="ssd", split_len=split_len)
 
 
-GROUPS = {"conv": conv_cases, "scan": scan_cases, "ssd": ssd_cases,
+GROUPS = {"conv": conv_cases, "scan": scan_cases, "staged": staged_scan_cases, "ssd": ssd_cases,
           "malformed": malformed_index_cases}
 
 if __name__ == "__main__":

@@ -387,15 +387,31 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
 @pytest.mark.parametrize("layout", ["aligned", "strided", "dense"])
 def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
     """The Mamba1 form's staged token tiles: 72 channels (two full warps, one of 8 lanes),
-    sequences of several whole tiles plus a tail (tiles are 16 fp32 / 32 16-bit tokens), chunk
-    boundaries inside tiles; aligned inputs take the 16-byte tile loads, strided ones the
-    per-lane loads."""
+    sequences of several whole tiles plus a tail (tiles of 16 tokens), chunk boundaries inside
+    tiles; aligned inputs take the 16-byte tile copies (B / C also in the 8-lane warp), strided
+    ones the per-lane loads."""
     varlen = layout != "dense"
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=16, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16) if varlen else (67, 67),
                      varlen=varlen, slots=(1, 0, 3, 2) if varlen else (1, 3),
                      initial=(True, False, True, False) if varlen else (True, False),
                      strided=layout == "strided")
+    kw["split_len"] = chunk or 0
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+
+
+@pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+def test_selective_scan_cuda_staged_softplus_range(dtype, chunk):
+    """The staged walk computes softplus(dt) from the exp2 / log2 units with a series where
+    e^x < 1/32 (the CPU op: log1p(exp(x))). Raw dt from -30 to 25, shuffled over tokens and
+    channels, crosses the series, the log branch and the identity above 20."""
+    kw = scan_inputs(dtype=dtype, form="mamba1", nheads=64, dstate=16, ngroups=1,
+                     group_dim=False, seqlens=(40, 40), slots=(1, 3), initial=(True, False))
+    g = torch.Generator().manual_seed(5)
+    n = kw["delta"].numel()
+    raw = torch.linspace(-30.0, 25.0, n)[torch.randperm(n, generator=g)]
+    kw["delta"] = raw.reshape(kw["delta"].shape).to(dtype)
     kw["split_len"] = chunk or 0
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 

@@ -161,9 +161,71 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kN>& pack) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x on the MUFU unit alone (ex2.approx.ftz: ~2 ulp). exp2f wraps the same instruction in a
+// range fix-up (a compare and two predicated multiplies) so that results under 2^-126 come out
+// as denormals; a scan decay that small is zero to fp32 working precision, and the fix-up was a
+// third of the Mamba1 scan's instructions. The host build (tools/cuda_emu) uses exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+// 2^x on the FMA pipe, for a kernel whose MUFU unit is its bound while issue slots are spare:
+// x = i + f with i = round(x) (the 1.5 * 2^23 shift) and f in [-0.5, 0.5]; 2^f from a degree-5
+// near-minimax polynomial (relative error ~2e-7 in fp32 arithmetic, about ex2.approx's), scaled
+// by adding i to the exponent bits (mod 2^32 the shifted bits of the rounding constant vanish).
+// x is clamped to [-127, 127]: near and below -126 the result is 0 or a denormal of the wrong
+// mantissa (zero to working precision for a decay), +inf gives 2^127, and a NaN x gives 0, so a
+// caller must carry NaN through its other terms (a NaN dt reaches the state through dt * u).
+__device__ __forceinline__ float exp2_fma(float x) {
+  x = fminf(fmaxf(x, -127.f), 127.f);
+  const float shifted = x + 12582912.f;  // 1.5 * 2^23: the low mantissa bits hold round(x)
+  const float f = x - (shifted - 12582912.f);
+  float p = 1.3264727e-3f;
+  p = fmaf(p, f, 9.6715127e-3f);
+  p = fmaf(p, f, 5.5507337e-2f);
+  p = fmaf(p, f, 2.4022242e-1f);
+  p = fmaf(p, f, 6.9314698e-1f);
+  p = fmaf(p, f, 1.f);
+  const uint32_t scale = static_cast<uint32_t>(__float_as_int(shifted)) << 23;
+  return __int_as_float(static_cast<int>(static_cast<uint32_t>(__float_as_int(p)) + scale));
+}
+
+// log2 on the MUFU unit (lg2.approx.ftz: absolute error ~2^-22 on [0.5, 2], 2 ulp elsewhere).
+__device__ __forceinline__ float fast_log2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return log2f(x);
+#endif
+}
+
 // softplus with the reference threshold: identity above 20, where log1p(exp(x)) == x in fp32.
 __device__ __forceinline__ float softplus_thresholded(float x) {
   return x <= 20.f ? log1pf(expf(x)) : x;
+}
+
+// The same function for a scan's per-token hot loop, from the MUFU units: log1p(e) with e = e^x
+// is log2(1 + e) * ln 2, or for e < 1/32 (where 1 + e drops e's low bits) the series up to e^5
+// (truncation under e^5 / 6 relative). Relative error under ~1e-5 for x above -87; below, e^x
+// flushes to 0 where the reference keeps a denormal (an absolute error under 1e-38). The accurate
+// log1pf(expf(x)) costs ~35 instructions.
+__device__ __forceinline__ float softplus_fast(float x) {
+  if (x > 20.f) return x;
+  const float e = fast_exp2(x * kLog2e);
+  if (e < 0.03125f) {
+    return e * (1.f + e * (-0.5f + e * (1.f / 3.f + e * (-0.25f + e * 0.2f))));
+  }
+  return fast_log2(1.f + e) * kLn2;
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
@@ -172,10 +234,12 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); 
 __device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.f + __expf(-x)); }
 
 // The scan's dt: bias, optional softplus, then the limits (comparisons, so a NaN stays NaN).
+// kFast: softplus_fast, for kernels where the softplus is a large share of the per-token work.
+template <bool kFast = false>
 __device__ __forceinline__ float scan_dt(float raw, float bias, bool softplus, float dt_min,
                                          float dt_max) {
   float dt = raw + bias;
-  if (softplus) dt = softplus_thresholded(dt);
+  if (softplus) dt = kFast ? softplus_fast(dt) : softplus_thresholded(dt);
   if (dt < dt_min) dt = dt_min;
   if (dt > dt_max) dt = dt_max;
   return dt;

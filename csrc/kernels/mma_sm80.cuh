@@ -100,6 +100,18 @@ __device__ __forceinline__ void cp_async_wait_all() {
   TPSSM_SM80_ONLY(asm volatile("cp.async.wait_all;\n" ::));
 }
 
+// Closes this thread's group of cp.async issued since the last commit (a group may be empty).
+__device__ __forceinline__ void cp_async_commit() {
+  TPSSM_SM80_ONLY(asm volatile("cp.async.commit_group;\n" ::));
+}
+
+// Waits until at most kPending of this thread's committed groups are still in flight (the
+// newest ones): with double buffering, kPending = 1 waits for the older tile only.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  TPSSM_SM80_ONLY(asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)));
+}
+
 #undef TPSSM_SM80_ONLY
 
 }  // namespace tpssm

@@ -22,15 +22,21 @@
 // per sequence and runs pass 3 alone.
 //
 // Staged token tiles (Mamba1 form, one thread per channel, a warp's channels in one group): the
-// direct walk has one token of look-ahead, so each thread waits a full memory latency per token
-// and the GPU sits at a few % of its bandwidth. The staged walk loads a tile of kTile tokens at
-// once - each lane its own channel's u / delta / z, the lanes together the warp's B / C rows -
-// into shared memory (a dozen independent loads in flight per lane), then scans the tile from
-// there. Only lanes of one warp share data, so __syncwarp over the warp's live lanes suffices.
+// direct walk has one token of look-ahead, so each thread waits a full memory latency per token.
+// The staged walk copies tiles of kTile tokens - each warp its 32 channels' u / delta / z rows and
+// its group's B / C rows - into shared memory with 16-byte cp.async, double buffered: the next
+// tile's copies are in flight while the current tile is scanned. Only lanes of one warp share
+// data, so __syncwarp over the warp's live lanes suffices, and blocks are 2 warps. The per-token
+// work is what bounds it (16 exp2 per token and channel, at 16 a clock per SM), so the walk keeps
+// its instructions near the 16 exp2: B / C rows converted to fp32 once per tile for all lanes,
+// exp2 as the bare MUFU instruction and a MUFU softplus (fast_exp2, softplus_fast). sm_90 SASS of
+// the 16-bit output pass: ~156 instructions a token and warp, 20 of them MUFU (~160 MUFU cycles
+// at 4 lanes a clock per SM sub-partition): issue and MUFU are balanced.
 #include <algorithm>
 #include <type_traits>
 
 #include "kernel_utils.cuh"
+#include "mma_sm80.cuh"
 #include "scan_plan.h"
 #include "ssm_kernels.h"
 #include "static_switch.h"
@@ -41,14 +47,12 @@ namespace {
 constexpr int kScanThreads = 128;
 constexpr int kStates = 16;  // states per thread
 
-// Blocks per SM the staged kernels are compiled for (launch bounds only matter to the device
-// passes). sm_90 fits the staged output pass in 128 registers (4 blocks) with a few bytes of
-// spill; on sm_80 / sm_86 that cap spills ~150 bytes a thread, so they take 168 (3 blocks).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kStagedMinBlocks = 3;
-#else
-constexpr int kStagedMinBlocks = 4;
-#endif
+// The staged walk's blocks: 2 warps (the warps share nothing), so that the blocks of a
+// mamba-2.8b tp 1 batch of 8 (8 x 5120 channels: 640 blocks) spread evenly over 132 SMs, where
+// 4-warp blocks left some SMs 3 blocks and others 2; and at most 128 registers (8 blocks an SM,
+// where shared memory allows: StagedLayout).
+constexpr int kStagedThreads = 64;
+constexpr int kStagedMinBlocks = 8;
 
 template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_>
 struct ScanTraits {
@@ -56,12 +60,16 @@ struct ScanTraits {
   using state_t = state_t_;
   static constexpr bool kPerStateA = kPerStateA_;
   static constexpr bool kStaged = kStaged_;
-  // Tokens per staged tile: 32 KB of shared memory per 128-thread block for every input type.
-  static constexpr int kTile = 64 / sizeof(input_t);
-  // Staged: 4 blocks (16 warps) share an SM on sm_90 and hide each other's tile loads
-  // (unbounded, the compiler takes ~170 registers and 3 blocks fit).
+  // Tokens per staged tile: 2 buffers of 4 KB (16-bit) / 8 KB (fp32) a warp, plus 2 KB of
+  // converted B / C rows for 16-bit inputs (StagedLayout).
+  static constexpr int kTile = 16;
   static constexpr int kMinBlocks = kStaged ? kStagedMinBlocks : 1;
-  static constexpr int kThreads = kScanThreads;
+  // Decays of the staged state pass computed by exp2_fma (~10 issue slots each) instead of the
+  // MUFU (8 cycles a warp each). From the pass's sm_90 SASS (not measured): all 16 on the MUFU
+  // are ~109 issue slots against ~144 MUFU cycles a token and warp; 2 on the FMA pipe, ~128 /
+  // ~128.
+  static constexpr int kFmaExpStates = 2;
+  static constexpr int kThreads = kStaged ? kStagedThreads : kScanThreads;
   static constexpr int kStatesPerThread = kStates;
   static constexpr int kPerPack = 16 / sizeof(input_t);  // B / C elements per 16-byte access
   static constexpr int kPacks = kStatesPerThread / kPerPack;
@@ -79,11 +87,12 @@ struct ScanThread {
   unsigned warp_mask;   // and this is their mask
 };
 
+template <typename Traits>
 __device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
                                                  const ScanPlan& plan, ScanThread& t) {
   const int G = plan.group_threads;
   t.lane = threadIdx.x & (G - 1);
-  t.c = static_cast<int64_t>(blockIdx.y) * (kScanThreads / G) + threadIdx.x / G;
+  t.c = static_cast<int64_t>(blockIdx.y) * (Traits::kThreads / G) + threadIdx.x / G;
   if (t.c >= plan.channels) return false;
   t.h = t.c / p.headdim;
   t.pidx = t.c - t.h * p.headdim;
@@ -125,33 +134,141 @@ __device__ __forceinline__ void load_states_row(
   }
 }
 
-// Rows of a full staged tile as 16-byte packs, the warp's 32 lanes taking packs in turn:
-// rows[k][i] <- base[(k0 + k) * token_stride + i] for kTile tokens and i < kWidth. kWidth 32: a
-// stream of the warp's own channels (base at its first channel); kWidth kStates: B or C rows.
-template <typename Traits, int kWidth>
-__device__ __forceinline__ void stage_rows_vec(const typename Traits::input_t* base,
-                                               int64_t token_stride, int64_t k0, int lane,
-                                               typename Traits::input_t (*rows)[kWidth]) {
+// One warp's shared memory in the staged walk (dynamic shared memory, so that cp.async can
+// address it), two tile buffers deep. Element offsets, in input_t unless noted:
+//   own(buf, stream, row): stream 0 u, 1 delta, 2 z; row = token of the tile, 32 channels a row
+//   bc(buf, which, row):   which 0 B, 1 C; kStates states a row
+//   bcf (16-bit inputs, float): the tile's B | C rows converted once for all 32 lanes, 2 kStates a
+//   row (every lane reads every state of B and C per token: converting at the read was ~32 of the
+//   walk's instructions per token)
+template <typename Traits>
+struct StagedLayout {
+  using input_t = typename Traits::input_t;
+  static constexpr int kTile = Traits::kTile;
+  static constexpr bool kConvertBC = !std::is_same<input_t, float>::value;
+  static constexpr int kOwn = kTile * 32;           // one stream of one buffer
+  static constexpr int kBC = kTile * kStates;       // B or C of one buffer
+  static constexpr int kOwnBytes = 2 * 3 * kOwn * sizeof(input_t);
+  static constexpr int kBCBytes = 2 * 2 * kBC * sizeof(input_t);
+  static constexpr int kBCFBytes = kConvertBC ? kTile * 2 * kStates * 4 : 0;
+  static constexpr int kWarpBytes = kOwnBytes + kBCBytes + kBCFBytes;
+  static constexpr int kBlockBytes = kWarpBytes * (Traits::kThreads / 32);
+  static_assert(kOwnBytes % 16 == 0 && kBCBytes % 16 == 0 && kWarpBytes % 16 == 0,
+                "every region starts 16-byte aligned");
+
+  input_t* own_base;
+  input_t* bc_base;
+  float* bcf;
+
+  __device__ __forceinline__ explicit StagedLayout(int warp) {
+    unsigned char* base = dynamic_smem() + warp * kWarpBytes;
+    own_base = reinterpret_cast<input_t*>(base);
+    bc_base = reinterpret_cast<input_t*>(base + kOwnBytes);
+    bcf = reinterpret_cast<float*>(base + kOwnBytes + kBCBytes);
+  }
+  __device__ __forceinline__ input_t* own(int buf, int stream) const {
+    return own_base + (buf * 3 + stream) * kOwn;
+  }
+  __device__ __forceinline__ input_t* bc(int buf, int which) const {
+    return bc_base + (buf * 2 + which) * kBC;
+  }
+};
+
+// kN floats from 16-byte aligned shared memory, as 16-byte loads (a warp's lanes all read the
+// same row: broadcasts).
+template <int kN>
+__device__ __forceinline__ void load_floats(const float* src, float (&dst)[kN]) {
+  static_assert(kN % 4 == 0, "whole 16-byte loads");
+#pragma unroll
+  for (int q = 0; q < kN / 4; ++q) {
+    float v[4];
+    load_vec<float, 4>(src + 4 * q, v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[4 * q + i] = v[i];
+  }
+}
+
+// Loads rows [0, n) of one tile of a warp's own channels (u, delta or z) into `dst` (kTile rows
+// of 32): with `async`, 16-byte cp.async of whole rows (the lanes take packs in turn), else each
+// live lane loads its own channel, a few tokens in flight. `src` is this lane's channel at the
+// tile's first token.
+template <typename Traits>
+__device__ __forceinline__ void stage_own(typename Traits::input_t* dst,
+                                          const typename Traits::input_t* src, int64_t stride,
+                                          int n, int lane, bool async) {
   using input_t = typename Traits::input_t;
   constexpr int kPP = Traits::kPerPack;
-  constexpr int kPacksPerRow = kWidth / kPP;
-  constexpr int kPerLane = Traits::kTile * kPacksPerRow / 32;  // 4 (kWidth 32) or 2 (kStates)
-  static_assert(Traits::kTile * kPacksPerRow % 32 == 0, "whole packs per lane");
-  Pack<input_t, kPP> v[kPerLane];
+  constexpr int kRowPacks = 32 / kPP;
+  constexpr int kPerLane = Traits::kTile * kRowPacks / 32;
+  static_assert(Traits::kTile * kRowPacks % 32 == 0, "whole packs per lane");
+  if (async) {
+    const input_t* warp_src = src - lane;  // the warp's first channel: rows 16-byte aligned
 #pragma unroll
-  for (int q = 0; q < kPerLane; ++q) {
-    const int e = q * 32 + lane;
-    v[q] = load_pack<input_t, kPP>(base + (k0 + e / kPacksPerRow) * token_stride +
-                                   (e % kPacksPerRow) * kPP);
+    for (int q = 0; q < kPerLane; ++q) {
+      const int e = q * 32 + lane;
+      const int row = e / kRowPacks;
+      const int col = (e % kRowPacks) * kPP;
+      if (row < n) {
+        cp_async_16(smem_address(dst + row * 32 + col), warp_src + row * stride + col, true);
+      }
+    }
+    return;
   }
+  constexpr int kBatch = 4;  // loads issued before their shared-memory stores
+  for (int k0 = 0; k0 < n; k0 += kBatch) {
+    input_t v[kBatch];
 #pragma unroll
-  for (int q = 0; q < kPerLane; ++q) {
-    const int e = q * 32 + lane;
-    store_pack<input_t, kPP>(&rows[e / kPacksPerRow][(e % kPacksPerRow) * kPP], v[q]);
+    for (int q = 0; q < kBatch; ++q) {
+      if (k0 + q < n) v[q] = src[(k0 + q) * stride];
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      if (k0 + q < n) dst[(k0 + q) * 32 + lane] = v[q];
+    }
+  }
+}
+
+// Loads rows [0, n) of one tile of the warp's B or C rows (kStates a row, zeros past dstate)
+// over its `live` lanes: with `async` whole 16-byte aligned rows by cp.async, else element by
+// element, a few loads in flight per lane.
+template <typename Traits>
+__device__ __forceinline__ void stage_bc(typename Traits::input_t* dst,
+                                         const typename Traits::input_t* src, int64_t stride,
+                                         int n, int64_t dstate, int lane, int live, bool async) {
+  using input_t = typename Traits::input_t;
+  if (async) {
+    constexpr int kPP = Traits::kPerPack;
+    constexpr int kRowPacks = kStates / kPP;
+    for (int e = lane; e < n * kRowPacks; e += live) {
+      const int row = e / kRowPacks;
+      const int col = (e % kRowPacks) * kPP;
+      cp_async_16(smem_address(dst + row * kStates + col), src + row * stride + col, true);
+    }
+    return;
+  }
+  constexpr int kBatch = 4;
+  const int elems = n * kStates;
+  for (int e0 = 0; e0 < elems; e0 += kBatch * live) {
+    input_t v[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int e = e0 + q * live + lane;
+      const int i = e % kStates;
+      v[q] = e < elems && i < dstate ? src[(e / kStates) * stride + i] : from_float<input_t>(0.f);
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int e = e0 + q * live + lane;
+      if (e < elems) dst[e] = v[q];
+    }
   }
 }
 
 // scan_tokens for the staged plan (G = 1, the warp's channels in one group, dstate <= 16).
+// Per tile: the next tile's loads are issued (cp.async) before this one is scanned, so they are
+// in flight during its exp2 stream; a warp waits for its own copies, then __syncwarp makes all
+// lanes' copies visible. Buffer reuse: tile i + 1 goes to the buffer that tile i - 1 used, whose
+// last reads precede the __syncwarp closing iteration i - 1.
 template <typename Traits, bool kOutput>
 __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
                                                    const ScanPlan& plan, const SeqView& seqs,
@@ -160,19 +277,11 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
                                                    const float (&A2)[kStates], float (&h)[kStates],
                                                    float& dt_sum) {
   using input_t = typename Traits::input_t;
-  constexpr int kPP = Traits::kPerPack;
+  using Layout = StagedLayout<Traits>;
   constexpr int kTile = Traits::kTile;
-  constexpr int kWarps = kScanThreads / 32;
-  constexpr int kBatch = 4;  // loads issued before their shared-memory stores
-  __shared__ __align__(16) input_t s_u[kWarps][kTile][32];
-  __shared__ __align__(16) input_t s_dt[kWarps][kTile][32];
-  __shared__ __align__(16) input_t s_z[kWarps][kOutput ? kTile : 1][32];
-  __shared__ __align__(16) input_t s_B[kWarps][kTile][kStates];
-  __shared__ __align__(16) input_t s_C[kWarps][kOutput ? kTile : 1][kStates];
   if (t_begin >= t_end) return;
-  const int w = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const input_t zero = from_float<input_t>(0.f);
+  const Layout smem(threadIdx.x >> 5);
   const int64_t at_begin = seqs.addr_token(b, t_begin);  // token addresses are contiguous
   const input_t* u = static_cast<const input_t*>(p.u) + seqs.batch_offset(b, p.u_batch_stride) +
                      th.c + at_begin * p.u_token_stride;
@@ -191,111 +300,114 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
                  at_begin * p.out_token_stride;
   const float bias = p.delta_bias ? p.delta_bias[th.h] : 0.f;
   const float Dh = p.D ? p.D[th.h] : 0.f;
+  // 16-byte copies need whole aligned rows: all 32 channels of the warp live (own streams) and
+  // dstate == kStates (B / C, which the live lanes share out whatever their number).
+  const bool own_async = plan.own_vec && th.warp_live == 32;
+  const bool bc_async = plan.bc_vec && p.dstate == kStates;
+  const int64_t len = t_end - t_begin;
 
-  for (int64_t k0 = 0; k0 < t_end - t_begin; k0 += kTile) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kTile), t_end - t_begin - k0));
-    if (plan.own_vec && n == kTile && th.warp_live == 32) {
-      // A whole tile of a whole warp: the 32 channels of a token are 64 or 128 contiguous bytes,
-      // so the lanes load u, delta (and z) as 16-byte packs, 4 per lane and stream, and each
-      // lane writes packs of other lanes' channels (the __syncwarp below orders them).
-      stage_rows_vec<Traits, 32>(u - lane, p.u_token_stride, k0, lane, s_u[w]);
-      stage_rows_vec<Traits, 32>(delta - lane, p.delta_token_stride, k0, lane, s_dt[w]);
-      if constexpr (kOutput) {
-        if (z) stage_rows_vec<Traits, 32>(z - lane, p.z_token_stride, k0, lane, s_z[w]);
+  auto stage = [&](int64_t k0, int buf) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTile), len - k0));
+    stage_own<Traits>(smem.own(buf, 0), u + k0 * p.u_token_stride, p.u_token_stride, n, lane,
+                      own_async);
+    stage_own<Traits>(smem.own(buf, 1), delta + k0 * p.delta_token_stride, p.delta_token_stride,
+                      n, lane, own_async);
+    stage_bc<Traits>(smem.bc(buf, 0), Bp + k0 * p.B_token_stride, p.B_token_stride, n, p.dstate,
+                     lane, th.warp_live, bc_async);
+    if constexpr (kOutput) {
+      if (z) {
+        stage_own<Traits>(smem.own(buf, 2), z + k0 * p.z_token_stride, p.z_token_stride, n,
+                          lane, own_async);
       }
-    } else {
-      // A partial tile or warp, or unaligned inputs: each lane loads its own channel's u, delta
-      // (and z), kBatch tokens of loads in flight.
-      for (int kb = 0; kb < n; kb += kBatch) {
-        input_t ru[kBatch], rd[kBatch], rz[kBatch];
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-          if (kb + q < n) {
-            const int64_t k = k0 + kb + q;
-            ru[q] = u[k * p.u_token_stride];
-            rd[q] = delta[k * p.delta_token_stride];
-            if (z) rz[q] = z[k * p.z_token_stride];
-          }
-        }
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-          if (kb + q < n) {
-            s_u[w][kb + q][lane] = ru[q];
-            s_dt[w][kb + q][lane] = rd[q];
-            if constexpr (kOutput) {
-              if (z) s_z[w][kb + q][lane] = rz[q];
-            }
-          }
-        }
-      }
+      stage_bc<Traits>(smem.bc(buf, 1), Cp + k0 * p.C_token_stride, p.C_token_stride, n,
+                       p.dstate, lane, th.warp_live, bc_async);
     }
-    if (plan.bc_vec && p.dstate == kStates && n == kTile && th.warp_live == 32) {
-      // Whole 16-state rows, 16-byte aligned: 2 packs of B (and of C) per lane, all in flight
-      // at once (the per-element walk below needs 8 rounds of loads for a tile).
-      stage_rows_vec<Traits, kStates>(Bp, p.B_token_stride, k0, lane, s_B[w]);
-      if constexpr (kOutput) {
-        stage_rows_vec<Traits, kStates>(Cp, p.C_token_stride, k0, lane, s_C[w]);
-      }
-    } else {
-      // Otherwise element by element over the live lanes; states past dstate are 0.
-      const int elems = n * kStates;
-      for (int e0 = 0; e0 < elems; e0 += kBatch * th.warp_live) {
-        input_t rb[kBatch], rc[kBatch];
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-          const int e = e0 + q * th.warp_live + lane;
-          const int k = e / kStates;
-          const int i = e % kStates;
-          const bool in = e < elems && i < p.dstate;
-          rb[q] = in ? Bp[(k0 + k) * p.B_token_stride + i] : zero;
-          if constexpr (kOutput) rc[q] = in ? Cp[(k0 + k) * p.C_token_stride + i] : zero;
-        }
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-          const int e = e0 + q * th.warp_live + lane;
-          if (e < elems) {
-            s_B[w][e / kStates][e % kStates] = rb[q];
-            if constexpr (kOutput) s_C[w][e / kStates][e % kStates] = rc[q];
-          }
-        }
-      }
-    }
-    __syncwarp(th.warp_mask);  // the tile's rows and columns, written by other lanes
+    cp_async_commit();
+  };
 
-    for (int k = 0; k < n; ++k) {
-      const float dt =
-          scan_dt(to_float(s_dt[w][k][lane]), bias, p.delta_softplus, p.dt_min, p.dt_max);
-      const float uv = to_float(s_u[w][k][lane]);
+  stage(0, 0);
+  for (int64_t k0 = 0, tile = 0; k0 < len; k0 += kTile, ++tile) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTile), len - k0));
+    const int buf = static_cast<int>(tile & 1);
+    if (k0 + kTile < len) {
+      stage(k0 + kTile, buf ^ 1);
+      cp_async_wait_group<1>();  // this tile's copies; the next tile's stay in flight
+    } else {
+      cp_async_wait_group<0>();
+    }
+    __syncwarp(th.warp_mask);  // every lane's copies and stores of this tile
+    const input_t* s_u = smem.own(buf, 0);
+    const input_t* s_dt = smem.own(buf, 1);
+    const input_t* s_z = smem.own(buf, 2);
+    // B (and C) rows as floats: converted once per tile for the warp, or the fp32 tile itself.
+    const float* s_B;
+    const float* s_C;
+    constexpr int kBStride = Layout::kConvertBC ? 2 * kStates : kStates;
+    if constexpr (Layout::kConvertBC) {
+      constexpr int kPP = Traits::kPerPack;
+      constexpr int kWhich = kOutput ? 2 : 1;
+      constexpr int kPacks = kWhich * kTile * kStates / kPP;  // packs of the tile's B (and C)
+      for (int e = lane; e < kPacks; e += th.warp_live) {
+        const int which = e / (kTile * kStates / kPP);
+        const int rest = e % (kTile * kStates / kPP);
+        const int row = rest / (kStates / kPP);
+        const int col = (rest % (kStates / kPP)) * kPP;
+        const Pack<input_t, kPP> v =
+            load_pack<input_t, kPP>(smem.bc(buf, which) + row * kStates + col);
+        float* dst = smem.bcf + row * 2 * kStates + which * kStates + col;
+#pragma unroll
+        for (int q = 0; q < kPP / 4; ++q) {
+          float f[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) f[i] = to_float(v.elems[4 * q + i]);
+          store_vec<float, 4>(dst + 4 * q, f);
+        }
+      }
+      __syncwarp(th.warp_mask);  // the converted rows, written by other lanes
+      s_B = smem.bcf;
+      s_C = smem.bcf + kStates;
+    } else {
+      s_B = reinterpret_cast<const float*>(smem.bc(buf, 0));
+      s_C = reinterpret_cast<const float*>(smem.bc(buf, 1));
+    }
+
+    input_t* out_k = out + k0 * p.out_token_stride;
+    for (int k = 0; k < n; ++k, out_k += p.out_token_stride) {
+      const float dt = scan_dt<true>(to_float(s_dt[k * 32 + lane]), bias, p.delta_softplus,
+                                     p.dt_min, p.dt_max);
+      const float uv = to_float(s_u[k * 32 + lane]);
       const float dtu = dt * uv;
-      Pack<input_t, kPP> Bk[Traits::kPacks];
-#pragma unroll
-      for (int q = 0; q < Traits::kPacks; ++q) {
-        Bk[q] = load_pack<input_t, kPP>(&s_B[w][k][q * kPP]);
-      }
-      float y = 0.f;
+      float Bk[kStates];
+      load_floats(s_B + k * kBStride, Bk);
       if constexpr (kOutput) {
-        Pack<input_t, kPP> Ck[Traits::kPacks];
-#pragma unroll
-        for (int q = 0; q < Traits::kPacks; ++q) {
-          Ck[q] = load_pack<input_t, kPP>(&s_C[w][k][q * kPP]);
-        }
+        float Ck[kStates];
+        load_floats(s_C + k * kBStride, Ck);
+        // Two partial sums halve the dependent chain of y's FMAs.
+        float y2[2] = {0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < kStates; ++i) {
-          h[i] = fmaf(h[i], exp2f(dt * A2[i]), dtu * to_float(Bk[i / kPP].elems[i % kPP]));
-          y = fmaf(h[i], to_float(Ck[i / kPP].elems[i % kPP]), y);
+          h[i] = fmaf(h[i], fast_exp2(dt * A2[i]), dtu * Bk[i]);
+          y2[i & 1] = fmaf(h[i], Ck[i], y2[i & 1]);
         }
-        y = fmaf(Dh, uv, y);
-        if (z) y *= silu(to_float(s_z[w][k][lane]));
-        out[(k0 + k) * p.out_token_stride] = from_float<input_t>(y);
+        float y = fmaf(Dh, uv, y2[0] + y2[1]);
+        if (z) {
+          const float zv = to_float(s_z[k * 32 + lane]);
+          y *= sizeof(input_t) == 2 ? silu_fast(zv) : silu(zv);
+        }
+        *out_k = from_float<input_t>(y);
       } else {
+        // Without C, z and y the MUFU unit bounds this pass: kFmaExpStates of the decays go to
+        // the FMA pipe.
 #pragma unroll
         for (int i = 0; i < kStates; ++i) {
-          h[i] = fmaf(h[i], exp2f(dt * A2[i]), dtu * to_float(Bk[i / kPP].elems[i % kPP]));
+          const float x = dt * A2[i];
+          const float dA = i < Traits::kFmaExpStates ? exp2_fma(x) : fast_exp2(x);
+          h[i] = fmaf(h[i], dA, dtu * Bk[i]);
         }
         dt_sum += dt;
       }
     }
-    // The next tile overwrites the rows every lane just read.
+    // The next iteration stages into the buffer this one read, and rewrites the converted rows.
     __syncwarp(th.warp_mask);
   }
 }
@@ -421,7 +533,7 @@ __device__ __forceinline__ float* ws_row(float* base, const SelectiveScanParams&
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_kernel(
+__global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void chunk_state_kernel(
     SelectiveScanParams p, ScanPlan plan) {
   const int64_t j = blockIdx.x;
   const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
@@ -431,7 +543,7 @@ __global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void chunk_state_
   if (flag == 0) return;
 
   ScanThread th;
-  if (!make_scan_thread(p, plan, th)) return;
+  if (!make_scan_thread<Traits>(p, plan, th)) return;
   float A2[kStates];
   load_a<Traits>(p, th, A2);
   float h[kStates];
@@ -493,10 +605,10 @@ __global__ __launch_bounds__(256) void chunk_combine_kernel(SelectiveScanParams 
 }
 
 template <typename Traits>
-__global__ __launch_bounds__(kScanThreads, Traits::kMinBlocks) void scan_output_kernel(
+__global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void scan_output_kernel(
     SelectiveScanParams p, ScanPlan plan) {
   ScanThread th;
-  if (!make_scan_thread(p, plan, th)) return;
+  if (!make_scan_thread<Traits>(p, plan, th)) return;
   const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
   float A2[kStates];
   load_a<Traits>(p, th, A2);
@@ -564,8 +676,10 @@ struct SplitRule {
   int64_t granule;
 };
 
-// The recurrent kernels: light blocks, ~4 per SM.
+// The recurrent kernels: light blocks of 4 warps, ~4 per SM; the staged walk's 2-warp blocks
+// at the same warps per SM.
 constexpr SplitRule kRecurrentSplit{2, 4, 64, 1};
+constexpr SplitRule kStagedSplit{4, 8, 64, 1};
 // The SSD kernel: two blocks are resident per SM, so one block row per sequence from 2 per SM;
 // below, pieces of whole 64-token chunks for ~8 blocks per SM (short pieces balance better; the
 // extra state pass covers each piece once).
@@ -607,7 +721,6 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   while (G * kStates < p.dstate) G *= 2;
   plan.group_threads = G;
   plan.channels = p.nheads * p.headdim;
-  plan.channel_blocks = ceil_div(plan.channels, kScanThreads / G);
   plan.total_tokens = p.query_start_loc ? p.seqlen : p.batch * p.seqlen;
   const int64_t sms = current_device_sm_count();
   constexpr int kPerPackMin = 4;  // fp32 B / C: 4 elements per 16 bytes (16-bit: 8)
@@ -633,17 +746,20 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
     plan.ssd_out_vec = packs_aligned(p.out, p.out_token_stride, p.out_batch_stride);
     return plan;
   }
-  plan_split(p, plan.channel_blocks, sms, kRecurrentSplit, plan);
+  // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
+  // channels (a block's channels start at a multiple of 64) read one group's B / C rows; the tile
+  // copies are cp.async (sm_80 and later).
+  const int64_t channels_per_group = plan.channels / p.ngroups;
+  // kRecurrentDirect forces the direct walk (benchmarks compare the two in one process).
+  plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
+                p.algorithm != ScanAlgorithm::kRecurrentDirect && current_device_cc_major() >= 8;
+  plan.channel_blocks =
+      ceil_div(plan.channels, (plan.staged ? kStagedThreads : kScanThreads) / G);
+  plan_split(p, plan.channel_blocks, sms, plan.staged ? kStagedSplit : kRecurrentSplit, plan);
   plan.bc_vec = p.dstate % kStates == 0 && p.B_group_stride % per_pack == 0 &&
                 p.C_group_stride % per_pack == 0 &&
                 packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
                 packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
-  // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
-  // channels (a block's channels start at a multiple of 128) read one group's B / C rows.
-  const int64_t channels_per_group = plan.channels / p.ngroups;
-  // kRecurrentDirect forces the direct walk (benchmarks compare the two in one process).
-  plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
-                p.algorithm != ScanAlgorithm::kRecurrentDirect;
   // A warp's 32 channels of u, delta (one per channel: headdim 1) and z then start 16-byte
   // aligned for every token (a warp's first channel is a multiple of 32).
   plan.own_vec = plan.staged && p.headdim == 1 &&
@@ -673,17 +789,20 @@ void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t strea
   if (plan.channel_blocks > 65535) {
     throw std::runtime_error("tpssm selective_scan: too many channels for one launch");
   }
+  // The staged walk's tile buffers (under the 48 KB a block gets without opting in).
+  size_t smem = 0;
+  if constexpr (Traits::kStaged) smem = StagedLayout<Traits>::kBlockBytes;
   if (plan.flat) {
     dim3 grid(static_cast<unsigned>(plan.num_chunks), static_cast<unsigned>(plan.channel_blocks));
-    chunk_state_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    chunk_state_kernel<Traits><<<grid, Traits::kThreads, smem, stream>>>(p, plan);
     TPSSM_CHECK_LAUNCH("chunk_state_kernel");
     launch_combine(p, plan, stream);
-    scan_output_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    scan_output_kernel<Traits><<<grid, Traits::kThreads, smem, stream>>>(p, plan);
     TPSSM_CHECK_LAUNCH("scan_output_kernel");
   } else {
     if (p.batch > 0x7fffffff) throw std::runtime_error("tpssm selective_scan: batch too large");
     dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(plan.channel_blocks));
-    scan_output_kernel<Traits><<<grid, kScanThreads, 0, stream>>>(p, plan);
+    scan_output_kernel<Traits><<<grid, Traits::kThreads, smem, stream>>>(p, plan);
     TPSSM_CHECK_LAUNCH("scan_output_kernel");
   }
 }

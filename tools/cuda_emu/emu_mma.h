@@ -109,17 +109,38 @@ inline float ld_shared_f32(uint32_t addr) {
   return v;
 }
 
-// Synchronous here: the copy is complete before cp_async_wait_all, as the kernels assume.
+// Deferred like the hardware's: the copy is queued (its destination poisoned) and lands when a
+// cp_async_wait_group / cp_async_wait_all retires its group.
 inline void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
   if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu_fail("misaligned cp.async source");
   unsigned char* dst = emu_smem_at(smem, 16, 16);
-  if (valid) {
-    std::memcpy(dst, gmem, 16);
-  } else {
-    std::memset(dst, 0, 16);
+  std::memset(dst, 0xff, 16);
+  emu_async_open.push_back({dst, gmem, valid});
+}
+
+inline void cp_async_commit() {
+  emu_async_groups.push_back(std::move(emu_async_open));
+  emu_async_open.clear();
+}
+
+template <int kPending>
+inline void cp_async_wait_group() {
+  while (emu_async_groups.size() > static_cast<size_t>(kPending)) {
+    for (const EmuAsyncCopy& c : emu_async_groups.front()) {
+      if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    emu_async_groups.pop_front();
   }
 }
 
-inline void cp_async_wait_all() {}
+// cp.async.wait_all: commit what is open, then wait for every group.
+inline void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait_group<0>();
+}
 
 }  // namespace tpssm

@@ -12,6 +12,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -28,6 +30,16 @@
 using std::max;
 using std::min;
 
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline int __float_as_int(float f) {
+  int x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
 inline float __expf(float x) { return expf(x); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
@@ -195,6 +207,17 @@ inline uint4& emu_st16(T* p) {
   return *reinterpret_cast<uint4*>(p);
 }
 
+// This GPU thread's cp.async copies (emu_mma.h): issued but not yet committed, and committed
+// groups, oldest first. A copy lands in shared memory only when a wait retires its group, and
+// its destination reads as NaN-like garbage until then, so a read before the wait shows.
+struct EmuAsyncCopy {
+  unsigned char* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
+inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
+
 template <typename... KArgs, typename... Args>
 void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                 Args&&... args) {
@@ -219,6 +242,9 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
             emu_blockIdx = make_uint3(x, y, z);
             emu_block = &blk;
             std::apply(k, params);
+            if (!emu_async_open.empty() || !emu_async_groups.empty()) {
+              emu_fail("a thread ended with cp.async copies it never waited for");
+            }
           });
         }
         for (auto& th : ts) th.join();
