@@ -232,6 +232,7 @@ if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
         "$B/$bin" $args --iterations 1 --warmup 0 --no-check || rc=1
     done <<'CASES'
 scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120
+chunk_state bench_selective_scan --form mamba1 --batch 1 --seqlen 16384 --nheads 5120
 scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 --algorithm recurrent
 ssd_scan bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 80
 tile_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 5120
