@@ -401,6 +401,18 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
 
 
 @pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
+@pytest.mark.parametrize("dtype", [torch.float16, bf16], ids=["f16", "bf16"])
+def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk):
+    """dstate 5 (Mamba1 models may have fewer than 16 states): aligned u / delta / z tiles by
+    16-byte copies beside B / C rows loaded per element with zeros past dstate, in one tile."""
+    kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=5, ngroups=1,
+                     group_dim=False, seqlens=(70, 33, 0, 16), varlen=True, slots=(1, 0, 3, 2),
+                     initial=(True, False, True, False))
+    kw["split_len"] = chunk or 0
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+
+
+@pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
 @pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
 def test_selective_scan_cuda_staged_softplus_range(dtype, chunk):
     """The staged walk computes softplus(dt) from the exp2 / log2 units with a series where
