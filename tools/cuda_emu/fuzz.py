@@ -20,6 +20,7 @@ from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, select
 tops._ops = emu
 SENT = 7.0
 rng = random.Random(int(sys.argv[1]))
+torch.manual_seed(int(sys.argv[1]))  # the tensors' values too: a failing seed reproduces
 N = int(sys.argv[2])
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -37,9 +38,18 @@ def act(shape, dtype, layout, scale=1.0, offset=0.0):
 def close(a, b, dtype, what):
     a, b = a.double(), b.double()
     # Without softplus a negative dt grows the state: 16-bit outputs may overflow in the
-    # reference too. Those elements must overflow alike; the rest is compared.
-    fin = torch.isfinite(b)
-    assert torch.equal(torch.isfinite(a), fin), f"{what}: non-finite values differ"
+    # reference too. Near the type's maximum, rounding decides whether an element overflows, so
+    # there one side may be inf and the other finite (same sign); any other mismatch (a NaN, an
+    # inf far from the limit) fails. The elements finite on both sides are compared.
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    diff = fa != fb
+    if diff.any():
+        finite_side, other = torch.where(fa, a, b)[diff], torch.where(fa, b, a)[diff]
+        edge = torch.finfo(dtype).max / 2
+        ok = (torch.isinf(other) & (finite_side.abs() >= edge)
+              & (torch.sign(other) == torch.sign(finite_side)))
+        assert ok.all(), f"{what}: non-finite values differ"
+    fin = fa & fb
     a, b = a[fin], b[fin]
     tol = {f32: 2e-4, bf16: 3e-2, f16: 4e-3}[dtype] * max(1.0, b.abs().max().item() if b.numel() else 1)
     err = (a - b).abs().max().item() if a.numel() else 0
