@@ -345,13 +345,12 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
     constexpr int kBStride = Layout::kConvertBC ? 2 * kStates : kStates;
     if constexpr (Layout::kConvertBC) {
       constexpr int kPP = Traits::kPerPack;
-      constexpr int kWhich = kOutput ? 2 : 1;
-      constexpr int kPacks = kWhich * kTile * kStates / kPP;  // packs of the tile's B (and C)
-      for (int e = lane; e < kPacks; e += th.warp_live) {
-        const int which = e / (kTile * kStates / kPP);
-        const int rest = e % (kTile * kStates / kPP);
-        const int row = rest / (kStates / kPP);
-        const int col = (rest % (kStates / kPP)) * kPP;
+      constexpr int kRowPacks = kStates / kPP;
+      constexpr int kTilePacks = kTile * kRowPacks;  // packs of the tile's B (or C)
+      for (int e = lane; e < (kOutput ? 2 : 1) * kTilePacks; e += th.warp_live) {
+        const int which = e / kTilePacks;
+        const int row = e % kTilePacks / kRowPacks;
+        const int col = e % kRowPacks * kPP;
         const Pack<input_t, kPP> v =
             load_pack<input_t, kPP>(smem.bc(buf, which) + row * kStates + col);
         float* dst = smem.bcf + row * 2 * kStates + which * kStates + col;
