@@ -37,7 +37,7 @@ ACT = torch.bfloat16
 
 def projections(config, tp: int) -> List[Tuple[str, int, int]]:
     """(name, out_features, in_features) of one layer's projections on rank 0 of tp, and the head
-    (replicated). Rank 0 holds the largest share of an uneven split."""
+    (split by vocabulary rows). Rank 0 holds the largest share of an uneven split."""
     from tpssm.models.mixers import mamba2_local_groups
     from tpssm.parallel import shard_range
 
@@ -60,7 +60,7 @@ def projections(config, tp: int) -> List[Tuple[str, int, int]]:
         El = local(E)
         layer = [("in_proj", 2 * El, D), ("x_proj", R + 2 * N, El), ("dt_proj", El, R),
                  ("out_proj", D, El)]
-    return layer + [("lm_head", V, D)]
+    return layer + [("lm_head", local(V), D)]
 
 
 def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs: float,
@@ -116,8 +116,6 @@ def main(argv=None) -> int:
         for tp in tps:
             seen = set()
             for name, n_out, n_in in projections(config, tp):
-                if name == "lm_head" and tp != tps[0]:
-                    continue  # replicated: the same shape at every tp
                 for m in tokens:
                     key = (n_out, n_in, m)
                     if key in seen:

@@ -108,7 +108,8 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
         model(ids, qsl, slots, fresh, cache)
 
     def decode():
-        model.decode(tokens, slots, cache)
+        # The engine's decode step: this rank's logit columns and the greedy tokens.
+        model.greedy_tokens(model.decode(tokens, slots, cache, gather_logits=False))
 
     step = prefill if phase == "prefill" else decode
     with torch.no_grad():

@@ -282,7 +282,9 @@ class CommSettings:
     min_bytes: int = 1 << 20        # payloads below it are reduced exactly (the bench default)
     group_size: int = 128
     copy_tbs: float = 3.0           # device copy rate for the fp16 casts (TB/s, read + write)
-    broadcast_per_step: bool = True  # the engine broadcasts rank 0's sampled tokens every step
+    # One latency-bound token exchange per engine step (the greedy (max, token) all-gather, or
+    # the broadcast of sampled tokens).
+    broadcast_per_step: bool = True
 
 
 def collective_us(c: Collective, scheme: str, n: int, link: Link, kernels: KernelTimes,
@@ -320,7 +322,7 @@ def collective_us(c: Collective, scheme: str, n: int, link: Link, kernels: Kerne
 def step_comm_us(dims: ModelDims, tokens: int, rows: int, scheme: str, n: int, link: Link,
                  kernels: KernelTimes, cs: CommSettings, elem_bytes: int = 2) -> float:
     """All collectives of one engine step at tp n: every layer's reductions and, once per
-    step, the broadcast of the sampled tokens (int64 per row, latency-bound)."""
+    step, the token exchange (latency-bound; 8 bytes per row)."""
     if n == 1:
         return 0.0
     per_layer = sum(collective_us(c, scheme, n, link, kernels, cs)

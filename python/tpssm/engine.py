@@ -9,7 +9,9 @@ Requests arrive with prompts. Each engine step runs one packed varlen batch:
   CUDA replays a captured CUDA graph for the padded batch size (padding rows use pad_slot_id).
   The graph covers the greedy choice too: ids and slots go in through pinned host buffers
   (asynchronous copies), the argmax tokens come out through one, and reading them is the step's
-  only host synchronisation unless a row samples (its logits are read then).
+  only host synchronisation unless a row samples (its logits are read then). With a
+  vocabulary-parallel head the step keeps each rank's logit columns and picks greedy tokens
+  from the ranks' (max, token) pairs; whole logits are gathered only when a row samples.
 A request that finishes frees its slot; waiting requests take it.
 
 Under tensor parallelism every rank runs the same engine on the same requests; sampled tokens
@@ -50,6 +52,13 @@ class GenerationModel(Protocol):
         """One token per request: input_ids (B,) int64, cache_indices (B,) int32 (pad rows
         PAD_SLOT_ID) -> logits (B, vocab) float32 (pad rows undefined)."""
 
+    # Optional: a model whose logits are split over TP ranks by vocabulary (CachedModel) has all
+    # four; the engine then runs its steps through them.
+    # prefill_shard(...), decode_shard(...) -> as prefill / decode, but this rank's logit
+    # columns (B, local vocab);
+    # greedy_tokens(shard) -> (B,) int64 argmax over the whole vocabulary, equal on every rank;
+    # gather_logits(shard) -> (B, vocab) float32. Both are collectives over the ranks.
+
     def allocate_slot(self) -> int: ...
 
     def free_slot(self, slot: int) -> None: ...
@@ -75,6 +84,19 @@ class CachedModel:
 
     def decode(self, input_ids, cache_indices):
         return self.model.decode(input_ids, cache_indices, self.cache)
+
+    def prefill_shard(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+        return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
+                          self.cache, gather_logits=False)
+
+    def decode_shard(self, input_ids, cache_indices):
+        return self.model.decode(input_ids, cache_indices, self.cache, gather_logits=False)
+
+    def greedy_tokens(self, shard):
+        return self.model.greedy_tokens(shard)
+
+    def gather_logits(self, shard):
+        return self.model.gather_logits(shard)
 
     def reserve_step(self, num_tokens: int) -> None:
         """Sizes the model's all-reduce buffers for steps of up to num_tokens tokens (before any
@@ -171,6 +193,8 @@ class GenerationEngine:
         # initialised (a lone process has nothing to broadcast to).
         self._tp = TPContext(group, self.device)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._sharded_logits = all(hasattr(model, name) for name in (
+            "prefill_shard", "decode_shard", "greedy_tokens", "gather_logits"))
         self.use_state_cache = use_state_cache
         self.waiting: List[Request] = []
         self.running: List[Request] = []
@@ -285,13 +309,18 @@ class GenerationEngine:
         dev = self.device
         qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(torch.tensor([len(c) for c in chunks], dtype=torch.int32), 0)
-        logits = self.model.prefill(
-            torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev),
-            qsl.to(dev),
-            torch.tensor([r.slot for r in rows], dtype=torch.int32, device=dev),
-            torch.tensor(initial, dtype=torch.bool, device=dev))
+        args = (torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev),
+                qsl.to(dev),
+                torch.tensor([r.slot for r in rows], dtype=torch.int32, device=dev),
+                torch.tensor(initial, dtype=torch.bool, device=dev))
         index = {id(r): i for i, r in enumerate(rows)}
-        self._sample_into(emit, logits[[index[id(r)] for r in emit]])
+        pick = [index[id(r)] for r in emit]
+        if self._sharded_logits:
+            shard = self.model.prefill_shard(*args)[pick]
+            greedy = self.model.greedy_tokens(shard).cpu() if emit else None
+            self._sample_into(emit, shard, greedy, agreed=True, sharded=True)
+        else:
+            self._sample_into(emit, self.model.prefill(*args)[pick])
 
     def _recompute_step(self) -> None:
         rows = self.running
@@ -307,12 +336,18 @@ class GenerationEngine:
         if self.use_cuda_graphs:
             graph = self._graph_for(len(rows))
             logits, greedy = graph.replay(ids, slots)
-            self._sample_into(rows, logits, greedy, agreed=graph.broadcasts)
+            self._sample_into(rows, logits, greedy, agreed=graph.agreed,
+                              sharded=self._sharded_logits)
+            return
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        slots_t = torch.tensor(slots, dtype=torch.int32, device=dev)
+        if self._sharded_logits:
+            shard = self.model.decode_shard(ids_t, slots_t)
+            self._sample_into(rows, shard, self.model.greedy_tokens(shard).cpu(), agreed=True,
+                              sharded=True)
         else:
-            dev = self.device
-            logits = self.model.decode(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                       torch.tensor(slots, dtype=torch.int32, device=dev))
-            self._sample_into(rows, logits)
+            self._sample_into(rows, self.model.decode(ids_t, slots_t))
 
     def _graph_for(self, batch: int) -> "_DecodeGraph":
         size = 1
@@ -320,20 +355,25 @@ class GenerationEngine:
             size *= 2
         graph = self._graphs.get(size)
         if graph is None:
-            graph = _DecodeGraph(self.model, size, self._tp)
+            graph = _DecodeGraph(self.model, size, self._tp, self._sharded_logits)
             self._graphs[size] = graph
         return graph
 
     # ---- sampling ---------------------------------------------------------------------------
     def _sample_into(self, rows: List[Request], logits: torch.Tensor,
-                     greedy: Optional[torch.Tensor] = None, agreed: bool = False) -> None:
+                     greedy: Optional[torch.Tensor] = None, agreed: bool = False,
+                     sharded: bool = False) -> None:
         """Appends each row's next token. greedy: the rows' argmax tokens on the host when
-        already computed (a decode graph's); agreed: they are rank 0's on every rank already."""
+        already computed; agreed: they are equal on every rank already; sharded: logits are
+        this rank's columns (decode_shard), gathered here only if a row samples."""
         if not rows:
             return
         # Greedy rows share one argmax; a sampling row draws from its own generator, so its
         # tokens do not depend on which requests it was batched with.
         next_ids = select_tokens(logits).cpu() if greedy is None else greedy
+        if sharded and any(r.sampling.temperature > 0 for r in rows):
+            # Every rank runs the same requests, so every rank joins this collective.
+            logits = self.model.gather_logits(logits)
         sampled = False
         for i, r in enumerate(rows):
             s = r.sampling
@@ -353,12 +393,14 @@ class GenerationEngine:
 
 
 class _DecodeGraph:
-    """A decode step captured as a CUDA graph for one padded batch size: the model's step, the
-    greedy token of every row and, under tensor parallelism with NCCL, rank 0's tokens broadcast
-    to all ranks. Inputs and greedy tokens pass through pinned host buffers with asynchronous
-    copies, so a replay synchronises with the host once: to read the tokens."""
+    """A decode step captured as a CUDA graph for one padded batch size: the model's step and
+    the greedy token of every row, equal on every rank - picked from the ranks' (max, token)
+    pairs when the logits are split by vocabulary (sharded), else rank 0's tokens broadcast
+    under tensor parallelism with NCCL. Inputs and greedy tokens pass through pinned host
+    buffers with asynchronous copies, so a replay synchronises with the host once: to read the
+    tokens. `logits` are what the step produced: this rank's columns when sharded."""
 
-    def __init__(self, model: GenerationModel, batch: int, tp: TPContext):
+    def __init__(self, model: GenerationModel, batch: int, tp: TPContext, sharded: bool):
         dev = model.device
         self.batch = batch
         self.host_ids = torch.zeros(batch, dtype=torch.int64, pin_memory=True)
@@ -369,12 +411,17 @@ class _DecodeGraph:
         self.done = torch.cuda.Event()
         # gloo collectives cannot be captured (TP ranks sharing one GPU): the engine broadcasts
         # after the replay there.
-        self.broadcasts = tp.communicates and dist.get_backend(tp.group) == "nccl"
+        broadcasts = (not sharded and tp.communicates
+                      and dist.get_backend(tp.group) == "nccl")
+        self.agreed = sharded or broadcasts
 
         def step():
+            if sharded:
+                logits = model.decode_shard(self.ids, self.slots)
+                return logits, model.greedy_tokens(logits)
             logits = model.decode(self.ids, self.slots)
             tokens = select_tokens(logits)
-            if self.broadcasts:
+            if broadcasts:
                 tp.broadcast(tokens, src=0)
             return logits, tokens
 
@@ -390,7 +437,8 @@ class _DecodeGraph:
             self.logits, self.tokens = step()
 
     def replay(self, ids: List[int], slots: List[int]):
-        """-> (logits (n, vocab) on the device, greedy tokens (n,) int64 on the host)."""
+        """-> (logits (n, vocab or this rank's columns) on the device, greedy tokens (n,) int64
+        on the host)."""
         n = len(ids)
         # The previous replay's copies finished before its tokens were read: the pinned
         # buffers are free to overwrite.

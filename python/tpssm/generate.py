@@ -1,7 +1,8 @@
 """A simple generate helper on top of any tpssm.models model: one packed prefill of all prompts,
 then one decode step per new token from the state cache. Greedy by default; sampling with
-temperature, top-k and top-p. Under TP every rank must call it with the same arguments; rank 0 picks the
-tokens and broadcasts them, so all ranks stay in lockstep even when sampling."""
+temperature, top-k and top-p. Under TP every rank must call it with the same arguments: greedy
+tokens come out equal on every rank (model.greedy_tokens); a sampled token is rank 0's,
+broadcast, so all ranks stay in lockstep."""
 
 from __future__ import annotations
 
@@ -56,8 +57,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     eos = set() if eos_token_id is None else (
         {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
 
-    def pick(logits):
-        tok = select_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+    def pick(shard):
+        # shard: this rank's logit columns (the whole vocabulary unless the head is split).
+        if not do_sample or temperature <= 0.0:
+            return model.greedy_tokens(shard)
+        tok = select_tokens(model.gather_logits(shard), True, temperature, top_k, top_p,
+                            generator)
         return ctx.broadcast(tok.contiguous(), src=0)
 
     try:
@@ -67,7 +72,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             qsl = torch.cumsum(lens, 0, dtype=torch.int32).to(dev)
             slot_t = torch.tensor(slots, dtype=torch.int32, device=dev)
             his = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-            logits = model(ids, qsl, slot_t, his, cache)
+            logits = model(ids, qsl, slot_t, his, cache, gather_logits=False)
             out: List[List[int]] = [[] for _ in prompts]
             active = list(range(len(prompts)))
             tokens = pick(logits).tolist()
@@ -83,7 +88,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                 active = still
                 ids = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=dev)
                 slot_t = torch.tensor([slots[r] for r in active], dtype=torch.int32, device=dev)
-                logits = model.decode(ids, slot_t, cache)
+                logits = model.decode(ids, slot_t, cache, gather_logits=False)
                 tokens = pick(logits).tolist()
             return out
     finally:

@@ -39,6 +39,20 @@ __all__ = [
 
 ALLREDUCE_SCHEMES = ("exact", "int8", "fp8", "fp16")
 
+# torch 2.14 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def exchange(collective, dst: torch.Tensor, src: torch.Tensor, group) -> None:
+    """collective(dst, src, group=group). gloo has no all-to-all or all-gather for CUDA tensors:
+    there (TP ranks sharing one GPU, a correctness setting) the bytes go through the host."""
+    if src.is_cuda and dist.get_backend(group) == "gloo":
+        host = torch.empty(dst.shape, dtype=dst.dtype)
+        collective(host, src.cpu(), group=group)
+        dst.copy_(host)
+    else:
+        collective(dst, src, group=group)
+
 Ranges = List[Tuple[int, int]]
 
 
@@ -189,6 +203,17 @@ class TPContext:
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+    def all_gather_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """(tp, *x.shape): every rank's x stacked in rank order; x has the same shape on every
+        rank. One collective, no host synchronisation (CUDA-graph capturable with NCCL)."""
+        if self.world_size == 1:
+            return x.unsqueeze(0)
+        if self.local_shard_only:  # the gathered shape and the cost of writing it
+            return x.unsqueeze(0).expand(self.world_size, *x.shape).contiguous()
+        out = x.new_empty((self.world_size * x.shape[0],) + tuple(x.shape[1:]))
+        exchange(all_gather_single, out, x.contiguous(), self.group)
+        return out.view(self.world_size, *x.shape)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.communicates:

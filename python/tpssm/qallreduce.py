@@ -18,7 +18,7 @@ python/tpssm/reference/qallreduce.py and csrc/kernels/qallreduce_params.h.
 
 Two transports:
 - composed (any backend, gloo on CPU included): the three kernels plus
-  torch.distributed.all_to_all_single and all_gather_into_tensor.
+  torch.distributed.all_to_all_single and all_gather_single.
 - fused (CUDA + NCCL): one op, torch.ops.tpssm.qar_nccl_all_reduce, enqueues all five steps on
   the current stream with the extension's own NCCL communicator; no host sync, capturable in a
   CUDA graph. Used through QuantizedAllReduce(backend="fused" or "auto").
@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
+from tpssm.parallel import all_gather_single, exchange
 from tpssm.reference.qallreduce import (CODECS, SUPPORTED_GROUP_SIZES, pick_group_size,
                                         qar_layout, qar_wire_bytes)
 
@@ -203,29 +204,14 @@ def _plain_all_reduce(x, group, scheme, residual):
     return _add_residual(y, residual, x.dtype)
 
 
-# torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _exchange(collective, dst: torch.Tensor, src: torch.Tensor, group) -> None:
-    """collective(dst, src, group=group). gloo has no all-to-all or all-gather for CUDA tensors:
-    there (TP ranks sharing one GPU, a correctness setting) the bytes go through the host."""
-    if src.is_cuda and dist.get_backend(group) == "gloo":
-        host = torch.empty(dst.shape, dtype=dst.dtype)
-        collective(host, src.cpu(), group=group)
-        dst.copy_(host)
-    else:
-        collective(dst, src, group=group)
-
-
 def _two_shot(x, group, n, codec, group_size, residual, send, recv, mine, gathered, out):
     numel = x.numel()
     cb = chunk_bytes(numel, n, group_size)
     send, recv, gathered, mine = send[: n * cb], recv[: n * cb], gathered[: n * cb], mine[:cb]
     _ops.qar_quantize_pack(x, n, group_size, codec, send)
-    _exchange(dist.all_to_all_single, recv, send, group)
+    exchange(dist.all_to_all_single, recv, send, group)
     _ops.qar_reduce_requant(recv, numel, n, group_size, codec, mine)
-    _exchange(_all_gather, gathered, mine, group)
+    exchange(all_gather_single, gathered, mine, group)
     _ops.qar_dequant(gathered, n, group_size, codec, residual, out)
     return out
 

@@ -11,8 +11,8 @@ Residual adds run in the model dtype. Zamba2 has num_mem_blocks shared blocks: h
 (the k-th hybrid layer) uses block k % num_mem_blocks with visit k's LoRA adapters (an untied
 checkpoint has a block per visit: HybridConfig.share_blocks). Each visit has its own keys and
 values in the state cache (see tpssm.cache). Sharding: mixers as the Mamba families (channels /
-heads), shared blocks by attention heads and MLP channels (tpssm.models.attention); embedding,
-norms, `linear` and lm_head replicated.
+heads), shared blocks by attention heads and MLP channels (tpssm.models.attention), lm_head by
+vocabulary rows (tpssm.models.model); embedding, norms and `linear` replicated.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class HybridForCausalLM(CausalLM):
     def __init__(self, config, ctx: Optional[TPContext] = None,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
                  allreduce: Union[str, AllReduce] = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 allreduce_group_size: int = 128, vocab_parallel: bool = True):
         super().__init__()
         self._init_ends(config, ctx, dtype, config.rms_norm_eps, allreduce, allreduce_min_bytes,
-                        allreduce_group_size)
+                        allreduce_group_size, vocab_parallel)
         comm = dict(allreduce=self.allreduce)
         self.layers = nn.ModuleList([HybridLayer(config, i, self.ctx, dtype, backend=backend,
                                                  **comm)
@@ -114,7 +114,7 @@ class HybridForCausalLM(CausalLM):
                 cache_indices: Optional[torch.Tensor] = None,
                 has_initial_state: Optional[torch.Tensor] = None,
                 cache: Optional[SSMStateCache] = None,
-                return_all_logits: bool = False) -> torch.Tensor:
+                return_all_logits: bool = False, gather_logits: bool = True) -> torch.Tensor:
         """Logits (float32) of a packed batch; arguments as SSMForCausalLM.forward. A request's
         keys and values are appended to its slot's KV cache (has_initial_state False starts it
         over); a request longer than the cache's max_seq_len raises KVCacheOverflowError."""
@@ -152,4 +152,5 @@ class HybridForCausalLM(CausalLM):
             hidden = layer.mixer(layer.norm(x), conv, ssm, meta, residual=hidden)
         if cache is not None and self.blocks:
             kv.advance(cache)
-        return self._logits(hidden, query_start_loc, return_all_logits)
+        return self._logits(hidden, query_start_loc, return_all_logits,
+                            gather_logits=gather_logits)

@@ -1,9 +1,11 @@
 """SSMForCausalLM: a tensor-parallel Mamba / Falcon-Mamba / Mamba-2 language model that loads a
 Hugging Face checkpoint slice by slice and runs packed varlen batches against an SSMStateCache.
 
-Embedding and lm_head are replicated on every rank (tied checkpoints share one tensor): they are
-small next to the mixers of the models this targets, and replicating them costs no communication
-(a vocab-parallel head would add an all-gather of the logits per step).
+The embedding is replicated on every rank (a lookup reads only the batch's rows). Under TP the LM
+head is vocabulary-parallel by default: rank r holds and multiplies only its rows of the
+vocabulary (a view of the embedding when tied), so the largest matrix a decode step streams
+shrinks with tp like the mixers. Full logits are an all-gather of the ranks' columns; greedy
+decoding needs only each rank's (max, token) pair (`greedy_tokens`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tpssm.models.kernels import get_backend
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
-from tpssm.parallel import AllReduce, TPContext
+from tpssm.parallel import AllReduce, TPContext, shard_range
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
@@ -61,8 +63,8 @@ class CausalLM(nn.Module):
     """What every family's model shares: loading, weight accounting, the scan switch, decode.
 
     A subclass builds its layers in __init__(config, ctx, dtype, backend=, allreduce=,
-    allreduce_min_bytes=, allreduce_group_size=) with `self.layers[i].mixer` for every layer,
-    and implements load_weights(source), allocate_cache(num_slots, ...) and forward(...).
+    allreduce_min_bytes=, allreduce_group_size=, vocab_parallel=) with `self.layers[i].mixer`
+    for every layer, and implements load_weights(source), allocate_cache(num_slots, ...) and forward(...).
     `self.allreduce` is the model's one AllReduce strategy (tpssm.parallel), built in
     _init_ends from those three arguments (or given as `allreduce`), shared by every
     row-parallel reduction.
@@ -73,9 +75,10 @@ class CausalLM(nn.Module):
 
     def _init_ends(self, config, ctx: Optional[TPContext], dtype: torch.dtype,
                    norm_eps: float, allreduce: Union[str, AllReduce], allreduce_min_bytes: int,
-                   allreduce_group_size: int) -> None:
-        """config / ctx / dtype, the all-reduce strategy and the replicated ends of the model:
-        the embedding, the final norm and lm_head (the embedding itself when tied)."""
+                   allreduce_group_size: int, vocab_parallel: bool) -> None:
+        """config / ctx / dtype, the all-reduce strategy and the ends of the model: the
+        embedding, the final norm and lm_head - this rank's vocabulary rows when
+        vocab_parallel and tp > 1, else all of them (rows of the embedding when tied)."""
         self.config = config
         self.ctx = ctx if ctx is not None else TPContext()
         self.dtype = dtype
@@ -86,21 +89,39 @@ class CausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
             requires_grad=False)
         self.norm_f = RMSNorm(config.hidden_size, norm_eps, dtype, dev)
+        V, tp = config.vocab_size, self.ctx.tp
+        self.vocab_parallel = bool(vocab_parallel) and tp > 1
+        self.vocab_range = (self.ctx.shard_range(V, "vocab_size") if self.vocab_parallel
+                            else (0, V))
+        start, end = self.vocab_range
         if config.tie_word_embeddings:
-            self.lm_head = self.embeddings
+            # The rank's rows of the embedding itself (a view: the same storage).
+            self.lm_head = (self.embeddings.narrow(0, start, end - start)
+                            if self.vocab_parallel else self.embeddings)
         else:
-            self.lm_head = nn.Parameter(torch.empty_like(self.embeddings), requires_grad=False)
+            self.lm_head = nn.Parameter(
+                torch.empty(end - start, config.hidden_size, dtype=dtype, device=dev),
+                requires_grad=False)
+        if self.vocab_parallel:
+            # gather_logits pads every rank's columns to the widest rank's and gathers them in
+            # rank order; this index picks the real columns (token order) out of that layout.
+            widths = [b - a for a, b in (shard_range(V, tp, r) for r in range(tp))]
+            self._vocab_width = max(widths)
+            self._vocab_gather_index = (None if V == tp * self._vocab_width else torch.tensor(
+                [r * self._vocab_width + j for r in range(tp) for j in range(widths[r])],
+                device=dev))
 
     @classmethod
     def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
                         dtype: Optional[torch.dtype] = None, backend: str = "ops",
                         allreduce: Union[str, AllReduce] = "exact",
                         allreduce_min_bytes: int = 0, allreduce_group_size: int = 128,
-                        **config_options) -> "CausalLM":
+                        vocab_parallel: bool = True, **config_options) -> "CausalLM":
         """Loads a local Hugging Face checkpoint directory (config.json + model.safetensors, or
         shards with model.safetensors.index.json); each rank reads only its slices. dtype
-        defaults to the checkpoint's (float32 when config.json names none). config_options go
-        to the family's config parser (e.g. gated_norm for Mamba-2)."""
+        defaults to the checkpoint's (float32 when config.json names none). vocab_parallel:
+        split the LM head by vocabulary rows under TP (False: every rank holds all of it).
+        config_options go to the family's config parser (e.g. gated_norm for Mamba-2)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
         config = registry.load_config(path, **config_options)
@@ -110,7 +131,8 @@ class CausalLM(nn.Module):
                              f"not build; use tpssm.models.load_model")
         model = model_cls(config, ctx, dtype or config.dtype or torch.float32, backend=backend,
                           allreduce=allreduce, allreduce_min_bytes=allreduce_min_bytes,
-                          allreduce_group_size=allreduce_group_size)
+                          allreduce_group_size=allreduce_group_size,
+                          vocab_parallel=vocab_parallel)
         source = SafetensorsSource(path)
         model.load_weights(source)
         model.bytes_read = source.bytes_read
@@ -151,9 +173,42 @@ class CausalLM(nn.Module):
             layer.mixer.scan_algorithm = algorithm
 
     def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
-               cache: SSMStateCache) -> torch.Tensor:
-        """One decode step: input_ids (batch,) -> logits (batch, vocab)."""
-        return self.forward(input_ids, None, cache_indices, None, cache)
+               cache: SSMStateCache, gather_logits: bool = True) -> torch.Tensor:
+        """One decode step: input_ids (batch,) -> logits (batch, vocab), or this rank's
+        columns (batch, vocab_range width) with gather_logits=False (see forward)."""
+        return self.forward(input_ids, None, cache_indices, None, cache,
+                            gather_logits=gather_logits)
+
+    # --- the vocabulary-parallel head's two ways to whole-vocabulary results
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab) logits from every rank's (rows, vocab_range width) columns (forward /
+        decode with gather_logits=False). A collective: every rank calls it with the same rows.
+        The logits themselves when the head is not vocabulary-parallel."""
+        if not self.vocab_parallel:
+            return logits
+        rows, width = logits.shape[0], self._vocab_width
+        if logits.shape[1] < width:
+            logits = F.pad(logits, (0, width - logits.shape[1]))
+        parts = self.ctx.all_gather_stack(logits)              # (tp, rows, width)
+        full = parts.permute(1, 0, 2).reshape(rows, -1)
+        index = self._vocab_gather_index
+        return full if index is None else full.index_select(1, index)
+
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """int64 (rows,) argmax over the whole vocabulary from this rank's columns, equal on
+        every rank: one all-gather of a (max, token) pair per row and rank, no logits moved.
+        Ties go to the lowest token id, as torch.argmax over the whole vocabulary does. A
+        collective like gather_logits."""
+        if not self.vocab_parallel:
+            return logits.argmax(-1)
+        token = logits.argmax(-1, keepdim=True)
+        # fp64 holds both the fp32 maximum and the token id exactly.
+        pairs = torch.cat([logits.gather(-1, token).double(),
+                           (token + self.vocab_range[0]).double()], -1)
+        every = self.ctx.all_gather_stack(pairs)             # (tp, rows, 2)
+        # argmax takes the first of equal maxima: the lowest rank, which holds the lower ids.
+        best = every[..., 0].argmax(0, keepdim=True)
+        return every[..., 1].gather(0, best).squeeze(0).long()
 
     # --- pieces the subclasses' load_weights / forward share
     def _load_lm_head(self, source: WeightSource) -> None:
@@ -161,17 +216,20 @@ class CausalLM(nn.Module):
             if not source.has("lm_head.weight"):
                 raise KeyError("config has tie_word_embeddings=False but the checkpoint has no "
                                "lm_head.weight")
-            self.lm_head.copy_(source.get("lm_head.weight"))
+            self.lm_head.copy_(source.get_rows("lm_head.weight", [self.vocab_range]))
 
     def _logits(self, hidden: torch.Tensor, query_start_loc: Optional[torch.Tensor],
-                return_all_logits: bool, normed: bool = False) -> torch.Tensor:
+                return_all_logits: bool, normed: bool = False,
+                gather_logits: bool = True) -> torch.Tensor:
         """Final norm (unless `normed`) and head: float32 logits of each request's last token
-        (every token's with return_all_logits; a decode batch's rows are its requests)."""
+        (every token's with return_all_logits; a decode batch's rows are its requests) - this
+        rank's vocabulary columns unless gather_logits."""
         if not return_all_logits and query_start_loc is not None:
             hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
         if not normed:
             hidden = self.norm_f(hidden)
-        return F.linear(hidden.to(self.dtype), self.lm_head).float()
+        logits = F.linear(hidden.to(self.dtype), self.lm_head).float()
+        return self.gather_logits(logits) if gather_logits else logits
 
 
 class SSMForCausalLM(CausalLM):
@@ -184,10 +242,10 @@ class SSMForCausalLM(CausalLM):
     def __init__(self, config: SSMConfig, ctx: Optional[TPContext] = None,
                  dtype: torch.dtype = torch.float32, backend: str = "ops",
                  allreduce: Union[str, AllReduce] = "exact", allreduce_min_bytes: int = 0,
-                 allreduce_group_size: int = 128):
+                 allreduce_group_size: int = 128, vocab_parallel: bool = True):
         super().__init__()
         self._init_ends(config, ctx, dtype, config.layer_norm_epsilon, allreduce,
-                        allreduce_min_bytes, allreduce_group_size)
+                        allreduce_min_bytes, allreduce_group_size, vocab_parallel)
         self.layers = nn.ModuleList([
             SSMBlock(config, i, self.ctx, dtype, backend=backend, allreduce=self.allreduce)
             for i in range(config.num_hidden_layers)])
@@ -218,7 +276,7 @@ class SSMForCausalLM(CausalLM):
                 cache_indices: Optional[torch.Tensor] = None,
                 has_initial_state: Optional[torch.Tensor] = None,
                 cache: Optional[SSMStateCache] = None,
-                return_all_logits: bool = False) -> torch.Tensor:
+                return_all_logits: bool = False, gather_logits: bool = True) -> torch.Tensor:
         """Logits (float32) of a packed batch.
 
         input_ids: (T,) int64, the tokens of all requests concatenated.
@@ -233,7 +291,9 @@ class SSMForCausalLM(CausalLM):
         cache: SSMStateCache from allocate_cache; every non-padding request's final conv and SSM
           state is written to its slot. None: stateless prefill (decode batches need a cache).
         Returns (batch, vocab) logits of each request's last token, or (T, vocab) for every
-        token when return_all_logits.
+        token when return_all_logits. gather_logits=False: only this rank's vocabulary columns
+        (vocab_range) - the whole vocabulary unless the head is vocabulary-parallel - for
+        greedy_tokens / gather_logits (no logits all-gather).
         """
         if query_start_loc is None and cache is None:
             raise ValueError("a decode batch (query_start_loc=None) needs a cache")
@@ -255,4 +315,5 @@ class SSMForCausalLM(CausalLM):
             out = layer.mixer(h, conv, ssm, meta)
             following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
             h = self.add_rms_norm(out, following.weight, eps, residual=residual)
-        return self._logits(h, query_start_loc, return_all_logits, normed=True)
+        return self._logits(h, query_start_loc, return_all_logits, normed=True,
+                            gather_logits=gather_logits)
