@@ -140,6 +140,9 @@ if want bench; then
   # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.
   stage profile_decode 120 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
     --tp-shards 1,4 --json "${JSON%.json}_decode_profile.json"
+  # The same tp 4 shard with the whole LM head on the rank (what the vocabulary split saves).
+  stage profile_decode_whole_head 60 $PY benchmarks/profile_step.py --preset mamba-2.8b \
+    --batch 1 --tp-shard 4 --replicated-head --json "${JSON%.json}_decode_profile_whole_head.json"
   stage profile_decode_m2 90 $PY benchmarks/profile_step.py --preset mamba2-2.7b --batch 1 \
     --json "${JSON%.json}_decode_profile_mamba2.json"
   stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \

@@ -73,6 +73,18 @@ def test_profile_prefill_and_shard_comparison(tmp_path, config):
     assert total["speedup_tp2"] == pytest.approx(total["tp1_us"] / total["tp2_us"])
 
 
+def test_decode_shard_head_split_or_whole(tmp_path):
+    """A tp shard's decode step holds the rank's vocabulary rows of the head by default, the
+    whole head with --replicated-head; tp 1 has the whole head either way."""
+    split = _run(tmp_path, MAMBA, "--tp-shard", "2")
+    whole = _run(tmp_path, MAMBA, "--tp-shard", "2", "--replicated-head")
+    single = _run(tmp_path, MAMBA, "--replicated-head")
+    assert (split["lm_head"], whole["lm_head"], single["lm_head"]) == (
+        "vocab-parallel", "whole", "whole")
+    assert (split["lm_head_rows"], whole["lm_head_rows"], single["lm_head_rows"]) == (
+        64, 128, 128)
+
+
 def test_phase_names():
     mod = _script()
     assert mod.phase_of("void tpssm::ssd_scan_kernel<...>") == "scan"
