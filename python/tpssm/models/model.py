@@ -64,7 +64,8 @@ class CausalLM(nn.Module):
 
     A subclass builds its layers in __init__(config, ctx, dtype, backend=, allreduce=,
     allreduce_min_bytes=, allreduce_group_size=, vocab_parallel=) with `self.layers[i].mixer`
-    for every layer, and implements load_weights(source), allocate_cache(num_slots, ...) and forward(...).
+    for every layer, and implements load_weights(source), allocate_cache(num_slots, ...) and
+    forward(...).
     `self.allreduce` is the model's one AllReduce strategy (tpssm.parallel), built in
     _init_ends from those three arguments (or given as `allreduce`), shared by every
     row-parallel reduction.
