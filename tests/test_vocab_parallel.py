@@ -96,6 +96,10 @@ def _rank_checks(rank, world, path, vocab, ties, reference):
         out["engine_sampled"], out["gathers_sampled"] = _engine_outputs(model, sampled=True)
         replicated = load_model(path, ctx, backend=BACKEND, vocab_parallel=False)
         out["replicated_rows"] = replicated.lm_head.shape[0]
+        # A whole head on every rank: greedy tokens are rank 0's, whatever the others computed.
+        own = torch.zeros(2, vocab)
+        own[:, rank] = 1.0
+        out["replicated_greedy"] = replicated.greedy_tokens(own).tolist()
         out["replicated_err"] = H.max_rel_err(replicated(ids, qsl, return_all_logits=True),
                                               reference["full"])
     return out
@@ -143,6 +147,7 @@ def test_vocab_parallel_head_equals_tp1(tp, vocab, tied, family, tmp_path):
         assert r["gathers_sampled"] and all(rows >= 1 and width == r["head_rows"]
                                             for rows, width in r["gathers_sampled"]), rank
         assert r["replicated_rows"] == vocab and r["replicated_err"] <= 1e-5, rank
+        assert r["replicated_greedy"] == [0, 0], rank
     assert gathers_tp1 == []
     # The full logits' argmax, seen from tp 1.
     assert results[0]["greedy_of_model"] == full.argmax(-1).tolist()

@@ -199,9 +199,10 @@ class CausalLM(nn.Module):
         """int64 (rows,) argmax over the whole vocabulary from this rank's columns, equal on
         every rank: one all-gather of a (max, token) pair per row and rank, no logits moved.
         Ties go to the lowest token id, as torch.argmax over the whole vocabulary does. A
-        collective like gather_logits."""
+        collective like gather_logits. With a whole head on every rank under TP, rank 0's
+        argmax, broadcast (ranks then stay in lockstep even if their logits differ in a bit)."""
         if not self.vocab_parallel:
-            return logits.argmax(-1)
+            return self.ctx.broadcast(logits.argmax(-1), src=0)
         token = logits.argmax(-1, keepdim=True)
         # fp64 holds both the fp32 maximum and the token id exactly.
         pairs = torch.cat([logits.gather(-1, token).double(),
