@@ -188,11 +188,11 @@ def _ssd_flops(tokens, m) -> float:
 
 
 def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="auto",
-              seqlens=None) -> Case:
+              seqlens=None, lanes=0) -> Case:
     """split_len: force the split plan with pieces of this length; algorithm: force one of the
-    op's algorithms ('recurrent', 'recurrent_direct', 'ssd') - extra rows that compare the
-    launcher's choices in the same process. seqlens: a packed varlen batch instead of
-    batch x seqlen."""
+    op's algorithms ('recurrent', 'recurrent_direct', 'ssd'); lanes: force the staged walk's
+    lanes per channel (Mamba1) - extra rows that compare the launcher's choices in the same
+    process. seqlens: a packed varlen batch instead of batch x seqlen."""
     m = shard(model, tp)
     h, p, n, g = m["nheads"], m["headdim"], m["dstate"], m["ngroups"]
     dim = h * p
@@ -220,7 +220,8 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="au
         ops.selective_scan(s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias,
                            delta_softplus=True, ssm_states=s["ssm_states"],
                            has_initial_state=s["has_initial_state"], query_start_loc=qsl,
-                           out=s["out"], algorithm=algorithm, split_len=split_len)
+                           out=s["out"], algorithm=algorithm, split_len=split_len,
+                           lanes_per_channel=lanes)
 
     ref_len = 128
 
@@ -236,6 +237,8 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="au
         shape += f" split {split_len}"
     if algorithm != "auto":
         shape += f" {algorithm}"
+    if lanes:
+        shape += f" lanes {lanes}"
     ssd = m["form"] == "mamba2" and algorithm in ("auto", "ssd")
     return Case("selective_scan", model, tp, shape, nbytes,
                 lambda: make(lead, batch), call, ref=ref, ref_scale=tokens / ref_len,
@@ -479,6 +482,12 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     for split_len in args.scan_split_lens:
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                split_len=split_len))
+                    # Forced lanes per channel (Mamba1's staged walk): one pass with 2 / 4
+                    # lanes against the automatic plan at the shard shapes.
+                    if MODELS[model]["form"] == "mamba1":
+                        for lanes in args.scan_lanes:
+                            cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
+                                                   lanes=lanes))
                     if args.scan_direct and MODELS[model]["form"] == "mamba1":
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                algorithm="recurrent_direct"))
@@ -545,6 +554,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-split-lens", default="",
                         help="comma-separated split lengths to force on the prefill scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
+    parser.add_argument("--scan-lanes", default="",
+                        help="comma-separated lanes per channel (1, 2, 4) to force on the Mamba1 "
+                             "prefill scan cases (extra rows beside the launcher's own plan)")
     parser.add_argument("--conv-chunk-lens", default="",
                         help="comma-separated chunk_len values (tokens per block) to force on "
                              "the prefill conv cases (extra rows beside the launcher's one tile "
@@ -552,6 +564,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.scan_split_lens = [int(v) for v in args.scan_split_lens.split(",") if v.strip()]
     args.conv_chunk_lens = [int(v) for v in args.conv_chunk_lens.split(",") if v.strip()]
+    args.scan_lanes = [int(v) for v in args.scan_lanes.split(",") if v.strip()]
 
     if not torch.cuda.is_available():
         print("bench_ssm_ops: CUDA is required (no CUDA device found); nothing to benchmark")

@@ -518,7 +518,7 @@ constexpr int64_t kMaxSsdChunk = 4096;
 void fill_scan_options(const char* op, const at::Tensor& u, const HeadForm& f,
                        std::optional<double> dt_min, std::optional<double> dt_max,
                        c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
-                       SelectiveScanParams& p) {
+                       int64_t lanes_per_channel, SelectiveScanParams& p) {
   // None: no limit.
   const double lo = dt_min.value_or(-std::numeric_limits<double>::infinity());
   const double hi = dt_max.value_or(std::numeric_limits<double>::infinity());
@@ -539,6 +539,11 @@ void fill_scan_options(const char* op, const at::Tensor& u, const HeadForm& f,
   TORCH_CHECK(split_len >= 0, op, ": split_len must be >= 0 (0: the launcher decides), got ",
               split_len);
   p.split_len = split_len;
+  TORCH_CHECK(lanes_per_channel == 0 || lanes_per_channel == 1 || lanes_per_channel == 2 ||
+                  lanes_per_channel == 4,
+              op, ": lanes_per_channel must be 0 (the launcher decides), 1, 2 or 4, got ",
+              lanes_per_channel);
+  p.lanes_per_channel = lanes_per_channel;
 }
 
 }  // namespace
@@ -549,7 +554,7 @@ SelectiveScanParams make_selective_scan_params(
     bool delta_softplus, const OptTensor& ssm_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, int64_t pad_slot_id,
     const at::Tensor& out, std::optional<double> dt_min, std::optional<double> dt_max,
-    c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
+    c10::string_view algorithm, int64_t chunk_size, int64_t split_len, int64_t lanes_per_channel,
     bool check_index_values) {
   const char* op = "selective_scan";
   SelectiveScanParams p{};
@@ -664,7 +669,8 @@ SelectiveScanParams make_selective_scan_params(
   p.has_initial_state =
       has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   p.pad_slot_id = static_cast<int32_t>(pad_slot_id);
-  fill_scan_options(op, u, f, dt_min, dt_max, algorithm, chunk_size, split_len, p);
+  fill_scan_options(op, u, f, dt_min, dt_max, algorithm, chunk_size, split_len,
+                    lanes_per_channel, p);
   return p;
 }
 

@@ -37,7 +37,8 @@ SelectiveScanParams make_selective_scan_params(
     bool delta_softplus, const OptTensor& ssm_states, const OptTensor& query_start_loc,
     const OptTensor& cache_indices, const OptTensor& has_initial_state, int64_t pad_slot_id,
     const at::Tensor& out, std::optional<double> dt_min, std::optional<double> dt_max,
-    c10::string_view algorithm, int64_t chunk_size, int64_t split_len, bool check_index_values);
+    c10::string_view algorithm, int64_t chunk_size, int64_t split_len, int64_t lanes_per_channel,
+    bool check_index_values);
 
 SelectiveStateUpdateParams make_selective_state_update_params(
     const at::Tensor& ssm_state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,

@@ -22,7 +22,7 @@ TORCH_LIBRARY(tpssm, m) {
       "Tensor? delta_bias, bool delta_softplus, Tensor(a!)? ssm_states, Tensor? query_start_loc, "
       "Tensor? cache_indices, Tensor? has_initial_state, int pad_slot_id, Tensor(b!) out, "
       "float? dt_min=None, float? dt_max=None, str algorithm='auto', int chunk_size=0, "
-      "int split_len=0) -> ()");
+      "int split_len=0, int lanes_per_channel=0) -> ()");
   m.def(
       "selective_state_update(Tensor(a!) ssm_state, Tensor x, Tensor dt, Tensor A, Tensor B, "
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? dt_proj_weight, "

@@ -205,7 +205,8 @@ def scan_inputs(dtype=torch.float32, form="mamba2", nheads=6, headdim=3, ngroups
                 D=True, z=True, delta_bias=True, delta_softplus=True, states=True,
                 state_dtype=torch.float32, group_dim=True, strided=False, **options) -> Dict:
     """kwargs of ops.selective_scan. Mamba1: form="mamba1" (headdim forced to 1). `options`
-    (algorithm, chunk_size, split_len, dt_min, dt_max) pass through to the op."""
+    (algorithm, chunk_size, split_len, lanes_per_channel, dt_min, dt_max) pass through to the
+    op."""
     if form == "mamba1":
         headdim = 1
     dim = nheads * headdim

@@ -295,7 +295,7 @@ def test_selective_scan_ssd(name, params):
 
 def test_selective_scan_cpu_algorithm_selection():
     """'auto' is the SSD form for Mamba2 and the recurrence for Mamba1; chunk_size reaches the
-    SSD form; split_len changes nothing on the CPU. (The two forms sum in different orders, so
+    SSD form; split_len and lanes_per_channel change nothing on the CPU. (The two forms sum in different orders, so
     their fp32 results differ in the last bits: bit equality tells which form ran.)"""
     def run(kw, **options):
         k = dict(kw, out=kw["out"].clone(), ssm_states=kw["ssm_states"].clone(), **options)
@@ -313,6 +313,7 @@ def test_selective_scan_cpu_algorithm_selection():
     m1 = scan_inputs(form="mamba1", nheads=7, dstate=5, ngroups=1, group_dim=False,
                      seqlens=(40, 40))
     assert torch.equal(run(m1), run(m1, algorithm="recurrent"))
+    assert torch.equal(run(m1, lanes_per_channel=4), run(m1))
 
 
 # ---------------------------------------------------------------------------------------------

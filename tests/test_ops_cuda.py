@@ -6,6 +6,8 @@ Skipped without a GPU or without the CUDA kernels in the build."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -65,6 +67,14 @@ def to_cuda(t):
     view = buf.as_strided(t.shape, t.stride(), t.storage_offset())
     view.copy_(t)
     return view
+
+
+def _device_sm_count() -> int:
+    """The SM count the launchers plan for: the GPU's, or the kernel emulator's (EMU_SMS,
+    tools/cuda_emu/emu_plugin.py, where CUDA is the CPU)."""
+    if CUDA.type == "cpu":
+        return int(os.environ.get("EMU_SMS", "132"))
+    return torch.cuda.get_device_properties(CUDA).multi_processor_count
 
 
 def assert_matches_cpu(gpu: torch.Tensor, cpu: torch.Tensor, dtype, what: str) -> None:
@@ -382,14 +392,21 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
+# Lanes per channel of the staged walk: the launcher's pick (1 at these sizes) and both forced
+# multi-lane forms.
+STAGED_LANES = [0, 2, 4]
+
+
+@pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
 @pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
 @pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["aligned", "strided", "dense"])
-def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
-    """The Mamba1 form's staged token tiles: 72 channels (two full warps, one of 8 lanes),
-    sequences of several whole tiles plus a tail (tiles of 16 tokens), chunk boundaries inside
-    tiles; aligned inputs take the 16-byte tile copies (B / C also in the 8-lane warp), strided
-    ones the per-lane loads."""
+def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
+    """The Mamba1 form's staged token tiles: 72 channels (two full warps and a part one at one
+    lane a channel; a part warp of 4 / 2 channels at 2 / 4 lanes), sequences of several whole
+    tiles plus a tail (tiles of 16 tokens; tails that are not whole groups of 2 / 4 tokens),
+    chunk boundaries inside tiles; aligned inputs take the 16-byte tile copies (B / C also in
+    the part warp), strided ones the per-lane loads."""
     varlen = layout != "dense"
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=16, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16) if varlen else (67, 67),
@@ -397,24 +414,63 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk):
                      initial=(True, False, True, False) if varlen else (True, False),
                      strided=layout == "strided")
     kw["split_len"] = chunk or 0
+    kw["lanes_per_channel"] = lanes
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
+@pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
 @pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
 @pytest.mark.parametrize("dtype", [torch.float16, bf16], ids=["f16", "bf16"])
-def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk):
+def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk, lanes):
     """dstate 5 (Mamba1 models may have fewer than 16 states): aligned u / delta / z tiles by
-    16-byte copies beside B / C rows loaded per element with zeros past dstate, in one tile."""
+    16-byte copies beside B / C rows loaded per element with zeros past dstate, in one tile; at
+    4 lanes a channel two lanes hold no state at all."""
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=5, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16), varlen=True, slots=(1, 0, 3, 2),
                      initial=(True, False, True, False))
     kw["split_len"] = chunk or 0
+    kw["lanes_per_channel"] = lanes
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
+def test_selective_scan_cuda_staged_lanes_auto_pick(dtype):
+    """Many short sequences over 64 channels: 132 sequences x 1 block at one lane a channel do
+    not give every one of 132 SMs 4 blocks, 4 lanes do, so the launcher picks more lanes (on a
+    device of up to 132 SMs; with more it takes the chunked plan). Both must match the CPU op,
+    and the automatic result equals the forced 4-lane one bit for bit (1 lane sums y in
+    another order)."""
+    lens = tuple(1 + (b * 7) % 6 for b in range(132))
+    kw = scan_inputs(dtype=dtype, form="mamba1", nheads=64, dstate=16, ngroups=1,
+                     group_dim=False, seqlens=lens, varlen=True, num_slots=132,
+                     slots=tuple(range(131, -1, -1)), initial=tuple(b % 3 == 0 for b in range(132)))
+    kw_auto, _ = check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    if _device_sm_count() <= 132:
+        kw4 = {k: to_cuda(v) for k, v in kw.items()}
+        kw4["lanes_per_channel"] = 4
+        ops.selective_scan(**kw4)
+        for n in ("out", "ssm_states"):
+            assert torch.equal(kw4[n], kw_auto[n]), f"{n}: the automatic plan is not 4 lanes"
+
+
+@pytest.mark.parametrize("name,params", [
+    ("mamba2_form", dict()),
+    ("mamba1_dstate32", dict(form="mamba1", nheads=40, dstate=32, ngroups=1, group_dim=False)),
+    ("mamba1_direct", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False,
+                           algorithm="recurrent_direct")),
+], ids=["mamba2_form", "mamba1_dstate32", "mamba1_direct"])
+def test_selective_scan_cuda_lanes_need_staged_walk(name, params):
+    """More than one lane a channel is a form of the staged walk: asked of a scan that does not
+    take it, the op says so instead of ignoring the option."""
+    kw = {k: to_cuda(v) for k, v in scan_inputs(lanes_per_channel=2, **params).items()}
+    with pytest.raises(RuntimeError, match="lanes_per_channel 2 needs the staged walk"):
+        ops.selective_scan(**kw)
+
+
+@pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
 @pytest.mark.parametrize("chunk", [None, 24], ids=["auto", "chunk24"])
 @pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
-def test_selective_scan_cuda_staged_softplus_range(dtype, chunk):
+def test_selective_scan_cuda_staged_softplus_range(dtype, chunk, lanes):
     """The staged walk computes softplus(dt) from the exp2 / log2 units with a series where
     e^x < 1/32 (the CPU op: log1p(exp(x))). Raw dt from -30 to 25, shuffled over tokens and
     channels, crosses the series, the log branch and the identity above 20."""
@@ -425,6 +481,7 @@ def test_selective_scan_cuda_staged_softplus_range(dtype, chunk):
     raw = torch.linspace(-30.0, 25.0, n)[torch.randperm(n, generator=g)]
     kw["delta"] = raw.reshape(kw["delta"].shape).to(dtype)
     kw["split_len"] = chunk or 0
+    kw["lanes_per_channel"] = lanes
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
@@ -1040,6 +1097,10 @@ SCAN_PLANS = [
     ("mamba1_staged", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 0),
     ("mamba1_staged_split2",
      dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 2),
+    ("mamba1_staged_lanes4", dict(form="mamba1", nheads=40, dstate=16, ngroups=1,
+                                  group_dim=False, lanes_per_channel=4), 0),
+    ("mamba1_staged_lanes2_split2", dict(form="mamba1", nheads=40, dstate=16, ngroups=1,
+                                         group_dim=False, lanes_per_channel=2), 2),
     ("ssd", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, algorithm="ssd"), 0),
     ("ssd_split2", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1,
                         algorithm="ssd"), 2),

@@ -3,7 +3,7 @@
 // against a plain C++ reference, then prints the median time and GB/s.
 //   bench_selective_scan [--form mamba1|mamba2] [--batch B] [--seqlen L] [--nheads H]
 //       [--headdim P] [--dstate N] [--ngroups G] [--dtype f32|f16|bf16] [--state-dtype f32|act]
-//       [--algorithm auto|recurrent|recurrent_direct|ssd] [--split-len N]
+//       [--algorithm auto|recurrent|recurrent_direct|ssd] [--split-len N] [--lanes 0|1|2|4]
 //       [--check-channels K] [--iterations N] [--warmup N] [--no-check]
 #include <limits>
 
@@ -129,12 +129,14 @@ int main(int argc, char** argv) {
   p.dt_max = std::numeric_limits<float>::infinity();
   p.algorithm = parse_algorithm(args.get("--algorithm", "auto"));
   p.split_len = args.get_int("--split-len", 0);
+  p.lanes_per_channel = args.get_int("--lanes", 0);
 
   const tpssm::ScanPlan plan = tpssm::plan_selective_scan(p);
   const size_t ws_bytes = static_cast<size_t>(plan.workspace_bytes);
   void* workspace = nullptr;
   if (ws_bytes) BENCH_CHECK(cudaMalloc(&workspace, ws_bytes));
-  std::printf("plan: %s, workspace %.1f MB\n", ws_bytes ? "chunked" : "one block row per sequence",
+  std::printf("plan: %s, %d thread(s) a channel, workspace %.1f MB\n",
+              ws_bytes ? "chunked" : "one block row per sequence", plan.group_threads,
               ws_bytes / 1e6);
   auto run = [&] { tpssm::run_selective_scan(p, plan, workspace, ws_bytes, nullptr); };
   auto reset = [&] {

@@ -358,12 +358,14 @@ void selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
                         const OptTensor& cache_indices, const OptTensor& has_initial_state,
                         int64_t pad_slot_id, const at::Tensor& out,
                         std::optional<double> dt_min, std::optional<double> dt_max,
-                        c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
+                        c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
+                        int64_t lanes_per_channel) {
   const SelectiveScanParams p = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
-      split_len, /*check_index_values=*/true);
-  // split_len plans work over a CUDA device; the CPU kernels have no use for it.
+      split_len, lanes_per_channel, /*check_index_values=*/true);
+  // split_len and lanes_per_channel plan work over a CUDA device; the CPU kernels have no use
+  // for them.
   const bool ssd = !p.a_is_per_state && (p.algorithm == ScanAlgorithm::kAuto ||
                                          p.algorithm == ScanAlgorithm::kSsd);
   cpu::dispatch_act_state(p.act_dtype, p.state_dtype, "selective_scan", [&](auto t, auto s) {

@@ -43,11 +43,12 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
                          const OptTensor& cache_indices, const OptTensor& has_initial_state,
                          int64_t pad_slot_id, const at::Tensor& out,
                          std::optional<double> dt_min, std::optional<double> dt_max,
-                         c10::string_view algorithm, int64_t chunk_size, int64_t split_len) {
+                         c10::string_view algorithm, int64_t chunk_size, int64_t split_len,
+                         int64_t lanes_per_channel) {
   const SelectiveScanParams params = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
-      split_len, cuda_index_values_checked_on_host());
+      split_len, lanes_per_channel, cuda_index_values_checked_on_host());
   const c10::cuda::CUDAGuard guard(u.device());
   // One plan per call: it sizes the workspace and is what the launcher runs. The chunked plan's
   // workspace comes from the caching allocator: no cudaMalloc on the hot path.

@@ -32,6 +32,15 @@
 // exp2 as the bare MUFU instruction and a MUFU softplus (fast_exp2, softplus_fast). sm_90 SASS of
 // the 16-bit output pass: ~156 instructions a token and warp, 20 of them MUFU (~160 MUFU cycles
 // at 4 lanes a clock per SM sub-partition): issue and MUFU are balanced.
+//
+// Lanes per channel (staged walk): one pass needs (sequences x channel blocks) to fill the SMs,
+// and a tensor-parallel shard has 1 / tp of the channels. With L = 2 or 4 lanes per channel a
+// 2-warp block covers 64 / L channels, each lane 16 / L of the states, so the shard's grid has L
+// times the blocks and stays one pass where L = 1 would fall to the chunked plan (two scans of
+// every token). A group's L lanes walk the same tokens; dt and dt * u are computed once per
+// (channel, token) into shared memory with the tile (lane l of a group takes the tile's tokens
+// l, l + L, ...), and y is reduce-scattered over L tokens at a time, so that each lane finishes
+// one token's output (D, the z gate, the store) instead of every lane repeating it.
 #include <algorithm>
 #include <type_traits>
 
@@ -53,8 +62,10 @@ constexpr int kStates = 16;  // states per thread
 // where shared memory allows: StagedLayout).
 constexpr int kStagedThreads = 64;
 constexpr int kStagedMinBlocks = 8;
+constexpr int kMaxStagedLanes = 4;  // lanes per channel of the staged walk: 1, 2 or 4
 
-template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_>
+template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_,
+          int kLanes_ = 1>
 struct ScanTraits {
   using input_t = input_t_;
   using state_t = state_t_;
@@ -68,13 +79,22 @@ struct ScanTraits {
   // MUFU (8 cycles a warp each). From the pass's sm_90 SASS (not measured): all 16 on the MUFU
   // are ~109 issue slots against ~144 MUFU cycles a token and warp; 2 on the FMA pipe, ~128 /
   // ~128.
-  static constexpr int kFmaExpStates = 2;
+  // Staged walk: lanes per channel (the plan's group_threads) and the channels of a warp.
+  static constexpr int kLanes = kLanes_;
+  static constexpr int kWarpChannels = 32 / kLanes;
+  static constexpr int kStatesPerThread = kStaged ? kStates / kLanes : kStates;
+  // The state pass's FMA-pipe decays, spread over a channel's lanes.
+  static constexpr int kFmaExpStates = 2 / kLanes;
   static constexpr int kThreads = kStaged ? kStagedThreads : kScanThreads;
-  static constexpr int kStatesPerThread = kStates;
-  static constexpr int kPerPack = 16 / sizeof(input_t);  // B / C elements per 16-byte access
-  static constexpr int kPacks = kStatesPerThread / kPerPack;
-  static_assert(kStatesPerThread % kPerPack == 0, "B / C rows load as whole 16-byte packs");
+  static constexpr int kPerPack = 16 / sizeof(input_t);  // elements per 16-byte access
+  // The direct walk's B / C rows (kStates a lane).
+  static constexpr int kPacks = kStates / kPerPack;
+  static_assert(kStates % kPerPack == 0, "B / C rows load as whole 16-byte packs");
   static_assert(kThreads % 32 == 0, "whole warps");
+  static_assert(kLanes == 1 || (kStaged && (kLanes == 2 || kLanes == 4)),
+                "the staged walk alone takes 2 or 4 lanes per channel");
+  // A warp's own rows (kWarpChannels of u / delta / z a token) stay whole 16-byte packs.
+  static_assert(kWarpChannels % kPerPack == 0, "own rows of whole 16-byte packs");
 };
 
 // Per-thread constants of one (channel, state range).
@@ -83,7 +103,8 @@ struct ScanThread {
   int n0;
   int lane;
   unsigned group_mask;
-  int warp_live;        // staged plan: lanes 0..warp_live-1 of this warp own a channel
+  int warp_channel;     // the channel's index among its warp's channels (lane / G)
+  int warp_live;        // lanes 0..warp_live-1 of this warp own a channel
   unsigned warp_mask;   // and this is their mask
 };
 
@@ -97,14 +118,15 @@ __device__ __forceinline__ bool make_scan_thread(const SelectiveScanParams& p,
   t.h = t.c / p.headdim;
   t.pidx = t.c - t.h * p.headdim;
   t.g = t.h / (p.nheads / p.ngroups);
-  t.n0 = t.lane * kStates;
+  t.n0 = t.lane * Traits::kStatesPerThread;
   const unsigned warp_lane = threadIdx.x & 31u;
   t.group_mask =
       G == 32 ? 0xffffffffu : (((1u << G) - 1u) << (warp_lane & ~static_cast<unsigned>(G - 1)));
-  // With G = 1 lane i of a warp owns channel (warp's first channel + i): the live lanes are a
-  // prefix of the warp.
-  const int64_t warp_first = t.c - static_cast<int64_t>(warp_lane);
-  t.warp_live = static_cast<int>(min(static_cast<int64_t>(32), plan.channels - warp_first));
+  // Lanes i * G .. i * G + G - 1 of a warp own channel (warp's first channel + i): the live
+  // lanes are a prefix of the warp.
+  t.warp_channel = static_cast<int>(warp_lane) / G;
+  const int64_t warp_first = t.c - t.warp_channel;
+  t.warp_live = G * static_cast<int>(min(static_cast<int64_t>(32 / G), plan.channels - warp_first));
   t.warp_mask = t.warp_live == 32 ? 0xffffffffu : ((1u << t.warp_live) - 1u);
   return true;
 }
@@ -136,35 +158,42 @@ __device__ __forceinline__ void load_states_row(
 
 // One warp's shared memory in the staged walk (dynamic shared memory, so that cp.async can
 // address it), two tile buffers deep. Element offsets, in input_t unless noted:
-//   own(buf, stream, row): stream 0 u, 1 delta, 2 z; row = token of the tile, 32 channels a row
+//   own(buf, stream, row): stream 0 u, 1 delta, 2 z; row = token of the tile, kWarpChannels a row
 //   bc(buf, which, row):   which 0 B, 1 C; kStates states a row
 //   bcf (16-bit inputs, float): the tile's B | C rows converted once for all 32 lanes, 2 kStates a
 //   row (every lane reads every state of B and C per token: converting at the read was ~32 of the
 //   walk's instructions per token)
+//   dtf (kLanes > 1, float): the tile's dt | dt * u, 2 kWarpChannels a row, computed once per
+//   (channel, token) for the channel's lanes
 template <typename Traits>
 struct StagedLayout {
   using input_t = typename Traits::input_t;
   static constexpr int kTile = Traits::kTile;
+  static constexpr int kRow = Traits::kWarpChannels;
   static constexpr bool kConvertBC = !std::is_same<input_t, float>::value;
-  static constexpr int kOwn = kTile * 32;           // one stream of one buffer
+  static constexpr int kOwn = kTile * kRow;         // one stream of one buffer
   static constexpr int kBC = kTile * kStates;       // B or C of one buffer
   static constexpr int kOwnBytes = 2 * 3 * kOwn * sizeof(input_t);
   static constexpr int kBCBytes = 2 * 2 * kBC * sizeof(input_t);
   static constexpr int kBCFBytes = kConvertBC ? kTile * 2 * kStates * 4 : 0;
-  static constexpr int kWarpBytes = kOwnBytes + kBCBytes + kBCFBytes;
+  static constexpr int kDtBytes = Traits::kLanes > 1 ? kTile * 2 * kRow * 4 : 0;
+  static constexpr int kWarpBytes = kOwnBytes + kBCBytes + kBCFBytes + kDtBytes;
   static constexpr int kBlockBytes = kWarpBytes * (Traits::kThreads / 32);
-  static_assert(kOwnBytes % 16 == 0 && kBCBytes % 16 == 0 && kWarpBytes % 16 == 0,
+  static_assert(kOwnBytes % 16 == 0 && kBCBytes % 16 == 0 && kBCFBytes % 16 == 0 &&
+                    kWarpBytes % 16 == 0,
                 "every region starts 16-byte aligned");
 
   input_t* own_base;
   input_t* bc_base;
   float* bcf;
+  float* dtf;
 
   __device__ __forceinline__ explicit StagedLayout(int warp) {
     unsigned char* base = dynamic_smem() + warp * kWarpBytes;
     own_base = reinterpret_cast<input_t*>(base);
     bc_base = reinterpret_cast<input_t*>(base + kOwnBytes);
     bcf = reinterpret_cast<float*>(base + kOwnBytes + kBCBytes);
+    dtf = reinterpret_cast<float*>(base + kOwnBytes + kBCBytes + kBCFBytes);
   }
   __device__ __forceinline__ input_t* own(int buf, int stream) const {
     return own_base + (buf * 3 + stream) * kOwn;
@@ -189,41 +218,43 @@ __device__ __forceinline__ void load_floats(const float* src, float (&dst)[kN]) 
 }
 
 // Loads rows [0, n) of one tile of a warp's own channels (u, delta or z) into `dst` (kTile rows
-// of 32): with `async`, 16-byte cp.async of whole rows (the lanes take packs in turn), else each
-// live lane loads its own channel, a few tokens in flight. `src` is this lane's channel at the
-// tile's first token.
+// of kWarpChannels): with `async`, 16-byte cp.async of whole rows (the lanes take packs in turn),
+// else each live channel's lanes load its own elements, a few tokens in flight (lane l of a
+// channel's group takes tokens l, l + G, ...). `src` is this lane's channel at the tile's first
+// token; `ch` its index among the warp's channels, `gl` the lane's index in the channel's group.
 template <typename Traits>
 __device__ __forceinline__ void stage_own(typename Traits::input_t* dst,
                                           const typename Traits::input_t* src, int64_t stride,
-                                          int n, int lane, bool async) {
+                                          int n, int lane, int ch, int gl, bool async) {
   using input_t = typename Traits::input_t;
   constexpr int kPP = Traits::kPerPack;
-  constexpr int kRowPacks = 32 / kPP;
-  constexpr int kPerLane = Traits::kTile * kRowPacks / 32;
-  static_assert(Traits::kTile * kRowPacks % 32 == 0, "whole packs per lane");
+  constexpr int kRow = Traits::kWarpChannels;
+  constexpr int kL = Traits::kLanes;
+  constexpr int kRowPacks = kRow / kPP;
+  constexpr int kPerLane = (Traits::kTile * kRowPacks + 31) / 32;
   if (async) {
-    const input_t* warp_src = src - lane;  // the warp's first channel: rows 16-byte aligned
+    const input_t* warp_src = src - ch;  // the warp's first channel: rows 16-byte aligned
 #pragma unroll
     for (int q = 0; q < kPerLane; ++q) {
       const int e = q * 32 + lane;
       const int row = e / kRowPacks;
       const int col = (e % kRowPacks) * kPP;
       if (row < n) {
-        cp_async_16(smem_address(dst + row * 32 + col), warp_src + row * stride + col, true);
+        cp_async_16(smem_address(dst + row * kRow + col), warp_src + row * stride + col, true);
       }
     }
     return;
   }
   constexpr int kBatch = 4;  // loads issued before their shared-memory stores
-  for (int k0 = 0; k0 < n; k0 += kBatch) {
+  for (int k0 = gl; k0 < n; k0 += kBatch * kL) {
     input_t v[kBatch];
 #pragma unroll
     for (int q = 0; q < kBatch; ++q) {
-      if (k0 + q < n) v[q] = src[(k0 + q) * stride];
+      if (k0 + q * kL < n) v[q] = src[(k0 + q * kL) * stride];
     }
 #pragma unroll
     for (int q = 0; q < kBatch; ++q) {
-      if (k0 + q < n) dst[(k0 + q) * 32 + lane] = v[q];
+      if (k0 + q * kL < n) dst[(k0 + q * kL) * kRow + ch] = v[q];
     }
   }
 }
@@ -264,23 +295,48 @@ __device__ __forceinline__ void stage_bc(typename Traits::input_t* dst,
   }
 }
 
-// scan_tokens for the staged plan (G = 1, the warp's channels in one group, dstate <= 16).
-// Per tile: the next tile's loads are issued (cp.async) before this one is scanned, so they are
-// in flight during its exp2 stream; a warp waits for its own copies, then __syncwarp makes all
-// lanes' copies visible. Buffer reuse: tile i + 1 goes to the buffer that tile i - 1 used, whose
-// last reads precede the __syncwarp closing iteration i - 1.
+// y over kL tokens reduce-scattered over a channel's kL lanes: v[j] is this lane's partial sum
+// (its states) for token j of the group; lane gl returns token gl's full y. Each step halves
+// the vector: a lane keeps the half its bit selects and adds its partner's copy of that half
+// (kL - 1 shuffles per kL tokens, where a full reduction per token takes log2 kL each).
+template <int kL>
+__device__ __forceinline__ float reduce_scatter_y(float (&v)[kL], int gl, unsigned mask) {
+#pragma unroll
+  for (int half = kL / 2; half >= 1; half /= 2) {
+    const bool upper = (gl & half) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(mask, send, half);
+    }
+  }
+  return v[0];
+}
+
+// scan_tokens for the staged plan (G = kLanes lanes a channel, the warp's channels in one group,
+// dstate <= 16). Per tile: the next tile's loads are issued (cp.async) before this one is
+// scanned, so they are in flight during its exp2 stream; a warp waits for its own copies, then
+// __syncwarp makes all lanes' copies visible. Buffer reuse: tile i + 1 goes to the buffer that
+// tile i - 1 used, whose last reads precede the __syncwarp closing iteration i - 1.
 template <typename Traits, bool kOutput>
-__device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
-                                                   const ScanPlan& plan, const SeqView& seqs,
-                                                   const ScanThread& th,
-                                                   int64_t b, int64_t t_begin, int64_t t_end,
-                                                   const float (&A2)[kStates], float (&h)[kStates],
-                                                   float& dt_sum) {
+__device__ __forceinline__ void scan_tokens_staged(
+    const SelectiveScanParams& p, const ScanPlan& plan, const SeqView& seqs,
+    const ScanThread& th, int64_t b, int64_t t_begin, int64_t t_end,
+    const float (&A2)[Traits::kStatesPerThread], float (&h)[Traits::kStatesPerThread],
+    float& dt_sum) {
   using input_t = typename Traits::input_t;
   using Layout = StagedLayout<Traits>;
   constexpr int kTile = Traits::kTile;
+  constexpr int kL = Traits::kLanes;
+  constexpr int kRow = Traits::kWarpChannels;
+  constexpr int kSpt = Traits::kStatesPerThread;
   if (t_begin >= t_end) return;
   const int lane = threadIdx.x & 31;
+  // The channel among the warp's and the lane in its group (th.warp_channel and th.lane, known
+  // at compile time here).
+  const int ch = lane / kL;
+  const int gl = lane % kL;
   const Layout smem(threadIdx.x >> 5);
   const int64_t at_begin = seqs.addr_token(b, t_begin);  // token addresses are contiguous
   const input_t* u = static_cast<const input_t*>(p.u) + seqs.batch_offset(b, p.u_batch_stride) +
@@ -300,7 +356,7 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
                  at_begin * p.out_token_stride;
   const float bias = p.delta_bias ? p.delta_bias[th.h] : 0.f;
   const float Dh = p.D ? p.D[th.h] : 0.f;
-  // 16-byte copies need whole aligned rows: all 32 channels of the warp live (own streams) and
+  // 16-byte copies need whole aligned rows: all the warp's channels live (own streams) and
   // dstate == kStates (B / C, which the live lanes share out whatever their number).
   const bool own_async = plan.own_vec && th.warp_live == 32;
   const bool bc_async = plan.bc_vec && p.dstate == kStates;
@@ -308,16 +364,16 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
 
   auto stage = [&](int64_t k0, int buf) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), len - k0));
-    stage_own<Traits>(smem.own(buf, 0), u + k0 * p.u_token_stride, p.u_token_stride, n, lane,
-                      own_async);
+    stage_own<Traits>(smem.own(buf, 0), u + k0 * p.u_token_stride, p.u_token_stride, n, lane, ch,
+                      gl, own_async);
     stage_own<Traits>(smem.own(buf, 1), delta + k0 * p.delta_token_stride, p.delta_token_stride,
-                      n, lane, own_async);
+                      n, lane, ch, gl, own_async);
     stage_bc<Traits>(smem.bc(buf, 0), Bp + k0 * p.B_token_stride, p.B_token_stride, n, p.dstate,
                      lane, th.warp_live, bc_async);
     if constexpr (kOutput) {
       if (z) {
         stage_own<Traits>(smem.own(buf, 2), z + k0 * p.z_token_stride, p.z_token_stride, n,
-                          lane, own_async);
+                          lane, ch, gl, own_async);
       }
       stage_bc<Traits>(smem.bc(buf, 1), Cp + k0 * p.C_token_stride, p.C_token_stride, n,
                        p.dstate, lane, th.warp_live, bc_async);
@@ -362,49 +418,117 @@ __device__ __forceinline__ void scan_tokens_staged(const SelectiveScanParams& p,
           store_vec<float, 4>(dst + 4 * q, f);
         }
       }
-      __syncwarp(th.warp_mask);  // the converted rows, written by other lanes
       s_B = smem.bcf;
       s_C = smem.bcf + kStates;
     } else {
       s_B = reinterpret_cast<const float*>(smem.bc(buf, 0));
       s_C = reinterpret_cast<const float*>(smem.bc(buf, 1));
     }
-
-    input_t* out_k = out + k0 * p.out_token_stride;
-    for (int k = 0; k < n; ++k, out_k += p.out_token_stride) {
-      const float dt = scan_dt<true>(to_float(s_dt[k * 32 + lane]), bias, p.delta_softplus,
-                                     p.dt_min, p.dt_max);
-      const float uv = to_float(s_u[k * 32 + lane]);
-      const float dtu = dt * uv;
-      float Bk[kStates];
-      load_floats(s_B + k * kBStride, Bk);
-      if constexpr (kOutput) {
-        float Ck[kStates];
-        load_floats(s_C + k * kBStride, Ck);
-        // Two partial sums halve the dependent chain of y's FMAs.
-        float y2[2] = {0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < kStates; ++i) {
-          h[i] = fmaf(h[i], fast_exp2(dt * A2[i]), dtu * Bk[i]);
-          y2[i & 1] = fmaf(h[i], Ck[i], y2[i & 1]);
-        }
-        float y = fmaf(Dh, uv, y2[0] + y2[1]);
-        if (z) {
-          const float zv = to_float(s_z[k * 32 + lane]);
-          y *= sizeof(input_t) == 2 ? silu_fast(zv) : silu(zv);
-        }
-        *out_k = from_float<input_t>(y);
-      } else {
-        // Without C, z and y the MUFU unit bounds this pass: kFmaExpStates of the decays go to
-        // the FMA pipe.
-#pragma unroll
-        for (int i = 0; i < kStates; ++i) {
-          const float x = dt * A2[i];
-          const float dA = i < Traits::kFmaExpStates ? exp2_fma(x) : fast_exp2(x);
-          h[i] = fmaf(h[i], dA, dtu * Bk[i]);
-        }
-        dt_sum += dt;
+    // dt and dt * u once per (channel, token): lane gl of a channel takes tokens gl, gl + kL, ...
+    float* s_dtf = smem.dtf;
+    if constexpr (kL > 1) {
+      for (int k = gl; k < n; k += kL) {
+        const float dt = scan_dt<true>(to_float(s_dt[k * kRow + ch]), bias, p.delta_softplus,
+                                       p.dt_min, p.dt_max);
+        s_dtf[k * 2 * kRow + ch] = dt;
+        s_dtf[k * 2 * kRow + kRow + ch] = dt * to_float(s_u[k * kRow + ch]);
       }
+    }
+    if constexpr (Layout::kConvertBC || kL > 1) {
+      __syncwarp(th.warp_mask);  // the converted rows, written by other lanes
+    }
+
+    if constexpr (kL == 1) {
+      input_t* out_k = out + k0 * p.out_token_stride;
+      for (int k = 0; k < n; ++k, out_k += p.out_token_stride) {
+        const float dt = scan_dt<true>(to_float(s_dt[k * kRow + lane]), bias, p.delta_softplus,
+                                       p.dt_min, p.dt_max);
+        const float uv = to_float(s_u[k * kRow + lane]);
+        const float dtu = dt * uv;
+        float Bk[kStates];
+        load_floats(s_B + k * kBStride, Bk);
+        if constexpr (kOutput) {
+          float Ck[kStates];
+          load_floats(s_C + k * kBStride, Ck);
+          // Two partial sums halve the dependent chain of y's FMAs.
+          float y2[2] = {0.f, 0.f};
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) {
+            h[i] = fmaf(h[i], fast_exp2(dt * A2[i]), dtu * Bk[i]);
+            y2[i & 1] = fmaf(h[i], Ck[i], y2[i & 1]);
+          }
+          float y = fmaf(Dh, uv, y2[0] + y2[1]);
+          if (z) {
+            const float zv = to_float(s_z[k * kRow + lane]);
+            y *= sizeof(input_t) == 2 ? silu_fast(zv) : silu(zv);
+          }
+          *out_k = from_float<input_t>(y);
+        } else {
+          // Without C, z and y the MUFU unit bounds this pass: kFmaExpStates of the decays go
+          // to the FMA pipe.
+#pragma unroll
+          for (int i = 0; i < kStates; ++i) {
+            const float x = dt * A2[i];
+            const float dA = i < Traits::kFmaExpStates ? exp2_fma(x) : fast_exp2(x);
+            h[i] = fmaf(h[i], dA, dtu * Bk[i]);
+          }
+          dt_sum += dt;
+        }
+      }
+    } else {
+      // kL tokens at a time (n is the same for the whole warp, so every live lane takes part in
+      // the shuffles); this lane's states are n0 .. n0 + kSpt - 1 of each B / C row. Whole
+      // groups skip the per-token bounds checks; only a tile's last group may be partial.
+      // out_g: this lane's output of the group (token kk + gl).
+      input_t* out_g = out + (k0 + gl) * p.out_token_stride;
+      const int64_t out_step = kL * p.out_token_stride;
+      auto scan_group = [&](int kk, auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
+        float yp[kL];
+#pragma unroll
+        for (int j = 0; j < kL; ++j) {
+          const int k = kk + j;
+          yp[j] = 0.f;
+          if (!kWhole && k >= n) continue;
+          const float dt = s_dtf[k * 2 * kRow + ch];
+          const float dtu = s_dtf[k * 2 * kRow + kRow + ch];
+          float Bk[kSpt];
+          load_floats(s_B + k * kBStride + th.n0, Bk);
+          if constexpr (kOutput) {
+            float Ck[kSpt];
+            load_floats(s_C + k * kBStride + th.n0, Ck);
+#pragma unroll
+            for (int i = 0; i < kSpt; ++i) {
+              h[i] = fmaf(h[i], fast_exp2(dt * A2[i]), dtu * Bk[i]);
+              yp[j] = fmaf(h[i], Ck[i], yp[j]);
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < kSpt; ++i) {
+              const float x = dt * A2[i];
+              const float dA = i < Traits::kFmaExpStates ? exp2_fma(x) : fast_exp2(x);
+              h[i] = fmaf(h[i], dA, dtu * Bk[i]);
+            }
+            dt_sum += dt;
+          }
+        }
+        if constexpr (kOutput) {
+          float y = reduce_scatter_y<kL>(yp, gl, th.warp_mask);
+          const int k = kk + gl;
+          if (kWhole || k < n) {
+            y = fmaf(Dh, to_float(s_u[k * kRow + ch]), y);
+            if (z) {
+              const float zv = to_float(s_z[k * kRow + ch]);
+              y *= sizeof(input_t) == 2 ? silu_fast(zv) : silu(zv);
+            }
+            *out_g = from_float<input_t>(y);
+          }
+          out_g += out_step;
+        }
+      };
+      const int n_whole = n / kL * kL;
+      for (int kk = 0; kk < n_whole; kk += kL) scan_group(kk, std::true_type{});
+      if (n_whole < n) scan_group(n_whole, std::false_type{});
     }
     // The next iteration stages into the buffer this one read, and rewrites the converted rows.
     __syncwarp(th.warp_mask);
@@ -417,7 +541,8 @@ template <typename Traits, bool kOutput>
 __device__ __forceinline__ void scan_tokens(const SelectiveScanParams& p, const ScanPlan& plan,
                                             const SeqView& seqs, const ScanThread& th, int64_t b,
                                             int64_t t_begin, int64_t t_end,
-                                            const float (&A2)[kStates], float (&h)[kStates],
+                                            const float (&A2)[Traits::kStatesPerThread],
+                                            float (&h)[Traits::kStatesPerThread],
                                             float& dt_sum) {
   if constexpr (Traits::kStaged) {
     scan_tokens_staged<Traits, kOutput>(p, plan, seqs, th, b, t_begin, t_end, A2, h, dt_sum);
@@ -491,10 +616,10 @@ __device__ __forceinline__ void scan_tokens(const SelectiveScanParams& p, const 
 
 template <typename Traits>
 __device__ __forceinline__ void load_a(const SelectiveScanParams& p, const ScanThread& th,
-                                       float (&A2)[kStates]) {
+                                       float (&A2)[Traits::kStatesPerThread]) {
   const float* A = p.A + th.h * p.A_head_stride;
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) {
+  for (int i = 0; i < Traits::kStatesPerThread; ++i) {
     if constexpr (Traits::kPerStateA) {
       A2[i] = th.n0 + i < p.dstate ? A[(th.n0 + i) * p.A_state_stride] * kLog2e : 0.f;
     } else {
@@ -505,23 +630,26 @@ __device__ __forceinline__ void load_a(const SelectiveScanParams& p, const ScanT
 
 template <typename Traits>
 __device__ __forceinline__ void load_slot_state(const SelectiveScanParams& p, const ScanThread& th,
-                                                int64_t slot, float (&h)[kStates]) {
+                                                int64_t slot,
+                                                float (&h)[Traits::kStatesPerThread]) {
   using state_t = typename Traits::state_t;
   const state_t* s = static_cast<const state_t*>(p.ssm_states) + slot * p.ssm_states_slot_stride +
                      th.h * p.ssm_states_head_stride + th.pidx * p.ssm_states_dim_stride + th.n0;
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? to_float(s[i]) : 0.f;
+  for (int i = 0; i < Traits::kStatesPerThread; ++i) {
+    h[i] = th.n0 + i < p.dstate ? to_float(s[i]) : 0.f;
+  }
 }
 
 template <typename Traits>
 __device__ __forceinline__ void store_slot_state(const SelectiveScanParams& p,
                                                  const ScanThread& th, int64_t slot,
-                                                 const float (&h)[kStates]) {
+                                                 const float (&h)[Traits::kStatesPerThread]) {
   using state_t = typename Traits::state_t;
   state_t* s = static_cast<state_t*>(p.ssm_states) + slot * p.ssm_states_slot_stride +
                th.h * p.ssm_states_head_stride + th.pidx * p.ssm_states_dim_stride + th.n0;
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) {
+  for (int i = 0; i < Traits::kStatesPerThread; ++i) {
     if (th.n0 + i < p.dstate) s[i] = from_float<state_t>(h[i]);
   }
 }
@@ -543,19 +671,19 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void chunk_st
 
   ScanThread th;
   if (!make_scan_thread<Traits>(p, plan, th)) return;
-  float A2[kStates];
+  float A2[Traits::kStatesPerThread];
   load_a<Traits>(p, th, A2);
-  float h[kStates];
+  float h[Traits::kStatesPerThread];
   if (flag == 1 && piece.initial) {
     load_slot_state<Traits>(p, th, piece.slot, h);
   } else {
 #pragma unroll
-    for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+    for (int i = 0; i < Traits::kStatesPerThread; ++i) h[i] = 0.f;
   }
   if (flag == 1) {
     float* I = ws_row(plan.ws_I, p, plan, j, th);
 #pragma unroll
-    for (int i = 0; i < kStates; ++i) {
+    for (int i = 0; i < Traits::kStatesPerThread; ++i) {
       if (th.n0 + i < p.dstate) I[i] = h[i];
     }
   }
@@ -564,14 +692,14 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void chunk_st
                              piece.end, A2, h, dt_sum);
   float* S = ws_row(plan.ws_S, p, plan, j, th);
 #pragma unroll
-  for (int i = 0; i < kStates; ++i) {
+  for (int i = 0; i < Traits::kStatesPerThread; ++i) {
     if (th.n0 + i < p.dstate) S[i] = h[i];
   }
   if (th.pidx == 0) {
     if constexpr (Traits::kPerStateA) {
       float* P = plan.ws_P + (j * p.nheads + th.h) * p.dstate + th.n0;
 #pragma unroll
-      for (int i = 0; i < kStates; ++i) {
+      for (int i = 0; i < Traits::kStatesPerThread; ++i) {
         if (th.n0 + i < p.dstate) P[i] = exp2f(A2[i] * dt_sum);
       }
     } else if (th.lane == 0) {
@@ -609,7 +737,7 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void scan_out
   ScanThread th;
   if (!make_scan_thread<Traits>(p, plan, th)) return;
   const SeqView seqs{p.query_start_loc, p.batch, p.seqlen};
-  float A2[kStates];
+  float A2[Traits::kStatesPerThread];
   load_a<Traits>(p, th, A2);
 
   const int64_t j = blockIdx.x;
@@ -622,18 +750,20 @@ __global__ __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) void scan_out
     int64_t slot = 0;
     bool initial = false;
     if (!resolve_slot(p, b, slot, initial)) continue;
-    float h[kStates];
+    float h[Traits::kStatesPerThread];
     const StartState start = start_state(piece, seq_begin, seq_end, initial);
     if (start == StartState::kCarried || start == StartState::kCopiedInitial) {
       const float* H = start == StartState::kCarried ? ws_row(plan.ws_S, p, plan, j - 1, th)
                                                      : ws_row(plan.ws_I, p, plan, j, th);
 #pragma unroll
-      for (int i = 0; i < kStates; ++i) h[i] = th.n0 + i < p.dstate ? H[i] : 0.f;
+      for (int i = 0; i < Traits::kStatesPerThread; ++i) {
+        h[i] = th.n0 + i < p.dstate ? H[i] : 0.f;
+      }
     } else if (start == StartState::kSlot) {
       load_slot_state<Traits>(p, th, slot, h);
     } else {
 #pragma unroll
-      for (int i = 0; i < kStates; ++i) h[i] = 0.f;
+      for (int i = 0; i < Traits::kStatesPerThread; ++i) h[i] = 0.f;
     }
     float unused = 0.f;
     scan_tokens<Traits, true>(p, plan, seqs, th, b, max(seq_begin, piece.begin),
@@ -715,6 +845,17 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   if (p.ngroups <= 0 || p.nheads % p.ngroups != 0) {
     throw std::runtime_error("tpssm selective_scan: nheads must be a multiple of ngroups");
   }
+  if (p.lanes_per_channel != 0 && p.lanes_per_channel != 1 && p.lanes_per_channel != 2 &&
+      p.lanes_per_channel != kMaxStagedLanes) {
+    throw std::runtime_error("tpssm selective_scan: lanes_per_channel must be 0, 1, 2 or 4, got " +
+                             std::to_string(p.lanes_per_channel));
+  }
+  auto lanes_need_staging = [&] {
+    throw std::runtime_error(
+        "tpssm selective_scan: lanes_per_channel " + std::to_string(p.lanes_per_channel) +
+        " needs the staged walk (A of shape (dim, dstate) with dstate <= 16, ngroups 1 or a "
+        "multiple of 32 channels a group, algorithm 'auto' or 'recurrent', sm_80 or later)");
+  };
   ScanPlan plan{};
   int G = 1;
   while (G * kStates < p.dstate) G *= 2;
@@ -743,17 +884,37 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
                       packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
                       packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
     plan.ssd_out_vec = packs_aligned(p.out, p.out_token_stride, p.out_batch_stride);
+    if (p.lanes_per_channel > 1) lanes_need_staging();
     return plan;
   }
-  // Staged tiles: one channel per thread with per-state A (the Mamba1 form), and each warp's 32
-  // channels (a block's channels start at a multiple of 64) read one group's B / C rows; the tile
-  // copies are cp.async (sm_80 and later).
+  // Staged tiles: per-state A (the Mamba1 form) with dstate <= 16, and each warp's channels (a
+  // block's channels start at a multiple of 64 / L, a warp's at 32 / L) read one group's B / C
+  // rows; the tile copies are cp.async (sm_80 and later).
   const int64_t channels_per_group = plan.channels / p.ngroups;
   // kRecurrentDirect forces the direct walk (benchmarks compare the two in one process).
   plan.staged = G == 1 && p.a_is_per_state && (p.ngroups == 1 || channels_per_group % 32 == 0) &&
                 p.algorithm != ScanAlgorithm::kRecurrentDirect && current_device_cc_major() >= 8;
-  plan.channel_blocks =
-      ceil_div(plan.channels, (plan.staged ? kStagedThreads : kScanThreads) / G);
+  if (p.lanes_per_channel > 1 && !plan.staged) lanes_need_staging();
+  if (plan.staged) {
+    // The fewest lanes that give one pass (every SM kStagedSplit's blocks); with none, one lane
+    // and the chunked plan.
+    int lanes = p.lanes_per_channel;
+    if (lanes == 0) {
+      lanes = 1;
+      if (p.split_len == 0) {
+        for (int l = 1; l <= kMaxStagedLanes; l *= 2) {
+          const int64_t blocks = ceil_div(plan.channels, kStagedThreads / l);
+          if (p.batch * blocks >= kStagedSplit.min_blocks_per_sm * sms) {
+            lanes = l;
+            break;
+          }
+        }
+      }
+    }
+    plan.group_threads = lanes;
+  }
+  plan.channel_blocks = ceil_div(plan.channels, (plan.staged ? kStagedThreads : kScanThreads) /
+                                                    plan.group_threads);
   plan_split(p, plan.channel_blocks, sms, plan.staged ? kStagedSplit : kRecurrentSplit, plan);
   plan.bc_vec = p.dstate % kStates == 0 && p.B_group_stride % per_pack == 0 &&
                 p.C_group_stride % per_pack == 0 &&
@@ -814,9 +975,15 @@ void run_with_plan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t str
   TPSSM_DTYPE_SWITCH(p.act_dtype, input_t, [&] {
     TPSSM_STATE_DTYPE_SWITCH(p.state_dtype, p.act_dtype, input_t, state_t, [&] {
       if (p.a_is_per_state) {
-        TPSSM_BOOL_SWITCH(plan.staged, kStaged, [&] {
-          launch_scan<ScanTraits<input_t, state_t, true, kStaged>>(p, plan, stream);
-        });
+        if (!plan.staged) {
+          launch_scan<ScanTraits<input_t, state_t, true, false>>(p, plan, stream);
+        } else if (plan.group_threads == 1) {
+          launch_scan<ScanTraits<input_t, state_t, true, true, 1>>(p, plan, stream);
+        } else if (plan.group_threads == 2) {
+          launch_scan<ScanTraits<input_t, state_t, true, true, 2>>(p, plan, stream);
+        } else {
+          launch_scan<ScanTraits<input_t, state_t, true, true, 4>>(p, plan, stream);
+        }
       } else {
         launch_scan<ScanTraits<input_t, state_t, false, false>>(p, plan, stream);
       }

@@ -182,6 +182,9 @@ struct SelectiveScanParams {
   // Tokens per piece when the launcher splits the flattened token range to fill the device
   // (0: the launcher decides; > 0 forces the split plan, so tests cross piece boundaries).
   int64_t split_len;
+  // Lanes per channel of the Mamba1 form's staged walk (0: the launcher decides; 1, 2 or 4
+  // forces it, and > 1 needs the staged walk).
+  int64_t lanes_per_channel;
 };
 
 // Decode: one token per request; the state is read from state_batch_indices[b] and the updated

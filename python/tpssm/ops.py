@@ -171,6 +171,7 @@ def selective_scan(
     algorithm: str = "auto",
     chunk_size: int = 0,
     split_len: int = 0,
+    lanes_per_channel: int = 0,
 ) -> torch.Tensor:
     """Prefill selective scan (Mamba1 or Mamba2 form, see the module docstring).
 
@@ -197,12 +198,17 @@ def selective_scan(
       CUDA 64 only).
     split_len: 0 lets the launcher decide how to split long sequences over the device; n > 0
       forces the split plan with n-token pieces (tests use it to cross piece boundaries).
+    lanes_per_channel: threads per channel of the CUDA Mamba1 form's staged walk, each taking
+      dstate / L of the states: 0 lets the launcher pick the fewest of 1, 2, 4 that fill the
+      device in one pass (a tensor-parallel shard has fewer channels), else 1, 2 or 4 forces it
+      (a value > 1 needs the staged walk: A of shape (dim, dstate), dstate <= 16, sm_80 or later).
+      The CPU op accepts and ignores it.
     """
     if out is None:
         out = torch.empty_like(u)
     _ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
                         query_start_loc, cache_indices, has_initial_state, pad_slot_id, out,
-                        dt_min, dt_max, algorithm, chunk_size, split_len)
+                        dt_min, dt_max, algorithm, chunk_size, split_len, lanes_per_channel)
     return out
 
 
@@ -375,7 +381,7 @@ def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_indices,
 def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
                          query_start_loc, cache_indices, has_initial_state, pad_slot_id,
                          out, dt_min=None, dt_max=None, algorithm="auto", chunk_size=0,
-                         split_len=0) -> None:
+                         split_len=0, lanes_per_channel=0) -> None:
     _check_out_like("selective_scan", out, u, "u")
 
 

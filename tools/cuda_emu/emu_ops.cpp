@@ -45,11 +45,12 @@ void selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const OptTensor& qsl, const OptTensor& ci, const OptTensor& his, int64_t pad,
                     const at::Tensor& out, std::optional<double> dt_min,
                     std::optional<double> dt_max, const std::string& algorithm, int64_t chunk_size,
-                    int64_t split_len) {
+                    int64_t split_len, int64_t lanes_per_channel) {
   reset();
   auto p = tpssm::make_selective_scan_params(u, delta, A, B, C, D, z, db, sp, states, qsl, ci,
                                              his, pad, out, dt_min, dt_max, algorithm, chunk_size,
-                                             split_len, tpssm::cuda_index_values_checked_on_host());
+                                             split_len, lanes_per_channel,
+                                             tpssm::cuda_index_values_checked_on_host());
   const tpssm::ScanPlan plan = tpssm::plan_selective_scan(p);
   const size_t bytes = static_cast<size_t>(plan.workspace_bytes);
   // 0xFF bytes: NaN floats, so a read of a workspace entry no pass wrote poisons the result.

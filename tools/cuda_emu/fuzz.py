@@ -114,12 +114,16 @@ def fuzz_scan(it):
               has_initial_state=his, pad_slot_id=pad)
     rs = None if states is None else states.clone(); ro = out.clone()
     selective_scan_ref(u, delta, A, B, C, ssm_states=rs, out=ro, compute_dtype=torch.float64, **kw)
+    # The staged walk (A per state, dstate <= 16, one group) also runs forced to 2 / 4 lanes a
+    # channel; with 1 SM the launcher picks more lanes by itself.
+    lanes = rng.choice([0, 2, 4]) if m1 and dstate <= 16 and ngroups == 1 else 0
     for chunk in rng.sample([None, 1, 2, 3, 7], 2):
         for sms in ([132, 1] if chunk is None else [132]):
             emu.set_sm_count(sms)
             st = None if states is None else states.clone(); o = out.clone()
-            ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, split_len=chunk or 0, **kw)
-            tag = f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype}"
+            ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, split_len=chunk or 0,
+                               lanes_per_channel=lanes, **kw)
+            tag = f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype} lanes {lanes}"
             close(o, ro, dtype, tag + " out")
             if st is not None: close(st.float(), rs.float(), sdt if sdt != f32 else dtype, tag + " state")
 

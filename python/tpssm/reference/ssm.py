@@ -187,12 +187,14 @@ def selective_scan_ref(
     algorithm: str = "auto",
     chunk_size: int = 0,
     split_len: int = 0,
+    lanes_per_channel: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference of tpssm.ops.selective_scan (see the module docstring for the shapes).
     ssm_states, when given, holds the initial state of rows with has_initial_state and receives
-    every non-padded row's final state. kernel, chunk_size and split_len choose how the op
-    computes, not what: they are accepted and ignored here (the per-token recurrence)."""
+    every non-padded row's final state. algorithm, chunk_size, split_len and lanes_per_channel
+    choose how the op computes, not what: they are accepted and ignored here (the per-token
+    recurrence)."""
     dim = u.shape[-1]
     dstate = B.shape[-1]
     nheads, headdim, A_hn = _head_form(A, dim, dstate, compute_dtype)
