@@ -295,8 +295,9 @@ def test_selective_scan_ssd(name, params):
 
 def test_selective_scan_cpu_algorithm_selection():
     """'auto' is the SSD form for Mamba2 and the recurrence for Mamba1; chunk_size reaches the
-    SSD form; split_len and lanes_per_channel change nothing on the CPU. (The two forms sum in different orders, so
-    their fp32 results differ in the last bits: bit equality tells which form ran.)"""
+    SSD form; split_len and lanes_per_channel change nothing on the CPU. (The two forms sum in
+    different orders, so their fp32 results differ in the last bits: bit equality tells which
+    form ran.)"""
     def run(kw, **options):
         k = dict(kw, out=kw["out"].clone(), ssm_states=kw["ssm_states"].clone(), **options)
         ops.selective_scan(**k)

@@ -20,7 +20,7 @@ void run_causal_conv1d_update(const CausalConv1dUpdateParams& params, cudaStream
 // call by plan_selective_scan (from the params, the options in them and the current device's
 // attributes) and launched as built by run_selective_scan with the same params.
 struct ScanPlan {
-  int group_threads;    // G: threads per channel of the recurrent kernels
+  int group_threads;    // G: threads per channel of the recurrent kernels (staged: 1, 2 or 4)
   bool flat;            // chunked flat plan (three passes) vs one block row per sequence
   bool bc_vec;          // B / C rows are 16-byte aligned with dstate % 16 == 0
   bool staged;          // staged token tiles (see the top of selective_scan.cu)
