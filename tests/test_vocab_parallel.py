@@ -175,3 +175,7 @@ def test_local_shard_head_is_rank_zeros_rows():
         assert shard.shape == (2, end - start)
         assert model.greedy_tokens(shard).tolist() == shard.argmax(-1).tolist()
         assert model.gather_logits(shard).shape == (2, 250)
+        # Moved (here to another dtype), the tied head stays a view of the moved embedding.
+        model.to(torch.float64)
+        assert model.lm_head.dtype == torch.float64
+        assert model.lm_head.data_ptr() == model.embeddings[start].data_ptr()

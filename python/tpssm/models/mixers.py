@@ -333,7 +333,7 @@ class Mamba2Mixer(nn.Module):
         """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
         added by the reduction where it can)."""
         k = self.kernels
-        El, gn, Hl = self.local_dim, self.local_groups * self.d_state, self.local_heads
+        El, gn = self.local_dim, self.local_groups * self.d_state
         zxbcdt = self.in_proj(hidden)
         z = zxbcdt[:, :El]
         xBC = zxbcdt[:, El:El + self.conv_channels]

@@ -108,9 +108,20 @@ class CausalLM(nn.Module):
             # rank order; this index picks the real columns (token order) out of that layout.
             widths = [b - a for a, b in (shard_range(V, tp, r) for r in range(tp))]
             self._vocab_width = max(widths)
-            self._vocab_gather_index = (None if V == tp * self._vocab_width else torch.tensor(
-                [r * self._vocab_width + j for r in range(tp) for j in range(widths[r])],
-                device=dev))
+            # A buffer (not saved): it follows the model through .to() / .cuda().
+            self.register_buffer("_vocab_gather_index", None if V == tp * self._vocab_width
+                                 else torch.tensor([r * self._vocab_width + j for r in range(tp)
+                                                    for j in range(widths[r])], device=dev),
+                                 persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() give the embedding new storage; a tied vocabulary-parallel
+        # head is a view of it and must be taken again, or it would keep the old tensor.
+        result = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "vocab_parallel", False) and self.config.tie_word_embeddings:
+            start, end = self.vocab_range
+            self.lm_head = self.embeddings.narrow(0, start, end - start)
+        return result
 
     @classmethod
     def from_pretrained(cls, path: str, ctx: Optional[TPContext] = None,
