@@ -14,11 +14,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not tpssm.has_c
                                 reason="needs a GPU and the CUDA kernels")
 
 
-def _model(device):
+def _model(device, ctx=None):
     config = parse_config(DEMO_CONFIG)
     from tpssm.parallel import TPContext
 
-    model = SSMForCausalLM(config, TPContext(device=torch.device(device)), torch.float32)
+    ctx = ctx if ctx is not None else TPContext(device=torch.device(device))
+    model = SSMForCausalLM(config, ctx, torch.float32)
     with torch.no_grad():
         model.load_weights(RandomWeightSource(config, seed=3))
     return model
@@ -132,3 +133,28 @@ def test_graph_decode_with_sampling_rows_equals_eager():
     assert engine._graphs
     eager, _ = _run(gpu, prompts, False, sampling=sampling)
     assert graphs == eager
+
+
+def test_local_shard_graph_decode_equals_eager():
+    """One tp 4 rank's shard in one process (TPContext.local_shard, as profile_step.py and the
+    engine bench time it): its vocabulary-parallel head's greedy (max, token) exchange and, for
+    sampling rows, the logits gather run inside the captured decode graph; graph decode equals
+    eager decode."""
+    from tpssm.parallel import TPContext
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1024, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (6,), generator=g)]
+
+    def sampling(i):
+        if i % 3 == 2:
+            return SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, seed=200 + i)
+        return SamplingParams(max_new_tokens=10)
+
+    shard = _model("cuda", TPContext.local_shard(4, torch.device("cuda")))
+    assert shard.vocab_parallel and shard.lm_head.shape[0] == 1024 // 4
+    graphs, engine = _run(shard, prompts, True, sampling=sampling)
+    assert engine._graphs, "no decode step went through a CUDA graph"
+    eager, _ = _run(shard, prompts, False, sampling=sampling)
+    assert graphs == eager
+
