@@ -58,6 +58,7 @@ SCHEMES = ("exact", "fp16", "int8", "fp8")
 REFERENCE_SCHEMES = ("exact_fp32",)
 QUANT_GROUP_SIZES = (256, 128, 64, 32)  # tpssm.reference.qallreduce.SUPPORTED_GROUP_SIZES
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+GREEDY_PAIR_BYTES = 16  # a row's (max, token) pair as 2 fp64 (CausalLM.greedy_tokens)
 
 
 # ------------------------------------------------------------------------------------ links
@@ -282,8 +283,8 @@ class CommSettings:
     min_bytes: int = 1 << 20        # payloads below it are reduced exactly (the bench default)
     group_size: int = 128
     copy_tbs: float = 3.0           # device copy rate for the fp16 casts (TB/s, read + write)
-    # One latency-bound token exchange per engine step (the greedy (max, token) all-gather, or
-    # the broadcast of sampled tokens).
+    # One latency-bound token exchange per engine step: the all-gather of every row's greedy
+    # (max, token) pair from each rank (the bench runs decode greedily).
     broadcast_per_step: bool = True
 
 
@@ -322,14 +323,15 @@ def collective_us(c: Collective, scheme: str, n: int, link: Link, kernels: Kerne
 def step_comm_us(dims: ModelDims, tokens: int, rows: int, scheme: str, n: int, link: Link,
                  kernels: KernelTimes, cs: CommSettings, elem_bytes: int = 2) -> float:
     """All collectives of one engine step at tp n: every layer's reductions and, once per
-    step, the token exchange (latency-bound; 8 bytes per row)."""
+    step, the token exchange (latency-bound; a ring all-gather of 16 bytes per row from each
+    rank: (n - 1) x 16 bytes per row on each rank's wire)."""
     if n == 1:
         return 0.0
     per_layer = sum(collective_us(c, scheme, n, link, kernels, cs)
                     for c in layer_collectives(dims, tokens, n, elem_bytes))
     total = dims.num_layers * per_layer
     if cs.broadcast_per_step:
-        total += link.latency_us + 8 * rows / (link.bus_gbs * 1e3)
+        total += link.latency_us + (n - 1) * GREEDY_PAIR_BYTES * rows / (link.bus_gbs * 1e3)
     return total
 
 
@@ -608,7 +610,8 @@ MODEL_SUMMARY = [
     "wire bytes per rank: exact ring 2(N-1)/N*M*2, fp16 the same, int8/fp8 two-shot "
     "2(N-1)/N*M*(1+4/G)",
     "collectives per step: Mamba-1 x_proj T x (R+2N) and out_proj T x D per layer; Mamba-2 "
-    "out_proj T x D (+ fp32 T x 1 norm sum when a norm group spans ranks); one token broadcast",
+    "out_proj T x D (+ fp32 T x 1 norm sum when a norm group spans ranks); one all-gather "
+    "of the rows' greedy (max, token) pairs (16 B a row from each rank)",
     "steps replay the engine's schedule of the bench run (chunked prefill, continuous "
     "batching); T = tokens of the step",
     "tp N time = rank 0's measured shard time + modelled communication, no overlap; speedup "

@@ -180,10 +180,11 @@ def test_synthetic_report_end_to_end(tmp_path, capsys):
     assert (r["preset"], r["tp"], r["link"], r["batch"], r["prompt_len"]) == \
         ("mamba-2.8b", 2, "pcie4-a6000", 1, 512)
     # By hand, 2 layers, tp 2, 10 us + bytes / (1e4 B/us). Step 1 (512-token prefill):
-    # x_proj 512*192*2 B -> 10 + 19.6608, out_proj 512*2560*2 B -> 10 + 262.144, token
-    # broadcast 10 + 0.0008. Step 2 (one decode token): x_proj 384 B, out_proj 5120 B.
-    step1 = 2 * ((10 + 19.6608) + (10 + 262.144)) + 10.0008
-    step2 = 2 * ((10 + 0.0384) + (10 + 0.512)) + 10.0008
+    # x_proj 512*192*2 B -> 10 + 19.6608, out_proj 512*2560*2 B -> 10 + 262.144, the greedy
+    # pairs' all-gather (1 row, 16 B from the other rank) 10 + 0.0016. Step 2 (one decode
+    # token): x_proj 384 B, out_proj 5120 B.
+    step1 = 2 * ((10 + 19.6608) + (10 + 262.144)) + 10.0016
+    step2 = 2 * ((10 + 0.0384) + (10 + 0.512)) + 10.0016
     ex = r["modelled"]["schemes"]["exact"]
     assert ex["ttft_ms"] == close(6.0 + step1 / 1e3)
     assert ex["decode_ms_per_token"] == close(3.0 + step2 / 1e3)
@@ -196,7 +197,7 @@ def test_synthetic_report_end_to_end(tmp_path, capsys):
     # int8 (allreduce_min_bytes 0 in the JSON: every payload quantized; x_proj in groups of
     # 64): two latencies, 1 + 4/G bytes per element, the measured 5 us of kernels.
     i8_step1 = 2 * ((20 + 98304 * 1.0625 / 1e4 + 5) + (20 + 1310720 * 1.03125 / 1e4 + 5)) \
-        + 10.0008
+        + 10.0016
     i8 = r["modelled"]["schemes"]["int8"]
     assert i8["ttft_ms"] == close(6.0 + i8_step1 / 1e3)
     assert r["modelled"]["gains"]["int8_vs_exact"]["prefill_ttft"] == close(
