@@ -392,9 +392,8 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
-# Lanes per channel of the staged walk: the launcher's pick (1 at these sizes) and both forced
-# multi-lane forms.
-STAGED_LANES = [0, 2, 4]
+# Lanes per channel of the staged walk, forced (the launcher's pick has its own tests).
+STAGED_LANES = [1, 2, 4]
 
 
 @pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
@@ -402,8 +401,8 @@ STAGED_LANES = [0, 2, 4]
 @pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", ["aligned", "strided", "dense"])
 def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
-    """The Mamba1 form's staged token tiles: 72 channels (two full warps and a part one at one
-    lane a channel; a part warp of 4 / 2 channels at 2 / 4 lanes), sequences of several whole
+    """The Mamba1 form's staged token tiles: 72 channels (two full warps and a part one of 8
+    channels at 1 and 2 lanes a channel; whole warps at 4), sequences of several whole
     tiles plus a tail (tiles of 16 tokens; tails that are not whole groups of 2 / 4 tokens),
     chunk boundaries inside tiles; aligned inputs take the 16-byte tile copies (B / C also in
     the part warp), strided ones the per-lane loads."""
@@ -433,25 +432,46 @@ def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk, lanes):
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
+# Many short sequences over 64 channels (1 block a sequence at one lane): 132 of 1-6 tokens,
+# where 4 lanes give 132 SMs 4 blocks each; 100 of 10 tokens, where no lane count does and the
+# split would not outnumber the sequences, so the most lanes run in one pass.
+AUTO_LANES_SEQLENS = [
+    ("132_seqs", tuple(1 + (b * 7) % 6 for b in range(132))),
+    ("100_seqs", (10,) * 100),
+]
+
+
+@pytest.mark.parametrize("name,lens", AUTO_LANES_SEQLENS, ids=_ids(AUTO_LANES_SEQLENS))
 @pytest.mark.parametrize("dtype", [torch.float32, bf16], ids=["f32", "bf16"])
-def test_selective_scan_cuda_staged_lanes_auto_pick(dtype):
-    """Many short sequences over 64 channels: 132 sequences x 1 block at one lane a channel do
-    not give every one of 132 SMs 4 blocks, 4 lanes do, so the launcher picks 4 lanes (on a
-    device of 67 to 132 SMs; fewer take fewer lanes, more the chunked plan). The result matches
-    the CPU op and, there, equals the forced 4-lane one bit for bit (1 lane sums y in another
-    order)."""
-    lens = tuple(1 + (b * 7) % 6 for b in range(132))
+def test_selective_scan_cuda_staged_lanes_auto_pick(dtype, name, lens):
+    """The launcher's lane choice for many short sequences: 4 lanes on a device of more than 66
+    SMs (with fewer, 2 or 1 lane fills it). The result matches the CPU op and, there, equals the
+    forced 4-lane one bit for bit (1 lane sums y in another order)."""
+    n = len(lens)
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=64, dstate=16, ngroups=1,
-                     group_dim=False, seqlens=lens, varlen=True, num_slots=132,
-                     slots=tuple(range(131, -1, -1)), initial=tuple(b % 3 == 0 for b in range(132)))
+                     group_dim=False, seqlens=lens, varlen=True, num_slots=n,
+                     slots=tuple(range(n - 1, -1, -1)), initial=tuple(b % 3 == 0 for b in range(n)))
     kw_auto, _ = check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
-    # 4 lanes fill 4 blocks an SM (528 blocks) where 2 lanes (264) do not: 67..132 SMs.
-    if 66 < _device_sm_count() <= 132:
+    if _device_sm_count() > 66:
         kw4 = {k: to_cuda(v) for k, v in kw.items()}
         kw4["lanes_per_channel"] = 4
         ops.selective_scan(**kw4)
         for n in ("out", "ssm_states"):
             assert torch.equal(kw4[n], kw_auto[n]), f"{n}: the automatic plan is not 4 lanes"
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 4], ids=["lanes1", "lanes2", "lanes4"])
+@pytest.mark.parametrize("dtype,nheads", [(torch.float32, 76), (bf16, 68)], ids=["f32", "bf16"])
+def test_selective_scan_cuda_staged_part_warp(dtype, nheads, lanes):
+    """A last warp of 4 channels at every lane count (76 fp32 channels: aligned rows, so the
+    full warps take the 16-byte copies; 68 bf16: per-lane loads), whole and partial groups of
+    tokens, the one-pass and the chunked plans."""
+    for split in (0, 24):
+        kw = scan_inputs(dtype=dtype, form="mamba1", nheads=nheads, dstate=16, ngroups=1,
+                         group_dim=False, seqlens=(37, 19, 0, 6), varlen=True,
+                         slots=(1, 0, 3, 2), initial=(True, False, True, False), split_len=split,
+                         lanes_per_channel=lanes)
+        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
 @pytest.mark.parametrize("name,params", [
@@ -1095,7 +1115,8 @@ def test_causal_conv1d_update_cuda_bad_slot_is_padding(bad_name, bad):
 SCAN_PLANS = [
     ("recurrent", dict(), 0),
     ("recurrent_split2", dict(), 2),
-    ("mamba1_staged", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 0),
+    ("mamba1_staged", dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False,
+                           lanes_per_channel=1), 0),
     ("mamba1_staged_split2",
      dict(form="mamba1", nheads=40, dstate=16, ngroups=1, group_dim=False), 2),
     ("mamba1_staged_lanes4", dict(form="mamba1", nheads=40, dstate=16, ngroups=1,

@@ -77,15 +77,14 @@ struct ScanTraits {
   // converted B / C rows for 16-bit inputs (StagedLayout).
   static constexpr int kTile = 16;
   static constexpr int kMinBlocks = kStaged ? kStagedMinBlocks : 1;
-  // Decays of the staged state pass computed by exp2_fma (~10 issue slots each) instead of the
-  // MUFU (8 cycles a warp each). From the pass's sm_90 SASS (not measured): all 16 on the MUFU
-  // are ~109 issue slots against ~144 MUFU cycles a token and warp; 2 on the FMA pipe, ~128 /
-  // ~128.
   // Staged walk: lanes per channel (the plan's group_threads) and the channels of a warp.
   static constexpr int kLanes = kLanes_;
   static constexpr int kWarpChannels = 32 / kLanes;
   static constexpr int kStatesPerThread = kStaged ? kStates / kLanes : kStates;
-  // The state pass's FMA-pipe decays, spread over a channel's lanes.
+  // Decays of the staged state pass computed by exp2_fma (~10 issue slots each) instead of the
+  // MUFU (8 cycles a warp each), per lane. From the one-lane pass's sm_90 SASS (not measured):
+  // all 16 on the MUFU are ~109 issue slots against ~144 MUFU cycles a token and warp; 2 on the
+  // FMA pipe, ~128 / ~128. With 2 lanes one each; with 4 none (not counted: all on the MUFU).
   static constexpr int kFmaExpStates = 2 / kLanes;
   static constexpr int kThreads = kStaged ? kStagedThreads : kScanThreads;
   static constexpr int kPerPack = 16 / sizeof(input_t);  // elements per 16-byte access
@@ -898,18 +897,23 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
                 p.algorithm != ScanAlgorithm::kRecurrentDirect && current_device_cc_major() >= 8;
   if (p.lanes_per_channel > 1 && !plan.staged) lanes_need_staging();
   if (plan.staged) {
-    // The fewest lanes that give one pass (every SM kStagedSplit's blocks); with none, one lane
-    // and the chunked plan.
+    // The fewest lanes that give one pass (every SM kStagedSplit's blocks). With none: one lane
+    // and the chunked plan where the split makes more pieces than sequences, else (many short
+    // sequences) the most lanes, in one pass.
     int lanes = p.lanes_per_channel;
+    auto blocks_at = [&](int l) { return ceil_div(plan.channels, kStagedThreads / l); };
     if (lanes == 0) {
       lanes = 1;
       if (p.split_len == 0) {
-        for (int l = 1; l <= kMaxStagedLanes; l *= 2) {
-          const int64_t blocks = ceil_div(plan.channels, kStagedThreads / l);
-          if (p.batch * blocks >= kStagedSplit.min_blocks_per_sm * sms) {
-            lanes = l;
-            break;
-          }
+        bool filled = false;
+        for (int l = 1; l <= kMaxStagedLanes && !filled; l *= 2) {
+          filled = p.batch * blocks_at(l) >= kStagedSplit.min_blocks_per_sm * sms;
+          if (filled) lanes = l;
+        }
+        if (!filled) {
+          ScanPlan one_lane = plan;
+          plan_split(p, blocks_at(1), sms, kStagedSplit, one_lane);
+          if (!one_lane.flat) lanes = kMaxStagedLanes;
         }
       }
     }
@@ -922,8 +926,9 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
                 p.C_group_stride % per_pack == 0 &&
                 packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
                 packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
-  // A warp's 32 channels of u, delta (one per channel: headdim 1) and z then start 16-byte
-  // aligned for every token (a warp's first channel is a multiple of 32).
+  // A warp's channels of u, delta (one per channel: headdim 1) and z then start 16-byte
+  // aligned for every token (a warp's first channel is a multiple of 32 / L, at least one
+  // 16-byte pack: ScanTraits' kWarpChannels assertion).
   plan.own_vec = plan.staged && p.headdim == 1 &&
                  packs_aligned(p.u, p.u_token_stride, p.u_batch_stride) &&
                  packs_aligned(p.delta, p.delta_token_stride, p.delta_batch_stride) &&
