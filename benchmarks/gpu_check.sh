@@ -127,9 +127,8 @@ fi
 
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
-  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 --scan-lanes 1,4 \
-    --scan-direct --conv-chunk-lens 256 \
-    --json "$JSON"
+  stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 \
+    --scan-lanes 1,4 --scan-direct --conv-chunk-lens 256 --json "$JSON"
 fi
 
 if want bench; then

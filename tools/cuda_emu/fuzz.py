@@ -123,7 +123,8 @@ def fuzz_scan(it):
             st = None if states is None else states.clone(); o = out.clone()
             ops.selective_scan(u, delta, A, B, C, ssm_states=st, out=o, split_len=chunk or 0,
                                lanes_per_channel=lanes, **kw)
-            tag = f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype} lanes {lanes}"
+            tag = (f"scan it {it} chunk {chunk} sms {sms} m1 {m1} N {dstate} dt {dtype} "
+                   f"lanes {lanes}")
             close(o, ro, dtype, tag + " out")
             if st is not None: close(st.float(), rs.float(), sdt if sdt != f32 else dtype, tag + " state")
 
