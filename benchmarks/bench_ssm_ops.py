@@ -482,8 +482,8 @@ def build_cases(args, ops, ref_mod) -> List[Case]:
                     for split_len in args.scan_split_lens:
                         cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
                                                split_len=split_len))
-                    # Forced lanes per channel (Mamba1's staged walk): one pass with 2 / 4
-                    # lanes against the automatic plan at the shard shapes.
+                    # Forced lanes per channel (Mamba1's staged walk): one pass with 2 / 4 / 8
+                    # lanes against the automatic plan at the shard shapes and batch 1.
                     if MODELS[model]["form"] == "mamba1":
                         for lanes in args.scan_lanes:
                             cases.append(scan_case(model, tp, batch, seqlen, ops, ref_mod,
@@ -555,7 +555,7 @@ def main(argv=None) -> int:
                         help="comma-separated split lengths to force on the prefill scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
     parser.add_argument("--scan-lanes", default="",
-                        help="comma-separated lanes per channel (1, 2, 4) to force on the Mamba1 "
+                        help="comma-separated lanes per channel (1, 2, 4, 8) to force on the Mamba1 "
                              "prefill scan cases (extra rows beside the launcher's own plan)")
     parser.add_argument("--conv-chunk-lens", default="",
                         help="comma-separated chunk_len values (tokens per block) to force on "

@@ -128,7 +128,7 @@ fi
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"
 if want bench; then
   stage benchmarks 240 $PY benchmarks/bench_ssm_ops.py --quick --scan-split-lens 512,2048 \
-    --scan-lanes 1,4 --scan-direct --conv-chunk-lens 256 --json "$JSON"
+    --scan-lanes 1,4,8 --scan-direct --conv-chunk-lens 256 --json "$JSON"
 fi
 
 if want bench; then
@@ -236,6 +236,7 @@ if [ $HAVE_CMAKE -eq 1 ] && want profile && [ -x "$NCU" ]; then
     done <<'CASES'
 scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 5120
 chunk_state bench_selective_scan --form mamba1 --batch 1 --seqlen 16384 --nheads 5120
+scan_output bench_selective_scan --form mamba1 --batch 1 --seqlen 16384 --nheads 5120 --lanes 8
 scan_output bench_selective_scan --form mamba1 --batch 8 --seqlen 2048 --nheads 1280 --lanes 4
 scan_output bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 --algorithm recurrent
 ssd_scan bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 80

@@ -84,12 +84,13 @@ def scan_cases():
 
 
 def staged_scan_cases():
-    """The Mamba1 staged walk with its double-buffered cp.async tiles: 72 channels (a full 2-warp
-    block, then a block of one full warp and one of 8 lanes, which loads per lane), sequences of
-    several 16-token tiles plus a tail, whole-sequence and split plans."""
+    """The Mamba1 staged walk with its double-buffered cp.async tiles: 72 channels (one lane a
+    channel: a full 2-warp block, then a block of one full warp and one of 8 lanes, which loads
+    per lane; 4 and 8 lanes: whole warps, 8 lanes with 8-byte row copies of 16-bit inputs),
+    sequences of several 16-token tiles plus a tail, whole-sequence and split plans."""
     h, n, T = 72, 16, 87
     qsl = torch.tensor([0, 37, 37, 87], **i32)
-    for split_len in (0, 24):
+    for split_len, lanes in ((0, 1), (24, 1), (0, 4), (0, 8), (24, 8)):
         for dtype in (torch.float32, torch.bfloat16):
             rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
             ops.selective_scan(
@@ -98,7 +99,7 @@ def staged_scan_cases():
                 delta_softplus=True, ssm_states=torch.randn(4, h, n, device=dev),
                 query_start_loc=qsl, cache_indices=torch.tensor([2, 0, 3], **i32),
                 has_initial_state=torch.tensor([1, 0, 1], dtype=torch.bool, device=dev),
-                split_len=split_len)
+                split_len=split_len, lanes_per_channel=lanes)
 
 
 def ssd_cases():

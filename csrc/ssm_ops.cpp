@@ -540,8 +540,8 @@ void fill_scan_options(const char* op, const at::Tensor& u, const HeadForm& f,
               split_len);
   p.split_len = split_len;
   TORCH_CHECK(lanes_per_channel == 0 || lanes_per_channel == 1 || lanes_per_channel == 2 ||
-                  lanes_per_channel == 4,
-              op, ": lanes_per_channel must be 0 (the launcher decides), 1, 2 or 4, got ",
+                  lanes_per_channel == 4 || lanes_per_channel == 8,
+              op, ": lanes_per_channel must be 0 (the launcher decides), 1, 2, 4 or 8, got ",
               lanes_per_channel);
   p.lanes_per_channel = lanes_per_channel;
 }

@@ -393,7 +393,7 @@ def test_selective_scan_cuda_bc_aligned_slice(dtype, chunk):
 
 
 # Lanes per channel of the staged walk, forced (the launcher's pick has its own tests).
-STAGED_LANES = [1, 2, 4]
+STAGED_LANES = [1, 2, 4, 8]
 
 
 @pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
@@ -402,10 +402,11 @@ STAGED_LANES = [1, 2, 4]
 @pytest.mark.parametrize("layout", ["aligned", "strided", "dense"])
 def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
     """The Mamba1 form's staged token tiles: 72 channels (two full warps and a part one of 8
-    channels at 1 and 2 lanes a channel; whole warps at 4), sequences of several whole
-    tiles plus a tail (tiles of 16 tokens; tails that are not whole groups of 2 / 4 tokens),
-    chunk boundaries inside tiles; aligned inputs take the 16-byte tile copies (B / C also in
-    the part warp), strided ones the per-lane loads."""
+    channels at 1 and 2 lanes a channel; whole warps at 4 and 8), sequences of several whole
+    tiles plus a tail (tiles of 16 tokens; tails that are not whole groups of 2 / 4 / 8
+    tokens), chunk boundaries inside tiles; aligned inputs take the tile copies (16-byte, or
+    8-byte rows of 4 16-bit channels at 8 lanes; B / C also in the part warp), strided ones the
+    per-lane loads."""
     varlen = layout != "dense"
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=16, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16) if varlen else (67, 67),
@@ -423,7 +424,7 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
 def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk, lanes):
     """dstate 5 (Mamba1 models may have fewer than 16 states): aligned u / delta / z tiles by
     16-byte copies beside B / C rows loaded per element with zeros past dstate, in one tile; at
-    4 lanes a channel two lanes hold no state at all."""
+    4 lanes a channel two lanes hold no state at all, at 8 five."""
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=5, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16), varlen=True, slots=(1, 0, 3, 2),
                      initial=(True, False, True, False))
@@ -460,17 +461,33 @@ def test_selective_scan_cuda_staged_lanes_auto_pick(dtype, name, lens):
             assert torch.equal(kw4[n], kw_auto[n]), f"{n}: the automatic plan is not 4 lanes"
 
 
-@pytest.mark.parametrize("lanes", [1, 2, 4], ids=["lanes1", "lanes2", "lanes4"])
+def _rows_padded(t: torch.Tensor, stride: int) -> torch.Tensor:
+    """t (tokens, width) as a column slice at an offset of 8 elements of rows `stride` wide:
+    16-byte aligned rows whatever the width (stride a multiple of 8)."""
+    wide = torch.empty(t.shape[0], stride, dtype=t.dtype)
+    view = wide[:, 8:8 + t.shape[1]]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
 @pytest.mark.parametrize("dtype,nheads", [(torch.float32, 76), (bf16, 68)], ids=["f32", "bf16"])
 def test_selective_scan_cuda_staged_part_warp(dtype, nheads, lanes):
-    """A last warp of 4 channels at every lane count (76 fp32 channels: aligned rows, so the
-    full warps take the 16-byte copies; 68 bf16: per-lane loads), whole and partial groups of
-    tokens, the one-pass and the chunked plans."""
+    """A part last warp at every lane count (76 fp32 channels: aligned rows, so the full warps
+    take the tile copies; 68 bf16: per-lane loads; a warp of 4 channels, so at 8 lanes 2 more
+    channels, in rows padded to 16-byte alignment: 8-byte row copies in the full warps beside
+    per-lane loads in the part one), whole and partial groups of tokens, the one-pass and the
+    chunked plans."""
+    if lanes == 8:
+        nheads += 2
     for split in (0, 24):
         kw = scan_inputs(dtype=dtype, form="mamba1", nheads=nheads, dstate=16, ngroups=1,
                          group_dim=False, seqlens=(37, 19, 0, 6), varlen=True,
                          slots=(1, 0, 3, 2), initial=(True, False, True, False), split_len=split,
                          lanes_per_channel=lanes)
+        if lanes == 8:
+            for name in ("u", "delta", "z", "out"):
+                kw[name] = _rows_padded(kw[name], 96)
         check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
 
 
@@ -1123,6 +1140,8 @@ SCAN_PLANS = [
                                   group_dim=False, lanes_per_channel=4), 0),
     ("mamba1_staged_lanes2_split2", dict(form="mamba1", nheads=40, dstate=16, ngroups=1,
                                          group_dim=False, lanes_per_channel=2), 2),
+    ("mamba1_staged_lanes8", dict(form="mamba1", nheads=40, dstate=16, ngroups=1,
+                                  group_dim=False, lanes_per_channel=8), 0),
     ("ssd", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1, algorithm="ssd"), 0),
     ("ssd_split2", dict(dtype=bf16, nheads=2, headdim=64, dstate=64, ngroups=1,
                         algorithm="ssd"), 2),

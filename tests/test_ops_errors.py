@@ -275,7 +275,7 @@ CASES = [
     ("scan/out_overlaps_z", *SCAN, lambda k: k.update(out=k["z"]), "out must not overlap z"),
     ("scan/out_overlaps_u", *SCAN, lambda k: k.update(out=k["u"]), "out must not overlap u"),
     ("scan/lanes_per_channel", *SCAN, setk(lanes_per_channel=3),
-     "selective_scan: lanes_per_channel must be 0 (the launcher decides), 1, 2 or 4, got 3"),
+     "selective_scan: lanes_per_channel must be 0 (the launcher decides), 1, 2, 4 or 8, got 3"),
     ("scan/split_len", *SCAN, setk(split_len=-1),
      "selective_scan: split_len must be >= 0 (0: the launcher decides), got -1"),
     ("scan/total_tokens_int32", *SCAN_VARLEN,

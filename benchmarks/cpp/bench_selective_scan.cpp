@@ -3,7 +3,7 @@
 // against a plain C++ reference, then prints the median time and GB/s.
 //   bench_selective_scan [--form mamba1|mamba2] [--batch B] [--seqlen L] [--nheads H]
 //       [--headdim P] [--dstate N] [--ngroups G] [--dtype f32|f16|bf16] [--state-dtype f32|act]
-//       [--algorithm auto|recurrent|recurrent_direct|ssd] [--split-len N] [--lanes 0|1|2|4]
+//       [--algorithm auto|recurrent|recurrent_direct|ssd] [--split-len N] [--lanes 0|1|2|4|8]
 //       [--check-channels K] [--iterations N] [--warmup N] [--no-check]
 #include <limits>
 

@@ -100,13 +100,22 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// kN elements of T starting at ptr, as one 16-byte access (kN * sizeof(T) == 16, ptr aligned)
-// or as scalar accesses (kN == 1).
+// kN elements of T starting at ptr, as one 16- or 8-byte access (kN * sizeof(T) bytes, ptr
+// aligned to them) or as a scalar access (kN == 1).
 template <typename T, int kN>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&dst)[kN]) {
-  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  static_assert(kN == 1 || kN * sizeof(T) == 16 || kN * sizeof(T) == 8,
+                "vector access must be 16 or 8 bytes or scalar");
   if constexpr (kN == 1) {
     dst[0] = to_float(ptr[0]);
+  } else if constexpr (kN * sizeof(T) == 8) {
+    union {
+      uint2 raw;
+      T elems[kN];
+    } pack;
+    pack.raw = *reinterpret_cast<const uint2*>(ptr);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = to_float(pack.elems[i]);
   } else {
     union {
       uint4 raw;

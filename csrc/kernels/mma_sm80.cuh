@@ -95,6 +95,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, boo
                                "l"(gmem), "r"(valid ? 16 : 0)));
 }
 
+// 8 bytes global -> shared, both 8-byte aligned (the .ca form: .cg takes 16-byte copies only).
+__device__ __forceinline__ void cp_async_8(uint32_t smem, const void* gmem, bool valid) {
+  TPSSM_SM80_ONLY(asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem),
+                               "l"(gmem), "r"(valid ? 8 : 0)));
+}
+
 // Waits for every cp.async this thread issued (other threads' copies need a barrier after it).
 __device__ __forceinline__ void cp_async_wait_all() {
   TPSSM_SM80_ONLY(asm volatile("cp.async.wait_all;\n" ::));

@@ -21,7 +21,8 @@
 // writes the slot. With enough (sequence x channel-block) work the launcher uses one block row
 // per sequence and runs pass 3 alone.
 //
-// Staged token tiles (Mamba1 form, 1, 2 or 4 threads a channel, a warp's channels in one group):
+// Staged token tiles (Mamba1 form, 1, 2, 4 or 8 threads a channel, a warp's channels in one
+// group):
 // the direct walk has one token of look-ahead, so each thread waits a full memory latency per
 // token. The staged walk copies tiles of kTile tokens - each warp its channels' u / delta / z rows
 // and its group's B / C rows - into shared memory with 16-byte cp.async, double buffered: the next
@@ -34,15 +35,20 @@
 // lanes a clock per SM sub-partition): issue and MUFU are balanced.
 //
 // Lanes per channel (staged walk): one pass needs (sequences x channel blocks) to fill the SMs,
-// and a tensor-parallel shard has 1 / tp of the channels. With L = 2 or 4 lanes per channel a
-// 2-warp block covers 64 / L channels, each lane 16 / L of the states, so the shard's grid has L
-// times the blocks and stays one pass where L = 1 would fall to the chunked plan (two scans of
-// every token). A group's L lanes walk the same tokens; dt and dt * u are computed once per
-// (channel, token) into shared memory with the tile (lane l of a group takes the tile's tokens
-// l, l + L, ...), and y is reduce-scattered over L tokens at a time, so that each lane finishes
-// one token's output (D, the z gate, the store) instead of every lane repeating it. sm_90 SASS of
-// the 16-bit output pass at L = 4: ~149 instructions per 4 tokens and warp of 8 channels, 18 of
-// them MUFU: about the same per channel and token as L = 1.
+// and a tensor-parallel shard has 1 / tp of the channels. With L = 2, 4 or 8 lanes per channel
+// a 2-warp block covers 64 / L channels, each lane 16 / L of the states, so the shard's grid has
+// L times the blocks and stays one pass where L = 1 would fall to the chunked plan (two scans of
+// every token); at L = 8 so would a single long prompt (mamba-2.8b tp 1, batch 1: 640 blocks),
+// an explicit option for now (kMaxAutoLanes). A group's L lanes walk the same tokens; dt and
+// dt * u are computed once per (channel, token) into shared memory with the tile (lane l of a
+// group takes the tile's tokens l, l + L, ...), and y is reduce-scattered over L tokens at a
+// time, so that each lane finishes one token's output (D, the z gate, the store) instead of every
+// lane repeating it. sm_90 SASS of the 16-bit output pass, token loop: L = 1 ~151 instructions a
+// token and warp of 32 channels, L = 4 ~146 per 4 tokens and warp of 8 channels, L = 8 ~182 per
+// 8 tokens and warp of 4: 4.7 / 4.6 / 5.7 a channel and token. A warp's per-tile work (B / C
+// conversion and copies, ~150 instructions a tile, and at L > 1 the dt pass) is shared by 32 / L
+// channels, so in all ~5.0 / ~6.7 / ~9.1 a channel and token (counted, not measured;
+// benchmarks/NOTES.md).
 #include <algorithm>
 #include <type_traits>
 
@@ -64,7 +70,12 @@ constexpr int kStates = 16;  // states per thread
 // where shared memory allows: StagedLayout).
 constexpr int kStagedThreads = 64;
 constexpr int kStagedMinBlocks = 8;
-constexpr int kMaxStagedLanes = 4;  // lanes per channel of the staged walk: 1, 2 or 4
+constexpr int kMaxStagedLanes = 8;  // lanes per channel of the staged walk: 1, 2, 4 or 8
+// The automatic plan's most lanes. 8 lanes (4 channels a warp) pay the per-warp, per-token work
+// (B / C rows, their conversion, the tile's bookkeeping) over half the channels of 4: counted
+// from sm_90 SASS ~1.8x the per-channel-token issue of one lane, about the chunked plan's two
+// passes; so 8 is an explicit option until a GPU run shows where it wins (batch 1 prompts).
+constexpr int kMaxAutoLanes = 4;
 
 template <typename input_t_, typename state_t_, bool kPerStateA_, bool kStaged_,
           int kLanes_ = 1>
@@ -84,7 +95,8 @@ struct ScanTraits {
   // Decays of the staged state pass computed by exp2_fma (~10 issue slots each) instead of the
   // MUFU (8 cycles a warp each), per lane. From the one-lane pass's sm_90 SASS (not measured):
   // all 16 on the MUFU are ~109 issue slots against ~144 MUFU cycles a token and warp; 2 on the
-  // FMA pipe, ~128 / ~128. With 2 lanes one each; with 4 none (not counted: all on the MUFU).
+  // FMA pipe, ~128 / ~128. With 2 lanes one each; with 4 or 8 none (not counted: all on the
+  // MUFU).
   static constexpr int kFmaExpStates = 2 / kLanes;
   static constexpr int kThreads = kStaged ? kStagedThreads : kScanThreads;
   static constexpr int kPerPack = 16 / sizeof(input_t);  // elements per 16-byte access
@@ -92,10 +104,12 @@ struct ScanTraits {
   static constexpr int kPacks = kStates / kPerPack;
   static_assert(kStates % kPerPack == 0, "B / C rows load as whole 16-byte packs");
   static_assert(kThreads % 32 == 0, "whole warps");
-  static_assert(kLanes == 1 || (kStaged && (kLanes == 2 || kLanes == 4)),
-                "the staged walk alone takes 2 or 4 lanes per channel");
-  // A warp's own rows (kWarpChannels of u / delta / z a token) stay whole 16-byte packs.
-  static_assert(kWarpChannels % kPerPack == 0, "own rows of whole 16-byte packs");
+  static_assert(kLanes == 1 || (kStaged && (kLanes == 2 || kLanes == 4 || kLanes == 8)),
+                "the staged walk alone takes 2, 4 or 8 lanes per channel");
+  // A warp's own rows (kWarpChannels of u / delta / z a token) copy as whole 16-byte packs, or
+  // (16-bit inputs at 8 lanes: 4 channels) as one 8-byte piece.
+  static_assert(kWarpChannels % kPerPack == 0 || kWarpChannels * sizeof(input_t) == 8,
+                "own rows of whole 16-byte packs or one 8-byte piece");
 };
 
 // Per-thread constants of one (channel, state range).
@@ -164,8 +178,8 @@ __device__ __forceinline__ void load_states_row(
 //   bcf (16-bit inputs, float): the tile's B | C rows converted once for all 32 lanes, 2 kStates a
 //   row (every lane reads every state of B and C per token: converting at the read was ~32 of the
 //   walk's instructions per token)
-//   dtf (kLanes > 1, float): the tile's dt | dt * u, 2 kWarpChannels a row, computed once per
-//   (channel, token) for the channel's lanes
+//   dtf (kLanes > 1, float): the tile's (dt, dt * u) pairs, kWarpChannels a row, computed once
+//   per (channel, token) for the channel's lanes (one 8-byte load a lane and token)
 template <typename Traits>
 struct StagedLayout {
   using input_t = typename Traits::input_t;
@@ -204,22 +218,24 @@ struct StagedLayout {
   }
 };
 
-// kN floats from 16-byte aligned shared memory, as 16-byte loads (a warp's lanes all read the
-// same row: broadcasts).
+// kN floats from shared memory aligned to 4 * kN bytes (up to 16), as 16-byte loads (8-byte for
+// kN == 2; a warp's lanes all read the same row: broadcasts).
 template <int kN>
 __device__ __forceinline__ void load_floats(const float* src, float (&dst)[kN]) {
-  static_assert(kN % 4 == 0, "whole 16-byte loads");
+  constexpr int kV = kN % 4 == 0 ? 4 : 2;
+  static_assert(kN % kV == 0, "whole 16- or 8-byte loads");
 #pragma unroll
-  for (int q = 0; q < kN / 4; ++q) {
-    float v[4];
-    load_vec<float, 4>(src + 4 * q, v);
+  for (int q = 0; q < kN / kV; ++q) {
+    float v[kV];
+    load_vec<float, kV>(src + kV * q, v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) dst[4 * q + i] = v[i];
+    for (int i = 0; i < kV; ++i) dst[kV * q + i] = v[i];
   }
 }
 
 // Loads rows [0, n) of one tile of a warp's own channels (u, delta or z) into `dst` (kTile rows
-// of kWarpChannels): with `async`, 16-byte cp.async of whole rows (the lanes take packs in turn),
+// of kWarpChannels): with `async`, cp.async of whole rows in 16-byte packs (rows of 8 bytes in
+// one piece; the lanes take the pieces in turn),
 // else each live channel's lanes load its own elements, a few tokens in flight (lane l of a
 // channel's group takes tokens l, l + G, ...). `src` is this lane's channel at the tile's first
 // token; `ch` its index among the warp's channels, `gl` the lane's index in the channel's group.
@@ -231,17 +247,26 @@ __device__ __forceinline__ void stage_own(typename Traits::input_t* dst,
   constexpr int kPP = Traits::kPerPack;
   constexpr int kRow = Traits::kWarpChannels;
   constexpr int kL = Traits::kLanes;
-  constexpr int kRowPacks = kRow / kPP;
-  constexpr int kPerLane = (Traits::kTile * kRowPacks + 31) / 32;
+  constexpr int kPiece = kRow < kPP ? kRow : kPP;  // elements a cp.async
+  constexpr int kRowPieces = kRow / kPiece;
+  constexpr int kPerLane = (Traits::kTile * kRowPieces + 31) / 32;
   if (async) {
-    const input_t* warp_src = src - ch;  // the warp's first channel: rows 16-byte aligned
+    // The warp's first channel: rows aligned to a piece (the plan's own_vec: 16-byte aligned
+    // rows of the whole tensor, and the warp's first channel a multiple of kRow).
+    const input_t* warp_src = src - ch;
 #pragma unroll
     for (int q = 0; q < kPerLane; ++q) {
-      const int e = q * 32 + lane;
-      const int row = e / kRowPacks;
-      const int col = (e % kRowPacks) * kPP;
+      const unsigned e = q * 32 + lane;
+      const int row = static_cast<int>(e / kRowPieces);
+      const int col = static_cast<int>(e % kRowPieces) * kPiece;
       if (row < n) {
-        cp_async_16(smem_address(dst + row * kRow + col), warp_src + row * stride + col, true);
+        const uint32_t to = smem_address(dst + row * kRow + col);
+        const input_t* from = warp_src + row * stride + col;
+        if constexpr (kPiece == kPP) {
+          cp_async_16(to, from, true);
+        } else {
+          cp_async_8(to, from, true);
+        }
       }
     }
     return;
@@ -271,9 +296,9 @@ __device__ __forceinline__ void stage_bc(typename Traits::input_t* dst,
   if (async) {
     constexpr int kPP = Traits::kPerPack;
     constexpr int kRowPacks = kStates / kPP;
-    for (int e = lane; e < n * kRowPacks; e += live) {
-      const int row = e / kRowPacks;
-      const int col = (e % kRowPacks) * kPP;
+    for (unsigned e = lane; e < static_cast<unsigned>(n * kRowPacks); e += live) {
+      const int row = static_cast<int>(e / kRowPacks);
+      const int col = static_cast<int>(e % kRowPacks) * kPP;
       cp_async_16(smem_address(dst + row * kStates + col), src + row * stride + col, true);
     }
     return;
@@ -404,10 +429,11 @@ __device__ __forceinline__ void scan_tokens_staged(
       constexpr int kPP = Traits::kPerPack;
       constexpr int kRowPacks = kStates / kPP;
       constexpr int kTilePacks = kTile * kRowPacks;  // packs of the tile's B (or C)
-      for (int e = lane; e < (kOutput ? 2 : 1) * kTilePacks; e += th.warp_live) {
-        const int which = e / kTilePacks;
-        const int row = e % kTilePacks / kRowPacks;
-        const int col = e % kRowPacks * kPP;
+      // Unsigned: the divisions by powers of two are shifts and masks.
+      for (unsigned e = lane; e < (kOutput ? 2u : 1u) * kTilePacks; e += th.warp_live) {
+        const unsigned which = e / kTilePacks;
+        const unsigned row = e % kTilePacks / kRowPacks;
+        const unsigned col = e % kRowPacks * kPP;
         const Pack<input_t, kPP> v =
             load_pack<input_t, kPP>(smem.bc(buf, which) + row * kStates + col);
         float* dst = smem.bcf + row * 2 * kStates + which * kStates + col;
@@ -431,8 +457,8 @@ __device__ __forceinline__ void scan_tokens_staged(
       for (int k = gl; k < n; k += kL) {
         const float dt = scan_dt<true>(to_float(s_dt[k * kRow + ch]), bias, p.delta_softplus,
                                        p.dt_min, p.dt_max);
-        s_dtf[k * 2 * kRow + ch] = dt;
-        s_dtf[k * 2 * kRow + kRow + ch] = dt * to_float(s_u[k * kRow + ch]);
+        s_dtf[(k * kRow + ch) * 2] = dt;
+        s_dtf[(k * kRow + ch) * 2 + 1] = dt * to_float(s_u[k * kRow + ch]);
       }
     }
     if constexpr (Layout::kConvertBC || kL > 1) {
@@ -491,8 +517,10 @@ __device__ __forceinline__ void scan_tokens_staged(
           const int k = kk + j;
           yp[j] = 0.f;
           if (!kWhole && k >= n) continue;
-          const float dt = s_dtf[k * 2 * kRow + ch];
-          const float dtu = s_dtf[k * 2 * kRow + kRow + ch];
+          float dt_dtu[2];
+          load_floats(s_dtf + (k * kRow + ch) * 2, dt_dtu);
+          const float dt = dt_dtu[0];
+          const float dtu = dt_dtu[1];
           float Bk[kSpt];
           load_floats(s_B + k * kBStride + th.n0, Bk);
           if constexpr (kOutput) {
@@ -847,9 +875,10 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
     throw std::runtime_error("tpssm selective_scan: nheads must be a multiple of ngroups");
   }
   if (p.lanes_per_channel != 0 && p.lanes_per_channel != 1 && p.lanes_per_channel != 2 &&
-      p.lanes_per_channel != kMaxStagedLanes) {
-    throw std::runtime_error("tpssm selective_scan: lanes_per_channel must be 0, 1, 2 or 4, got " +
-                             std::to_string(p.lanes_per_channel));
+      p.lanes_per_channel != 4 && p.lanes_per_channel != kMaxStagedLanes) {
+    throw std::runtime_error(
+        "tpssm selective_scan: lanes_per_channel must be 0, 1, 2, 4 or 8, got " +
+        std::to_string(p.lanes_per_channel));
   }
   auto lanes_need_staging = [&] {
     throw std::runtime_error(
@@ -906,14 +935,14 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
       lanes = 1;
       if (p.split_len == 0) {
         bool filled = false;
-        for (int l = 1; l <= kMaxStagedLanes && !filled; l *= 2) {
+        for (int l = 1; l <= kMaxAutoLanes && !filled; l *= 2) {
           filled = p.batch * blocks_at(l) >= kStagedSplit.min_blocks_per_sm * sms;
           if (filled) lanes = l;
         }
         if (!filled) {
           ScanPlan one_lane = plan;
           plan_split(p, blocks_at(1), sms, kStagedSplit, one_lane);
-          if (!one_lane.flat) lanes = kMaxStagedLanes;
+          if (!one_lane.flat) lanes = kMaxAutoLanes;
         }
       }
     }
@@ -988,8 +1017,10 @@ void run_with_plan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t str
           launch_scan<ScanTraits<input_t, state_t, true, true, 1>>(p, plan, stream);
         } else if (plan.group_threads == 2) {
           launch_scan<ScanTraits<input_t, state_t, true, true, 2>>(p, plan, stream);
-        } else {
+        } else if (plan.group_threads == 4) {
           launch_scan<ScanTraits<input_t, state_t, true, true, 4>>(p, plan, stream);
+        } else {
+          launch_scan<ScanTraits<input_t, state_t, true, true, 8>>(p, plan, stream);
         }
       } else {
         launch_scan<ScanTraits<input_t, state_t, false, false>>(p, plan, stream);

@@ -200,9 +200,10 @@ def selective_scan(
       forces the split plan with n-token pieces (tests use it to cross piece boundaries).
     lanes_per_channel: threads per channel of the CUDA Mamba1 form's staged walk, each taking
       dstate / L of the states: 0 lets the launcher pick the fewest of 1, 2, 4 that fill the
-      device in one pass (a tensor-parallel shard has fewer channels), else 1, 2 or 4 forces it
-      (a value > 1 needs the staged walk: A of shape (dim, dstate), dstate <= 16, sm_80 or later).
-      The CPU op accepts and ignores it.
+      device in one pass (a tensor-parallel shard has fewer channels), else 1, 2, 4 or 8 forces
+      it (a value > 1 needs the staged walk: A of shape (dim, dstate), dstate <= 16, sm_80 or
+      later; 8 is never picked automatically yet: benchmarks compare it with the chunked plan on
+      batch-1 prompts). The CPU op accepts and ignores it.
     """
     if out is None:
         out = torch.empty_like(u)

@@ -1,8 +1,8 @@
 """Builds the host emulation of the CUDA kernels (see README.md) and returns the module.
 
 The kernel sources are copied to build/cuda_emu/kernels with every `kernel<<<cfg>>>(args)` launch
-rewritten as `emu_launch(&kernel, cfg, args)` and the 16-byte accesses of kernel_utils.cuh routed
-through alignment-checking helpers; nothing in csrc/ changes."""
+rewritten as `emu_launch(&kernel, cfg, args)` and the 16- and 8-byte accesses of
+kernel_utils.cuh routed through alignment-checking helpers; nothing in csrc/ changes."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def transform() -> None:
             text = LAUNCH.sub(lambda m: f"emu_launch(&{m.group(1)}, {m.group(2)}, {m.group(3)});",
                               text)
             text = text.replace("*reinterpret_cast<const uint4*>(ptr)", "emu_ld16(ptr)")
+            text = text.replace("*reinterpret_cast<const uint2*>(ptr)", "emu_ld8(ptr)")
             text = text.replace("*reinterpret_cast<uint4*>(ptr) =", "emu_st16(ptr) =")
             text = text.replace("extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];",
                                 "unsigned char* tpssm_dynamic_smem = emu_dynamic_smem();")

@@ -111,11 +111,19 @@ inline float ld_shared_f32(uint32_t addr) {
 
 // Deferred like the hardware's: the copy is queued (its destination poisoned) and lands when a
 // cp_async_wait_group / cp_async_wait_all retires its group.
+inline void emu_cp_async(uint32_t smem, const void* gmem, bool valid, int bytes) {
+  if (reinterpret_cast<uintptr_t>(gmem) % bytes != 0) emu_fail("misaligned cp.async source");
+  unsigned char* dst = emu_smem_at(smem, bytes, bytes);
+  std::memset(dst, 0xff, bytes);
+  emu_async_open.push_back({dst, gmem, valid, bytes});
+}
+
 inline void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
-  if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu_fail("misaligned cp.async source");
-  unsigned char* dst = emu_smem_at(smem, 16, 16);
-  std::memset(dst, 0xff, 16);
-  emu_async_open.push_back({dst, gmem, valid});
+  emu_cp_async(smem, gmem, valid, 16);
+}
+
+inline void cp_async_8(uint32_t smem, const void* gmem, bool valid) {
+  emu_cp_async(smem, gmem, valid, 8);
 }
 
 inline void cp_async_commit() {
@@ -128,9 +136,9 @@ inline void cp_async_wait_group() {
   while (emu_async_groups.size() > static_cast<size_t>(kPending)) {
     for (const EmuAsyncCopy& c : emu_async_groups.front()) {
       if (c.valid) {
-        std::memcpy(c.dst, c.src, 16);
+        std::memcpy(c.dst, c.src, c.bytes);
       } else {
-        std::memset(c.dst, 0, 16);
+        std::memset(c.dst, 0, c.bytes);
       }
     }
     emu_async_groups.pop_front();

@@ -202,6 +202,13 @@ inline uint4 emu_ld16(const T* p) {
   return r;
 }
 template <typename T>
+inline uint2 emu_ld8(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu_fail("misaligned 8-byte load");
+  uint2 r;
+  std::memcpy(&r, p, 8);
+  return r;
+}
+template <typename T>
 inline uint4& emu_st16(T* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte store");
   return *reinterpret_cast<uint4*>(p);
@@ -214,6 +221,7 @@ struct EmuAsyncCopy {
   unsigned char* dst;
   const void* src;
   bool valid;
+  int bytes;
 };
 inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
 inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;

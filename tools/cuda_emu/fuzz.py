@@ -114,9 +114,9 @@ def fuzz_scan(it):
               has_initial_state=his, pad_slot_id=pad)
     rs = None if states is None else states.clone(); ro = out.clone()
     selective_scan_ref(u, delta, A, B, C, ssm_states=rs, out=ro, compute_dtype=torch.float64, **kw)
-    # The staged walk (A per state, dstate <= 16, one group) also runs forced to 2 / 4 lanes a
-    # channel; with 1 SM the launcher picks more lanes by itself.
-    lanes = rng.choice([0, 2, 4]) if m1 and dstate <= 16 and ngroups == 1 else 0
+    # The staged walk (A per state, dstate <= 16, one group) also runs forced to 2 / 4 / 8 lanes
+    # a channel; with 1 SM the launcher picks more lanes by itself.
+    lanes = rng.choice([0, 2, 4, 8]) if m1 and dstate <= 16 and ngroups == 1 else 0
     for chunk in rng.sample([None, 1, 2, 3, 7], 2):
         for sms in ([132, 1] if chunk is None else [132]):
             emu.set_sm_count(sms)
