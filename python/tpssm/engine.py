@@ -371,19 +371,22 @@ class GenerationEngine:
         # Greedy rows share one argmax; a sampling row draws from its own generator, so its
         # tokens do not depend on which requests it was batched with.
         next_ids = select_tokens(logits).cpu() if greedy is None else greedy
-        if sharded and any(r.sampling.temperature > 0 for r in rows):
-            # Every rank runs the same requests, so every rank joins this collective.
-            logits = self.model.gather_logits(logits)
-        sampled = False
-        for i, r in enumerate(rows):
-            s = r.sampling
-            if s.temperature > 0:
-                sampled = True
-                next_ids[i] = select_tokens(logits[i:i + 1].cpu(), do_sample=True,
-                                            temperature=s.temperature, top_k=s.top_k,
-                                            generator=r.generator)[0]
+        sampling = [i for i, r in enumerate(rows) if r.sampling.temperature > 0]
+        if sampling:
+            # Only the sampling rows' logits travel (gathered from the ranks' columns when
+            # sharded: every rank runs the same requests, so every rank joins this collective)
+            # and come to the host, in one copy.
+            picked = logits[sampling] if len(sampling) < logits.shape[0] else logits
+            if sharded:
+                picked = self.model.gather_logits(picked)
+            picked = picked.cpu()
+        for j, i in enumerate(sampling):
+            s = rows[i].sampling
+            next_ids[i] = select_tokens(picked[j:j + 1], do_sample=True,
+                                        temperature=s.temperature, top_k=s.top_k,
+                                        generator=rows[i].generator)[0]
         # Ranks agree on every token: rank 0's choice is the one all ranks use.
-        if self._tp.communicates and (sampled or not agreed):
+        if self._tp.communicates and (sampling or not agreed):
             next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
