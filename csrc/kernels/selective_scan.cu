@@ -22,11 +22,11 @@
 // per sequence and runs pass 3 alone.
 //
 // Staged token tiles (Mamba1 form, 1, 2, 4 or 8 threads a channel, a warp's channels in one
-// group):
-// the direct walk has one token of look-ahead, so each thread waits a full memory latency per
-// token. The staged walk copies tiles of kTile tokens - each warp its channels' u / delta / z rows
-// and its group's B / C rows - into shared memory with 16-byte cp.async, double buffered: the next
-// tile's copies are in flight while the current tile is scanned. Only lanes of one warp share data,
+// group): the direct walk has one token of look-ahead, so each thread waits a full memory latency
+// per token. The staged walk copies tiles of kTile tokens - each warp its channels' u / delta / z
+// rows and its group's B / C rows - into shared memory with 16-byte cp.async (8-byte for the
+// 16-bit rows of a warp of 4 channels at 8 lanes), double buffered: the next tile's copies are in
+// flight while the current tile is scanned. Only lanes of one warp share data,
 // so __syncwarp over the warp's live lanes suffices, and blocks are 2 warps. The per-token work is
 // what bounds it (16 exp2 per token and channel, at 16 a clock per SM), so the walk keeps its
 // instructions near the 16 exp2: B / C rows converted to fp32 once per tile for all lanes, exp2 as
