@@ -555,8 +555,9 @@ def main(argv=None) -> int:
                         help="comma-separated split lengths to force on the prefill scan cases "
                              "(extra rows beside the launcher's own plan), e.g. 256,1024,4096")
     parser.add_argument("--scan-lanes", default="",
-                        help="comma-separated lanes per channel (1, 2, 4, 8) to force on the Mamba1 "
-                             "prefill scan cases (extra rows beside the launcher's own plan)")
+                        help="comma-separated lanes per channel (1, 2, 4, 8) to force on the "
+                             "Mamba1 prefill scan cases (extra rows beside the launcher's own "
+                             "plan)")
     parser.add_argument("--conv-chunk-lens", default="",
                         help="comma-separated chunk_len values (tokens per block) to force on "
                              "the prefill conv cases (extra rows beside the launcher's one tile "

@@ -111,6 +111,29 @@ def test_sampling_is_seeded():
     assert run(3) == run(3)
 
 
+def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
+    """Greedy and sampling requests in one batch: each request's tokens equal its tokens run
+    alone (a sampling row draws from its own generator and its own logits row, whichever rows
+    of the step sample). A low temperature puts most of a row's mass on its own state, so a
+    row sampling another row's logits comes out different."""
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8], [9]]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.2 if i % 2 else 0.0, seed=5 + i)
+              for i in range(len(prompts))]
+
+    def run(indices):
+        engine = GenerationEngine(ToyStateModel(num_slots=len(indices)),
+                                  max_batch_size=len(indices))
+        reqs = [engine.add_request(prompts[i], params[i]) for i in indices]
+        engine.run()
+        return [r.output for r in reqs]
+
+    together = run(range(len(prompts)))
+    alone = [run([i])[0] for i in range(len(prompts))]
+    assert together == alone
+    assert together[0] == expected_tokens(prompts[0], 6)
+    assert together[1] != expected_tokens(prompts[1], 6)  # it did sample
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(temperature=-1.0), "temperature must be >= 0"),

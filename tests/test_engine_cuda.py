@@ -137,9 +137,9 @@ def test_graph_decode_with_sampling_rows_equals_eager():
 
 def test_local_shard_graph_decode_equals_eager():
     """One tp 4 rank's shard in one process (TPContext.local_shard, as profile_step.py and the
-    engine bench time it): its vocabulary-parallel head's greedy (max, token) exchange and, for
-    sampling rows, the logits gather run inside the captured decode graph; graph decode equals
-    eager decode."""
+    engine bench time it): its vocabulary-parallel head's greedy (max, token) exchange runs
+    inside the captured decode graph, the sampling rows' logits gather after the replay; graph
+    decode equals eager decode."""
     from tpssm.parallel import TPContext
 
     g = torch.Generator().manual_seed(5)

@@ -69,6 +69,13 @@ def to_cuda(t):
     return view
 
 
+def _emu_cp_async_counts():
+    """{bytes: cp.async issued} since the last call under the kernel emulator (which counts
+    them, tools/cuda_emu); None on a GPU."""
+    take = getattr(ops._ops, "take_cp_async_counts", None)
+    return None if take is None else take()
+
+
 def _device_sm_count() -> int:
     """The SM count the launchers plan for: the GPU's, or the kernel emulator's (EMU_SMS,
     tools/cuda_emu/emu_plugin.py, where CUDA is the CPU)."""
@@ -118,13 +125,13 @@ CHUNK_IDS = ["auto", "chunk1", "chunk3"]
 
 def aligned_slice(t: torch.Tensor, channel_dims: int = 1) -> torch.Tensor:
     """t's values as a column slice of a wider buffer at an offset of 8 elements, with a row
-    stride of the width + 16: strided like the x | B | C pieces of a fused projection, yet every
-    row stays 16-byte aligned (for widths that are multiples of 8), so the kernels' 16-byte
-    paths must take it. channel_dims trailing dims (2 for (ngroups, dstate)) form the sliced
-    channel axis."""
+    stride of the width rounded up to a multiple of 8, + 16: strided like the x | B | C pieces
+    of a fused projection, yet every row stays 16-byte aligned, so the kernels' 16-byte paths
+    must take it where the width allows. channel_dims trailing dims (2 for (ngroups, dstate))
+    form the sliced channel axis."""
     lead = t.shape[:t.dim() - channel_dims]
     flat = t.reshape(*lead, -1)
-    wide = torch.empty(*lead, flat.shape[-1] + 16, dtype=t.dtype)
+    wide = torch.empty(*lead, (flat.shape[-1] + 7) // 8 * 8 + 16, dtype=t.dtype)
     view = wide[..., 8:8 + flat.shape[-1]]
     view.copy_(flat)
     return view.unflatten(-1, t.shape[t.dim() - channel_dims:])
@@ -415,7 +422,11 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
                      strided=layout == "strided")
     kw["split_len"] = chunk or 0
     kw["lanes_per_channel"] = lanes
+    _emu_cp_async_counts()
     check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    counts = _emu_cp_async_counts()
+    if counts is not None and lanes == 8 and dtype == bf16 and layout != "strided":
+        assert counts[8] > 0, "the 16-bit rows of 4 channels did not take 8-byte copies"
 
 
 @pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
@@ -423,7 +434,8 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
 @pytest.mark.parametrize("dtype", [torch.float16, bf16], ids=["f16", "bf16"])
 def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk, lanes):
     """dstate 5 (Mamba1 models may have fewer than 16 states): aligned u / delta / z tiles by
-    16-byte copies beside B / C rows loaded per element with zeros past dstate, in one tile; at
+    row copies (8-byte at 8 lanes) beside B / C rows loaded per element with zeros past dstate,
+    in one tile; at
     4 lanes a channel two lanes hold no state at all, at 8 five."""
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=5, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16), varlen=True, slots=(1, 0, 3, 2),
@@ -461,23 +473,14 @@ def test_selective_scan_cuda_staged_lanes_auto_pick(dtype, name, lens):
             assert torch.equal(kw4[n], kw_auto[n]), f"{n}: the automatic plan is not 4 lanes"
 
 
-def _rows_padded(t: torch.Tensor, stride: int) -> torch.Tensor:
-    """t (tokens, width) as a column slice at an offset of 8 elements of rows `stride` wide:
-    16-byte aligned rows whatever the width (stride a multiple of 8)."""
-    wide = torch.empty(t.shape[0], stride, dtype=t.dtype)
-    view = wide[:, 8:8 + t.shape[1]]
-    view.copy_(t)
-    return view
-
-
 @pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
 @pytest.mark.parametrize("dtype,nheads", [(torch.float32, 76), (bf16, 68)], ids=["f32", "bf16"])
 def test_selective_scan_cuda_staged_part_warp(dtype, nheads, lanes):
     """A part last warp at every lane count (76 fp32 channels: aligned rows, so the full warps
     take the tile copies; 68 bf16: per-lane loads; a warp of 4 channels, so at 8 lanes 2 more
-    channels, in rows padded to 16-byte alignment: 8-byte row copies in the full warps beside
-    per-lane loads in the part one), whole and partial groups of tokens, the one-pass and the
-    chunked plans."""
+    channels, in rows padded to 16-byte alignment: row copies in the full warps, 8-byte ones for
+    bf16, beside per-lane loads in the part one), whole and partial groups of tokens, the
+    one-pass and the chunked plans."""
     if lanes == 8:
         nheads += 2
     for split in (0, 24):
@@ -487,8 +490,12 @@ def test_selective_scan_cuda_staged_part_warp(dtype, nheads, lanes):
                          lanes_per_channel=lanes)
         if lanes == 8:
             for name in ("u", "delta", "z", "out"):
-                kw[name] = _rows_padded(kw[name], 96)
+                kw[name] = aligned_slice(kw[name])
+        _emu_cp_async_counts()
         check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+        counts = _emu_cp_async_counts()
+        if counts is not None and lanes == 8 and dtype == bf16:
+            assert counts[8] > 0, "the full warps' 8-byte row copies did not run"
 
 
 @pytest.mark.parametrize("name,params", [

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace tpssm {
 
@@ -100,6 +101,10 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// The register type of one 16- or 8-byte vector access.
+template <int kBytes>
+using VecRaw = std::conditional_t<kBytes == 16, uint4, uint2>;
+
 // kN elements of T starting at ptr, as one 16- or 8-byte access (kN * sizeof(T) bytes, ptr
 // aligned to them) or as a scalar access (kN == 1).
 template <typename T, int kN>
@@ -108,20 +113,13 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&dst)[kN]) {
                 "vector access must be 16 or 8 bytes or scalar");
   if constexpr (kN == 1) {
     dst[0] = to_float(ptr[0]);
-  } else if constexpr (kN * sizeof(T) == 8) {
-    union {
-      uint2 raw;
-      T elems[kN];
-    } pack;
-    pack.raw = *reinterpret_cast<const uint2*>(ptr);
-#pragma unroll
-    for (int i = 0; i < kN; ++i) dst[i] = to_float(pack.elems[i]);
   } else {
+    using Raw = VecRaw<kN * sizeof(T)>;
     union {
-      uint4 raw;
+      Raw raw;
       T elems[kN];
     } pack;
-    pack.raw = *reinterpret_cast<const uint4*>(ptr);
+    pack.raw = *reinterpret_cast<const Raw*>(ptr);
 #pragma unroll
     for (int i = 0; i < kN; ++i) dst[i] = to_float(pack.elems[i]);
   }
@@ -129,17 +127,19 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&dst)[kN]) {
 
 template <typename T, int kN>
 __device__ __forceinline__ void store_vec(T* ptr, const float (&src)[kN]) {
-  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  static_assert(kN == 1 || kN * sizeof(T) == 16 || kN * sizeof(T) == 8,
+                "vector access must be 16 or 8 bytes or scalar");
   if constexpr (kN == 1) {
     ptr[0] = from_float<T>(src[0]);
   } else {
+    using Raw = VecRaw<kN * sizeof(T)>;
     union {
-      uint4 raw;
+      Raw raw;
       T elems[kN];
     } pack;
 #pragma unroll
     for (int i = 0; i < kN; ++i) pack.elems[i] = from_float<T>(src[i]);
-    *reinterpret_cast<uint4*>(ptr) = pack.raw;
+    *reinterpret_cast<Raw*>(ptr) = pack.raw;
   }
 }
 

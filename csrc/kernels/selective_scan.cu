@@ -39,7 +39,7 @@
 // a 2-warp block covers 64 / L channels, each lane 16 / L of the states, so the shard's grid has
 // L times the blocks and stays one pass where L = 1 would fall to the chunked plan (two scans of
 // every token); at L = 8 so would a single long prompt (mamba-2.8b tp 1, batch 1: 640 blocks),
-// an explicit option for now (kMaxAutoLanes). A group's L lanes walk the same tokens; dt and
+// an explicit option (kMaxAutoLanes). A group's L lanes walk the same tokens; dt and
 // dt * u are computed once per (channel, token) into shared memory with the tile (lane l of a
 // group takes the tile's tokens l, l + L, ...), and y is reduce-scattered over L tokens at a
 // time, so that each lane finishes one token's output (D, the z gate, the store) instead of every
@@ -218,8 +218,8 @@ struct StagedLayout {
   }
 };
 
-// kN floats from shared memory aligned to 4 * kN bytes (up to 16), as 16-byte loads (8-byte for
-// kN == 2; a warp's lanes all read the same row: broadcasts).
+// kN floats from shared memory aligned to the access size, as 16-byte loads (8-byte when
+// kN % 4 != 0; a warp's lanes all read the same row: broadcasts).
 template <int kN>
 __device__ __forceinline__ void load_floats(const float* src, float (&dst)[kN]) {
   constexpr int kV = kN % 4 == 0 ? 4 : 2;
@@ -235,10 +235,10 @@ __device__ __forceinline__ void load_floats(const float* src, float (&dst)[kN]) 
 
 // Loads rows [0, n) of one tile of a warp's own channels (u, delta or z) into `dst` (kTile rows
 // of kWarpChannels): with `async`, cp.async of whole rows in 16-byte packs (rows of 8 bytes in
-// one piece; the lanes take the pieces in turn),
-// else each live channel's lanes load its own elements, a few tokens in flight (lane l of a
-// channel's group takes tokens l, l + G, ...). `src` is this lane's channel at the tile's first
-// token; `ch` its index among the warp's channels, `gl` the lane's index in the channel's group.
+// one piece; the lanes take the pieces in turn), else each live channel's lanes load its own
+// elements, a few tokens in flight (lane l of a channel's group takes tokens l, l + G, ...).
+// `src` is this lane's channel at the tile's first token; `ch` its index among the warp's
+// channels, `gl` the lane's index in the channel's group.
 template <typename Traits>
 __device__ __forceinline__ void stage_own(typename Traits::input_t* dst,
                                           const typename Traits::input_t* src, int64_t stride,
@@ -382,7 +382,7 @@ __device__ __forceinline__ void scan_tokens_staged(
                  at_begin * p.out_token_stride;
   const float bias = p.delta_bias ? p.delta_bias[th.h] : 0.f;
   const float Dh = p.D ? p.D[th.h] : 0.f;
-  // 16-byte copies need whole aligned rows: all the warp's channels live (own streams) and
+  // Row copies need whole aligned rows: all the warp's channels live (own streams) and
   // dstate == kStates (B / C, which the live lanes share out whatever their number).
   const bool own_async = plan.own_vec && th.warp_live == 32;
   const bool bc_async = plan.bc_vec && p.dstate == kStates;
@@ -457,8 +457,8 @@ __device__ __forceinline__ void scan_tokens_staged(
       for (int k = gl; k < n; k += kL) {
         const float dt = scan_dt<true>(to_float(s_dt[k * kRow + ch]), bias, p.delta_softplus,
                                        p.dt_min, p.dt_max);
-        s_dtf[(k * kRow + ch) * 2] = dt;
-        s_dtf[(k * kRow + ch) * 2 + 1] = dt * to_float(s_u[k * kRow + ch]);
+        const float pair[2] = {dt, dt * to_float(s_u[k * kRow + ch])};
+        store_vec<float, 2>(s_dtf + (k * kRow + ch) * 2, pair);
       }
     }
     if constexpr (Layout::kConvertBC || kL > 1) {
@@ -955,9 +955,10 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
                 p.C_group_stride % per_pack == 0 &&
                 packs_aligned(p.B, p.B_token_stride, p.B_batch_stride) &&
                 packs_aligned(p.C, p.C_token_stride, p.C_batch_stride);
-  // A warp's channels of u, delta (one per channel: headdim 1) and z then start 16-byte
-  // aligned for every token (a warp's first channel is a multiple of 32 / L, at least one
-  // 16-byte pack: ScanTraits' kWarpChannels assertion).
+  // A warp's channels of u, delta (one per channel: headdim 1) and z then start aligned to a
+  // copy piece for every token: a warp's first channel is a multiple of 32 / L channels, whole
+  // 16-byte packs or (16-bit inputs at 8 lanes) one 8-byte piece (ScanTraits' kWarpChannels
+  // assertion).
   plan.own_vec = plan.staged && p.headdim == 1 &&
                  packs_aligned(p.u, p.u_token_stride, p.u_batch_stride) &&
                  packs_aligned(p.delta, p.delta_token_stride, p.delta_batch_stride) &&

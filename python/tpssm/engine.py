@@ -380,11 +380,11 @@ class GenerationEngine:
             if sharded:
                 picked = self.model.gather_logits(picked)
             picked = picked.cpu()
-        for j, i in enumerate(sampling):
-            s = rows[i].sampling
-            next_ids[i] = select_tokens(picked[j:j + 1], do_sample=True,
-                                        temperature=s.temperature, top_k=s.top_k,
-                                        generator=rows[i].generator)[0]
+            for j, i in enumerate(sampling):
+                s = rows[i].sampling
+                next_ids[i] = select_tokens(picked[j:j + 1], do_sample=True,
+                                            temperature=s.temperature, top_k=s.top_k,
+                                            generator=rows[i].generator)[0]
         # Ranks agree on every token: rank 0's choice is the one all ranks use.
         if self._tp.communicates and (sampling or not agreed):
             next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()

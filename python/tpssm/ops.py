@@ -202,7 +202,7 @@ def selective_scan(
       dstate / L of the states: 0 lets the launcher pick the fewest of 1, 2, 4 that fill the
       device in one pass (a tensor-parallel shard has fewer channels), else 1, 2, 4 or 8 forces
       it (a value > 1 needs the staged walk: A of shape (dim, dstate), dstate <= 16, sm_80 or
-      later; 8 is never picked automatically yet: benchmarks compare it with the chunked plan on
+      later; the launcher never picks 8 itself: benchmarks compare it with the chunked plan on
       batch-1 prompts). The CPU op accepts and ignores it.
     """
     if out is None:

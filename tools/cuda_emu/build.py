@@ -34,9 +34,10 @@ def transform() -> None:
             text = f.read_text()
             text = LAUNCH.sub(lambda m: f"emu_launch(&{m.group(1)}, {m.group(2)}, {m.group(3)});",
                               text)
-            text = text.replace("*reinterpret_cast<const uint4*>(ptr)", "emu_ld16(ptr)")
-            text = text.replace("*reinterpret_cast<const uint2*>(ptr)", "emu_ld8(ptr)")
-            text = text.replace("*reinterpret_cast<uint4*>(ptr) =", "emu_st16(ptr) =")
+            text = text.replace("*reinterpret_cast<const uint4*>(ptr)", "emu_ld<uint4>(ptr)")
+            text = text.replace("*reinterpret_cast<const Raw*>(ptr)", "emu_ld<Raw>(ptr)")
+            text = text.replace("*reinterpret_cast<uint4*>(ptr) =", "emu_st<uint4>(ptr) =")
+            text = text.replace("*reinterpret_cast<Raw*>(ptr) =", "emu_st<Raw>(ptr) =")
             text = text.replace("extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];",
                                 "unsigned char* tpssm_dynamic_smem = emu_dynamic_smem();")
             if f.suffix in (".cu", ".cuh"):

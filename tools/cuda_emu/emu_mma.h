@@ -5,6 +5,7 @@
 // the tensor cores' order differs, so results agree to fp32 rounding, not bit for bit.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -111,7 +112,12 @@ inline float ld_shared_f32(uint32_t addr) {
 
 // Deferred like the hardware's: the copy is queued (its destination poisoned) and lands when a
 // cp_async_wait_group / cp_async_wait_all retires its group.
+// cp.async issued since the last reset, by size (4, 8, 16 bytes): tests check that a vector path
+// they mean to cover was taken.
+inline std::atomic<int64_t> emu_cp_async_count[3];
+
 inline void emu_cp_async(uint32_t smem, const void* gmem, bool valid, int bytes) {
+  emu_cp_async_count[bytes == 4 ? 0 : bytes == 8 ? 1 : 2].fetch_add(1);
   if (reinterpret_cast<uintptr_t>(gmem) % bytes != 0) emu_fail("misaligned cp.async source");
   unsigned char* dst = emu_smem_at(smem, bytes, bytes);
   std::memset(dst, 0xff, bytes);

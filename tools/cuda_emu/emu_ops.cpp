@@ -1,5 +1,10 @@
 #include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <map>
+
 #include "emu_shim.h"
+#include "emu_mma.h"  // the cp.async counters
 #include "ssm_ops.h"
 #include "kernels/ssm_kernels.h"  // the transformed copies (build dir first on the include path)
 #include "kernels/norm_kernels.h"
@@ -98,6 +103,13 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 }
 void set_sm_count(int n) { emu_sm_count = n; }
 void set_max_grid_y(int n) { emu_max_grid_y = n; }
+// {bytes: cp.async issued} since the last call, which resets them.
+std::map<int, int64_t> take_cp_async_counts() {
+  std::map<int, int64_t> counts;
+  const int sizes[3] = {4, 8, 16};
+  for (int i = 0; i < 3; ++i) counts[sizes[i]] = tpssm::emu_cp_async_count[i].exchange(0);
+  return counts;
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d", &causal_conv1d);
@@ -110,4 +122,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention);
   m.def("set_sm_count", &set_sm_count);
   m.def("set_max_grid_y", &set_max_grid_y);
+  m.def("take_cp_async_counts", &take_cp_async_counts);
 }

@@ -194,24 +194,18 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   }
 }
 
-template <typename T>
-inline uint4 emu_ld16(const T* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte load");
-  uint4 r;
-  std::memcpy(&r, p, 16);
+// A vector access of sizeof(Raw) bytes (uint4 / uint2), alignment checked.
+template <typename Raw, typename T>
+inline Raw emu_ld(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(Raw) != 0) emu_fail("misaligned vector load");
+  Raw r;
+  std::memcpy(&r, p, sizeof(Raw));
   return r;
 }
-template <typename T>
-inline uint2 emu_ld8(const T* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu_fail("misaligned 8-byte load");
-  uint2 r;
-  std::memcpy(&r, p, 8);
-  return r;
-}
-template <typename T>
-inline uint4& emu_st16(T* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned 16-byte store");
-  return *reinterpret_cast<uint4*>(p);
+template <typename Raw, typename T>
+inline Raw& emu_st(T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(Raw) != 0) emu_fail("misaligned vector store");
+  return *reinterpret_cast<Raw*>(p);
 }
 
 // This GPU thread's cp.async copies (emu_mma.h): issued but not yet committed, and committed
