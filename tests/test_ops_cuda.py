@@ -626,6 +626,34 @@ def test_selective_scan_cuda_ssd(name, params, split):
     assert_slots_untouched(kw_gpu["ssm_states"].cpu(), before["ssm_states"], slots)
 
 
+@pytest.mark.parametrize("split", [0, 3], ids=["auto", "split3"])
+def test_selective_scan_cuda_auto_takes_ssd_only_with_nonnegative_dt(split):
+    """The SSD kernel's 16-bit operands assume decays exp(dt * A) <= 1. Raw dt without softplus
+    may be negative (here down to -0.3: growing states; with dt down to -0.9 the SSD kernel was
+    found 2-40% off in fp16), so 'auto' runs the recurrence there - bit for bit the 'recurrent'
+    result, within the tolerance of the CPU op and the fp64 reference; with dt_min = 0 or
+    softplus, dt >= 0 is certain and 'auto' is the SSD kernel."""
+    kw = scan_inputs(dtype=torch.float16, nheads=2, headdim=128, dstate=128, ngroups=2,
+                     seqlens=(3, 9, 0, 1, 1), varlen=True, num_slots=7, slots=(6, 0, 3, 5, 1),
+                     initial=(True, False, True, True, False), delta_softplus=False,
+                     delta_bias=False, state_dtype=torch.float16, split_len=split)
+    g = torch.Generator().manual_seed(3)
+    kw["delta"] = (torch.rand(kw["delta"].shape, generator=g) * 0.9 - 0.3).half()
+
+    def run(**options):
+        args = {k: to_cuda(v) for k, v in {**kw, **options}.items()}
+        ops.selective_scan(**args)
+        return args["out"].cpu(), args["ssm_states"].cpu()
+
+    auto, _ = check_op(ops.selective_scan, kw, ("out", "ssm_states"), torch.float16)
+    for got, want in zip((auto["out"].cpu(), auto["ssm_states"].cpu()),
+                         run(algorithm="recurrent")):
+        assert torch.equal(got, want), "'auto' without a sign guarantee did not take the recurrence"
+    for options in (dict(dt_min=0.0), dict(delta_softplus=True)):
+        for got, want in zip(run(**options), run(algorithm="ssd", **options)):
+            assert torch.equal(got, want), f"'auto' with {options} did not take the SSD kernel"
+
+
 def _one_shot_and_split_scan(kw, params, seqlens, first, init):
     """The scan once over the packed batch, and again as two prefills split after first[b] tokens
     of each sequence (the second continuing from the slots), both on copies of the state pool

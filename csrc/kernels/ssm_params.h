@@ -174,7 +174,7 @@ struct SelectiveScanParams {
   const bool* has_initial_state;    // (batch,), nullptr: no sequence has an initial state
   int32_t pad_slot_id;
 
-  float dt_min;         // dt limits (0 and +inf: none)
+  float dt_min;         // dt limits (-inf and +inf: none)
   float dt_max;
   ScanAlgorithm algorithm;
   // Tokens per chunk of the SSD form (0: the kernel's default; CUDA supports 64 only).

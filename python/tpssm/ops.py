@@ -193,7 +193,10 @@ def selective_scan(
       recurrence), 'recurrent' (per-token recurrence), 'recurrent_direct' (CUDA Mamba1: the walk
       without staged token tiles, for comparison) or 'ssd' (chunked state-space-duality form;
       Mamba2 form only; on CUDA it needs bf16 / fp16 activations, headdim 64 or 128, dstate 64 or
-      128 and sm_80 or later, and otherwise runs the recurrence).
+      128 and sm_80 or later, and otherwise runs the recurrence). The CUDA SSD kernel multiplies
+      16-bit operands and is accurate where decays exp(dt * A) stay <= 1 (dt >= 0, A <= 0, as in
+      Mamba2 models); 'auto' takes it on CUDA only where dt >= 0 is certain (delta_softplus, or
+      dt_min >= 0), else the recurrence.
     chunk_size: tokens per SSD chunk, 0 for the kernel's default (64; the CPU takes 1..4096,
       CUDA 64 only).
     split_len: 0 lets the launcher decide how to split long sequences over the device; n > 0

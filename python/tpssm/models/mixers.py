@@ -362,7 +362,9 @@ class Mamba2Mixer(nn.Module):
                 full = F.softplus(dt.float() + self.dt_bias)
                 dt = torch.where(meta.decode_tokens[:, None], full,
                                  full.clamp(*self.dt_limits)).to(x.dtype)
-                dt_min, dt_max, dt_bias, softplus = None, None, None, False
+                # dt_min 0 changes no value (softplus >= 0) and tells the op dt >= 0, so that
+                # it keeps the SSD kernel (ops.selective_scan's `algorithm`).
+                dt_min, dt_max, dt_bias, softplus = 0.0, None, None, False
             y = k.selective_scan(x, dt, self.A, B, C, self.D, None, dt_bias,
                                  delta_softplus=softplus, ssm_states=ssm_state,
                                  query_start_loc=meta.query_start_loc,
