@@ -110,12 +110,12 @@ inline float ld_shared_f32(uint32_t addr) {
   return v;
 }
 
-// Deferred like the hardware's: the copy is queued (its destination poisoned) and lands when a
-// cp_async_wait_group / cp_async_wait_all retires its group.
-// cp.async issued since the last reset, by size (4, 8, 16 bytes): tests check that a vector path
-// they mean to cover was taken.
+// cp.async issued since emu_ops' take_cp_async_counts last read them, by size (4, 8, 16 bytes):
+// tests check that a copy path they mean to cover was taken.
 inline std::atomic<int64_t> emu_cp_async_count[3];
 
+// Deferred like the hardware's: the copy is queued (its destination poisoned) and lands when a
+// cp_async_wait_group / cp_async_wait_all retires its group.
 inline void emu_cp_async(uint32_t smem, const void* gmem, bool valid, int bytes) {
   emu_cp_async_count[bytes == 4 ? 0 : bytes == 8 ? 1 : 2].fetch_add(1);
   if (reinterpret_cast<uintptr_t>(gmem) % bytes != 0) emu_fail("misaligned cp.async source");
