@@ -69,11 +69,16 @@ def to_cuda(t):
     return view
 
 
-def _emu_cp_async_counts():
-    """{bytes: cp.async issued} since the last call under the kernel emulator (which counts
-    them, tools/cuda_emu); None on a GPU."""
+def _check_scan_row_copies(kw, dtype, eight_byte):
+    """check_op of the scan; under the kernel emulator (which counts cp.async by size,
+    tools/cuda_emu) with `eight_byte`, also that 8-byte row copies ran. On a GPU the check
+    alone."""
     take = getattr(ops._ops, "take_cp_async_counts", None)
-    return None if take is None else take()
+    if take is not None:
+        take()  # reset
+    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
+    if take is not None and eight_byte:
+        assert take()[8] > 0, "the 16-bit rows of a warp of 4 channels took no 8-byte copies"
 
 
 def _device_sm_count() -> int:
@@ -422,11 +427,7 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
                      strided=layout == "strided")
     kw["split_len"] = chunk or 0
     kw["lanes_per_channel"] = lanes
-    _emu_cp_async_counts()
-    check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
-    counts = _emu_cp_async_counts()
-    if counts is not None and lanes == 8 and dtype == bf16 and layout != "strided":
-        assert counts[8] > 0, "the 16-bit rows of 4 channels did not take 8-byte copies"
+    _check_scan_row_copies(kw, dtype, lanes == 8 and dtype == bf16 and layout != "strided")
 
 
 @pytest.mark.parametrize("lanes", STAGED_LANES, ids=[f"lanes{v}" for v in STAGED_LANES])
@@ -435,8 +436,7 @@ def test_selective_scan_cuda_staged_tiles(layout, dtype, chunk, lanes):
 def test_selective_scan_cuda_staged_tiles_short_dstate(dtype, chunk, lanes):
     """dstate 5 (Mamba1 models may have fewer than 16 states): aligned u / delta / z tiles by
     row copies (8-byte at 8 lanes) beside B / C rows loaded per element with zeros past dstate,
-    in one tile; at
-    4 lanes a channel two lanes hold no state at all, at 8 five."""
+    in one tile; at 4 lanes a channel two lanes hold no state at all, at 8 five."""
     kw = scan_inputs(dtype=dtype, form="mamba1", nheads=72, dstate=5, ngroups=1,
                      group_dim=False, seqlens=(70, 33, 0, 16), varlen=True, slots=(1, 0, 3, 2),
                      initial=(True, False, True, False))
@@ -491,11 +491,7 @@ def test_selective_scan_cuda_staged_part_warp(dtype, nheads, lanes):
         if lanes == 8:
             for name in ("u", "delta", "z", "out"):
                 kw[name] = aligned_slice(kw[name])
-        _emu_cp_async_counts()
-        check_op(ops.selective_scan, kw, ("out", "ssm_states"), dtype)
-        counts = _emu_cp_async_counts()
-        if counts is not None and lanes == 8 and dtype == bf16:
-            assert counts[8] > 0, "the full warps' 8-byte row copies did not run"
+        _check_scan_row_copies(kw, dtype, lanes == 8 and dtype == bf16)
 
 
 @pytest.mark.parametrize("name,params", [

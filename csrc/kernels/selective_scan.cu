@@ -31,7 +31,7 @@
 // what bounds it (16 exp2 per token and channel, at 16 a clock per SM), so the walk keeps its
 // instructions near the 16 exp2: B / C rows converted to fp32 once per tile for all lanes, exp2 as
 // the bare MUFU instruction and a MUFU softplus (fast_exp2, softplus_fast). sm_90 SASS of the
-// 16-bit output pass: ~156 instructions a token and warp, 20 of them MUFU (~160 MUFU cycles at 4
+// 16-bit output pass: ~151 instructions a token and warp, 20 of them MUFU (~160 MUFU cycles at 4
 // lanes a clock per SM sub-partition): issue and MUFU are balanced.
 //
 // Lanes per channel (staged walk): one pass needs (sequences x channel blocks) to fill the SMs,
@@ -874,8 +874,8 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
   if (p.ngroups <= 0 || p.nheads % p.ngroups != 0) {
     throw std::runtime_error("tpssm selective_scan: nheads must be a multiple of ngroups");
   }
-  if (p.lanes_per_channel != 0 && p.lanes_per_channel != 1 && p.lanes_per_channel != 2 &&
-      p.lanes_per_channel != 4 && p.lanes_per_channel != kMaxStagedLanes) {
+  const int64_t lanes_asked = p.lanes_per_channel;  // 0, or a power of two up to the most
+  if (lanes_asked < 0 || lanes_asked > kMaxStagedLanes || (lanes_asked & (lanes_asked - 1))) {
     throw std::runtime_error(
         "tpssm selective_scan: lanes_per_channel must be 0, 1, 2, 4 or 8, got " +
         std::to_string(p.lanes_per_channel));
