@@ -38,6 +38,8 @@ CPU_SOURCES = [
     "csrc/cpu/norm_cpu.cpp",
     "csrc/attention_ops.cpp",
     "csrc/cpu/attention_cpu.cpp",
+    "csrc/linear_ops.cpp",
+    "csrc/cpu/linear_cpu.cpp",
 ]
 
 CUDA_SOURCES = [
@@ -52,6 +54,8 @@ CUDA_SOURCES = [
     "csrc/cuda/norm_cuda_ops.cpp",
     "csrc/kernels/attention.cu",
     "csrc/cuda/attention_cuda_ops.cpp",
+    "csrc/kernels/gemv.cu",
+    "csrc/cuda/linear_cuda_ops.cpp",
 ]
 
 

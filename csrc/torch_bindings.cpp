@@ -42,6 +42,11 @@ TORCH_LIBRARY(tpssm, m) {
   m.def(
       "gated_sum_squares(Tensor x, Tensor? z, int group_size, int first_group_size, "
       "Tensor(a!) out) -> ()");
+  // Decode-sized projection (kernels/gemv_params.h): out (M, N) = x (M, K) . weight^T (+ bias)
+  // for M <= 8 tokens, fp32 sums rounded once; the launch options are 0 for the plan's choice.
+  m.def(
+      "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, int warps_per_row=0, "
+      "int rows_per_warp=0) -> ()");
   // Decode attention read in place from the KV cache (kernels/attention_params.h): row b attends
   // keys 0 .. lengths[b] - 1 of cache row rows[b]; a bad row or a length <= 0 gives zeros.
   m.def(

@@ -69,6 +69,14 @@ def _attention_args(index_dtype):
     return (q, kv[0, :, ::2], kv[1, :, 1:3], rows, lengths, 0.25, out)
 
 
+def _gemv_args(bias):
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(3, 50, generator=g, dtype=torch.bfloat16)  # x: a column slice
+    w = torch.randn(7, 40, generator=g, dtype=torch.bfloat16)
+    b = torch.randn(7, generator=g, dtype=torch.bfloat16) if bias else None
+    return (buf[:, 2:42], w, b, torch.empty(3, 7, dtype=torch.bfloat16), 0, 0)
+
+
 OPCHECK_CASES = [
     ("conv_full", _tp.causal_conv1d.default, lambda: _conv_args(conv_inputs(
         varlen=True, seqlens=(3, 0, 2), slots=(1, -1, 0), initial=(True, False, False)))),
@@ -94,6 +102,8 @@ OPCHECK_CASES = [
     ("gated_rms_norm", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=True)),
     ("gated_rms_norm_none", _tp.gated_rms_norm.default, lambda: _gated_norm_args(gate=False)),
     ("gated_sum_squares", _tp.gated_sum_squares.default, _sum_squares_args),
+    ("gemv", _tp.gemv.default, lambda: _gemv_args(bias=True)),
+    ("gemv_none", _tp.gemv.default, lambda: _gemv_args(bias=False)),
     ("decode_attention", _tp.decode_attention.default, lambda: _attention_args(torch.int64)),
     ("decode_attention_int32", _tp.decode_attention.default,
      lambda: _attention_args(torch.int32)),

@@ -162,6 +162,28 @@ __device__ __forceinline__ Pack<T, kN> load_pack(const T* ptr) {
   return pack;
 }
 
+// load_pack for data the kernel reads once and never again (a weight streamed by a GEMV): the
+// read-only path without an L1 line, so that the data a block does re-read from L1 stays there.
+template <typename T, int kN>
+__device__ __forceinline__ Pack<T, kN> load_pack_streaming(const T* ptr) {
+  static_assert(kN == 1 || kN * sizeof(T) == 16, "vector access must be 16 bytes or scalar");
+  Pack<T, kN> pack;
+  if constexpr (kN == 1) {
+    pack.elems[0] = ptr[0];
+  } else {
+#if defined(__CUDA_ARCH__)
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr));
+    *reinterpret_cast<uint4*>(&pack) = v;
+#else
+    *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(ptr);
+#endif
+  }
+  return pack;
+}
+
 template <typename T, int kN>
 __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kN>& pack) {
   static_assert(kN * sizeof(T) == 16, "vector access must be 16 bytes");

@@ -66,11 +66,16 @@ __all__ = [
     "decode_attention",
     "gated_rms_norm",
     "gated_sum_squares",
+    "gemv",
+    "GEMV_MAX_ROWS",
     "selective_scan",
     "selective_state_update",
 ]
 
 PAD_SLOT_ID = -1
+
+# gemv's largest M (token rows); larger batches are GEMMs.
+GEMV_MAX_ROWS = 8
 
 # selective_scan's `algorithm` values (see its docstring).
 SCAN_ALGORITHMS = ("auto", "recurrent", "recurrent_direct", "ssd")
@@ -331,6 +336,32 @@ def gated_sum_squares(
     return out
 
 
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+    warps_per_row: int = 0,
+    rows_per_warp: int = 0,
+) -> torch.Tensor:
+    """The decode-sized projection: out = x @ weight.T (+ bias) for at most GEMV_MAX_ROWS (8)
+    token rows, summed in fp32 and rounded once to x's dtype (F.linear's result up to the order
+    of the sums). On CUDA one kernel streams the weight once with 16-byte loads (element loads
+    when K or an address does not allow them).
+    x: (M, K), M <= 8; weight: (N, K); bias: (N,) contiguous, or None; out: (M, N). One dtype
+    (float32 / float16 / bfloat16) and one device for all; last dims contiguous, row strides free
+    (a column slice of a wider buffer is fine). out must not overlap any input.
+    warps_per_row (1, 2, 4, 8) and rows_per_warp (1, 2, 4) fix the CUDA launch (0: the plan
+    picks; see csrc/kernels/gemv_kernels.h); the CPU op ignores them after checking them.
+    Returns out (allocated when not given).
+    """
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _ops.gemv(x, weight, bias, out, warps_per_row, rows_per_warp)
+    return out
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -416,3 +447,12 @@ def _gated_sum_squares_fake(x, z, group_size, first_group_size, out) -> None:
 @torch.library.register_fake("tpssm::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out) -> None:
     _check_out_like("decode_attention", out, q, "q")
+
+
+@torch.library.register_fake("tpssm::gemv")
+def _gemv_fake(x, weight, bias, out, warps_per_row=0, rows_per_warp=0) -> None:
+    torch._check(out.dtype == x.dtype,
+                 lambda: f"gemv: out must have the dtype of x ({x.dtype}), got {out.dtype}")
+    torch._check(tuple(out.shape) == (x.shape[0], weight.shape[0]),
+                 lambda: f"gemv: out must have shape (M, N) = ({x.shape[0]}, {weight.shape[0]}), "
+                         f"got {tuple(out.shape)}")

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OUT = ROOT / "build" / "cuda_emu"
 KERNELS = ("causal_conv1d", "selective_scan", "ssd_scan", "selective_state_update", "rms_norm",
-           "attention")
+           "attention", "gemv")
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 
 
@@ -23,9 +23,9 @@ def transform() -> None:
     dst = OUT / "kernels"
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.name in ("ssm_params.h", "norm_params.h", "attention_params.h"):
+        if f.name in ("ssm_params.h", "norm_params.h", "attention_params.h", "gemv_params.h"):
             # One definition of the params structs: csrc/ssm_ops.h / norm_ops.h /
-            # attention_ops.h include the originals.
+            # attention_ops.h / linear_ops.h include the originals.
             text = f'#include "{f}"\n'
         elif f.name == "mma_sm80.cuh":
             # Tensor-core and async-copy primitives: the host emulation of the same functions.
@@ -61,7 +61,8 @@ def build(verbose: bool = False):
     obj = OUT / ("obj_asan" if asan else "obj")
     obj.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "emu_ops.cpp", ROOT / "csrc" / "ssm_ops.cpp",
-               ROOT / "csrc" / "norm_ops.cpp", ROOT / "csrc" / "attention_ops.cpp"] + [
+               ROOT / "csrc" / "norm_ops.cpp", ROOT / "csrc" / "attention_ops.cpp",
+               ROOT / "csrc" / "linear_ops.cpp"] + [
         OUT / f"emu_{n}.cpp" for n in KERNELS]
     return ce.load(name="tpssm_cuda_emu", sources=[str(s) for s in sources],
                    extra_include_paths=[str(OUT), str(OUT / "kernels"), str(HERE),

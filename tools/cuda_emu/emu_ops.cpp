@@ -11,6 +11,8 @@
 #include "norm_ops.h"
 #include "kernels/attention_kernels.h"
 #include "attention_ops.h"
+#include "kernels/gemv_kernels.h"
+#include "linear_ops.h"
 
 thread_local uint3 emu_threadIdx;
 thread_local uint3 emu_blockIdx;
@@ -101,6 +103,20 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   auto p = tpssm::make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out);
   tpssm::run_decode_attention(p, nullptr);
 }
+void gemv(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+          const at::Tensor& out, int64_t warps_per_row, int64_t rows_per_warp) {
+  reset();
+  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
+  tpssm::run_gemv(p, nullptr);
+}
+// The launch plan gemv would take: (warps_per_row, rows_per_warp, vectorized, blocks).
+std::tuple<int, int, bool, int64_t> gemv_plan(const at::Tensor& x, const at::Tensor& weight,
+                                              const OptTensor& bias, const at::Tensor& out,
+                                              int64_t warps_per_row, int64_t rows_per_warp) {
+  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
+  const tpssm::GemvPlan plan = tpssm::plan_gemv(p, emu_sm_count);
+  return {plan.warps_per_row, plan.rows_per_warp, plan.vectorized, plan.blocks};
+}
 void set_sm_count(int n) { emu_sm_count = n; }
 void set_max_grid_y(int n) { emu_max_grid_y = n; }
 // {bytes: cp.async issued} since the last call, which resets them.
@@ -120,6 +136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_rms_norm", &gated_rms_norm);
   m.def("gated_sum_squares", &gated_sum_squares);
   m.def("decode_attention", &decode_attention);
+  m.def("gemv", &gemv);
+  m.def("gemv_plan", &gemv_plan);
   m.def("set_sm_count", &set_sm_count);
   m.def("set_max_grid_y", &set_max_grid_y);
   m.def("take_cp_async_counts", &take_cp_async_counts);

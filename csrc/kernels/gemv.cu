@@ -1,0 +1,200 @@
+// The decode-sized projection: out (M, N) = x (M, K) . weight (N, K)^T (+ bias) for M <= 8 token
+// rows. At decode a projection reads its whole weight for a handful of tokens, so its time is the
+// weight's bytes over the memory bandwidth plus a launch; this kernel keeps the weight stream
+// wide enough to fill the memory system whatever N and K are (cuBLAS picks one GEMM tile shape
+// for all of them), reads each weight byte once, and stays out of L1 with it so the activations
+// re-read by every block stay there.
+//
+// A block's 8 warps form groups of warps_per_row warps; a group owns kR weight rows and deals
+// their K range to its lanes in 16-byte chunks (element by element on the scalar path). A lane
+// keeps kR x kM fp32 partial sums and has kR x kU weight chunks in flight per step. The sums are
+// reduced by shuffles in each warp, then across the group's warps through shared memory in a
+// fixed order; one thread per (row, token) adds the bias and stores the result, rounded once.
+// kM rounds M up to 1, 2, 4 or 8: the padding rows re-read x's last row and are not stored;
+// weight rows past N re-read row N - 1 and are not stored, so every load stays in the tensors.
+#include <algorithm>
+
+#include "gemv_kernels.h"
+#include "kernel_utils.cuh"
+#include "static_switch.h"
+
+namespace tpssm {
+namespace {
+
+template <typename T, int kM, int kR, int kN>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvParams p, int warps_per_row) {
+  constexpr int kU = kR >= 4 ? 1 : 4 / kR;  // chunks of each row a lane has in flight
+  __shared__ float partial[kGemvWarps][kR * kM];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = kGemvWarps / warps_per_row;
+  const int group = warp / warps_per_row;
+  const int group_lane = (warp % warps_per_row) * 32 + lane;
+  const int group_threads = warps_per_row * 32;
+  const int64_t block_row0 = static_cast<int64_t>(blockIdx.x) * groups * kR;
+  const int64_t last_row = p.out_features - 1;
+
+  const T* wrow[kR];
+  const T* xrow[kM];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    const int64_t row = min(block_row0 + group * kR + r, last_row);
+    wrow[r] = static_cast<const T*>(p.weight) + row * p.weight_row_stride;
+  }
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    xrow[m] = static_cast<const T*>(p.x) + min(static_cast<int64_t>(m), p.rows - 1) * p.x_row_stride;
+  }
+
+  float acc[kR][kM];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[r][m] = 0.f;
+  }
+  const int64_t chunks = p.in_features / kN;  // the vector path needs K % kN == 0
+  for (int64_t c0 = group_lane; c0 < chunks; c0 += kU * group_threads) {
+    Pack<T, kN> wv[kU][kR];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = c0 + u * group_threads;
+      if (c < chunks) {
+#pragma unroll
+        for (int r = 0; r < kR; ++r) wv[u][r] = load_pack_streaming<T, kN>(wrow[r] + c * kN);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t c = c0 + u * group_threads;
+      if (c < chunks) {
+        float wf[kR][kN];
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+#pragma unroll
+          for (int e = 0; e < kN; ++e) wf[r][e] = to_float(wv[u][r].elems[e]);
+        }
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          const Pack<T, kN> xv = load_pack<T, kN>(xrow[m] + c * kN);
+#pragma unroll
+          for (int e = 0; e < kN; ++e) {
+            const float xf = to_float(xv.elems[e]);
+#pragma unroll
+            for (int r = 0; r < kR; ++r) acc[r][m] = fmaf(wf[r][e], xf, acc[r][m]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      float v = acc[r][m];
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+      }
+      if (lane == 0) partial[warp][r * kM + m] = v;
+    }
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < groups * kR * kM) {
+    const int g = t / (kR * kM), idx = t % (kR * kM);
+    const int r = idx / kM, m = idx % kM;
+    const int64_t row = block_row0 + g * kR + r;
+    if (row <= last_row && m < p.rows) {
+      float sum = 0.f;
+      for (int i = 0; i < warps_per_row; ++i) sum += partial[g * warps_per_row + i][idx];
+      if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[row]);
+      static_cast<T*>(p.out)[m * p.out_row_stride + row] = from_float<T>(sum);
+    }
+  }
+}
+
+int elems_per_chunk(DType dtype) { return dtype == DType::kFloat32 ? 4 : 8; }
+
+bool vector_path_ok(const GemvParams& p) {
+  const int64_t n = elems_per_chunk(p.dtype);
+  const int64_t esize = 16 / n;
+  return p.in_features % n == 0 && is_aligned(p.x, 16) && is_aligned(p.weight, 16) &&
+         (p.rows <= 1 || (p.x_row_stride * esize) % 16 == 0) &&
+         (p.out_features <= 1 || (p.weight_row_stride * esize) % 16 == 0);
+}
+
+template <typename T, int kM, int kR, int kN>
+void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
+  gemv_kernel<T, kM, kR, kN>
+      <<<static_cast<unsigned>(plan.blocks), kGemvWarps * 32, 0, stream>>>(p, plan.warps_per_row);
+  TPSSM_CHECK_LAUNCH("gemv_kernel");
+}
+
+template <typename T, int kM>
+void dispatch_rows(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (!plan.vectorized) {
+    launch<T, kM, 1, 1>(p, plan, stream);
+  } else if (plan.rows_per_warp == 4) {
+    launch<T, kM, 4, kVec>(p, plan, stream);
+  } else if (plan.rows_per_warp == 2) {
+    launch<T, kM, 2, kVec>(p, plan, stream);
+  } else {
+    launch<T, kM, 1, kVec>(p, plan, stream);
+  }
+}
+
+}  // namespace
+
+GemvPlan plan_gemv(const GemvParams& p, int sm_count) {
+  // The torch op checks these with its own message; C++ callers get this one.
+  if ((p.warps_per_row & (p.warps_per_row - 1)) != 0 || p.warps_per_row < 0 ||
+      p.warps_per_row > kGemvWarps || (p.rows_per_warp & (p.rows_per_warp - 1)) != 0 ||
+      p.rows_per_warp < 0 || p.rows_per_warp > 4) {
+    throw std::runtime_error("tpssm gemv: warps_per_row must be 0, 1, 2, 4 or 8 and "
+                             "rows_per_warp 0, 1, 2 or 4");
+  }
+  GemvPlan plan;
+  plan.vectorized = vector_path_ok(p);
+  const int64_t chunks = plan.vectorized ? p.in_features / elems_per_chunk(p.dtype)
+                                         : p.in_features;
+  int w = p.warps_per_row;
+  if (w == 0) {  // the fewest warps that give each lane at most 4 chunks of K
+    w = 1;
+    while (w < kGemvWarps && chunks > static_cast<int64_t>(w) * 32 * 4) w *= 2;
+  }
+  int r = plan.vectorized ? p.rows_per_warp : 1;
+  if (r == 0) {  // the most rows a group that still leave two blocks an SM
+    r = 1;
+    for (int cand : {4, 2}) {
+      if (ceil_div(p.out_features, static_cast<int64_t>(kGemvWarps / w) * cand) >=
+          2 * static_cast<int64_t>(sm_count)) {
+        r = cand;
+        break;
+      }
+    }
+  }
+  plan.warps_per_row = w;
+  plan.rows_per_warp = r;
+  plan.blocks = ceil_div(p.out_features, static_cast<int64_t>(kGemvWarps / w) * r);
+  return plan;
+}
+
+void run_gemv(const GemvParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.out_features == 0) return;
+  if (p.rows > kGemvMaxRows) throw std::runtime_error("tpssm gemv: more than 8 rows");
+  const GemvPlan plan = plan_gemv(p, current_device_sm_count());
+  if (plan.blocks > 0x7fffffff) throw std::runtime_error("tpssm gemv: too many weight rows");
+  TPSSM_DTYPE_SWITCH(p.dtype, T, [&] {
+    if (p.rows == 1) {
+      dispatch_rows<T, 1>(p, plan, stream);
+    } else if (p.rows == 2) {
+      dispatch_rows<T, 2>(p, plan, stream);
+    } else if (p.rows <= 4) {
+      dispatch_rows<T, 4>(p, plan, stream);
+    } else {
+      dispatch_rows<T, 8>(p, plan, stream);
+    }
+  });
+}
+
+}  // namespace tpssm

@@ -1,0 +1,88 @@
+#include "linear_ops.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "overlap_checks.h"
+
+namespace tpssm {
+namespace {
+
+constexpr const char* kOp = "gemv";
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, kOp, ": x must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                  const char* shape) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, kOp, ": ", name,
+              " must have shape ", shape, " = (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(cols <= 1 || t.stride(1) == 1, kOp, ": ", name,
+              " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(rows <= 1 || t.stride(0) >= cols, kOp, ": ", name,
+              " rows must not overlap each other, got strides ", t.strides());
+}
+
+bool is_pow2_upto(int64_t v, int64_t most) { return v >= 1 && v <= most && (v & (v - 1)) == 0; }
+
+}  // namespace
+
+GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                            int64_t warps_per_row, int64_t rows_per_warp) {
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (M, K), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, kOp, ": weight must be 2-D (N, K), got shape ",
+              weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(M <= kGemvMaxRows, kOp, ": x may have at most ", kGemvMaxRows,
+              " rows (tokens), got ", M, "; larger batches are GEMMs (torch.nn.functional.linear)");
+  TORCH_CHECK(warps_per_row == 0 || is_pow2_upto(warps_per_row, 8), kOp,
+              ": warps_per_row must be 0 (automatic), 1, 2, 4 or 8, got ", warps_per_row);
+  TORCH_CHECK(rows_per_warp == 0 || is_pow2_upto(rows_per_warp, 4), kOp,
+              ": rows_per_warp must be 0 (automatic), 1, 2 or 4, got ", rows_per_warp);
+  GemvParams p;
+  p.dtype = dtype_of(x);
+  check_matrix(x, "x", M, K, "(M, K)");
+  check_matrix(weight, "weight", N, K, "(N, K)");
+  check_matrix(out, "out", M, N, "(M, N)");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&weight, "weight"},
+                                {&out, "out"}}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), kOp, ": ", name, " must have x's dtype (",
+                x.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), kOp, ": ", name, " must be on x's device (",
+                x.device(), "), got ", t->device());
+  }
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous(), kOp,
+                ": bias must be a contiguous (N,) = (", N, ",) tensor, got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), kOp, ": bias must have x's dtype (",
+                x.scalar_type(), "), got ", b.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), kOp, ": bias must be on x's device (", x.device(),
+                "), got ", b.device());
+    p.bias = b.data_ptr();
+  }
+  check_written_disjoint(kOp, {named(out, "out")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias")});
+  p.rows = M;
+  p.out_features = N;
+  p.in_features = K;
+  p.x_row_stride = x.stride(0);
+  p.weight_row_stride = weight.stride(0);
+  p.out_row_stride = out.stride(0);
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  p.warps_per_row = static_cast<int>(warps_per_row);
+  p.rows_per_warp = static_cast<int>(rows_per_warp);
+  return p;
+}
+
+}  // namespace tpssm

@@ -1,0 +1,119 @@
+"""The gemv CUDA kernel (tpssm.ops.gemv) against the float64 reference and the CPU op, over
+dtypes, token counts 1-8, odd sizes, every launch option, strided and misaligned operands (on a
+GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
+
+import pytest
+import torch
+
+import tpssm
+from test_linear_ops import DTYPES, assert_gemv_close, gemv_inputs
+from tpssm import ops
+
+if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
+    pytest.skip("needs a CUDA device and a build with the CUDA kernels", allow_module_level=True)
+
+CUDA = torch.device("cuda")
+
+
+def _dev(t):
+    return None if t is None else t.to(CUDA, copy=True)
+
+
+def _check(x, w, b, **options):
+    got = ops.gemv(_dev(x), _dev(w), _dev(b), **options).cpu()
+    assert_gemv_close(got, x, w, b)
+    cpu = torch.empty_like(got)
+    torch.ops.tpssm.gemv(x, w, b, cpu, 0, 0)  # the registered CPU op
+    assert_gemv_close(cpu, x, w, b)
+
+
+# (M, N, K): K a multiple of 16 bytes or not (the element path), N below and above a block's
+# rows, one lane's chunks in flight and several trips of the K loop.
+SHAPES = [(1, 37, 64), (3, 5, 100), (8, 70, 2048), (5, 300, 40), (2, 1, 1), (7, 19, 776)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_kernel_against_the_reference_and_the_cpu_op(m, n, k, bias, dtype):
+    _check(*gemv_inputs(m, n, k, dtype, bias, seed=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
+@pytest.mark.parametrize("warps_per_row", [1, 2, 4, 8])
+def test_every_launch_option(warps_per_row, rows_per_warp, m, dtype):
+    # 45 rows: no block size divides it; K = 2056: 257 16-byte chunks of bf16 (a part trip).
+    x, w, b = gemv_inputs(m, 45, 2056, dtype, bias=m != 3, seed=3)
+    _check(x, w, b, warps_per_row=warps_per_row, rows_per_warp=rows_per_warp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_misaligned_operands(dtype):
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(4, 300, generator=g).to(dtype)
+    ws = (torch.randn(23, 280, generator=g) / 16).to(dtype)
+    bias = torch.randn(20, generator=g).to(dtype)
+    for x0, w0 in [(8, 16), (1, 16), (8, 3)]:  # aligned; x misaligned; weight misaligned
+        x, w = xs[:, x0:x0 + 256], ws[1:21, w0:w0 + 256]
+        buf = torch.full((6, 40), 3.0, dtype=dtype, device=CUDA)
+        dx = xs.to(CUDA)[:, x0:x0 + 256]
+        dw = ws.to(CUDA)[1:21, w0:w0 + 256]
+        ops.gemv(dx, dw, bias.to(CUDA), out=buf[1:5, 5:25])
+        got = buf.cpu()
+        assert_gemv_close(got[1:5, 5:25], x, w, bias)
+        untouched = torch.full((6, 40), 3.0, dtype=dtype)
+        untouched[1:5, 5:25] = got[1:5, 5:25]
+        assert torch.equal(got, untouched), "gemv wrote outside out"
+
+
+def test_empty_sizes():
+    b = torch.randn(3, device=CUDA)
+    assert ops.gemv(torch.empty(0, 6, device=CUDA), torch.randn(3, 6, device=CUDA)).shape == (0, 3)
+    assert ops.gemv(torch.randn(2, 6, device=CUDA), torch.empty(0, 6, device=CUDA)).shape == (2, 0)
+    got = ops.gemv(torch.empty(2, 0, device=CUDA), torch.empty(3, 0, device=CUDA), b)
+    assert torch.equal(got.cpu(), b.cpu().expand(2, 3))
+
+
+def test_automatic_plan():
+    """The plan's rule (emulated kernels only: the plan is not exposed by the torch op)."""
+    plan = getattr(ops._ops, "gemv_plan", None)
+    if plan is None:
+        pytest.skip("the launch plan is visible in the kernel emulator only")
+
+    def pick(m, n, k, dtype=torch.bfloat16, x_offset=0):
+        x = torch.zeros(m, k + x_offset, dtype=dtype)[:, x_offset:]
+        w = torch.zeros(n, k, dtype=dtype)
+        return tuple(plan(x, w, None, torch.empty(m, n, dtype=dtype), 0, 0))
+
+    # (warps_per_row, rows_per_warp, vectorized, blocks) on the emulator's 132 SMs.
+    assert pick(1, 192, 5120) == (8, 1, True, 192)        # mamba-2.8b x_proj: all warps on K
+    assert pick(1, 10240, 2560) == (4, 4, True, 1280)     # its in_proj: 4 rows a warp
+    assert pick(8, 2560, 5120) == (8, 4, True, 640)       # its out_proj
+    assert pick(1, 5120, 160) == (1, 2, True, 320)        # dt_proj: one warp a row group
+    assert pick(2, 300, 100, torch.float16) == (1, 1, False, 38)  # K % 8: element loads
+    assert pick(1, 64, 256, x_offset=1) == (2, 1, False, 16)      # misaligned x
+    assert pick(1, 64, 256, torch.float32) == (1, 1, True, 8)     # 64 chunks: one warp
+
+
+def test_graph_replay_equals_eager():
+    x, w, b = gemv_inputs(4, 96, 512, torch.bfloat16, seed=5)
+    dx, dw, db = _dev(x), _dev(w), _dev(b)
+    eager = ops.gemv(dx, dw, db)
+    out = torch.empty_like(eager)
+    ops.gemv(dx, dw, db, out=out)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gemv(dx, dw, db, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n,k", [(10240, 2560), (192, 5120), (2560, 5120), (12565, 2560)])
+def test_large_preset_shapes(n, k, m):
+    """mamba-2.8b's decode projections at tp 1 (in_proj, x_proj, out_proj) and a tp 4 head."""
+    _check(*gemv_inputs(m, n, k, torch.bfloat16, bias=False, seed=6))
