@@ -55,7 +55,7 @@ def phase_of(name: str) -> str:
 
 
 def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: torch.device,
-           vocab_parallel: bool = True):
+           vocab_parallel: bool = True, projection_kernel: str = "torch"):
     from tpssm.models import build_model, load_config
     from tpssm.parallel import TPContext
     from tpssm.presets import RandomWeightSource, preset_config
@@ -64,6 +64,7 @@ def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: t
     config = load_config(preset) if preset.endswith(".json") else preset_config(preset, num_layers)
     ctx = TPContext.local_shard(tp_shard, device) if tp_shard > 1 else TPContext(device=device)
     model = build_model(config, ctx, dtype, vocab_parallel=vocab_parallel)
+    model.set_projection_kernel(projection_kernel)
     with torch.no_grad():
         model.load_weights(RandomWeightSource(config, seed=0, device=device))
     return config, model
@@ -88,12 +89,14 @@ def _median_ms(fn, steps: int, cuda: bool) -> float:
 
 def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: int = 5,
             prompt_len: int = 16, dtype: torch.dtype = torch.bfloat16, device=None,
-            phase: str = "decode", vocab_parallel: bool = True) -> dict:
+            phase: str = "decode", vocab_parallel: bool = True,
+            projection_kernel: str = "torch") -> dict:
     if phase not in ("decode", "prefill"):
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    config, model = _build(preset, num_layers, tp_shard, dtype, device, vocab_parallel)
+    config, model = _build(preset, num_layers, tp_shard, dtype, device, vocab_parallel,
+                           projection_kernel)
     # Decode appends a token a step: warm-up, the timed steps and the profiled steps.
     cache = model.allocate_cache(batch, max_seq_len=prompt_len + 2 * steps + 4)
     slots = torch.tensor(cache.allocate(batch), dtype=torch.int32, device=device)
@@ -149,7 +152,7 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
     return {"preset": preset, "phase": phase, "num_layers": config.num_hidden_layers,
             "tp_shard": tp_shard, "batch": batch,
             "lm_head": "vocab-parallel" if model.vocab_parallel else "whole",
-            "lm_head_rows": model.lm_head.shape[0],
+            "lm_head_rows": model.lm_head.shape[0], "projection_kernel": projection_kernel,
             "prompt_len": prompt_len if phase == "prefill" else None, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "kind": "cuda kernels" if cuda else "cpu ops",
@@ -222,6 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--replicated-head", action="store_true",
                    help="a shard holds the whole LM head (default: its vocabulary rows, as the "
                         "models do under TP)")
+    p.add_argument("--projection-kernel", default="torch", choices=("torch", "gemv"),
+                   help="decode-sized projections through F.linear (cuBLAS) or tpssm.ops.gemv "
+                        "(default torch)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="weights and activations (default bfloat16)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -241,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = profile(args.preset, args.batch, tp, args.num_layers, args.steps,
                       prompt_len=args.prompt_len, dtype=getattr(torch, args.dtype),
                       device=args.device, phase=args.phase,
-                      vocab_parallel=not args.replicated_head)
+                      vocab_parallel=not args.replicated_head,
+                      projection_kernel=args.projection_kernel)
         _print_one(res)
         results.append(res)
         if torch.cuda.is_available():

@@ -42,15 +42,15 @@ def test_demo_tp2_equals_tp1():
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("tp", [1, 2])
-def test_generate_matches_transformers_greedy(mamba_dir, tp):
+@pytest.mark.parametrize("tp,kernel", [(1, "torch"), (2, "torch"), (2, "gemv")])
+def test_generate_matches_transformers_greedy(mamba_dir, tp, kernel):
     model, path = mamba_dir
     prompt = [5, 17, 99, 3, 250, 42, 7]
     steps = 8
     expected, _ = hf_greedy(model, prompt, steps - 1)
     code, out, err = run_cli("generate", "--model", path, "--tp", str(tp), "--input-ids",
                              ",".join(map(str, prompt)), "--max-new-tokens", str(steps),
-                             "--greedy", "--ignore-eos", "--json")
+                             "--greedy", "--ignore-eos", "--json", "--projection-kernel", kernel)
     assert code == 0, err
     record = json.loads(out)
     assert record["input_ids"] == prompt

@@ -159,6 +159,46 @@ def test_ops_backend_matches_reference_backend(family, checkpoints):
         assert H.max_rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.skipif(not H.cpu_kernels_available(), reason="the compiled ops have no CPU kernels "
+                    "in this build")
+@torch.no_grad()
+@pytest.mark.parametrize("family,per_layer", [("mamba", 3), ("mamba2_g4", 2)])
+def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeypatch):
+    """set_projection_kernel('gemv'): decode-sized steps (<= 8 tokens) go through ops.gemv - every
+    in_proj / x_proj / out_proj and the head - with the same results as F.linear."""
+    import tpssm.ops
+
+    _, path = checkpoints[family]
+    base = SSMForCausalLM.from_pretrained(path, backend=BACKEND)
+    gemv = SSMForCausalLM.from_pretrained(path, backend=BACKEND)
+    gemv.set_projection_kernel("gemv")
+    with pytest.raises(ValueError, match="projection kernel must be one of"):
+        gemv.set_projection_kernel("cublas")
+    calls = []
+    real = tpssm.ops.gemv
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(tpssm.ops, "gemv", counted)
+    ids = torch.tensor([t for p in PROMPTS for t in p])  # 11 tokens: F.linear, but the head's 3
+    qsl = _qsl([len(p) for p in PROMPTS])
+    slots = torch.arange(len(PROMPTS), dtype=torch.int32)
+    no = torch.zeros(len(PROMPTS), dtype=torch.bool)
+    caches = [m.allocate_cache(len(PROMPTS)) for m in (base, gemv)]
+    outs = [m(ids, qsl, slots, no, c) for m, c in zip((base, gemv), caches)]
+    assert calls == [3]  # the head on each request's last token
+    assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
+    calls.clear()
+    step = torch.tensor([1, 2, 3])
+    outs = [m.decode(step, slots, c) for m, c in zip((base, gemv), caches)]
+    assert calls == [3] * (per_layer * base.config.num_hidden_layers + 1)
+    assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
+    for a, b in zip(caches[1].ssm_states, caches[0].ssm_states):
+        assert H.max_rel_err(a, b) <= 1e-5
+
+
 @torch.no_grad()
 def test_bfloat16_model_tracks_float32(checkpoints):
     _, path = checkpoints["mamba2_g4"]

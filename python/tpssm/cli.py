@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from tpssm.ops import SCAN_ALGORITHMS
+from tpssm.parallel import PROJECTION_KERNELS
 from tpssm.presets import PRESETS, preset_config
 from tpssm.runner import (DTYPES, CLIError, GenerateJob, ModelSpec, UsageError, generate_rank,
                           is_primary, log, one_line, spawn)
@@ -231,7 +232,7 @@ def cmd_generate(args) -> int:
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
                      allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
-                     scan_algorithm=args.scan_algorithm)
+                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
@@ -272,7 +273,7 @@ def cmd_bench(args) -> int:
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce,
                      allreduce_min_bytes=args.allreduce_min_bytes,
-                     scan_algorithm=args.scan_algorithm)
+                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel)
     modes = [True, False] if args.compare_state_cache else [not args.no_state_cache]
     job = bench.BenchJob(spec, args.prompt_lens, args.batch_sizes, args.gen_tokens,
                          args.max_prefill_tokens, modes, args.repeats)
@@ -281,7 +282,7 @@ def cmd_bench(args) -> int:
               "num_layers": args.num_layers or full_layers, "full_num_layers": full_layers,
               "dtype": args.dtype, "allreduce": args.allreduce,
               "allreduce_min_bytes": args.allreduce_min_bytes,
-              "scan_algorithm": args.scan_algorithm,
+              "scan_algorithm": args.scan_algorithm, "projection_kernel": args.projection_kernel,
               "gen_tokens": args.gen_tokens, "complete": False,
               "environment": bench.environment(), "rows": []}
     bench.run_sweep(job, args.tp, args.rank_shard or [], report, args.json if is_primary()
@@ -338,6 +339,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-algorithm", choices=SCAN_ALGORITHMS, default="auto",
                    help="prefill selective scan: auto (the chunked SSD kernel for Mamba-2 where "
                         "it covers the shape, else the recurrence), or force one")
+    p.add_argument("--projection-kernel", choices=PROJECTION_KERNELS, default="torch",
+                   help="decode-sized projections (at most 8 tokens) and the LM head: torch "
+                        "(F.linear, cuBLAS on CUDA) or gemv (tpssm's kernel); larger steps "
+                        "always use F.linear")
 
 
 def build_parser() -> argparse.ArgumentParser:

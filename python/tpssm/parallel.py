@@ -28,6 +28,8 @@ from tpssm.reference.qallreduce import SUPPORTED_GROUP_SIZES, pick_group_size
 
 __all__ = [
     "ALLREDUCE_SCHEMES",
+    "PROJECTION_KERNELS",
+    "linear",
     "AllReduce",
     "TPContext",
     "ColumnParallelLinear",
@@ -38,6 +40,21 @@ __all__ = [
 ]
 
 ALLREDUCE_SCHEMES = ("exact", "int8", "fp8", "fp16")
+
+# How the parallel linears and the LM head multiply: "torch" (F.linear, cuBLAS on CUDA) or "gemv"
+# (tpssm.ops.gemv for decode-sized inputs of at most 8 token rows, F.linear for larger ones).
+PROJECTION_KERNELS = ("torch", "gemv")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           kernel: str = "torch") -> torch.Tensor:
+    """x @ weight.T (+ bias) through `kernel` (PROJECTION_KERNELS)."""
+    if kernel == "gemv" and x.dim() == 2:
+        from tpssm import ops
+
+        if x.shape[0] <= ops.GEMV_MAX_ROWS:
+            return ops.gemv(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 # torch 2.14 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -313,6 +330,7 @@ class ColumnParallelLinear(nn.Module):
     groups). No communication: the output stays sharded.
 
     x: (..., in_features) -> (..., local_out_features) with local_out_features = ranges_size(rows).
+    projection_kernel: see PROJECTION_KERNELS (the model's set_projection_kernel sets it).
     """
 
     def __init__(self, in_features: int, rows: Ranges, bias: bool, ctx: TPContext,
@@ -327,6 +345,7 @@ class ColumnParallelLinear(nn.Module):
                                                device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_local, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
+        self.projection_kernel = "torch"
 
     @property
     def out_features_local(self) -> int:
@@ -340,7 +359,7 @@ class ColumnParallelLinear(nn.Module):
                 self.bias.copy_(source.get_rows(bias_name, self.rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.projection_kernel)
 
 
 class RowParallelLinear(nn.Module):
@@ -351,7 +370,8 @@ class RowParallelLinear(nn.Module):
     reduce_results=False returns the partial sum instead (the caller reduces); the bias is then
     added on rank 0 only, so the later reduction counts it once. allreduce: the model's
     AllReduce strategy, or a scheme name ("exact" | "int8" | "fp8" | "fp16") for a strategy of
-    this layer's own with allreduce_min_bytes / allreduce_group_size.
+    this layer's own with allreduce_min_bytes / allreduce_group_size. projection_kernel: as in
+    ColumnParallelLinear.
     """
 
     def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
@@ -369,6 +389,7 @@ class RowParallelLinear(nn.Module):
                                                device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
+        self.projection_kernel = "torch"
 
     def load(self, source, weight_name: str, bias_name: Optional[str] = None) -> None:
         with torch.no_grad():
@@ -377,7 +398,7 @@ class RowParallelLinear(nn.Module):
                 self.bias.copy_(source.get(bias_name))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = linear(x, self.weight, kernel=self.projection_kernel)
         if not self.reduce_results:
             if self.bias is not None and self.ctx.rank == 0:
                 y = y + self.bias

@@ -54,6 +54,7 @@ class ModelSpec:
     allreduce: str = "exact"
     allreduce_min_bytes: int = 1 << 20
     scan_algorithm: str = "auto"
+    projection_kernel: str = "torch"
     seed: int = 0
     local_shard_tp: int = 0  # > 0: one process builds rank 0's shard of a tp-way model (bench)
 
@@ -104,6 +105,7 @@ def build_model(spec: ModelSpec):
     model = build_unloaded(config, ctx, dtype, allreduce=spec.allreduce,
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     model.set_scan_algorithm(spec.scan_algorithm)
+    model.set_projection_kernel(spec.projection_kernel)
     # Progress counts the elements this rank loads (its shard), so a long load - random weights
     # for a large vocabulary take minutes on a CPU - reports within tensors as well as layers.
     total = sum(t.numel() for t in list(model.parameters()) + list(model.buffers()))

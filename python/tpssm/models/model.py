@@ -24,7 +24,8 @@ from tpssm.models.kernels import get_backend
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
-from tpssm.parallel import AllReduce, TPContext, shard_range
+from tpssm.parallel import (PROJECTION_KERNELS, AllReduce, ColumnParallelLinear,
+                             RowParallelLinear, TPContext, linear, shard_range)
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
@@ -90,6 +91,7 @@ class CausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=dev),
             requires_grad=False)
         self.norm_f = RMSNorm(config.hidden_size, norm_eps, dtype, dev)
+        self.projection_kernel = "torch"  # the head's; set_projection_kernel
         V, tp = config.vocab_size, self.ctx.tp
         self.vocab_parallel = bool(vocab_parallel) and tp > 1
         self.vocab_range = (self.ctx.shard_range(V, "vocab_size") if self.vocab_parallel
@@ -184,6 +186,19 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer.mixer.scan_algorithm = algorithm
 
+    def set_projection_kernel(self, kernel: str) -> None:
+        """How the parallel linears (the mixers' in_proj, x_proj and out_proj; the hybrids'
+        o_proj and down_proj) and the LM head multiply: 'torch' (F.linear: cuBLAS on CUDA) or
+        'gemv' (tpssm.ops.gemv for decode-sized inputs of at most 8 token rows, F.linear
+        otherwise); results agree to the order of the fp32 sums."""
+        if kernel not in PROJECTION_KERNELS:
+            raise ValueError(f"projection kernel must be one of {PROJECTION_KERNELS}, got "
+                             f"{kernel!r}")
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.projection_kernel = kernel
+        self.projection_kernel = kernel
+
     def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
                cache: SSMStateCache, gather_logits: bool = True) -> torch.Tensor:
         """One decode step: input_ids (batch,) -> logits (batch, vocab), or this rank's
@@ -241,7 +256,8 @@ class CausalLM(nn.Module):
             hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
         if not normed:
             hidden = self.norm_f(hidden)
-        logits = F.linear(hidden.to(self.dtype), self.lm_head).float()
+        logits = linear(hidden.to(self.dtype), self.lm_head,
+                        kernel=self.projection_kernel).float()
         return self.gather_logits(logits) if gather_logits else logits
 
 
