@@ -4,12 +4,14 @@ per-rank shards against their bytes.
 At decode a projection reads its whole weight for a handful of tokens, so it is bound by the
 weight bytes: its floor is bytes / copy bandwidth. For every projection of a layer (in_proj,
 x_proj, dt_proj, out_proj; Mamba-2: in_proj, out_proj) and the head, at tp 1 / 2 / 4 and M
-tokens, this times torch's F.linear (cuBLAS) on the rank's weight shape: median time per call
-(CUDA events around CUDA-graph replays, weights rotated over enough copies to miss the L2 cache),
-the bytes (weight + activations in and out), GB/s and % of the copy bandwidth measured in the same
-run. Below ~80% a projection is a candidate for other cuBLASLt settings or a split-K GEMV kernel.
+tokens, this times torch's F.linear (cuBLAS) and tpssm.ops.gemv side by side on the rank's weight
+shape, the same weights for both (with --gemv-sweep, gemv at every explicit launch option too):
+median time per call (CUDA events around CUDA-graph replays, weights rotated over enough copies
+to miss the L2 cache), the bytes (weight + activations in and out), GB/s and % of the copy
+bandwidth measured in the same run. The issue's bar is 80% of the copy bandwidth.
 
-    python benchmarks/bench_projections.py [--presets mamba-2.8b,...] [--tokens 1,2,4,8] [--json P]
+    python benchmarks/bench_projections.py [--presets mamba-2.8b,...] [--tokens 1,2,4,8]
+        [--kernels torch,gemv] [--gemv-sweep] [--json P]
 
 Without CUDA it prints that CUDA is required and exits 0.
 """
@@ -62,27 +64,49 @@ def projections(config, tp: int) -> List[Tuple[str, int, int]]:
     return layer + [("lm_head", local(V), D)]
 
 
+# gemv's explicit launch options, timed by --gemv-sweep: (warps_per_row, rows_per_warp).
+GEMV_OPTIONS = [(w, r) for w in (1, 2, 4, 8) for r in (1, 2, 4)]
+
+
 def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs: float,
-        reps: int) -> Dict:
+        reps: int, kernels: List[str], sweep: bool) -> List[Dict]:
+    """One row per kernel ('torch': F.linear's cuBLAS GEMM; 'gemv': tpssm.ops.gemv with its
+    automatic plan; with sweep, 'gemv w<W> r<R>' for every explicit launch option) on the same
+    weights. gemv's result is checked against torch's on the first set (max_abs_diff)."""
     from bench_ssm_ops import l2_bytes, time_graph
+    from tpssm import ops
 
     weight_bytes = n_out * n_in * 2
     copies = max(1, min(64, math.ceil(3 * l2_bytes() / weight_bytes)))
     sets = [dict(w=torch.randn(n_out, n_in, device="cuda").to(ACT),
                  x=torch.randn(m, n_in, device="cuda").to(ACT),
                  out=torch.empty(m, n_out, device="cuda", dtype=ACT)) for _ in range(copies)]
-
-    def call(s):
-        torch.matmul(s["x"], s["w"].t(), out=s["out"])  # F.linear's GEMM into a fixed buffer
-
-    ms = time_graph(call, sets, reps)
+    variants = []
+    if "torch" in kernels:
+        # F.linear's GEMM into a fixed buffer
+        variants.append(("torch", lambda s: torch.matmul(s["x"], s["w"].t(), out=s["out"])))
+    if "gemv" in kernels:
+        variants.append(("gemv", lambda s: ops.gemv(s["x"], s["w"], out=s["out"])))
+        if sweep:
+            for w, r in GEMV_OPTIONS:
+                variants.append((f"gemv w{w} r{r}",
+                                 lambda s, w=w, r=r: ops.gemv(s["x"], s["w"], out=s["out"],
+                                                              warps_per_row=w, rows_per_warp=r)))
+    want = torch.matmul(sets[0]["x"].float(), sets[0]["w"].float().t())
     nbytes = weight_bytes + 2 * m * (n_in + n_out)
-    gbs = nbytes / (ms * 1e-3) / 1e9
+    rows = []
+    for label, fn in variants:
+        ms = time_graph(fn, sets, reps)
+        fn(sets[0])
+        diff = (sets[0]["out"].float() - want).abs().max().item()
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append(dict(preset=preset, tp=tp, projection=name, kernel=label,
+                         out_features=n_out, in_features=n_in, tokens=m, time_us=ms * 1e3,
+                         bytes=nbytes, gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
+                         weight_copies=copies, max_abs_diff_vs_fp32=diff))
     del sets
     torch.cuda.empty_cache()
-    return dict(preset=preset, tp=tp, projection=name, out_features=n_out, in_features=n_in,
-                tokens=m, time_us=ms * 1e3, bytes=nbytes, gbs=gbs,
-                pct_copy=100.0 * gbs / copy_gbs, weight_copies=copies)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -92,6 +116,12 @@ def main(argv=None) -> int:
     p.add_argument("--tps", default="1,2,4", help="tp degrees (default 1,2,4)")
     p.add_argument("--tokens", default="1,2,4,8", help="tokens per call (default 1,2,4,8)")
     p.add_argument("--reps", type=int, default=15, help="timed replays (default 15)")
+    p.add_argument("--kernels", default="torch,gemv",
+                   help="comma-separated: torch (F.linear / cuBLAS), gemv (tpssm.ops.gemv) "
+                        "(default both)")
+    p.add_argument("--gemv-sweep", action="store_true",
+                   help="also time gemv at every explicit launch option (warps_per_row x "
+                        "rows_per_warp)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -101,6 +131,11 @@ def main(argv=None) -> int:
         p.error("--tps and --tokens take comma-separated integers")
     if min(tps + tokens) < 1 or args.reps < 1:
         p.error("--tps, --tokens and --reps take values >= 1")
+    kernels = [k for k in args.kernels.split(",") if k]
+    if not kernels or any(k not in ("torch", "gemv") for k in kernels):
+        p.error(f"--kernels takes torch and / or gemv, got {args.kernels!r}")
+    if max(tokens) > 8 and "gemv" in kernels:
+        p.error("gemv takes at most 8 tokens: lower --tokens or use --kernels torch")
     if not torch.cuda.is_available():
         print("bench_projections: CUDA is required (no CUDA device found); nothing to benchmark")
         return 0
@@ -120,14 +155,22 @@ def main(argv=None) -> int:
                     if key in seen:
                         continue
                     seen.add(key)
-                    r = run(preset, tp, name, n_out, n_in, m, copy_gbs, args.reps)
-                    results.append(r)
-                    print(f"{preset:<16} tp{tp} {name:<9} {n_out:>6} x {n_in:<6} M {m}: "
-                          f"{r['time_us']:8.1f} us {r['gbs']:7.0f} GB/s {r['pct_copy']:5.1f}% "
-                          "of copy", flush=True)
-    below = [r for r in results if r["pct_copy"] < 80.0]
-    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s; {len(below)} of {len(results)} "
-          "projection timings below 80% of it")
+                    rows = run(preset, tp, name, n_out, n_in, m, copy_gbs, args.reps,
+                               kernels, args.gemv_sweep)
+                    results.extend(rows)
+                    best = min(rows, key=lambda r: r["time_us"])
+                    line = "  ".join(f"{r['kernel']} {r['time_us']:.1f} us {r['pct_copy']:.0f}%"
+                                     for r in rows if not r["kernel"].startswith("gemv w"))
+                    if args.gemv_sweep:
+                        line += f"  best: {best['kernel']} {best['time_us']:.1f} us"
+                    print(f"{preset:<16} tp{tp} {name:<9} {n_out:>6} x {n_in:<6} M {m}: {line}",
+                          flush=True)
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s; per kernel, the timings below 80% "
+          "of it:")
+    for k in sorted({r["kernel"] for r in results if not r["kernel"].startswith("gemv w")}):
+        mine = [r for r in results if r["kernel"] == k]
+        below = [r for r in mine if r["pct_copy"] < 80.0]
+        print(f"  {k}: {len(below)} of {len(mine)}")
     if args.json:
         payload = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                        git_commit=git_commit() or "unknown",

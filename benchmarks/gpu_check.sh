@@ -133,13 +133,19 @@ fi
 
 if want bench; then
   stage bench_qallreduce 60 $PY benchmarks/bench_qallreduce.py --json "${JSON%.json}_qallreduce.json"
-  # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes.
-  stage bench_projections 90 $PY benchmarks/bench_projections.py --tokens 1,8 \
+  # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes: cuBLAS and gemv.
+  stage bench_projections 150 $PY benchmarks/bench_projections.py --tokens 1,8 \
     --json "${JSON%.json}_projections.json"
+  # gemv at each explicit launch option beside its automatic plan (mamba-2.8b, tp 1 / tp 4).
+  stage bench_gemv_sweep 60 $PY benchmarks/bench_projections.py --presets mamba-2.8b \
+    --tps 1,4 --tokens 1 --kernels gemv --gemv-sweep --json "${JSON%.json}_gemv_sweep.json"
   # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
   # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.
   stage profile_decode 120 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
     --tp-shards 1,4 --json "${JSON%.json}_decode_profile.json"
+  # The same decode steps with every decode-sized projection and the head through gemv.
+  stage profile_decode_gemv 90 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
+    --tp-shards 1,4 --projection-kernel gemv --json "${JSON%.json}_decode_profile_gemv.json"
   # The same tp 4 shard with the whole LM head on the rank (what the vocabulary split saves).
   stage profile_decode_whole_head 60 $PY benchmarks/profile_step.py --preset mamba-2.8b \
     --batch 1 --tp-shard 4 --replicated-head --json "${JSON%.json}_decode_profile_whole_head.json"
