@@ -52,7 +52,7 @@ test: build
 
 # The CUDA kernels' own code run on the CPU (tools/cuda_emu): their GPU tests without a GPU.
 test-cuda-emu: build
-	PYTHONPATH=tools/cuda_emu $(PY) -m pytest tests/test_ops_cuda.py tests/test_norm_ops_cuda.py tests/test_attention_ops_cuda.py tests/test_linear_ops_cuda.py -p emu_plugin -k "not large" $(PYTEST_ARGS)
+	PYTHONPATH=tools/cuda_emu $(PY) -m pytest tests/test_ops_cuda.py tests/test_norm_ops_cuda.py tests/test_attention_ops_cuda.py tests/test_linear_ops_cuda.py tests/test_programmatic_launch_cuda.py -p emu_plugin -k "not large" $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m tpssm demo

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "kernels/launch_options.h"
+
 TORCH_LIBRARY(tpssm, m) {
   m.def(
       "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? conv_states, "
@@ -53,6 +55,9 @@ TORCH_LIBRARY(tpssm, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor lengths, "
       "float scale, Tensor(a!) out) -> ()");
   m.def("has_cuda_kernels() -> bool");
+  // Programmatic dependent launch of the decode-step kernels (kernels/launch_options.h); returns
+  // the previous setting.
+  m.def("set_programmatic_launch(bool enabled) -> bool");
   // Quantized two-shot all-reduce (design: docs/qallreduce.md; layout:
   // kernels/qallreduce_params.h).
   // codec: 0 = int8, 1 = fp8 e4m3. Buffers are uint8; only their first bytes (as the layout of
@@ -86,10 +91,14 @@ bool has_cuda_kernels() {
   return false;
 #endif
 }
+bool set_programmatic_launch(bool enabled) {
+  return tpssm::programmatic_launch_setting().exchange(enabled);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpssm, CompositeExplicitAutograd, m) {
   m.impl("has_cuda_kernels", &has_cuda_kernels);
+  m.impl("set_programmatic_launch", &set_programmatic_launch);
 }
 
 // `import tpssm._C` loads this library, which runs the registrations above; the module itself

@@ -438,6 +438,8 @@ void causal_conv1d_update_kernel(CausalConv1dUpdateParams p, ConvUpdatePlan plan
   // group and tap: a thread reads its group's with kW + 1 conflict-free 16-byte loads.
   __shared__ pack_t s_w[kW][kGroups];
   __shared__ pack_t s_bias[kGroups];
+  pdl_wait();  // programmatic launch: nothing before it reads memory
+  pdl_launch_dependents();
 
   const int tid = threadIdx.x;
   const uint32_t cblock = blockIdx.x % plan.channel_blocks;
@@ -567,8 +569,8 @@ void launch_causal_conv1d_update(const CausalConv1dUpdateParams& p, cudaStream_t
                    p.conv_state_channel_stride == kWidth - 1 &&
                    p.conv_state_slot_stride % kVec == 0 && is_aligned(p.conv_state, 16);
   const dim3 grid(static_cast<unsigned>(row_blocks * channel_blocks));
-  causal_conv1d_update_kernel<Traits><<<grid, Traits::kThreads, 0, stream>>>(p, plan);
-  TPSSM_CHECK_LAUNCH("causal_conv1d_update_kernel");
+  launch_programmatic(causal_conv1d_update_kernel<Traits>, grid, dim3(Traits::kThreads), 0,
+                      stream, "causal_conv1d_update_kernel", p, plan);
 }
 
 }  // namespace

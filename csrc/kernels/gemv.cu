@@ -44,6 +44,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvParams p, int
   for (int m = 0; m < kM; ++m) {
     xrow[m] = static_cast<const T*>(p.x) + min(static_cast<int64_t>(m), p.rows - 1) * p.x_row_stride;
   }
+  // Under programmatic launch the previous kernel may still be running: the weight rows go
+  // into L2 meanwhile (a prefetch returns no data, so it cannot read anything stale).
+  const int64_t row_lines = (p.in_features * static_cast<int64_t>(sizeof(T)) + 127) / 128;
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    for (int64_t l = group_lane; l < row_lines; l += group_threads) {
+      prefetch_l2(reinterpret_cast<const char*>(wrow[r]) + l * 128);
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
 
   float acc[kR][kM];
 #pragma unroll
@@ -124,9 +135,8 @@ bool vector_path_ok(const GemvParams& p) {
 
 template <typename T, int kM, int kR, int kN>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
-  gemv_kernel<T, kM, kR, kN>
-      <<<static_cast<unsigned>(plan.blocks), kGemvWarps * 32, 0, stream>>>(p, plan.warps_per_row);
-  TPSSM_CHECK_LAUNCH("gemv_kernel");
+  launch_programmatic(gemv_kernel<T, kM, kR, kN>, dim3(static_cast<unsigned>(plan.blocks)),
+                      dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row);
 }
 
 template <typename T, int kM>

@@ -11,6 +11,9 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
+
+#include "launch_options.h"
 
 namespace tpssm {
 
@@ -65,6 +68,55 @@ inline int current_device_cc_major() {
 // Shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize).
 inline int current_device_max_smem_per_block() {
   return cached_device_attribute<1>(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (launch_options.h). A kernel launched by launch_programmatic
+// calls pdl_wait() in every thread before it touches memory (only address arithmetic and
+// prefetch_l2 come before), then pdl_launch_dependents() so that the next kernel can be
+// scheduled while this one runs. Waiting before triggering keeps every kernel two or more back
+// in the stream complete when a kernel starts. Both are no-ops in a launch without the
+// attribute and below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Brings the 128-byte line holding ptr into L2. Never returns data, so it is safe before
+// pdl_wait: a line the previous kernel writes afterwards is updated in L2 like any other.
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
+// the process setting is on and the device is sm_90+ (the kernel must follow pdl_wait's rule).
+template <typename... KArgs, typename... Args>
+void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                         cudaStream_t stream, const char* name, Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  const unsigned attributes = programmatic_launch_setting().load(std::memory_order_relaxed) &&
+                                      current_device_cc_major() >= 9
+                                  ? 1u
+                                  : 0u;
+  // In field order (gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs): the kernel
+  // emulator defines gridDim and blockDim as macros.
+  cudaLaunchConfig_t config = {grid, block, smem, stream, attribute, attributes};
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("tpssm: launch of ") + name +
+                             " failed: " + cudaGetErrorString(err));
+  }
 }
 
 // The block's dynamic shared memory, 16-byte aligned.

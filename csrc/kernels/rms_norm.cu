@@ -31,6 +31,8 @@ template <typename T, typename R>
 __global__ void add_rms_norm_kernel(AddRmsNormParams p) {
   extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];
   float* warp_sums = reinterpret_cast<float*>(tpssm_dynamic_smem);
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
   R* res = p.residual != nullptr ? static_cast<R*>(p.residual) + row * p.residual_row_stride
@@ -67,6 +69,8 @@ template <typename T>
 __global__ void gated_rms_norm_kernel(GatedRmsNormParams p) {
   extern __shared__ __align__(16) unsigned char tpssm_dynamic_smem[];
   float* warp_sums = reinterpret_cast<float*>(tpssm_dynamic_smem);
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int64_t col0 =
       blockIdx.y == 0 ? 0 : p.first_group_size + (blockIdx.y - 1) * p.group_size;
@@ -121,9 +125,9 @@ void run_add_rms_norm(const AddRmsNormParams& p, cudaStream_t stream) {
   const DType residual_dtype = p.residual != nullptr ? p.residual_dtype : p.act_dtype;
   TPSSM_DTYPE_SWITCH(p.act_dtype, act_t, [&] {
     TPSSM_STATE_DTYPE_SWITCH(residual_dtype, p.act_dtype, act_t, res_t, [&] {
-      add_rms_norm_kernel<act_t, res_t>
-          <<<static_cast<unsigned>(p.rows), threads, smem, stream>>>(p);
-      TPSSM_CHECK_LAUNCH("add_rms_norm_kernel");
+      launch_programmatic(add_rms_norm_kernel<act_t, res_t>,
+                          dim3(static_cast<unsigned>(p.rows)), dim3(threads), smem, stream,
+                          "add_rms_norm_kernel", p);
     });
   });
 }
@@ -142,8 +146,8 @@ void run_gated_rms_norm(const GatedRmsNormParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (threads / 32);
   const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(groups));
   TPSSM_DTYPE_SWITCH(p.act_dtype, act_t, [&] {
-    gated_rms_norm_kernel<act_t><<<grid, threads, smem, stream>>>(p);
-    TPSSM_CHECK_LAUNCH("gated_rms_norm_kernel");
+    launch_programmatic(gated_rms_norm_kernel<act_t>, grid, dim3(threads), smem, stream,
+                        "gated_rms_norm_kernel", p);
   });
 }
 

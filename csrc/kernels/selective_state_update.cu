@@ -165,6 +165,8 @@ selective_state_update_kernel(SelectiveStateUpdateParams p, StateUpdateShape sh)
   constexpr int kR = Traits::kRows;
   constexpr bool kHeadTile = Traits::kHeadTile;
   constexpr unsigned kFull = 0xffffffffu;  // every lane reaches every shuffle
+  pdl_wait();  // programmatic launch: nothing before it reads memory
+  pdl_launch_dependents();
 
   const int G = 1 << sh.log2_lanes;
   const int lane = threadIdx.x & 31;
@@ -412,8 +414,8 @@ void launch_state_update_with(const SelectiveStateUpdateParams& p, StateUpdateSh
   if (tiles > INT_MAX) throw std::runtime_error("tpssm selective_state_update: too many rows");
   const dim3 grid(static_cast<unsigned>(tiles),
                   static_cast<unsigned>(std::min<int64_t>(p.batch, device_max_grid_y())));
-  selective_state_update_kernel<Traits><<<grid, Traits::kThreads, 0, stream>>>(p, sh);
-  TPSSM_CHECK_LAUNCH("selective_state_update_kernel");
+  launch_programmatic(selective_state_update_kernel<Traits>, grid, dim3(Traits::kThreads), 0,
+                      stream, "selective_state_update_kernel", p, sh);
 }
 
 template <typename input_t, typename state_t>

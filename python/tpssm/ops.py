@@ -70,6 +70,7 @@ __all__ = [
     "GEMV_MAX_ROWS",
     "selective_scan",
     "selective_state_update",
+    "set_programmatic_launch",
 ]
 
 PAD_SLOT_ID = -1
@@ -360,6 +361,16 @@ def gemv(
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _ops.gemv(x, weight, bias, out, warps_per_row, rows_per_warp)
     return out
+
+
+def set_programmatic_launch(enabled: bool) -> bool:
+    """Programmatic dependent launch of the decode-step kernels (add_rms_norm, gated_rms_norm,
+    causal_conv1d_update, selective_state_update, gemv) on sm_90+ GPUs: each may be scheduled
+    while the kernel before it in the stream still runs, waits for it before touching memory,
+    and meanwhile prefetches its weights into L2 (gemv), so the gaps between the small kernels
+    of a decode step shrink. Results are unchanged. Process-wide, off by default; works inside
+    CUDA graphs. Returns the previous setting."""
+    return bool(_ops.set_programmatic_launch(bool(enabled)))
 
 
 def decode_attention(

@@ -12,6 +12,7 @@
 #include "kernels/attention_kernels.h"
 #include "attention_ops.h"
 #include "kernels/gemv_kernels.h"
+#include "kernels/launch_options.h"
 #include "linear_ops.h"
 
 thread_local uint3 emu_threadIdx;
@@ -117,6 +118,12 @@ std::tuple<int, int, bool, int64_t> gemv_plan(const at::Tensor& x, const at::Ten
   const tpssm::GemvPlan plan = tpssm::plan_gemv(p, emu_sm_count);
   return {plan.warps_per_row, plan.rows_per_warp, plan.vectorized, plan.blocks};
 }
+// The emulated kernels' own programmatic-launch setting (this module's copy of it).
+bool set_programmatic_launch(bool enabled) {
+  return tpssm::programmatic_launch_setting().exchange(enabled);
+}
+// Launches made with the programmatic-serialization attribute since the last call.
+int64_t take_programmatic_launches() { return emu_programmatic_launches.exchange(0); }
 void set_sm_count(int n) { emu_sm_count = n; }
 void set_max_grid_y(int n) { emu_max_grid_y = n; }
 // {bytes: cp.async issued} since the last call, which resets them.
@@ -138,6 +145,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention);
   m.def("gemv", &gemv);
   m.def("gemv_plan", &gemv_plan);
+  m.def("set_programmatic_launch", &set_programmatic_launch);
+  m.def("take_programmatic_launches", &take_programmatic_launches);
   m.def("set_sm_count", &set_sm_count);
   m.def("set_max_grid_y", &set_max_grid_y);
   m.def("take_cp_async_counts", &take_cp_async_counts);

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -253,6 +254,24 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
       }
   if (!emu_error.empty()) throw std::runtime_error("emu: " + emu_error);
 }
+
+// launch_programmatic's cudaLaunchKernelEx: the same emulated launch (blocks and kernels run one
+// after another, so programmatic serialization changes nothing here); launches carrying the
+// attribute are counted for tests (take_programmatic_launches).
+inline std::atomic<int64_t> emu_programmatic_launches{0};
+template <typename... KArgs, typename... Args>
+cudaError_t emu_launch_ex(const cudaLaunchConfig_t* cfg, void (*k)(KArgs...), Args&&... args) {
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+        cfg->attrs[i].val.programmaticStreamSerializationAllowed) {
+      ++emu_programmatic_launches;
+    }
+  }
+  emu_launch(k, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, cfg->stream,
+             std::forward<Args>(args)...);
+  return cudaSuccess;
+}
+#define cudaLaunchKernelEx emu_launch_ex
 
 // Blocks run one after another, so a function-local static is one block's shared memory.
 #undef __shared__
