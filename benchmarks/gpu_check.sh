@@ -154,6 +154,25 @@ if want bench; then
   stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \
     --batch 8 --prompt-len 2048 --steps 3 --tp-shards 1,2,4 \
     --json "${JSON%.json}_prefill_profile.json"
+  # Batch-1 decode through the engine's CUDA graph (mamba-2.8b, full depth, tp 1 and the tp 4
+  # rank shard): cuBLAS projections, gemv, and gemv with programmatic dependent launch - the
+  # graph replay is where launch gaps show (the profiles above count kernel time only).
+  decode_variants() {
+    local rc=0 name flags
+    while read -r name flags; do
+      timeout 100 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --rank-shard 4 \
+        --prompt-lens 512 --batch-sizes 1 --gen-tokens 32 --repeats 2 --dtype bfloat16 \
+        $flags --json "${JSON%.json}_decode_$name.json" || rc=1
+    done <<'VARIANTS'
+torch --projection-kernel torch
+gemv --projection-kernel gemv
+gemv_pdl --projection-kernel gemv --programmatic-launch
+VARIANTS
+    return $rc
+  }
+  export JSON
+  export -f decode_variants
+  stage decode_variants 300 decode_variants
   # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464).
   stage attention_backends 60 $PY benchmarks/attention_backends.py \
     --json "${JSON%.json}_attention.json"

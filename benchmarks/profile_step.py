@@ -228,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--projection-kernel", default="torch", choices=("torch", "gemv"),
                    help="decode-sized projections through F.linear (cuBLAS) or tpssm.ops.gemv "
                         "(default torch)")
+    p.add_argument("--programmatic-launch", action="store_true",
+                   help="the decode-step kernels with programmatic dependent launch (sm_90+)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="weights and activations (default bfloat16)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -242,6 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--tp-shards must be comma-separated integers, got {args.tp_shards!r}")
     if args.tp_shards and (shards[0] != 1 or any(t < 1 for t in shards)):
         p.error(f"--tp-shards must start with 1 and hold degrees >= 1, got {args.tp_shards!r}")
+    from tpssm import ops
+
+    ops.set_programmatic_launch(args.programmatic_launch)
     results = []
     for tp in shards:
         res = profile(args.preset, args.batch, tp, args.num_layers, args.steps,
@@ -249,6 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       device=args.device, phase=args.phase,
                       vocab_parallel=not args.replicated_head,
                       projection_kernel=args.projection_kernel)
+        res["programmatic_launch"] = args.programmatic_launch
         _print_one(res)
         results.append(res)
         if torch.cuda.is_available():

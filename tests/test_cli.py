@@ -64,7 +64,8 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
     code, out, err = run_cli("bench", "--model", path, "--tp", "1,2", "--prompt-lens", "4,9",
                              "--batch-sizes", "1,2", "--gen-tokens", "3",
                              "--compare-state-cache", "--json", str(out_json),
-                             "--plot", str(tmp_path / "bench.png"))
+                             "--plot", str(tmp_path / "bench.png"), "--projection-kernel",
+                             "gemv", "--programmatic-launch")
     assert code == 0, err
     try:
         import matplotlib  # noqa: F401
@@ -91,6 +92,7 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
     assert f"{path}, {layers} layers, float32, " in out
     assert "state cache speedup (cost without the cache / cost with it" in out
     assert report["environment"]["torch"] == torch.__version__
+    assert report["projection_kernel"] == "gemv" and report["programmatic_launch"] is True
     assert report["complete"] is True
 
 

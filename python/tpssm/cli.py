@@ -232,7 +232,8 @@ def cmd_generate(args) -> int:
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
                      allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
-                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel)
+                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
+                     programmatic_launch=args.programmatic_launch)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
@@ -273,7 +274,8 @@ def cmd_bench(args) -> int:
     spec = ModelSpec(path=args.model, preset=args.preset, num_layers=args.num_layers,
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce,
                      allreduce_min_bytes=args.allreduce_min_bytes,
-                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel)
+                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
+                     programmatic_launch=args.programmatic_launch)
     modes = [True, False] if args.compare_state_cache else [not args.no_state_cache]
     job = bench.BenchJob(spec, args.prompt_lens, args.batch_sizes, args.gen_tokens,
                          args.max_prefill_tokens, modes, args.repeats)
@@ -283,6 +285,7 @@ def cmd_bench(args) -> int:
               "dtype": args.dtype, "allreduce": args.allreduce,
               "allreduce_min_bytes": args.allreduce_min_bytes,
               "scan_algorithm": args.scan_algorithm, "projection_kernel": args.projection_kernel,
+              "programmatic_launch": args.programmatic_launch,
               "gen_tokens": args.gen_tokens, "complete": False,
               "environment": bench.environment(), "rows": []}
     bench.run_sweep(job, args.tp, args.rank_shard or [], report, args.json if is_primary()
@@ -343,6 +346,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="decode-sized projections (at most 8 tokens) and the LM head: torch "
                         "(F.linear, cuBLAS on CUDA) or gemv (tpssm's kernel); larger steps "
                         "always use F.linear")
+    p.add_argument("--programmatic-launch", action="store_true",
+                   help="launch the decode-step kernels with programmatic dependent launch "
+                        "(sm_90+ GPUs; each overlaps the tail of the one before it; default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,7 @@ class ModelSpec:
     allreduce_min_bytes: int = 1 << 20
     scan_algorithm: str = "auto"
     projection_kernel: str = "torch"
+    programmatic_launch: bool = False  # process-wide: tpssm.ops.set_programmatic_launch
     seed: int = 0
     local_shard_tp: int = 0  # > 0: one process builds rank 0's shard of a tp-way model (bench)
 
@@ -106,6 +107,9 @@ def build_model(spec: ModelSpec):
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     model.set_scan_algorithm(spec.scan_algorithm)
     model.set_projection_kernel(spec.projection_kernel)
+    from tpssm import ops
+
+    ops.set_programmatic_launch(spec.programmatic_launch)
     # Progress counts the elements this rank loads (its shard), so a long load - random weights
     # for a large vocabulary take minutes on a CPU - reports within tensors as well as layers.
     total = sum(t.numel() for t in list(model.parameters()) + list(model.buffers()))
