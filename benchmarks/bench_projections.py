@@ -104,6 +104,9 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
                          out_features=n_out, in_features=n_in, tokens=m, time_us=ms * 1e3,
                          bytes=nbytes, gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
                          weight_copies=copies, max_abs_diff_vs_fp32=diff))
+    base = next((r for r in rows if r["kernel"] == "torch"), None)
+    for r in rows:  # the baseline timed in the same process, on the same weights
+        r["speedup_vs_torch"] = base["time_us"] / r["time_us"] if base else None
     del sets
     torch.cuda.empty_cache()
     return rows

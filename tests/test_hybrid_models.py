@@ -234,19 +234,53 @@ def test_hybrid_matches_transformers(name, tp, oracles, record_property):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,tp", [("zamba", 2), ("zamba2_1blk", 2), ("zamba2_2blk", 4)])
-def test_command_line_generate_matches_transformers(name, tp, oracles):
+@pytest.mark.parametrize("name,tp,kernel", [("zamba", 2, "torch"), ("zamba2_1blk", 2, "torch"),
+                                            ("zamba2_2blk", 4, "torch"),
+                                            ("zamba2_1blk", 2, "gemv")])
+def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
     """`python -m tpssm generate --model DIR --tp N` on a Zamba / Zamba2 checkpoint gives
-    transformers' greedy tokens."""
+    transformers' greedy tokens (also with the decode projections through gemv)."""
     from test_cli import run_cli
 
     oracle = oracles(name)
     prompt = oracle["prompts"][0]
     code, out, err = run_cli("generate", "--model", oracle["path"], "--tp", str(tp),
                              "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens",
-                             str(DECODE_STEPS + 1), "--greedy", "--ignore-eos", "--json")
+                             str(DECODE_STEPS + 1), "--greedy", "--ignore-eos", "--json",
+                             "--projection-kernel", kernel)
     assert code == 0, err
     assert json.loads(out)["output_ids"] == oracle["tokens"][0]
+
+
+@pytest.mark.skipif(not H.cpu_kernels_available(), reason="the compiled ops have no CPU kernels "
+                    "in this build")
+@torch.no_grad()
+def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
+    """set_projection_kernel('gemv') on Zamba2: a decode step sends the mixers' in_proj /
+    out_proj, the shared block's qkv / o_proj / gate_up / down_proj, the per-layer linear and
+    the head through ops.gemv, with F.linear's results."""
+    import tpssm.ops
+    from tpssm.models import load_model
+
+    oracle = oracles("zamba2_1blk")
+    base, fast = (load_model(oracle["path"], backend=BACKEND) for _ in range(2))
+    fast.set_projection_kernel("gemv")
+    calls = []
+    real = tpssm.ops.gemv
+    monkeypatch.setattr(tpssm.ops, "gemv", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    prompts = oracle["prompts"]
+    n = len(prompts)
+    ids = torch.tensor([t for p in prompts for t in p])
+    qsl, slots, no = _qsl([len(p) for p in prompts]), _i32(list(range(n))), torch.zeros(n, dtype=torch.bool)
+    caches = [m.allocate_cache(n, max_seq_len=KV_LEN) for m in (base, fast)]
+    for m, c in zip((base, fast), caches):
+        m(ids, qsl, slots, no, c)
+    calls.clear()
+    step = torch.tensor([3, 1, 4, 1])
+    outs = [m.decode(step, slots, c) for m, c in zip((base, fast), caches)]
+    hybrid = sum(layer.hybrid for layer in base.layers)
+    assert len(calls) == 2 * len(base.layers) + 5 * hybrid + 1
+    assert H.max_rel_err(outs[1], outs[0]) <= SELF_TOL
 
 
 @pytest.mark.timeout(600)

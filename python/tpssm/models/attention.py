@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
 from tpssm.models.kernels import get_backend
 from tpssm.models.model import RMSNorm
-from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, ranges_size
+from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, linear, ranges_size
 
 __all__ = ["AttentionConfig", "KVBatch", "SharedBlock", "ACTIVATIONS"]
 
@@ -267,6 +267,7 @@ class SharedBlock(nn.Module):
         self.down_proj = RowParallelLinear([self.i_range], D, cfg.mlp_bias, ctx, dtype,
                                            allreduce=allreduce)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.projection_kernel = "torch"  # qkv and gate_up; the model's set_projection_kernel
         self.visits = list(visits)
         self.qkv_adapters = nn.ModuleDict()
         self.mlp_adapters = nn.ModuleDict()
@@ -325,7 +326,7 @@ class SharedBlock(nn.Module):
         T, hd, Hl = x.shape[0], cfg.head_dim, self.local_heads
         L = Hl * hd
         h = self.input_norm(x)
-        qkv = F.linear(h, self.qkv_weight)
+        qkv = linear(h, self.qkv_weight, kernel=self.projection_kernel)
         if str(visit) in self.qkv_adapters:
             self.qkv_adapters[str(visit)].add_to(qkv, h, [(0, L), (L, 2 * L), (2 * L, 3 * L)])
         q, k, v = (t.view(T, Hl, hd) for t in qkv.split(L, dim=-1))
@@ -338,7 +339,7 @@ class SharedBlock(nn.Module):
             o = self._prefill_attention(q, k, v, kv, k_cache, v_cache)
         a = self.o_proj(o.reshape(T, L))  # all-reduce #1
         a = self.pre_ff_norm(a)
-        gu = F.linear(a, self.gate_up_weight, self.gate_up_bias)
+        gu = linear(a, self.gate_up_weight, self.gate_up_bias, self.projection_kernel)
         Il = self.local_inter
         if str(visit) in self.mlp_adapters:
             self.mlp_adapters[str(visit)].add_to(gu, a, [(0, 2 * Il)])

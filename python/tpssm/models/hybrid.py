@@ -28,7 +28,7 @@ from tpssm.models.attention import KVBatch, SharedBlock
 from tpssm.models.mixers import BatchMeta, Mamba2Mixer, MultiHeadMamba1Mixer
 from tpssm.models.model import CausalLM, RMSNorm
 from tpssm.models.weights import WeightSource
-from tpssm.parallel import AllReduce, TPContext
+from tpssm.parallel import AllReduce, TPContext, linear
 
 __all__ = ["HybridForCausalLM", "HybridLayer"]
 
@@ -148,7 +148,7 @@ class HybridForCausalLM(CausalLM):
                 vc = cache.v_states[k] if cache is not None else None
                 block = self.blocks[self.block_of_visit[k]]
                 t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc)
-                x = hidden + F.linear(t, layer.linear)
+                x = hidden + linear(t, layer.linear, kernel=self.projection_kernel)
             hidden = layer.mixer(layer.norm(x), conv, ssm, meta, residual=hidden)
         if cache is not None and self.blocks:
             kv.advance(cache)

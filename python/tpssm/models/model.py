@@ -24,8 +24,7 @@ from tpssm.models.kernels import get_backend
 from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
-from tpssm.parallel import (PROJECTION_KERNELS, AllReduce, ColumnParallelLinear,
-                             RowParallelLinear, TPContext, linear, shard_range)
+from tpssm.parallel import PROJECTION_KERNELS, AllReduce, TPContext, linear, shard_range
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
@@ -187,17 +186,17 @@ class CausalLM(nn.Module):
             layer.mixer.scan_algorithm = algorithm
 
     def set_projection_kernel(self, kernel: str) -> None:
-        """How the parallel linears (the mixers' in_proj, x_proj and out_proj; the hybrids'
-        o_proj and down_proj) and the LM head multiply: 'torch' (F.linear: cuBLAS on CUDA) or
-        'gemv' (tpssm.ops.gemv for decode-sized inputs of at most 8 token rows, F.linear
-        otherwise); results agree to the order of the fp32 sums."""
+        """How the projections multiply - the mixers' in_proj, x_proj and out_proj, the hybrids'
+        shared blocks (qkv, o_proj, gate_up, down_proj) and per-layer linear, and the LM head:
+        'torch' (F.linear: cuBLAS on CUDA) or 'gemv' (tpssm.ops.gemv for decode-sized inputs
+        of at most 8 token rows, F.linear otherwise); results agree to the order of the fp32
+        sums. Zamba v1's per-head x_proj / dt_proj and the LoRA adapters stay on F.linear."""
         if kernel not in PROJECTION_KERNELS:
             raise ValueError(f"projection kernel must be one of {PROJECTION_KERNELS}, got "
                              f"{kernel!r}")
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        for module in self.modules():  # every module with the attribute, this model included
+            if hasattr(module, "projection_kernel"):
                 module.projection_kernel = kernel
-        self.projection_kernel = kernel
 
     def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
                cache: SSMStateCache, gather_logits: bool = True) -> torch.Tensor:
