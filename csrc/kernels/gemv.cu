@@ -1,9 +1,9 @@
 // The decode-sized projection: out (M, N) = x (M, K) . weight (N, K)^T (+ bias) for M <= 8 token
 // rows. At decode a projection reads its whole weight for a handful of tokens, so its time is the
-// weight's bytes over the memory bandwidth plus a launch; this kernel keeps the weight stream
-// wide enough to fill the memory system whatever N and K are (cuBLAS picks one GEMM tile shape
-// for all of them), reads each weight byte once, and stays out of L1 with it so the activations
-// re-read by every block stay there.
+// weight's bytes over the memory bandwidth plus a launch. This kernel sizes its split of K and
+// its rows a block from N and K (bench_projections.py times it against cuBLAS), reads each
+// weight byte once, and keeps the weight out of L1 so that the activations every block re-reads
+// stay there.
 //
 // A block's 8 warps form groups of warps_per_row warps; a group owns kR weight rows and deals
 // their K range to its lanes in 16-byte chunks (element by element on the scalar path). A lane
@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvParams p, int
   }
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
-    xrow[m] = static_cast<const T*>(p.x) + min(static_cast<int64_t>(m), p.rows - 1) * p.x_row_stride;
+    const int64_t row = min(static_cast<int64_t>(m), p.rows - 1);
+    xrow[m] = static_cast<const T*>(p.x) + row * p.x_row_stride;
   }
   // Under programmatic launch the previous kernel may still be running: the weight rows go
   // into L2 meanwhile (a prefetch returns no data, so it cannot read anything stale).

@@ -224,10 +224,11 @@ __device__ __forceinline__ Pack<T, kN> load_pack_streaming(const T* ptr) {
     pack.elems[0] = ptr[0];
   } else {
 #if defined(__CUDA_ARCH__)
+    // volatile: kept after a preceding pdl_wait (a plain asm could be hoisted above it).
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr));
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
     *reinterpret_cast<uint4*>(&pack) = v;
 #else
     *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(ptr);
