@@ -12,7 +12,7 @@ start=$(date +%s)
 cmake -S . -B "$BUILD_DIR" "${generator[@]}" \
   -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCMAKE_CUDA_ARCHITECTURES="$ARCHS"
 cmake --build "$BUILD_DIR" -j "${MAX_JOBS:-$(nproc)}"
-for bin in bench_causal_conv1d bench_selective_scan bench_selective_state_update; do
+for bin in bench_causal_conv1d bench_selective_scan bench_selective_state_update bench_gemv; do
   test -x "$BUILD_DIR/$bin" || { echo "build_cmake: $bin missing" >&2; exit 1; }
 done
-echo "build_cmake: built 3 benchmark binaries in $(( $(date +%s) - start )) s"
+echo "build_cmake: built 4 benchmark binaries in $(( $(date +%s) - start )) s"

@@ -196,6 +196,8 @@ if [ $HAVE_CMAKE -eq 1 ]; then
     $B/bench_selective_scan --form mamba2 --batch 8 --seqlen 2048 --nheads 20 --iterations 10 || rc=1
     $B/bench_selective_state_update --form mamba1 --batch 256 --nheads 2048 --iterations 50 || rc=1
     $B/bench_selective_state_update --form mamba2 --batch 256 --nheads 20 --iterations 50 || rc=1
+    $B/bench_gemv --m 1 --n 10240 --k 2560 --iterations 50 || rc=1
+    $B/bench_gemv --m 8 --n 192 --k 5120 --iterations 50 || rc=1
     return $rc
   }
   export B
@@ -220,6 +222,8 @@ elif [ -x "$SAN" ]; then
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_scan --form mamba2 --batch 2 --seqlen 130 --nheads 2 --headdim 64 --dstate 64 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_state_update --form mamba1 --batch 3 --nheads 64 --iterations 1 --warmup 0 || rc=1
       "$SAN" --tool "$1" --error-exitcode 3 $B/bench_selective_state_update --form mamba2 --batch 3 --nheads 2 --headdim 8 --iterations 1 --warmup 0 || rc=1
+      "$SAN" --tool "$1" --error-exitcode 3 $B/bench_gemv --m 3 --n 45 --k 2056 --bias --iterations 1 --warmup 0 || rc=1
+      "$SAN" --tool "$1" --error-exitcode 3 $B/bench_gemv --m 5 --n 37 --k 100 --dtype f16 --iterations 1 --warmup 0 || rc=1
       return $rc
     }
     export -f san_bins
@@ -269,11 +273,13 @@ tile_kernel bench_causal_conv1d --mode prefill --batch 8 --seqlen 2048 --dim 512
 update bench_selective_state_update --form mamba1 --batch 256 --nheads 5120
 update bench_selective_state_update --form mamba2 --batch 64 --nheads 80
 update bench_causal_conv1d --mode update --batch 256 --dim 5120
+gemv_kernel bench_gemv --m 1 --n 10240 --k 2560
+gemv_kernel bench_gemv --m 1 --n 192 --k 1280
 CASES
     return $rc
   }
   export -f profile
-  stage ncu_profile 90 profile
+  stage ncu_profile 120 profile
 fi
 
 if [ -e "$OUTDIR/benchmarks.log" ]; then
