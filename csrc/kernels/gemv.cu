@@ -22,7 +22,8 @@ namespace tpssm {
 namespace {
 
 template <typename T, int kM, int kR, int kN>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvParams p, int warps_per_row) {
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(GemvParams p, int warps_per_row, bool prefetch) {
   constexpr int kU = kR >= 4 ? 1 : 4 / kR;  // chunks of each row a lane has in flight
   __shared__ float partial[kGemvWarps][kR * kM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -45,13 +46,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvParams p, int
     const int64_t row = min(static_cast<int64_t>(m), p.rows - 1);
     xrow[m] = static_cast<const T*>(p.x) + row * p.x_row_stride;
   }
-  // Under programmatic launch the previous kernel may still be running: the weight rows go
-  // into L2 meanwhile (a prefetch returns no data, so it cannot read anything stale).
-  const int64_t row_lines = (p.in_features * static_cast<int64_t>(sizeof(T)) + 127) / 128;
+  // Under programmatic launch (prefetch) the previous kernel may still be running: the weight
+  // rows go into L2 meanwhile (a prefetch returns no data, so it cannot read anything stale).
+  if (prefetch) {
+    const int64_t row_lines = (p.in_features * static_cast<int64_t>(sizeof(T)) + 127) / 128;
 #pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    for (int64_t l = group_lane; l < row_lines; l += group_threads) {
-      prefetch_l2(reinterpret_cast<const char*>(wrow[r]) + l * 128);
+    for (int r = 0; r < kR; ++r) {
+      for (int64_t l = group_lane; l < row_lines; l += group_threads) {
+        prefetch_l2(reinterpret_cast<const char*>(wrow[r]) + l * 128);
+      }
     }
   }
   pdl_wait();
@@ -137,7 +140,8 @@ bool vector_path_ok(const GemvParams& p) {
 template <typename T, int kM, int kR, int kN>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
   launch_programmatic(gemv_kernel<T, kM, kR, kN>, dim3(static_cast<unsigned>(plan.blocks)),
-                      dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row);
+                      dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row,
+                      programmatic_launch_active());
 }
 
 template <typename T, int kM>

@@ -97,18 +97,22 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) {
 #endif
 }
 
+// Whether launch_programmatic launches with the attribute: the process setting is on and the
+// current device is sm_90+.
+inline bool programmatic_launch_active() {
+  return programmatic_launch_setting().load(std::memory_order_relaxed) &&
+         current_device_cc_major() >= 9;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// the process setting is on and the device is sm_90+ (the kernel must follow pdl_wait's rule).
+// programmatic_launch_active() (the kernel must follow pdl_wait's rule).
 template <typename... KArgs, typename... Args>
 void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                          cudaStream_t stream, const char* name, Args&&... args) {
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  const unsigned attributes = programmatic_launch_setting().load(std::memory_order_relaxed) &&
-                                      current_device_cc_major() >= 9
-                                  ? 1u
-                                  : 0u;
+  const unsigned attributes = programmatic_launch_active() ? 1u : 0u;
   // In field order (gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs): the kernel
   // emulator defines gridDim and blockDim as macros.
   cudaLaunchConfig_t config = {grid, block, smem, stream, attribute, attributes};
