@@ -3,22 +3,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "dtype_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {
 namespace {
 
 constexpr const char* kOp = "decode_attention";
-
-DType attention_dtype(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, kOp, ": q must be float32, float16 or bfloat16, got ", q.scalar_type());
-}
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kOp, ": ", name,
@@ -46,7 +37,7 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
   TORCH_CHECK(hd >= 1 && hd <= kDecodeAttentionMaxHeadDim, kOp, ": head_dim must be in [1, ",
               kDecodeAttentionMaxHeadDim, "], got ", hd);
   DecodeAttentionParams p;
-  p.dtype = attention_dtype(q);
+  p.dtype = float_dtype(kOp, q, "q");
   check_last_dim_contiguous(q, "q");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == heads && k_cache.size(3) == hd, kOp,
               ": k_cache must have shape (num_slots, H, max_len, head_dim) with H = ", heads,

@@ -3,22 +3,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "dtype_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {
 namespace {
 
 constexpr const char* kOp = "gemv";
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, kOp, ": x must be float32, float16 or bfloat16, got ", t.scalar_type());
-}
 
 void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
                   const char* shape) {
@@ -48,7 +39,7 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(rows_per_warp == 0 || is_pow2_upto(rows_per_warp, 4), kOp,
               ": rows_per_warp must be 0 (automatic), 1, 2 or 4, got ", rows_per_warp);
   GemvParams p;
-  p.dtype = dtype_of(x);
+  p.dtype = float_dtype(kOp, x, "x");
   check_matrix(x, "x", M, K, "(M, K)");
   check_matrix(weight, "weight", N, K, "(N, K)");
   check_matrix(out, "out", M, N, "(M, N)");

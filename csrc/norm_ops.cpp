@@ -3,21 +3,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "dtype_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {
 namespace {
-
-DType dtype_of(const char* op, const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
-              t.scalar_type());
-}
 
 void check_rows(const char* op, const at::Tensor& t, const char* name, int64_t rows,
                 int64_t dim) {
@@ -41,7 +31,7 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
   TORCH_CHECK(dim >= 1, kOp, ": x must have at least one column, got shape ", x.sizes());
   TORCH_CHECK(eps >= 0.0, kOp, ": eps must be >= 0, got ", eps);
   AddRmsNormParams p;
-  p.act_dtype = dtype_of(kOp, x, "x");
+  p.act_dtype = float_dtype(kOp, x, "x");
   check_rows(kOp, x, "x", rows, dim);
   check_rows(kOp, out, "out", rows, dim);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), kOp, ": out must have x's dtype (",
@@ -73,7 +63,7 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
     TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == x.scalar_type(), kOp,
                 ": residual must be float32 or x's dtype (", x.scalar_type(), "), got ",
                 r.scalar_type());
-    p.residual_dtype = dtype_of(kOp, r, "residual");
+    p.residual_dtype = float_dtype(kOp, r, "residual");
     p.residual_row_stride = r.stride(0);
     p.residual = r.data_ptr();
   }
@@ -98,7 +88,7 @@ GatedRmsNormParams gated_common(const char* op, const at::Tensor& x,
               ": the groups must tile dim (", dim, "): a first group of ", first_group_size,
               " columns, then groups of group_size ", group_size);
   GatedRmsNormParams p;
-  p.act_dtype = dtype_of(op, x, "x");
+  p.act_dtype = float_dtype(op, x, "x");
   check_rows(op, x, "x", rows, dim);
   if (z.has_value()) {
     check_rows(op, *z, "z", rows, dim);
