@@ -136,16 +136,10 @@ if want bench; then
   # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes: cuBLAS and gemv.
   stage bench_projections 150 $PY benchmarks/bench_projections.py --tokens 1,8 \
     --json "${JSON%.json}_projections.json"
-  # gemv at each explicit launch option beside its automatic plan (mamba-2.8b, tp 1 / tp 4).
-  stage bench_gemv_sweep 60 $PY benchmarks/bench_projections.py --presets mamba-2.8b \
-    --tps 1,4 --tokens 1 --kernels gemv --gemv-sweep --json "${JSON%.json}_gemv_sweep.json"
   # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
   # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.
   stage profile_decode 120 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
     --tp-shards 1,4 --json "${JSON%.json}_decode_profile.json"
-  # The same decode steps with every decode-sized projection and the head through gemv.
-  stage profile_decode_gemv 90 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \
-    --tp-shards 1,4 --projection-kernel gemv --json "${JSON%.json}_decode_profile_gemv.json"
   # The same tp 4 shard with the whole LM head on the rank (what the vocabulary split saves).
   stage profile_decode_whole_head 60 $PY benchmarks/profile_step.py --preset mamba-2.8b \
     --batch 1 --tp-shard 4 --replicated-head --json "${JSON%.json}_decode_profile_whole_head.json"
@@ -154,25 +148,6 @@ if want bench; then
   stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \
     --batch 8 --prompt-len 2048 --steps 3 --tp-shards 1,2,4 \
     --json "${JSON%.json}_prefill_profile.json"
-  # Batch-1 decode through the engine's CUDA graph (mamba-2.8b, full depth, tp 1 and the tp 4
-  # rank shard): cuBLAS projections, gemv, and gemv with programmatic dependent launch - the
-  # graph replay is where launch gaps show (the profiles above count kernel time only).
-  decode_variants() {
-    local rc=0 name flags
-    while read -r name flags; do
-      timeout 100 $PY -m tpssm bench --preset mamba-2.8b --tp 1 --rank-shard 4 \
-        --prompt-lens 512 --batch-sizes 1 --gen-tokens 32 --repeats 2 --dtype bfloat16 \
-        $flags --json "${JSON%.json}_decode_$name.json" || rc=1
-    done <<'VARIANTS'
-torch --projection-kernel torch
-gemv --projection-kernel gemv
-gemv_pdl --projection-kernel gemv --programmatic-launch
-VARIANTS
-    return $rc
-  }
-  export JSON
-  export -f decode_variants
-  stage decode_variants 300 decode_variants
   # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464).
   stage attention_backends 60 $PY benchmarks/attention_backends.py \
     --json "${JSON%.json}_attention.json"

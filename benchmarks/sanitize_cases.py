@@ -7,9 +7,9 @@ tensors.
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cases.py [GROUP ...]
 
-GROUPs (default all): conv, scan, staged, ssd, malformed. The malformed-index group only matters to
-memcheck: its out-of-order sequences race between blocks on purpose, in global memory, which
-racecheck (shared memory) does not examine.
+GROUPs (default all): conv, scan, staged, ssd, malformed, decode. The malformed-index group only
+matters to memcheck: its out-of-order sequences race between blocks on purpose, in global
+memory, which racecheck (shared memory) does not examine.
 """
 
 import os
@@ -189,8 +189,45 @@ def malformed_index_cases():
                 algorithm="ssd", split_len=split_len)
 
 
+def decode_cases():
+    """gemv at every launch option over odd sizes (a part block, a part K trip), the element path
+    (K % 8, misaligned x), strided operands; then the decode-step kernels with programmatic
+    launch on (each waits for the one before)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for m, n, k in ((1, 45, 2056), (3, 45, 264), (8, 7, 40), (5, 37, 100)):
+            x = torch.randn(m, k + 3, device=dev, dtype=dtype)
+            w = torch.randn(n, k, device=dev, dtype=dtype)
+            b = torch.randn(n, device=dev, dtype=dtype)
+            for xs in (x[:, :k], x[:, 1:k + 1]):
+                for wpr in (0, 1, 2, 4, 8):
+                    for rpw in (1, 2, 4):
+                        ops.gemv(xs, w, b, warps_per_row=wpr, rows_per_warp=rpw)
+    previous = ops.set_programmatic_launch(True)
+    try:
+        h = torch.randn(2, 64, device=dev, dtype=torch.bfloat16)
+        res = torch.randn(2, 64, device=dev)
+        normed = ops.add_rms_norm(h, torch.rand(64, device=dev, dtype=torch.bfloat16), 1e-5,
+                                  residual=res)
+        xz = ops.gemv(normed, torch.randn(96, 64, device=dev, dtype=torch.bfloat16))
+        x = ops.causal_conv1d_update(xz[:, :48], torch.randn(2, 48, 3, device=dev,
+                                                              dtype=torch.bfloat16),
+                                     torch.randn(48, 4, device=dev, dtype=torch.bfloat16),
+                                     activation="silu")
+        dbl = ops.gemv(x, torch.randn(36, 48, device=dev, dtype=torch.bfloat16))
+        y = ops.selective_state_update(
+            torch.randn(2, 48, 16, device=dev), x, dbl[:, :4], -torch.rand(48, 16, device=dev),
+            dbl[:, 4:20], dbl[:, 20:], torch.randn(48, device=dev), xz[:, 48:],
+            torch.randn(48, device=dev), dt_proj_weight=torch.randn(48, 4, device=dev,
+                                                                     dtype=torch.bfloat16),
+            dt_softplus=True)
+        ops.gated_rms_norm(y, torch.rand(48, device=dev, dtype=torch.bfloat16), 1e-6, z=x,
+                           group_size=16)
+    finally:
+        ops.set_programmatic_launch(previous)
+
+
 GROUPS = {"conv": conv_cases, "scan": scan_cases, "staged": staged_scan_cases, "ssd": ssd_cases,
-          "malformed": malformed_index_cases}
+          "malformed": malformed_index_cases, "decode": decode_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(GROUPS)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The decode GPU check (issue 12: projections, programmatic launch, batch-1 decode), sized for
+# about five minutes on one GPU, from the repository root:
+#   1. builds the extension for sm_90 (GPU_DECODE_SKIP_BUILD=1 keeps an existing build),
+#   2. runs the GPU tests of gemv, programmatic launch, the norms and the engine's decode graph,
+#   3. times the decode projections, cuBLAS beside gemv (mamba-2.8b and mamba2-2.7b, tp 1 / 4,
+#      1 and 8 tokens), and gemv at every launch option (mamba-2.8b, 1 token),
+#   4. times batch-1 graph decode at full depth (GPU_DECODE_PRESETS, default mamba-2.8b; tp 1 and
+#      the tp 4 rank shard) three ways: cuBLAS projections, gemv, gemv + programmatic launch,
+#   5. lists the kernels of one decode step with gemv (tp 1 and the tp 4 shard),
+#   6. runs compute-sanitizer memcheck over the decode cases of sanitize_cases.py,
+# then prints a short table. Logs and JSON go to benchmarks/out/<stamp>/; with $OUT set (the
+# device tool returns up to 8 files from it) the JSON and a tarball of the logs are copied there.
+# TPSSM_GIT_COMMIT=<hash> names the commit in the JSON where the checkout's .git is stale.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUTDIR=benchmarks/out/$STAMP
+mkdir -p "$OUTDIR"
+T0=$(date +%s)
+declare -a SUMMARY=()
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (timeout ${limit}s) ==="
+  timeout --kill-after=5 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  rc=$?
+  tail -n "${GPU_DECODE_TAIL:-12}" "$OUTDIR/$name.log"
+  local status=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status="FAIL($rc)"; fi
+  SUMMARY+=("$(printf '%-18s %-10s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
+  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_decode_logs.tgz" -C "$OUTDIR" . 2>/dev/null
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
+if [ "${GPU_DECODE_SKIP_BUILD:-0}" != 1 ]; then
+  stage build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TPSSM_REQUIRE_CUDA_BUILD=1 \
+    $PY setup.py build_ext --inplace
+fi
+
+stage tests 150 $PY -m pytest tests/test_linear_ops_cuda.py tests/test_programmatic_launch_cuda.py \
+  tests/test_norm_ops_cuda.py tests/test_engine_cuda.py -q -ra --timeout=120
+
+stage projections 90 $PY benchmarks/bench_projections.py --presets mamba-2.8b,mamba2-2.7b \
+  --tps 1,4 --tokens 1,8 --json "$OUTDIR/decode_projections_$STAMP.json"
+stage gemv_sweep 60 $PY benchmarks/bench_projections.py --presets mamba-2.8b --tps 1,4 \
+  --tokens 1 --kernels gemv --gemv-sweep --json "$OUTDIR/decode_gemv_sweep_$STAMP.json"
+
+variants() {  # batch-1 graph decode, three ways, for each preset
+  local rc=0 preset name flags
+  for preset in ${GPU_DECODE_PRESETS:-mamba-2.8b}; do
+    while read -r name flags; do
+      timeout 100 $PY -m tpssm bench --preset "$preset" --tp 1 --rank-shard 4 \
+        --prompt-lens 512 --batch-sizes 1 --gen-tokens 32 --repeats 2 --dtype bfloat16 \
+        $flags --json "$OUTDIR/decode_${preset}_${name}_$STAMP.json" || rc=1
+    done <<'VARIANTS'
+torch --projection-kernel torch
+gemv --projection-kernel gemv
+gemv_pdl --projection-kernel gemv --programmatic-launch
+VARIANTS
+  done
+  return $rc
+}
+export -f variants
+export PY OUTDIR STAMP
+stage decode 330 bash -c variants
+
+stage profile 90 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 --tp-shards 1,4 \
+  --projection-kernel gemv --json "$OUTDIR/decode_profile_gemv_$STAMP.json"
+
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+  stage memcheck 90 "$SAN" --tool memcheck --error-exitcode 3 \
+    $PY benchmarks/sanitize_cases.py decode
+fi
+
+echo
+echo "=== batch-1 decode, ms per token (graph replay; tp 1, then the tp 4 rank shard) ==="
+$PY - "$OUTDIR" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")):
+    if "projections" in path or "sweep" in path or "profile" in path:
+        continue
+    rows = json.load(open(path)).get("rows", [])
+    cells = [f"tp{r.get('tp')}{' shard' if r.get('rank_shard_only') else ''} "
+             f"{r.get('decode_ms_per_token', float('nan')):.3f}" for r in rows]
+    print(f"{path.rsplit('/', 1)[-1]:<48} " + "  ".join(cells))
+PY
+grep -hE "^  (torch|gemv)" "$OUTDIR/projections.log" 2>/dev/null
+grep -hE "ERROR SUMMARY" "$OUTDIR/memcheck.log" 2>/dev/null
+echo
+echo "=== gpu_decode_check summary (total $(( $(date +%s) - T0 )) s) ==="
+printf '%s\n' "${SUMMARY[@]}"
+if [ -n "${OUT:-}" ]; then cp "$OUTDIR"/*.json "$OUT"/ 2>/dev/null; fi
+echo "logs and JSON: $OUTDIR (copy the JSON to benchmarks/results/ to keep it)"
