@@ -56,6 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             return ops.gemv(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
 
+
 # torch 2.14 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
