@@ -53,6 +53,30 @@ def test_graph_decode_equals_eager_and_cpu():
     assert same >= len(prompts) - 1, (graphs, cpu)
 
 
+def test_graph_decode_with_gemv_and_programmatic_launch():
+    """The decode graph with every projection through gemv and programmatic launch on gives
+    eager gemv decode's tokens without it (the same kernels), and cuBLAS decode's up to a
+    near-tie (other sums)."""
+    from tpssm import ops
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1024, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 40, (7,), generator=g)]
+    gpu = _model("cuda")
+    reference, _ = _run(gpu, prompts, False)
+    gpu.set_projection_kernel("gemv")
+    eager, _ = _run(gpu, prompts, False)
+    previous = ops.set_programmatic_launch(True)
+    try:
+        graphs, engine = _run(gpu, prompts, True)
+    finally:
+        ops.set_programmatic_launch(previous)
+    assert engine._graphs, "no decode step went through a CUDA graph"
+    assert graphs == eager
+    same = sum(a == b for a, b in zip(graphs, reference))
+    assert same >= len(prompts) - 1, (graphs, reference)
+
+
 # A small random Zamba2 with two shared blocks, adapters and rotary: decode attention reads the
 # KV cache through device-side indices only, so its steps can be captured too.
 _HYBRID = dict(architectures=["Zamba2ForCausalLM"], model_type="zamba2", vocab_size=1024,
