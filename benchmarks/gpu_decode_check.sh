@@ -9,8 +9,10 @@
 #      the tp 4 rank shard) three ways: cuBLAS projections, gemv, gemv + programmatic launch,
 #   5. lists the kernels of one decode step with gemv (tp 1 and the tp 4 shard),
 #   6. runs compute-sanitizer memcheck over the decode cases of sanitize_cases.py,
+#   7. with GPU_DECODE_BATCH64=1, batch-64 decode throughput of each preset at tp 1 (the
+#      projections are GEMMs there: the state update and conv kernels decide it),
 # then prints a short table. Logs and JSON go to benchmarks/out/<stamp>/; with $OUT set (the
-# device tool returns up to 8 files from it) the JSON and a tarball of the logs are copied there.
+# device tool returns few files from it) one merged JSON and a tarball of the logs go there.
 # TPSSM_GIT_COMMIT=<hash> names the commit in the JSON where the checkout's .git is stale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,16 +84,32 @@ if [ -x "$SAN" ]; then
     $PY benchmarks/sanitize_cases.py decode
 fi
 
+if [ "${GPU_DECODE_BATCH64:-0}" = 1 ]; then
+  batch64() {
+    local rc=0 preset
+    for preset in mamba-2.8b falcon-mamba-7b mamba2-2.7b; do
+      timeout 110 $PY -m tpssm bench --preset "$preset" --tp 1 --prompt-lens 128 \
+        --batch-sizes 64 --gen-tokens 32 --repeats 1 --dtype bfloat16 \
+        --json "$OUTDIR/batch64_${preset}_$STAMP.json" || rc=1
+    done
+    return $rc
+  }
+  export -f batch64
+  stage batch64 330 bash -c batch64
+fi
+
 echo
-echo "=== batch-1 decode, ms per token (graph replay; tp 1, then the tp 4 rank shard) ==="
+echo "=== decode, ms per token (graph replay; tp 1, then the tp 4 rank shard; b = batch) ==="
 $PY - "$OUTDIR" <<'PY'
 import glob, json, sys
-for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")):
+for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")
+                   + glob.glob(f"{sys.argv[1]}/batch64_*.json")):
     if "projections" in path or "sweep" in path or "profile" in path:
         continue
     rows = json.load(open(path)).get("rows", [])
     cells = [f"tp{r.get('tp')}{' shard' if r.get('rank_shard_only') else ''} "
-             f"{r.get('decode_ms_per_token', float('nan')):.3f}" for r in rows]
+             f"b{r.get('batch')} {r.get('decode_ms_per_token', float('nan')):.3f}"
+             for r in rows]
     print(f"{path.rsplit('/', 1)[-1]:<48} " + "  ".join(cells))
 PY
 grep -hE "^  (torch|gemv)" "$OUTDIR/projections.log" 2>/dev/null
@@ -99,5 +117,16 @@ grep -hE "ERROR SUMMARY" "$OUTDIR/memcheck.log" 2>/dev/null
 echo
 echo "=== gpu_decode_check summary (total $(( $(date +%s) - T0 )) s) ==="
 printf '%s\n' "${SUMMARY[@]}"
-if [ -n "${OUT:-}" ]; then cp "$OUTDIR"/*.json "$OUT"/ 2>/dev/null; fi
+# Every JSON of the run in one file (the device tool returns few files): {file name: content}.
+$PY - "$OUTDIR" "$STAMP" <<'PY'
+import glob, json, os, sys
+out, stamp = sys.argv[1], sys.argv[2]
+merged = {os.path.basename(p): json.load(open(p)) for p in sorted(glob.glob(f"{out}/*.json"))
+          if not os.path.basename(p).startswith("gpu_decode_")}
+json.dump(merged, open(f"{out}/gpu_decode_{stamp}.json", "w"), indent=1)
+PY
+if [ -n "${OUT:-}" ]; then
+  cp "$OUTDIR/gpu_decode_$STAMP.json" "$OUT"/ 2>/dev/null
+  tar czf "$OUT/gpu_decode_logs.tgz" -C "$OUTDIR" . 2>/dev/null
+fi
 echo "logs and JSON: $OUTDIR (copy the JSON to benchmarks/results/ to keep it)"
