@@ -52,7 +52,7 @@ def test_every_launch_option(warps_per_row, rows_per_warp, m, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_and_misaligned_operands(dtype):
     g = torch.Generator().manual_seed(4)
-    xs = torch.randn(4, 300, generator=g).to(dtype)
+    xs = torch.randn(4, 304, generator=g).to(dtype)  # rows 16-byte aligned in every dtype
     ws = (torch.randn(23, 280, generator=g) / 16).to(dtype)
     bias = torch.randn(20, generator=g).to(dtype)
     for x0, w0 in [(8, 16), (1, 16), (8, 3)]:  # aligned; x misaligned; weight misaligned
@@ -61,6 +61,10 @@ def test_strided_and_misaligned_operands(dtype):
         dx = xs.to(CUDA)[:, x0:x0 + 256]
         dw = ws.to(CUDA)[1:21, w0:w0 + 256]
         ops.gemv(dx, dw, bias.to(CUDA), out=buf[1:5, 5:25])
+        plan = getattr(ops._ops, "gemv_plan", None)  # the emulator shows which path ran
+        if plan is not None:
+            vectorized = plan(dx, dw, None, buf[1:5, 5:25], 0, 0)[2]
+            assert vectorized == (x0 == 8 and w0 == 16), (x0, w0, vectorized)
         got = buf.cpu()
         assert_gemv_close(got[1:5, 5:25], x, w, bias)
         untouched = torch.full((6, 40), 3.0, dtype=dtype)

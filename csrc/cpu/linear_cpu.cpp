@@ -1,5 +1,5 @@
-// CPU gemv: the product in fp32 (ATen's matmul), the bias added in fp32, rounded once to the
-// dtype - the arithmetic the CUDA kernel does, summed in another order.
+// CPU gemv: ATen's linear, which sums in fp32 and rounds once to the dtype (the CUDA kernel's
+// arithmetic, summed in another order) without an fp32 copy of the weight.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,9 +12,7 @@ void gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional
               const at::Tensor& out, int64_t warps_per_row, int64_t rows_per_warp) {
   const GemvParams p = make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
   if (p.rows == 0 || p.out_features == 0) return;
-  at::Tensor y = at::matmul(x.to(at::kFloat), weight.to(at::kFloat).t());
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  out.copy_(y);
+  out.copy_(at::linear(x, weight, bias));
 }
 
 }  // namespace

@@ -139,9 +139,10 @@ bool vector_path_ok(const GemvParams& p) {
 
 template <typename T, int kM, int kR, int kN>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
-  launch_programmatic(gemv_kernel<T, kM, kR, kN>, dim3(static_cast<unsigned>(plan.blocks)),
-                      dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row,
-                      programmatic_launch_active());
+  const auto kernel = gemv_kernel<T, kM, kR, kN>;
+  launch_programmatic(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kGemvWarps * 32), 0,
+                      stream, "gemv_kernel", p, plan.warps_per_row,
+                      programmatic_launch_active(reinterpret_cast<const void*>(kernel)));
 }
 
 template <typename T, int kM>
@@ -162,9 +163,9 @@ void dispatch_rows(const GemvParams& p, const GemvPlan& plan, cudaStream_t strea
 
 GemvPlan plan_gemv(const GemvParams& p, int sm_count) {
   // The torch op checks these with its own message; C++ callers get this one.
-  if ((p.warps_per_row & (p.warps_per_row - 1)) != 0 || p.warps_per_row < 0 ||
-      p.warps_per_row > kGemvWarps || (p.rows_per_warp & (p.rows_per_warp - 1)) != 0 ||
-      p.rows_per_warp < 0 || p.rows_per_warp > 4) {
+  if (p.warps_per_row < 0 || p.warps_per_row > kGemvWarps ||
+      (p.warps_per_row & (p.warps_per_row - 1)) != 0 || p.rows_per_warp < 0 ||
+      p.rows_per_warp > 4 || (p.rows_per_warp & (p.rows_per_warp - 1)) != 0) {
     throw std::runtime_error("tpssm gemv: warps_per_row must be 0, 1, 2, 4 or 8 and "
                              "rows_per_warp 0, 1, 2 or 4");
   }

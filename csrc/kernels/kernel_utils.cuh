@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -97,27 +99,48 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) {
 #endif
 }
 
-// Whether launch_programmatic launches with the attribute: the process setting is on and the
-// current device is sm_90+.
-inline bool programmatic_launch_active() {
+// Whether the code of `kernel` that runs on the current device was compiled for sm_90+, so
+// that its pdl_wait is there: a build for an older architecture only (e.g. 8.0+PTX) runs on an
+// H100 as JIT-compiled compute_80 PTX, without the wait. Cached per (device, kernel).
+inline bool kernel_has_programmatic_wait(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, bool> cache;
+  int device = 0;
+  TPSSM_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attributes;
+    TPSSM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    it = cache.emplace(key, attributes.ptxVersion >= 90).first;
+  }
+  return it->second;
+}
+
+// Whether launch_programmatic launches `kernel` with the attribute: the process setting is on,
+// the current device is sm_90+ and so is the kernel's code.
+inline bool programmatic_launch_active(const void* kernel) {
   return programmatic_launch_setting().load(std::memory_order_relaxed) &&
-         current_device_cc_major() >= 9;
+         current_device_cc_major() >= 9 && kernel_has_programmatic_wait(kernel);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// programmatic_launch_active() (the kernel must follow pdl_wait's rule).
+// programmatic_launch_active(kernel) (the kernel must follow pdl_wait's rule).
 template <typename... KArgs, typename... Args>
 void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                          cudaStream_t stream, const char* name, Args&&... args) {
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  const unsigned attributes = programmatic_launch_active() ? 1u : 0u;
+  const unsigned attributes =
+      programmatic_launch_active(reinterpret_cast<const void*>(kernel)) ? 1u : 0u;
   // In field order (gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs): the kernel
   // emulator defines gridDim and blockDim as macros.
   cudaLaunchConfig_t config = {grid, block, smem, stream, attribute, attributes};
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so that the next launch check is not charged with it
     throw std::runtime_error(std::string("tpssm: launch of ") + name +
                              " failed: " + cudaGetErrorString(err));
   }

@@ -48,13 +48,30 @@ PROJECTION_KERNELS = ("torch", "gemv")
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            kernel: str = "torch") -> torch.Tensor:
-    """x @ weight.T (+ bias) through `kernel` (PROJECTION_KERNELS)."""
-    if kernel == "gemv" and x.dim() == 2:
+    """x @ weight.T (+ bias) through `kernel` (PROJECTION_KERNELS). gemv runs where the build
+    has it: on the CPU, and on CUDA when the CUDA kernels are built; F.linear elsewhere."""
+    if kernel == "gemv" and x.dim() == 2 and _gemv_available(x.device):
         from tpssm import ops
 
         if x.shape[0] <= ops.GEMV_MAX_ROWS:
             return ops.gemv(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
+
+
+def _gemv_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    global _GEMV_ON_CUDA
+    if _GEMV_ON_CUDA is None:
+        import tpssm
+
+        _GEMV_ON_CUDA = bool(tpssm.has_cuda_kernels())
+    return _GEMV_ON_CUDA
+
+
+_GEMV_ON_CUDA: Optional[bool] = None
 
 
 # torch 2.14 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.

@@ -107,9 +107,10 @@ def build_model(spec: ModelSpec):
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     model.set_scan_algorithm(spec.scan_algorithm)
     model.set_projection_kernel(spec.projection_kernel)
-    from tpssm import ops
+    if spec.programmatic_launch:  # the rank process's setting (off unless asked for)
+        from tpssm import ops
 
-    ops.set_programmatic_launch(spec.programmatic_launch)
+        ops.set_programmatic_launch(True)
     # Progress counts the elements this rank loads (its shard), so a long load - random weights
     # for a large vocabulary take minutes on a CPU - reports within tensors as well as layers.
     total = sum(t.numel() for t in list(model.parameters()) + list(model.buffers()))

@@ -296,6 +296,14 @@ inline int emu_device_attribute(cudaDeviceAttr a) {
 }
 #define cudaDeviceGetAttribute(p, a, d) (*(p) = emu_device_attribute(a), cudaSuccess)
 #define cudaFuncSetAttribute(f, a, v) cudaSuccess
+// Every emulated kernel counts as compiled for sm_90 (launch_programmatic's check).
+inline cudaError_t emu_func_attributes(cudaFuncAttributes* a, const void*) {
+  *a = cudaFuncAttributes{};
+  a->ptxVersion = 90;
+  a->binaryVersion = 90;
+  return cudaSuccess;
+}
+#define cudaFuncGetAttributes emu_func_attributes
 #define cudaGetErrorString(e) "emu"
 #define cudaMallocAsync(p, n, s) (throw std::runtime_error("emu: cudaMallocAsync"), cudaSuccess)
 #define cudaFreeAsync(p, s) cudaSuccess
