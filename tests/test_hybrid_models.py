@@ -271,7 +271,8 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     prompts = oracle["prompts"]
     n = len(prompts)
     ids = torch.tensor([t for p in prompts for t in p])
-    qsl, slots, no = _qsl([len(p) for p in prompts]), _i32(list(range(n))), torch.zeros(n, dtype=torch.bool)
+    qsl, slots = _qsl([len(p) for p in prompts]), _i32(list(range(n)))
+    no = torch.zeros(n, dtype=torch.bool)
     caches = [m.allocate_cache(n, max_seq_len=KV_LEN) for m in (base, fast)]
     for m, c in zip((base, fast), caches):
         m(ids, qsl, slots, no, c)
