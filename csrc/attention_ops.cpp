@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "dtype_checks.h"
+#include "arg_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {

@@ -3,23 +3,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "dtype_checks.h"
+#include "arg_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {
 namespace {
 
 constexpr const char* kOp = "gemv";
-
-void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                  const char* shape) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, kOp, ": ", name,
-              " must have shape ", shape, " = (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(cols <= 1 || t.stride(1) == 1, kOp, ": ", name,
-              " must have a contiguous last dim, got strides ", t.strides());
-  TORCH_CHECK(rows <= 1 || t.stride(0) >= cols, kOp, ": ", name,
-              " rows must not overlap each other, got strides ", t.strides());
-}
 
 bool is_pow2_upto(int64_t v, int64_t most) { return v >= 1 && v <= most && (v & (v - 1)) == 0; }
 
@@ -40,9 +30,9 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
               ": rows_per_warp must be 0 (automatic), 1, 2 or 4, got ", rows_per_warp);
   GemvParams p;
   p.dtype = float_dtype(kOp, x, "x");
-  check_matrix(x, "x", M, K, "(M, K)");
-  check_matrix(weight, "weight", N, K, "(N, K)");
-  check_matrix(out, "out", M, N, "(M, N)");
+  check_matrix(kOp, x, "x", M, K, "(M, K)");
+  check_matrix(kOp, weight, "weight", N, K, "(N, K)");
+  check_matrix(kOp, out, "out", M, N, "(M, N)");
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&weight, "weight"},
                                 {&out, "out"}}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), kOp, ": ", name, " must have x's dtype (",

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "dtype_checks.h"
+#include "arg_checks.h"
 #include "overlap_checks.h"
 
 namespace tpssm {
@@ -11,12 +11,7 @@ namespace {
 
 void check_rows(const char* op, const at::Tensor& t, const char* name, int64_t rows,
                 int64_t dim) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == dim, op, ": ", name,
-              " must have shape (rows, dim) = (", rows, ", ", dim, "), got ", t.sizes());
-  TORCH_CHECK(dim <= 1 || t.stride(1) == 1, op, ": ", name,
-              " must have a contiguous last dim, got strides ", t.strides());
-  TORCH_CHECK(rows <= 1 || t.stride(0) >= dim, op, ": ", name,
-              " rows must not overlap each other, got strides ", t.strides());
+  check_matrix(op, t, name, rows, dim, "(rows, dim)");
 }
 
 }  // namespace
