@@ -12,8 +12,6 @@
 // fixed order; one thread per (row, token) adds the bias and stores the result, rounded once.
 // kM rounds M up to 1, 2, 4 or 8: the padding rows re-read x's last row and are not stored;
 // weight rows past N re-read row N - 1 and are not stored, so every load stays in the tensors.
-#include <algorithm>
-
 #include "gemv_kernels.h"
 #include "kernel_utils.cuh"
 #include "static_switch.h"
@@ -140,9 +138,11 @@ bool vector_path_ok(const GemvParams& p) {
 template <typename T, int kM, int kR, int kN>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
   const auto kernel = gemv_kernel<T, kM, kR, kN>;
-  launch_programmatic(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kGemvWarps * 32), 0,
-                      stream, "gemv_kernel", p, plan.warps_per_row,
-                      programmatic_launch_active(reinterpret_cast<const void*>(kernel)));
+  // The kernel prefetches its weight only when launched programmatically: one decision for both.
+  const bool programmatic = programmatic_launch_active(reinterpret_cast<const void*>(kernel));
+  launch_kernel(kernel, programmatic, dim3(static_cast<unsigned>(plan.blocks)),
+                dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row,
+                programmatic);
 }
 
 template <typename T, int kM>

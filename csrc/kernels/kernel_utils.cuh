@@ -126,15 +126,15 @@ inline bool programmatic_launch_active(const void* kernel) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
-// programmatic_launch_active(kernel) (the kernel must follow pdl_wait's rule).
+// `programmatic` (the kernel must follow pdl_wait's rule). For a kernel that also needs the
+// decision as an argument; launch_programmatic below takes it from the setting.
 template <typename... KArgs, typename... Args>
-void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                         cudaStream_t stream, const char* name, Args&&... args) {
+void launch_kernel(void (*kernel)(KArgs...), bool programmatic, dim3 grid, dim3 block,
+                   size_t smem, cudaStream_t stream, const char* name, Args&&... args) {
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  const unsigned attributes =
-      programmatic_launch_active(reinterpret_cast<const void*>(kernel)) ? 1u : 0u;
+  const unsigned attributes = programmatic ? 1u : 0u;
   // In field order (gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs): the kernel
   // emulator defines gridDim and blockDim as macros.
   cudaLaunchConfig_t config = {grid, block, smem, stream, attribute, attributes};
@@ -144,6 +144,14 @@ void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
     throw std::runtime_error(std::string("tpssm: launch of ") + name +
                              " failed: " + cudaGetErrorString(err));
   }
+}
+
+// launch_kernel with programmatic serialization when programmatic_launch_active(kernel).
+template <typename... KArgs, typename... Args>
+void launch_programmatic(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                         cudaStream_t stream, const char* name, Args&&... args) {
+  launch_kernel(kernel, programmatic_launch_active(reinterpret_cast<const void*>(kernel)), grid,
+                block, smem, stream, name, std::forward<Args>(args)...);
 }
 
 // The block's dynamic shared memory, 16-byte aligned.
