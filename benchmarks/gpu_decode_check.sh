@@ -16,31 +16,9 @@
 # TPSSM_GIT_COMMIT=<hash> names the commit in the JSON where the checkout's .git is stale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUTDIR=benchmarks/out/$STAMP
-mkdir -p "$OUTDIR"
-T0=$(date +%s)
-declare -a SUMMARY=()
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$CUDA_HOME/bin:$PATH"
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-
-stage() {  # stage NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "=== $name (timeout ${limit}s) ==="
-  timeout --kill-after=5 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-  rc=$?
-  tail -n "${GPU_DECODE_TAIL:-12}" "$OUTDIR/$name.log"
-  local status=ok
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status="FAIL($rc)"; fi
-  SUMMARY+=("$(printf '%-18s %-10s %4ss' "$name" "$status" "$(( $(date +%s) - start ))")")
-  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_decode_logs.tgz" -C "$OUTDIR" . 2>/dev/null
-  return 0
-}
+CHECK_TAIL=${GPU_DECODE_TAIL:-12}
+CHECK_LOGS_TGZ=gpu_decode_logs.tgz
+. benchmarks/check_lib.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
 if [ "${GPU_DECODE_SKIP_BUILD:-0}" != 1 ]; then
