@@ -1,9 +1,8 @@
-"""The decode-sized projection op (tpssm.ops.gemv) on the CPU: against the float64 reference and
-F.linear, and its argument errors (the CUDA kernel: tests/test_linear_ops_cuda.py)."""
+"""The decode-sized projection op (tpssm.ops.gemv) on the CPU: against the float64 reference, and
+its argument errors (the CUDA kernel: tests/test_linear_ops_cuda.py)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tpssm import ops
 from tpssm.reference import gemv_ref
@@ -41,14 +40,9 @@ def assert_gemv_close(got, x, w, b):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("m,n,k", [(1, 37, 64), (3, 5, 100), (8, 70, 2048), (2, 1, 1)])
-def test_cpu_op_against_the_reference_and_f_linear(m, n, k, bias, dtype):
+def test_cpu_op_against_the_reference(m, n, k, bias, dtype):
     x, w, b = gemv_inputs(m, n, k, dtype, bias)
-    got = ops.gemv(x, w, b)
-    assert_gemv_close(got, x, w, b)
-    # F.linear rounds once from fp32 sums too: the two differ by the order of the sums only.
-    lin = F.linear(x, w, b)
-    assert (got.double() - lin.double()).abs().max() <= 2 * gemv_tolerance(
-        x, w, b, gemv_ref(x, w, b)).max()
+    assert_gemv_close(ops.gemv(x, w, b), x, w, b)
 
 
 def test_strided_rows_and_empty_sizes():
