@@ -5,13 +5,15 @@ At decode a projection reads its whole weight for a handful of tokens, so it is 
 weight bytes: its floor is bytes / copy bandwidth. For every projection of a layer (in_proj,
 x_proj, dt_proj, out_proj; Mamba-2: in_proj, out_proj) and the head, at tp 1 / 2 / 4 and M
 tokens, this times torch's F.linear (cuBLAS) and tpssm.ops.gemv side by side on the rank's weight
-shape, the same weights for both (with --gemv-sweep, gemv at every explicit launch option too):
-median time per call (CUDA events around CUDA-graph replays, weights rotated over enough copies
-to miss the L2 cache), the bytes (weight + activations in and out), GB/s and % of the copy
-bandwidth measured in the same run. The issue's bar is 80% of the copy bandwidth.
+shape, the same weights for both (with --gemv-sweep, gemv at every explicit launch option too;
+with --in-proj-conv, in_proj followed by its decode conv three ways: cuBLAS + causal_conv1d_update,
+gemv + causal_conv1d_update, and the fused gemv_conv_update the models run): median time per
+call (CUDA events around CUDA-graph replays, weights rotated over enough copies to miss the L2
+cache), the bytes (weight + activations in and out), GB/s and % of the copy bandwidth measured in
+the same run. The issue's bar is 80% of the copy bandwidth.
 
     python benchmarks/bench_projections.py [--presets mamba-2.8b,...] [--tokens 1,2,4,8]
-        [--kernels torch,gemv] [--gemv-sweep] [--json P]
+        [--kernels torch,gemv] [--gemv-sweep] [--in-proj-conv] [--json P]
 
 Without CUDA it prints that CUDA is required and exits 0.
 """
@@ -64,15 +66,34 @@ def projections(config, tp: int) -> List[Tuple[str, int, int]]:
     return layer + [("lm_head", local(V), D)]
 
 
+def in_proj_conv(config, tp: int) -> Tuple[int, int, int]:
+    """(first column, channels, width) of the decode conv over rank 0's in_proj output: Mamba's
+    x columns, Mamba-2's x | B | C after z."""
+    from tpssm.models.mixers import mamba2_local_groups
+    from tpssm.parallel import shard_range
+
+    if config.family == "mamba2":
+        H, P, G = config.num_heads, config.head_dim, config.n_groups
+        h0, h1 = shard_range(H, tp, 0, "num_heads")
+        groups = len(mamba2_local_groups(H, G, h0, h1)[0])
+        El = (h1 - h0) * P
+        return El, El + 2 * groups * config.state_size, config.conv_kernel
+    e0, e1 = shard_range(config.intermediate_size, tp, 0, "intermediate_size")
+    return 0, e1 - e0, config.conv_kernel
+
+
 # gemv's explicit launch options, timed by --gemv-sweep: (warps_per_row, rows_per_warp).
 GEMV_OPTIONS = [(w, r) for w in (1, 2, 4, 8) for r in (1, 2, 4)]
 
 
 def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs: float,
-        reps: int, kernels: List[str], sweep: bool) -> List[Dict]:
+        reps: int, kernels: List[str], sweep: bool, conv=None) -> List[Dict]:
     """One row per kernel ('torch': F.linear's cuBLAS GEMM; 'gemv': tpssm.ops.gemv with its
     automatic plan; with sweep, 'gemv w<W> r<R>' for every explicit launch option) on the same
-    weights. gemv's result is checked against torch's on the first set (max_abs_diff)."""
+    weights. gemv's result is checked against torch's on the first set (max_abs_diff).
+    conv: (first column, channels, width) of in_proj's decode conv, to time the product with
+    the conv three ways as well (rows 'torch + conv_update', 'gemv + conv_update',
+    'gemv_conv_update'; their bytes count the conv's state, weights and output too)."""
     from bench_ssm_ops import l2_bytes, time_graph
     from tpssm import ops
 
@@ -92,20 +113,50 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
                 variants.append((f"gemv w{w} r{r}",
                                  lambda s, w=w, r=r: ops.gemv(s["x"], s["w"], out=s["out"],
                                                               warps_per_row=w, rows_per_warp=r)))
+    conv_variants, conv_bytes = [], 0
+    if conv is not None:
+        start, dim, width = conv
+        for s in sets:
+            s.update(conv_state=torch.randn(m, dim, width - 1, device="cuda").to(ACT),
+                     conv_w=torch.randn(dim, width, device="cuda").to(ACT),
+                     conv_out=torch.empty(m, dim, device="cuda", dtype=ACT))
+        # the state read and written, the conv weights, the conv output written
+        conv_bytes = 2 * (2 * m * dim * (width - 1) + dim * width + m * dim)
+
+        def then_conv(s):
+            ops.causal_conv1d_update(s["out"][:, start:start + dim], s["conv_state"], s["conv_w"],
+                                     activation="silu", out=s["conv_out"])
+
+        conv_variants = [
+            ("torch + conv_update",
+             lambda s: (torch.matmul(s["x"], s["w"].t(), out=s["out"]), then_conv(s))),
+            ("gemv + conv_update", lambda s: (ops.gemv(s["x"], s["w"], out=s["out"]),
+                                              then_conv(s))),
+            ("gemv_conv_update",
+             lambda s: ops.gemv_conv_update(s["x"], s["w"], None, s["conv_state"], s["conv_w"],
+                                            conv_start=start, activation="silu", out=s["out"])),
+        ]
     want = torch.matmul(sets[0]["x"].float(), sets[0]["w"].float().t())
-    nbytes = weight_bytes + 2 * m * (n_in + n_out)
     rows = []
-    for label, fn in variants:
+    for label, fn in variants + conv_variants:
         ms = time_graph(fn, sets, reps)  # its replays leave this variant's result in each set
-        diff = (sets[0]["out"].float() - want).abs().max().item()
+        # The fused variant leaves the conv output in the conv columns: compare the rest.
+        keep = slice(None) if label != "gemv_conv_update" else slice(start + dim, None)
+        diff = (sets[0]["out"].float() - want)[:, keep].abs().max().item() \
+            if sets[0]["out"][:, keep].numel() else 0.0
+        nbytes = weight_bytes + 2 * m * (n_in + n_out) + (conv_bytes if "conv" in label else 0)
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(preset=preset, tp=tp, projection=name, kernel=label,
                          out_features=n_out, in_features=n_in, tokens=m, time_us=ms * 1e3,
                          bytes=nbytes, gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
                          weight_copies=copies, max_abs_diff_vs_fp32=diff))
-    base = next((r for r in rows if r["kernel"] == "torch"), None)
-    for r in rows:  # the baseline timed in the same process, on the same weights
-        r["speedup_vs_torch"] = base["time_us"] / r["time_us"] if base else None
+    # The baseline timed in the same process, on the same weights: cuBLAS alone, or cuBLAS and
+    # the separate conv for the conv rows.
+    base = {b: next((r for r in rows if r["kernel"] == b), None)
+            for b in ("torch", "torch + conv_update")}
+    for r in rows:
+        ref = base["torch + conv_update" if "conv" in r["kernel"] else "torch"]
+        r["speedup_vs_torch"] = ref["time_us"] / r["time_us"] if ref else None
     del sets
     torch.cuda.empty_cache()
     return rows
@@ -124,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--gemv-sweep", action="store_true",
                    help="also time gemv at every explicit launch option (warps_per_row x "
                         "rows_per_warp)")
+    p.add_argument("--in-proj-conv", action="store_true",
+                   help="also time in_proj with its decode conv: cuBLAS or gemv followed by "
+                        "causal_conv1d_update, and the fused gemv_conv_update (tokens <= 8)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:
@@ -136,7 +190,7 @@ def main(argv=None) -> int:
     kernels = [k for k in args.kernels.split(",") if k]
     if not kernels or any(k not in ("torch", "gemv") for k in kernels):
         p.error(f"--kernels takes torch and / or gemv, got {args.kernels!r}")
-    if max(tokens) > 8 and "gemv" in kernels:
+    if max(tokens) > 8 and ("gemv" in kernels or args.in_proj_conv):
         p.error("gemv takes at most 8 tokens: lower --tokens or use --kernels torch")
     if not torch.cuda.is_available():
         print("bench_projections: CUDA is required (no CUDA device found); nothing to benchmark")
@@ -157,8 +211,10 @@ def main(argv=None) -> int:
                     if key in seen:
                         continue
                     seen.add(key)
+                    conv = (in_proj_conv(config, tp)
+                            if args.in_proj_conv and name == "in_proj" else None)
                     rows = run(preset, tp, name, n_out, n_in, m, copy_gbs, args.reps,
-                               kernels, args.gemv_sweep)
+                               kernels, args.gemv_sweep, conv)
                     results.extend(rows)
                     best = min(rows, key=lambda r: r["time_us"])
                     line = "  ".join(f"{r['kernel']} {r['time_us']:.1f} us {r['pct_copy']:.0f}%"

@@ -4,7 +4,8 @@
 #   1. builds the extension for sm_90 (GPU_DECODE_SKIP_BUILD=1 keeps an existing build),
 #   2. runs the GPU tests of gemv, programmatic launch, the norms and the engine's decode graph,
 #   3. times the decode projections, cuBLAS beside gemv (mamba-2.8b and mamba2-2.7b, tp 1 / 4,
-#      1 and 8 tokens), and gemv at every launch option (mamba-2.8b, 1 token),
+#      1 and 8 tokens), in_proj with its conv (cuBLAS or gemv, then the conv update; the fused
+#      gemv_conv_update), and gemv at every launch option (mamba-2.8b, 1 token),
 #   4. times batch-1 graph decode at full depth (GPU_DECODE_PRESETS, default mamba-2.8b; tp 1 and
 #      the tp 4 rank shard) three ways: cuBLAS projections, gemv, gemv + programmatic launch,
 #   5. lists the kernels of one decode step with gemv (tp 1 and the tp 4 shard),
@@ -29,8 +30,8 @@ fi
 stage tests 150 $PY -m pytest tests/test_linear_ops_cuda.py tests/test_programmatic_launch_cuda.py \
   tests/test_norm_ops_cuda.py tests/test_engine_cuda.py -q -ra --timeout=120
 
-stage projections 90 $PY benchmarks/bench_projections.py --presets mamba-2.8b,mamba2-2.7b \
-  --tps 1,4 --tokens 1,8 --json "$OUTDIR/decode_projections_$STAMP.json"
+stage projections 120 $PY benchmarks/bench_projections.py --presets mamba-2.8b,mamba2-2.7b \
+  --tps 1,4 --tokens 1,8 --in-proj-conv --json "$OUTDIR/decode_projections_$STAMP.json"
 stage gemv_sweep 60 $PY benchmarks/bench_projections.py --presets mamba-2.8b --tps 1,4 \
   --tokens 1 --kernels gemv --gemv-sweep --json "$OUTDIR/decode_gemv_sweep_$STAMP.json"
 

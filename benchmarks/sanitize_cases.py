@@ -191,7 +191,8 @@ def malformed_index_cases():
 
 def decode_cases():
     """gemv at every launch option over odd sizes (a part block, a part K trip), the element path
-    (K % 8, misaligned x), strided operands; then the decode-step kernels with programmatic
+    (K % 8, misaligned x), strided operands; its conv epilogue (gemv_conv_update) at every
+    option with padded and out-of-range slots; then the decode-step kernels with programmatic
     launch on (each waits for the one before)."""
     for dtype in (torch.bfloat16, torch.float32):
         for m, n, k in ((1, 45, 2056), (3, 45, 264), (8, 7, 40), (5, 37, 100)):
@@ -202,6 +203,16 @@ def decode_cases():
                 for wpr in (0, 1, 2, 4, 8):
                     for rpw in (1, 2, 4):
                         ops.gemv(xs, w, b, warps_per_row=wpr, rows_per_warp=rpw)
+            # a conv over columns inside the product, so that blocks straddle both of its edges
+            start, dim = (5, n - 8) if n > 8 else (1, n - 2)
+            cw = torch.randn(dim, 4, device=dev, dtype=dtype)
+            state = torch.randn(6, dim, 3, device=dev, dtype=dtype)
+            slots = torch.tensor([5, -1, 9, 0, -4, 2, 1, 3][:m], device=dev, dtype=torch.int32)
+            for wpr in (0, 1, 2, 4, 8):
+                for rpw in (1, 2, 4):
+                    ops.gemv_conv_update(x[:, 1:k + 1], w, b, state, cw, None, conv_start=start,
+                                         activation="silu", cache_indices=slots,
+                                         warps_per_row=wpr, rows_per_warp=rpw)
     previous = ops.set_programmatic_launch(True)
     try:
         h = torch.randn(2, 64, device=dev, dtype=torch.bfloat16)
@@ -213,6 +224,11 @@ def decode_cases():
                                                               dtype=torch.bfloat16),
                                      torch.randn(48, 4, device=dev, dtype=torch.bfloat16),
                                      activation="silu")
+        xz = ops.gemv_conv_update(normed, torch.randn(96, 64, device=dev, dtype=torch.bfloat16),
+                                  None, torch.randn(2, 48, 3, device=dev, dtype=torch.bfloat16),
+                                  torch.randn(48, 4, device=dev, dtype=torch.bfloat16),
+                                  conv_start=0, activation="silu")
+        x = xz[:, :48]
         dbl = ops.gemv(x, torch.randn(36, 48, device=dev, dtype=torch.bfloat16))
         y = ops.selective_state_update(
             torch.randn(2, 48, 16, device=dev), x, dbl[:, :4], -torch.rand(48, 16, device=dev),

@@ -19,4 +19,18 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& out,
                             int64_t warps_per_row, int64_t rows_per_warp);
 
+// gemv_conv_update: gemv's product, then the decode conv (causal_conv1d_update of one token a
+// row, silu optional) in place on its columns [conv_start, conv_start + conv_dim):
+// conv_weight (conv_dim, width 2..4), conv_bias (conv_dim,) or none, conv_state (num_slots,
+// conv_dim, width - 1) updated in place, cache_indices (M,) int32 or none (row m: slot m), all in
+// x's dtype and on its device. Rows whose slot is pad_slot_id (or, on CUDA, out of range) keep
+// the product in those columns and leave the state alone. Neither out nor conv_state may overlap
+// any input or each other. check_index_values: as in ssm_ops.h.
+GemvParams make_gemv_conv_update_params(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& conv_state, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, int64_t conv_start, bool silu,
+    const std::optional<at::Tensor>& cache_indices, int64_t pad_slot_id, const at::Tensor& out,
+    int64_t warps_per_row, int64_t rows_per_warp, bool check_index_values);
+
 }  // namespace tpssm

@@ -222,6 +222,32 @@ std::vector<int64_t> token_shape(const BatchShape& bs, std::vector<int64_t> inne
 }
 
 // The conv ops' weight (dim, width) and optional bias (dim,), both in x's dtype; returns width.
+// The decode conv's state pool (num_slots, dim, width - 1) in ref's dtype and its slot per row
+// (cache_indices, or slot b for row b); returns num_slots. dim_name names dim in the message.
+int64_t check_conv_state_slots(const char* op, const at::Tensor& conv_state,
+                               const at::Tensor& ref, const char* ref_name, int64_t dim,
+                               const char* dim_name, int64_t width,
+                               const OptTensor& cache_indices, int64_t rows, int64_t pad_slot_id,
+                               bool check_index_values) {
+  check_same_dtype(op, conv_state, "conv_state", ref, ref_name);
+  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(1) == dim &&
+                  conv_state.size(2) == width - 1,
+              op, ": conv_state must have shape (num_slots, ", dim_name, ", width - 1) = (*, ", dim,
+              ", ", width - 1, "), got ", conv_state.sizes());
+  const int64_t num_slots = conv_state.size(0);
+  check_fits_int32(op, num_slots, "num_slots");
+  check_no_internal_overlap(op, conv_state, "conv_state");
+  check_index_tensor(op, cache_indices, "cache_indices", rows);
+  if (cache_indices.has_value()) {
+    if (check_index_values) {
+      check_slot_values(op, *cache_indices, "cache_indices", num_slots, pad_slot_id, true);
+    }
+  } else {
+    check_implicit_slots(op, rows, num_slots, "conv_state");
+  }
+  return num_slots;
+}
+
 int64_t check_conv_weight_bias(const char* op, const at::Tensor& weight, const OptTensor& bias,
                                const at::Tensor& x, int64_t dim) {
   check_same_dtype(op, weight, "weight", x, "x");
@@ -450,29 +476,13 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   check_last_stride1(op, x, "x", "channels");
 
   const int64_t width = check_conv_weight_bias(op, weight, bias, x, dim);
-  check_same_dtype(op, conv_state, "conv_state", x, "x");
-  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(1) == dim &&
-                  conv_state.size(2) == width - 1,
-              op, ": conv_state must have shape (num_slots, dim, width - 1) = (*, ", dim, ", ",
-              width - 1, "), got ", conv_state.sizes());
-  p.num_slots = conv_state.size(0);
-  check_fits_int32(op, p.num_slots, "num_slots");
-  check_no_internal_overlap(op, conv_state, "conv_state");
-
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
-
-  check_index_tensor(op, cache_indices, "cache_indices", batch);
   check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(cache_indices, "cache_indices")});
-  if (cache_indices.has_value()) {
-    if (check_index_values) {
-      check_slot_values(op, *cache_indices, "cache_indices", p.num_slots, pad_slot_id, true);
-    }
-  } else {
-    check_implicit_slots(op, batch, p.num_slots, "conv_state");
-  }
+  p.num_slots = check_conv_state_slots(op, conv_state, x, "x", dim, "dim", width, cache_indices,
+                                       batch, pad_slot_id, check_index_values);
 
   p.batch = batch;
   p.dim = dim;
@@ -496,6 +506,56 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   p.cache_indices = cache_indices.has_value() ? cache_indices->data_ptr<int32_t>() : nullptr;
   p.pad_slot_id = static_cast<int32_t>(pad_slot_id);
   return p;
+}
+
+GemvConvParams make_gemv_conv_params(const at::Tensor& out, int64_t conv_start,
+                                     const at::Tensor& conv_state, const at::Tensor& conv_weight,
+                                     const OptTensor& conv_bias, bool silu,
+                                     const OptTensor& cache_indices, int64_t pad_slot_id,
+                                     bool check_index_values) {
+  const char* op = "gemv_conv_update";
+  check_device(op, conv_state, "conv_state", out, "out");
+  check_device(op, conv_weight, "conv_weight", out, "out");
+  check_device(op, conv_bias, "conv_bias", out, "out");
+  check_device(op, cache_indices, "cache_indices", out, "out");
+  check_pad_slot_id(op, pad_slot_id);
+  const int64_t rows = out.size(0), n = out.size(1);
+
+  check_same_dtype(op, conv_weight, "conv_weight", out, "out");
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) >= 1, op,
+              ": conv_weight must have shape (conv_dim, width) with conv_dim >= 1, got ",
+              conv_weight.sizes());
+  const int64_t dim = conv_weight.size(0), width = conv_weight.size(1);
+  TORCH_CHECK(width >= 2 && width <= 4, op, ": conv_weight width must be 2, 3 or 4, got ", width);
+  TORCH_CHECK(conv_start >= 0 && conv_start + dim <= n, op,
+              ": the conv columns [conv_start, conv_start + conv_dim) = [", conv_start, ", ",
+              conv_start + dim, ") must lie inside the product's ", n, " columns");
+  if (conv_bias.has_value()) {
+    check_same_dtype(op, *conv_bias, "conv_bias", out, "out");
+    check_shape(op, *conv_bias, "conv_bias", {dim}, "(conv_dim,)");
+    check_contiguous(op, *conv_bias, "conv_bias");
+  }
+  const int64_t num_slots =
+      check_conv_state_slots(op, conv_state, out, "out", dim, "conv_dim", width, cache_indices,
+                             rows, pad_slot_id, check_index_values);
+
+  GemvConvParams c;
+  c.start = conv_start;
+  c.dim = dim;
+  c.width = static_cast<int32_t>(width);
+  c.silu = silu;
+  c.weight = conv_weight.data_ptr();
+  c.weight_channel_stride = conv_weight.stride(0);
+  c.weight_width_stride = conv_weight.stride(1);
+  c.bias = conv_bias.has_value() ? conv_bias->data_ptr() : nullptr;
+  c.state = conv_state.data_ptr();
+  c.num_slots = num_slots;
+  c.state_slot_stride = conv_state.stride(0);
+  c.state_channel_stride = conv_state.stride(1);
+  c.state_width_stride = conv_state.stride(2);
+  c.cache_indices = cache_indices.has_value() ? cache_indices->data_ptr<int32_t>() : nullptr;
+  c.pad_slot_id = static_cast<int32_t>(pad_slot_id);
+  return c;
 }
 
 namespace {

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include "kernels/gemv_params.h"
 #include "kernels/ssm_params.h"
 
 namespace tpssm {
@@ -30,6 +31,15 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
     const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
     const OptTensor& bias, bool silu, const OptTensor& cache_indices, int64_t pad_slot_id,
     const at::Tensor& out, bool check_index_values);
+
+// The conv epilogue of gemv_conv_update (csrc/kernels/gemv_params.h): the decode conv of the
+// columns [conv_start, conv_start + conv_dim) of the product out (rows, N), in place. Checks the
+// conv's own arguments against out; the caller checks the product's and the overlaps.
+GemvConvParams make_gemv_conv_params(const at::Tensor& out, int64_t conv_start,
+                                     const at::Tensor& conv_state, const at::Tensor& conv_weight,
+                                     const OptTensor& conv_bias, bool silu,
+                                     const OptTensor& cache_indices, int64_t pad_slot_id,
+                                     bool check_index_values);
 
 SelectiveScanParams make_selective_scan_params(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,

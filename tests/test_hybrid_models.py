@@ -256,9 +256,10 @@ def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
                     "in this build")
 @torch.no_grad()
 def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
-    """set_projection_kernel('gemv') on Zamba2: a decode step sends the mixers' in_proj /
-    out_proj, the shared block's qkv / o_proj / gate_up / down_proj, the per-layer linear and
-    the head through ops.gemv, with F.linear's results."""
+    """set_projection_kernel('gemv') on Zamba2: a decode step sends the mixers' out_proj, the
+    shared block's qkv / o_proj / gate_up / down_proj, the per-layer linear and the head through
+    ops.gemv, and each mixer's in_proj with its conv through gemv_conv_update, with F.linear's
+    and the separate conv's results."""
     import tpssm.ops
     from tpssm.models import load_model
 
@@ -268,6 +269,12 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     calls = []
     real = tpssm.ops.gemv
     monkeypatch.setattr(tpssm.ops, "gemv", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    fused = []
+    for layer in fast.layers:
+        k = layer.mixer.kernels
+        monkeypatch.setattr(k, "gemv_conv_update",
+                            lambda x, *a, real_fused=k.gemv_conv_update, **kw:
+                            fused.append(1) or real_fused(x, *a, **kw))
     prompts = oracle["prompts"]
     n = len(prompts)
     ids = torch.tensor([t for p in prompts for t in p])
@@ -280,7 +287,8 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     step = torch.tensor([3, 1, 4, 1])
     outs = [m.decode(step, slots, c) for m, c in zip((base, fast), caches)]
     hybrid = sum(layer.hybrid for layer in base.layers)
-    assert len(calls) == 2 * len(base.layers) + 5 * hybrid + 1
+    assert len(calls) == len(base.layers) + 5 * hybrid + 1
+    assert len(fused) == len(base.layers)
     assert H.max_rel_err(outs[1], outs[0]) <= SELF_TOL
 
 

@@ -1,11 +1,11 @@
-"""The decode-sized projection op (tpssm.ops.gemv) on the CPU: against the float64 reference, and
-its argument errors (the CUDA kernel: tests/test_linear_ops_cuda.py)."""
+"""The decode-sized projection ops (tpssm.ops.gemv, gemv_conv_update) on the CPU: against the
+float64 reference, and their argument errors (the CUDA kernel: tests/test_linear_ops_cuda.py)."""
 
 import pytest
 import torch
 
 from tpssm import ops
-from tpssm.reference import gemv_ref
+from tpssm.reference import causal_conv1d_update_ref, gemv_conv_update_ref, gemv_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
@@ -93,3 +93,122 @@ def test_argument_errors_name_the_rule():
     bb = torch.randn(6)
     with pytest.raises(RuntimeError, match="out must not overlap bias"):
         ops.gemv(x[:1], w, bb, out=bb.view(1, 6))
+
+
+# --- gemv_conv_update: the product, then the decode conv of its conv columns in place
+
+
+def conv_update_inputs(m, n, k, dim, width, dtype, bias=True, conv_bias=True, num_slots=11,
+                       seed=0):
+    """gemv inputs plus a conv (weight, bias, state pool) over `dim` of the n columns."""
+    x, w, b = gemv_inputs(m, n, k, dtype, bias, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    cw = (torch.randn(dim, width, generator=g) / 2).to(dtype)
+    cb = torch.randn(dim, generator=g).to(dtype) if conv_bias else None
+    state = torch.randn(num_slots, dim, width - 1, generator=g).to(dtype)
+    return x, w, b, cw, cb, state
+
+
+def conv_of_product(product, start, state, cw, cb, silu, cache_indices):
+    """The separate ops' result: the product with its conv columns replaced by the reference
+    conv update of them (padded rows keep the product), and the state it leaves."""
+    want, state = product.clone(), state.clone()
+    cols = want[:, start:start + cw.shape[0]]
+    causal_conv1d_update_ref(cols.clone(), state, cw, cb, activation="silu" if silu else None,
+                             cache_indices=cache_indices, out=cols)
+    return want, state
+
+
+def assert_conv_update_matches(got, got_state, product, start, state0, cw, cb, silu, ci):
+    """got: the fused op's out given the product it computed (checked against the float64
+    reference by the gemv tests); the conv columns within a few units of the dtype's last
+    place of the reference conv of that product; the state exactly its shifted window."""
+    want, want_state = conv_of_product(product, start, state0, cw, cb, silu, ci)
+    assert torch.equal(got_state, want_state)
+    tol = 4 * ULP[got.dtype] * (want.double().abs() + 1)
+    assert bool(((got.double() - want.double()).abs() <= tol).all()), \
+        (got.double() - want.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("m,start,dim,with_bias,silu,slots", [
+    (1, 0, 24, True, True, [4]),                  # Mamba: the conv columns first
+    (3, 10, 24, False, True, [3, -1, 0]),         # Mamba-2: after z; a padded row
+    (8, 26, 24, True, False, [7, 1, 2, 3, 0, 5, -1, 9]),  # the last columns
+    (2, 5, 1, False, True, None),                 # one channel; row m uses slot m
+])
+def test_conv_update_cpu_against_the_reference(m, start, dim, with_bias, silu, slots, width,
+                                               dtype):
+    x, w, b, cw, cb, state = conv_update_inputs(m, 50, 40, dim, width, dtype, with_bias,
+                                                with_bias, seed=width)
+    ci = None if slots is None else torch.tensor(slots, dtype=torch.int32)
+    state0 = state.clone()
+    got = ops.gemv_conv_update(x, w, b, state, cw, cb, conv_start=start,
+                               activation="silu" if silu else None, cache_indices=ci)
+    product = ops.gemv(x, w, b)
+    assert_gemv_close(product, x, w, b)
+    assert_conv_update_matches(got, state, product, start, state0, cw, cb, silu, ci)
+    ref_state = state0.clone()
+    ref = gemv_conv_update_ref(x, w, b, ref_state, cw, cb, conv_start=start,
+                               activation="silu" if silu else None, cache_indices=ci)
+    assert ref.shape == got.shape and ref.dtype == got.dtype
+    # Columns outside the conv, and a padded row's conv columns, are the plain product.
+    outside = torch.ones(50, dtype=torch.bool)
+    outside[start:start + dim] = False
+    assert torch.equal(got[:, outside], product[:, outside])
+    for row, slot in enumerate(slots or []):
+        if slot == -1:
+            assert torch.equal(got[row], product[row])
+
+
+def test_conv_update_argument_errors_name_the_rule():
+    x, w, b, cw, cb, state = conv_update_inputs(2, 30, 16, 12, 4, torch.float32)
+    ci = torch.tensor([1, 0], dtype=torch.int32)
+
+    def call(**kw):
+        args = dict(x=x, weight=w, bias=b, conv_state=state, conv_weight=cw, conv_bias=cb,
+                    conv_start=4, activation="silu", cache_indices=ci)
+        args.update(kw)
+        return ops.gemv_conv_update(**args)
+
+    with pytest.raises(RuntimeError, match=r"conv columns \[conv_start, conv_start \+ conv_dim\)"):
+        call(conv_start=19)
+    with pytest.raises(RuntimeError, match="conv columns"):
+        call(conv_start=-1)
+    with pytest.raises(RuntimeError, match="conv_weight width must be 2, 3 or 4"):
+        call(conv_weight=torch.randn(12, 5), conv_state=torch.randn(3, 12, 4))
+    with pytest.raises(RuntimeError, match="conv_weight must have the dtype of out"):
+        call(conv_weight=cw.half())
+    with pytest.raises(RuntimeError, match=r"conv_bias must have shape \(conv_dim,\)"):
+        call(conv_bias=torch.randn(11))
+    with pytest.raises(RuntimeError, match=r"conv_state must have shape \(num_slots, conv_dim"):
+        call(conv_state=torch.randn(3, 12, 2))
+    with pytest.raises(RuntimeError, match="conv_state must have the dtype of out"):
+        call(conv_state=state.double())
+    with pytest.raises(RuntimeError, match=r"cache_indices must have shape \(batch,\)"):
+        call(cache_indices=torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="cache_indices must be int32"):
+        call(cache_indices=ci.long())
+    with pytest.raises(RuntimeError, match=r"cache_indices\[1\] = 11 is out of range"):
+        call(cache_indices=torch.tensor([1, 11], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must be distinct among non-padded rows"):
+        call(cache_indices=torch.tensor([2, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="needs at least batch"):
+        call(cache_indices=None, conv_state=torch.randn(1, 12, 3))
+    with pytest.raises(RuntimeError, match="gemv_conv_update: x may have at most 8 rows"):
+        call(x=torch.randn(9, 16), cache_indices=None)
+    # The state pool may not share bytes with anything the op reads or with out.
+    pool = torch.randn(1000)
+    with pytest.raises(RuntimeError, match="conv_state must not overlap weight"):
+        call(conv_state=pool[:144].view(4, 12, 3), weight=pool[100:580].view(30, 16))
+    with pytest.raises(RuntimeError, match="conv_state must not overlap conv_weight"):
+        call(conv_state=pool[:144].view(4, 12, 3), conv_weight=pool[140:188].view(12, 4))
+    with pytest.raises(RuntimeError, match="conv_state must not overlap x"):
+        call(conv_state=pool[:144].view(4, 12, 3), x=pool[130:162].view(2, 16))
+    call(conv_state=pool[:144].view(4, 12, 3), x=pool[144:176].view(2, 16))  # disjoint: fine
+    with pytest.raises(RuntimeError, match="out must not overlap conv_state"):
+        call(out=state.view(-1)[:60].view(2, 30))
+    idx = torch.arange(64, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out must not overlap cache_indices"):
+        call(cache_indices=idx[1:3], out=idx[2:].view(torch.float32)[:60].view(2, 30))

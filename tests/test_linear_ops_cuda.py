@@ -1,12 +1,14 @@
 """The gemv CUDA kernel (tpssm.ops.gemv) against the float64 reference and the CPU op, over
-dtypes, token counts 1-8, odd sizes, every launch option, strided and misaligned operands (on a
-GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
+dtypes, token counts 1-8, odd sizes, every launch option, strided and misaligned operands; its
+conv epilogue (gemv_conv_update) against gemv followed by the CUDA conv update op, bit for bit (on
+a GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
 
 import pytest
 import torch
 
 import tpssm
-from test_linear_ops import DTYPES, assert_gemv_close, gemv_inputs
+from test_linear_ops import (DTYPES, assert_conv_update_matches, assert_gemv_close,
+                             conv_update_inputs, gemv_inputs)
 from tpssm import ops
 
 if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
@@ -121,3 +123,102 @@ def test_graph_replay_equals_eager():
 def test_large_preset_shapes(n, k, m):
     """mamba-2.8b's decode projections at tp 1 (in_proj, x_proj, out_proj) and a tp 4 head."""
     _check(*gemv_inputs(m, n, k, torch.bfloat16, bias=False, seed=6))
+
+
+# --- gemv_conv_update: the conv epilogue
+
+
+def _conv_update_both_ways(x, w, b, cw, cb, state, start, silu, ci, **options):
+    """(fused out, its state, separate out, its state): gemv_conv_update against gemv and then
+    causal_conv1d_update of the conv columns, on the device at the same launch options."""
+    act = "silu" if silu else None
+    dx, dw, db, dcw, dcb, dci = (_dev(t) for t in (x, w, b, cw, cb, ci))
+    fused_state = _dev(state)
+    fused = ops.gemv_conv_update(dx, dw, db, fused_state, dcw, dcb, conv_start=start,
+                                 activation=act, cache_indices=dci, **options)
+    sep_state = _dev(state)
+    sep = ops.gemv(dx, dw, db, **options)
+    cols = sep[:, start:start + cw.shape[0]]
+    conv = ops.causal_conv1d_update(cols.clone(), sep_state, dcw, dcb, activation=act,
+                                    cache_indices=dci)
+    valid = (torch.arange(x.shape[0]) if ci is None else ci.long()) >= 0
+    cols[valid.to(cols.device)] = conv[valid.to(conv.device)]
+    return fused.cpu(), fused_state.cpu(), sep.cpu(), sep_state.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k,start,dim,slots", [
+    (1, 70, 2048, 0, 35, [4]),                    # the conv columns first (Mamba)
+    (3, 45, 100, 9, 24, [3, -1, 0]),              # element path (K % 8); a padded row
+    (8, 96, 136, 40, 56, [7, 1, 2, 3, 0, 5, -1, 9]),  # to the last column (Mamba-2: z | xBC)
+    (5, 19, 776, 18, 1, None),                    # one channel; row m uses slot m
+])
+def test_conv_epilogue_equals_gemv_then_conv_update(m, n, k, start, dim, slots, width, dtype):
+    x, w, b, cw, cb, state = conv_update_inputs(m, n, k, dim, width, dtype, seed=width + m)
+    ci = None if slots is None else torch.tensor(slots, dtype=torch.int32)
+    for silu in (True, False):
+        fused, fstate, sep, sstate = _conv_update_both_ways(x, w, b, cw, cb, state, start, silu,
+                                                            ci)
+        assert torch.equal(fused, sep) and torch.equal(fstate, sstate)
+        product = ops.gemv(_dev(x), _dev(w), _dev(b)).cpu()
+        assert_conv_update_matches(fused, fstate, product, start, state, cw, cb, silu, ci)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
+@pytest.mark.parametrize("warps_per_row", [1, 2, 4, 8])
+def test_conv_epilogue_at_every_launch_option(warps_per_row, rows_per_warp, m):
+    # 45 rows, conv over 29 of them from row 11: conv columns start and end inside blocks.
+    x, w, b, cw, cb, state = conv_update_inputs(m, 45, 2056, 29, 4, torch.bfloat16, seed=m)
+    ci = torch.tensor([9, 2, 0, 4, 1, 3, 7, 8][:m], dtype=torch.int32)
+    fused, fstate, sep, sstate = _conv_update_both_ways(
+        x, w, b, cw, cb, state, 11, True, ci, warps_per_row=warps_per_row,
+        rows_per_warp=rows_per_warp)
+    assert torch.equal(fused, sep) and torch.equal(fstate, sstate)
+
+
+def test_conv_epilogue_skips_rows_with_bad_slots():
+    """Without TPSSM_DEBUG_CHECKS the CUDA op does not read the indices on the host: a slot out
+    of range (either side) acts as padding - the product stays, no state is touched."""
+    x, w, b, cw, cb, state = conv_update_inputs(4, 40, 64, 16, 4, torch.float32, num_slots=5)
+    ci = torch.tensor([2, 5, -7, 0], dtype=torch.int32)
+    dstate = _dev(state)
+    buf = torch.full((6, 50), 3.0, device=CUDA)
+    ops.gemv_conv_update(_dev(x), _dev(w), _dev(b), dstate, _dev(cw), _dev(cb), conv_start=8,
+                         activation="silu", cache_indices=_dev(ci), out=buf[1:5, 4:44])
+    got = buf.cpu()
+    product = ops.gemv(x, w, b)
+    assert torch.equal(got[2:4, 4:44], product[1:3])       # rows 1 and 2: the product alone
+    untouched = torch.full((6, 50), 3.0)
+    untouched[1:5, 4:44] = got[1:5, 4:44]
+    assert torch.equal(got, untouched), "wrote outside out"
+    assert torch.equal(dstate.cpu()[[1, 3, 4]], state[[1, 3, 4]])  # slots no valid row uses
+    # The valid rows as the CPU op computes them with those rows marked as padding.
+    cpu_state = state.clone()
+    want = ops.gemv_conv_update(x, w, b, cpu_state, cw, cb, conv_start=8, activation="silu",
+                                cache_indices=torch.tensor([2, -1, -1, 0], dtype=torch.int32))
+    assert torch.allclose(got[1:5, 4:44], want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(dstate.cpu(), cpu_state, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_epilogue_graph_replay_equals_eager():
+    x, w, b, cw, cb, state = conv_update_inputs(2, 96, 512, 64, 4, torch.bfloat16, seed=8)
+    dx, dw, db, dcw, dcb = (_dev(t) for t in (x, w, b, cw, cb))
+    ci = torch.tensor([3, 6], dtype=torch.int32, device=CUDA)
+    eager_state = _dev(state)
+    eager = ops.gemv_conv_update(dx, dw, db, eager_state, dcw, dcb, conv_start=16,
+                                 activation="silu", cache_indices=ci)
+    graph_state, out = _dev(state), torch.empty_like(eager)
+    warm = _dev(state)
+    ops.gemv_conv_update(dx, dw, db, warm, dcw, dcb, conv_start=16, activation="silu",
+                         cache_indices=ci, out=out)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gemv_conv_update(dx, dw, db, graph_state, dcw, dcb, conv_start=16,
+                             activation="silu", cache_indices=ci, out=out)
+    graph_state.copy_(_dev(state))
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(graph_state, eager_state)

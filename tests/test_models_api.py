@@ -162,10 +162,11 @@ def test_ops_backend_matches_reference_backend(family, checkpoints):
 @pytest.mark.skipif(not H.cpu_kernels_available(), reason="the compiled ops have no CPU kernels "
                     "in this build")
 @torch.no_grad()
-@pytest.mark.parametrize("family,per_layer", [("mamba", 3), ("mamba2_g4", 2)])
+@pytest.mark.parametrize("family,per_layer", [("mamba", 2), ("mamba2_g4", 1)])
 def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeypatch):
     """set_projection_kernel('gemv'): decode-sized steps (<= 8 tokens) go through ops.gemv - every
-    in_proj / x_proj / out_proj and the head - with the same results as F.linear."""
+    x_proj / out_proj and the head - and in_proj with the conv in one gemv_conv_update, with the
+    same results as F.linear and the separate conv."""
     import tpssm.ops
 
     _, path = checkpoints[family]
@@ -174,28 +175,40 @@ def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeyp
     gemv.set_projection_kernel("gemv")
     with pytest.raises(ValueError, match="projection kernel must be one of"):
         gemv.set_projection_kernel("cublas")
-    calls = []
+    calls, fused = [], []
     real = tpssm.ops.gemv
 
     def counted(x, *args, **kwargs):
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
 
+    def count_fused(real_fused):
+        def fn(x, *args, **kwargs):
+            fused.append(x.shape[0])
+            return real_fused(x, *args, **kwargs)
+        return fn
+
     monkeypatch.setattr(tpssm.ops, "gemv", counted)
+    for layer in gemv.layers:
+        k = layer.mixer.kernels
+        monkeypatch.setattr(k, "gemv_conv_update", count_fused(k.gemv_conv_update))
     ids = torch.tensor([t for p in PROMPTS for t in p])  # 11 tokens: F.linear, but the head's 3
     qsl = _qsl([len(p) for p in PROMPTS])
     slots = torch.arange(len(PROMPTS), dtype=torch.int32)
     no = torch.zeros(len(PROMPTS), dtype=torch.bool)
     caches = [m.allocate_cache(len(PROMPTS)) for m in (base, gemv)]
     outs = [m(ids, qsl, slots, no, c) for m, c in zip((base, gemv), caches)]
-    assert calls == [3]  # the head on each request's last token
+    assert calls == [3] and fused == []  # the head on each request's last token
     assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
     calls.clear()
     step = torch.tensor([1, 2, 3])
     outs = [m.decode(step, slots, c) for m, c in zip((base, gemv), caches)]
     assert calls == [3] * (per_layer * base.config.num_hidden_layers + 1)
+    assert fused == [3] * base.config.num_hidden_layers
     assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
     for a, b in zip(caches[1].ssm_states, caches[0].ssm_states):
+        assert H.max_rel_err(a, b) <= 1e-5
+    for a, b in zip(caches[1].conv_states, caches[0].conv_states):
         assert H.max_rel_err(a, b) <= 1e-5
 
 

@@ -77,6 +77,17 @@ def _gemv_args(bias):
     return (buf[:, 2:42], w, b, torch.empty(3, 7, dtype=torch.bfloat16), 0, 0)
 
 
+def _gemv_conv_update_args(with_slots):
+    g = torch.Generator().manual_seed(4)
+    x, w, b, _, _, _ = _gemv_args(bias=True)
+    conv_w = torch.randn(4, 3, generator=g, dtype=torch.bfloat16)
+    conv_b = torch.randn(4, generator=g, dtype=torch.bfloat16) if with_slots else None
+    state = torch.randn(5, 4, 2, generator=g, dtype=torch.bfloat16)
+    slots = torch.tensor([4, -1, 1], dtype=torch.int32) if with_slots else None
+    return (x, w, b, state, conv_w, conv_b, 2, with_slots, slots, -1,
+            torch.empty(3, 7, dtype=torch.bfloat16), 0, 0)
+
+
 OPCHECK_CASES = [
     ("conv_full", _tp.causal_conv1d.default, lambda: _conv_args(conv_inputs(
         varlen=True, seqlens=(3, 0, 2), slots=(1, -1, 0), initial=(True, False, False)))),
@@ -104,6 +115,9 @@ OPCHECK_CASES = [
     ("gated_sum_squares", _tp.gated_sum_squares.default, _sum_squares_args),
     ("gemv", _tp.gemv.default, lambda: _gemv_args(bias=True)),
     ("gemv_none", _tp.gemv.default, lambda: _gemv_args(bias=False)),
+    ("gemv_conv_update", _tp.gemv_conv_update.default, lambda: _gemv_conv_update_args(True)),
+    ("gemv_conv_update_none", _tp.gemv_conv_update.default,
+     lambda: _gemv_conv_update_args(False)),
     ("decode_attention", _tp.decode_attention.default, lambda: _attention_args(torch.int64)),
     ("decode_attention_int32", _tp.decode_attention.default,
      lambda: _attention_args(torch.int32)),

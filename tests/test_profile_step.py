@@ -59,6 +59,16 @@ def test_profile_decode_counts_a_steps_ops(tmp_path, config):
 
 
 @pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
+def test_gemv_decode_fuses_in_proj_and_conv(tmp_path, config):
+    """With --projection-kernel gemv a decode layer's in_proj and conv are one op
+    (gemv_conv_update); the separate conv update is gone."""
+    res = _run(tmp_path, config, "--projection-kernel", "gemv")
+    _one_per_layer(res, "tpssm::gemv_conv_update")
+    _one_per_layer(res, "tpssm::selective_state_update")
+    assert not any(r["name"] == "tpssm::causal_conv1d_update" for r in res["kernels"])
+
+
+@pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
 def test_profile_prefill_and_shard_comparison(tmp_path, config):
     res = _run(tmp_path, config, "--phase", "prefill", "--prompt-len", "7", "--tp-shards", "1,2")
     assert [r["tp_shard"] for r in res["shards"]] == [1, 2]

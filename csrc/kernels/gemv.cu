@@ -12,6 +12,12 @@
 // fixed order; one thread per (row, token) adds the bias and stores the result, rounded once.
 // kM rounds M up to 1, 2, 4 or 8: the padding rows re-read x's last row and are not stored;
 // weight rows past N re-read row N - 1 and are not stored, so every load stays in the tensors.
+//
+// With a conv epilogue (p.conv, in_proj of a decode step) the thread that stores a conv column
+// also applies the decode conv to it: the column's channel is its own, so in_proj and the conv
+// update are one launch. It reads its row's slot before the K loop and the window, weights and
+// bias right after it, so their latency overlaps the reductions; the arithmetic is
+// causal_conv1d_update's, in its order, on the product rounded to the dtype.
 #include "gemv_kernels.h"
 #include "kernel_utils.cuh"
 #include "static_switch.h"
@@ -58,6 +64,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   pdl_wait();
   pdl_launch_dependents();
 
+  // The thread that finishes (row, token) of the block: t = (g * kR + r) * kM + m.
+  const int t = threadIdx.x;
+  const bool finisher = t < groups * kR * kM;
+  const int fin_m = t % kM;
+  const int64_t fin_row = block_row0 + t / kM;
+  const bool fin_stores = finisher && fin_row <= last_row && fin_m < p.rows;
+  const GemvConvParams& cv = p.conv;
+  const int64_t conv_c = fin_row - cv.start;
+  const bool conv_col = fin_stores && cv.dim > 0 && conv_c >= 0 && conv_c < cv.dim;
+  int64_t slot = -1;
+  if (conv_col) slot = cv.cache_indices ? cv.cache_indices[fin_m] : fin_m;
+
   float acc[kR][kM];
 #pragma unroll
   for (int r = 0; r < kR; ++r) {
@@ -99,6 +117,28 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
 
+  // A padded row (pad_slot_id) or a slot out of range keeps the plain product.
+  const bool conv_live = conv_col && !(cv.cache_indices && slot == cv.pad_slot_id) &&
+                         slot >= 0 && slot < cv.num_slots;
+  // In fp32: exact for every dtype, so the window goes back to the state unchanged.
+  float conv_w[4] = {0.f, 0.f, 0.f, 0.f}, conv_win[3] = {0.f, 0.f, 0.f};
+  float conv_b = 0.f;
+  T* conv_st = nullptr;
+  if (conv_live) {
+    const T* w = static_cast<const T*>(cv.weight) + conv_c * cv.weight_channel_stride;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k < cv.width) conv_w[k] = to_float(w[k * cv.weight_width_stride]);
+    }
+    if (cv.bias != nullptr) conv_b = to_float(static_cast<const T*>(cv.bias)[conv_c]);
+    conv_st = static_cast<T*>(cv.state) + slot * cv.state_slot_stride +
+              conv_c * cv.state_channel_stride;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      if (k < cv.width - 1) conv_win[k] = to_float(conv_st[k * cv.state_width_stride]);
+    }
+  }
+
 #pragma unroll
   for (int r = 0; r < kR; ++r) {
 #pragma unroll
@@ -111,17 +151,33 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
   __syncthreads();
-  const int t = threadIdx.x;
-  if (t < groups * kR * kM) {
+  if (fin_stores) {
     const int g = t / (kR * kM), idx = t % (kR * kM);
-    const int r = idx / kM, m = idx % kM;
-    const int64_t row = block_row0 + g * kR + r;
-    if (row <= last_row && m < p.rows) {
-      float sum = 0.f;
-      for (int i = 0; i < warps_per_row; ++i) sum += partial[g * warps_per_row + i][idx];
-      if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[row]);
-      static_cast<T*>(p.out)[m * p.out_row_stride + row] = from_float<T>(sum);
+    float sum = 0.f;
+    for (int i = 0; i < warps_per_row; ++i) sum += partial[g * warps_per_row + i][idx];
+    if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[fin_row]);
+    const T v = from_float<T>(sum);
+    T* dst = static_cast<T*>(p.out) + fin_m * p.out_row_stride + fin_row;
+    if (!conv_live) {
+      *dst = v;
+      return;
     }
+    // causal_conv1d_update's arithmetic and order: bias, the window's taps, then the new input.
+    float a = conv_b;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      if (k < cv.width - 1) a = fmaf(conv_w[k], conv_win[k], a);
+    }
+#pragma unroll
+    for (int k = 1; k < 4; ++k) {
+      if (k == cv.width - 1) a = fmaf(conv_w[k], to_float(v), a);
+    }
+    *dst = from_float<T>(cv.silu ? silu(a) : a);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      if (k < cv.width - 2) conv_st[k * cv.state_width_stride] = from_float<T>(conv_win[k + 1]);
+    }
+    conv_st[(cv.width - 2) * cv.state_width_stride] = v;
   }
 }
 

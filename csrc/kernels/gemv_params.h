@@ -9,8 +9,34 @@
 
 namespace tpssm {
 
+// The decode conv applied in place to the product's columns [start, start + dim) (in_proj's
+// conv channels), as causal_conv1d_update of one token per row would apply it to them: with
+// v = the product rounded to the dtype, out[m, start + c] = act(bias[c] + sum_{k < width-1}
+// weight[c, k] * state[slot, c, k] + weight[c, width-1] * v), and the slot's window shifted by
+// one with v appended. Row m uses slot cache_indices[m] (slot m without them); a row whose slot
+// is pad_slot_id or outside [0, num_slots) keeps the plain product and its state is untouched.
+// The dtype is the projection's; dim == 0: no conv.
+struct GemvConvParams {
+  int64_t start = 0;
+  int64_t dim = 0;
+  int32_t width = 0;  // 2..4
+  bool silu = false;
+  const void* weight = nullptr;  // (dim, width)
+  int64_t weight_channel_stride = 0;
+  int64_t weight_width_stride = 0;
+  const void* bias = nullptr;  // (dim,) contiguous, or nullptr
+  void* state = nullptr;       // (num_slots, dim, width - 1)
+  int64_t num_slots = 0;
+  int64_t state_slot_stride = 0;
+  int64_t state_channel_stride = 0;
+  int64_t state_width_stride = 0;
+  const int32_t* cache_indices = nullptr;  // (rows,), nullptr: slot m for row m
+  int32_t pad_slot_id = -1;
+};
+
 // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]), m < rows <= kGemvMaxRows, accumulated
-// in fp32 and rounded once to the dtype (x, weight, bias and out share it).
+// in fp32 and rounded once to the dtype (x, weight, bias and out share it); then the conv
+// epilogue when conv.dim > 0.
 struct GemvParams {
   int64_t rows = 0;          // M: tokens
   int64_t out_features = 0;  // N: weight rows
@@ -26,6 +52,7 @@ struct GemvParams {
   // Launch options, 0 = the plan picks (see GemvPlan); tests and benchmarks set them.
   int warps_per_row = 0;  // 1, 2, 4 or 8 warps share each weight row's K range
   int rows_per_warp = 0;  // 1, 2 or 4 weight rows streamed by each warp at once
+  GemvConvParams conv;
 };
 
 constexpr int64_t kGemvMaxRows = 8;

@@ -67,6 +67,7 @@ __all__ = [
     "gated_rms_norm",
     "gated_sum_squares",
     "gemv",
+    "gemv_conv_update",
     "GEMV_MAX_ROWS",
     "selective_scan",
     "selective_state_update",
@@ -363,6 +364,43 @@ def gemv(
     return out
 
 
+def gemv_conv_update(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor] = None,
+    *,
+    conv_start: int,
+    activation: Optional[str] = None,
+    cache_indices: Optional[torch.Tensor] = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: Optional[torch.Tensor] = None,
+    warps_per_row: int = 0,
+    rows_per_warp: int = 0,
+) -> torch.Tensor:
+    """A decode step's in_proj and its conv in one launch: gemv's product out = x @ weight.T
+    (+ bias), then causal_conv1d_update (one token a row) applied in place to its columns
+    [conv_start, conv_start + conv_dim) - in_proj's conv channels (Mamba: x; Mamba-2: x | B | C).
+    x, weight, bias, out, warps_per_row, rows_per_warp: as in gemv (M <= 8 rows).
+    conv_weight: (conv_dim, width 2..4); conv_bias: (conv_dim,) or None; conv_state: (num_slots,
+    conv_dim, width - 1), updated in place; cache_indices: (M,) int32 slots or None (row m uses
+    slot m). All in x's dtype on x's device. Rows whose slot is pad_slot_id (or, on CUDA without
+    TPSSM_DEBUG_CHECKS, out of range) keep the plain product in the conv columns and leave the
+    state alone. out and conv_state must not overlap any input or each other.
+    Equal to gemv followed by causal_conv1d_update of the conv columns (bit for bit on CUDA at the
+    same launch options: the kernel rounds the product to the dtype before the conv, as the
+    separate ops do). Returns out (allocated when not given).
+    """
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _ops.gemv_conv_update(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start,
+                          _silu_flag(activation), cache_indices, pad_slot_id, out, warps_per_row,
+                          rows_per_warp)
+    return out
+
+
 def set_programmatic_launch(enabled: bool) -> bool:
     """Programmatic dependent launch of the decode-step kernels (add_rms_norm, gated_rms_norm,
     causal_conv1d_update, selective_state_update, gemv) on sm_90+ GPUs: each may be scheduled
@@ -460,10 +498,21 @@ def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out) -> No
     _check_out_like("decode_attention", out, q, "q")
 
 
+def _check_gemv_out(op: str, x, weight, out) -> None:
+    torch._check(out.dtype == x.dtype,
+                 lambda: f"{op}: out must have the dtype of x ({x.dtype}), got {out.dtype}")
+    torch._check(tuple(out.shape) == (x.shape[0], weight.shape[0]),
+                 lambda: f"{op}: out must have shape (M, N) = ({x.shape[0]}, {weight.shape[0]}), "
+                         f"got {tuple(out.shape)}")
+
+
 @torch.library.register_fake("tpssm::gemv")
 def _gemv_fake(x, weight, bias, out, warps_per_row=0, rows_per_warp=0) -> None:
-    torch._check(out.dtype == x.dtype,
-                 lambda: f"gemv: out must have the dtype of x ({x.dtype}), got {out.dtype}")
-    torch._check(tuple(out.shape) == (x.shape[0], weight.shape[0]),
-                 lambda: f"gemv: out must have shape (M, N) = ({x.shape[0]}, {weight.shape[0]}), "
-                         f"got {tuple(out.shape)}")
+    _check_gemv_out("gemv", x, weight, out)
+
+
+@torch.library.register_fake("tpssm::gemv_conv_update")
+def _gemv_conv_update_fake(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu,
+                           cache_indices, pad_slot_id, out, warps_per_row=0,
+                           rows_per_warp=0) -> None:
+    _check_gemv_out("gemv_conv_update", x, weight, out)

@@ -30,6 +30,7 @@ __all__ = [
     "ALLREDUCE_SCHEMES",
     "PROJECTION_KERNELS",
     "linear",
+    "gemv_applies",
     "AllReduce",
     "TPContext",
     "ColumnParallelLinear",
@@ -50,12 +51,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            kernel: str = "torch") -> torch.Tensor:
     """x @ weight.T (+ bias) through `kernel` (PROJECTION_KERNELS). gemv runs where the build
     has it: on the CPU, and on CUDA when the CUDA kernels are built; F.linear elsewhere."""
-    if kernel == "gemv" and x.dim() == 2 and _gemv_available(x.device):
+    if gemv_applies(x, kernel):
         from tpssm import ops
 
-        if x.shape[0] <= ops.GEMV_MAX_ROWS:
-            return ops.gemv(x, weight, bias)
+        return ops.gemv(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
+
+
+def gemv_applies(x: torch.Tensor, kernel: str) -> bool:
+    """Whether linear(x, ..., kernel) multiplies through tpssm.ops.gemv: the 'gemv' kernel, a 2-D
+    input of at most GEMV_MAX_ROWS rows, and a device the build has the op for."""
+    if kernel != "gemv" or x.dim() != 2 or not _gemv_available(x.device):
+        return False
+    from tpssm import ops
+
+    return x.shape[0] <= ops.GEMV_MAX_ROWS
 
 
 def _gemv_available(device: torch.device) -> bool:

@@ -110,6 +110,17 @@ void gemv(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
   auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
   tpssm::run_gemv(p, nullptr);
 }
+void gemv_conv_update(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                      const at::Tensor& conv_state, const at::Tensor& conv_weight,
+                      const OptTensor& conv_bias, int64_t conv_start, bool silu,
+                      const OptTensor& ci, int64_t pad, const at::Tensor& out,
+                      int64_t warps_per_row, int64_t rows_per_warp) {
+  reset();
+  auto p = tpssm::make_gemv_conv_update_params(
+      x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu, ci, pad, out,
+      warps_per_row, rows_per_warp, tpssm::cuda_index_values_checked_on_host());
+  tpssm::run_gemv(p, nullptr);
+}
 // The launch plan gemv would take: (warps_per_row, rows_per_warp, vectorized, blocks).
 std::tuple<int, int, bool, int64_t> gemv_plan(const at::Tensor& x, const at::Tensor& weight,
                                               const OptTensor& bias, const at::Tensor& out,
@@ -144,6 +155,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_sum_squares", &gated_sum_squares);
   m.def("decode_attention", &decode_attention);
   m.def("gemv", &gemv);
+  m.def("gemv_conv_update", &gemv_conv_update);
   m.def("gemv_plan", &gemv_plan);
   m.def("set_programmatic_launch", &set_programmatic_launch);
   m.def("take_programmatic_launches", &take_programmatic_launches);

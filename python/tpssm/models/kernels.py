@@ -84,8 +84,8 @@ def _decode_attention_torch(q, k_cache, v_cache, rows, lengths, scale, *, out=No
 
 def get_backend(name: str = "ops") -> SimpleNamespace:
     """Namespace with causal_conv1d, causal_conv1d_update, selective_scan,
-    selective_state_update, add_rms_norm, gated_rms_norm, gated_sum_squares and decode_attention
-    for backend `name` ("ops" or "reference")."""
+    selective_state_update, add_rms_norm, gated_rms_norm, gated_sum_squares, decode_attention and
+    gemv_conv_update for backend `name` ("ops" or "reference")."""
     if name == "ops":
         from tpssm import ops
 
@@ -99,6 +99,7 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             gated_rms_norm=ops.gated_rms_norm,
             gated_sum_squares=ops.gated_sum_squares,
             decode_attention=ops.decode_attention,
+            gemv_conv_update=ops.gemv_conv_update,
         )
     if name == "reference":
         from tpssm import reference
@@ -113,5 +114,6 @@ def get_backend(name: str = "ops") -> SimpleNamespace:
             gated_rms_norm=_gated_rms_norm_torch,
             gated_sum_squares=_gated_sum_squares_torch,
             decode_attention=_decode_attention_torch,
+            gemv_conv_update=reference.gemv_conv_update_ref,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

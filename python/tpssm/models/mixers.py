@@ -26,7 +26,7 @@ from tpssm.cache import LayerStateShape
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
 from tpssm.parallel import (AllReduce, ColumnParallelLinear, RowParallelLinear, TPContext,
-                            shard_range)
+                            gemv_applies, shard_range)
 
 __all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
            "mamba2_local_groups"]
@@ -64,6 +64,25 @@ def _causal_conv(kernels, x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                                  query_start_loc=meta.query_start_loc,
                                  cache_indices=meta.cache_indices,
                                  has_initial_state=meta.has_initial_state, activation="silu")
+
+
+def _in_proj_conv(kernels, in_proj: ColumnParallelLinear, hidden: torch.Tensor, conv_start: int,
+                  conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                  conv_state: Optional[torch.Tensor],
+                  meta: BatchMeta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """in_proj(hidden) (T, local rows) and the conv + SiLU of its columns [conv_start, conv_start
+    + conv channels). A decode step whose in_proj runs through gemv takes one launch for both:
+    the conv is gemv_conv_update's epilogue and its output replaces those columns. Otherwise
+    in_proj, then the conv into a tensor of its own."""
+    dim = conv_weight.shape[0]
+    if meta.is_decode and gemv_applies(hidden, in_proj.projection_kernel):
+        out = kernels.gemv_conv_update(hidden, in_proj.weight, in_proj.bias, conv_state,
+                                       conv_weight, conv_bias, conv_start=conv_start,
+                                       activation="silu", cache_indices=meta.cache_indices)
+        return out, out[:, conv_start:conv_start + dim]
+    proj = in_proj(hidden)
+    return proj, _causal_conv(kernels, proj[:, conv_start:conv_start + dim], conv_weight,
+                              conv_bias, conv_state, meta)
 
 
 class Mamba1Mixer(nn.Module):
@@ -188,9 +207,9 @@ class Mamba1Mixer(nn.Module):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
         added by the reduction where it can)."""
-        xz = self.in_proj(hidden)
-        x, z = xz[:, :self.local_dim], xz[:, self.local_dim:]
-        x = _causal_conv(self.kernels, x, self.conv_weight, self.conv_bias, conv_state, meta)
+        xz, x = _in_proj_conv(self.kernels, self.in_proj, hidden, 0, self.conv_weight,
+                              self.conv_bias, conv_state, meta)
+        z = xz[:, self.local_dim:]
         return self.out_proj(self._ssm(x, z, ssm_state, meta), residual)  # all-reduce #2
 
 
@@ -334,11 +353,10 @@ class Mamba2Mixer(nn.Module):
         added by the reduction where it can)."""
         k = self.kernels
         El, gn = self.local_dim, self.local_groups * self.d_state
-        zxbcdt = self.in_proj(hidden)
+        zxbcdt, xBC = _in_proj_conv(k, self.in_proj, hidden, El, self.conv_weight, self.conv_bias,
+                                    conv_state, meta)
         z = zxbcdt[:, :El]
-        xBC = zxbcdt[:, El:El + self.conv_channels]
         dt = zxbcdt[:, El + self.conv_channels:]
-        xBC = _causal_conv(k, xBC, self.conv_weight, self.conv_bias, conv_state, meta)
         x = xBC[:, :El]
         B = xBC[:, El:El + gn].unflatten(-1, (self.local_groups, self.d_state))
         C = xBC[:, El + gn:].unflatten(-1, (self.local_groups, self.d_state))

@@ -24,4 +24,4 @@ from tpssm.reference.norm import (  # noqa: F401,E402
     gated_sum_squares_ref,
 )
 from tpssm.reference.attention import decode_attention_ref  # noqa: F401,E402
-from tpssm.reference.linear import gemv_ref  # noqa: F401,E402
+from tpssm.reference.linear import gemv_conv_update_ref, gemv_ref  # noqa: F401,E402

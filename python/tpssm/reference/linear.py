@@ -1,10 +1,12 @@
-"""Reference of the decode-sized projection op (tpssm.ops.gemv)."""
+"""References of the decode-sized projection ops (tpssm.ops.gemv, tpssm.ops.gemv_conv_update)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from tpssm.reference.ssm import PAD_SLOT_ID, causal_conv1d_update_ref
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -15,3 +17,20 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         y = y + bias.double()
     y = y.to(x.dtype)
     return y if out is None else out.copy_(y)
+
+
+def gemv_conv_update_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                         conv_bias: Optional[torch.Tensor] = None, *, conv_start: int,
+                         activation: Optional[str] = None,
+                         cache_indices: Optional[torch.Tensor] = None,
+                         pad_slot_id: int = PAD_SLOT_ID,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gemv_ref, then causal_conv1d_update_ref of the columns [conv_start, conv_start +
+    conv_dim) in place (padded rows keep the product there); conv_state updated in place."""
+    y = gemv_ref(x, weight, bias, out=out)
+    cols = y[:, conv_start:conv_start + conv_weight.shape[0]]
+    causal_conv1d_update_ref(cols.clone(), conv_state, conv_weight, conv_bias,
+                             activation=activation, cache_indices=cache_indices,
+                             pad_slot_id=pad_slot_id, out=cols)
+    return y
