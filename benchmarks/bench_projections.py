@@ -92,8 +92,11 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
     automatic plan; with sweep, 'gemv w<W> r<R>' for every explicit launch option) on the same
     weights. gemv's result is checked against torch's on the first set (max_abs_diff).
     conv: (first column, channels, width) of in_proj's decode conv, to time the product with
-    the conv three ways as well (rows 'torch + conv_update', 'gemv + conv_update',
-    'gemv_conv_update'; their bytes count the conv's state, weights and output too)."""
+    the conv as well: 'torch + conv_update' and 'gemv + conv_update' (the separate ops, for the
+    kernels asked for) and 'gemv_conv_update' (fused, with gemv). Their bytes add a nominal
+    conv count (state read and written, weights, one output) to the product's; their
+    speedup_vs_torch is against 'torch + conv_update'; the fused row's conv columns and state
+    are checked once against the separate ops (conv_max_abs_diff_vs_separate)."""
     from bench_ssm_ops import l2_bytes, time_graph
     from tpssm import ops
 
@@ -120,36 +123,50 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
             s.update(conv_state=torch.randn(m, dim, width - 1, device="cuda").to(ACT),
                      conv_w=torch.randn(dim, width, device="cuda").to(ACT),
                      conv_out=torch.empty(m, dim, device="cuda", dtype=ACT))
-        # the state read and written, the conv weights, the conv output written
+        # nominal: the state read and written, the conv weights, the conv output written
         conv_bytes = 2 * (2 * m * dim * (width - 1) + dim * width + m * dim)
 
         def then_conv(s):
             ops.causal_conv1d_update(s["out"][:, start:start + dim], s["conv_state"], s["conv_w"],
                                      activation="silu", out=s["conv_out"])
 
-        conv_variants = [
-            ("torch + conv_update",
-             lambda s: (torch.matmul(s["x"], s["w"].t(), out=s["out"]), then_conv(s))),
-            ("gemv + conv_update", lambda s: (ops.gemv(s["x"], s["w"], out=s["out"]),
-                                              then_conv(s))),
-            ("gemv_conv_update",
-             lambda s: ops.gemv_conv_update(s["x"], s["w"], None, s["conv_state"], s["conv_w"],
-                                            conv_start=start, activation="silu", out=s["out"])),
-        ]
+        def fused(s, state=None):
+            return ops.gemv_conv_update(s["x"], s["w"], None,
+                                        s["conv_state"] if state is None else state, s["conv_w"],
+                                        conv_start=start, activation="silu", out=s["out"])
+
+        if "torch" in kernels:
+            conv_variants.append(("torch + conv_update", lambda s: (
+                torch.matmul(s["x"], s["w"].t(), out=s["out"]), then_conv(s))))
+        if "gemv" in kernels:
+            conv_variants += [
+                ("gemv + conv_update", lambda s: (ops.gemv(s["x"], s["w"], out=s["out"]),
+                                                  then_conv(s))),
+                ("gemv_conv_update", fused)]
+            # Once, outside the graphs: the fused op against gemv + conv update from one state.
+            s0 = sets[0]
+            state = s0["conv_state"].clone()
+            cols = fused(s0, state)[:, start:start + dim].float()
+            ops.gemv(s0["x"], s0["w"], out=s0["out"])
+            then_conv(s0)
+            conv_check = max((cols - s0["conv_out"].float()).abs().max().item(),
+                             (state.float() - s0["conv_state"].float()).abs().max().item())
     want = torch.matmul(sets[0]["x"].float(), sets[0]["w"].float().t())
     rows = []
     for label, fn in variants + conv_variants:
         ms = time_graph(fn, sets, reps)  # its replays leave this variant's result in each set
-        # The fused variant leaves the conv output in the conv columns: compare the rest.
-        keep = slice(None) if label != "gemv_conv_update" else slice(start + dim, None)
-        diff = (sets[0]["out"].float() - want)[:, keep].abs().max().item() \
-            if sets[0]["out"][:, keep].numel() else 0.0
+        diff = (sets[0]["out"].float() - want)
+        if label == "gemv_conv_update":  # its conv columns hold the conv output: the others
+            diff = torch.cat([diff[:, :start], diff[:, start + dim:]], 1)
+        diff = diff.abs().max().item() if diff.numel() else 0.0
         nbytes = weight_bytes + 2 * m * (n_in + n_out) + (conv_bytes if "conv" in label else 0)
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(preset=preset, tp=tp, projection=name, kernel=label,
                          out_features=n_out, in_features=n_in, tokens=m, time_us=ms * 1e3,
                          bytes=nbytes, gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
                          weight_copies=copies, max_abs_diff_vs_fp32=diff))
+        if label == "gemv_conv_update":
+            rows[-1]["conv_max_abs_diff_vs_separate"] = conv_check
     # The baseline timed in the same process, on the same weights: cuBLAS alone, or cuBLAS and
     # the separate conv for the conv rows.
     base = {b: next((r for r in rows if r["kernel"] == b), None)
@@ -216,7 +233,8 @@ def main(argv=None) -> int:
                     rows = run(preset, tp, name, n_out, n_in, m, copy_gbs, args.reps,
                                kernels, args.gemv_sweep, conv)
                     results.extend(rows)
-                    best = min(rows, key=lambda r: r["time_us"])
+                    best = min((r for r in rows if "conv" not in r["kernel"]),
+                               key=lambda r: r["time_us"])
                     line = "  ".join(f"{r['kernel']} {r['time_us']:.1f} us {r['pct_copy']:.0f}%"
                                      for r in rows if not r["kernel"].startswith("gemv w"))
                     if args.gemv_sweep:

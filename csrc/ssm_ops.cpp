@@ -221,7 +221,6 @@ std::vector<int64_t> token_shape(const BatchShape& bs, std::vector<int64_t> inne
   return s;
 }
 
-// The conv ops' weight (dim, width) and optional bias (dim,), both in x's dtype; returns width.
 // The decode conv's state pool (num_slots, dim, width - 1) in ref's dtype and its slot per row
 // (cache_indices, or slot b for row b); returns num_slots. dim_name names dim in the message.
 int64_t check_conv_state_slots(const char* op, const at::Tensor& conv_state,
@@ -248,6 +247,7 @@ int64_t check_conv_state_slots(const char* op, const at::Tensor& conv_state,
   return num_slots;
 }
 
+// The conv ops' weight (dim, width) and optional bias (dim,), both in x's dtype; returns width.
 int64_t check_conv_weight_bias(const char* op, const at::Tensor& weight, const OptTensor& bias,
                                const at::Tensor& x, int64_t dim) {
   check_same_dtype(op, weight, "weight", x, "x");
@@ -476,13 +476,13 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   check_last_stride1(op, x, "x", "channels");
 
   const int64_t width = check_conv_weight_bias(op, weight, bias, x, dim);
+  p.num_slots = check_conv_state_slots(op, conv_state, x, "x", dim, "dim", width, cache_indices,
+                                       batch, pad_slot_id, check_index_values);
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
   check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(cache_indices, "cache_indices")});
-  p.num_slots = check_conv_state_slots(op, conv_state, x, "x", dim, "dim", width, cache_indices,
-                                       batch, pad_slot_id, check_index_values);
 
   p.batch = batch;
   p.dim = dim;
@@ -527,7 +527,7 @@ GemvConvParams make_gemv_conv_params(const at::Tensor& out, int64_t conv_start,
               conv_weight.sizes());
   const int64_t dim = conv_weight.size(0), width = conv_weight.size(1);
   TORCH_CHECK(width >= 2 && width <= 4, op, ": conv_weight width must be 2, 3 or 4, got ", width);
-  TORCH_CHECK(conv_start >= 0 && conv_start + dim <= n, op,
+  TORCH_CHECK(conv_start >= 0 && conv_start <= n - dim, op,
               ": the conv columns [conv_start, conv_start + conv_dim) = [", conv_start, ", ",
               conv_start + dim, ") must lie inside the product's ", n, " columns");
   if (conv_bias.has_value()) {

@@ -148,14 +148,16 @@ def _conv_update_both_ways(x, w, b, cw, cb, state, start, silu, ci, **options):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [2, 3, 4])
-@pytest.mark.parametrize("m,n,k,start,dim,slots", [
-    (1, 70, 2048, 0, 35, [4]),                    # the conv columns first (Mamba)
-    (3, 45, 100, 9, 24, [3, -1, 0]),              # element path (K % 8); a padded row
-    (8, 96, 136, 40, 56, [7, 1, 2, 3, 0, 5, -1, 9]),  # to the last column (Mamba-2: z | xBC)
-    (5, 19, 776, 18, 1, None),                    # one channel; row m uses slot m
+@pytest.mark.parametrize("m,n,k,start,dim,bias,conv_bias,slots", [
+    (1, 70, 2048, 0, 35, True, False, [4]),       # the conv columns first (Mamba)
+    (3, 45, 100, 9, 24, False, True, [3, -1, 0]),  # element path (K % 8); a padded row
+    (8, 96, 136, 40, 56, True, True, [7, 1, 2, 3, 0, 5, -1, 9]),  # to the last column (Mamba-2)
+    (5, 19, 776, 18, 1, False, False, None),      # one channel; row m uses slot m
 ])
-def test_conv_epilogue_equals_gemv_then_conv_update(m, n, k, start, dim, slots, width, dtype):
-    x, w, b, cw, cb, state = conv_update_inputs(m, n, k, dim, width, dtype, seed=width + m)
+def test_conv_epilogue_equals_gemv_then_conv_update(m, n, k, start, dim, bias, conv_bias, slots,
+                                                    width, dtype):
+    x, w, b, cw, cb, state = conv_update_inputs(m, n, k, dim, width, dtype, bias, conv_bias,
+                                                seed=width + m)
     ci = None if slots is None else torch.tensor(slots, dtype=torch.int32)
     for silu in (True, False):
         fused, fstate, sep, sstate = _conv_update_both_ways(x, w, b, cw, cb, state, start, silu,
@@ -178,9 +180,10 @@ def test_conv_epilogue_at_every_launch_option(warps_per_row, rows_per_warp, m):
     assert torch.equal(fused, sep) and torch.equal(fstate, sstate)
 
 
-def test_conv_epilogue_skips_rows_with_bad_slots():
+def test_conv_epilogue_skips_rows_with_bad_slots(monkeypatch):
     """Without TPSSM_DEBUG_CHECKS the CUDA op does not read the indices on the host: a slot out
     of range (either side) acts as padding - the product stays, no state is touched."""
+    monkeypatch.delenv("TPSSM_DEBUG_CHECKS", raising=False)
     x, w, b, cw, cb, state = conv_update_inputs(4, 40, 64, 16, 4, torch.float32, num_slots=5)
     ci = torch.tensor([2, 5, -7, 0], dtype=torch.int32)
     dstate = _dev(state)

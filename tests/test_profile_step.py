@@ -61,7 +61,7 @@ def test_profile_decode_counts_a_steps_ops(tmp_path, config):
 @pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
 def test_gemv_decode_fuses_in_proj_and_conv(tmp_path, config):
     """With --projection-kernel gemv a decode layer's in_proj and conv are one op
-    (gemv_conv_update); the separate conv update is gone."""
+    (gemv_conv_update; one kernel on CUDA), and the models no longer call the conv update."""
     res = _run(tmp_path, config, "--projection-kernel", "gemv")
     _one_per_layer(res, "tpssm::gemv_conv_update")
     _one_per_layer(res, "tpssm::selective_state_update")

@@ -1,7 +1,8 @@
 """Random cases of the four ops through the emulated CUDA kernels against the fp64 references:
 dtypes, Mamba1 / Mamba2 forms, dstate 1..128, dense and varlen batches with empty and short
 sequences, padded rows, aligned and misaligned column slices, 16-bit and strided state pools,
-forced scan / conv chunk lengths and both scan plans.  Usage: fuzz.py SEED ITERATIONS"""
+forced scan / conv chunk lengths and both scan plans; and gemv_conv_update against gemv followed
+by the conv update (bit for bit) and the fp64 reference.  Usage: fuzz.py SEED ITERATIONS"""
 import random
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import build as emu_build
 emu = emu_build.build()
 import tpssm.ops as tops
 from tpssm import ops
-from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
-                             selective_state_update_ref)
+from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, gemv_ref,
+                             selective_scan_ref, selective_state_update_ref)
 tops._ops = emu
 SENT = 7.0
 rng = random.Random(int(sys.argv[1]))
@@ -211,6 +212,38 @@ def fuzz_ssu(it):
     close(o, ro, dtype, f"ssu it {it} m1 {m1} N {dstate} hd {headdim}")
     close(st.float(), rs.float(), sdt if sdt != f32 else dtype, f"ssu state it {it}")
 
+def fuzz_gemv_conv(it):
+    dtype = rng.choice([f32, bf16, f16]); W = rng.choice([2, 3, 4])
+    m = rng.randint(1, 8); k = rng.choice([8, 40, 100, 264, 776]); n = rng.choice([3, 19, 45, 96])
+    start = rng.randint(0, n - 1); dim = rng.randint(1, n - start)
+    x = act((m, k), dtype, rng.choice(["contig", "aligned", "mis"]))
+    w = act((n, k), dtype, rng.choice(["contig", "aligned", "mis"]), scale=k ** -0.5)
+    bias = torch.randn(n).to(dtype) if rng.random() < 0.5 else None
+    cw = (torch.randn(dim, W) * 0.5).to(dtype)
+    if rng.random() < 0.3: cw = (torch.randn(W, dim) * 0.5).to(dtype).t()
+    cb = (torch.randn(dim) * 0.5).to(dtype) if rng.random() < 0.7 else None
+    num_slots = m + 2
+    st0 = torch.randn(num_slots, dim, W - 1).to(dtype)
+    if rng.random() < 0.3: st0 = torch.randn(num_slots, W - 1, dim).to(dtype).transpose(1, 2)
+    ci = torch.tensor(slots_for(m, num_slots), dtype=torch.int32) if rng.random() < 0.8 else None
+    act_ = rng.choice([None, "silu"])
+    opts = dict(warps_per_row=rng.choice([0, 1, 2, 4, 8]), rows_per_warp=rng.choice([0, 1, 2, 4]))
+    out = act((m, n), dtype, rng.choice(["contig", "aligned", "mis"])).fill_(SENT)
+    st = st0.clone(); o = out.clone()
+    ops.gemv_conv_update(x, w, bias, st, cw, cb, conv_start=start, activation=act_,
+                         cache_indices=ci, out=o, **opts)
+    # gemv, then the conv update of the conv columns (a padded row keeps the product there)
+    sep_st = st0.clone(); sep = ops.gemv(x, w, bias, **opts)
+    cols = sep[:, start:start + dim]
+    ops.causal_conv1d_update(cols.clone(), sep_st, cw, cb, activation=act_, cache_indices=ci,
+                             out=cols)
+    assert torch.equal(o, sep) and torch.equal(st, sep_st), f"gemv_conv it {it}"
+    ref_st = st0.clone(); ref = gemv_ref(x, w, bias)
+    rcols = ref[:, start:start + dim]
+    causal_conv1d_update_ref(rcols.clone(), ref_st, cw, cb, activation=act_, cache_indices=ci,
+                             out=rcols, compute_dtype=torch.float64)
+    close(o, ref, dtype, f"gemv_conv ref it {it}"); close(st, ref_st, dtype, f"gemv_conv st {it}")
+
 for it in range(N):
-    fuzz_conv(it); fuzz_scan(it); fuzz_ssu(it)
+    fuzz_conv(it); fuzz_scan(it); fuzz_ssu(it); fuzz_gemv_conv(it)
 print("fuzz ok", N)
