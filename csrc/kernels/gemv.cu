@@ -13,11 +13,12 @@
 // kM rounds M up to 1, 2, 4 or 8: the padding rows re-read x's last row and are not stored;
 // weight rows past N re-read row N - 1 and are not stored, so every load stays in the tensors.
 //
-// With a conv epilogue (p.conv, in_proj of a decode step) the thread that stores a conv column
-// also applies the decode conv to it: the column's channel is its own, so in_proj and the conv
-// update are one launch. It reads its row's slot before the K loop and the window, weights and
-// bias right after it, so their latency overlaps the reductions; the arithmetic is
-// causal_conv1d_update's, in its order, on the product rounded to the dtype.
+// With a conv epilogue (kConv: p.conv, in_proj of a decode step) the thread that stores a conv
+// column also applies the decode conv to it: the column's channel is its own, so in_proj and
+// the conv update are one launch. It reads its row's slot before the K loop and the window,
+// weights and bias right after it, so their latency overlaps the reductions; the arithmetic is
+// causal_conv1d_update's, in its order, on the product rounded to the dtype. A template flag,
+// so that the plain projections compile to the code they would have without it.
 #include "gemv_kernels.h"
 #include "kernel_utils.cuh"
 #include "static_switch.h"
@@ -25,7 +26,71 @@
 namespace tpssm {
 namespace {
 
-template <typename T, int kM, int kR, int kN>
+// The (row, token) a thread stores after the reductions; stores: whether it has one.
+struct Finished {
+  int m;
+  int64_t row;
+  bool stores;
+};
+
+// A conv column's operands for one (row, token), in fp32 (exact for every dtype, so the window
+// goes back to the state unchanged); live: the row has a valid slot (a padded row, pad_slot_id,
+// or a slot out of range keeps the plain product).
+struct ConvOperands {
+  bool live = false;
+  float w[4] = {0.f, 0.f, 0.f, 0.f};
+  float window[3] = {0.f, 0.f, 0.f};
+  float bias = 0.f;
+  void* state = nullptr;  // the channel's window in its slot
+};
+
+template <typename T>
+__device__ __forceinline__ ConvOperands load_conv_operands(const GemvConvParams& cv,
+                                                           const Finished& f, int64_t slot) {
+  ConvOperands o;
+  const int64_t c = f.row - cv.start;
+  o.live = f.stores && c >= 0 && c < cv.dim && !(cv.cache_indices && slot == cv.pad_slot_id) &&
+           slot >= 0 && slot < cv.num_slots;
+  if (!o.live) return o;
+  const T* w = static_cast<const T*>(cv.weight) + c * cv.weight_channel_stride;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (k < cv.width) o.w[k] = to_float(w[k * cv.weight_width_stride]);
+  }
+  if (cv.bias != nullptr) o.bias = to_float(static_cast<const T*>(cv.bias)[c]);
+  T* st = static_cast<T*>(cv.state) + slot * cv.state_slot_stride + c * cv.state_channel_stride;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    if (k < cv.width - 1) o.window[k] = to_float(st[k * cv.state_width_stride]);
+  }
+  o.state = st;
+  return o;
+}
+
+// causal_conv1d_update's arithmetic in its order - bias, the window's taps, then the new input
+// v (the product rounded to the dtype) - stored at dst; the window shifts by one, v appended.
+template <typename T>
+__device__ __forceinline__ void apply_conv(const GemvConvParams& cv, const ConvOperands& o, T v,
+                                           T* dst) {
+  float a = o.bias;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    if (k < cv.width - 1) a = fmaf(o.w[k], o.window[k], a);
+  }
+#pragma unroll
+  for (int k = 1; k < 4; ++k) {
+    if (k == cv.width - 1) a = fmaf(o.w[k], to_float(v), a);
+  }
+  *dst = from_float<T>(cv.silu ? silu(a) : a);
+  T* st = static_cast<T*>(o.state);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k < cv.width - 2) st[k * cv.state_width_stride] = from_float<T>(o.window[k + 1]);
+  }
+  st[(cv.width - 2) * cv.state_width_stride] = v;
+}
+
+template <typename T, int kM, int kR, int kN, bool kConv>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(GemvParams p, int warps_per_row, bool prefetch) {
   constexpr int kU = kR >= 4 ? 1 : 4 / kR;  // chunks of each row a lane has in flight
@@ -64,17 +129,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   pdl_wait();
   pdl_launch_dependents();
 
-  // The thread that finishes (row, token) of the block: t = (g * kR + r) * kM + m.
-  const int t = threadIdx.x;
-  const bool finisher = t < groups * kR * kM;
-  const int fin_m = t % kM;
-  const int64_t fin_row = block_row0 + t / kM;
-  const bool fin_stores = finisher && fin_row <= last_row && fin_m < p.rows;
+  // The conv epilogue's view of the (row, token) this thread stores after the reductions, if
+  // any: thread t takes row t / kM of the block and token t % kM, i.e. t = (g * kR + r) * kM + m.
+  // Worked out where it is used, so that only the conv slot stays live across the K loop.
+  const auto finished = [&] {
+    const int t = threadIdx.x;
+    const int64_t row = block_row0 + t / kM;
+    return Finished{t % kM, row, t < groups * kR * kM && row <= last_row && t % kM < p.rows};
+  };
   const GemvConvParams& cv = p.conv;
-  const int64_t conv_c = fin_row - cv.start;
-  const bool conv_col = fin_stores && cv.dim > 0 && conv_c >= 0 && conv_c < cv.dim;
   int64_t slot = -1;
-  if (conv_col) slot = cv.cache_indices ? cv.cache_indices[fin_m] : fin_m;
+  if constexpr (kConv) {
+    const Finished f = finished();
+    const int64_t c = f.row - cv.start;
+    if (f.stores && c >= 0 && c < cv.dim) slot = cv.cache_indices ? cv.cache_indices[f.m] : f.m;
+  }
 
   float acc[kR][kM];
 #pragma unroll
@@ -117,27 +186,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
 
-  // A padded row (pad_slot_id) or a slot out of range keeps the plain product.
-  const bool conv_live = conv_col && !(cv.cache_indices && slot == cv.pad_slot_id) &&
-                         slot >= 0 && slot < cv.num_slots;
-  // In fp32: exact for every dtype, so the window goes back to the state unchanged.
-  float conv_w[4] = {0.f, 0.f, 0.f, 0.f}, conv_win[3] = {0.f, 0.f, 0.f};
-  float conv_b = 0.f;
-  T* conv_st = nullptr;
-  if (conv_live) {
-    const T* w = static_cast<const T*>(cv.weight) + conv_c * cv.weight_channel_stride;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (k < cv.width) conv_w[k] = to_float(w[k * cv.weight_width_stride]);
-    }
-    if (cv.bias != nullptr) conv_b = to_float(static_cast<const T*>(cv.bias)[conv_c]);
-    conv_st = static_cast<T*>(cv.state) + slot * cv.state_slot_stride +
-              conv_c * cv.state_channel_stride;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      if (k < cv.width - 1) conv_win[k] = to_float(conv_st[k * cv.state_width_stride]);
-    }
-  }
+  ConvOperands conv;
+  if constexpr (kConv) conv = load_conv_operands<T>(cv, finished(), slot);
 
 #pragma unroll
   for (int r = 0; r < kR; ++r) {
@@ -151,33 +201,24 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     }
   }
   __syncthreads();
-  if (fin_stores) {
+  const int t = threadIdx.x;  // stores (row, token m) as `finished` says
+  if (t < groups * kR * kM) {
     const int g = t / (kR * kM), idx = t % (kR * kM);
-    float sum = 0.f;
-    for (int i = 0; i < warps_per_row; ++i) sum += partial[g * warps_per_row + i][idx];
-    if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[fin_row]);
-    const T v = from_float<T>(sum);
-    T* dst = static_cast<T*>(p.out) + fin_m * p.out_row_stride + fin_row;
-    if (!conv_live) {
-      *dst = v;
-      return;
+    const int r = idx / kM, m = idx % kM;
+    const int64_t row = block_row0 + g * kR + r;
+    if (row <= last_row && m < p.rows) {
+      float sum = 0.f;
+      for (int i = 0; i < warps_per_row; ++i) sum += partial[g * warps_per_row + i][idx];
+      if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[row]);
+      T* dst = static_cast<T*>(p.out) + m * p.out_row_stride + row;
+      if constexpr (kConv) {
+        if (conv.live) {
+          apply_conv<T>(cv, conv, from_float<T>(sum), dst);
+          return;
+        }
+      }
+      *dst = from_float<T>(sum);
     }
-    // causal_conv1d_update's arithmetic and order: bias, the window's taps, then the new input.
-    float a = conv_b;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      if (k < cv.width - 1) a = fmaf(conv_w[k], conv_win[k], a);
-    }
-#pragma unroll
-    for (int k = 1; k < 4; ++k) {
-      if (k == cv.width - 1) a = fmaf(conv_w[k], to_float(v), a);
-    }
-    *dst = from_float<T>(cv.silu ? silu(a) : a);
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      if (k < cv.width - 2) conv_st[k * cv.state_width_stride] = from_float<T>(conv_win[k + 1]);
-    }
-    conv_st[(cv.width - 2) * cv.state_width_stride] = v;
   }
 }
 
@@ -191,9 +232,9 @@ bool vector_path_ok(const GemvParams& p) {
          (p.out_features <= 1 || (p.weight_row_stride * esize) % 16 == 0);
 }
 
-template <typename T, int kM, int kR, int kN>
+template <typename T, int kM, int kR, int kN, bool kConv>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
-  const auto kernel = gemv_kernel<T, kM, kR, kN>;
+  const auto kernel = gemv_kernel<T, kM, kR, kN, kConv>;
   // The kernel prefetches its weight only when launched programmatically: one decision for both.
   const bool programmatic = programmatic_launch_active(reinterpret_cast<const void*>(kernel));
   launch_kernel(kernel, programmatic, dim3(static_cast<unsigned>(plan.blocks)),
@@ -201,17 +242,26 @@ void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
                 programmatic);
 }
 
-template <typename T, int kM>
+template <typename T, int kM, bool kConv>
 void dispatch_rows(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   if (!plan.vectorized) {
-    launch<T, kM, 1, 1>(p, plan, stream);
+    launch<T, kM, 1, 1, kConv>(p, plan, stream);
   } else if (plan.rows_per_warp == 4) {
-    launch<T, kM, 4, kVec>(p, plan, stream);
+    launch<T, kM, 4, kVec, kConv>(p, plan, stream);
   } else if (plan.rows_per_warp == 2) {
-    launch<T, kM, 2, kVec>(p, plan, stream);
+    launch<T, kM, 2, kVec, kConv>(p, plan, stream);
   } else {
-    launch<T, kM, 1, kVec>(p, plan, stream);
+    launch<T, kM, 1, kVec, kConv>(p, plan, stream);
+  }
+}
+
+template <typename T, int kM>
+void dispatch_conv(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
+  if (p.conv.dim > 0) {
+    dispatch_rows<T, kM, true>(p, plan, stream);
+  } else {
+    dispatch_rows<T, kM, false>(p, plan, stream);
   }
 }
 
@@ -258,13 +308,13 @@ void run_gemv(const GemvParams& p, cudaStream_t stream) {
   if (plan.blocks > 0x7fffffff) throw std::runtime_error("tpssm gemv: too many weight rows");
   TPSSM_DTYPE_SWITCH(p.dtype, T, [&] {
     if (p.rows == 1) {
-      dispatch_rows<T, 1>(p, plan, stream);
+      dispatch_conv<T, 1>(p, plan, stream);
     } else if (p.rows == 2) {
-      dispatch_rows<T, 2>(p, plan, stream);
+      dispatch_conv<T, 2>(p, plan, stream);
     } else if (p.rows <= 4) {
-      dispatch_rows<T, 4>(p, plan, stream);
+      dispatch_conv<T, 4>(p, plan, stream);
     } else {
-      dispatch_rows<T, 8>(p, plan, stream);
+      dispatch_conv<T, 8>(p, plan, stream);
     }
   });
 }
