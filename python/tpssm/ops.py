@@ -403,11 +403,11 @@ def gemv_conv_update(
 
 def set_programmatic_launch(enabled: bool) -> bool:
     """Programmatic dependent launch of the decode-step kernels (add_rms_norm, gated_rms_norm,
-    causal_conv1d_update, selective_state_update, gemv) on sm_90+ GPUs: each may be scheduled
-    while the kernel before it in the stream still runs, waits for it before touching memory,
-    and meanwhile prefetches its weights into L2 (gemv), so the gaps between the small kernels
-    of a decode step shrink. Results are unchanged. Process-wide, off by default; works inside
-    CUDA graphs. Returns the previous setting."""
+    causal_conv1d_update, selective_state_update, gemv and gemv_conv_update) on sm_90+ GPUs:
+    each may be scheduled while the kernel before it in the stream still runs, waits for it
+    before touching memory, and meanwhile prefetches its weights into L2 (gemv), so the gaps
+    between the small kernels of a decode step shrink. Results are unchanged. Process-wide, off
+    by default; works inside CUDA graphs. Returns the previous setting."""
     return bool(_ops.set_programmatic_launch(bool(enabled)))
 
 
