@@ -146,7 +146,7 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
             # Once, outside the graphs: the fused op against gemv + conv update from one state.
             s0 = sets[0]
             state = s0["conv_state"].clone()
-            cols = fused(s0, state)[:, start:start + dim].float()
+            cols = fused(s0, state)[:, start:start + dim].float().clone()  # out is reused
             ops.gemv(s0["x"], s0["w"], out=s0["out"])
             then_conv(s0)
             conv_check = max((cols - s0["conv_out"].float()).abs().max().item(),
