@@ -7,7 +7,9 @@ x_proj, dt_proj, out_proj; Mamba-2: in_proj, out_proj) and the head, at tp 1 / 2
 tokens, this times torch's F.linear (cuBLAS) and tpssm.ops.gemv side by side on the rank's weight
 shape, the same weights for both (with --gemv-sweep, gemv at every explicit launch option too;
 with --in-proj-conv, in_proj followed by its decode conv three ways: cuBLAS + causal_conv1d_update,
-gemv + causal_conv1d_update, and the fused gemv_conv_update the models run): median time per
+gemv + causal_conv1d_update, and the fused gemv_conv_update; and the layer's norm before it two
+ways: add_rms_norm + gemv_conv_update, and gemv_conv_update with its norm prologue, the one
+launch the models run): median time per
 call (CUDA events around CUDA-graph replays, weights rotated over enough copies to miss the L2
 cache), the bytes (weight + activations in and out), GB/s and % of the copy bandwidth measured in
 the same run. The issue's bar is 80% of the copy bandwidth.
@@ -87,7 +89,7 @@ GEMV_OPTIONS = [(w, r) for w in (1, 2, 4, 8) for r in (1, 2, 4)]
 
 
 def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs: float,
-        reps: int, kernels: List[str], sweep: bool, conv=None) -> List[Dict]:
+        reps: int, kernels: List[str], sweep: bool, conv=None, device: str = "cuda") -> List[Dict]:
     """One row per kernel ('torch': F.linear's cuBLAS GEMM; 'gemv': tpssm.ops.gemv with its
     automatic plan; with sweep, 'gemv w<W> r<R>' for every explicit launch option) on the same
     weights. gemv's result is checked against torch's on the first set (max_abs_diff).
@@ -96,15 +98,20 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
     kernels asked for) and 'gemv_conv_update' (fused, with gemv). Their bytes add a nominal
     conv count (state read and written, weights, one output) to the product's; their
     speedup_vs_torch is against 'torch + conv_update'; the fused row's conv columns and state
-    are checked once against the separate ops (conv_max_abs_diff_vs_separate)."""
+    are checked once against the separate ops (conv_max_abs_diff_vs_separate). With gemv, the
+    layer's norm too (an fp32 residual stream): 'add_rms_norm + gemv_conv_update' and
+    'gemv_conv_update + norm prologue' (speedup_vs_separate_norm; outputs, state and stream
+    checked once against each other: norm_max_abs_diff_vs_separate, 0 expected).
+    device: where the tensors live (the tests run the rows' logic on the CPU with the timing
+    stubbed)."""
     from bench_ssm_ops import l2_bytes, time_graph
     from tpssm import ops
 
     weight_bytes = n_out * n_in * 2
     copies = max(1, min(64, math.ceil(3 * l2_bytes() / weight_bytes)))
-    sets = [dict(w=torch.randn(n_out, n_in, device="cuda").to(ACT),
-                 x=torch.randn(m, n_in, device="cuda").to(ACT),
-                 out=torch.empty(m, n_out, device="cuda", dtype=ACT)) for _ in range(copies)]
+    sets = [dict(w=torch.randn(n_out, n_in, device=device).to(ACT),
+                 x=torch.randn(m, n_in, device=device).to(ACT),
+                 out=torch.empty(m, n_out, device=device, dtype=ACT)) for _ in range(copies)]
     variants = []
     if "torch" in kernels:
         # F.linear's GEMM into a fixed buffer
@@ -116,13 +123,13 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
                 variants.append((f"gemv w{w} r{r}",
                                  lambda s, w=w, r=r: ops.gemv(s["x"], s["w"], out=s["out"],
                                                               warps_per_row=w, rows_per_warp=r)))
-    conv_variants, conv_bytes = [], 0
+    conv_variants, conv_bytes, norm_bytes = [], 0, 2 * m * n_in * (1 + 4) + 2 * n_in
     if conv is not None:
         start, dim, width = conv
         for s in sets:
-            s.update(conv_state=torch.randn(m, dim, width - 1, device="cuda").to(ACT),
-                     conv_w=torch.randn(dim, width, device="cuda").to(ACT),
-                     conv_out=torch.empty(m, dim, device="cuda", dtype=ACT))
+            s.update(conv_state=torch.randn(m, dim, width - 1, device=device).to(ACT),
+                     conv_w=torch.randn(dim, width, device=device).to(ACT),
+                     conv_out=torch.empty(m, dim, device=device, dtype=ACT))
         # nominal: the state read and written, the conv weights, the conv output written
         conv_bytes = 2 * (2 * m * dim * (width - 1) + dim * width + m * dim)
 
@@ -130,10 +137,10 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
             ops.causal_conv1d_update(s["out"][:, start:start + dim], s["conv_state"], s["conv_w"],
                                      activation="silu", out=s["conv_out"])
 
-        def fused(s, state=None):
-            return ops.gemv_conv_update(s["x"], s["w"], None,
+        def fused(s, state=None, x=None, **norm):
+            return ops.gemv_conv_update(s["x"] if x is None else x, s["w"], None,
                                         s["conv_state"] if state is None else state, s["conv_w"],
-                                        conv_start=start, activation="silu", out=s["out"])
+                                        conv_start=start, activation="silu", out=s["out"], **norm)
 
         if "torch" in kernels:
             conv_variants.append(("torch + conv_update", lambda s: (
@@ -151,15 +158,53 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
             then_conv(s0)
             conv_check = max((cols - s0["conv_out"].float()).abs().max().item(),
                              (state.float() - s0["conv_state"].float()).abs().max().item())
+            # The layer's norm before it: the previous layer's output `prev` and the fp32
+            # residual stream, as add_rms_norm then gemv_conv_update, and as its norm prologue.
+            for s in sets:
+                s.update(prev=torch.randn(m, n_in, device=device).to(ACT),
+                         stream=torch.randn(m, n_in, device=device),
+                         stream_out=torch.empty(m, n_in, device=device),
+                         norm_w=torch.rand(n_in, device=device).to(ACT),
+                         normed=torch.empty(m, n_in, device=device, dtype=ACT))
+
+            def prologue(s):
+                return dict(norm_weight=s["norm_w"], residual=s["stream"],
+                            residual_out=s["stream_out"])
+
+            def norm_then_fused(s, state=None):
+                ops.add_rms_norm(s["prev"], s["norm_w"], 1e-5, residual=s["stream"],
+                                 out=s["normed"])
+                return fused(s, state, x=s["normed"])
+
+            conv_variants += [
+                ("add_rms_norm + gemv_conv_update", norm_then_fused),
+                ("gemv_conv_update + norm prologue",
+                 lambda s: fused(s, x=s["prev"], **prologue(s)))]
+            # Once: both ways from one stream and state (the separate norm updates the stream in
+            # place, so it runs on a copy).
+            state, stream = s0["conv_state"].clone(), s0["stream"].clone()
+            whole = fused(s0, state, x=s0["prev"], **prologue(s0)).float().clone()
+            sep_state, sep_stream = s0["conv_state"].clone(), s0["stream"].clone()
+            ops.add_rms_norm(s0["prev"], s0["norm_w"], 1e-5, residual=sep_stream,
+                             out=s0["normed"])
+            sep = fused(s0, sep_state, x=s0["normed"]).float()
+            norm_check = max((whole - sep).abs().max().item(),
+                             (state.float() - sep_state.float()).abs().max().item(),
+                             (s0["stream_out"] - sep_stream).abs().max().item())
+            assert torch.equal(stream, s0["stream"]), "the prologue only reads the residual"
     want = torch.matmul(sets[0]["x"].float(), sets[0]["w"].float().t())
     rows = []
     for label, fn in variants + conv_variants:
         ms = time_graph(fn, sets, reps)  # its replays leave this variant's result in each set
+        normed = "norm" in label
         diff = (sets[0]["out"].float() - want)
-        if label == "gemv_conv_update":  # its conv columns hold the conv output: the others
+        if label.startswith("gemv_conv_update"):  # its conv columns hold the conv output
             diff = torch.cat([diff[:, :start], diff[:, start + dim:]], 1)
-        diff = diff.abs().max().item() if diff.numel() else 0.0
-        nbytes = weight_bytes + 2 * m * (n_in + n_out) + (conv_bytes if "conv" in label else 0)
+        # (the norm rows multiply another input: checked against each other once instead)
+        diff = None if normed else diff.abs().max().item() if diff.numel() else 0.0
+        # nominal norm bytes: the previous output read, the fp32 stream read and written
+        nbytes = (weight_bytes + 2 * m * (n_in + n_out) + (conv_bytes if "conv" in label else 0)
+                  + (norm_bytes if normed else 0))
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(preset=preset, tp=tp, projection=name, kernel=label,
                          out_features=n_out, in_features=n_in, tokens=m, time_us=ms * 1e3,
@@ -167,13 +212,20 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
                          weight_copies=copies, max_abs_diff_vs_fp32=diff))
         if label == "gemv_conv_update":
             rows[-1]["conv_max_abs_diff_vs_separate"] = conv_check
+        if label == "gemv_conv_update + norm prologue":
+            rows[-1]["norm_max_abs_diff_vs_separate"] = norm_check
     # The baseline timed in the same process, on the same weights: cuBLAS alone, or cuBLAS and
-    # the separate conv for the conv rows.
+    # the separate conv for the conv rows; the norm rows against the separate norm.
     base = {b: next((r for r in rows if r["kernel"] == b), None)
-            for b in ("torch", "torch + conv_update")}
+            for b in ("torch", "torch + conv_update", "add_rms_norm + gemv_conv_update")}
     for r in rows:
         ref = base["torch + conv_update" if "conv" in r["kernel"] else "torch"]
+        if "norm" in r["kernel"]:
+            ref = None  # no cuBLAS row does the norm
         r["speedup_vs_torch"] = ref["time_us"] / r["time_us"] if ref else None
+        if r["kernel"] == "gemv_conv_update + norm prologue":
+            sep = base["add_rms_norm + gemv_conv_update"]
+            r["speedup_vs_separate_norm"] = sep["time_us"] / r["time_us"]
     del sets
     torch.cuda.empty_cache()
     return rows
@@ -194,7 +246,9 @@ def main(argv=None) -> int:
                         "rows_per_warp)")
     p.add_argument("--in-proj-conv", action="store_true",
                    help="also time in_proj with its decode conv: cuBLAS or gemv followed by "
-                        "causal_conv1d_update, and the fused gemv_conv_update (tokens <= 8)")
+                        "causal_conv1d_update, and the fused gemv_conv_update; and with the "
+                        "layer's norm: add_rms_norm before it, or its norm prologue "
+                        "(tokens <= 8)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:

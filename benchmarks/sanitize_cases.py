@@ -192,8 +192,9 @@ def malformed_index_cases():
 def decode_cases():
     """gemv at every launch option over odd sizes (a part block, a part K trip), the element path
     (K % 8, misaligned x), strided operands; its conv epilogue (gemv_conv_update) at every
-    option with padded and out-of-range slots; then the decode-step kernels with programmatic
-    launch on (each waits for the one before)."""
+    option with padded and out-of-range slots, with and without the norm prologue (a strided
+    residual stream); then the decode-step kernels with programmatic launch on (each waits for
+    the one before)."""
     for dtype in (torch.bfloat16, torch.float32):
         for m, n, k in ((1, 45, 2056), (3, 45, 264), (8, 7, 40), (5, 37, 100)):
             x = torch.randn(m, k + 8, device=dev, dtype=dtype)  # rows stay 16-byte aligned
@@ -208,11 +209,16 @@ def decode_cases():
             cw = torch.randn(dim, 4, device=dev, dtype=dtype)
             state = torch.randn(6, dim, 3, device=dev, dtype=dtype)
             slots = torch.tensor([5, -1, 9, 0, -4, 2, 1, 3][:m], device=dev, dtype=torch.int32)
+            stream = torch.randn(m, k + 4, device=dev)
+            norm = dict(norm_weight=torch.rand(k, device=dev, dtype=dtype),
+                        residual=stream[:, 3:k + 3], residual_out=torch.empty(m, k, device=dev))
             for wpr in (0, 1, 2, 4, 8):
                 for rpw in (1, 2, 4):
-                    ops.gemv_conv_update(x[:, 1:k + 1], w, b, state, cw, None, conv_start=start,
-                                         activation="silu", cache_indices=slots,
-                                         warps_per_row=wpr, rows_per_warp=rpw)
+                    for prologue in ({}, norm):
+                        ops.gemv_conv_update(x[:, 1:k + 1], w, b, state, cw, None,
+                                             conv_start=start, activation="silu",
+                                             cache_indices=slots, warps_per_row=wpr,
+                                             rows_per_warp=rpw, **prologue)
     previous = ops.set_programmatic_launch(True)
     try:
         h = torch.randn(2, 64, device=dev, dtype=torch.bfloat16)
@@ -228,6 +234,12 @@ def decode_cases():
                                   None, torch.randn(2, 48, 3, device=dev, dtype=torch.bfloat16),
                                   torch.randn(48, 4, device=dev, dtype=torch.bfloat16),
                                   conv_start=0, activation="silu")
+        xz = ops.gemv_conv_update(h, torch.randn(96, 64, device=dev, dtype=torch.bfloat16),
+                                  None, torch.randn(2, 48, 3, device=dev, dtype=torch.bfloat16),
+                                  torch.randn(48, 4, device=dev, dtype=torch.bfloat16),
+                                  conv_start=0, activation="silu",
+                                  norm_weight=torch.rand(64, device=dev, dtype=torch.bfloat16),
+                                  residual=res, residual_out=torch.empty_like(res))
         x = xz[:, :48]
         dbl = ops.gemv(x, torch.randn(36, 48, device=dev, dtype=torch.bfloat16))
         y = ops.selective_state_update(

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "arg_checks.h"
+#include "kernels/norm_params.h"
 #include "overlap_checks.h"
 #include "ssm_ops.h"
 
@@ -47,8 +48,6 @@ GemvParams product_params(const char* op, const at::Tensor& x, const at::Tensor&
                 "), got ", b.device());
     p.bias = b.data_ptr();
   }
-  check_written_disjoint(op, {named(out, "out")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias")});
   p.rows = M;
   p.out_features = N;
   p.in_features = K;
@@ -63,12 +62,85 @@ GemvParams product_params(const char* op, const at::Tensor& x, const at::Tensor&
   return p;
 }
 
+// The norm prologue's operands (GemvNormParams), checked against p's x; all absent: no norm.
+void add_norm_params(const char* op, GemvParams& p, const at::Tensor& x,
+                     const std::optional<at::Tensor>& norm_weight,
+                     const std::optional<at::Tensor>& residual,
+                     const std::optional<at::Tensor>& residual_out, double eps) {
+  if (!norm_weight.has_value()) {
+    TORCH_CHECK(!residual.has_value() && !residual_out.has_value(), op,
+                ": residual and residual_out belong to the norm prologue and need norm_weight");
+    return;
+  }
+  const int64_t M = p.rows, K = p.in_features;
+  TORCH_CHECK(p.out_features >= 1, op,
+              ": the norm prologue needs at least one weight row (N >= 1): the blocks that "
+              "multiply are the ones that normalise");
+  const at::Tensor& w = *norm_weight;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == K && w.is_contiguous(), op,
+              ": norm_weight must be a contiguous (K,) = (", K, ",) tensor, got shape ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op,
+              ": norm_weight must have x's dtype and device (", x.scalar_type(), ", ",
+              x.device(), "), got ", w.scalar_type(), ", ", w.device());
+  TORCH_CHECK(eps >= 0.0, op, ": norm_eps must be >= 0, got ", eps);
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(), op,
+              ": residual and residual_out come together (the updated residual stream is "
+              "written to residual_out), got ", residual.has_value() ? "residual" : "residual_out",
+              " alone");
+  GemvNormParams& nm = p.norm;
+  nm.weight = w.data_ptr();
+  nm.eps = static_cast<float>(eps);
+  nm.reduce_threads = norm_block_threads(K);
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  const at::Tensor& ro = *residual_out;
+  check_matrix(op, r, "residual", M, K, "(M, K)");
+  check_matrix(op, ro, "residual_out", M, K, "(M, K)");
+  TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == x.scalar_type(), op,
+              ": residual must be float32 or x's dtype (", x.scalar_type(), "), got ",
+              r.scalar_type());
+  TORCH_CHECK(ro.scalar_type() == r.scalar_type(), op,
+              ": residual_out must have residual's dtype (", r.scalar_type(), "), got ",
+              ro.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&r, "residual"},
+                                {&ro, "residual_out"}}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on x's device (",
+                x.device(), "), got ", t->device());
+  }
+  nm.residual = r.data_ptr();
+  nm.residual_out = ro.data_ptr();
+  nm.residual_fp32 = r.scalar_type() == at::kFloat;
+  nm.residual_row_stride = r.stride(0);
+  nm.residual_out_row_stride = ro.stride(0);
+}
+
+// gemv's product with its optional norm prologue: every buffer the op writes (out,
+// residual_out, and the conv's state in `written`) is disjoint from every input and each other.
+GemvParams product_with_norm(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                             int64_t warps_per_row, int64_t rows_per_warp,
+                             const std::optional<at::Tensor>& norm_weight,
+                             const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_out, double norm_eps) {
+  GemvParams p = product_params(op, x, weight, bias, out, warps_per_row, rows_per_warp);
+  add_norm_params(op, p, x, norm_weight, residual, residual_out, norm_eps);
+  check_written_disjoint(op, {named(out, "out"), named(residual_out, "residual_out")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(norm_weight, "norm_weight"), named(residual, "residual")});
+  return p;
+}
+
 }  // namespace
 
 GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& out,
-                            int64_t warps_per_row, int64_t rows_per_warp) {
-  return product_params("gemv", x, weight, bias, out, warps_per_row, rows_per_warp);
+                            int64_t warps_per_row, int64_t rows_per_warp,
+                            const std::optional<at::Tensor>& norm_weight,
+                            const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& residual_out, double norm_eps) {
+  return product_with_norm("gemv", x, weight, bias, out, warps_per_row, rows_per_warp,
+                           norm_weight, residual, residual_out, norm_eps);
 }
 
 GemvParams make_gemv_conv_update_params(
@@ -76,13 +148,18 @@ GemvParams make_gemv_conv_update_params(
     const at::Tensor& conv_state, const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias, int64_t conv_start, bool silu,
     const std::optional<at::Tensor>& cache_indices, int64_t pad_slot_id, const at::Tensor& out,
-    int64_t warps_per_row, int64_t rows_per_warp, bool check_index_values) {
+    int64_t warps_per_row, int64_t rows_per_warp, const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_out,
+    double norm_eps, bool check_index_values) {
   const char* op = "gemv_conv_update";
-  GemvParams p = product_params(op, x, weight, bias, out, warps_per_row, rows_per_warp);
+  GemvParams p = product_with_norm(op, x, weight, bias, out, warps_per_row, rows_per_warp,
+                                   norm_weight, residual, residual_out, norm_eps);
   p.conv = make_gemv_conv_params(out, conv_start, conv_state, conv_weight, conv_bias, silu,
                                  cache_indices, pad_slot_id, check_index_values);
-  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
+  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state"),
+                              named(residual_out, "residual_out")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(norm_weight, "norm_weight"), named(residual, "residual"),
                           named(conv_weight, "conv_weight"), named(conv_bias, "conv_bias"),
                           named(cache_indices, "cache_indices")});
   return p;

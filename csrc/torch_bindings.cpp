@@ -46,15 +46,21 @@ TORCH_LIBRARY(tpssm, m) {
       "Tensor(a!) out) -> ()");
   // Decode-sized projection (kernels/gemv_params.h): out (M, N) = x (M, K) . weight^T (+ bias)
   // for M <= 8 tokens, fp32 sums rounded once; the launch options are 0 for the plan's choice.
+  // With norm_weight, x is first normalised as add_rms_norm would (residual + x written to
+  // residual_out; the residual itself is only read).
   m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, int warps_per_row=0, "
-      "int rows_per_warp=0) -> ()");
-  // in_proj of a decode step and its conv in one launch (csrc/linear_ops.h): gemv's product, then
-  // causal_conv1d_update applied in place to its columns [conv_start, conv_start + conv_dim).
+      "int rows_per_warp=0, Tensor? norm_weight=None, Tensor? residual=None, "
+      "Tensor(b!)? residual_out=None, float norm_eps=1e-5) -> ()");
+  // in_proj of a decode step and its conv in one launch (csrc/linear_ops.h): gemv's product (with
+  // its optional norm prologue), then causal_conv1d_update applied in place to its columns
+  // [conv_start, conv_start + conv_dim).
   m.def(
       "gemv_conv_update(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_state, "
       "Tensor conv_weight, Tensor? conv_bias, int conv_start, bool silu, Tensor? cache_indices, "
-      "int pad_slot_id, Tensor(b!) out, int warps_per_row=0, int rows_per_warp=0) -> ()");
+      "int pad_slot_id, Tensor(b!) out, int warps_per_row=0, int rows_per_warp=0, "
+      "Tensor? norm_weight=None, Tensor? residual=None, Tensor(c!)? residual_out=None, "
+      "float norm_eps=1e-5) -> ()");
   // Decode attention read in place from the KV cache (kernels/attention_params.h): row b attends
   // keys 0 .. lengths[b] - 1 of cache row rows[b]; a bad row or a length <= 0 gives zeros.
   m.def(

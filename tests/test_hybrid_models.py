@@ -258,14 +258,16 @@ def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
 def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     """set_projection_kernel('gemv') on Zamba2: a decode step sends the mixers' out_proj, the
     shared block's qkv / o_proj / gate_up / down_proj, the per-layer linear and the head through
-    ops.gemv, and each mixer's in_proj with its conv through gemv_conv_update, with F.linear's
-    and the separate conv's results."""
+    ops.gemv, and each mixer's in_proj with its conv and its input norm through
+    gemv_conv_update, with F.linear's, the separate conv's and the separate norm's results."""
+    import tpssm.models.model as model_module
     import tpssm.ops
     from tpssm.models import load_model
 
     oracle = oracles("zamba2_1blk")
     base, fast = (load_model(oracle["path"], backend=BACKEND) for _ in range(2))
     fast.set_projection_kernel("gemv")
+    monkeypatch.setattr(model_module, "NORM_PROLOGUE_MAX_ROWS", 8)  # the 4 rows below
     calls = []
     real = tpssm.ops.gemv
     monkeypatch.setattr(tpssm.ops, "gemv", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
@@ -274,7 +276,8 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
         k = layer.mixer.kernels
         monkeypatch.setattr(k, "gemv_conv_update",
                             lambda x, *a, real_fused=k.gemv_conv_update, **kw:
-                            fused.append(1) or real_fused(x, *a, **kw))
+                            fused.append(kw.get("norm_weight") is not None)
+                            or real_fused(x, *a, **kw))
     prompts = oracle["prompts"]
     n = len(prompts)
     ids = torch.tensor([t for p in prompts for t in p])
@@ -288,7 +291,7 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     outs = [m.decode(step, slots, c) for m, c in zip((base, fast), caches)]
     hybrid = sum(layer.hybrid for layer in base.layers)
     assert len(calls) == len(base.layers) + 5 * hybrid + 1
-    assert len(fused) == len(base.layers)
+    assert fused == [True] * len(base.layers)  # each with the norm prologue
     assert H.max_rel_err(outs[1], outs[0]) <= SELF_TOL
 
 

@@ -1,11 +1,13 @@
-"""The decode-sized projection ops (tpssm.ops.gemv, gemv_conv_update) on the CPU: against the
-float64 reference, and their argument errors (the CUDA kernel: tests/test_linear_ops_cuda.py)."""
+"""The decode-sized projection ops (tpssm.ops.gemv, gemv_conv_update) on the CPU, with their norm
+prologue and conv epilogue: against the float64 reference, and their argument errors (the CUDA
+kernel: tests/test_linear_ops_cuda.py)."""
 
 import pytest
 import torch
 
 from tpssm import ops
-from tpssm.reference import causal_conv1d_update_ref, gemv_conv_update_ref, gemv_ref
+from tpssm.reference import (add_rms_norm_ref, causal_conv1d_update_ref, gemv_conv_update_ref,
+                             gemv_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
@@ -218,3 +220,134 @@ def test_conv_update_argument_errors_name_the_rule():
     idx = torch.arange(64, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="out must not overlap cache_indices"):
         call(cache_indices=idx[1:3], out=idx[2:].view(torch.float32)[:60].view(2, 30))
+
+
+# --- the norm prologue: the product of add_rms_norm(x, ...) (a decode layer's norm and in_proj)
+
+
+def norm_inputs(m, k, dtype, residual_dtype, seed=0):
+    """x (the previous layer's output), the norm weight, and a residual stream (or None)."""
+    g = torch.Generator().manual_seed(seed + 200)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    nw = (1 + torch.randn(k, generator=g) / 4).to(dtype)
+    res = (None if residual_dtype is None
+           else (3 * torch.randn(m, k, generator=g)).to(residual_dtype))
+    return x, nw, res
+
+
+def normed_ref(x, nw, eps, res):
+    """(h, residual + x) as the float64 reference computes them."""
+    stream = None if res is None else res.clone()
+    return add_rms_norm_ref(x, nw, eps, residual=stream), stream
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", ["fp32", "same", None])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (3, 5, 100), (8, 70, 2056)])
+def test_norm_prologue_cpu(m, n, k, residual, dtype):
+    rdtype = {"fp32": torch.float32, "same": dtype, None: None}[residual]
+    _, w, b = gemv_inputs(m, n, k, dtype, seed=k)
+    x, nw, res = norm_inputs(m, k, dtype, rdtype, seed=m)
+    res0 = None if res is None else res.clone()
+    res_out = None if res is None else torch.full_like(res, float("nan"))
+    got = ops.gemv(x, w, b, norm_weight=nw, residual=res, residual_out=res_out, norm_eps=1e-5)
+    # The composition of the two ops: add_rms_norm on a copy of the stream, then gemv.
+    stream = None if res is None else res0.clone()
+    h = ops.add_rms_norm(x, nw, 1e-5, residual=stream)
+    assert torch.equal(got, ops.gemv(h, w, b))
+    if res is not None:
+        assert torch.equal(res, res0), "the residual is only read"
+        assert torch.equal(res_out, stream)
+    # Against the float64 reference: the normalised input may differ from it by one unit in the
+    # last place (fp32 norm vs float64), so the product by that much of |h| . |w| more.
+    h_ref, stream_ref = normed_ref(x, nw, 1e-5, res0)
+    ref = gemv_ref(h_ref, w, b)
+    slack = 2 * ULP[dtype] * (h_ref.double().abs() @ w.double().abs().t())
+    err = (got.double() - ref.double()).abs()
+    assert bool((err <= gemv_tolerance(h_ref, w, b, ref) + slack).all()), err.max().item()
+    if res is not None:
+        tol = ULP[rdtype] * stream_ref.double().abs()
+        assert bool(((res_out.double() - stream_ref.double()).abs() <= tol).all())
+    # The reference op takes the same arguments.
+    ref_out = None if res is None else torch.empty_like(res)
+    got_ref = gemv_ref(x, w, b, norm_weight=nw, residual=res0, residual_out=ref_out)
+    assert torch.equal(got_ref, ref)
+    if res is not None:
+        assert torch.equal(ref_out, stream_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_prologue_with_the_conv_epilogue_cpu(dtype):
+    x0, w, b, cw, cb, state = conv_update_inputs(3, 50, 40, 24, 4, dtype, seed=5)
+    x, nw, res = norm_inputs(3, 40, dtype, torch.float32, seed=6)
+    ci = torch.tensor([3, -1, 0], dtype=torch.int32)
+    state0, res_out = state.clone(), torch.empty_like(res)
+    got = ops.gemv_conv_update(x, w, b, state, cw, cb, conv_start=10, activation="silu",
+                               cache_indices=ci, norm_weight=nw, residual=res,
+                               residual_out=res_out, norm_eps=1e-6)
+    stream = res.clone()
+    h = ops.add_rms_norm(x, nw, 1e-6, residual=stream)
+    want_state = state0.clone()
+    want = ops.gemv_conv_update(h, w, b, want_state, cw, cb, conv_start=10, activation="silu",
+                                cache_indices=ci)
+    assert torch.equal(got, want) and torch.equal(state, want_state)
+    assert torch.equal(res_out, stream)
+    ref_state, ref_out = state0.clone(), torch.empty_like(res)
+    ref = gemv_conv_update_ref(x, w, b, ref_state, cw, cb, conv_start=10, activation="silu",
+                               cache_indices=ci, norm_weight=nw, residual=res,
+                               residual_out=ref_out, norm_eps=1e-6)
+    for a, r in ((got, ref), (state, ref_state)):
+        tol = 8 * ULP[dtype] * (r.double().abs() + 1)
+        assert bool(((a.double() - r.double()).abs() <= tol).all())
+
+
+def test_norm_prologue_argument_errors_name_the_rule():
+    x, w, b = gemv_inputs(2, 6, 16, torch.float32)
+    _, nw, res = norm_inputs(2, 16, torch.float32, torch.float32)
+    out_res = torch.empty_like(res)
+
+    def call(**kw):
+        args = dict(norm_weight=nw, residual=res, residual_out=out_res)
+        args.update(kw)
+        return ops.gemv(x, w, b, **args)
+
+    with pytest.raises(RuntimeError, match="residual and residual_out belong to the norm"):
+        call(norm_weight=None)
+    with pytest.raises(RuntimeError, match="residual and residual_out come together"):
+        call(residual_out=None)
+    with pytest.raises(RuntimeError, match="residual and residual_out come together"):
+        call(residual=None)
+    with pytest.raises(RuntimeError, match=r"norm_weight must be a contiguous \(K,\)"):
+        call(norm_weight=torch.randn(15))
+    with pytest.raises(RuntimeError, match="norm_weight must have x's dtype"):
+        call(norm_weight=nw.half())
+    with pytest.raises(RuntimeError, match="norm_eps must be >= 0"):
+        call(norm_eps=-1.0)
+    with pytest.raises(RuntimeError, match=r"needs at least one weight row \(N >= 1\)"):
+        ops.gemv(x, torch.empty(0, 16), norm_weight=nw, residual=res, residual_out=out_res)
+    with pytest.raises(RuntimeError, match=r"residual must have shape \(M, K\)"):
+        call(residual=torch.randn(3, 16))
+    with pytest.raises(RuntimeError, match="residual must be float32 or x's dtype"):
+        ops.gemv(x.half(), w.half(), None, norm_weight=nw.half(), residual=res.double(),
+                 residual_out=out_res.double())
+    with pytest.raises(RuntimeError, match="residual_out must have residual's dtype"):
+        call(residual_out=out_res.half())
+    # residual_out is written while every block reads x, residual and the norm weight
+    buf = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="residual_out must not overlap residual"):
+        call(residual=buf[:2], residual_out=buf[1:3])
+    with pytest.raises(RuntimeError, match="residual_out must not overlap x"):
+        call(residual_out=x)
+    with pytest.raises(RuntimeError, match="out must not overlap residual"):
+        call(out=res[:, :6])
+    with pytest.raises(RuntimeError, match="out must not overlap residual_out"):
+        call(out=out_res[:, :6])
+    # and the conv epilogue's state: no byte in common with the stream either way
+    _, _, _, cw, cb, state = conv_update_inputs(2, 6, 16, 4, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="conv_state must not overlap residual"):
+        ops.gemv_conv_update(x, w, b, res.view(-1)[:24].view(2, 4, 3), cw, cb, conv_start=0,
+                             norm_weight=nw, residual=res, residual_out=out_res)
+    with pytest.raises(RuntimeError, match="residual_out must not overlap conv_state|"
+                                           "conv_state must not overlap residual_out"):
+        ops.gemv_conv_update(x, w, b, out_res.view(-1)[:24].view(2, 4, 3), cw, cb,
+                             conv_start=0, norm_weight=nw, residual=res, residual_out=out_res)

@@ -1,14 +1,15 @@
 """The gemv CUDA kernel (tpssm.ops.gemv) against the float64 reference and the CPU op, over
 dtypes, token counts 1-8, odd sizes, every launch option, strided and misaligned operands; its
-conv epilogue (gemv_conv_update) against gemv followed by the CUDA conv update op, bit for bit (on
-a GPU, or emulated on the CPU: make test-cuda-emu). Skipped without either."""
+conv epilogue (gemv_conv_update) against gemv followed by the CUDA conv update op, and its norm
+prologue against add_rms_norm followed by gemv, bit for bit (on a GPU, or emulated on the CPU:
+make test-cuda-emu). Skipped without either."""
 
 import pytest
 import torch
 
 import tpssm
 from test_linear_ops import (DTYPES, assert_conv_update_matches, assert_gemv_close,
-                             conv_update_inputs, gemv_inputs)
+                             conv_update_inputs, gemv_inputs, norm_inputs)
 from tpssm import ops
 
 if not (torch.cuda.is_available() and tpssm.has_cuda_kernels()):
@@ -227,3 +228,136 @@ def test_conv_epilogue_graph_replay_equals_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager) and torch.equal(graph_state, eager_state)
+
+
+# --- the norm prologue: add_rms_norm inside the projection's launch
+
+
+def _norm_both_ways(x, w, b, nw, res, eps, conv=None, **options):
+    """(fused out, its residual_out, separate out, its stream): the product with the norm
+    prologue against add_rms_norm and then the same product op, on the device at the same launch
+    options. conv: (conv_weight, conv_bias, state, conv_start, cache_indices) for
+    gemv_conv_update (the states are compared by the caller through the returned outs)."""
+    dx, dw, db, dnw = (_dev(t) for t in (x, w, b, nw))
+    dres = _dev(res)
+    res_out = None if res is None else torch.full_like(dres, float("nan"))
+    stream = _dev(res)
+    if conv is None:
+        fused = ops.gemv(dx, dw, db, norm_weight=dnw, residual=dres, residual_out=res_out,
+                         norm_eps=eps, **options)
+        h = ops.add_rms_norm(dx, dnw, eps, residual=stream)
+        sep = ops.gemv(h, dw, db, **options)
+    else:
+        cw, cb, state, start, ci = conv
+        fstate, sstate = _dev(state), _dev(state)
+        kw = dict(conv_start=start, activation="silu", cache_indices=_dev(ci), **options)
+        fused = ops.gemv_conv_update(dx, dw, db, fstate, _dev(cw), _dev(cb), norm_weight=dnw,
+                                     residual=dres, residual_out=res_out, norm_eps=eps, **kw)
+        h = ops.add_rms_norm(dx, dnw, eps, residual=stream)
+        sep = ops.gemv_conv_update(h, dw, db, sstate, _dev(cw), _dev(cb), **kw)
+        assert torch.equal(fstate.cpu(), sstate.cpu())
+    if res is not None:
+        assert torch.equal(dres.cpu(), res), "the residual is only read"
+    return (fused.cpu(), None if res is None else res_out.cpu(), sep.cpu(),
+            None if res is None else stream.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", ["fp32", "same", None])
+@pytest.mark.parametrize("m,n,k", [
+    (1, 70, 2048),   # norm block of 256 threads: one reduce thread a thread
+    (3, 45, 100),    # element path (K % 8); 32 reduce threads, most of the block idle
+    (8, 40, 5000),   # 1024 reduce threads: four a thread; 8 rows of shared memory
+    (5, 19, 776),
+])
+def test_norm_prologue_equals_add_rms_norm_then_gemv(m, n, k, residual, dtype):
+    rdtype = {"fp32": torch.float32, "same": dtype, None: None}[residual]
+    _, w, b = gemv_inputs(m, n, k, dtype, seed=k)
+    x, nw, res = norm_inputs(m, k, dtype, rdtype, seed=m)
+    fused, res_out, sep, stream = _norm_both_ways(x, w, b, nw, res, 1e-5)
+    assert torch.equal(fused, sep)
+    if res is not None:
+        assert torch.equal(res_out, stream)
+    # and the CPU op, within the sums' order
+    cpu_out = None if res is None else torch.empty_like(res)
+    cpu = ops.gemv(x, w, b, norm_weight=nw, residual=res, residual_out=cpu_out)
+    assert torch.allclose(fused.double(), cpu.double(), rtol=4 * 2 ** -7, atol=1e-3)
+    if res is not None:
+        assert torch.equal(res_out, cpu_out)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
+@pytest.mark.parametrize("warps_per_row", [1, 2, 4, 8])
+def test_norm_prologue_with_the_conv_epilogue_at_every_launch_option(warps_per_row,
+                                                                     rows_per_warp, m):
+    _, w, b, cw, cb, state = conv_update_inputs(m, 45, 2056, 29, 4, torch.bfloat16, seed=m)
+    x, nw, res = norm_inputs(m, 2056, torch.bfloat16, torch.float32, seed=m)
+    ci = torch.tensor([9, 2, 0, 4, 1, 3, 7, 8][:m], dtype=torch.int32)
+    fused, res_out, sep, stream = _norm_both_ways(
+        x, w, b, nw, res, 1e-6, conv=(cw, cb, state, 11, ci), warps_per_row=warps_per_row,
+        rows_per_warp=rows_per_warp)
+    assert torch.equal(fused, sep) and torch.equal(res_out, stream)
+
+
+def test_norm_prologue_strided_operands_and_shared_memory_limit():
+    """x, the residual and residual_out as column slices (misaligned x: the prologue reads it by
+    element, the K loop still takes 16-byte loads from shared memory); nothing written outside
+    residual_out; rows past 48 KB of shared memory; an error past the device's limit."""
+    g = torch.Generator().manual_seed(9)
+    k = 256
+    xs = torch.randn(4, k + 3, generator=g).to(torch.bfloat16)
+    _, w, b = gemv_inputs(4, 30, k, torch.bfloat16, seed=9)
+    nw = (1 + torch.randn(k, generator=g) / 4).to(torch.bfloat16)
+    res_buf = torch.randn(4, k + 8, generator=g)
+    dout_res = torch.full((6, k + 10), 5.0, device=CUDA)
+    dx = _dev(xs)[:, 1:k + 1]
+    fused = ops.gemv(dx, _dev(w), _dev(b), norm_weight=_dev(nw),
+                     residual=_dev(res_buf)[:, 4:k + 4], residual_out=dout_res[1:5, 2:k + 2])
+    plan = getattr(ops._ops, "gemv_plan", None)
+    if plan is not None:
+        # gemv_plan takes no norm: with x this misaligned a plain gemv would take element loads
+        assert not plan(dx, _dev(w), None, fused, 0, 0)[2]
+    stream = res_buf[:, 4:k + 4].clone()
+    h = ops.add_rms_norm(_dev(xs)[:, 1:k + 1].contiguous(), _dev(nw), 1e-5,
+                         residual=_dev(stream))
+    assert torch.equal(fused.cpu(), ops.gemv(h, _dev(w), _dev(b)).cpu())
+    got = dout_res.cpu()
+    assert torch.equal(got[1:5, 2:k + 2], stream + xs[:, 1:k + 1].float())
+    untouched = torch.full((6, k + 10), 5.0)
+    untouched[1:5, 2:k + 2] = got[1:5, 2:k + 2]
+    assert torch.equal(got, untouched), "wrote outside residual_out"
+
+    # 8 rows x 4096 bf16 = 64 KB (+ 1 KB of sums): past the 48 KB a launch gets without opting in
+    _, w, b = gemv_inputs(8, 24, 4096, torch.bfloat16, seed=10)
+    x, nw, res = norm_inputs(8, 4096, torch.bfloat16, torch.float32, seed=10)
+    fused, res_out, sep, stream = _norm_both_ways(x, w, b, nw, res, 1e-5)
+    assert torch.equal(fused, sep) and torch.equal(res_out, stream)
+    # 8 x 8192 fp32 = 256 KB: more than any GPU gives a block
+    x = torch.randn(8, 8192, device=CUDA)
+    with pytest.raises(RuntimeError, match="more than a block of this device may have"):
+        ops.gemv(x, torch.randn(4, 8192, device=CUDA), norm_weight=torch.ones(8192, device=CUDA))
+
+
+def test_norm_prologue_graph_replay_equals_eager():
+    _, w, b, cw, cb, state = conv_update_inputs(2, 96, 512, 64, 4, torch.bfloat16, seed=11)
+    x, nw, res = norm_inputs(2, 512, torch.bfloat16, torch.float32, seed=11)
+    dx, dw, db, dcw, dcb, dnw, dres = (_dev(t) for t in (x, w, b, cw, cb, nw, res))
+    ci = torch.tensor([3, 6], dtype=torch.int32, device=CUDA)
+    kw = dict(conv_start=16, activation="silu", cache_indices=ci, norm_weight=dnw, residual=dres)
+    eager_state, eager_res = _dev(state), torch.empty_like(dres)
+    eager = ops.gemv_conv_update(dx, dw, db, eager_state, dcw, dcb, residual_out=eager_res, **kw)
+    graph_state, graph_res, out = _dev(state), torch.empty_like(dres), torch.empty_like(eager)
+    ops.gemv_conv_update(dx, dw, db, _dev(state), dcw, dcb, residual_out=graph_res, out=out,
+                         **kw)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gemv_conv_update(dx, dw, db, graph_state, dcw, dcb, residual_out=graph_res, out=out,
+                             **kw)
+    graph_state.copy_(_dev(state))
+    out.zero_()
+    graph_res.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(graph_state, eager_state)
+    assert torch.equal(graph_res, eager_res)

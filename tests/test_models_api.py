@@ -165,9 +165,12 @@ def test_ops_backend_matches_reference_backend(family, checkpoints):
 @pytest.mark.parametrize("family,per_layer", [("mamba", 2), ("mamba2_g4", 1)])
 def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeypatch):
     """set_projection_kernel('gemv'): decode-sized steps (<= 8 tokens) go through ops.gemv - every
-    x_proj / out_proj and the head - and in_proj with the conv in one gemv_conv_update, with the
-    same results as F.linear and the separate conv."""
+    x_proj / out_proj and the head - and in_proj with the conv and the layer's norm in one
+    gemv_conv_update, with the same results as F.linear, the separate conv and norm. (The norm
+    joins in_proj for steps of at most NORM_PROLOGUE_MAX_ROWS rows: raised here for 3.)"""
+    import tpssm.models.model as model_module
     import tpssm.ops
+    from tpssm.models.mixers import BatchMeta
 
     _, path = checkpoints[family]
     base = SSMForCausalLM.from_pretrained(path, backend=BACKEND)
@@ -175,6 +178,13 @@ def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeyp
     gemv.set_projection_kernel("gemv")
     with pytest.raises(ValueError, match="projection kernel must be one of"):
         gemv.set_projection_kernel("cublas")
+    decode = BatchMeta(None, None, None)
+    limit = model_module.NORM_PROLOGUE_MAX_ROWS
+    rows = torch.zeros(limit + 1, base.config.hidden_size)
+    assert gemv._norms_in_in_proj(rows[:limit], decode)
+    assert not gemv._norms_in_in_proj(rows, decode)
+    assert not base._norms_in_in_proj(rows[:1], decode)  # cuBLAS projections: a norm kernel
+    monkeypatch.setattr(model_module, "NORM_PROLOGUE_MAX_ROWS", 8)
     calls, fused = [], []
     real = tpssm.ops.gemv
 
@@ -184,7 +194,7 @@ def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeyp
 
     def count_fused(real_fused):
         def fn(x, *args, **kwargs):
-            fused.append(x.shape[0])
+            fused.append((x.shape[0], kwargs.get("norm_weight") is not None))
             return real_fused(x, *args, **kwargs)
         return fn
 
@@ -201,11 +211,23 @@ def test_gemv_projections_match_f_linear(family, per_layer, checkpoints, monkeyp
     assert calls == [3] and fused == []  # the head on each request's last token
     assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
     calls.clear()
+    # The same steps with the layers' norms outside in_proj (add_rms_norm between the layers).
+    separate = gemv.allocate_cache(len(PROMPTS))
+    for mine, theirs in ((separate.conv_states, caches[1].conv_states),
+                         (separate.ssm_states, caches[1].ssm_states)):
+        for a, b in zip(mine, theirs):
+            a.copy_(b)
     step = torch.tensor([1, 2, 3])
     outs = [m.decode(step, slots, c) for m, c in zip((base, gemv), caches)]
     assert calls == [3] * (per_layer * base.config.num_hidden_layers + 1)
-    assert fused == [3] * base.config.num_hidden_layers
+    assert fused == [(3, True)] * base.config.num_hidden_layers  # with the norm prologue
     assert H.max_rel_err(outs[1], outs[0]) <= 1e-5
+    monkeypatch.setattr(gemv, "_norms_in_in_proj", lambda *args: False)
+    # bit for bit: the CPU op is add_rms_norm's arithmetic followed by the product
+    assert torch.equal(gemv.decode(step, slots, separate), outs[1])
+    for a, b in zip(separate.ssm_states + separate.conv_states,
+                    caches[1].ssm_states + caches[1].conv_states):
+        assert torch.equal(a, b)
     for a, b in zip(caches[1].ssm_states, caches[0].ssm_states):
         assert H.max_rel_err(a, b) <= 1e-5
     for a, b in zip(caches[1].conv_states, caches[0].conv_states):

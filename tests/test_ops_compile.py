@@ -77,6 +77,16 @@ def _gemv_args(bias):
     return (buf[:, 2:42], w, b, torch.empty(3, 7, dtype=torch.bfloat16), 0, 0)
 
 
+def _gemv_norm_args(residual):
+    """The norm prologue's trailing arguments (norm_weight, residual, residual_out, norm_eps)."""
+    g = torch.Generator().manual_seed(5)
+    nw = torch.randn(40, generator=g, dtype=torch.bfloat16)
+    if not residual:
+        return (nw, None, None, 1e-5)
+    res = torch.randn(3, 40, generator=g)
+    return (nw, res, torch.empty_like(res), 1e-6)
+
+
 def _gemv_conv_update_args(with_slots):
     g = torch.Generator().manual_seed(4)
     x, w, b, _, _, _ = _gemv_args(bias=True)
@@ -118,6 +128,11 @@ OPCHECK_CASES = [
     ("gemv_conv_update", _tp.gemv_conv_update.default, lambda: _gemv_conv_update_args(True)),
     ("gemv_conv_update_none", _tp.gemv_conv_update.default,
      lambda: _gemv_conv_update_args(False)),
+    ("gemv_norm", _tp.gemv.default, lambda: _gemv_args(bias=True) + _gemv_norm_args(False)),
+    ("gemv_norm_residual", _tp.gemv.default,
+     lambda: _gemv_args(bias=False) + _gemv_norm_args(True)),
+    ("gemv_conv_update_norm_residual", _tp.gemv_conv_update.default,
+     lambda: _gemv_conv_update_args(True) + _gemv_norm_args(True)),
     ("decode_attention", _tp.decode_attention.default, lambda: _attention_args(torch.int64)),
     ("decode_attention_int32", _tp.decode_attention.default,
      lambda: _attention_args(torch.int32)),

@@ -58,14 +58,21 @@ def test_profile_decode_counts_a_steps_ops(tmp_path, config):
     assert res["step_ms_median_unprofiled"] > 0
 
 
-@pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])
-def test_gemv_decode_fuses_in_proj_and_conv(tmp_path, config):
+@pytest.mark.parametrize("config,norm_op,norms", [
+    (MAMBA, "tpssm::add_rms_norm", 1),   # the final norm
+    (ZAMBA2, "aten::rms_norm", 3),       # the shared block's two and the final norm
+], ids=["mamba", "zamba2"])
+def test_gemv_decode_fuses_in_proj_and_conv(tmp_path, config, norm_op, norms):
     """With --projection-kernel gemv a decode layer's in_proj and conv are one op
-    (gemv_conv_update; one kernel on CUDA), and the models no longer call the conv update."""
+    (gemv_conv_update; one kernel on CUDA), and the models no longer call the conv update. The
+    mixers' input norms are that op's prologue too: only the norms outside the mixers remain
+    (without the prologue: one more a layer)."""
     res = _run(tmp_path, config, "--projection-kernel", "gemv")
     _one_per_layer(res, "tpssm::gemv_conv_update")
     _one_per_layer(res, "tpssm::selective_state_update")
     assert not any(r["name"] == "tpssm::causal_conv1d_update" for r in res["kernels"])
+    norm = next(r for r in res["kernels"] if r["name"] == norm_op)
+    assert norm["launches_per_step"] == norms, norm
 
 
 @pytest.mark.parametrize("config", [MAMBA, ZAMBA2], ids=["mamba", "zamba2"])

@@ -59,10 +59,17 @@ def _decode_ops():
         ("gemv",
          lambda: dict(x=gx, weight=gw, bias=gb, out=torch.empty(3, 50, dtype=torch.bfloat16)),
          lambda kw: ops.gemv(kw["x"], kw["weight"], kw["bias"], out=kw["out"]), ("out",)),
+        ("gemv_norm_prologue",
+         lambda: dict(x=gx, weight=gw, norm_weight=gw[0], residual=torch.randn(3, 200),
+                      residual_out=torch.empty(3, 200),
+                      out=torch.empty(3, 50, dtype=torch.bfloat16)),
+         lambda kw: ops.gemv(kw["x"], kw["weight"], norm_weight=kw["norm_weight"],
+                             residual=kw["residual"], residual_out=kw["residual_out"],
+                             out=kw["out"]), ("residual_out", "out")),
     ]
 
 
-@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _decode_ops()])
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _decode_ops()])
 def test_each_kernel_gives_the_same_bits(case, programmatic):
     name, make, call, written = _decode_ops()[case]
     base = make()

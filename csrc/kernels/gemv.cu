@@ -19,8 +19,16 @@
 // weights and bias right after it, so their latency overlaps the reductions; the arithmetic is
 // causal_conv1d_update's, in its order, on the product rounded to the dtype. A template flag,
 // so that the plain projections compile to the code they would have without it.
+//
+// With a norm prologue (kNorm: p.norm, a decode layer's norm and in_proj in one launch) every
+// block normalises x's rows itself into shared memory before the K loop, which then reads them
+// there. A row's sum of squares is reduced exactly as add_rms_norm's block would reduce it, so
+// the normalised rows, and the product, equal add_rms_norm followed by gemv bit for bit. Each
+// block re-reads the rows (a few KB from L2) in exchange for the norm's own launch; block 0
+// writes the residual stream, to a buffer of its own since the other blocks still read the old.
 #include "gemv_kernels.h"
 #include "kernel_utils.cuh"
+#include "norm_params.h"
 #include "static_switch.h"
 
 namespace tpssm {
@@ -90,7 +98,71 @@ __device__ __forceinline__ void apply_conv(const GemvConvParams& cv, const ConvO
   st[(cv.width - 2) * cv.state_width_stride] = v;
 }
 
-template <typename T, int kM, int kR, int kN, bool kConv>
+// Row m's normalised input h at column i in fp32, add_rms_norm's arithmetic: x, or with a
+// residual s = residual + x rounded to the residual's dtype (written to residual_out when
+// write_residual), then rounded to the dtype.
+template <typename T>
+__device__ __forceinline__ float norm_input(const GemvParams& p, int m, int64_t i,
+                                            bool write_residual) {
+  const GemvNormParams& nm = p.norm;
+  const float v = to_float(static_cast<const T*>(p.x)[m * p.x_row_stride + i]);
+  if (nm.residual == nullptr) return v;
+  const int64_t at = m * nm.residual_row_stride + i;
+  const int64_t at_out = m * nm.residual_out_row_stride + i;
+  if (nm.residual_fp32) {
+    const float s = static_cast<const float*>(nm.residual)[at] + v;
+    if (write_residual) static_cast<float*>(nm.residual_out)[at_out] = s;
+    return to_float(from_float<T>(s));
+  }
+  const T s = from_float<T>(to_float(static_cast<const T*>(nm.residual)[at]) + v);
+  if (write_residual) static_cast<T*>(nm.residual_out)[at_out] = s;
+  return to_float(s);
+}
+
+// Bytes of the norm prologue's warp sums at the start of its shared memory (a multiple of 16, so
+// that the normalised rows after them keep 16-byte alignment).
+constexpr int kNormSumsBytes = kGemvMaxRows * 32 * sizeof(float);
+
+// The norm prologue: xs (rows x K, the dtype) = norm.weight * rms_norm(h) of every row, rounded
+// as add_rms_norm rounds. The sum of squares of a row is the one add_rms_norm's block of
+// R = norm.reduce_threads threads computes: its thread v sums columns v, v + R, ... in order, each
+// warp's sums meet in the same shuffle butterfly and the warp sums add in warp order. This block
+// plays those R threads, thread t as v = t, t + blockDim.x, ...: R and blockDim.x are whole warps,
+// so every shuffle has its full warp. Block 0 writes the residual stream.
+template <typename T>
+__device__ void normalise_rows(const GemvParams& p, float* sums, T* xs) {
+  const GemvNormParams& nm = p.norm;
+  const int64_t K = p.in_features;
+  const int R = nm.reduce_threads;
+  for (int m = 0; m < p.rows; ++m) {
+    for (int v = threadIdx.x; v < R; v += blockDim.x) {
+      float ss = 0.f;
+      for (int64_t i = v; i < K; i += R) {
+        const float h = norm_input<T>(p, m, i, false);
+        ss += h * h;
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, offset);
+      }
+      if (threadIdx.x % 32 == 0) sums[m * 32 + v / 32] = ss;
+    }
+  }
+  __syncthreads();
+  const bool write_residual = nm.residual_out != nullptr && blockIdx.x == 0;
+  const T* w = static_cast<const T*>(nm.weight);
+  for (int m = 0; m < p.rows; ++m) {
+    float total = 0.f;
+    for (int k = 0; k < R / 32; ++k) total += sums[m * 32 + k];
+    const float inv = rsqrtf(total / static_cast<float>(K) + nm.eps);
+    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+      const T normed = from_float<T>(norm_input<T>(p, m, i, write_residual) * inv);
+      xs[m * K + i] = from_float<T>(to_float(w[i]) * to_float(normed));
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, int kM, int kR, int kN, bool kConv, bool kNorm>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(GemvParams p, int warps_per_row, bool prefetch) {
   constexpr int kU = kR >= 4 ? 1 : 4 / kR;  // chunks of each row a lane has in flight
@@ -128,6 +200,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
   pdl_wait();
   pdl_launch_dependents();
+  if constexpr (kNorm) {
+    unsigned char* smem = dynamic_smem();
+    T* xs = reinterpret_cast<T*>(smem + kNormSumsBytes);
+    normalise_rows<T>(p, reinterpret_cast<float*>(smem), xs);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      xrow[m] = xs + min(static_cast<int64_t>(m), p.rows - 1) * p.in_features;
+    }
+  }
 
   // The conv epilogue's view of the (row, token) this thread stores after the reductions, if
   // any: thread t takes row t / kM of the block and token t % kM, i.e. t = (g * kR + r) * kM + m.
@@ -224,44 +305,75 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
 int elems_per_chunk(DType dtype) { return dtype == DType::kFloat32 ? 4 : 8; }
 
+// The norm prologue's normalised rows live in shared memory, so only the weight's layout and K
+// decide the vector path there.
 bool vector_path_ok(const GemvParams& p) {
   const int64_t n = elems_per_chunk(p.dtype);
   const int64_t esize = 16 / n;
-  return p.in_features % n == 0 && is_aligned(p.x, 16) && is_aligned(p.weight, 16) &&
-         (p.rows <= 1 || (p.x_row_stride * esize) % 16 == 0) &&
+  const bool x_ok = p.norm.weight != nullptr ||
+                    (is_aligned(p.x, 16) && (p.rows <= 1 || (p.x_row_stride * esize) % 16 == 0));
+  return p.in_features % n == 0 && x_ok && is_aligned(p.weight, 16) &&
          (p.out_features <= 1 || (p.weight_row_stride * esize) % 16 == 0);
 }
 
-template <typename T, int kM, int kR, int kN, bool kConv>
+// Dynamic shared memory of a launch: the norm prologue's warp sums and normalised rows.
+int64_t gemv_smem_bytes(const GemvParams& p) {
+  if (p.norm.weight == nullptr) return 0;
+  const int64_t esize = p.dtype == DType::kFloat32 ? 4 : 2;
+  return kNormSumsBytes + p.rows * p.in_features * esize;
+}
+
+template <typename T, int kM, int kR, int kN, bool kConv, bool kNorm>
 void launch(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
-  const auto kernel = gemv_kernel<T, kM, kR, kN, kConv>;
+  constexpr auto kernel = gemv_kernel<T, kM, kR, kN, kConv, kNorm>;
+  const int64_t smem = gemv_smem_bytes(p);
+  if constexpr (kNorm) {
+    // A block's static `partial` counts against the same limits as the dynamic rows.
+    constexpr int64_t kStatic = sizeof(float) * kGemvWarps * kR * kM;
+    const int64_t most = current_device_max_smem_per_block();
+    if (smem + kStatic > most) {
+      throw std::runtime_error(
+          "tpssm gemv: the norm prologue keeps the " + std::to_string(p.rows) + " x " +
+          std::to_string(p.in_features) + " normalised input in shared memory (" +
+          std::to_string(smem + kStatic) + " bytes with the block's sums), more than a block of "
+          "this device may have (" + std::to_string(most) + ")");
+    }
+    if (smem + kStatic > 48 * 1024) allow_dynamic_smem<kernel>(static_cast<int>(most - kStatic));
+  }
   // The kernel prefetches its weight only when launched programmatically: one decision for both.
   const bool programmatic = programmatic_launch_active(reinterpret_cast<const void*>(kernel));
   launch_kernel(kernel, programmatic, dim3(static_cast<unsigned>(plan.blocks)),
-                dim3(kGemvWarps * 32), 0, stream, "gemv_kernel", p, plan.warps_per_row,
-                programmatic);
+                dim3(kGemvWarps * 32), static_cast<size_t>(smem), stream, "gemv_kernel", p,
+                plan.warps_per_row, programmatic);
 }
 
-template <typename T, int kM, bool kConv>
+template <typename T, int kM, bool kConv, bool kNorm>
 void dispatch_rows(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   if (!plan.vectorized) {
-    launch<T, kM, 1, 1, kConv>(p, plan, stream);
+    launch<T, kM, 1, 1, kConv, kNorm>(p, plan, stream);
   } else if (plan.rows_per_warp == 4) {
-    launch<T, kM, 4, kVec, kConv>(p, plan, stream);
+    launch<T, kM, 4, kVec, kConv, kNorm>(p, plan, stream);
   } else if (plan.rows_per_warp == 2) {
-    launch<T, kM, 2, kVec, kConv>(p, plan, stream);
+    launch<T, kM, 2, kVec, kConv, kNorm>(p, plan, stream);
   } else {
-    launch<T, kM, 1, kVec, kConv>(p, plan, stream);
+    launch<T, kM, 1, kVec, kConv, kNorm>(p, plan, stream);
   }
 }
 
+// The prologue and epilogue are template flags: a plain projection compiles to the code it
+// would have without them.
 template <typename T, int kM>
-void dispatch_conv(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
-  if (p.conv.dim > 0) {
-    dispatch_rows<T, kM, true>(p, plan, stream);
+void dispatch_fusions(const GemvParams& p, const GemvPlan& plan, cudaStream_t stream) {
+  const bool conv = p.conv.dim > 0, norm = p.norm.weight != nullptr;
+  if (conv && norm) {
+    dispatch_rows<T, kM, true, true>(p, plan, stream);
+  } else if (conv) {
+    dispatch_rows<T, kM, true, false>(p, plan, stream);
+  } else if (norm) {
+    dispatch_rows<T, kM, false, true>(p, plan, stream);
   } else {
-    dispatch_rows<T, kM, false>(p, plan, stream);
+    dispatch_rows<T, kM, false, false>(p, plan, stream);
   }
 }
 
@@ -306,15 +418,19 @@ void run_gemv(const GemvParams& p, cudaStream_t stream) {
   if (p.rows > kGemvMaxRows) throw std::runtime_error("tpssm gemv: more than 8 rows");
   const GemvPlan plan = plan_gemv(p, current_device_sm_count());
   if (plan.blocks > 0x7fffffff) throw std::runtime_error("tpssm gemv: too many weight rows");
+  if (p.norm.weight != nullptr && p.norm.reduce_threads != norm_block_threads(p.in_features)) {
+    throw std::runtime_error("tpssm gemv: norm.reduce_threads must be "
+                             "norm_block_threads(in_features), add_rms_norm's block size");
+  }
   TPSSM_DTYPE_SWITCH(p.dtype, T, [&] {
     if (p.rows == 1) {
-      dispatch_conv<T, 1>(p, plan, stream);
+      dispatch_fusions<T, 1>(p, plan, stream);
     } else if (p.rows == 2) {
-      dispatch_conv<T, 2>(p, plan, stream);
+      dispatch_fusions<T, 2>(p, plan, stream);
     } else if (p.rows <= 4) {
-      dispatch_conv<T, 4>(p, plan, stream);
+      dispatch_fusions<T, 4>(p, plan, stream);
     } else {
-      dispatch_conv<T, 8>(p, plan, stream);
+      dispatch_fusions<T, 8>(p, plan, stream);
     }
   });
 }

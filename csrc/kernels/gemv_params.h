@@ -34,9 +34,27 @@ struct GemvConvParams {
   int32_t pad_slot_id = -1;
 };
 
+// The RMSNorm applied to x before the product (a decode layer's norm and in_proj in one launch),
+// as add_rms_norm would apply it: with a residual, s = residual + x rounded to the residual's
+// dtype and written to residual_out (the residual itself is only read), h = s rounded to the
+// dtype; without, h = x. The product then reads weight_norm * rms_norm(h) with add_rms_norm's
+// rounding and its order of the sum of squares (reduce_threads, the block size add_rms_norm
+// takes for in_features), so that the result equals add_rms_norm followed by gemv bit for bit.
+// weight == nullptr: no norm.
+struct GemvNormParams {
+  const void* weight = nullptr;  // (in_features,) contiguous, the dtype
+  float eps = 0.f;
+  int reduce_threads = 0;
+  const void* residual = nullptr;  // (rows, in_features), fp32 or the dtype; nullptr: none
+  void* residual_out = nullptr;    // same shape and dtype, disjoint from every input
+  bool residual_fp32 = false;
+  int64_t residual_row_stride = 0;
+  int64_t residual_out_row_stride = 0;
+};
+
 // out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]), m < rows <= kGemvMaxRows, accumulated
-// in fp32 and rounded once to the dtype (x, weight, bias and out share it); then the conv
-// epilogue when conv.dim > 0.
+// in fp32 and rounded once to the dtype (x, weight, bias and out share it), where x is first
+// normalised when norm.weight is set; then the conv epilogue when conv.dim > 0.
 struct GemvParams {
   int64_t rows = 0;          // M: tokens
   int64_t out_features = 0;  // N: weight rows
@@ -52,6 +70,7 @@ struct GemvParams {
   // Launch options, 0 = the plan picks (see GemvPlan); tests and benchmarks set them.
   int warps_per_row = 0;  // 1, 2, 4 or 8 warps share each weight row's K range
   int rows_per_warp = 0;  // 1, 2 or 4 weight rows streamed by each warp at once
+  GemvNormParams norm;
   GemvConvParams conv;
 };
 

@@ -72,6 +72,23 @@ inline int current_device_max_smem_per_block() {
   return cached_device_attribute<1>(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
+// Lets kKernel launch with up to `bytes` of dynamic shared memory on the current device. Once per
+// device and kernel, so that a launch being captured into a CUDA graph makes no attribute call
+// (the first launch on a device must therefore come before any capture, as with every kernel's
+// first launch). bytes must be the same on every call for one kernel.
+template <auto kKernel>
+void allow_dynamic_smem(int bytes) {
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  TPSSM_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
+    TPSSM_CUDA_CHECK(
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Programmatic dependent launch (launch_options.h). A kernel launched by launch_programmatic
 // calls pdl_wait() in every thread before it touches memory (only address arithmetic and

@@ -8,6 +8,15 @@
 
 namespace tpssm {
 
+// Threads of a norm block over dim columns: about eight elements a thread, whole warps, at most
+// 1024. The sum of squares is reduced in this block's order, which gemv's norm prologue
+// (gemv_params.h) reproduces to match add_rms_norm bit for bit.
+inline int norm_block_threads(int64_t dim) {
+  int64_t t = 32;
+  while (t < 1024 && t * 8 < dim) t *= 2;
+  return static_cast<int>(t);
+}
+
 // Per row r of (rows, dim):  residual[r] += x[r] (in the residual's dtype, fp32 add);
 //   h = residual[r] rounded to the activation dtype (x[r] itself without a residual);
 //   out[r] = weight * round(h * rsqrt(mean(h^2) + eps))   (fp32 inside, activation dtype out).

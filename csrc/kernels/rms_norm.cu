@@ -109,18 +109,11 @@ __global__ void gated_rms_norm_kernel(GatedRmsNormParams p) {
   }
 }
 
-int threads_for(int64_t dim) {
-  // About eight elements a thread, whole warps, at most 1024 threads.
-  int64_t t = 32;
-  while (t < 1024 && t * 8 < dim) t *= 2;
-  return static_cast<int>(t);
-}
-
 }  // namespace
 
 void run_add_rms_norm(const AddRmsNormParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.dim == 0) return;
-  const int threads = threads_for(p.dim);
+  const int threads = norm_block_threads(p.dim);
   const size_t smem = sizeof(float) * (threads / 32);
   const DType residual_dtype = p.residual != nullptr ? p.residual_dtype : p.act_dtype;
   TPSSM_DTYPE_SWITCH(p.act_dtype, act_t, [&] {
@@ -142,7 +135,7 @@ void run_gated_rms_norm(const GatedRmsNormParams& p, cudaStream_t stream) {
   if (p.rows > 0x7fffffff || groups > 65535) {
     throw std::runtime_error("tpssm gated_rms_norm: too many rows or groups for one launch");
   }
-  const int threads = threads_for(std::max(p.first_group_size, p.group_size));
+  const int threads = norm_block_threads(std::max(p.first_group_size, p.group_size));
   const size_t smem = sizeof(float) * (threads / 32);
   const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(groups));
   TPSSM_DTYPE_SWITCH(p.act_dtype, act_t, [&] {

@@ -663,18 +663,7 @@ void launch(const SelectiveScanParams& p, const ScanPlan& plan, bool state_pass,
   if (rows > 0x7fffffff || p.nheads > 65535) {
     throw std::runtime_error("tpssm selective_scan: too many sequences or heads for the SSD grid");
   }
-  // Once per device and instantiation, so that a call being captured into a CUDA graph makes
-  // no attribute call.
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  TPSSM_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
-  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
-    TPSSM_CUDA_CHECK(cudaFuncSetAttribute(ssd_scan_kernel<Traits>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(Traits::kSmemBytes)));
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
+  allow_dynamic_smem<ssd_scan_kernel<Traits>>(static_cast<int>(Traits::kSmemBytes));
   dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.nheads));
   ssd_scan_kernel<Traits><<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, plan,
                                                                                  state_pass);

@@ -346,6 +346,10 @@ def gemv(
     out: Optional[torch.Tensor] = None,
     warps_per_row: int = 0,
     rows_per_warp: int = 0,
+    norm_weight: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """The decode-sized projection: out = x @ weight.T (+ bias) for at most GEMV_MAX_ROWS (8)
     token rows, summed in fp32 and rounded once to x's dtype (F.linear's result up to the order
@@ -356,11 +360,19 @@ def gemv(
     (a column slice of a wider buffer is fine). out must not overlap any input.
     warps_per_row (1, 2, 4, 8) and rows_per_warp (1, 2, 4) fix the CUDA launch (0: the plan
     picks; see csrc/kernels/gemv_kernels.h); the CPU op ignores them after checking them.
+    Norm prologue (a decode layer's norm and in_proj in one launch): with norm_weight (K,) the
+    product reads add_rms_norm(x, norm_weight, norm_eps, residual=...)'s output instead of x -
+    bit for bit on CUDA, the kernel reduces the squares in add_rms_norm's order. With residual
+    (M, K) float32 or x's dtype, the updated stream residual + x goes to residual_out (same
+    shape and dtype, disjoint from every input and from out) and residual itself is only read:
+    every block reads it while one block writes the new stream. On CUDA the normalised rows live
+    in shared memory, M x K x element size bytes (an error past the device's limit).
     Returns out (allocated when not given).
     """
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _ops.gemv(x, weight, bias, out, warps_per_row, rows_per_warp)
+    _ops.gemv(x, weight, bias, out, warps_per_row, rows_per_warp, norm_weight, residual,
+              residual_out, norm_eps)
     return out
 
 
@@ -379,11 +391,16 @@ def gemv_conv_update(
     out: Optional[torch.Tensor] = None,
     warps_per_row: int = 0,
     rows_per_warp: int = 0,
+    norm_weight: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """A decode step's in_proj and its conv in one launch: gemv's product out = x @ weight.T
-    (+ bias), then causal_conv1d_update (one token a row) applied in place to its columns
+    (+ bias; with gemv's norm prologue when norm_weight is given: the layer's norm too), then causal_conv1d_update (one token a row) applied in place to its columns
     [conv_start, conv_start + conv_dim) - in_proj's conv channels (Mamba: x; Mamba-2: x | B | C).
-    x, weight, bias, out, warps_per_row, rows_per_warp: as in gemv (M <= 8 rows).
+    x, weight, bias, out, warps_per_row, rows_per_warp, norm_weight, residual, residual_out,
+    norm_eps: as in gemv (M <= 8 rows).
     conv_weight: (conv_dim, width 2..4); conv_bias: (conv_dim,) or None; conv_state: (num_slots,
     conv_dim, width - 1), updated in place; cache_indices: (M,) int32 slots or None (row m uses
     slot m). All in x's dtype on x's device. Rows whose slot is pad_slot_id (or, on CUDA without
@@ -397,7 +414,7 @@ def gemv_conv_update(
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _ops.gemv_conv_update(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start,
                           _silu_flag(activation), cache_indices, pad_slot_id, out, warps_per_row,
-                          rows_per_warp)
+                          rows_per_warp, norm_weight, residual, residual_out, norm_eps)
     return out
 
 
@@ -506,13 +523,24 @@ def _check_gemv_out(op: str, x, weight, out) -> None:
                          f"got {tuple(out.shape)}")
 
 
+def _check_gemv_residual_out(op: str, residual, residual_out) -> None:
+    if residual is not None and residual_out is not None:
+        torch._check(residual_out.shape == residual.shape and
+                     residual_out.dtype == residual.dtype,
+                     lambda: f"{op}: residual_out must have residual's shape and dtype")
+
+
 @torch.library.register_fake("tpssm::gemv")
-def _gemv_fake(x, weight, bias, out, warps_per_row=0, rows_per_warp=0) -> None:
+def _gemv_fake(x, weight, bias, out, warps_per_row=0, rows_per_warp=0, norm_weight=None,
+               residual=None, residual_out=None, norm_eps=1e-5) -> None:
     _check_gemv_out("gemv", x, weight, out)
+    _check_gemv_residual_out("gemv", residual, residual_out)
 
 
 @torch.library.register_fake("tpssm::gemv_conv_update")
 def _gemv_conv_update_fake(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu,
-                           cache_indices, pad_slot_id, out, warps_per_row=0,
-                           rows_per_warp=0) -> None:
+                           cache_indices, pad_slot_id, out, warps_per_row=0, rows_per_warp=0,
+                           norm_weight=None, residual=None, residual_out=None,
+                           norm_eps=1e-5) -> None:
     _check_gemv_out("gemv_conv_update", x, weight, out)
+    _check_gemv_residual_out("gemv_conv_update", residual, residual_out)

@@ -105,27 +105,34 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   tpssm::run_decode_attention(p, nullptr);
 }
 void gemv(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-          const at::Tensor& out, int64_t warps_per_row, int64_t rows_per_warp) {
+          const at::Tensor& out, int64_t warps_per_row, int64_t rows_per_warp,
+          const OptTensor& norm_weight, const OptTensor& residual, const OptTensor& residual_out,
+          double norm_eps) {
   reset();
-  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
+  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp,
+                                   norm_weight, residual, residual_out, norm_eps);
   tpssm::run_gemv(p, nullptr);
 }
 void gemv_conv_update(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                       const at::Tensor& conv_state, const at::Tensor& conv_weight,
                       const OptTensor& conv_bias, int64_t conv_start, bool silu,
                       const OptTensor& ci, int64_t pad, const at::Tensor& out,
-                      int64_t warps_per_row, int64_t rows_per_warp) {
+                      int64_t warps_per_row, int64_t rows_per_warp, const OptTensor& norm_weight,
+                      const OptTensor& residual, const OptTensor& residual_out,
+                      double norm_eps) {
   reset();
   auto p = tpssm::make_gemv_conv_update_params(
       x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu, ci, pad, out,
-      warps_per_row, rows_per_warp, tpssm::cuda_index_values_checked_on_host());
+      warps_per_row, rows_per_warp, norm_weight, residual, residual_out, norm_eps,
+      tpssm::cuda_index_values_checked_on_host());
   tpssm::run_gemv(p, nullptr);
 }
 // The launch plan gemv would take: (warps_per_row, rows_per_warp, vectorized, blocks).
 std::tuple<int, int, bool, int64_t> gemv_plan(const at::Tensor& x, const at::Tensor& weight,
                                               const OptTensor& bias, const at::Tensor& out,
                                               int64_t warps_per_row, int64_t rows_per_warp) {
-  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp);
+  auto p = tpssm::make_gemv_params(x, weight, bias, out, warps_per_row, rows_per_warp,
+                                   std::nullopt, std::nullopt, std::nullopt, 0.0);
   const tpssm::GemvPlan plan = tpssm::plan_gemv(p, emu_sm_count);
   return {plan.warps_per_row, plan.rows_per_warp, plan.vectorized, plan.blocks};
 }

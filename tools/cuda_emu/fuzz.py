@@ -1,8 +1,9 @@
 """Random cases of the four ops through the emulated CUDA kernels against the fp64 references:
 dtypes, Mamba1 / Mamba2 forms, dstate 1..128, dense and varlen batches with empty and short
 sequences, padded rows, aligned and misaligned column slices, 16-bit and strided state pools,
-forced scan / conv chunk lengths and both scan plans; and gemv_conv_update against gemv followed
-by the conv update (bit for bit) and the fp64 reference.  Usage: fuzz.py SEED ITERATIONS"""
+forced scan / conv chunk lengths and both scan plans; and gemv_conv_update (half the time with its
+norm prologue, then after add_rms_norm) against gemv followed by the conv update (bit for bit)
+and the fp64 reference.  Usage: fuzz.py SEED ITERATIONS"""
 import random
 import sys
 from pathlib import Path
@@ -229,16 +230,30 @@ def fuzz_gemv_conv(it):
     act_ = rng.choice([None, "silu"])
     opts = dict(warps_per_row=rng.choice([0, 1, 2, 4, 8]), rows_per_warp=rng.choice([0, 1, 2, 4]))
     out = act((m, n), dtype, rng.choice(["contig", "aligned", "mis"])).fill_(SENT)
+    # half the time with the norm prologue: the product of add_rms_norm(x, ...), x the raw input
+    h, norm, stream = x, {}, None
+    if rng.random() < 0.5:
+        nw = (1 + torch.randn(k) / 4).to(dtype)
+        rdt = rng.choice([None, f32, dtype])
+        res = None if rdt is None else (2 * torch.randn(m, k)).to(rdt)
+        eps = rng.choice([1e-5, 1e-6])
+        norm = dict(norm_weight=nw, residual=res, norm_eps=eps,
+                    residual_out=None if res is None else torch.full_like(res, SENT))
+        stream = None if res is None else res.clone()
+        h = ops.add_rms_norm(x, nw, eps, residual=stream)
     st = st0.clone(); o = out.clone()
     ops.gemv_conv_update(x, w, bias, st, cw, cb, conv_start=start, activation=act_,
-                         cache_indices=ci, out=o, **opts)
-    # gemv, then the conv update of the conv columns (a padded row keeps the product there)
-    sep_st = st0.clone(); sep = ops.gemv(x, w, bias, **opts)
+                         cache_indices=ci, out=o, **opts, **norm)
+    if stream is not None:
+        assert torch.equal(norm["residual_out"], stream), f"gemv_conv residual it {it}"
+    # (add_rms_norm,) gemv, then the conv update of the conv columns (a padded row keeps the
+    # product there)
+    sep_st = st0.clone(); sep = ops.gemv(h, w, bias, **opts)
     cols = sep[:, start:start + dim]
     ops.causal_conv1d_update(cols.clone(), sep_st, cw, cb, activation=act_, cache_indices=ci,
                              out=cols)
     assert torch.equal(o, sep) and torch.equal(st, sep_st), f"gemv_conv it {it}"
-    ref_st = st0.clone(); ref = gemv_ref(x, w, bias)
+    ref_st = st0.clone(); ref = gemv_ref(h, w, bias)
     rcols = ref[:, start:start + dim]
     causal_conv1d_update_ref(rcols.clone(), ref_st, cw, cb, activation=act_, cache_indices=ci,
                              out=rcols, compute_dtype=torch.float64)

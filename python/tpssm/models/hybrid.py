@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tpssm.cache import SSMStateCache
 from tpssm.models.attention import KVBatch, SharedBlock
-from tpssm.models.mixers import BatchMeta, Mamba2Mixer, MultiHeadMamba1Mixer
+from tpssm.models.mixers import BatchMeta, InputNorm, Mamba2Mixer, MultiHeadMamba1Mixer
 from tpssm.models.model import CausalLM, RMSNorm
 from tpssm.models.weights import WeightSource
 from tpssm.parallel import AllReduce, TPContext, linear
@@ -138,6 +138,7 @@ class HybridForCausalLM(CausalLM):
                          else None)
         emb = F.embedding(input_ids, self.embeddings)
         hidden = emb
+        norms_in_in_proj = self._norms_in_in_proj(hidden, meta)
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
@@ -149,7 +150,11 @@ class HybridForCausalLM(CausalLM):
                 block = self.blocks[self.block_of_visit[k]]
                 t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc)
                 x = hidden + linear(t, layer.linear, kernel=self.projection_kernel)
-            hidden = layer.mixer(layer.norm(x), conv, ssm, meta, residual=hidden)
+            if norms_in_in_proj:  # the norm is in_proj's prologue
+                norm = InputNorm(layer.norm.weight, layer.norm.eps)
+                hidden = layer.mixer(x, conv, ssm, meta, residual=hidden, norm=norm)
+            else:
+                hidden = layer.mixer(layer.norm(x), conv, ssm, meta, residual=hidden)
         if cache is not None and self.blocks:
             kv.advance(cache)
         return self._logits(hidden, query_start_loc, return_all_logits,

@@ -28,7 +28,7 @@ from tpssm.models.kernels import get_backend
 from tpssm.parallel import (AllReduce, ColumnParallelLinear, RowParallelLinear, TPContext,
                             gemv_applies, shard_range)
 
-__all__ = ["BatchMeta", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
+__all__ = ["BatchMeta", "InputNorm", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
            "mamba2_local_groups"]
 
 
@@ -50,6 +50,18 @@ class BatchMeta:
         return self.query_start_loc is None
 
 
+@dataclass
+class InputNorm:
+    """A layer's input norm left to in_proj's launch (a decode step whose in_proj runs through
+    gemv): the mixer gets the un-normalised x and in_proj reads add_rms_norm(x, weight, eps,
+    residual=...) of it, with the updated stream residual + x written to residual_out (both None
+    for the first layer, whose stream the caller starts itself)."""
+    weight: torch.Tensor
+    eps: float
+    residual: Optional[torch.Tensor] = None
+    residual_out: Optional[torch.Tensor] = None
+
+
 def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -68,18 +80,25 @@ def _causal_conv(kernels, x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 def _in_proj_conv(kernels, in_proj: ColumnParallelLinear, hidden: torch.Tensor, conv_start: int,
                   conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
-                  conv_state: Optional[torch.Tensor],
-                  meta: BatchMeta) -> Tuple[torch.Tensor, torch.Tensor]:
+                  conv_state: Optional[torch.Tensor], meta: BatchMeta,
+                  norm: Optional[InputNorm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """in_proj(hidden) (T, local rows) and the conv + SiLU of its columns [conv_start, conv_start
     + conv channels). A decode step whose in_proj runs through gemv takes one launch for both:
-    the conv is gemv_conv_update's epilogue and its output replaces those columns. Otherwise
-    in_proj, then the conv into a tensor of its own."""
+    the conv is gemv_conv_update's epilogue and its output replaces those columns; with `norm`
+    (only there) the layer's norm of hidden is its prologue. Otherwise in_proj, then the conv
+    into a tensor of its own."""
     dim = conv_weight.shape[0]
     if meta.is_decode and gemv_applies(hidden, in_proj.projection_kernel):
+        norm_args = {} if norm is None else dict(
+            norm_weight=norm.weight, residual=norm.residual, residual_out=norm.residual_out,
+            norm_eps=norm.eps)
         out = kernels.gemv_conv_update(hidden, in_proj.weight, in_proj.bias, conv_state,
                                        conv_weight, conv_bias, conv_start=conv_start,
-                                       activation="silu", cache_indices=meta.cache_indices)
+                                       activation="silu", cache_indices=meta.cache_indices,
+                                       **norm_args)
         return out, out[:, conv_start:conv_start + dim]
+    if norm is not None:
+        raise ValueError("an input norm inside in_proj needs a decode step through gemv")
     proj = in_proj(hidden)
     return proj, _causal_conv(kernels, proj[:, conv_start:conv_start + dim], conv_weight,
                               conv_bias, conv_state, meta)
@@ -204,11 +223,13 @@ class Mamba1Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
                 ssm_state: Optional[torch.Tensor], meta: BatchMeta,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
-        added by the reduction where it can)."""
+                residual: Optional[torch.Tensor] = None,
+                norm: Optional[InputNorm] = None) -> torch.Tensor:
+        """hidden: (T, D) normalised input (with `norm`: the input that in_proj's launch
+        normalises) -> (T, D), reduced over the TP group (+ residual, added by the reduction
+        where it can)."""
         xz, x = _in_proj_conv(self.kernels, self.in_proj, hidden, 0, self.conv_weight,
-                              self.conv_bias, conv_state, meta)
+                              self.conv_bias, conv_state, meta, norm)
         z = xz[:, self.local_dim:]
         return self.out_proj(self._ssm(x, z, ssm_state, meta), residual)  # all-reduce #2
 
@@ -348,13 +369,15 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
                 ssm_state: Optional[torch.Tensor], meta: BatchMeta,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden: (T, D) normalised input -> (T, D), reduced over the TP group (+ residual,
-        added by the reduction where it can)."""
+                residual: Optional[torch.Tensor] = None,
+                norm: Optional[InputNorm] = None) -> torch.Tensor:
+        """hidden: (T, D) normalised input (with `norm`: the input that in_proj's launch
+        normalises) -> (T, D), reduced over the TP group (+ residual, added by the reduction
+        where it can)."""
         k = self.kernels
         El, gn = self.local_dim, self.local_groups * self.d_state
         zxbcdt, xBC = _in_proj_conv(k, self.in_proj, hidden, El, self.conv_weight, self.conv_bias,
-                                    conv_state, meta)
+                                    conv_state, meta, norm)
         z = zxbcdt[:, :El]
         dt = zxbcdt[:, El + self.conv_channels:]
         x = xBC[:, :El]

@@ -21,10 +21,17 @@ from tpssm.cache import SSMStateCache
 from tpssm.models import registry
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
-from tpssm.models.mixers import BatchMeta, Mamba1Mixer, Mamba2Mixer
+from tpssm.models.mixers import BatchMeta, InputNorm, Mamba1Mixer, Mamba2Mixer
 from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
 from tpssm.ops import SCAN_ALGORITHMS
-from tpssm.parallel import PROJECTION_KERNELS, AllReduce, TPContext, linear, shard_range
+from tpssm.parallel import (PROJECTION_KERNELS, AllReduce, TPContext, gemv_applies, linear,
+                            shard_range)
+
+# Decode steps of at most this many rows take gemv's norm prologue: every in_proj block re-reads
+# the rows and the residual stream from L2 for its norm, about 3 x rows / (rows a block) of the
+# weight's bytes (3 / 8 a row with the plan at the presets' shapes), so larger batches keep
+# add_rms_norm until a GPU has timed both (bench_projections.py --in-proj-conv).
+NORM_PROLOGUE_MAX_ROWS = 2
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
 
@@ -48,8 +55,9 @@ class RMSNorm(nn.Module):
 
 class SSMBlock(nn.Module):
     """A Mamba-family layer: hidden + mixer(norm(hidden)). SSMForCausalLM runs the residual add
-    and the next layer's norm as one fused op (tpssm.ops.add_rms_norm); the block holds the norm
-    weight and the mixer."""
+    and the next layer's norm as one fused op (tpssm.ops.add_rms_norm), or in a decode step
+    through gemv as the prologue of the next in_proj's launch; the block holds the norm weight
+    and the mixer."""
 
     def __init__(self, config: SSMConfig, layer_idx: int, ctx: TPContext, dtype: torch.dtype,
                  **mixer_kwargs):
@@ -238,6 +246,20 @@ class CausalLM(nn.Module):
         return every[..., 1].gather(0, best).squeeze(0).long()
 
     # --- pieces the subclasses' load_weights / forward share
+    def _norms_in_in_proj(self, hidden: torch.Tensor, meta: BatchMeta) -> bool:
+        """Whether the mixers' input norms (with the residual adds before them) run inside
+        in_proj's launch, gemv's norm prologue: decode steps of at most NORM_PROLOGUE_MAX_ROWS
+        rows through gemv with the compiled ops, when the rows fit the shared memory a block of
+        the device may have (the kernel's own sums and partial sums take up to 2 KB of it)."""
+        if not (meta.is_decode and hidden.shape[0] <= NORM_PROLOGUE_MAX_ROWS
+                and self.layers[0].mixer.kernels.name == "ops"
+                and gemv_applies(hidden, self.projection_kernel)):
+            return False
+        if hidden.device.type != "cuda":
+            return True
+        most = torch.cuda.get_device_properties(hidden.device).shared_memory_per_block_optin
+        return hidden.numel() * hidden.element_size() <= most - 2048
+
     def _load_lm_head(self, source: WeightSource) -> None:
         if not self.config.tie_word_embeddings:
             if not source.has("lm_head.weight"):
@@ -336,12 +358,30 @@ class SSMForCausalLM(CausalLM):
         # one op, the arithmetic of `residual + out` followed by RMSNorm(stream in the model dtype).
         residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
         eps = self.config.layer_norm_epsilon
-        h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
+        # streams[i % len(streams)]: the stream as of layer i's output. With the norms inside
+        # in_proj's launch every block of it reads the stream while one block writes the
+        # update, so layer i reads one buffer and writes the other.
+        streams = [residual]
+        norms_in_in_proj = self._norms_in_in_proj(hidden, meta)
+        if norms_in_in_proj:
+            streams.append(torch.empty_like(residual))
+            h = hidden
+        else:
+            h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            out = layer.mixer(h, conv, ssm, meta)
+            norm = None
+            if norms_in_in_proj:
+                norm = InputNorm(layer.norm.weight, eps)
+                if i > 0:
+                    norm.residual, norm.residual_out = streams[(i - 1) % 2], streams[i % 2]
+            out = layer.mixer(h, conv, ssm, meta, norm=norm)
+            if norms_in_in_proj and i + 1 < len(self.layers):
+                h = out  # the next in_proj adds it to the stream and normalises
+                continue
             following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
-            h = self.add_rms_norm(out, following.weight, eps, residual=residual)
+            h = self.add_rms_norm(out, following.weight, eps,
+                                  residual=streams[i % len(streams)])
         return self._logits(h, query_start_loc, return_all_logits, normed=True,
                             gather_logits=gather_logits)
