@@ -267,8 +267,8 @@ def _norm_both_ways(x, w, b, nw, res, eps, conv=None, **options):
 @pytest.mark.parametrize("m,n,k", [
     (1, 70, 2048),   # norm block of 256 threads: one reduce thread a thread
     (3, 45, 100),    # element path (K % 8); 32 reduce threads, most of the block idle
-    (8, 40, 5000),   # 1024 reduce threads: four a thread; 8 rows of shared memory
-    (5, 19, 776),
+    (3, 9, 5000),    # 1024 reduce threads: four a thread
+    (5, 19, 776),    # 5 rows: 3 padding rows of the kernel's 8
 ])
 def test_norm_prologue_equals_add_rms_norm_then_gemv(m, n, k, residual, dtype):
     rdtype = {"fp32": torch.float32, "same": dtype, None: None}[residual]
@@ -286,7 +286,7 @@ def test_norm_prologue_equals_add_rms_norm_then_gemv(m, n, k, residual, dtype):
         assert torch.equal(res_out, cpu_out)
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
 @pytest.mark.parametrize("warps_per_row", [1, 2, 4, 8])
 def test_norm_prologue_with_the_conv_epilogue_at_every_launch_option(warps_per_row,
