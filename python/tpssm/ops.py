@@ -397,7 +397,8 @@ def gemv_conv_update(
     norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """A decode step's in_proj and its conv in one launch: gemv's product out = x @ weight.T
-    (+ bias; with gemv's norm prologue when norm_weight is given: the layer's norm too), then causal_conv1d_update (one token a row) applied in place to its columns
+    (+ bias; with gemv's norm prologue when norm_weight is given, the layer's norm too), then
+    causal_conv1d_update (one token a row) applied in place to its columns
     [conv_start, conv_start + conv_dim) - in_proj's conv channels (Mamba: x; Mamba-2: x | B | C).
     x, weight, bias, out, warps_per_row, rows_per_warp, norm_weight, residual, residual_out,
     norm_eps: as in gemv (M <= 8 rows).

@@ -353,14 +353,14 @@ class SSMForCausalLM(CausalLM):
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state)
         hidden = F.embedding(input_ids, self.embeddings)
-        # The residual stream (fp32 with residual_in_fp32) is updated in place by the fused add +
-        # norm between layers: out of layer i and the norm of layer i + 1 (or the final norm) are
-        # one op, the arithmetic of `residual + out` followed by RMSNorm(stream in the model dtype).
+        # The residual stream (fp32 with residual_in_fp32): out of layer i and the norm of layer
+        # i + 1 (or the final norm) are one op, the arithmetic of `residual + out` followed by
+        # RMSNorm(stream in the model dtype) - add_rms_norm, updating the stream in place, or
+        # layer i + 1's in_proj prologue. streams[i % len(streams)] is the stream layer i's out
+        # is added to: one buffer for add_rms_norm; two for the prologue, whose blocks all read
+        # the stream while one writes the update, so layer i reads one and writes the other.
         residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
         eps = self.config.layer_norm_epsilon
-        # streams[i % len(streams)]: the stream as of layer i's output. With the norms inside
-        # in_proj's launch every block of it reads the stream while one block writes the
-        # update, so layer i reads one buffer and writes the other.
         streams = [residual]
         norms_in_in_proj = self._norms_in_in_proj(hidden, meta)
         if norms_in_in_proj:
