@@ -115,8 +115,8 @@ void add_norm_params(const char* op, GemvParams& p, const at::Tensor& x,
   nm.residual_out_row_stride = ro.stride(0);
 }
 
-// gemv's product with its optional norm prologue: every buffer the op writes (out,
-// residual_out, and the conv's state in `written`) is disjoint from every input and each other.
+// gemv's product with its optional norm prologue; the caller checks the overlap rule once over
+// everything its op reads and writes.
 GemvParams product_with_norm(const char* op, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& out,
                              int64_t warps_per_row, int64_t rows_per_warp,
@@ -125,9 +125,6 @@ GemvParams product_with_norm(const char* op, const at::Tensor& x, const at::Tens
                              const std::optional<at::Tensor>& residual_out, double norm_eps) {
   GemvParams p = product_params(op, x, weight, bias, out, warps_per_row, rows_per_warp);
   add_norm_params(op, p, x, norm_weight, residual, residual_out, norm_eps);
-  check_written_disjoint(op, {named(out, "out"), named(residual_out, "residual_out")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
-                          named(norm_weight, "norm_weight"), named(residual, "residual")});
   return p;
 }
 
@@ -139,8 +136,12 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& norm_weight,
                             const std::optional<at::Tensor>& residual,
                             const std::optional<at::Tensor>& residual_out, double norm_eps) {
-  return product_with_norm("gemv", x, weight, bias, out, warps_per_row, rows_per_warp,
-                           norm_weight, residual, residual_out, norm_eps);
+  GemvParams p = product_with_norm("gemv", x, weight, bias, out, warps_per_row, rows_per_warp,
+                                   norm_weight, residual, residual_out, norm_eps);
+  check_written_disjoint("gemv", {named(out, "out"), named(residual_out, "residual_out")},
+                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                          named(norm_weight, "norm_weight"), named(residual, "residual")});
+  return p;
 }
 
 GemvParams make_gemv_conv_update_params(
