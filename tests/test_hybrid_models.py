@@ -252,6 +252,27 @@ def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
     assert json.loads(out)["output_ids"] == oracle["tokens"][0]
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,tps", [("zamba", "1"), ("zamba2_2blk", "1,2")])
+def test_command_line_bench_on_hybrid_checkpoints(name, tps, oracles, tmp_path):
+    """`python -m tpssm bench --model DIR` sweeps a Zamba / Zamba2 checkpoint (with and without
+    the state cache) and writes every point to the JSON."""
+    from test_cli import run_cli
+
+    oracle = oracles(name)
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_cli("bench", "--model", oracle["path"], "--tp", tps, "--prompt-lens",
+                             "5", "--batch-sizes", "1,3", "--gen-tokens", "3",
+                             "--compare-state-cache", "--json", str(out_json))
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    degrees = [int(t) for t in tps.split(",")]
+    assert {(r["tp"], r["state_cache"], r["batch"]) for r in report["rows"]} == {
+        (tp, c, b) for tp in degrees for c in (True, False) for b in (1, 3)}
+    assert all(r["throughput_tok_s"] > 0 and r["ttft_ms"] > 0 for r in report["rows"])
+    assert report["complete"] is True
+
+
 @pytest.mark.skipif(not H.cpu_kernels_available(), reason="the compiled ops have no CPU kernels "
                     "in this build")
 @torch.no_grad()

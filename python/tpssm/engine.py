@@ -167,7 +167,8 @@ class GenerationEngine:
     max_batch_size: most requests running at once (at most the cache's slots).
     max_prefill_tokens: token budget of one prefill step (chunked prefill above it).
     max_prompt_tokens: longer prompts are rejected when added.
-    use_cuda_graphs: capture decode steps per padded batch size on CUDA.
+    use_cuda_graphs: capture decode steps per padded batch size on CUDA (under TP only with an
+      NCCL group: gloo's collectives cannot be captured).
     use_state_cache: False is the baseline without a carried state: every step recomputes each
       request's whole sequence (prompt + tokens so far) from a zero state, as a model without an
       SSM state cache must.
@@ -192,7 +193,11 @@ class GenerationEngine:
         # The token broadcast's group: `group`, or the default group when torch.distributed is
         # initialised (a lone process has nothing to broadcast to).
         self._tp = TPContext(group, self.device)
-        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # A decode graph holds the step's collectives too: NCCL's can be captured, gloo's
+        # (TP ranks sharing one GPU) cannot, so those ranks decode eagerly.
+        self.use_cuda_graphs = (use_cuda_graphs and self.device.type == "cuda"
+                                and (not self._tp.communicates
+                                     or dist.get_backend(self._tp.group) == "nccl"))
         self._sharded_logits = all(hasattr(model, name) for name in (
             "prefill_shard", "decode_shard", "greedy_tokens", "gather_logits"))
         self.use_state_cache = use_state_cache
@@ -201,6 +206,7 @@ class GenerationEngine:
         self.finished: List[Request] = []
         self._next_id = 0
         self._graphs: Dict[int, "_DecodeGraph"] = {}
+        self._graph_capture = CudaGraphCapture
         self.num_steps = 0
         # The largest step: a full prefill chunk plus every other running request's token.
         reserve = getattr(model, "reserve_step", None)
@@ -240,7 +246,8 @@ class GenerationEngine:
         """Releases the captured decode graphs. Call before tearing down the process group:
         NCCL (>= 2.26) waits for graphs that captured its collectives to be destroyed first."""
         if self._graphs:
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self._graphs.clear()
 
     def has_work(self) -> bool:
@@ -336,8 +343,7 @@ class GenerationEngine:
         if self.use_cuda_graphs:
             graph = self._graph_for(len(rows))
             logits, greedy = graph.replay(ids, slots)
-            self._sample_into(rows, logits, greedy, agreed=graph.agreed,
-                              sharded=self._sharded_logits)
+            self._sample_into(rows, logits, greedy, agreed=True, sharded=self._sharded_logits)
             return
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
@@ -355,7 +361,8 @@ class GenerationEngine:
             size *= 2
         graph = self._graphs.get(size)
         if graph is None:
-            graph = _DecodeGraph(self.model, size, self._tp, self._sharded_logits)
+            graph = _DecodeGraph(self.model, size, self._tp, self._sharded_logits,
+                                 self._graph_capture())
             self._graphs[size] = graph
         return graph
 
@@ -395,6 +402,40 @@ class GenerationEngine:
             r.output.append(t)
 
 
+class CudaGraphCapture:
+    """The CUDA side of a captured decode step: pinned host buffers, the capture (after a
+    warm-up on a side stream, as torch.cuda.graphs asks), the replay and the wait for its
+    results. tests/graph_replay.py provides the same interface on the CPU."""
+
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+        self.done = torch.cuda.Event()
+
+    @staticmethod
+    def host_buffer(size: int, dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
+        return torch.full((size,), fill, dtype=dtype, pin_memory=True)
+
+    def capture(self, step):
+        """Runs step twice to warm up, then captures it; returns what the captured call
+        returned (tensors whose contents each replay recomputes)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            return step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def wait(self) -> None:
+        """Blocks until the work queued so far (the replay, copies after it) is done."""
+        self.done.record()
+        self.done.synchronize()
+
+
 class _DecodeGraph:
     """A decode step captured as a CUDA graph for one padded batch size: the model's step and
     the greedy token of every row, equal on every rank - picked from the ranks' (max, token)
@@ -403,20 +444,17 @@ class _DecodeGraph:
     buffers with asynchronous copies, so a replay synchronises with the host once: to read the
     tokens. `logits` are what the step produced: this rank's columns when sharded."""
 
-    def __init__(self, model: GenerationModel, batch: int, tp: TPContext, sharded: bool):
+    def __init__(self, model: GenerationModel, batch: int, tp: TPContext, sharded: bool,
+                 capture: CudaGraphCapture):
         dev = model.device
         self.batch = batch
-        self.host_ids = torch.zeros(batch, dtype=torch.int64, pin_memory=True)
-        self.host_slots = torch.full((batch,), PAD_SLOT_ID, dtype=torch.int32, pin_memory=True)
-        self.host_tokens = torch.zeros(batch, dtype=torch.int64, pin_memory=True)
+        self.capture = capture
+        self.host_ids = capture.host_buffer(batch, torch.int64)
+        self.host_slots = capture.host_buffer(batch, torch.int32, PAD_SLOT_ID)
+        self.host_tokens = capture.host_buffer(batch, torch.int64)
         self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.slots = torch.full((batch,), PAD_SLOT_ID, dtype=torch.int32, device=dev)
-        self.done = torch.cuda.Event()
-        # gloo collectives cannot be captured (TP ranks sharing one GPU): the engine broadcasts
-        # after the replay there.
-        broadcasts = (not sharded and tp.communicates
-                      and dist.get_backend(tp.group) == "nccl")
-        self.agreed = sharded or broadcasts
+        broadcasts = not sharded and tp.communicates
 
         def step():
             if sharded:
@@ -428,16 +466,8 @@ class _DecodeGraph:
                 tp.broadcast(tokens, src=0)
             return logits, tokens
 
-        # Warm up on a side stream (as torch.cuda.graphs asks), all rows padded: no state moves.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.tokens = step()
+        # Warm-up and capture with every row padded: no state moves.
+        self.logits, self.tokens = capture.capture(step)
 
     def replay(self, ids: List[int], slots: List[int]):
         """-> (logits (n, vocab or this rank's columns) on the device, greedy tokens (n,) int64
@@ -450,8 +480,7 @@ class _DecodeGraph:
         self.host_slots[n:] = PAD_SLOT_ID
         self.ids.copy_(self.host_ids, non_blocking=True)
         self.slots.copy_(self.host_slots, non_blocking=True)
-        self.graph.replay()
+        self.capture.replay()
         self.host_tokens.copy_(self.tokens, non_blocking=True)
-        self.done.record()
-        self.done.synchronize()
+        self.capture.wait()
         return self.logits[:n], self.host_tokens[:n].clone()

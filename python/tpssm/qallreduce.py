@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
+from tpssm.capture import capturing
 from tpssm.parallel import all_gather_single, exchange
 from tpssm.reference.qallreduce import (CODECS, SUPPORTED_GROUP_SIZES, pick_group_size,
                                         qar_layout, qar_wire_bytes)
@@ -352,9 +353,9 @@ class QuantizedAllReduce:
         need = self._bytes_for(max(1, int(numel)))
         if need <= self.capacity:
             return
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing(self.device):
             raise RuntimeError(f"QuantizedAllReduce: a {numel}-element message does not fit the "
-                               f"buffers during CUDA-graph capture; reserve() before capturing")
+                               f"buffers during graph capture; reserve() before capturing")
         n = self.world_size
         mk = lambda size: torch.zeros(size, dtype=torch.uint8, device=self.device)  # noqa: E731
         self.capacity = need

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
+from tpssm.capture import capturing
 from tpssm.models.kernels import get_backend
 from tpssm.models.model import RMSNorm
 from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, linear, ranges_size
@@ -157,8 +158,7 @@ class KVBatch:
             bad = (rows < 0) | (rows >= cache.num_slots)
             rows = torch.where(bad, torch.full_like(rows, cache.num_slots), rows)
         past = cache.kv_lengths.index_select(0, rows)
-        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
+        if not capturing(dev):
             full = (past >= cache.max_seq_len) & (rows < cache.num_slots)
             if bool(full.any()):
                 slot = int(rows[full][0])

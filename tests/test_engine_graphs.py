@@ -1,0 +1,211 @@
+"""The engine's graph decode path on the CPU: decode steps captured and replayed through
+tests/graph_replay.py (a CPU stand-in with a CUDA graph's semantics: Python runs once, at
+capture; tensors keep their addresses; host reads refused) give eager decode's tokens and leave
+the state cache bit for bit as eager decode does - for every family, both projection kernels,
+sampling rows, a vocabulary-parallel shard and gloo ranks with each all-reduce scheme. What
+only a GPU shows (CUDA-only branches, the allocator under capture, NCCL in a graph) is in
+test_engine_cuda.py."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
+from tpssm.models import build_model
+from tpssm.models.registry import parse_config
+from tpssm.parallel import TPContext
+from tpssm.presets import RandomWeightSource
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import hf_models as H  # noqa: E402
+from dist_utils import run_distributed  # noqa: E402
+from graph_replay import CaptureError, ReplayGraphCapture  # noqa: E402
+
+MODEL_TYPES = dict(MambaForCausalLM="mamba", FalconMambaForCausalLM="falcon_mamba",
+                   Mamba2ForCausalLM="mamba2", ZambaForCausalLM="zamba",
+                   Zamba2ForCausalLM="zamba2")
+FAMILIES = ("mamba", "falcon_mamba", "mamba2_g4", "zamba", "zamba2_1blk", "zamba2_2blk")
+
+
+def _config(family):
+    spec = {**H.FAMILY_SPECS, **H.HYBRID_SPECS}[family]
+    return parse_config(dict(spec["cfg"], architectures=[spec["cls"]],
+                             model_type=MODEL_TYPES[spec["cls"]]))
+
+
+def _model(family, ctx=None, dtype=torch.float32, **kwargs):
+    config = _config(family)
+    model = build_model(config, ctx or TPContext(device=torch.device("cpu")), dtype, **kwargs)
+    with torch.no_grad():
+        model.load_weights(RandomWeightSource(config, seed=4))
+    return model
+
+
+def _prompts(seed, n=7, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(vocab, (int(k),), generator=g).tolist()
+            for k in torch.randint(1, 30, (n,), generator=g)]
+
+
+def _run(model, prompts, graphs, sampling=None, slots=4, new_tokens=10, group=None):
+    """Every prompt to its end on a fresh cache; -> (outputs, engine, cache)."""
+    cached = CachedModel(model, model.allocate_cache(slots))
+    engine = GenerationEngine(cached, max_batch_size=slots, max_prefill_tokens=16,
+                              use_cuda_graphs=False, group=group)
+    if graphs:
+        engine._graph_capture = ReplayGraphCapture
+        engine.use_cuda_graphs = True
+    for i, p in enumerate(prompts):
+        engine.add_request(p, sampling(i) if sampling
+                           else SamplingParams(max_new_tokens=new_tokens))
+    outputs = [r.output for r in engine.run()]
+    return outputs, engine, cached.cache
+
+
+def _cache_tensors(cache):
+    """Every slot's states; the KV scratch row (written by padding rows) left out."""
+    n = cache.num_slots
+    return (list(cache.conv_states) + list(cache.ssm_states) + [k[:n] for k in cache.k_states]
+            + [v[:n] for v in cache.v_states] + [cache.kv_lengths[:n]])
+
+
+def _replays(engine):
+    return sum(graph.capture.replays for graph in engine._graphs.values())
+
+
+def _assert_same_states(graph_states, eager_states, tol):
+    """tol None: bit for bit. The hybrids' shared blocks round a row differently when a padding
+    row joins its batch (eager decode with and without one differs by ~1e-6 too), and a graph
+    runs the padded batch size: their states agree to rounding. A step a graph failed to
+    replay would leave O(1) differences."""
+    for a, b in zip(graph_states, eager_states, strict=True):
+        if tol is None or not a.is_floating_point():
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _assert_graph_equals_eager(model, prompts, tol=None, **kwargs):
+    graphs, engine, graph_cache = _run(model, prompts, True, **kwargs)
+    eager, _, eager_cache = _run(model, prompts, False, **kwargs)
+    assert len(engine._graphs) >= 2, "the batch should shrink through several padded sizes"
+    assert _replays(engine) > len(prompts), "decode steps should replay their graphs"
+    assert graphs == eager
+    _assert_same_states(_cache_tensors(graph_cache), _cache_tensors(eager_cache), tol)
+
+
+@pytest.mark.parametrize("projection", ["torch", "gemv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_decode_equals_eager(family, projection):
+    model = _model(family)
+    model.set_projection_kernel(projection)
+    _assert_graph_equals_eager(model, _prompts(1), tol=1e-4 if family in H.HYBRID_SPECS else None)
+
+
+def test_hybrid_graph_decode_in_bfloat16():
+    _assert_graph_equals_eager(_model("zamba2_1blk", dtype=torch.bfloat16), _prompts(2),
+                               tol=5e-2)
+
+
+def _sampling(i):
+    if i % 2:
+        return SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, seed=100 + i)
+    return SamplingParams(max_new_tokens=10)
+
+
+def test_graph_decode_with_sampling_rows_equals_eager():
+    _assert_graph_equals_eager(_model("mamba2_g4"), _prompts(3), sampling=_sampling)
+
+
+def test_local_shard_graph_decode_equals_eager():
+    """One tp 4 rank's shard in one process: the vocabulary-parallel head's greedy exchange is
+    inside the captured step, sampling rows gather after the replay."""
+    shard = _model("mamba", TPContext.local_shard(4, torch.device("cpu")))
+    assert shard.vocab_parallel
+    _assert_graph_equals_eager(shard, _prompts(4), sampling=_sampling)
+
+
+def _rank_graph_vs_eager(rank, world, family, scheme, vocab_parallel):
+    model = _model(family, TPContext(), allreduce=scheme, allreduce_min_bytes=0,
+                   vocab_parallel=vocab_parallel)
+    graphs, engine, graph_cache = _run(model, _prompts(5), True)
+    eager, _, eager_cache = _run(model, _prompts(5), False)
+    return dict(graphs=graphs, eager=eager, sizes=len(engine._graphs),
+                replays=_replays(engine), calls=dict(model.allreduce.calls),
+                collectives={f.__name__ for g in engine._graphs.values()
+                             for f, *_ in g.capture.ops if f.namespace == "c10d"},
+                states=(_cache_tensors(graph_cache), _cache_tensors(eager_cache)))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family,scheme,vocab_parallel", [
+    ("mamba", "exact", True), ("mamba", "int8", False), ("zamba2_2blk", "fp8", True),
+    ("mamba2_g4", "fp16", False)])
+def test_tp_ranks_graph_decode_equals_eager(family, scheme, vocab_parallel):
+    """gloo ranks at tp 2: the model's all-reduce strategy (its persistent buffers for the
+    quantized schemes) and the step's token exchange - the vocabulary-parallel head's greedy
+    pairs, or rank 0's tokens broadcast - replayed inside every decode step's graph, as NCCL's
+    are captured on GPUs."""
+    results = run_distributed(_rank_graph_vs_eager, 2, family, scheme, vocab_parallel,
+                              timeout=240)
+    for r in results:
+        assert r["sizes"] >= 2 and r["replays"] > 5
+        assert r["graphs"] == r["eager"]
+        _assert_same_states(*r["states"], tol=1e-4 if family in H.HYBRID_SPECS else None)
+        assert r["graphs"] == results[0]["graphs"]
+        # The token exchange is among the captured collectives.
+        exchange = "_allgather_base_.default" if vocab_parallel else "broadcast_.default"
+        assert exchange in r["collectives"], r["collectives"]
+        if scheme in ("int8", "fp8"):  # the composed quantized path's exchange
+            assert "alltoall_base_.default" in r["collectives"], r["collectives"]
+        if scheme != "exact":
+            assert sum(n for path, n in r["calls"].items() if path != "exact") > 0, r["calls"]
+
+
+# ---- the stand-in itself: what it freezes, restores and refuses --------------------------------
+def test_replay_recomputes_from_the_inputs_it_captured():
+    x = torch.arange(4.0)
+    capture = ReplayGraphCapture()
+    y = capture.capture(lambda: (x * 2).sum(0, keepdim=True))
+    assert torch.isnan(y).all(), "a capture leaves its results unwritten"
+    x.copy_(torch.ones(4))
+    capture.replay()
+    assert torch.equal(y, torch.tensor([8.0]))
+
+
+def test_python_values_are_frozen_at_capture():
+    x = torch.zeros(2)
+    scale = [3.0]
+    capture = ReplayGraphCapture()
+    y = capture.capture(lambda: x + scale[0])
+    scale[0] = 5.0
+    capture.replay()
+    assert torch.equal(y, torch.full((2,), 3.0))
+
+
+def test_capture_restores_what_it_wrote_and_replay_writes_it():
+    state = torch.zeros(3)
+    capture = ReplayGraphCapture()
+    capture.capture(lambda: state.add_(1))
+    assert torch.equal(state, torch.full((3,), 2.0)), "the two warm-up calls run eagerly"
+    capture.replay()
+    assert torch.equal(state, torch.full((3,), 3.0))
+
+
+@pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: t.tolist(),
+                                  lambda t: t.cpu(), lambda t: t.nonzero(),
+                                  lambda t: bool(t[0] > 0)])
+def test_host_reads_during_capture_are_refused(read):
+    x = torch.ones(3)
+    with pytest.raises(CaptureError, match="on the host"):
+        ReplayGraphCapture().capture(lambda: read(x))
+    assert x.tolist() == [1.0, 1.0, 1.0]  # the patched methods are restored
+
+
+def test_tensors_from_host_data_during_capture_are_refused():
+    x = torch.ones(3)
+    with pytest.raises(CaptureError, match="built from host data"):
+        ReplayGraphCapture().capture(lambda: x + torch.tensor([1.0, 2.0, 3.0]))
