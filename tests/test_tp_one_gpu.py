@@ -3,8 +3,8 @@ cuda:0 run the full GPU model - CUDA kernels, sharded weights, every reduction o
 all-reduce strategy (exact and fp16 through gloo's CUDA all_reduce; int8 / fp8 through the
 composed two-shot path, whose all-to-all and all-gather gloo serves through the host) - and
 are compared with tp 1 on the same GPU. NCCL refuses two ranks on one device, so the fused NCCL
-op and CUDA-graph capture of a tp > 1 step (gloo does not capture) are not covered here.
-Skips without CUDA."""
+op is not covered; gloo does not capture, so a tp > 1 step in a CUDA graph is checked by
+test_thread_ranks.py (ranks as threads of one process). Skips without CUDA."""
 
 import os
 import sys
