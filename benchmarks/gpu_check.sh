@@ -114,7 +114,7 @@ if want tests; then
   # test_build.py: the build's own checks (linkage) on the machine's toolchain.
   others=(tests/test_build.py)
   for t in $(grep -l -E "cuda.is_available|device=.cuda|\.cuda\(\)" tests/test_*.py); do
-    [ "$t" != tests/test_ops_cuda.py ] && others+=("$t")
+    [ "$t" != tests/test_ops_cuda.py ] && [ "$t" != tests/test_thread_ranks.py ] && others+=("$t")
   done
   if [ ${#others[@]} -gt 0 ]; then
     # Mostly CPU work (gloo ranks, error cases): spread over 4 workers when xdist is there.
@@ -123,6 +123,10 @@ if want tests; then
     stage other_gpu_tests 200 $PY -m pytest "${others[@]}" "${xdist[@]}" -q -ra --timeout=150 \
       --junitxml="$OUTDIR/other_gpu_tests.xml"
   fi
+  # tp 2 / 4 ranks as threads of one process, one CUDA graph of all ranks' decode step against
+  # eager decode (issue 14's one-GPU graph check): its own stage, 8 cases.
+  stage thread_rank_graphs 180 $PY -m pytest tests/test_thread_ranks.py -k one_gpu -q -ra -s \
+    --timeout=170 --junitxml="$OUTDIR/thread_rank_graphs.xml"
 fi
 
 JSON="$OUTDIR/bench_ssm_ops_$STAMP.json"

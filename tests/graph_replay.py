@@ -13,11 +13,11 @@ frozen here too:
   it get their contents back at its end, and storages it allocated are filled with 0xFF bytes
   (NaN in floating point, -1 in integers), so a result the replay does not recompute shows.
 - Reading device data on the host while capturing (.item(), .tolist(), .cpu(), .numpy(),
-  data-dependent output shapes) raises, as it fails a CUDA capture; so does building a tensor
-  from host data (torch.tensor of a list: a pageable copy on CUDA).
+  data-dependent output shapes, boolean-mask indexing) raises, as it fails a CUDA capture; so
+  does building a tensor from host data (torch.tensor of a list: a pageable copy on CUDA).
 What it cannot see: the CUDA-only branches of the code (it runs the CPU path), allocator and
-stream rules, and host reads of CPU tensors that bypass both the dispatcher and the patched
-methods (e.g. indexing a tensor's storage from C++).
+stream rules, copies to the host spelled .to("cpu") (a no-op between CPU tensors), and host
+reads of CPU tensors that bypass both the dispatcher and the patched methods.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ _aten = torch.ops.aten
 # synchronises with the device, which a CUDA capture forbids.
 _HOST_READS = {
     _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
-    _aten.equal.default, _aten.is_nonzero.default, _aten._unique2.default,
-    _aten.unique_consecutive.default, _aten.unique_dim.default,
-    _aten.repeat_interleave.Tensor,
+    _aten.equal.default, _aten.is_nonzero.default, _aten._unique.default,
+    _aten._unique2.default, _aten.unique_consecutive.default, _aten.unique_dim.default,
+    _aten.repeat_interleave.Tensor, _aten.bincount.default,
 }
+# Indexing with a boolean mask sizes its result (or its write) from the mask's values.
+_MASK_INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default,
+                  _aten._index_put_impl_.default}
 # A tensor built from host data (a Python list, a NumPy array): on CUDA a pageable host copy,
 # which a capture refuses; its values would be frozen into the graph anyway.
 _HOST_DATA = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
@@ -64,6 +67,17 @@ def _bound_arguments(func, args, kwargs):
             yield arg, args[i]
         elif arg.name in kwargs:
             yield arg, kwargs[arg.name]
+
+
+def _indexes_by_mask(func, args) -> bool:
+    indices = args[1] if func in _MASK_INDEXING and len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+               for i in indices)
+
+
+def _per_return(func, result) -> tuple:
+    """result as one entry per schema return (a single Tensor[] return is one entry)."""
+    return tuple(result) if len(func._schema.returns) > 1 else (result,)
 
 
 def _is_collective(func) -> bool:
@@ -112,6 +126,9 @@ class _Recorder(TorchDispatchMode):
         if func in _HOST_DATA:
             raise CaptureError("a tensor built from host data (torch.tensor / as_tensor of "
                                "Python or NumPy values) during graph capture")
+        if _indexes_by_mask(func, args):
+            raise CaptureError(f"{func} with a boolean mask reads device data on the host "
+                               "during graph capture (its size depends on the mask)")
         for t in _written(func, args, kwargs):
             storage = t.untyped_storage()
             key = storage.data_ptr()
@@ -120,12 +137,15 @@ class _Recorder(TorchDispatchMode):
         result = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, result))
         if not _is_view(func):
-            flat = result if isinstance(result, (tuple, list)) else (result,)
-            for fresh, value in zip(_fresh_returns(func), flat):
+            # A return that shares an argument's storage (an alias the schema does not
+            # annotate, e.g. _unsafe_view) is not new memory.
+            inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+            for fresh, value in zip(_fresh_returns(func), _per_return(func, result)):
                 for t in _tensors(value) if fresh else ():
                     storage = t.untyped_storage()
-                    if storage.data_ptr():
-                        self.created.setdefault(storage.data_ptr(), storage)
+                    key = storage.data_ptr()
+                    if key and key not in inputs:
+                        self.created.setdefault(key, storage)
         return result
 
 
@@ -159,13 +179,14 @@ class ReplayGraphCapture:
                 setattr(torch.Tensor, name, _refuse_host_read(name))
             with tpssm_capture.marked(), recorder:
                 outputs = step()
+            for storage in recorder.created.values():
+                storage.fill_(0xFF)
         finally:
             for name, method in originals.items():
                 setattr(torch.Tensor, name, method)
-        for storage, backup in recorder.saved.values():
-            storage.copy_(backup)
-        for storage in recorder.created.values():
-            storage.fill_(0xFF)
+            # A capture, failed or not, leaves the memory that was there as it found it.
+            for storage, backup in recorder.saved.values():
+                storage.copy_(backup)
         self.ops = recorder.ops
         return outputs
 
@@ -177,9 +198,8 @@ class ReplayGraphCapture:
                     continue  # the view made at capture still aliases the same storage
                 result = func(*args, **kwargs)
                 _wait_for_work(result)
-                flat_new = result if isinstance(result, (tuple, list)) else (result,)
-                flat_old = recorded if isinstance(recorded, (tuple, list)) else (recorded,)
-                for fresh, new, old in zip(_fresh_returns(func), flat_new, flat_old):
+                for fresh, new, old in zip(_fresh_returns(func), _per_return(func, result),
+                                           _per_return(func, recorded)):
                     if not fresh:
                         continue
                     for n, o in zip(_tensors(new), _tensors(old)):

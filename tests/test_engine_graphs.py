@@ -94,8 +94,8 @@ def _assert_graph_equals_eager(model, prompts, **kwargs):
 def one_thread():
     """A graph replays a padded batch; with several threads torch's CPU RMSNorm splits its sums
     by the batch's size, so a row's bits would depend on its batch (the hybrids' shared-block
-    norms). One thread makes graph and eager decode comparable bit for bit (the gloo ranks run
-    one thread each anyway)."""
+    norms). One thread makes graph and eager decode comparable bit for bit (the gloo ranks set
+    it themselves)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -133,6 +133,7 @@ def test_local_shard_graph_decode_equals_eager():
 
 
 def _rank_graph_vs_eager(rank, world, family, scheme, vocab_parallel):
+    torch.set_num_threads(1)  # as in one_thread: a row's bits must not depend on its batch
     model = _model(family, TPContext(), allreduce=scheme, allreduce_min_bytes=0,
                    vocab_parallel=vocab_parallel)
     graphs, engine, graph_cache = _run(model, _prompts(5), True)
@@ -201,12 +202,46 @@ def test_capture_restores_what_it_wrote_and_replay_writes_it():
 
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: t.tolist(),
                                   lambda t: t.cpu(), lambda t: t.nonzero(),
-                                  lambda t: bool(t[0] > 0)])
+                                  lambda t: bool(t[0] > 0), lambda t: t[t > 0],
+                                  lambda t: t.index_put_((t > 0,), t[:1])])
 def test_host_reads_during_capture_are_refused(read):
     x = torch.ones(3)
     with pytest.raises(CaptureError, match="on the host"):
         ReplayGraphCapture().capture(lambda: read(x))
     assert x.tolist() == [1.0, 1.0, 1.0]  # the patched methods are restored
+
+
+def test_ops_returning_several_tensors_replay_all_of_them():
+    a, b = torch.ones(2), torch.full((2,), 3.0)
+    capture = ReplayGraphCapture()
+    outs = capture.capture(lambda: torch._foreach_mul([a, b], 2.0))
+    a.fill_(5.0)
+    b.fill_(7.0)
+    capture.replay()
+    assert torch.equal(outs[0], torch.full((2,), 10.0))
+    assert torch.equal(outs[1], torch.full((2,), 14.0))
+
+
+def test_a_return_aliasing_an_input_is_not_taken_for_new_memory():
+    """_unsafe_view returns its input's storage without saying so in its schema: that storage
+    existed before the capture and keeps its contents."""
+    state = torch.arange(4.0)
+    capture = ReplayGraphCapture()
+    capture.capture(lambda: torch.ops.aten._unsafe_view(state, (2, 2)) + 0)
+    assert torch.equal(state, torch.arange(4.0))
+
+
+def test_a_failed_capture_leaves_memory_as_it_found_it():
+    state = torch.zeros(3)
+
+    def step():
+        state.add_(1)
+        if state.sum() > 6:  # a host read during capture, after the write
+            pass
+    capture = ReplayGraphCapture()
+    with pytest.raises(CaptureError):
+        capture.capture(step)
+    assert torch.equal(state, torch.full((3,), 2.0))  # the warm-ups' writes only
 
 
 def test_tensors_from_host_data_during_capture_are_refused():

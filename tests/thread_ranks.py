@@ -8,11 +8,12 @@ captured).
 fn(rank, world_size, *args) runs in a thread of its own with torch's in-process "threaded"
 process group as the default group (torch.testing's multi-threaded group: collectives are torch
 ops that rank 0's thread issues on every rank's tensors, so on CUDA they run on rank 0's current
-stream, in order with the work every rank issued before it). Its return value comes back in
-results[rank]. A rank that raises wakes the others out of their collectives, and the call fails
-with tpssm.launch.RankError naming it; ranks still running at the deadline are woken the same
-way and the error names them (threads cannot be killed: one stuck outside a collective is left
-behind, daemonic, cut off from later worlds).
+stream - in order with the work of the other ranks only when every rank issues on that one
+stream). Its return value comes back in results[rank]. A rank that raises wakes the others out
+of their collectives, and the call fails with tpssm.launch.RankError naming the first failure;
+ranks still running at the deadline are woken the same way and the error names them (threads
+cannot be killed: one stuck outside a collective is left behind, daemonic, and the next call
+waits for it or refuses to start).
 One threaded world at a time; the process's usual torch.distributed state is restored after.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,10 @@ from tpssm.launch import RankError
 __all__ = ["run_thread_ranks"]
 
 _one_world = threading.Lock()
+# Rank threads that outlived their world's deadline: every world's default group has the same
+# name in the threaded group's registry, so one of them reaching a collective would join the
+# next world's. A new world waits for them, and refuses to start while one still runs.
+_left_behind: List[threading.Thread] = []
 
 
 def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0
@@ -38,15 +43,22 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     results: List[Any] = [None] * world_size
-    errors: Dict[int, BaseException] = {}
+    failures: List[Tuple[int, BaseException]] = []  # in the order they happened
     with _one_world:
+        for t in _left_behind:
+            t.join(10.0)
+        _left_behind[:] = [t for t in _left_behind if t.is_alive()]
+        if _left_behind:
+            raise RankError(f"rank threads of an earlier world still run "
+                            f"({[t.name for t in _left_behind]}): no new world beside them")
         threaded_pg._install_threaded_pg()
         torch._C._distributed_c10d._set_thread_isolation_mode(True)
         threaded_pg.ProcessLocalGroup.reset()
+        late: List[int] = []
         try:
             store = dist.HashStore()
             over = threading.Event()  # set when the call returns: a thread left behind then
-            #                           touches neither the next world nor the restored one
+            #                           touches the restored torch.distributed state no more
 
             def rank_main(rank: int) -> None:
                 try:
@@ -58,7 +70,7 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
                         if not over.is_set():
                             dist.destroy_process_group()
                 except BaseException as exc:  # SystemExit: woken out of a collective
-                    errors[rank] = exc
+                    failures.append((rank, exc))
                     if not over.is_set():
                         threaded_pg.ProcessLocalGroup.exception_handle(exc)
 
@@ -74,17 +86,21 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
                 threaded_pg.ProcessLocalGroup.exception_handle(TimeoutError())
                 for t in threads:
                     t.join(5.0)
-                over.set()
-                raise RankError(f"ranks {late} still running after {timeout:g} s (a stalled "
-                                "rank keeps the others waiting in their collectives)")
+                _left_behind.extend(t for t in threads if t.is_alive())
             over.set()
         finally:
             threaded_pg.ProcessLocalGroup.reset()
             torch._C._distributed_c10d._set_thread_isolation_mode(False)
             threaded_pg._uninstall_threaded_pg()
-    # The rank that failed first is the one that did not exit on being woken.
-    causes = [r for r, e in sorted(errors.items()) if not isinstance(e, SystemExit)]
-    if causes or errors:
-        rank = (causes or sorted(errors))[0]
-        raise RankError(f"rank {rank} failed: {errors[rank]!r}") from errors[rank]
+    # The first failure that is not a rank woken out of a collective is the cause.
+    causes = [(r, e) for r, e in failures if not isinstance(e, SystemExit)]
+    if causes:
+        rank, exc = causes[0]
+        raise RankError(f"rank {rank} failed: {exc!r}") from exc
+    if late:
+        raise RankError(f"ranks {late} still running after {timeout:g} s (a stalled rank keeps "
+                        "the others waiting in their collectives)")
+    if failures:
+        rank, exc = failures[0]
+        raise RankError(f"rank {rank} failed: {exc!r}") from exc
     return results

@@ -34,7 +34,8 @@ from tpssm.generate import select_tokens
 from tpssm.ops import PAD_SLOT_ID
 from tpssm.parallel import TPContext
 
-__all__ = ["GenerationModel", "CachedModel", "Request", "SamplingParams", "GenerationEngine"]
+__all__ = ["GenerationModel", "CachedModel", "Request", "SamplingParams", "GenerationEngine",
+           "CudaGraphCapture"]
 
 
 class GenerationModel(Protocol):
