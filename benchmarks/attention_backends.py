@@ -3,7 +3,11 @@ how fast: for every preset's (local heads at tp 1 / 2 / 4, head_dim) a prefill c
 sequence, causal) and a decode call (a batch of single queries over max_len keys with a length
 mask, as HybridForCausalLM's decode runs it), each under every backend torch offers, timed where
 it runs. Zamba-7B's head_dim 464 is past the flash kernels' limit (256): this shows what it falls
-to. JSON to --json; a table on stdout.
+to. Beside them, the models' own decode path on CUDA: tpssm.ops.decode_attention reading a slot
+cache in place (rows holding half of max_len keys, as the SDPA rows' mask), at batch 1 and
+--batch, in one block per (row, head) and with the automatic key splits - its bytes (the keys
+and values it reads) against the copy bandwidth measured in the same run. JSON to --json; a
+table on stdout.
 
     python benchmarks/attention_backends.py --json out.json [--prompt-len 2048 --batch 8]
 """
@@ -50,6 +54,48 @@ def _shapes():
                 yield name, tp, a.num_heads // tp, a.head_dim, a.scale
 
 
+def _copy_bandwidth_gbs(dev) -> float:
+    """Read + write bytes a second of a 512 MB device-to-device copy."""
+    x = torch.empty(2 ** 29, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / _time(lambda: y.copy_(x), dev, 10) / 1e9
+
+
+def _decode_op_rows(name, tp, heads, hd, scale, args, dev, dtype, copy_gbs):
+    """tpssm.ops.decode_attention over a slot cache, one block per (row, head) and automatic
+    splits, at batch 1 and args.batch."""
+    from tpssm import ops
+
+    rows = []
+    M = args.max_len
+    for batch in sorted({1, args.batch}):
+        k = torch.randn(batch, heads, M, hd, device=dev, dtype=dtype)
+        v = torch.randn_like(k)
+        q = torch.randn(batch, heads, hd, device=dev, dtype=dtype)
+        slots = torch.arange(batch, device=dev)
+        lengths = torch.full((batch,), M // 2, device=dev)
+        out = torch.empty_like(q)
+        read = 2 * batch * heads * (M // 2) * hd * k.element_size()
+        for splits in (1, 0):
+            row = dict(preset=name, tp=tp, heads=heads, head_dim=hd, case="decode_op",
+                       backend="tpssm " + ("auto splits" if splits == 0 else "one block"),
+                       batch=batch, keys=M // 2, device=str(dev), dtype=str(dtype))
+            try:
+                s = _time(lambda: ops.decode_attention(q, k, v, slots, lengths, scale, out=out,
+                                                       num_splits=splits), dev, args.repeats)
+                row.update(ms=1e3 * s, bytes=read, gbs=read / s / 1e9,
+                           pct_of_copy=100 * read / s / 1e9 / copy_gbs)
+            except RuntimeError as e:
+                row["error"] = str(e).splitlines()[0][:160]
+            rows.append(row)
+            ms = (f"{row['ms']:9.3f}  {row['pct_of_copy']:5.1f}% of copy" if "ms" in row
+                  else "        -")
+            print(f"{name:12s} tp {tp} heads {heads:3d} hd {hd:4d} decode_op {row['backend']:16s}"
+                  f" batch {batch:3d} {ms}", flush=True)
+        del k, v
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the results here")
@@ -61,6 +107,12 @@ def main() -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows = []
+    import tpssm
+
+    decode_op = dev.type == "cuda" and tpssm.has_cuda_kernels()
+    copy_gbs = _copy_bandwidth_gbs(dev) if decode_op else None
+    if decode_op:
+        print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s", flush=True)
     for name, tp, heads, hd, scale in _shapes():
         L, B, M = args.prompt_len, args.batch, args.max_len
         q = torch.randn(1, heads, L, hd, device=dev, dtype=dtype)
@@ -84,10 +136,13 @@ def main() -> int:
                 ms = f"{row['ms']:9.3f}" if "ms" in row else "        -"
                 print(f"{name:12s} tp {tp} heads {heads:3d} hd {hd:4d} {case:8s} {backend:9s} {ms}",
                       flush=True)
+        if decode_op:
+            rows += _decode_op_rows(name, tp, heads, hd, scale, args, dev, dtype, copy_gbs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+                       "torch": torch.__version__, "args": vars(args),
+                       "copy_bandwidth_gbs": copy_gbs, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -152,8 +152,9 @@ if want bench; then
   stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \
     --batch 8 --prompt-len 2048 --steps 3 --tp-shards 1,2,4 \
     --json "${JSON%.json}_prefill_profile.json"
-  # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464).
-  stage attention_backends 60 $PY benchmarks/attention_backends.py \
+  # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464), and
+  # tpssm's decode_attention with and without key splits against the copy bandwidth.
+  stage attention_backends 90 $PY benchmarks/attention_backends.py \
     --json "${JSON%.json}_attention.json"
 fi
 

@@ -193,8 +193,8 @@ def decode_cases():
     """gemv at every launch option over odd sizes (a part block, a part K trip), the element path
     (K % 8, misaligned x), strided operands; its conv epilogue (gemv_conv_update) at every
     option with padded and out-of-range slots, with and without the norm prologue (a strided
-    residual stream); then the decode-step kernels with programmatic launch on (each waits for
-    the one before)."""
+    residual stream); decode attention with and without key splits over bad rows and lengths;
+    then the decode-step kernels with programmatic launch on (each waits for the one before)."""
     for dtype in (torch.bfloat16, torch.float32):
         for m, n, k in ((1, 45, 2056), (3, 45, 264), (8, 7, 40), (5, 37, 100)):
             x = torch.randn(m, k + 8, device=dev, dtype=dtype)  # rows stay 16-byte aligned
@@ -219,6 +219,17 @@ def decode_cases():
                                              conv_start=start, activation="silu",
                                              cache_indices=slots, warps_per_row=wpr,
                                              rows_per_warp=rpw, **prologue)
+    # decode attention: one block per (row, head) and key splits (shares with and without keys),
+    # a strided cache, bad rows and lengths (negative, zero, past max_len)
+    for dtype in (torch.bfloat16, torch.float32):
+        for hd in (80, 200):
+            cache = torch.randn(2, 4, 6, 70, hd, device=dev, dtype=dtype)
+            k, v = cache[0, :, 1::2][:, :2], cache[1, :, :2]
+            q = torch.randn(5, 2, hd, device=dev, dtype=dtype)
+            rows = torch.tensor([3, -1, 0, 4, 1], device=dev)
+            lengths = torch.tensor([70, 5, 0, 3, 999], device=dev, dtype=torch.int32)
+            for splits in (1, 3, 32):
+                ops.decode_attention(q, k, v, rows, lengths, 0.1, num_splits=splits)
     previous = ops.set_programmatic_launch(True)
     try:
         h = torch.randn(2, 64, device=dev, dtype=torch.bfloat16)

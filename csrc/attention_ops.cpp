@@ -31,7 +31,7 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
                                                    const at::Tensor& v_cache,
                                                    const at::Tensor& rows,
                                                    const at::Tensor& lengths, double scale,
-                                                   const at::Tensor& out) {
+                                                   const at::Tensor& out, int64_t num_splits) {
   TORCH_CHECK(q.dim() == 3, kOp, ": q must be 3-D (B, H, head_dim), got shape ", q.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), hd = q.size(2);
   TORCH_CHECK(hd >= 1 && hd <= kDecodeAttentionMaxHeadDim, kOp, ": head_dim must be in [1, ",
@@ -61,6 +61,9 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
                   (batch <= 1 || out.stride(0) >= (heads - 1) * out.stride(1) + hd),
               kOp, ": out's (batch, head) rows must not overlap each other, got strides ",
               out.strides());
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kDecodeAttentionMaxSplits, kOp,
+              ": num_splits must be in [0, ", kDecodeAttentionMaxSplits,
+              "] (0: automatic), got ", num_splits);
   check_index(rows, "rows", batch, q);
   check_index(lengths, "lengths", batch, q);
   check_written_disjoint(kOp, {named(out, "out")},
@@ -92,7 +95,23 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
   p.rows = rows.data_ptr();
   p.lengths = lengths.data_ptr();
   p.out = out.data_ptr();
+  p.num_splits = num_splits;
   return p;
+}
+
+at::Tensor plan_decode_attention_splits(DecodeAttentionParams& p, int64_t sm_count,
+                                        const at::Tensor& q) {
+  if (p.num_splits == 0) {
+    p.num_splits = decode_attention_auto_splits(p.batch, p.heads, p.max_len, sm_count);
+  }
+  if (p.num_splits <= 1 || p.batch * p.heads == 0) {
+    p.num_splits = 1;
+    return at::Tensor();
+  }
+  at::Tensor partials = at::empty({p.batch * p.heads * p.num_splits * (p.head_dim + 2)},
+                                  q.options().dtype(at::kFloat));
+  p.partials = partials.data_ptr<float>();
+  return partials;
 }
 
 }  // namespace tpssm

@@ -63,9 +63,10 @@ TORCH_LIBRARY(tpssm, m) {
       "float norm_eps=1e-5) -> ()");
   // Decode attention read in place from the KV cache (kernels/attention_params.h): row b attends
   // keys 0 .. lengths[b] - 1 of cache row rows[b]; a bad row or a length <= 0 gives zeros.
+  // num_splits: the CUDA launch's key splits (0: automatic).
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor lengths, "
-      "float scale, Tensor(a!) out) -> ()");
+      "float scale, Tensor(a!) out, int num_splits=0) -> ()");
   m.def("has_cuda_kernels() -> bool");
   // Programmatic dependent launch of the decode-step kernels (kernels/launch_options.h); returns
   // the previous setting.

@@ -89,6 +89,16 @@ def test_bad_rows_and_lengths_give_zeros_and_lengths_clamp():
     check_vs_ref(out, q, k, v, rows, lengths, 0.5, torch.float32)
 
 
+def test_the_cpu_op_ignores_key_splits():
+    """num_splits shapes the CUDA launch only: the CPU op's exact softmax is the same."""
+    q, k, v = _inputs(2, 3, 16, 2, 70, torch.float32)
+    rows, lengths = torch.tensor([1, 0]), torch.tensor([70, 9])
+    base = ops.decode_attention(q, k, v, rows, lengths, 0.25)
+    for splits in (1, 7, 32):
+        assert torch.equal(ops.decode_attention(q, k, v, rows, lengths, 0.25,
+                                                num_splits=splits), base)
+
+
 def test_single_key_returns_its_value():
     q, k, v = _inputs(2, 3, 16, 2, 4, torch.float32)
     out = ops.decode_attention(q, k, v, torch.tensor([1, 0]), torch.tensor([1, 1]), 1.0)
@@ -125,6 +135,9 @@ def test_argument_errors_name_the_rule():
         ops.decode_attention(q, k, v, rows, lengths, 1.0, out=q)
     with pytest.raises(RuntimeError, match="out must not overlap k_cache"):
         ops.decode_attention(q, k, v, rows, lengths, 1.0, out=k[0, :, :2])
+    for bad in (-1, 33):
+        with pytest.raises(RuntimeError, match="num_splits must be in \\[0, 32\\]"):
+            ops.decode_attention(q, k, v, rows, lengths, 1.0, num_splits=bad)
     with pytest.raises(RuntimeError, match="out's \\(batch, head\\) rows must not overlap"):
         ops.decode_attention(q, k, v, rows, lengths, 1.0,
                              out=torch.empty(16).as_strided((2, 2, 16), (0, 0, 1)))

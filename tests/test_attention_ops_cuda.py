@@ -20,12 +20,12 @@ def dev(t):
     return base.to(CUDA, copy=True).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
-def run_both(q, k, v, rows, lengths, scale, out=None):
+def run_both(q, k, v, rows, lengths, scale, out=None, num_splits=0):
     """(device result on the CPU, the registered CPU op's result)."""
     cpu = torch.empty(q.shape, dtype=q.dtype)
     torch.ops.tpssm.decode_attention(q, k, v, rows, lengths, scale, cpu)
     got = ops.decode_attention(dev(q), dev(k), dev(v), dev(rows), dev(lengths), scale,
-                               out=None if out is None else dev(out))
+                               out=None if out is None else dev(out), num_splits=num_splits)
     return got.cpu(), cpu
 
 
@@ -60,18 +60,47 @@ def test_cuda_bad_rows_and_lengths_give_zeros_and_lengths_clamp():
     assert torch.allclose(got, cpu, rtol=1e-5, atol=1e-6)
 
 
-def test_cuda_graph_capture():
-    """The op allocates nothing but out and never syncs: it replays inside a CUDA graph with
-    new lengths."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_splits", [2, 5, 32])
+def test_cuda_key_splits_against_the_reference(num_splits, dtype):
+    """Blocks over shares of a row's keys, merged by the second kernel: rows longer and shorter
+    than the split count (splits without keys), a bad row and an empty row (zeros), against
+    the reference and the one-block launch."""
+    q, k, v = _inputs(7, 2, 80, 6, 45, dtype, seed=6)
+    rows = torch.tensor([5, 0, 2, 1, -1, 3, 4])
+    lengths = torch.tensor([45, 1, 2, 31, 9, 0, 44])
+    got, cpu = run_both(q, k, v, rows, lengths, 0.2, out=torch.full_like(q, 7.0),
+                        num_splits=num_splits)
+    assert (got[4:6] == 0).all()
+    check_vs_ref(got, q, k, v, rows, lengths, 0.2, dtype, f"{num_splits} splits")
+    one, _ = run_both(q, k, v, rows, lengths, 0.2, num_splits=1)
+    check_vs_ref(one, q, k, v, rows, lengths, 0.2, dtype, "one block")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_automatic_splits_for_a_short_batch_of_long_rows(dtype):
+    """One row of two heads over a cache of 700 keys: the automatic plan splits the keys (on a
+    132-SM device, 11 shares of at least 64 keys); lengths whose shares are uneven."""
+    q, k, v = _inputs(2, 2, 64, 2, 700, dtype, seed=7)
+    rows = torch.tensor([1, 0])
+    lengths = torch.tensor([650, 123])
+    got, _ = run_both(q, k, v, rows, lengths, 0.125)
+    check_vs_ref(got, q, k, v, rows, lengths, 0.125, dtype, "automatic splits")
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cuda_graph_capture(num_splits):
+    """The op never syncs and sizes its launch (and its split results' buffer) from the shapes:
+    it replays inside a CUDA graph with new lengths."""
     q, k, v = (dev(t) for t in _inputs(3, 4, 64, 4, 32, torch.float16, seed=4))
     rows = torch.tensor([3, 0, 1], device=CUDA)
     lengths = torch.tensor([1, 2, 3], device=CUDA)
     out = torch.empty_like(q)
-    ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out)
+    ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out, num_splits=num_splits)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out)
+        ops.decode_attention(q, k, v, rows, lengths, 0.125, out=out, num_splits=num_splits)
     lengths.copy_(torch.tensor([32, 17, 5]))
     graph.replay()
     torch.cuda.synchronize()

@@ -60,9 +60,10 @@ void decode_attention_rows(const DecodeAttentionParams& p, int64_t begin, int64_
 
 void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& rows,
-                          const at::Tensor& lengths, double scale, const at::Tensor& out) {
+                          const at::Tensor& lengths, double scale, const at::Tensor& out,
+                          int64_t num_splits) {
   const DecodeAttentionParams p =
-      make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out);
+      make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out, num_splits);
   cpu::dispatch_dtype(p.dtype, "decode_attention", [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {

@@ -1,5 +1,7 @@
-// CUDA decode_attention: validate, guard the device, launch on the current stream.
+// CUDA decode_attention: validate, guard the device, plan the key splits, launch on the current
+// stream.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -12,10 +14,13 @@ namespace {
 
 void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& rows,
-                           const at::Tensor& lengths, double scale, const at::Tensor& out) {
-  const DecodeAttentionParams p =
-      make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out);
+                           const at::Tensor& lengths, double scale, const at::Tensor& out,
+                           int64_t num_splits) {
+  DecodeAttentionParams p =
+      make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out, num_splits);
   const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor partials = plan_decode_attention_splits(
+      p, at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount, q);
   run_decode_attention(p, c10::cuda::getCurrentCUDAStream().stream());
 }
 

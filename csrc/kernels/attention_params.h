@@ -34,9 +34,30 @@ struct DecodeAttentionParams {
   const void* rows = nullptr;     // (B,)
   const void* lengths = nullptr;  // (B,)
   void* out = nullptr;            // (B, H, hd)
+  // Key splits (flash-decoding): 1 = one block per (row, head); S > 1 = S blocks per (row,
+  // head), each over an S-th of the row's keys, their partial softmax results (max, sum,
+  // unnormalised head_dim accumulator) in `partials` (B * H * S * (hd + 2) floats), merged by a
+  // second kernel.
+  int64_t num_splits = 1;
+  float* partials = nullptr;
 };
 
 // A lane of the kernel holds up to 8 of a head's elements (see attention.cu).
 constexpr int64_t kDecodeAttentionMaxHeadDim = 256;
+constexpr int64_t kDecodeAttentionMaxSplits = 32;
+
+// The automatic split count: one block per (row, head) once the batch alone gives every SM a
+// block; below that, enough splits for about two blocks an SM, each over at least 64 of the
+// cache's keys (the row's own length, a device value, divides its keys evenly over the splits).
+inline int64_t decode_attention_auto_splits(int64_t batch, int64_t heads, int64_t max_len,
+                                            int64_t sm_count) {
+  const int64_t pairs = batch * heads;
+  if (pairs <= 0 || pairs >= sm_count) return 1;
+  int64_t splits = (2 * sm_count + pairs - 1) / pairs;
+  const int64_t by_keys = (max_len + 63) / 64;
+  splits = splits < by_keys ? splits : by_keys;
+  splits = splits < kDecodeAttentionMaxSplits ? splits : kDecodeAttentionMaxSplits;
+  return splits > 1 ? splits : 1;
+}
 
 }  // namespace tpssm

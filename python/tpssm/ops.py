@@ -438,6 +438,7 @@ def decode_attention(
     scale: float,
     *,
     out: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
 ) -> torch.Tensor:
     """Decode attention read in place from a slot-indexed KV cache: for every row b and head h,
     out[b, h] = softmax(scale * K[rows[b], h, :n] q[b, h]) V[rows[b], h, :n] with
@@ -449,10 +450,14 @@ def decode_attention(
     Values are never checked on the host (no sync; CUDA-graph capturable), on the CPU as on CUDA:
     a row outside [0, num_slots) or a length <= 0 gives out[b] = 0, and lengths clamp to
     max_len. out must not overlap any input. Returns out (allocated when not given).
+    num_splits (CUDA): blocks per (row, head), each over an equal share of the row's keys, merged
+    by a second kernel (flash-decoding) - 0 picks them from the shapes and the SM count: one when
+    B x H alone fills the SMs, more (up to 32, at least 64 cache keys each) for short batches of
+    long rows. Results agree to fp32 rounding whatever the count; the CPU op ignores it.
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _ops.decode_attention(q, k_cache, v_cache, rows, lengths, scale, out)
+    _ops.decode_attention(q, k_cache, v_cache, rows, lengths, scale, out, num_splits)
     return out
 
 
@@ -512,7 +517,8 @@ def _gated_sum_squares_fake(x, z, group_size, first_group_size, out) -> None:
 
 
 @torch.library.register_fake("tpssm::decode_attention")
-def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out) -> None:
+def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out, num_splits=0
+                           ) -> None:
     _check_out_like("decode_attention", out, q, "q")
 
 

@@ -99,9 +99,11 @@ void gated_sum_squares(const at::Tensor& x, const OptTensor& z, int64_t group_si
 }
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& rows, const at::Tensor& lengths, double scale,
-                      const at::Tensor& out) {
+                      const at::Tensor& out, int64_t num_splits) {
   reset();
-  auto p = tpssm::make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out);
+  auto p = tpssm::make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out,
+                                               num_splits);
+  const at::Tensor partials = tpssm::plan_decode_attention_splits(p, emu_sm_count, q);
   tpssm::run_decode_attention(p, nullptr);
 }
 void gemv(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
