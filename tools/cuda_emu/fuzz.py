@@ -3,7 +3,8 @@ dtypes, Mamba1 / Mamba2 forms, dstate 1..128, dense and varlen batches with empt
 sequences, padded rows, aligned and misaligned column slices, 16-bit and strided state pools,
 forced scan / conv chunk lengths and both scan plans; and gemv_conv_update (half the time with its
 norm prologue, then after add_rms_norm) against gemv followed by the conv update (bit for bit)
-and the fp64 reference.  Usage: fuzz.py SEED ITERATIONS"""
+and the fp64 reference; decode_attention (key splits, bad rows and lengths, misaligned slices)
+against the fp64 reference.  Usage: fuzz.py SEED ITERATIONS"""
 import random
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import build as emu_build
 emu = emu_build.build()
 import tpssm.ops as tops
 from tpssm import ops
-from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, gemv_ref,
-                             selective_scan_ref, selective_state_update_ref)
+from tpssm.reference import (causal_conv1d_ref, causal_conv1d_update_ref, decode_attention_ref,
+                             gemv_ref, selective_scan_ref, selective_state_update_ref)
 tops._ops = emu
 SENT = 7.0
 rng = random.Random(int(sys.argv[1]))
@@ -259,6 +260,22 @@ def fuzz_gemv_conv(it):
                              out=rcols, compute_dtype=torch.float64)
     close(o, ref, dtype, f"gemv_conv ref it {it}"); close(st, ref_st, dtype, f"gemv_conv st {it}")
 
+def fuzz_attention(it):
+    dtype = rng.choice([f32, bf16, f16]); B = rng.randint(1, 6); H = rng.randint(1, 4)
+    hd = rng.choice([1, 7, 32, 64, 80, 129, 160, 256]); L = rng.choice([1, 5, 64, 65, 200])
+    slots = rng.randint(1, 5)
+    k, v = (act((slots, H, L, hd), dtype, rng.choice(["contig", "aligned", "mis"]))
+            for _ in range(2))
+    q = act((B, H, hd), dtype, rng.choice(["contig", "aligned", "mis"]))
+    index_dtype = rng.choice([torch.int32, torch.int64])
+    rows = torch.tensor([rng.randint(-2, slots + 1) for _ in range(B)], dtype=index_dtype)
+    lengths = torch.tensor([rng.randint(-1, L + 3) for _ in range(B)], dtype=index_dtype)
+    splits, scale = rng.choice([0, 1, 2, 3, 8, 32]), rng.uniform(0.05, 1.0)
+    out = act((B, H, hd), dtype, rng.choice(["contig", "aligned", "mis"])).fill_(SENT)
+    ops.decode_attention(q, k, v, rows, lengths, scale, out=out, num_splits=splits)
+    ref = decode_attention_ref(q, k, v, rows, lengths, scale)
+    close(out, ref, dtype, f"attention it {it} ({splits} splits)")
+
 for it in range(N):
-    fuzz_conv(it); fuzz_scan(it); fuzz_ssu(it); fuzz_gemv_conv(it)
+    fuzz_conv(it); fuzz_scan(it); fuzz_ssu(it); fuzz_gemv_conv(it); fuzz_attention(it)
 print("fuzz ok", N)
