@@ -1,7 +1,6 @@
 // CUDA decode_attention: validate, guard the device, plan the key splits, launch on the current
 // stream.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -19,8 +18,7 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   DecodeAttentionParams p =
       make_decode_attention_params(q, k_cache, v_cache, rows, lengths, scale, out, num_splits);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor partials = plan_decode_attention_splits(
-      p, at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount, q);
+  const at::Tensor partials = plan_decode_attention_splits(p, decode_attention_sm_count(), q);
   run_decode_attention(p, c10::cuda::getCurrentCUDAStream().stream());
 }
 

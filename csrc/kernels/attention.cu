@@ -230,6 +230,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 }  // namespace
 
+int decode_attention_sm_count() { return current_device_sm_count(); }
+
 void run_decode_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.head_dim == 0) return;
   const int64_t pairs = p.batch * p.heads;
