@@ -77,9 +77,12 @@ def _decode_op_rows(name, tp, heads, hd, scale, args, dev, dtype, copy_gbs):
         out = torch.empty_like(q)
         read = 2 * batch * heads * (M // 2) * hd * k.element_size()
         for splits in (1, 0):
+            used = splits or ops.decode_attention_splits(
+                heads, M, torch.cuda.get_device_properties(dev).multi_processor_count)
             row = dict(preset=name, tp=tp, heads=heads, head_dim=hd, case="decode_op",
                        backend="tpssm " + ("auto splits" if splits == 0 else "one block"),
-                       batch=batch, keys=M // 2, device=str(dev), dtype=str(dtype))
+                       splits=used, batch=batch, keys=M // 2, device=str(dev),
+                       dtype=str(dtype))
             try:
                 s = _time(lambda: ops.decode_attention(q, k, v, slots, lengths, scale, out=out,
                                                        num_splits=splits), dev, args.repeats)

@@ -64,6 +64,8 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
   TORCH_CHECK(num_splits >= 0 && num_splits <= kDecodeAttentionMaxSplits, kOp,
               ": num_splits must be in [0, ", kDecodeAttentionMaxSplits,
               "] (0: automatic), got ", num_splits);
+  TORCH_CHECK(batch * heads <= 0x7fffffff, kOp, ": B x H must be at most 2^31 - 1 (one block "
+              "row per (row, head)), got ", batch * heads);
   check_index(rows, "rows", batch, q);
   check_index(lengths, "lengths", batch, q);
   check_written_disjoint(kOp, {named(out, "out")},
@@ -101,9 +103,7 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
 
 at::Tensor plan_decode_attention_splits(DecodeAttentionParams& p, int64_t sm_count,
                                         const at::Tensor& q) {
-  if (p.num_splits == 0) {
-    p.num_splits = decode_attention_auto_splits(p.batch, p.heads, p.max_len, sm_count);
-  }
+  if (p.num_splits == 0) p.num_splits = decode_attention_auto_splits(p.heads, p.max_len, sm_count);
   if (p.num_splits <= 1 || p.batch * p.heads == 0) {
     p.num_splits = 1;
     return at::Tensor();

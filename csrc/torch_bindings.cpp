@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "kernels/attention_params.h"
 #include "kernels/launch_options.h"
 
 TORCH_LIBRARY(tpssm, m) {
@@ -67,6 +68,8 @@ TORCH_LIBRARY(tpssm, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor lengths, "
       "float scale, Tensor(a!) out, int num_splits=0) -> ()");
+  // The key splits decode_attention's automatic plan picks (kernels/attention_params.h).
+  m.def("decode_attention_splits(int heads, int max_len, int sm_count) -> int");
   m.def("has_cuda_kernels() -> bool");
   // Programmatic dependent launch of the decode-step kernels (kernels/launch_options.h); returns
   // the previous setting.
@@ -107,9 +110,13 @@ bool has_cuda_kernels() {
 bool set_programmatic_launch(bool enabled) {
   return tpssm::programmatic_launch_setting().exchange(enabled);
 }
+int64_t decode_attention_splits(int64_t heads, int64_t max_len, int64_t sm_count) {
+  return tpssm::decode_attention_auto_splits(heads, max_len, sm_count);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpssm, CompositeExplicitAutograd, m) {
+  m.impl("decode_attention_splits", &decode_attention_splits);
   m.impl("has_cuda_kernels", &has_cuda_kernels);
   m.impl("set_programmatic_launch", &set_programmatic_launch);
 }

@@ -89,6 +89,17 @@ def test_bad_rows_and_lengths_give_zeros_and_lengths_clamp():
     check_vs_ref(out, q, k, v, rows, lengths, 0.5, torch.float32)
 
 
+def test_automatic_split_plan():
+    """About four blocks an SM for one row, shares of at least 64 cache keys, at most 32 - the
+    batch plays no part."""
+    assert ops.decode_attention_splits(32, 4096, 132) == 17   # zamba2-2.7b at tp 1
+    assert ops.decode_attention_splits(8, 4096, 132) == 32    # its tp 4 shard: the cap
+    assert ops.decode_attention_splits(8, 300, 132) == 5      # 300 keys: shares of >= 64
+    assert ops.decode_attention_splits(4, 64, 132) == 1
+    assert ops.decode_attention_splits(600, 4096, 132) == 1   # the heads alone fill the SMs
+    assert ops.decode_attention_splits(32, 4096, 0) == 1
+
+
 def test_the_cpu_op_ignores_key_splits():
     """num_splits shapes the CUDA launch only: the CPU op's exact softmax is the same."""
     q, k, v = _inputs(2, 3, 16, 2, 70, torch.float32)

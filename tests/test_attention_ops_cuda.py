@@ -60,13 +60,27 @@ def test_cuda_bad_rows_and_lengths_give_zeros_and_lengths_clamp():
     assert torch.allclose(got, cpu, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def garbage_in_new_memory():
+    """New tensors (the split results' workspace) filled with NaN: a share the kernels leave
+    unwritten shows up in the result."""
+    mode, fill = (torch.are_deterministic_algorithms_enabled(),
+                  torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(mode)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_splits", [2, 5, 32])
-def test_cuda_key_splits_against_the_reference(num_splits, dtype):
+@pytest.mark.parametrize("hd", [80, 200])
+def test_cuda_key_splits_against_the_reference(hd, num_splits, dtype, garbage_in_new_memory):
     """Blocks over shares of a row's keys, merged by the second kernel: rows longer and shorter
     than the split count (splits without keys), a bad row and an empty row (zeros), against
-    the reference and the one-block launch."""
-    q, k, v = _inputs(7, 2, 80, 6, 45, dtype, seed=6)
+    the reference and the one-block launch; both lane widths."""
+    q, k, v = _inputs(7, 2, hd, 6, 45, dtype, seed=6)
     rows = torch.tensor([5, 0, 2, 1, -1, 3, 4])
     lengths = torch.tensor([45, 1, 2, 31, 9, 0, 44])
     got, cpu = run_both(q, k, v, rows, lengths, 0.2, out=torch.full_like(q, 7.0),
@@ -77,10 +91,22 @@ def test_cuda_key_splits_against_the_reference(num_splits, dtype):
     check_vs_ref(one, q, k, v, rows, lengths, 0.2, dtype, "one block")
 
 
+@pytest.mark.parametrize("num_splits", [3, 32])
+def test_cuda_key_splits_strided_int32_lengths_past_max_len(num_splits, garbage_in_new_memory):
+    """Head slices of wider caches, int32 indices, repeated rows, lengths past max_len and out
+    a slice of a wider buffer, with splits."""
+    q, k, v = _inputs(5, 4, 64, 4, 33, torch.bfloat16, strided=True, seed=8)
+    rows = torch.tensor([2, 2, 0, 3, 1], dtype=torch.int32)
+    lengths = torch.tensor([33, 99, 1, 17, 40], dtype=torch.int32)
+    wide = torch.full((5, 4, 80), 7.0, dtype=torch.bfloat16)
+    got, _ = run_both(q, k, v, rows, lengths, 0.3, out=wide[:, :, 8:72], num_splits=num_splits)
+    check_vs_ref(got, q, k, v, rows, lengths, 0.3, torch.bfloat16, f"{num_splits} splits")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_cuda_automatic_splits_for_a_short_batch_of_long_rows(dtype):
-    """One row of two heads over a cache of 700 keys: the automatic plan splits the keys (on a
-    132-SM device, 11 shares of at least 64 keys); lengths whose shares are uneven."""
+def test_cuda_automatic_splits_for_long_rows(dtype, garbage_in_new_memory):
+    """Two heads over a cache of 700 keys: the automatic plan takes 11 shares on a 132-SM device
+    (see test_attention_ops.py's plan test); lengths that divide unevenly into them."""
     q, k, v = _inputs(2, 2, 64, 2, 700, dtype, seed=7)
     rows = torch.tensor([1, 0])
     lengths = torch.tensor([650, 123])

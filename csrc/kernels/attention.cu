@@ -53,8 +53,10 @@ __device__ __forceinline__ void write_no_keys(float* part, int hd) {
   for (int d = threadIdx.x; d < hd + 2; d += kThreads) part[d] = d == 0 ? -INFINITY : 0.f;
 }
 
+// 8 blocks an SM (64 registers): the share bounds would otherwise take the 8-element-a-lane
+// instantiation to 80 registers and 6 blocks, fewer loads in flight where B x H fills the GPU.
 template <typename T, typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, 8)
     decode_attention_kernel(DecodeAttentionParams p) {
   constexpr int kPerLane = Traits::kPerLane;
   constexpr int kWarps = Traits::kWarps;
@@ -194,8 +196,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 }
 
 // Merges a (row, head)'s split results: out = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m),
-// m the largest m_s. Every split without keys has m_s = -inf (weight 0); if all are empty (a
-// bad row, a length <= 0) the output is zeros, as without splits.
+// m the largest m_s. Every split without keys has m_s = -inf (weight 0). A bad row or a length
+// <= 0 gives zeros, decided here from the row as the split blocks decided it (scores that are
+// all NaN or -inf still merge to NaN, as without splits).
 constexpr int kCombineThreads = 128;
 
 template <typename T>
@@ -208,13 +211,15 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int hd = static_cast<int>(p.head_dim);
   const int splits = static_cast<int>(p.num_splits);
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  float m_all = -INFINITY;
-  for (int s = 0; s < splits; ++s) m_all = fmaxf(m_all, split_partials(p, pair, s)[0]);
-  if (m_all == -INFINITY) {
+  const int64_t row = load_index(p.rows, p.rows_int32, b * p.rows_stride);
+  const int64_t len = load_index(p.lengths, p.lengths_int32, b * p.lengths_stride);
+  if (row < 0 || row >= p.num_slots || len <= 0 || p.max_len <= 0) {
     for (int d = threadIdx.x; d < hd; d += kCombineThreads) out[d] = from_float<T>(0.f);
     return;
   }
-  if (threadIdx.x < splits) {
+  float m_all = -INFINITY;
+  for (int s = 0; s < splits; ++s) m_all = fmaxf(m_all, split_partials(p, pair, s)[0]);
+  if (static_cast<int>(threadIdx.x) < splits) {
     s_weight[threadIdx.x] = exp2f(split_partials(p, pair, threadIdx.x)[0] - m_all);
   }
   __syncthreads();

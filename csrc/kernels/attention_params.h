@@ -46,14 +46,14 @@ struct DecodeAttentionParams {
 constexpr int64_t kDecodeAttentionMaxHeadDim = 256;
 constexpr int64_t kDecodeAttentionMaxSplits = 32;
 
-// The automatic split count: one block per (row, head) once the batch alone gives every SM a
-// block; below that, enough splits for about two blocks an SM, each over at least 64 of the
-// cache's keys (the row's own length, a device value, divides its keys evenly over the splits).
-inline int64_t decode_attention_auto_splits(int64_t batch, int64_t heads, int64_t max_len,
-                                            int64_t sm_count) {
-  const int64_t pairs = batch * heads;
-  if (pairs <= 0 || pairs >= sm_count) return 1;
-  int64_t splits = (2 * sm_count + pairs - 1) / pairs;
+// The automatic split count, from the heads, the cache's length and the SM count - not the
+// batch, so that a row's result (its reduction order) does not depend on the rows beside it, as
+// in a decode graph replaying a padded batch: about four blocks an SM for a single row, each
+// share over at least 64 of the cache's keys, at most 32 shares. A larger batch multiplies the
+// blocks; the shares' partial results cost (head_dim + 2) floats against 64 keys' K and V.
+inline int64_t decode_attention_auto_splits(int64_t heads, int64_t max_len, int64_t sm_count) {
+  if (heads <= 0 || max_len <= 0 || sm_count <= 0) return 1;
+  int64_t splits = (4 * sm_count + heads - 1) / heads;
   const int64_t by_keys = (max_len + 63) / 64;
   splits = splits < by_keys ? splits : by_keys;
   splits = splits < kDecodeAttentionMaxSplits ? splits : kDecodeAttentionMaxSplits;

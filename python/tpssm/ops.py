@@ -64,6 +64,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "decode_attention",
+    "decode_attention_splits",
     "gated_rms_norm",
     "gated_sum_squares",
     "gemv",
@@ -451,14 +452,22 @@ def decode_attention(
     a row outside [0, num_slots) or a length <= 0 gives out[b] = 0, and lengths clamp to
     max_len. out must not overlap any input. Returns out (allocated when not given).
     num_splits (CUDA): blocks per (row, head), each over an equal share of the row's keys, merged
-    by a second kernel (flash-decoding) - 0 picks them from the shapes and the SM count: one when
-    B x H alone fills the SMs, more (up to 32, at least 64 cache keys each) for short batches of
-    long rows. Results agree to fp32 rounding whatever the count; the CPU op ignores it.
+    by a second kernel (flash-decoding) - 0 picks them from the heads, max_len and the SM count
+    (decode_attention_splits). Results agree to fp32 rounding whatever the count; the CPU op
+    ignores it.
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _ops.decode_attention(q, k_cache, v_cache, rows, lengths, scale, out, num_splits)
     return out
+
+
+def decode_attention_splits(heads: int, max_len: int, sm_count: int) -> int:
+    """The key splits decode_attention's automatic plan (num_splits=0) gives a cache of `heads`
+    heads and `max_len` keys a row on a device of `sm_count` SMs: about four blocks an SM for one
+    row, shares of at least 64 of the cache's keys, at most 32; never the batch, so that a row's
+    result does not depend on the rows beside it."""
+    return int(_ops.decode_attention_splits(int(heads), int(max_len), int(sm_count)))
 
 
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing

@@ -163,6 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_rms_norm", &gated_rms_norm);
   m.def("gated_sum_squares", &gated_sum_squares);
   m.def("decode_attention", &decode_attention);
+  m.def("decode_attention_splits", &tpssm::decode_attention_auto_splits);
   m.def("gemv", &gemv);
   m.def("gemv_conv_update", &gemv_conv_update);
   m.def("gemv_plan", &gemv_plan);
