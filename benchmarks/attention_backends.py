@@ -95,7 +95,6 @@ def _decode_op_rows(name, tp, heads, hd, scale, args, dev, dtype, copy_gbs):
                   else "        -")
             print(f"{name:12s} tp {tp} heads {heads:3d} hd {hd:4d} decode_op {row['backend']:16s}"
                   f" batch {batch:3d} {ms}", flush=True)
-        del k, v
     return rows
 
 
