@@ -64,8 +64,8 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
   TORCH_CHECK(num_splits >= 0 && num_splits <= kDecodeAttentionMaxSplits, kOp,
               ": num_splits must be in [0, ", kDecodeAttentionMaxSplits,
               "] (0: automatic), got ", num_splits);
-  TORCH_CHECK(batch * heads <= 0x7fffffff, kOp, ": B x H must be at most 2^31 - 1 (one block "
-              "row per (row, head)), got ", batch * heads);
+  TORCH_CHECK(batch * heads <= 0x7fffffff, kOp, ": B x H must be at most 2^31 - 1 (the grid's "
+              "x dimension: one block per (row, head)), got ", batch * heads);
   check_index(rows, "rows", batch, q);
   check_index(lengths, "lengths", batch, q);
   check_written_disjoint(kOp, {named(out, "out")},
