@@ -41,6 +41,15 @@ __device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int32, in
                   : static_cast<const int64_t*>(ptr)[i];
 }
 
+// Row b's keys: its length clamped to max_len, or 0 for a row index outside the cache (a length
+// <= 0 stays as it is). Both kernels decide a row's fate here, so they agree on bad rows.
+__device__ __forceinline__ int64_t row_keys(const DecodeAttentionParams& p, int64_t b,
+                                            int64_t row) {
+  int64_t len = load_index(p.lengths, p.lengths_int32, b * p.lengths_stride);
+  len = len < p.max_len ? len : p.max_len;
+  return row < 0 || row >= p.num_slots ? 0 : len;
+}
+
 // A split's partial result: its running max (log2 domain), its sum of exp2(score - max), and
 // its accumulator (not yet divided by the sum). A split without keys writes max = -inf, sum 0.
 __device__ __forceinline__ float* split_partials(const DecodeAttentionParams& p, int64_t pair,
@@ -77,15 +86,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 8)
   float* part = splits ? split_partials(p, pair, split) : nullptr;
 
   const int64_t row = load_index(p.rows, p.rows_int32, b * p.rows_stride);
-  int64_t len = load_index(p.lengths, p.lengths_int32, b * p.lengths_stride);
-  len = len < p.max_len ? len : p.max_len;
+  const int64_t len = row_keys(p, b, row);
   // This split's share of the row's keys (all of them without splits).
   const int64_t share = (len + p.num_splits - 1) / p.num_splits;
   const int64_t key_begin = split * share;
   const int64_t key_end = key_begin + share < len ? key_begin + share : len;
   // Uniform per block, before any barrier: a bad row index or an empty row writes zeros (a
   // split without keys, an empty partial result).
-  if (row < 0 || row >= p.num_slots || len <= 0 || key_begin >= key_end) {
+  if (len <= 0 || key_begin >= key_end) {
     if (splits) {
       write_no_keys<Traits::kThreads>(part, hd);
     } else {
@@ -211,9 +219,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int hd = static_cast<int>(p.head_dim);
   const int splits = static_cast<int>(p.num_splits);
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  const int64_t row = load_index(p.rows, p.rows_int32, b * p.rows_stride);
-  const int64_t len = load_index(p.lengths, p.lengths_int32, b * p.lengths_stride);
-  if (row < 0 || row >= p.num_slots || len <= 0 || p.max_len <= 0) {
+  if (row_keys(p, b, load_index(p.rows, p.rows_int32, b * p.rows_stride)) <= 0) {
     for (int d = threadIdx.x; d < hd; d += kCombineThreads) out[d] = from_float<T>(0.f);
     return;
   }
