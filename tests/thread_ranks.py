@@ -32,6 +32,9 @@ from tpssm.launch import RankError
 __all__ = ["run_thread_ranks"]
 
 _one_world = threading.Lock()
+# What a rank raises when another rank's failure wakes it: out of a collective (the threaded
+# group exits the thread), or out of a barrier the failing rank aborted.
+_WOKEN = (SystemExit, threading.BrokenBarrierError)
 # Rank threads that outlived their world's deadline: every world's default group has the same
 # name in the threaded group's registry, so one of them reaching a collective would join the
 # next world's. A new world waits for them, and refuses to start while one still runs.
@@ -69,7 +72,7 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
                     finally:
                         if not over.is_set():
                             dist.destroy_process_group()
-                except BaseException as exc:  # SystemExit: woken out of a collective
+                except BaseException as exc:  # _WOKEN: another rank failed first
                     failures.append((rank, exc))
                     if not over.is_set():
                         threaded_pg.ProcessLocalGroup.exception_handle(exc)
@@ -92,8 +95,9 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
             threaded_pg.ProcessLocalGroup.reset()
             torch._C._distributed_c10d._set_thread_isolation_mode(False)
             threaded_pg._uninstall_threaded_pg()
-    # The first failure that is not a rank woken out of a collective is the cause.
-    causes = [(r, e) for r, e in failures if not isinstance(e, SystemExit)]
+    # The first failure that is not a rank woken by another's is the cause (a woken rank may
+    # record its error before the rank that woke it does).
+    causes = [(r, e) for r, e in failures if not isinstance(e, _WOKEN)]
     if causes:
         rank, exc = causes[0]
         raise RankError(f"rank {rank} failed: {exc!r}") from exc
