@@ -124,8 +124,10 @@ if want tests; then
       --junitxml="$OUTDIR/other_gpu_tests.xml"
   fi
   # tp 2 / 4 ranks as threads of one process, one CUDA graph of all ranks' decode step against
-  # eager decode (issue 14's one-GPU graph check): its own stage, 8 cases.
-  stage thread_rank_graphs 180 $PY -m pytest tests/test_thread_ranks.py -k one_gpu -q -ra -s \
+  # eager decode (issue 14's one-GPU graph check), and sequence-parallel prefill against tp 1
+  # on the GPU: its own stage, 9 cases.
+  stage thread_rank_graphs 180 $PY -m pytest tests/test_thread_ranks.py -k "one_gpu or cuda" \
+    -q -ra -s \
     --timeout=170 --junitxml="$OUTDIR/thread_rank_graphs.xml"
 fi
 
@@ -152,6 +154,11 @@ if want bench; then
   stage profile_prefill 150 $PY benchmarks/profile_step.py --preset mamba-2.8b --phase prefill \
     --batch 8 --prompt-len 2048 --steps 3 --tp-shards 1,2,4 \
     --json "${JSON%.json}_prefill_profile.json"
+  # The tp 4 shard's prefill again, sequence-parallel: its norms on a quarter of the tokens
+  # (against the shard's "norms" and "other" rows above).
+  stage profile_prefill_sp 70 $PY benchmarks/profile_step.py --preset mamba-2.8b \
+    --phase prefill --batch 8 --prompt-len 2048 --steps 3 --tp-shard 4 --sequence-parallel \
+    --json "${JSON%.json}_prefill_profile_sp.json"
   # The hybrids' attention: which SDPA backend each preset's head_dim gets (Zamba-7B: 464), and
   # tpssm's decode_attention with and without key splits against the copy bandwidth.
   stage attention_backends 90 $PY benchmarks/attention_backends.py \

@@ -12,7 +12,10 @@ elementwise work and copies). Each step is also timed unprofiled (CUDA events, m
 
 `--tp-shards 1,2,4` profiles each shard in turn and prints the per-phase table of tp 1 against
 the shards: time per step and tp 1 / shard (ideal: the tp degree for sharded work, 1 for
-replicated work). That table says what does not shrink with the shard.
+replicated work). That table says what does not shrink with the shard. `--sequence-parallel`
+runs the shards' prefill steps sequence-parallel (SSMForCausalLM.set_sequence_parallel): the
+residual adds and norms on the shard's ceil(T / tp) tokens, out_proj's output reduce-scattered
+(in a local shard: its rows taken) and the normalised rows all-gathered (a copy of them here).
 
     python benchmarks/profile_step.py --preset mamba-2.8b --phase decode --batch 1 --json out.json
     python benchmarks/profile_step.py --phase prefill --batch 8 --prompt-len 2048 --tp-shards 1,2,4
@@ -55,7 +58,8 @@ def phase_of(name: str) -> str:
 
 
 def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: torch.device,
-           vocab_parallel: bool = True, projection_kernel: str = "torch"):
+           vocab_parallel: bool = True, projection_kernel: str = "torch",
+           sequence_parallel: bool = False):
     from tpssm.models import build_model, load_config
     from tpssm.parallel import TPContext
     from tpssm.presets import RandomWeightSource, preset_config
@@ -65,6 +69,8 @@ def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: t
     ctx = TPContext.local_shard(tp_shard, device) if tp_shard > 1 else TPContext(device=device)
     model = build_model(config, ctx, dtype, vocab_parallel=vocab_parallel)
     model.set_projection_kernel(projection_kernel)
+    if sequence_parallel:
+        model.set_sequence_parallel(True, min_tokens=1)
     with torch.no_grad():
         model.load_weights(RandomWeightSource(config, seed=0, device=device))
     return config, model
@@ -90,13 +96,13 @@ def _median_ms(fn, steps: int, cuda: bool) -> float:
 def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: int = 5,
             prompt_len: int = 16, dtype: torch.dtype = torch.bfloat16, device=None,
             phase: str = "decode", vocab_parallel: bool = True,
-            projection_kernel: str = "torch") -> dict:
+            projection_kernel: str = "torch", sequence_parallel: bool = False) -> dict:
     if phase not in ("decode", "prefill"):
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     config, model = _build(preset, num_layers, tp_shard, dtype, device, vocab_parallel,
-                           projection_kernel)
+                           projection_kernel, sequence_parallel)
     # Decode appends a token a step: warm-up, the timed steps and the profiled steps.
     cache = model.allocate_cache(batch, max_seq_len=prompt_len + 2 * steps + 4)
     slots = torch.tensor(cache.allocate(batch), dtype=torch.int32, device=device)
@@ -153,6 +159,7 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
             "tp_shard": tp_shard, "batch": batch,
             "lm_head": "vocab-parallel" if model.vocab_parallel else "whole",
             "lm_head_rows": model.lm_head.shape[0], "projection_kernel": projection_kernel,
+            "sequence_parallel": model.sequence_parallel,
             "prompt_len": prompt_len if phase == "prefill" else None, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "kind": "cuda kernels" if cuda else "cpu ops",
@@ -230,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default torch)")
     p.add_argument("--programmatic-launch", action="store_true",
                    help="the decode-step kernels with programmatic dependent launch (sm_90+)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="prefill steps of the tp shards sequence-parallel (Mamba families)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="weights and activations (default bfloat16)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -253,7 +262,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       prompt_len=args.prompt_len, dtype=getattr(torch, args.dtype),
                       device=args.device, phase=args.phase,
                       vocab_parallel=not args.replicated_head,
-                      projection_kernel=args.projection_kernel)
+                      projection_kernel=args.projection_kernel,
+                      sequence_parallel=args.sequence_parallel)
         res["programmatic_launch"] = args.programmatic_launch
         _print_one(res)
         results.append(res)

@@ -221,6 +221,10 @@ def run_main(capsys, *argv):
     (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
     (["--timeout", "0"], "argument --timeout: must be a number > 0, got 0"),
     (["--allreduce-min-bytes", "-1"], "argument --allreduce-min-bytes: must be an integer >= 0"),
+    (["--sequence-parallel-min-tokens", "0"],
+     "argument --sequence-parallel-min-tokens: must be an integer >= 1, got 0"),
+    (["--sequence-parallel", "--allreduce", "fp8"],
+     "--sequence-parallel reduce-scatters exactly: it needs --allreduce exact, not fp8"),
 ])
 def test_generate_option_rules_fail_before_any_work(capsys, argv, message):
     args = ["generate", "--model", "no-such-dir"] + argv
@@ -360,6 +364,28 @@ def test_generate_with_quantized_allreduce(mamba_dir):
     assert code == 0, err
     calls = json.loads(out)["allreduce_calls"]
     assert calls["quantized"] == 0 and calls["exact"] > 0, calls
+
+
+@pytest.mark.timeout(300)
+def test_generate_with_sequence_parallel(mamba_dir):
+    """--sequence-parallel reaches the model: at tp 3 the prompt's prefill reduce-scatters
+    (counted by the model's strategy) and the tokens are those of the all-reduce path; under
+    --sequence-parallel-min-tokens the prefill keeps the all-reduce."""
+    _, path = mamba_dir
+    common = ("generate", "--model", path, "--tp", "3", "--input-ids", "1,2,3,4,5,6,7",
+              "--max-new-tokens", "5", "--ignore-eos", "--json")
+    runs = {}
+    for name, extra in (("plain", ()),
+                        ("sp", ("--sequence-parallel", "--sequence-parallel-min-tokens", "7")),
+                        ("under", ("--sequence-parallel", "--sequence-parallel-min-tokens", "8"))):
+        code, out, err = run_cli(*common, *extra)
+        assert code == 0, err
+        runs[name] = json.loads(out)
+    layers = 3  # hf_models' mamba config
+    assert runs["sp"]["allreduce_calls"]["scatter"] == layers, runs["sp"]["allreduce_calls"]
+    assert runs["plain"]["allreduce_calls"]["scatter"] == 0
+    assert runs["under"]["allreduce_calls"]["scatter"] == 0
+    assert runs["sp"]["output_ids"] == runs["plain"]["output_ids"] == runs["under"]["output_ids"]
 
 
 @pytest.mark.timeout(300)

@@ -390,3 +390,15 @@ def test_hybrid_config_errors():
         parse_config({**base, "mamba_ngroups": 3})
     zamba = parse_config(dict(architectures=["ZambaForCausalLM"], num_hidden_layers=10))
     assert zamba.hybrid_layers == [2, 7]   # transformers' default period 6, offset 4
+
+
+def test_sequence_parallel_is_refused_by_the_hybrids(oracles):
+    """The hybrids keep every rank's residual stream whole: asking for sequence parallelism is
+    an error naming the families that have it, not a silent no-op."""
+    from tpssm.models import load_model
+
+    model = load_model(oracles("zamba2_1blk")["path"], backend=BACKEND)
+    with pytest.raises(ValueError, match="not implemented for .*zamba2.*Mamba, Falcon-Mamba"):
+        model.set_sequence_parallel(True)
+    model.set_sequence_parallel(False)
+    assert model.sequence_parallel is False

@@ -289,31 +289,113 @@ def test_select_tokens_top_p_keeps_the_nucleus():
     assert int(select_tokens(logits)) == 1
 
 
-def _engine_rank(rank, world, path, prompts, backend):
+def test_sequence_parallel_arguments_and_tp1(checkpoints):
+    _, path = checkpoints["mamba"]
+    m = SSMForCausalLM.from_pretrained(path, backend=BACKEND)
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="min_tokens must be an int >= 1"):
+            m.set_sequence_parallel(True, min_tokens=bad)
+    assert m.sequence_parallel is False
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    qsl = _qsl([len(p) for p in PROMPTS])
+    with torch.no_grad():
+        plain = m(ids, qsl, return_all_logits=True)
+        m.set_sequence_parallel(True, min_tokens=1)
+        # tp 1: nothing to split, the same computation.
+        assert torch.equal(m(ids, qsl, return_all_logits=True), plain)
+    assert m.allreduce.calls["scatter"] == 0
+    q = SSMForCausalLM.from_pretrained(path, backend=BACKEND, allreduce="int8")
+    with pytest.raises(ValueError, match="scheme is 'int8' \\(use allreduce='exact'\\)"):
+        q.set_sequence_parallel(True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["mamba", "mamba2_g4"])
+def test_sequence_parallel_shrinks_the_norms_of_a_rank_shard(family, checkpoints, monkeypatch):
+    """A tp 4 local shard (rank 0's compute, no group: how the benchmarks time a rank) with
+    sequence parallelism normalises only its ceil(T / 4) rows per layer, below the threshold
+    all T, and reduce-scatters once per layer."""
+    from tpssm.parallel import TPContext
+
+    _, path = checkpoints[family]
+    m = SSMForCausalLM.from_pretrained(path, TPContext.local_shard(4), backend=BACKEND)
+    m.set_sequence_parallel(True, min_tokens=30)
+    rows = []
+    real = m.add_rms_norm
+    m.add_rms_norm = lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k)
+    lens = [20, 17]
+    ids = torch.arange(37) * 7 % 256
+    scattered = []
+    assert all(layer.mixer.out_proj.allreduce is m.allreduce for layer in m.layers)
+    real_rs = m.allreduce.reduce_scatter
+    m.allreduce.reduce_scatter = lambda x: scattered.append(x.shape[0]) or real_rs(x)
+    logits = m(ids, _qsl(lens))
+    per_rank = -(-len(ids) // 4)
+    assert logits.shape[0] == len(lens)
+    assert rows == [per_rank] * (len(m.layers) + 1)
+    assert scattered == [4 * per_rank] * len(m.layers)
+    rows.clear()
+    m(ids[:29], _qsl([29]))                     # under min_tokens: the whole stream
+    assert rows == [29] * (len(m.layers) + 1)
+
+
+def _engine_rank(rank, world, path, prompts, backend, sequence_parallel=False):
     from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
     from tpssm.parallel import TPContext
 
     model = SSMForCausalLM.from_pretrained(path, TPContext(), backend=backend)
     expect = generate(model, prompts, 5)
+    # Sequence parallelism on every prefill chunk (min_tokens=1): the same tokens.
+    model.set_sequence_parallel(sequence_parallel, min_tokens=1)
     served = CachedModel(model, model.allocate_cache(2))
     engine = GenerationEngine(served, max_batch_size=2, max_prefill_tokens=4)
     for p in prompts:
         engine.add_request(p, SamplingParams(max_new_tokens=5))
     got = [r.output for r in engine.run()]
-    return expect, got, served.num_free_slots()
+    return expect, got, served.num_free_slots(), model.allreduce.calls["scatter"]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp", [1, 2])
-def test_generation_engine_over_the_model_equals_generate(tp, checkpoints):
+@pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, False), (3, True)])
+def test_generation_engine_over_the_model_equals_generate(tp, sequence_parallel, checkpoints):
     """More requests than slots, prompts prefilled in chunks of 4 mixed with decode tokens."""
     _, path = checkpoints["mamba2_g4"]
     res = run_distributed(_engine_rank, tp, path, PROMPTS + [[9, 8, 7, 6, 5, 4]], BACKEND,
-                          timeout=240)
-    for expect, got, free in res:
+                          sequence_parallel, timeout=240)
+    for expect, got, free, scatters in res:
         assert got == expect
         assert free == 2
+        assert (scatters > 0) == sequence_parallel
     assert all(r[1] == res[0][1] for r in res)
+
+
+def _sequence_parallel_bf16_rank(rank, world, path, backend):
+    from tpssm.parallel import TPContext
+
+    model = SSMForCausalLM.from_pretrained(path, TPContext(), dtype=torch.bfloat16,
+                                           backend=backend)
+    ids = torch.arange(40) * 11 % 256
+    qsl = _qsl([13, 27])
+    with torch.no_grad():
+        plain = model(ids, qsl, return_all_logits=True)
+        model.set_sequence_parallel(True, min_tokens=1)
+        sp = model(ids, qsl, return_all_logits=True)
+        last = model(ids, qsl)
+    return (H.max_rel_err(sp, plain), H.max_rel_err(last, sp[[12, 39]]),
+            model.allreduce.calls["scatter"])
+
+
+@pytest.mark.timeout(300)
+def test_sequence_parallel_in_bfloat16(checkpoints):
+    """bf16 at tp 3 (40 tokens: 14 a rank, the last rank 12 and 2 padding rows): the stream and
+    the collectives in bf16 / fp32 as without sequence parallelism, within bf16 rounding of the
+    all-reduce path; the last-token rows come back exactly."""
+    _, path = checkpoints["mamba"]
+    for err, last_err, scatters in run_distributed(_sequence_parallel_bf16_rank, 3, path,
+                                                   BACKEND, timeout=240):
+        assert err <= 2e-2, err
+        assert last_err == 0.0
+        assert scatters == 2 * 3
 
 
 def _quantized_rank(rank, world, path, backend):

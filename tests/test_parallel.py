@@ -121,6 +121,15 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
     ref = torch.nn.functional.linear(xin, full_w_row, full_b_row)
     out["row"] = float((row(xl) - ref).abs().max())
 
+    # scatter=True (sequence parallelism): this rank's rows of the reduced result, 5 rows padded
+    # to a multiple of tp with zero rows (plus the bias), bias counted once.
+    mine = row(xl, scatter=True)
+    per = -(-5 // world)
+    padded = torch.cat([ref, full_b_row.expand(per * world - 5, -1)])
+    out["row_scatter_shape"] = tuple(mine.shape)
+    out["row_scatter"] = float((mine - padded[rank * per:(rank + 1) * per]).abs().max())
+    out["scatter_calls"] = row.allreduce.calls["scatter"]
+
     # reduce_results=False: the caller's reduction of the partials gives the same result.
     part = RowParallelLinear(cols, full_w_row.shape[0], True, ctx, reduce_results=False)
     part.load(src, "rw", "rb")
@@ -177,6 +186,8 @@ def test_parallel_linears_match_the_full_linear(tp):
         assert r["col"] <= 1e-5, rank
         assert r["row"] <= 1e-5, rank
         assert r["row_partial"] <= 1e-5, rank
+        assert r["row_scatter_shape"] == (-(-5 // tp), 96) and r["row_scatter"] <= 1e-5, rank
+        assert r["scatter_calls"] == 1
         assert r["row_int8"] <= 1e-5, rank
         assert r["row_small"] <= 1e-5, rank
         assert r["row_odd"] <= 1e-5, rank
@@ -185,6 +196,28 @@ def test_parallel_linears_match_the_full_linear(tp):
         assert r["calls"] == [("int8", 5 * 96, 32)], r["calls"]
         assert r["gather"] == [[float(q) for q in range(tp) for _ in range(q + 1)]]
         assert r["bcast"] == 7
+
+
+def test_reduce_scatter_rules_and_the_local_shards_rows():
+    from tpssm.parallel import AllReduce
+
+    shard = AllReduce(TPContext.local_shard(4))
+    x = torch.arange(24.0).reshape(8, 3)
+    # A local shard (rank 0 of tp 4, no group): its rows of x, nothing reduced.
+    assert torch.equal(shard.reduce_scatter(x), x[:2]) and shard.calls["scatter"] == 0
+    with pytest.raises(ValueError, match="multiple of tp"):
+        shard.reduce_scatter(x[:7])
+    with pytest.raises(ValueError, match="needs the exact scheme"):
+        AllReduce(TPContext.local_shard(2), "int8").reduce_scatter(x)
+    row = RowParallelLinear([(0, 4)], 3, True, TPContext.local_shard(4))
+    with pytest.raises(ValueError, match="no residual"):
+        row(torch.randn(5, 4), torch.randn(5, 3), scatter=True)
+    with torch.no_grad():
+        row.weight.normal_()
+        row.bias.normal_()
+    xs = torch.randn(5, 4)
+    # 5 rows pad to 8; rank 0 of the shard gets rows 0-1 of the local product (+ bias).
+    assert torch.allclose(row(xs, scatter=True), (xs @ row.weight.T + row.bias)[:2])
 
 
 def test_a_split_finer_than_the_model_is_rejected_naming_the_dimension():

@@ -90,6 +90,30 @@ def test_profile_prefill_and_shard_comparison(tmp_path, config):
     assert total["speedup_tp2"] == pytest.approx(total["tp1_us"] / total["tp2_us"])
 
 
+def test_prefill_shards_sequence_parallel(tmp_path, monkeypatch):
+    """--sequence-parallel: the tp 2 shard's prefill norms its ceil(T / 2) rows (here 2 x 7
+    tokens: 7 rows, for each of the 3 layers and the first norm), tp 1 all 14."""
+    import tpssm.models.model as model_module
+
+    rows = []
+    real = model_module.SSMForCausalLM.forward
+
+    def spy(self, *a, **k):
+        norm = self.add_rms_norm
+        self.add_rms_norm = lambda x, *b, **c: rows.append((self.ctx.tp, x.shape[0])) or norm(
+            x, *b, **c)
+        try:
+            return real(self, *a, **k)
+        finally:
+            self.add_rms_norm = norm
+
+    monkeypatch.setattr(model_module.SSMForCausalLM, "forward", spy)
+    res = _run(tmp_path, MAMBA, "--phase", "prefill", "--prompt-len", "7", "--tp-shards", "1,2",
+               "--sequence-parallel")
+    assert [r["sequence_parallel"] for r in res["shards"]] == [True, True]
+    assert {n for tp, n in rows if tp == 1} == {14} and {n for tp, n in rows if tp == 2} == {7}
+
+
 def test_decode_shard_head_split_or_whole(tmp_path):
     """A tp shard's decode step holds the rank's vocabulary rows of the head by default, the
     whole head with --replicated-head; tp 1 has the whole head either way."""

@@ -36,14 +36,16 @@ def _prompts():
 
 
 @torch.no_grad()
-def _decode_ranks(rank, world, family, scheme, device, shared=None):
-    """Prefill, then STEPS greedy decode steps on this rank's shard; the cache goes back to its
-    state after prefill. shared None: the steps run twice (the second pass must repeat the
-    first). Else every rank captures one more step into shared["graph"] (one graph for all
-    ranks, on shared["stream"]) with static ids / slots that the caller fills before replaying.
+def _decode_ranks(rank, world, family, scheme, device, shared=None, sequence_parallel=False):
+    """Prefill (sequence-parallel if asked), then STEPS greedy decode steps on this rank's
+    shard; the cache goes back to its state after prefill. shared None: the steps run twice
+    (the second pass must repeat the first). Else every rank captures one more step into
+    shared["graph"] (one graph for all ranks, on shared["stream"]) with static ids / slots
+    that the caller fills before replaying.
     """
     dev = torch.device(device)
     model = _model(family, TPContext(device=dev), allreduce=scheme, allreduce_min_bytes=0)
+    model.set_sequence_parallel(sequence_parallel, min_tokens=1)
     prompts = _prompts()
     cache = model.allocate_cache(len(prompts), max_seq_len=64)
     slots = torch.arange(len(prompts), dtype=torch.int32, device=dev)
@@ -64,7 +66,8 @@ def _decode_ranks(rank, world, family, scheme, device, shared=None):
             t.copy_(saved)
         return steps
 
-    out = dict(eager=eager_steps(), first=first, slots=slots, model=model, cache=cache)
+    out = dict(eager=eager_steps(), first=first, slots=slots, model=model, cache=cache,
+               prefill_logits=logits)
     if shared is None:
         out["again"] = eager_steps()
         return out
@@ -101,6 +104,28 @@ def _decode_ranks(rank, world, family, scheme, device, shared=None):
         raise
     out.update(static_ids=static_ids, static_slots=static_slots, outputs=outputs)
     return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or not tpssm.has_cuda_kernels(),
+        reason="needs a GPU and the CUDA kernels"))])
+def test_thread_ranks_sequence_parallel_prefill_like_tp1(device):
+    """Sequence-parallel prefill of 40 tokens at tp 2 / 4 through the threaded process group -
+    on a GPU, every rank's CUDA kernels and the reduce-scatter on one device: the greedy tokens
+    of tp 1, prefill logits within fp32 rounding of the all-reduce path, one reduce-scatter a
+    layer."""
+    base = run_thread_ranks(_decode_ranks, 1, "mamba2_g4", "exact", device)[0]
+    for tp in (2, 4):
+        plain = run_thread_ranks(_decode_ranks, tp, "mamba2_g4", "exact", device, timeout=240)
+        split = run_thread_ranks(_decode_ranks, tp, "mamba2_g4", "exact", device, None, True,
+                                 timeout=240)
+        for p, r in zip(plain, split):
+            assert r["model"].allreduce.calls["scatter"] == len(r["model"].layers)
+            torch.testing.assert_close(r["prefill_logits"], p["prefill_logits"], rtol=1e-5,
+                                       atol=1e-5)
+            assert [t.tolist() for _, t in r["eager"]] == [t.tolist() for _, t in base["eager"]]
 
 
 @pytest.mark.timeout(300)

@@ -210,7 +210,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _sequence_parallel(args) -> int:
+    """ModelSpec.sequence_parallel_min_tokens from --sequence-parallel (0: off)."""
+    if not args.sequence_parallel:
+        return 0
+    if args.allreduce != "exact":
+        raise UsageError(f"--sequence-parallel reduce-scatters exactly: it needs --allreduce "
+                         f"exact, not {args.allreduce}")
+    return args.sequence_parallel_min_tokens
+
+
 def cmd_generate(args) -> int:
+    sequence_parallel = _sequence_parallel(args)
     config = check_checkpoint(args.model)
     tokenizer = _load_tokenizer(args.model)
     if args.input_ids is not None:
@@ -233,7 +244,8 @@ def cmd_generate(args) -> int:
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
                      allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
                      scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
-                     programmatic_launch=args.programmatic_launch)
+                     programmatic_launch=args.programmatic_launch,
+                     sequence_parallel_min_tokens=sequence_parallel)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
@@ -259,6 +271,8 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from tpssm import bench, plot
 
+    sequence_parallel = _sequence_parallel(args)
+
     if args.model is not None:
         check_checkpoint(args.model)
     check_plot(args.plot)
@@ -275,7 +289,8 @@ def cmd_bench(args) -> int:
                      dtype=args.dtype, device=args.device, allreduce=args.allreduce,
                      allreduce_min_bytes=args.allreduce_min_bytes,
                      scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
-                     programmatic_launch=args.programmatic_launch)
+                     programmatic_launch=args.programmatic_launch,
+                     sequence_parallel_min_tokens=sequence_parallel)
     modes = [True, False] if args.compare_state_cache else [not args.no_state_cache]
     job = bench.BenchJob(spec, args.prompt_lens, args.batch_sizes, args.gen_tokens,
                          args.max_prefill_tokens, modes, args.repeats)
@@ -286,6 +301,7 @@ def cmd_bench(args) -> int:
               "allreduce_min_bytes": args.allreduce_min_bytes,
               "scan_algorithm": args.scan_algorithm, "projection_kernel": args.projection_kernel,
               "programmatic_launch": args.programmatic_launch,
+              "sequence_parallel_min_tokens": sequence_parallel,
               "gen_tokens": args.gen_tokens, "complete": False,
               "environment": bench.environment(), "rows": []}
     bench.run_sweep(job, args.tp, args.rank_shard or [], report, args.json if is_primary()
@@ -326,6 +342,14 @@ def _allreduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce-min-bytes", type=NON_NEGATIVE, default=1 << 20,
                    help="messages below this many bytes use the exact all-reduce (decode "
                         "messages are latency-bound; quantization pays on prefill's large ones)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="prefill steps of at least --sequence-parallel-min-tokens tokens split "
+                        "the residual stream and the layer norms by tokens over the tp ranks "
+                        "(out_proj's all-reduce becomes a reduce-scatter, the norm runs on a "
+                        "rank's tokens, an all-gather follows); Mamba, Falcon-Mamba and Mamba-2 "
+                        "with --allreduce exact; default off")
+    p.add_argument("--sequence-parallel-min-tokens", type=POSITIVE, default=1024,
+                   help="the shortest prefill step that runs sequence-parallel")
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:

@@ -84,13 +84,17 @@ def _gemv_available(device: torch.device) -> bool:
 _GEMV_ON_CUDA: Optional[bool] = None
 
 
-# torch 2.14 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
+# torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); older
+# releases lack the new ones.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                         or dist.reduce_scatter_tensor)
 
 
 def exchange(collective, dst: torch.Tensor, src: torch.Tensor, group) -> None:
-    """collective(dst, src, group=group). gloo has no all-to-all or all-gather for CUDA tensors:
-    there (TP ranks sharing one GPU, a correctness setting) the bytes go through the host."""
+    """collective(dst, src, group=group). gloo has no all-to-all, all-gather or reduce-scatter
+    for CUDA tensors: there (TP ranks sharing one GPU, a correctness setting) the bytes go
+    through the host."""
     if src.is_cuda and dist.get_backend(group) == "gloo":
         host = torch.empty(dst.shape, dtype=dst.dtype)
         collective(host, src.cpu(), group=group)
@@ -296,7 +300,7 @@ class AllReduce:
         self.backend = backend
         self._quantized = None   # tpssm.qallreduce.QuantizedAllReduce, built on first use
         # Reductions issued per path (a CUDA graph counts its captured ones once, at capture).
-        self.calls = {"exact": 0, "quantized": 0}
+        self.calls = {"exact": 0, "quantized": 0, "scatter": 0}
         if self.scheme != "exact" and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"allreduce_group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
                              f"{group_size}")
@@ -343,6 +347,27 @@ class AllReduce:
                 if fuse:
                     return x
         return x if residual is None else residual + x
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the sum of x over the group: x (tp * rows, ...) -> (rows, ...),
+        rank r getting rows [r * rows, (r + 1) * rows). The first half of an all-reduce (an
+        all-gather of the results completes it): sequence parallelism's reduction (see
+        SSMForCausalLM.set_sequence_parallel). Exact scheme only. Without communication (tp 1,
+        or a local shard) it is the rank's rows of x itself."""
+        ctx, tp = self.ctx, self.ctx.tp
+        if self.scheme != "exact":
+            raise ValueError(f"reduce_scatter needs the exact scheme; this strategy's is "
+                             f"{self.scheme!r}")
+        if x.dim() < 1 or x.shape[0] % tp:
+            raise ValueError(f"reduce_scatter: x's first dimension must be a multiple of tp "
+                             f"({tp}), got shape {tuple(x.shape)}")
+        rows = x.shape[0] // tp
+        if not ctx.communicates:
+            return x.narrow(0, ctx.rank * rows, rows)
+        self.calls["scatter"] += 1
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        exchange(reduce_scatter_single, out, x.contiguous(), ctx.group)
+        return out
 
     def close(self) -> None:
         """Destroys the fused backend's NCCL communicator (collective; see
@@ -396,10 +421,12 @@ class RowParallelLinear(nn.Module):
     x: (..., local_in_features) -> (..., out_features); forward(x, residual) returns
     residual + y with the add done by the reduction where it can (see AllReduce).
     reduce_results=False returns the partial sum instead (the caller reduces); the bias is then
-    added on rank 0 only, so the later reduction counts it once. allreduce: the model's
-    AllReduce strategy, or a scheme name ("exact" | "int8" | "fp8" | "fp16") for a strategy of
-    this layer's own with allreduce_min_bytes / allreduce_group_size. projection_kernel: as in
-    ColumnParallelLinear.
+    added on rank 0 only, so the later reduction counts it once. forward(x, scatter=True)
+    returns only this rank's rows of y, reduce-scattered (sequence parallelism): x's T rows are
+    padded to a multiple of tp inside the product's output (T_pad / tp rows a rank; padding
+    rows are zero before the bias). allreduce: the model's AllReduce strategy, or a scheme
+    name ("exact" | "int8" | "fp8" | "fp16") for a strategy of this layer's own with
+    allreduce_min_bytes / allreduce_group_size. projection_kernel: as in ColumnParallelLinear.
     """
 
     def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
@@ -425,7 +452,14 @@ class RowParallelLinear(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(source.get(bias_name))
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                scatter: bool = False) -> torch.Tensor:
+        if scatter:
+            if residual is not None or not self.reduce_results or x.dim() != 2:
+                raise ValueError("RowParallelLinear: scatter=True takes a 2-D x, no residual, "
+                                 "and a layer that reduces its results")
+            y = self.allreduce.reduce_scatter(self._product_padded(x))
+            return y if self.bias is None else y + self.bias
         y = linear(x, self.weight, kernel=self.projection_kernel)
         if not self.reduce_results:
             if self.bias is not None and self.ctx.rank == 0:
@@ -435,3 +469,15 @@ class RowParallelLinear(nn.Module):
             return self.allreduce(y, residual)
         y = self.allreduce(y) + self.bias
         return y if residual is None else residual + y
+
+    def _product_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with its rows padded by zero rows to a multiple of tp: the product writes
+        straight into the padded tensor's first rows (no copy of y)."""
+        rows, tp = x.shape[0], self.ctx.tp
+        padded = -(-rows // tp) * tp
+        if padded == rows:
+            return linear(x, self.weight, kernel=self.projection_kernel)
+        y = x.new_empty(padded, self.out_features)
+        torch.mm(x, self.weight.t(), out=y[:rows])
+        y[rows:].zero_()
+        return y

@@ -56,6 +56,7 @@ class ModelSpec:
     scan_algorithm: str = "auto"
     projection_kernel: str = "torch"
     programmatic_launch: bool = False  # process-wide: tpssm.ops.set_programmatic_launch
+    sequence_parallel_min_tokens: int = 0  # > 0: model.set_sequence_parallel(True, this)
     seed: int = 0
     local_shard_tp: int = 0  # > 0: one process builds rank 0's shard of a tp-way model (bench)
 
@@ -107,6 +108,8 @@ def build_model(spec: ModelSpec):
                            allreduce_min_bytes=spec.allreduce_min_bytes)
     model.set_scan_algorithm(spec.scan_algorithm)
     model.set_projection_kernel(spec.projection_kernel)
+    if spec.sequence_parallel_min_tokens:
+        model.set_sequence_parallel(True, spec.sequence_parallel_min_tokens)
     if spec.programmatic_launch:  # the rank process's setting (off unless asked for)
         from tpssm import ops
 

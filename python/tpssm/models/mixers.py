@@ -224,14 +224,17 @@ class Mamba1Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
                 ssm_state: Optional[torch.Tensor], meta: BatchMeta,
                 residual: Optional[torch.Tensor] = None,
-                norm: Optional[InputNorm] = None) -> torch.Tensor:
+                norm: Optional[InputNorm] = None, scatter: bool = False) -> torch.Tensor:
         """hidden: (T, D) normalised input (with `norm`: the input that in_proj's launch
         normalises) -> (T, D), reduced over the TP group (+ residual, added by the reduction
-        where it can)."""
+        where it can). scatter=True (sequence parallelism): only this rank's rows of the
+        result, reduce-scattered - T padded to a multiple of tp, T_pad / tp rows a rank (see
+        RowParallelLinear)."""
         xz, x = _in_proj_conv(self.kernels, self.in_proj, hidden, 0, self.conv_weight,
                               self.conv_bias, conv_state, meta, norm)
         z = xz[:, self.local_dim:]
-        return self.out_proj(self._ssm(x, z, ssm_state, meta), residual)  # all-reduce #2
+        return self.out_proj(self._ssm(x, z, ssm_state, meta), residual,  # all-reduce #2
+                             scatter=scatter)
 
 
 def mamba2_local_groups(num_heads: int, n_groups: int, h0: int, h1: int) -> Tuple[List[int], int]:
@@ -370,10 +373,12 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, conv_state: Optional[torch.Tensor],
                 ssm_state: Optional[torch.Tensor], meta: BatchMeta,
                 residual: Optional[torch.Tensor] = None,
-                norm: Optional[InputNorm] = None) -> torch.Tensor:
+                norm: Optional[InputNorm] = None, scatter: bool = False) -> torch.Tensor:
         """hidden: (T, D) normalised input (with `norm`: the input that in_proj's launch
         normalises) -> (T, D), reduced over the TP group (+ residual, added by the reduction
-        where it can)."""
+        where it can). scatter=True (sequence parallelism): only this rank's rows of the
+        result, reduce-scattered - T padded to a multiple of tp, T_pad / tp rows a rank (see
+        RowParallelLinear)."""
         k = self.kernels
         El, gn = self.local_dim, self.local_groups * self.d_state
         zxbcdt, xBC = _in_proj_conv(k, self.in_proj, hidden, El, self.conv_weight, self.conv_bias,
@@ -413,7 +418,7 @@ class Mamba2Mixer(nn.Module):
                                  has_initial_state=meta.has_initial_state,
                                  dt_min=dt_min, dt_max=dt_max, algorithm=self.scan_algorithm)
         y = self._gated_norm(y, z)
-        return self.out_proj(y, residual)
+        return self.out_proj(y, residual, scatter=scatter)
 
 
 class MultiHeadMamba1Mixer(Mamba1Mixer):

@@ -33,7 +33,14 @@ from tpssm.parallel import (PROJECTION_KERNELS, AllReduce, TPContext, gemv_appli
 # add_rms_norm until a GPU has timed both (bench_projections.py --in-proj-conv).
 NORM_PROLOGUE_MAX_ROWS = 2
 
-__all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM"]
+# Prefill steps of at least this many tokens run sequence-parallel when the model has it on
+# (set_sequence_parallel). It trades the norm's replicated bytes (12 x T x D a layer with the
+# fp32 stream, (tp - 1) / tp of them saved) against a second collective's latency: at D = 2560,
+# tp 4 and ~3 TB/s that is ~0.6 us saved per 100 tokens against ~5-10 us of NVLink latency, so
+# ~1000 tokens to break even (derived, not measured).
+SEQUENCE_PARALLEL_MIN_TOKENS = 1024
+
+__all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM", "SEQUENCE_PARALLEL_MIN_TOKENS"]
 
 
 class RMSNorm(nn.Module):
@@ -81,6 +88,9 @@ class CausalLM(nn.Module):
 
     config: object
     ctx: TPContext
+    # See set_sequence_parallel; only SSMForCausalLM implements it.
+    sequence_parallel = False
+    sequence_parallel_min_tokens = SEQUENCE_PARALLEL_MIN_TOKENS
 
     def _init_ends(self, config, ctx: Optional[TPContext], dtype: torch.dtype,
                    norm_eps: float, allreduce: Union[str, AllReduce], allreduce_min_bytes: int,
@@ -206,6 +216,17 @@ class CausalLM(nn.Module):
             if hasattr(module, "projection_kernel"):
                 module.projection_kernel = kernel
 
+    def set_sequence_parallel(self, enabled: bool,
+                              min_tokens: int = SEQUENCE_PARALLEL_MIN_TOKENS) -> None:
+        """Sequence parallelism for prefill steps of at least min_tokens tokens under TP: the
+        residual stream and the layer norms are split by tokens over the ranks (see
+        SSMForCausalLM). Not implemented by this family: enabling it raises."""
+        if enabled:
+            raise ValueError(f"sequence parallelism is not implemented for "
+                             f"{type(self).__name__} ({self.config.family} models); only the "
+                             f"Mamba, Falcon-Mamba and Mamba-2 families have it")
+        self.sequence_parallel = False
+
     def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
                cache: SSMStateCache, gather_logits: bool = True) -> torch.Tensor:
         """One decode step: input_ids (batch,) -> logits (batch, vocab), or this rank's
@@ -287,6 +308,17 @@ class SSMForCausalLM(CausalLM):
 
     Build with SSMForCausalLM.from_pretrained(path, ctx, ...) or construct + load_weights(source).
     Every rank runs forward with the same inputs; every rank gets the same logits.
+
+    Sequence parallelism (set_sequence_parallel, off by default): without it every rank holds
+    the whole residual stream and runs every layer's residual add + RMSNorm over all T tokens -
+    work that does not shrink with tp (12 x T x D bytes a layer with the fp32 stream). With it,
+    a prefill step of at least `sequence_parallel_min_tokens` tokens splits the stream by
+    tokens: rank r holds rows [r * S, (r + 1) * S) of the step (S = ceil(T / tp); the padding
+    rows past T carry token 0 and are never read back), out_proj's all-reduce becomes a
+    reduce-scatter to the rank's rows, the add + norm runs on those rows, and an all-gather of
+    the normalised rows gives the next mixer its (T, D) input - the two halves of the all-reduce
+    with the norm between them (same wire bytes, one more collective's latency). Decode steps
+    and shorter steps keep the all-reduce. Exact scheme only.
     """
 
     def __init__(self, config: SSMConfig, ctx: Optional[TPContext] = None,
@@ -321,6 +353,22 @@ class SSMForCausalLM(CausalLM):
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
                              self.ctx.device, conv_dtype or self.dtype, ssm_dtype)
 
+    def set_sequence_parallel(self, enabled: bool,
+                              min_tokens: int = SEQUENCE_PARALLEL_MIN_TOKENS) -> None:
+        """Sequence parallelism (see the class docstring) for prefill steps of at least
+        min_tokens tokens; a no-op at tp 1. Needs the exact all-reduce scheme: the reduce-scatter
+        has no quantized form here."""
+        if enabled:
+            if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+                raise ValueError(f"sequence parallelism: min_tokens must be an int >= 1, got "
+                                 f"{min_tokens!r}")
+            if self.allreduce.scheme != "exact":
+                raise ValueError(f"sequence parallelism reduce-scatters exactly; this model's "
+                                 f"all-reduce scheme is {self.allreduce.scheme!r} (use "
+                                 f"allreduce='exact')")
+            self.sequence_parallel_min_tokens = min_tokens
+        self.sequence_parallel = bool(enabled)
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, query_start_loc: Optional[torch.Tensor] = None,
                 cache_indices: Optional[torch.Tensor] = None,
@@ -352,6 +400,10 @@ class SSMForCausalLM(CausalLM):
                              f"{tuple(input_ids.shape)}")
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state)
+        if (self.sequence_parallel and self.ctx.tp > 1 and not meta.is_decode
+                and input_ids.shape[0] >= self.sequence_parallel_min_tokens):
+            return self._forward_sequence_parallel(input_ids, meta, cache, return_all_logits,
+                                                   gather_logits)
         hidden = F.embedding(input_ids, self.embeddings)
         # The residual stream (fp32 with residual_in_fp32): out of layer i and the norm of layer
         # i + 1 (or the final norm) are one op, the arithmetic of `residual + out` followed by
@@ -385,3 +437,45 @@ class SSMForCausalLM(CausalLM):
                                   residual=streams[i % len(streams)])
         return self._logits(h, query_start_loc, return_all_logits, normed=True,
                             gather_logits=gather_logits)
+
+    def _forward_sequence_parallel(self, input_ids: torch.Tensor, meta: BatchMeta,
+                                   cache: Optional[SSMStateCache], return_all_logits: bool,
+                                   gather_logits: bool) -> torch.Tensor:
+        """forward for a prefill step with the residual stream split by tokens (class
+        docstring): this rank embeds, adds and normalises only its S rows."""
+        ctx, eps = self.ctx, self.config.layer_norm_epsilon
+        T = input_ids.shape[0]
+        rows = -(-T // ctx.tp)
+        start = ctx.rank * rows
+        mine = input_ids[start:start + rows]
+        if mine.shape[0] < rows:  # the last ranks' padding rows (possibly all of them)
+            mine = F.pad(mine, (0, rows - mine.shape[0]))
+        hidden = F.embedding(mine, self.embeddings)
+        residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
+        h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            conv = cache.conv_states[i] if cache is not None else None
+            ssm = cache.ssm_states[i] if cache is not None else None
+            whole = ctx.all_gather_stack(h).flatten(0, 1)[:T]
+            out = layer.mixer(whole, conv, ssm, meta, scatter=True)
+            following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
+            h = self.add_rms_norm(out, following.weight, eps, residual=residual)
+        # h: the final norm of this rank's rows.
+        if return_all_logits:
+            h = ctx.all_gather_stack(h).flatten(0, 1)[:T]
+        else:
+            h = self._rows_of_owners(h, meta.query_start_loc[1:].long() - 1, start)
+        return self._logits(h, None, True, normed=True, gather_logits=gather_logits)
+
+    def _rows_of_owners(self, h: torch.Tensor, wanted: torch.Tensor, start: int
+                        ) -> torch.Tensor:
+        """Rows `wanted` (global token indices) of the stream split by tokens, on every rank:
+        each rank contributes the rows it holds (h's rows are tokens [start, start + len(h))),
+        zeros elsewhere, and one exact all-reduce of (len(wanted), D) adds them - every sum has
+        a single non-zero term, so the rows arrive bit for bit."""
+        local = wanted - start
+        held = (local >= 0) & (local < h.shape[0])
+        picked = h.index_select(0, local.clamp(0, h.shape[0] - 1))
+        picked = torch.where(held[:, None], picked, torch.zeros((), dtype=h.dtype,
+                                                                 device=h.device))
+        return self.ctx.all_reduce(picked.contiguous())
