@@ -13,9 +13,10 @@ elementwise work and copies). Each step is also timed unprofiled (CUDA events, m
 `--tp-shards 1,2,4` profiles each shard in turn and prints the per-phase table of tp 1 against
 the shards: time per step and tp 1 / shard (ideal: the tp degree for sharded work, 1 for
 replicated work). That table says what does not shrink with the shard. `--sequence-parallel`
-runs the shards' prefill steps sequence-parallel (SSMForCausalLM.set_sequence_parallel): the
-residual adds and norms on the shard's ceil(T / tp) tokens, out_proj's output reduce-scattered
-(in a local shard: its rows taken) and the normalised rows all-gathered (a copy of them here).
+runs the shards' prefill steps sequence-parallel (CausalLM.set_sequence_parallel): the residual
+adds and norms (and a hybrid's `linear`) on the shard's ceil(T / tp) tokens, the row-parallel
+outputs reduce-scattered (in a local shard: its rows taken) and the normalised rows
+all-gathered (a copy of them here).
 
     python benchmarks/profile_step.py --preset mamba-2.8b --phase decode --batch 1 --json out.json
     python benchmarks/profile_step.py --phase prefill --batch 8 --prompt-len 2048 --tp-shards 1,2,4
@@ -159,7 +160,9 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
             "tp_shard": tp_shard, "batch": batch,
             "lm_head": "vocab-parallel" if model.vocab_parallel else "whole",
             "lm_head_rows": model.lm_head.shape[0], "projection_kernel": projection_kernel,
-            "sequence_parallel": model.sequence_parallel,
+            # Whether the profiled step ran sequence-parallel (prefill of a tp > 1 shard).
+            "sequence_parallel": (model.sequence_parallel and tp_shard > 1
+                                  and phase == "prefill"),
             "prompt_len": prompt_len if phase == "prefill" else None, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "kind": "cuda kernels" if cuda else "cpu ops",
@@ -238,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--programmatic-launch", action="store_true",
                    help="the decode-step kernels with programmatic dependent launch (sm_90+)")
     p.add_argument("--sequence-parallel", action="store_true",
-                   help="prefill steps of the tp shards sequence-parallel (Mamba families)")
+                   help="prefill steps of the tp shards sequence-parallel")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="weights and activations (default bfloat16)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

@@ -78,6 +78,7 @@ def oracles(tmp_path_factory):
                 all_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                 replicated_bytes=sum(p.numel() * p.element_size()
                                      for n, p in model.named_parameters() if _replicated(n)),
+                layer_types=list(model.config.layers_block_type),
                 kv_bytes=(model.config.layers_block_type.count("hybrid") * 2
                           * model.config.num_attention_heads * model.config.attention_head_dim
                           * KV_LEN * 4))
@@ -100,7 +101,8 @@ def _rank_checks(rank, world, oracle, backend):
     err = H.max_rel_err
     res = {}
     with torch.no_grad():
-        per_prompt = list(model(ids, qsl, return_all_logits=True).split(lens))
+        all_logits = model(ids, qsl, return_all_logits=True)
+        per_prompt = list(all_logits.split(lens))
         res["full"] = max(err(a, b) for a, b in zip(per_prompt, oracle["full"]))
         res["batch_vs_single"] = max(
             err(model(torch.tensor(p), _qsl([len(p)]), return_all_logits=True), a)
@@ -141,15 +143,50 @@ def _rank_checks(rank, world, oracle, backend):
         res["chunked_decode"] = max(errs)
 
         # One batch: a decode token, a continuation chunk, a new request.
-        c3 = model.allocate_cache(3, max_seq_len=KV_LEN)
-        sa, sb, sc = c3.allocate(3)
-        model(torch.tensor(prompts[0]), _qsl([lens[0]]), _i32([sa]), torch.tensor([False]), c3)
-        model(torch.tensor(p[:9]), _qsl([9]), _i32([sb]), torch.tensor([False]), c3)
-        mixed = model(torch.tensor([oracle["tokens"][0][0]] + p[9:] + prompts[1]),
-                      _qsl([1, len(p) - 9, lens[1]]), _i32([sa, sb, sc]),
-                      torch.tensor([True, True, False]), c3)
+        def mixed_batch():
+            c3 = model.allocate_cache(3, max_seq_len=KV_LEN)
+            sa, sb, sc = c3.allocate(3)
+            model(torch.tensor(prompts[0]), _qsl([lens[0]]), _i32([sa]), torch.tensor([False]),
+                  c3)
+            model(torch.tensor(p[:9]), _qsl([9]), _i32([sb]), torch.tensor([False]), c3)
+            return model(torch.tensor([oracle["tokens"][0][0]] + p[9:] + prompts[1]),
+                         _qsl([1, len(p) - 9, lens[1]]), _i32([sa, sb, sc]),
+                         torch.tensor([True, True, False]), c3), c3
+
+        mixed, mixed_cache = mixed_batch()
         res["mixed"] = max(err(mixed[0], oracle["step_logits"][0][1]),
                            err(mixed[1], per_prompt[2][-1]), err(mixed[2], per_prompt[1][-1]))
+
+        # Sequence parallelism on every prefill step (min_tokens=1: ranks with padding rows,
+        # some with nothing else): the all-reduce path's results and cache contents (keys and
+        # values included), three reduce-scatters a hybrid layer and one a Mamba layer.
+        model.set_sequence_parallel(True, min_tokens=1)
+        before = model.allreduce.calls["scatter"]
+        sp_all = model(ids, qsl, return_all_logits=True)
+        res["sp_scatters"] = model.allreduce.calls["scatter"] - before
+        res["sp_full"] = max(err(a, b) for a, b in zip(sp_all.split(lens), oracle["full"]))
+        res["sp_vs_plain"] = err(sp_all, all_logits)
+        res["sp_last"] = err(model(ids, qsl), torch.stack([a[-1] for a in per_prompt]))
+        csp = model.allocate_cache(n, max_seq_len=KV_LEN)
+        sps = csp.allocate(n)
+        first = model(ids, qsl, _i32(sps), torch.zeros(n, dtype=torch.bool), csp)
+        errs = [err(first[i], oracle["step_logits"][i][0]) for i in range(n)]
+        for step in range(DECODE_STEPS):
+            out = model.decode(torch.tensor([oracle["tokens"][i][step] for i in range(n)]),
+                               _i32(sps), csp)
+            errs += [err(out[i], oracle["step_logits"][i][step + 1]) for i in range(n)]
+        res["sp_decode"] = max(errs)
+        sp_mixed, sp_cache = mixed_batch()
+        res["sp_mixed"] = err(sp_mixed, mixed)
+        res["sp_states"] = max(
+            err(a.float(), b.float())
+            for a, b in zip(sp_cache.conv_states + sp_cache.ssm_states + sp_cache.k_states
+                            + sp_cache.v_states,
+                            mixed_cache.conv_states + mixed_cache.ssm_states
+                            + mixed_cache.k_states + mixed_cache.v_states))
+        res["sp_kv_lengths_equal"] = bool(torch.equal(sp_cache.kv_lengths,
+                                                      mixed_cache.kv_lengths))
+        model.set_sequence_parallel(False)
 
         # A reused slot (after another request ran in it) equals a fresh cache bit for bit.
         def run(c, slot):
@@ -214,6 +251,13 @@ def test_hybrid_matches_transformers(name, tp, oracles, record_property):
     assert r["chunked_decode"] <= TOL, summary
     assert r["mixed"] <= TOL, summary
     assert r["reuse_equal"]
+    layer_types = oracle["layer_types"]
+    assert r["sp_scatters"] == ((len(layer_types) + 2 * layer_types.count("hybrid"))
+                                if tp > 1 else 0), summary
+    assert r["sp_full"] <= TOL and r["sp_decode"] <= TOL, summary
+    for key in ("sp_vs_plain", "sp_last", "sp_mixed", "sp_states"):
+        assert r[key] <= SELF_TOL, (key, r[key])
+    assert r["sp_kv_lengths_equal"]
     assert r["kv_lengths"] == [len(p) + DECODE_STEPS for p in oracle["prompts"]]
     assert r["prefill_overflow"] and "max_seq_len" in r["prefill_overflow"]
     assert r["decode_overflow"] and "max_seq_len" in r["decode_overflow"]
@@ -392,13 +436,37 @@ def test_hybrid_config_errors():
     assert zamba.hybrid_layers == [2, 7]   # transformers' default period 6, offset 4
 
 
-def test_sequence_parallel_is_refused_by_the_hybrids(oracles):
-    """The hybrids keep every rank's residual stream whole: asking for sequence parallelism is
-    an error naming the families that have it, not a silent no-op."""
+def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monkeypatch):
+    """A tp 4 local shard of Zamba2 with sequence parallelism: the layer norms, the shared
+    block's two norms, the final norm and every hybrid layer's `linear` (replicated weights:
+    without it each rank multiplies all T rows) see ceil(T / 4) rows; the attention and the
+    MLP all T."""
+    import tpssm.models.hybrid as hybrid_module
     from tpssm.models import load_model
+    from tpssm.models.model import RMSNorm
+    from tpssm.parallel import TPContext
 
-    model = load_model(oracles("zamba2_1blk")["path"], backend=BACKEND)
-    with pytest.raises(ValueError, match="not implemented for .*zamba2.*Mamba, Falcon-Mamba"):
-        model.set_sequence_parallel(True)
-    model.set_sequence_parallel(False)
-    assert model.sequence_parallel is False
+    model = load_model(oracles("zamba2_1blk")["path"], TPContext.local_shard(4), backend=BACKEND)
+    model.set_sequence_parallel(True, min_tokens=30)
+    norm_rows, linear_rows = [], []
+    real_norm, real_linear = RMSNorm.forward, hybrid_module.linear
+    monkeypatch.setattr(RMSNorm, "forward",
+                        lambda self, x: norm_rows.append(x.shape[0]) or real_norm(self, x))
+    monkeypatch.setattr(hybrid_module, "linear",
+                        lambda x, *a, **k: linear_rows.append(x.shape[0]) or real_linear(x, *a,
+                                                                                         **k))
+    ids = torch.arange(37) * 5 % 200
+    with torch.no_grad():
+        logits = model(ids, _qsl([20, 17]))
+        assert logits.shape[0] == 2
+        hybrids = model.config.layer_types.count("hybrid")
+        assert norm_rows == [10] * len(norm_rows) and len(norm_rows) == (
+            len(model.layers) + 2 * hybrids + 1)
+        assert linear_rows == [10] * hybrids
+        norm_rows.clear()
+        model(ids[:29], _qsl([29]))   # under min_tokens: every row (the final norm: the last)
+        assert norm_rows == [29] * (len(model.layers) + 2 * hybrids) + [1]
+    q = load_model(oracles("zamba2_1blk")["path"], TPContext.local_shard(2), backend=BACKEND,
+                   allreduce="fp8")
+    with pytest.raises(ValueError, match="scheme is 'fp8'"):
+        q.set_sequence_parallel(True)

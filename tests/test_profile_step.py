@@ -110,7 +110,7 @@ def test_prefill_shards_sequence_parallel(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module.SSMForCausalLM, "forward", spy)
     res = _run(tmp_path, MAMBA, "--phase", "prefill", "--prompt-len", "7", "--tp-shards", "1,2",
                "--sequence-parallel")
-    assert [r["sequence_parallel"] for r in res["shards"]] == [True, True]
+    assert [r["sequence_parallel"] for r in res["shards"]] == [False, True]
     assert {n for tp, n in rows if tp == 1} == {14} and {n for tp, n in rows if tp == 2} == {7}
 
 

@@ -112,12 +112,12 @@ def _decode_ranks(rank, world, family, scheme, device, shared=None, sequence_par
         not torch.cuda.is_available() or not tpssm.has_cuda_kernels(),
         reason="needs a GPU and the CUDA kernels"))])
 def test_thread_ranks_sequence_parallel_prefill_like_tp1(device):
-    """Sequence-parallel prefill of 40 tokens at tp 2 / 4 through the threaded process group -
-    on a GPU, every rank's CUDA kernels and the reduce-scatter on one device: the greedy tokens
-    of tp 1, prefill logits within fp32 rounding of the all-reduce path, one reduce-scatter a
-    layer."""
+    """Sequence-parallel prefill of 40 tokens at tp 3 (padding rows: the padded product) and
+    tp 4 through the threaded process group - on a GPU, every rank's CUDA kernels and the
+    reduce-scatter on one device: the greedy tokens of tp 1, prefill logits within fp32
+    rounding of the all-reduce path, one reduce-scatter a layer."""
     base = run_thread_ranks(_decode_ranks, 1, "mamba2_g4", "exact", device)[0]
-    for tp in (2, 4):
+    for tp in (3, 4):
         plain = run_thread_ranks(_decode_ranks, tp, "mamba2_g4", "exact", device, timeout=240)
         split = run_thread_ranks(_decode_ranks, tp, "mamba2_g4", "exact", device, None, True,
                                  timeout=240)

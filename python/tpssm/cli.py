@@ -346,10 +346,11 @@ def _allreduce_args(p: argparse.ArgumentParser) -> None:
                    help="prefill steps of at least --sequence-parallel-min-tokens tokens split "
                         "the residual stream and the layer norms by tokens over the tp ranks "
                         "(out_proj's all-reduce becomes a reduce-scatter, the norm runs on a "
-                        "rank's tokens, an all-gather follows); Mamba, Falcon-Mamba and Mamba-2 "
-                        "with --allreduce exact; default off")
+                        "rank's tokens, an all-gather follows); needs --allreduce exact; "
+                        "default off")
     p.add_argument("--sequence-parallel-min-tokens", type=POSITIVE, default=1024,
-                   help="the shortest prefill step that runs sequence-parallel")
+                   help="with --sequence-parallel: the shortest prefill step that runs "
+                        "sequence-parallel")
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:

@@ -264,6 +264,12 @@ class TPContext:
         exchange(all_gather_single, out, x.contiguous(), self.group)
         return out.view(self.world_size, *x.shape)
 
+    def all_gather_rows(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """(total, ...): every rank's x (the same shape on every rank) concatenated along dim 0
+        in rank order, cut to its first `total` rows - a stream split by tokens made whole
+        again (sequence parallelism; the cut drops the padding rows)."""
+        return self.all_gather_stack(x).flatten(0, 1)[:total]
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.communicates:
             dist.broadcast(x, src=dist.get_global_rank(self.group, src), group=self.group)
@@ -472,7 +478,9 @@ class RowParallelLinear(nn.Module):
 
     def _product_padded(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T with its rows padded by zero rows to a multiple of tp: the product writes
-        straight into the padded tensor's first rows (no copy of y)."""
+        straight into the padded tensor's first rows (no copy of y). A padded product goes
+        through torch.mm whatever projection_kernel says: sequence parallelism serves prefill
+        steps, and gemv has no output argument."""
         rows, tp = x.shape[0], self.ctx.tp
         padded = -(-rows // tp) * tp
         if padded == rows:

@@ -320,12 +320,21 @@ class SharedBlock(nn.Module):
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, visit: int, kv: KVBatch,
-                k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (T, 2D) = concat(hidden, embedding) -> (T, D), reduced over the TP group."""
+                k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
+                total: Optional[int] = None) -> torch.Tensor:
+        """x: (T, 2D) = concat(hidden, embedding) -> (T, D), reduced over the TP group.
+        Sequence parallelism (`total` = the step's T): x and the result are this rank's rows
+        of them (T padded to a multiple of tp, T_pad / tp rows a rank); the two norms run on
+        those rows, all-gathers of their outputs feed qkv and gate_up, o_proj and down_proj
+        reduce-scatter."""
         cfg = self.cfg
-        T, hd, Hl = x.shape[0], cfg.head_dim, self.local_heads
+        hd, Hl = cfg.head_dim, self.local_heads
         L = Hl * hd
+        scatter = total is not None
         h = self.input_norm(x)
+        if scatter:
+            h = self.ctx.all_gather_rows(h, total)
+        T = h.shape[0]
         qkv = linear(h, self.qkv_weight, kernel=self.projection_kernel)
         if str(visit) in self.qkv_adapters:
             self.qkv_adapters[str(visit)].add_to(qkv, h, [(0, L), (L, 2 * L), (2 * L, 3 * L)])
@@ -337,14 +346,16 @@ class SharedBlock(nn.Module):
             o = self._decode_attention(q, k, v, kv.row_index, kv.row_past, k_cache, v_cache)
         else:
             o = self._prefill_attention(q, k, v, kv, k_cache, v_cache)
-        a = self.o_proj(o.reshape(T, L))  # all-reduce #1
+        a = self.o_proj(o.reshape(T, L), scatter=scatter)  # all-reduce #1
         a = self.pre_ff_norm(a)
+        if scatter:
+            a = self.ctx.all_gather_rows(a, total)
         gu = linear(a, self.gate_up_weight, self.gate_up_bias, self.projection_kernel)
         Il = self.local_inter
         if str(visit) in self.mlp_adapters:
             self.mlp_adapters[str(visit)].add_to(gu, a, [(0, 2 * Il)])
         m = self.act(gu[:, :Il]) * gu[:, Il:]
-        return self.down_proj(m)  # all-reduce #2
+        return self.down_proj(m, scatter=scatter)  # all-reduce #2
 
     def _prefill_attention(self, q, k, v, kv: KVBatch, k_cache, v_cache) -> torch.Tensor:
         """Per sequence: write the chunk's keys / values to its slot, attend to the slot's

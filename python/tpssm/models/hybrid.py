@@ -136,6 +136,9 @@ class HybridForCausalLM(CausalLM):
                          None if query_start_loc is None else has_initial_state,
                          kv.decode_tokens(self.device) if kv is not None and cache is not None
                          else None)
+        if self._sequence_parallel_applies(input_ids, meta):
+            return self._forward_sequence_parallel(input_ids, meta, kv, cache,
+                                                   return_all_logits, gather_logits)
         emb = F.embedding(input_ids, self.embeddings)
         hidden = emb
         norms_in_in_proj = self._norms_in_in_proj(hidden, meta)
@@ -159,3 +162,34 @@ class HybridForCausalLM(CausalLM):
             kv.advance(cache)
         return self._logits(hidden, query_start_loc, return_all_logits,
                             gather_logits=gather_logits)
+
+    def _forward_sequence_parallel(self, input_ids: torch.Tensor, meta: BatchMeta,
+                                   kv: Optional[KVBatch], cache: Optional[SSMStateCache],
+                                   return_all_logits: bool, gather_logits: bool
+                                   ) -> torch.Tensor:
+        """forward for a prefill step with the stream split by tokens (docs/tp-design.md): this
+        rank holds its rows of hidden and of the embedding; the norms, the shared blocks' norms
+        and each hybrid layer's `linear` run on those rows; the mixers and the blocks' attention
+        and MLP see the whole step through all-gathers."""
+        ctx, T = self.ctx, input_ids.shape[0]
+        mine, start = self._token_share(input_ids)
+        emb = F.embedding(mine, self.embeddings)
+        hidden = emb
+        for i, layer in enumerate(self.layers):
+            conv = cache.conv_states[i] if cache is not None else None
+            ssm = cache.ssm_states[i] if cache is not None else None
+            x = hidden
+            if layer.hybrid:
+                k = self.visit_of_layer[i]
+                kc = cache.k_states[k] if cache is not None else None
+                vc = cache.v_states[k] if cache is not None else None
+                block = self.blocks[self.block_of_visit[k]]
+                t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc, total=T)
+                x = hidden + linear(t, layer.linear, kernel=self.projection_kernel)
+            out = layer.mixer(ctx.all_gather_rows(layer.norm(x), T), conv, ssm, meta,
+                              scatter=True)
+            hidden = hidden + out
+        if cache is not None and self.blocks:
+            kv.advance(cache)
+        return self._shared_logits(self.norm_f(hidden), start, meta, T, return_all_logits,
+                                   gather_logits)

@@ -11,7 +11,7 @@ decoding needs only each rank's (max, token) pair (`greedy_tokens`).
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,8 +36,8 @@ NORM_PROLOGUE_MAX_ROWS = 2
 # Prefill steps of at least this many tokens run sequence-parallel when the model has it on
 # (set_sequence_parallel). It trades the norm's replicated bytes (12 x T x D a layer with the
 # fp32 stream, (tp - 1) / tp of them saved) against a second collective's latency: at D = 2560,
-# tp 4 and ~3 TB/s that is ~0.6 us saved per 100 tokens against ~5-10 us of NVLink latency, so
-# ~1000 tokens to break even (derived, not measured).
+# tp 4 and ~3 TB/s that is ~0.8 us saved per 100 tokens against ~5-10 us of NVLink latency, so
+# ~650-1300 tokens to break even (derived, not measured).
 SEQUENCE_PARALLEL_MIN_TOKENS = 1024
 
 __all__ = ["CausalLM", "RMSNorm", "SSMBlock", "SSMForCausalLM", "SEQUENCE_PARALLEL_MIN_TOKENS"]
@@ -88,7 +88,7 @@ class CausalLM(nn.Module):
 
     config: object
     ctx: TPContext
-    # See set_sequence_parallel; only SSMForCausalLM implements it.
+    # See set_sequence_parallel.
     sequence_parallel = False
     sequence_parallel_min_tokens = SEQUENCE_PARALLEL_MIN_TOKENS
 
@@ -218,14 +218,22 @@ class CausalLM(nn.Module):
 
     def set_sequence_parallel(self, enabled: bool,
                               min_tokens: int = SEQUENCE_PARALLEL_MIN_TOKENS) -> None:
-        """Sequence parallelism for prefill steps of at least min_tokens tokens under TP: the
-        residual stream and the layer norms are split by tokens over the ranks (see
-        SSMForCausalLM). Not implemented by this family: enabling it raises."""
+        """Sequence parallelism (see docs/tp-design.md) for prefill steps of at least min_tokens
+        tokens under TP: the residual stream, the norms and the other per-token work between
+        the row-parallel reductions run on a rank's share of the tokens; each all-reduce becomes
+        a reduce-scatter, and an all-gather of the normalised rows feeds the next column-parallel
+        projection. Changes nothing at tp 1. Needs the exact all-reduce scheme (at any tp):
+        the reduce-scatter has no quantized form here."""
         if enabled:
-            raise ValueError(f"sequence parallelism is not implemented for "
-                             f"{type(self).__name__} ({self.config.family} models); only the "
-                             f"Mamba, Falcon-Mamba and Mamba-2 families have it")
-        self.sequence_parallel = False
+            if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+                raise ValueError(f"sequence parallelism: min_tokens must be an int >= 1, got "
+                                 f"{min_tokens!r}")
+            if self.allreduce.scheme != "exact":
+                raise ValueError(f"sequence parallelism reduce-scatters exactly; this model's "
+                                 f"all-reduce scheme is {self.allreduce.scheme!r} (use "
+                                 f"allreduce='exact')")
+            self.sequence_parallel_min_tokens = min_tokens
+        self.sequence_parallel = bool(enabled)
 
     def decode(self, input_ids: torch.Tensor, cache_indices: Optional[torch.Tensor],
                cache: SSMStateCache, gather_logits: bool = True) -> torch.Tensor:
@@ -280,6 +288,45 @@ class CausalLM(nn.Module):
             return True
         most = torch.cuda.get_device_properties(hidden.device).shared_memory_per_block_optin
         return hidden.numel() * hidden.element_size() <= most - 2048
+
+    def _sequence_parallel_applies(self, input_ids: torch.Tensor, meta: BatchMeta) -> bool:
+        return (self.sequence_parallel and self.ctx.tp > 1 and not meta.is_decode
+                and input_ids.shape[0] >= self.sequence_parallel_min_tokens)
+
+    def _token_share(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Sequence parallelism's split of a step's T tokens: this rank's S = ceil(T / tp) ids
+        (tokens [start, start + S); past T, padding rows of token 0 that are never read back)
+        and start."""
+        rows = -(-input_ids.shape[0] // self.ctx.tp)
+        start = self.ctx.rank * rows
+        mine = input_ids[start:start + rows]
+        if mine.shape[0] < rows:  # the last ranks' padding rows (possibly all of them)
+            mine = F.pad(mine, (0, rows - mine.shape[0]))
+        return mine, start
+
+    def _shared_logits(self, normed: torch.Tensor, start: int, meta: BatchMeta, total: int,
+                       return_all_logits: bool, gather_logits: bool) -> torch.Tensor:
+        """_logits for a stream split by tokens: `normed` is the final norm of this rank's rows
+        (tokens [start, start + len)) of a step of `total` tokens. Each request's last row comes
+        back through _rows_of_owners; with return_all_logits every row, all-gathered."""
+        if return_all_logits:
+            h = self.ctx.all_gather_rows(normed, total)
+        else:
+            h = self._rows_of_owners(normed, meta.query_start_loc[1:].long() - 1, start)
+        return self._logits(h, None, True, normed=True, gather_logits=gather_logits)
+
+    def _rows_of_owners(self, h: torch.Tensor, wanted: torch.Tensor, start: int
+                        ) -> torch.Tensor:
+        """Rows `wanted` (global token indices) of the stream split by tokens, on every rank:
+        each rank contributes the rows it holds (h's rows are tokens [start, start + len(h))),
+        zeros elsewhere, and one exact all-reduce of (len(wanted), D) adds them - every sum has
+        a single non-zero term, so the rows arrive bit for bit."""
+        local = wanted - start
+        held = (local >= 0) & (local < h.shape[0])
+        picked = h.index_select(0, local.clamp(0, h.shape[0] - 1))
+        picked = torch.where(held[:, None], picked, torch.zeros((), dtype=h.dtype,
+                                                                 device=h.device))
+        return self.ctx.all_reduce(picked.contiguous())
 
     def _load_lm_head(self, source: WeightSource) -> None:
         if not self.config.tie_word_embeddings:
@@ -353,22 +400,6 @@ class SSMForCausalLM(CausalLM):
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
                              self.ctx.device, conv_dtype or self.dtype, ssm_dtype)
 
-    def set_sequence_parallel(self, enabled: bool,
-                              min_tokens: int = SEQUENCE_PARALLEL_MIN_TOKENS) -> None:
-        """Sequence parallelism (see the class docstring) for prefill steps of at least
-        min_tokens tokens; a no-op at tp 1. Needs the exact all-reduce scheme: the reduce-scatter
-        has no quantized form here."""
-        if enabled:
-            if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
-                raise ValueError(f"sequence parallelism: min_tokens must be an int >= 1, got "
-                                 f"{min_tokens!r}")
-            if self.allreduce.scheme != "exact":
-                raise ValueError(f"sequence parallelism reduce-scatters exactly; this model's "
-                                 f"all-reduce scheme is {self.allreduce.scheme!r} (use "
-                                 f"allreduce='exact')")
-            self.sequence_parallel_min_tokens = min_tokens
-        self.sequence_parallel = bool(enabled)
-
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, query_start_loc: Optional[torch.Tensor] = None,
                 cache_indices: Optional[torch.Tensor] = None,
@@ -400,8 +431,7 @@ class SSMForCausalLM(CausalLM):
                              f"{tuple(input_ids.shape)}")
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state)
-        if (self.sequence_parallel and self.ctx.tp > 1 and not meta.is_decode
-                and input_ids.shape[0] >= self.sequence_parallel_min_tokens):
+        if self._sequence_parallel_applies(input_ids, meta):
             return self._forward_sequence_parallel(input_ids, meta, cache, return_all_logits,
                                                    gather_logits)
         hidden = F.embedding(input_ids, self.embeddings)
@@ -442,40 +472,16 @@ class SSMForCausalLM(CausalLM):
                                    cache: Optional[SSMStateCache], return_all_logits: bool,
                                    gather_logits: bool) -> torch.Tensor:
         """forward for a prefill step with the residual stream split by tokens (class
-        docstring): this rank embeds, adds and normalises only its S rows."""
-        ctx, eps = self.ctx, self.config.layer_norm_epsilon
-        T = input_ids.shape[0]
-        rows = -(-T // ctx.tp)
-        start = ctx.rank * rows
-        mine = input_ids[start:start + rows]
-        if mine.shape[0] < rows:  # the last ranks' padding rows (possibly all of them)
-            mine = F.pad(mine, (0, rows - mine.shape[0]))
+        docstring): this rank embeds, adds and normalises only its rows."""
+        ctx, eps, T = self.ctx, self.config.layer_norm_epsilon, input_ids.shape[0]
+        mine, start = self._token_share(input_ids)
         hidden = F.embedding(mine, self.embeddings)
         residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
         h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            whole = ctx.all_gather_stack(h).flatten(0, 1)[:T]
-            out = layer.mixer(whole, conv, ssm, meta, scatter=True)
+            out = layer.mixer(ctx.all_gather_rows(h, T), conv, ssm, meta, scatter=True)
             following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
             h = self.add_rms_norm(out, following.weight, eps, residual=residual)
-        # h: the final norm of this rank's rows.
-        if return_all_logits:
-            h = ctx.all_gather_stack(h).flatten(0, 1)[:T]
-        else:
-            h = self._rows_of_owners(h, meta.query_start_loc[1:].long() - 1, start)
-        return self._logits(h, None, True, normed=True, gather_logits=gather_logits)
-
-    def _rows_of_owners(self, h: torch.Tensor, wanted: torch.Tensor, start: int
-                        ) -> torch.Tensor:
-        """Rows `wanted` (global token indices) of the stream split by tokens, on every rank:
-        each rank contributes the rows it holds (h's rows are tokens [start, start + len(h))),
-        zeros elsewhere, and one exact all-reduce of (len(wanted), D) adds them - every sum has
-        a single non-zero term, so the rows arrive bit for bit."""
-        local = wanted - start
-        held = (local >= 0) & (local < h.shape[0])
-        picked = h.index_select(0, local.clamp(0, h.shape[0] - 1))
-        picked = torch.where(held[:, None], picked, torch.zeros((), dtype=h.dtype,
-                                                                 device=h.device))
-        return self.ctx.all_reduce(picked.contiguous())
+        return self._shared_logits(h, start, meta, T, return_all_logits, gather_logits)
