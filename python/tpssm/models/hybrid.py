@@ -145,14 +145,7 @@ class HybridForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            x = hidden
-            if layer.hybrid:
-                k = self.visit_of_layer[i]
-                kc = cache.k_states[k] if cache is not None else None
-                vc = cache.v_states[k] if cache is not None else None
-                block = self.blocks[self.block_of_visit[k]]
-                t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc)
-                x = hidden + linear(t, layer.linear, kernel=self.projection_kernel)
+            x = self._mixer_input(i, hidden, emb, kv, cache)
             if norms_in_in_proj:  # the norm is in_proj's prologue
                 norm = InputNorm(layer.norm.weight, layer.norm.eps)
                 hidden = layer.mixer(x, conv, ssm, meta, residual=hidden, norm=norm)
@@ -162,6 +155,22 @@ class HybridForCausalLM(CausalLM):
             kv.advance(cache)
         return self._logits(hidden, query_start_loc, return_all_logits,
                             gather_logits=gather_logits)
+
+    def _mixer_input(self, i: int, hidden: torch.Tensor, emb: torch.Tensor,
+                     kv: Optional[KVBatch], cache: Optional[SSMStateCache],
+                     total: Optional[int] = None) -> torch.Tensor:
+        """Layer i's input before its norm: hidden, plus on a hybrid layer its linear of the
+        shared block's output on concat(hidden, emb) (`total`: rows of a stream split by
+        tokens, see SharedBlock.forward)."""
+        layer = self.layers[i]
+        if not layer.hybrid:
+            return hidden
+        k = self.visit_of_layer[i]
+        kc = cache.k_states[k] if cache is not None else None
+        vc = cache.v_states[k] if cache is not None else None
+        block = self.blocks[self.block_of_visit[k]]
+        t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc, total=total)
+        return hidden + linear(t, layer.linear, kernel=self.projection_kernel)
 
     def _forward_sequence_parallel(self, input_ids: torch.Tensor, meta: BatchMeta,
                                    kv: Optional[KVBatch], cache: Optional[SSMStateCache],
@@ -178,14 +187,7 @@ class HybridForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            x = hidden
-            if layer.hybrid:
-                k = self.visit_of_layer[i]
-                kc = cache.k_states[k] if cache is not None else None
-                vc = cache.v_states[k] if cache is not None else None
-                block = self.blocks[self.block_of_visit[k]]
-                t = block(torch.cat([hidden, emb], dim=-1), k, kv, kc, vc, total=T)
-                x = hidden + linear(t, layer.linear, kernel=self.projection_kernel)
+            x = self._mixer_input(i, hidden, emb, kv, cache, total=T)
             out = layer.mixer(ctx.all_gather_rows(layer.norm(x), T), conv, ssm, meta,
                               scatter=True)
             hidden = hidden + out
