@@ -437,10 +437,10 @@ def test_hybrid_config_errors():
 
 
 def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monkeypatch):
-    """A tp 4 local shard of Zamba2 with sequence parallelism: the layer norms, the shared
-    block's two norms, the final norm and every hybrid layer's `linear` (replicated weights:
-    without it each rank multiplies all T rows) see ceil(T / 4) rows; the attention and the
-    MLP all T."""
+    """A tp 4 local shard of Zamba2 with sequence parallelism: the layer norms (but the first,
+    of the replicated embedding), the shared block's two norms, the final norm and every
+    hybrid layer's `linear` (replicated weights: without it each rank multiplies all T rows)
+    see ceil(T / 4) rows; the attention and the MLP all T."""
     import tpssm.models.hybrid as hybrid_module
     from tpssm.models import load_model
     from tpssm.models.model import RMSNorm
@@ -460,8 +460,8 @@ def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monke
         logits = model(ids, _qsl([20, 17]))
         assert logits.shape[0] == 2
         hybrids = model.config.layer_types.count("hybrid")
-        assert norm_rows == [10] * len(norm_rows) and len(norm_rows) == (
-            len(model.layers) + 2 * hybrids + 1)
+        assert model.config.layer_types[0] == "mamba"
+        assert norm_rows == [37] + [10] * (len(model.layers) + 2 * hybrids)
         assert linear_rows == [10] * hybrids
         norm_rows.clear()
         model(ids[:29], _qsl([29]))   # under min_tokens: every row (the final norm: the last)

@@ -313,8 +313,9 @@ def test_sequence_parallel_arguments_and_tp1(checkpoints):
 @pytest.mark.parametrize("family", ["mamba", "mamba2_g4"])
 def test_sequence_parallel_shrinks_the_norms_of_a_rank_shard(family, checkpoints, monkeypatch):
     """A tp 4 local shard (rank 0's compute, no group: how the benchmarks time a rank) with
-    sequence parallelism normalises only its ceil(T / 4) rows per layer, below the threshold
-    all T, and reduce-scatters once per layer."""
+    sequence parallelism normalises only its ceil(T / 4) rows per layer (all T for the first
+    norm, of the replicated embedding), below the threshold all T, and reduce-scatters once
+    per layer."""
     from tpssm.parallel import TPContext
 
     _, path = checkpoints[family]
@@ -332,7 +333,7 @@ def test_sequence_parallel_shrinks_the_norms_of_a_rank_shard(family, checkpoints
     logits = m(ids, _qsl(lens))
     per_rank = -(-len(ids) // 4)
     assert logits.shape[0] == len(lens)
-    assert rows == [per_rank] * (len(m.layers) + 1)
+    assert rows == [len(ids)] + [per_rank] * len(m.layers)
     assert scattered == [4 * per_rank] * len(m.layers)
     rows.clear()
     m(ids[:29], _qsl([29]))                     # under min_tokens: the whole stream

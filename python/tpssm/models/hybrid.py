@@ -181,15 +181,20 @@ class HybridForCausalLM(CausalLM):
         and each hybrid layer's `linear` run on those rows; the mixers and the blocks' attention
         and MLP see the whole step through all-gathers."""
         ctx, T = self.ctx, input_ids.shape[0]
-        mine, start = self._token_share(input_ids)
-        emb = F.embedding(mine, self.embeddings)
+        emb_whole = F.embedding(input_ids, self.embeddings)
+        emb, start = self._own_rows(emb_whole)
         hidden = emb
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            x = self._mixer_input(i, hidden, emb, kv, cache, total=T)
-            out = layer.mixer(ctx.all_gather_rows(layer.norm(x), T), conv, ssm, meta,
-                              scatter=True)
+            if i == 0 and not layer.hybrid:
+                # The input is the replicated embedding: normalising all T rows costs less
+                # than all-gathering them.
+                whole = layer.norm(emb_whole)
+            else:
+                x = self._mixer_input(i, hidden, emb, kv, cache, total=T)
+                whole = ctx.all_gather_rows(layer.norm(x), T)
+            out = layer.mixer(whole, conv, ssm, meta, scatter=True)
             hidden = hidden + out
         if cache is not None and self.blocks:
             kv.advance(cache)

@@ -293,15 +293,15 @@ class CausalLM(nn.Module):
         return (self.sequence_parallel and self.ctx.tp > 1 and not meta.is_decode
                 and input_ids.shape[0] >= self.sequence_parallel_min_tokens)
 
-    def _token_share(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """Sequence parallelism's split of a step's T tokens: this rank's S = ceil(T / tp) ids
-        (tokens [start, start + S); past T, padding rows of token 0 that are never read back)
-        and start."""
-        rows = -(-input_ids.shape[0] // self.ctx.tp)
+    def _own_rows(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Sequence parallelism's split of a step's T tokens: this rank's S = ceil(T / tp) rows
+        of x (T, ...), tokens [start, start + S) - past T, zero padding rows that are never read
+        back - and start."""
+        rows = -(-x.shape[0] // self.ctx.tp)
         start = self.ctx.rank * rows
-        mine = input_ids[start:start + rows]
+        mine = x[start:start + rows]
         if mine.shape[0] < rows:  # the last ranks' padding rows (possibly all of them)
-            mine = F.pad(mine, (0, rows - mine.shape[0]))
+            mine = torch.cat([mine, mine.new_zeros((rows - mine.shape[0],) + x.shape[1:])])
         return mine, start
 
     def _shared_logits(self, normed: torch.Tensor, start: int, meta: BatchMeta, total: int,
@@ -361,11 +361,12 @@ class SSMForCausalLM(CausalLM):
     work that does not shrink with tp (12 x T x D bytes a layer with the fp32 stream). With it,
     a prefill step of at least `sequence_parallel_min_tokens` tokens splits the stream by
     tokens: rank r holds rows [r * S, (r + 1) * S) of the step (S = ceil(T / tp); the padding
-    rows past T carry token 0 and are never read back), out_proj's all-reduce becomes a
-    reduce-scatter to the rank's rows, the add + norm runs on those rows, and an all-gather of
-    the normalised rows gives the next mixer its (T, D) input - the two halves of the all-reduce
-    with the norm between them (same wire bytes, one more collective's latency). Decode steps
-    and shorter steps keep the all-reduce. Exact scheme only.
+    rows past T are zero and never read back), out_proj's all-reduce becomes a reduce-scatter
+    to the rank's rows, the add + norm runs on those rows, and an all-gather of the normalised
+    rows gives the next mixer its (T, D) input - the two halves of the all-reduce with the norm
+    between them (same wire bytes, one more collective's latency). The first layer's norm runs
+    on all T rows of the replicated embedding instead of a gather. Decode steps and shorter
+    steps keep the all-reduce. Exact scheme only.
     """
 
     def __init__(self, config: SSMConfig, ctx: Optional[TPContext] = None,
@@ -472,16 +473,21 @@ class SSMForCausalLM(CausalLM):
                                    cache: Optional[SSMStateCache], return_all_logits: bool,
                                    gather_logits: bool) -> torch.Tensor:
         """forward for a prefill step with the residual stream split by tokens (class
-        docstring): this rank embeds, adds and normalises only its rows."""
+        docstring): this rank adds and normalises only its rows (but for the first norm)."""
         ctx, eps, T = self.ctx, self.config.layer_norm_epsilon, input_ids.shape[0]
-        mine, start = self._token_share(input_ids)
-        hidden = F.embedding(mine, self.embeddings)
+        # The embedding is replicated: every rank normalises all T rows for the first layer,
+        # which costs less than all-gathering them (8 x T x D bytes of memory traffic against
+        # 2 x T x D over the link and a collective's latency).
+        hidden = F.embedding(input_ids, self.embeddings)
+        whole = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
+        hidden, start = self._own_rows(hidden)
         residual = hidden.float() if self.config.residual_in_fp32 else hidden.clone()
-        h = self.add_rms_norm(hidden, self.layers[0].norm.weight, eps)
         for i, layer in enumerate(self.layers):
             conv = cache.conv_states[i] if cache is not None else None
             ssm = cache.ssm_states[i] if cache is not None else None
-            out = layer.mixer(ctx.all_gather_rows(h, T), conv, ssm, meta, scatter=True)
+            if i > 0:
+                whole = ctx.all_gather_rows(h, T)
+            out = layer.mixer(whole, conv, ssm, meta, scatter=True)
             following = (self.layers[i + 1].norm if i + 1 < len(self.layers) else self.norm_f)
             h = self.add_rms_norm(out, following.weight, eps, residual=residual)
         return self._shared_logits(h, start, meta, T, return_all_logits, gather_logits)
