@@ -441,6 +441,7 @@ def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monke
     of the replicated embedding), the shared block's two norms, the final norm and every
     hybrid layer's `linear` (replicated weights: without it each rank multiplies all T rows)
     see ceil(T / 4) rows; the attention and the MLP all T."""
+    import tpssm.models.attention as attention_module
     import tpssm.models.hybrid as hybrid_module
     from tpssm.models import load_model
     from tpssm.models.model import RMSNorm
@@ -448,13 +449,16 @@ def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monke
 
     model = load_model(oracles("zamba2_1blk")["path"], TPContext.local_shard(4), backend=BACKEND)
     model.set_sequence_parallel(True, min_tokens=30)
-    norm_rows, linear_rows = [], []
+    norm_rows, linear_rows, block_rows = [], [], []
     real_norm, real_linear = RMSNorm.forward, hybrid_module.linear
     monkeypatch.setattr(RMSNorm, "forward",
                         lambda self, x: norm_rows.append(x.shape[0]) or real_norm(self, x))
     monkeypatch.setattr(hybrid_module, "linear",
                         lambda x, *a, **k: linear_rows.append(x.shape[0]) or real_linear(x, *a,
                                                                                          **k))
+    monkeypatch.setattr(attention_module, "linear",  # qkv and gate_up
+                        lambda x, *a, **k: block_rows.append(x.shape[0]) or real_linear(x, *a,
+                                                                                        **k))
     ids = torch.arange(37) * 5 % 200
     with torch.no_grad():
         logits = model(ids, _qsl([20, 17]))
@@ -463,6 +467,7 @@ def test_sequence_parallel_shrinks_a_hybrid_shards_per_token_work(oracles, monke
         assert model.config.layer_types[0] == "mamba"
         assert norm_rows == [37] + [10] * (len(model.layers) + 2 * hybrids)
         assert linear_rows == [10] * hybrids
+        assert block_rows == [37, 37] * hybrids
         norm_rows.clear()
         model(ids[:29], _qsl([29]))   # under min_tokens: every row (the final norm: the last)
         assert norm_rows == [29] * (len(model.layers) + 2 * hybrids) + [1]

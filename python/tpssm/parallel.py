@@ -358,7 +358,7 @@ class AllReduce:
         """This rank's rows of the sum of x over the group: x (tp * rows, ...) -> (rows, ...),
         rank r getting rows [r * rows, (r + 1) * rows). The first half of an all-reduce (an
         all-gather of the results completes it): sequence parallelism's reduction (see
-        SSMForCausalLM.set_sequence_parallel). Exact scheme only. Without communication (tp 1,
+        CausalLM.set_sequence_parallel). Exact scheme only. Without communication (tp 1,
         or a local shard) it is the rank's rows of x itself."""
         ctx, tp = self.ctx, self.ctx.tp
         if self.scheme != "exact":

@@ -220,9 +220,10 @@ class CausalLM(nn.Module):
                               min_tokens: int = SEQUENCE_PARALLEL_MIN_TOKENS) -> None:
         """Sequence parallelism (see docs/tp-design.md) for prefill steps of at least min_tokens
         tokens under TP: the residual stream, the norms and the other per-token work between
-        the row-parallel reductions run on a rank's share of the tokens; each all-reduce becomes
-        a reduce-scatter, and an all-gather of the normalised rows feeds the next column-parallel
-        projection. Changes nothing at tp 1. Needs the exact all-reduce scheme (at any tp):
+        the row-parallel reductions run on a rank's share of the tokens; the all-reduces into the
+        stream (out_proj, a shared block's o_proj and down_proj) become reduce-scatters, and an
+        all-gather of the normalised rows feeds the next column-parallel projection (x_proj's
+        and the gated norm's reductions inside a mixer stay all-reduces). Changes nothing at tp 1. Needs the exact all-reduce scheme (at any tp):
         the reduce-scatter has no quantized form here."""
         if enabled:
             if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
