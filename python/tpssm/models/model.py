@@ -223,8 +223,9 @@ class CausalLM(nn.Module):
         the row-parallel reductions run on a rank's share of the tokens; the all-reduces into the
         stream (out_proj, a shared block's o_proj and down_proj) become reduce-scatters, and an
         all-gather of the normalised rows feeds the next column-parallel projection (x_proj's
-        and the gated norm's reductions inside a mixer stay all-reduces). Changes nothing at tp 1. Needs the exact all-reduce scheme (at any tp):
-        the reduce-scatter has no quantized form here."""
+        and the gated norm's reductions inside a mixer stay all-reduces). Changes nothing at
+        tp 1. Needs the exact all-reduce scheme (at any tp): the reduce-scatter has no quantized
+        form here."""
         if enabled:
             if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
                 raise ValueError(f"sequence parallelism: min_tokens must be an int >= 1, got "
