@@ -127,6 +127,23 @@ def hf_greedy(model, prompt: Sequence[int], steps: int):
     return tokens, torch.stack(logits)
 
 
+@torch.no_grad()
+def teacher_forced_error(model, ids: torch.Tensor, qsl: torch.Tensor, cache, slots,
+                         oracle: dict, steps: int) -> float:
+    """Our model (tpssm) prefills the packed prompts into `slots` of `cache`, then decodes
+    `steps` steps fed with transformers' greedy tokens (oracle["tokens"]): the largest
+    max_rel_err of every request's logits against oracle["step_logits"]."""
+    n = len(slots)
+    rows = torch.tensor(slots, dtype=torch.int32)
+    out = model(ids, qsl, rows, torch.zeros(n, dtype=torch.bool), cache)
+    errs = [max_rel_err(out[i], oracle["step_logits"][i][0]) for i in range(n)]
+    for step in range(steps):
+        out = model.decode(torch.tensor([oracle["tokens"][i][step] for i in range(n)]), rows,
+                           cache)
+        errs += [max_rel_err(out[i], oracle["step_logits"][i][step + 1]) for i in range(n)]
+    return max(errs)
+
+
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the logit error relative to the logit scale (element-wise ratios
     blow up at logits near zero)."""

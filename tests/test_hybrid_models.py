@@ -169,14 +169,8 @@ def _rank_checks(rank, world, oracle, backend):
             res["sp_vs_plain"] = err(sp_all, all_logits)
             res["sp_last"] = err(model(ids, qsl), torch.stack([a[-1] for a in per_prompt]))
             csp = model.allocate_cache(n, max_seq_len=KV_LEN)
-            sps = csp.allocate(n)
-            first = model(ids, qsl, _i32(sps), torch.zeros(n, dtype=torch.bool), csp)
-            errs = [err(first[i], oracle["step_logits"][i][0]) for i in range(n)]
-            for step in range(DECODE_STEPS):
-                out = model.decode(torch.tensor([oracle["tokens"][i][step] for i in range(n)]),
-                                   _i32(sps), csp)
-                errs += [err(out[i], oracle["step_logits"][i][step + 1]) for i in range(n)]
-            res["sp_decode"] = max(errs)
+            res["sp_decode"] = H.teacher_forced_error(model, ids, qsl, csp, csp.allocate(n),
+                                                      oracle, DECODE_STEPS)
             sp_mixed, sp_cache = mixed_batch()
             res["sp_mixed"] = err(sp_mixed, mixed)
             res["sp_states"] = max(

@@ -175,14 +175,8 @@ def _rank_checks(rank, world, oracle, backend):
             res["sp_vs_plain"] = err(sp_all, all_logits)
             res["sp_last"] = err(model(ids, qsl), last)
             csp = model.allocate_cache(n)
-            sps = csp.allocate(n)
-            first = model(ids, qsl, _i32(sps), torch.zeros(n, dtype=torch.bool), csp)
-            errs = [err(first[i], oracle["step_logits"][i][0]) for i in range(n)]
-            for step in range(DECODE_STEPS):
-                out = model.decode(torch.tensor([oracle["tokens"][i][step] for i in range(n)]),
-                                   _i32(sps), csp)
-                errs += [err(out[i], oracle["step_logits"][i][step + 1]) for i in range(n)]
-            res["sp_decode"] = max(errs)
+            res["sp_decode"] = H.teacher_forced_error(model, ids, qsl, csp, csp.allocate(n),
+                                                      oracle, DECODE_STEPS)
             c5 = model.allocate_cache(1)
             s5 = c5.allocate()
             sp_parts = [model(torch.tensor(p[a:b]), _qsl([b - a]), _i32([s5]),
