@@ -47,7 +47,10 @@ def transform() -> None:
             out.write_text(text)
     for name in KERNELS:
         tu = OUT / f"emu_{name}.cpp"
-        tu.write_text(f'#include "{name}.cu"\n')
+        text = f'#include "{name}.cu"\n'
+        # Rewritten only when different: a fresh mtime would make ninja rebuild the unit.
+        if not tu.exists() or tu.read_text() != text:
+            tu.write_text(text)
 
 
 def build(verbose: bool = False):

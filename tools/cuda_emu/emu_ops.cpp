@@ -15,16 +15,6 @@
 #include "kernels/launch_options.h"
 #include "linear_ops.h"
 
-thread_local uint3 emu_threadIdx;
-thread_local uint3 emu_blockIdx;
-dim3 emu_blockDim;
-dim3 emu_gridDim;
-thread_local EmuBlock* emu_block = nullptr;
-std::mutex emu_err_mutex;
-std::string emu_error;
-int emu_sm_count = 132;
-int emu_max_grid_y = 65535;
-
 using tpssm::OptTensor;
 
 static void reset() { emu_error.clear(); }

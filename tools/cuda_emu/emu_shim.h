@@ -1,18 +1,22 @@
-// Host emulation of the few CUDA features the SSM kernels use: one std::thread per GPU thread of
-// a block (blocks run one after another), warp shuffles through per-(warp, mask) barriers that
-// detect missing mask members (deadlock -> error), 16-byte accesses that check alignment, and
-// the CUDA grid limits.
+// Host emulation of the few CUDA features the SSM kernels use: one fiber per GPU thread of a
+// block, all on the launching host thread (blocks run one after another), warp shuffles through
+// per-(warp, mask) barriers that detect missing mask members (deadlock -> error), 16-byte
+// accesses that check alignment, and the CUDA grid limits.
+//
+// Why fibers rather than one std::thread per GPU thread: every barrier is a context switch, and
+// kernel-scheduled threads made each one a futex wake-up on a 2-core machine (millions per test).
+// A fiber switch is a user-space register swap, and a barrier nobody can complete is found at
+// once (every live fiber waits) instead of after a timeout.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -20,9 +24,11 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
@@ -45,9 +51,8 @@ inline float __expf(float x) { return expf(x); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
+// A barrier: `count` arrivals of the current generation; `gen` moves on when the last one arrives.
 struct EmuGroupSync {
-  std::mutex m;
-  std::condition_variable cv;
   int count = 0;
   long gen = 0;
   float vals[32];
@@ -55,59 +60,228 @@ struct EmuGroupSync {
 
 // A whole warp's exchange of up to 64 bytes per lane (warp-collective tensor-core operations).
 struct EmuWarpExchange {
-  std::mutex m;
-  std::condition_variable cv;
   int count = 0;
   long gen = 0;
   unsigned char lanes[32][64];
 };
 
 struct EmuBlock {
-  std::mutex m;
   std::map<std::pair<int, unsigned>, std::unique_ptr<EmuGroupSync>> groups;
   std::map<int, std::unique_ptr<EmuWarpExchange>> exchanges;
   EmuGroupSync block_barrier;           // __syncthreads
   std::vector<unsigned char> dynamic;   // dynamic shared memory (the launch's byte count)
   EmuGroupSync& get(int warp, unsigned mask) {
-    std::lock_guard<std::mutex> l(m);
     auto& p = groups[{warp, mask}];
     if (!p) p.reset(new EmuGroupSync());
     return *p;
   }
   EmuWarpExchange& exchange(int warp) {
-    std::lock_guard<std::mutex> l(m);
     auto& p = exchanges[warp];
     if (!p) p.reset(new EmuWarpExchange());
     return *p;
   }
 };
 
-extern thread_local uint3 emu_threadIdx;
-extern thread_local uint3 emu_blockIdx;
-extern dim3 emu_blockDim;
-extern dim3 emu_gridDim;
-extern thread_local EmuBlock* emu_block;
-extern std::mutex emu_err_mutex;
-extern std::string emu_error;
-extern int emu_sm_count;
-extern int emu_max_grid_y;  // gridDim.y limit (65535; tests lower it to make launchers loop)
+inline thread_local uint3 emu_threadIdx;
+inline thread_local uint3 emu_blockIdx;
+inline dim3 emu_blockDim;
+inline dim3 emu_gridDim;
+inline thread_local EmuBlock* emu_block = nullptr;
+inline std::mutex emu_err_mutex;
+inline std::string emu_error;
+inline int emu_sm_count = 132;
+inline int emu_max_grid_y = 65535;  // gridDim.y limit (tests lower it to make launchers loop)
 
 inline void emu_fail(const std::string& what) {
   std::lock_guard<std::mutex> l(emu_err_mutex);
   if (emu_error.empty()) emu_error = what;
 }
 
+// This GPU thread's cp.async copies (emu_mma.h): issued but not yet committed, and committed
+// groups, oldest first. A copy lands in shared memory only when a wait retires its group, and
+// its destination reads as NaN-like garbage until then, so a read before the wait shows.
+struct EmuAsyncCopy {
+  unsigned char* dst;
+  const void* src;
+  bool valid;
+  int bytes;
+};
+inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
+inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
+
+// One GPU thread of the running block: a fiber with its own stack. A fiber waiting at a barrier
+// holds the address of the barrier's generation and the value it saw; it is runnable again once
+// the generation has moved on.
+struct EmuFiber {
+  ucontext_t ctx;
+  unsigned char* stack = nullptr;
+  bool done = false;
+  const long* wait_gen = nullptr;
+  long seen_gen = 0;
+  int* wait_count = nullptr;
+  bool released = true;  // false: let go of a barrier that could never complete
+  std::vector<EmuAsyncCopy> async_open;
+  std::deque<std::vector<EmuAsyncCopy>> async_groups;
+};
+
+// The launching thread's fibers (one launch at a time, as emu_gridDim / emu_blockDim assume).
+// Stacks are mapped once and reused; a guard page below each turns an overflow into a fault.
+struct EmuScheduler {
+  static constexpr size_t kStackBytes = size_t{2} << 20;
+  static constexpr size_t kGuardBytes = 4096;
+  ucontext_t host;
+  std::vector<EmuFiber> fibers;
+  int current = -1;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+
+  void reserve(unsigned n) {
+    while (fibers.size() < n) {
+      void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (m == MAP_FAILED) throw std::runtime_error("emu: cannot map a fiber stack");
+      mprotect(m, kGuardBytes, PROT_NONE);
+      fibers.emplace_back();
+      fibers.back().stack = static_cast<unsigned char*>(m) + kGuardBytes;
+    }
+  }
+};
+inline thread_local EmuScheduler emu_sched;
+
+// AddressSanitizer (EMU_ASAN=1) must be told of each stack switch: the destination stack's bounds
+// before it, and the fake-stack handle after it. The host stack's bounds are learnt on the first
+// switch into a fiber.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+inline thread_local const void* emu_host_stack_bottom = nullptr;
+inline thread_local size_t emu_host_stack_size = 0;
+#endif
+
+inline void emu_switch_to_fiber(EmuFiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, f.stack, EmuScheduler::kStackBytes);
+  swapcontext(&emu_sched.host, &f.ctx);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  swapcontext(&emu_sched.host, &f.ctx);
+#endif
+}
+
+// Back to the host context (a fiber waiting at a barrier, or one that finished).
+inline void emu_fiber_yield(bool finished) {
+  EmuFiber& f = emu_sched.fibers[emu_sched.current];
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake_stack, emu_host_stack_bottom,
+                                 emu_host_stack_size);
+  swapcontext(&f.ctx, &emu_sched.host);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)finished;
+  swapcontext(&f.ctx, &emu_sched.host);
+#endif
+}
+
+inline void emu_fiber_main() {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &emu_host_stack_bottom, &emu_host_stack_size);
+#endif
+  try {
+    emu_sched.body(emu_sched.body_arg);
+  } catch (const std::exception& e) {
+    emu_fail(std::string("exception in a kernel thread: ") + e.what());
+  }
+  if (!emu_async_open.empty() || !emu_async_groups.empty()) {
+    emu_fail("a thread ended with cp.async copies it never waited for");
+  }
+  emu_sched.fibers[emu_sched.current].done = true;
+  emu_fiber_yield(true);  // never resumed
+}
+
+// Arrival at a barrier of n members: the last one moves the generation on and goes ahead; the
+// others wait. False: the barrier was given up because no live thread could complete it.
 template <typename Sync>
 inline bool emu_arrive(Sync& g, int n) {
-  std::unique_lock<std::mutex> l(g.m);
-  const long gen = g.gen;
   if (++g.count == n) {
     g.count = 0;
     ++g.gen;
-    g.cv.notify_all();
     return true;
   }
-  return g.cv.wait_for(l, std::chrono::seconds(3), [&] { return g.gen != gen; });
+  EmuFiber& f = emu_sched.fibers[emu_sched.current];
+  f.wait_gen = &g.gen;
+  f.seen_gen = g.gen;
+  f.wait_count = &g.count;
+  emu_fiber_yield(false);
+  return f.released;
+}
+
+// EMU_THREAD_ORDER=reverse runs a block's threads from the last to the first: a read of another
+// thread's write with no barrier between them then sees the wrong value in one of the two orders.
+inline bool emu_reverse_thread_order() {
+  static const bool reverse = [] {
+    const char* order = std::getenv("EMU_THREAD_ORDER");
+    return order != nullptr && std::string(order) == "reverse";
+  }();
+  return reverse;
+}
+
+// Runs one block's threads as fibers, round robin, each until it waits or ends. When every live
+// fiber waits and none can go on, the barriers are given up (emu_arrive returns false, the caller
+// reports the deadlock) so that the block still runs to its end.
+template <typename Body>
+void emu_run_block(unsigned threads, Body& body) {
+  EmuScheduler& s = emu_sched;
+  const bool reverse = emu_reverse_thread_order();
+  s.reserve(threads);
+  s.body = [](void* b) { (*static_cast<Body*>(b))(); };
+  s.body_arg = &body;
+  for (unsigned t = 0; t < threads; ++t) {
+    EmuFiber& f = s.fibers[t];
+    f.done = false;
+    f.wait_gen = nullptr;
+    f.released = true;
+    f.async_open.clear();
+    f.async_groups.clear();
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = EmuScheduler::kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, emu_fiber_main, 0);
+  }
+  unsigned live = threads;
+  while (live > 0) {
+    bool ran = false;
+    for (unsigned i = 0; i < threads; ++i) {
+      const unsigned t = reverse ? threads - 1 - i : i;
+      EmuFiber& f = s.fibers[t];
+      if (f.done) continue;
+      if (f.wait_gen != nullptr) {
+        if (*f.wait_gen == f.seen_gen) continue;
+        f.wait_gen = nullptr;
+        f.released = true;
+      }
+      s.current = static_cast<int>(t);
+      emu_threadIdx = make_uint3(t, 0, 0);
+      std::swap(emu_async_open, f.async_open);
+      std::swap(emu_async_groups, f.async_groups);
+      emu_switch_to_fiber(f);
+      std::swap(emu_async_open, f.async_open);
+      std::swap(emu_async_groups, f.async_groups);
+      ran = true;
+      if (f.done) --live;
+    }
+    if (!ran) {
+      for (unsigned t = 0; t < threads; ++t) {
+        EmuFiber& f = s.fibers[t];
+        if (f.done || f.wait_gen == nullptr) continue;
+        *f.wait_count = 0;
+        f.wait_gen = nullptr;
+        f.released = false;
+      }
+    }
+  }
+  s.current = -1;
 }
 
 // Shuffles that read another lane's value: src(lane) gives the lane read (itself when out of range).
@@ -119,18 +293,12 @@ inline T emu_shfl(unsigned mask, T v, Src src_of) {
   if (!((mask >> lane) & 1u)) { emu_fail("shuffle by a thread outside its mask"); return v; }
   EmuGroupSync& g = emu_block->get(warp, mask);
   const int n = __builtin_popcount(mask);
-  {
-    std::lock_guard<std::mutex> l(g.m);
-    std::memcpy(&g.vals[lane], &v, sizeof(T));
-  }
+  std::memcpy(&g.vals[lane], &v, sizeof(T));
   if (!emu_arrive(g, n)) { emu_fail("shuffle deadlock: a mask member never arrived"); return v; }
   const int src = src_of(lane);
   if (!((mask >> src) & 1u)) emu_fail("shuffle reads a lane outside the mask");
   T r;
-  {
-    std::lock_guard<std::mutex> l(g.m);
-    std::memcpy(&r, &g.vals[src], sizeof(T));
-  }
+  std::memcpy(&r, &g.vals[src], sizeof(T));
   if (!emu_arrive(g, n)) emu_fail("shuffle deadlock (second phase)");
   return r;
 }
@@ -170,13 +338,9 @@ inline void emu_warp_all_gather(const void* mine, size_t bytes, void* all) {
   const int lane = emu_threadIdx.x & 31;
   const int warp = emu_threadIdx.x >> 5;
   EmuWarpExchange& x = emu_block->exchange(warp);
-  {
-    std::lock_guard<std::mutex> l(x.m);
-    std::memcpy(x.lanes[lane], mine, bytes);
-  }
+  std::memcpy(x.lanes[lane], mine, bytes);
   if (!emu_arrive(x, 32)) { emu_fail("warp-collective operation without the whole warp"); return; }
   {
-    std::lock_guard<std::mutex> l(x.m);
     for (int i = 0; i < 32; ++i) std::memcpy(static_cast<unsigned char*>(all) + i * bytes, x.lanes[i], bytes);
   }
   if (!emu_arrive(x, 32)) emu_fail("warp-collective operation without the whole warp (second phase)");
@@ -209,18 +373,6 @@ inline Raw& emu_st(T* p) {
   return *reinterpret_cast<Raw*>(p);
 }
 
-// This GPU thread's cp.async copies (emu_mma.h): issued but not yet committed, and committed
-// groups, oldest first. A copy lands in shared memory only when a wait retires its group, and
-// its destination reads as NaN-like garbage until then, so a read before the wait shows.
-struct EmuAsyncCopy {
-  unsigned char* dst;
-  const void* src;
-  bool valid;
-  int bytes;
-};
-inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
-inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
-
 template <typename... KArgs, typename... Args>
 void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                 Args&&... args) {
@@ -237,20 +389,10 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
         EmuBlock blk;
         // NaN-like garbage, as uninitialised shared memory would be.
         blk.dynamic.assign(smem_bytes, 0xff);
-        std::vector<std::thread> ts;
-        ts.reserve(block.x);
-        for (unsigned t = 0; t < block.x; ++t) {
-          ts.emplace_back([&, t] {
-            emu_threadIdx = make_uint3(t, 0, 0);
-            emu_blockIdx = make_uint3(x, y, z);
-            emu_block = &blk;
-            std::apply(k, params);
-            if (!emu_async_open.empty() || !emu_async_groups.empty()) {
-              emu_fail("a thread ended with cp.async copies it never waited for");
-            }
-          });
-        }
-        for (auto& th : ts) th.join();
+        emu_blockIdx = make_uint3(x, y, z);
+        emu_block = &blk;
+        auto body = [&] { std::apply(k, params); };
+        emu_run_block(block.x, body);
       }
   if (!emu_error.empty()) throw std::runtime_error("emu: " + emu_error);
 }

@@ -1,0 +1,106 @@
+// Self-test of emu_shim.h / emu_mma.h, without torch: kernels that must run and kernels whose
+// fault the emulator must report. Prints one line per case, "<case> ok" or "<case> error: <what>"
+// (tests/test_cuda_emu_shim.py builds and runs it, and holds the expected lines).
+#include <cstdio>
+#include <vector>
+
+#include "emu_shim.h"
+#include "emu_mma.h"
+
+// Each thread reads another's shared entry across a barrier reused 100 times, then warp-sums.
+__global__ void barrier_and_warp_sum(float* out) {
+  __shared__ float s[256];
+  float v = 0.0f;
+  for (int round = 0; round < 100; ++round) {
+    s[threadIdx.x] = static_cast<float>(threadIdx.x + round);
+    __syncthreads();
+    v += s[blockDim.x - 1 - threadIdx.x];
+    __syncthreads();
+  }
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+
+// Lanes 0-15 rotate their values by one among themselves; lanes 16-31 do not take part.
+__global__ void half_warp_shuffle(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  const int lane = threadIdx.x & 31;
+  if (lane < 16) v = __shfl_sync(0x0000ffffu, v, (lane + 1) % 16, 16);
+  out[threadIdx.x] = v;
+}
+
+__global__ void early_exit_before_barrier(float* out) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void shuffle_member_missing(float* out) {
+  float v = 1.0f;
+  if (threadIdx.x != 3) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+__global__ void cp_async_never_waited(const float* in) {
+  tpssm::cp_async_16(tpssm::smem_address(emu_dynamic_smem() + 16 * threadIdx.x), in, true);
+  tpssm::cp_async_commit();
+}
+
+// A race: thread t reads thread t - 1's entry with no barrier between. Thread order decides what
+// it sees (EMU_THREAD_ORDER=reverse shows the stale entry).
+__global__ void read_without_barrier(float* out) {
+  __shared__ float s[64];
+  const float token = out[64];
+  s[threadIdx.x] = token + static_cast<float>(threadIdx.x);
+  if (threadIdx.x > 0) out[threadIdx.x] = s[threadIdx.x - 1];
+}
+
+__global__ void nothing(float*) {}
+
+template <typename Kernel, typename Arg>
+static void run(const char* name, Kernel* k, dim3 grid, dim3 block, size_t smem, Arg arg) {
+  emu_error.clear();
+  try {
+    emu_launch(k, grid, block, smem, nullptr, arg);
+    std::printf("%s ok\n", name);
+  } catch (const std::exception& e) {
+    std::printf("%s error: %s\n", name, e.what());
+  }
+}
+
+int main() {
+  std::vector<float> out(4 * 256, -1.0f);
+  run("barrier_and_warp_sum", &barrier_and_warp_sum, dim3(4), dim3(256), 0, out.data());
+  // Thread t of a block reads 255 - t + round; its warp w sums 32 such values over 100 rounds.
+  bool right = true;
+  for (int b = 0; b < 4; ++b)
+    for (int t = 0; t < 256; ++t) {
+      const int w = t / 32;
+      double want = 0;
+      for (int lane = 0; lane < 32; ++lane) want += 100.0 * (255 - (32 * w + lane)) + 4950.0;
+      right = right && out[b * 256 + t] == static_cast<float>(want);
+    }
+  std::printf("barrier_and_warp_sum values %s\n", right ? "right" : "wrong");
+  run("half_warp_shuffle", &half_warp_shuffle, dim3(1), dim3(64), 0, out.data());
+  // Lane l < 16 of warp w reads lane (l + 1) % 16: 32 w + (l + 1) % 16.
+  std::printf("half_warp_shuffle values %s\n",
+              out[0] == 1.0f && out[14] == 15.0f && out[15] == 0.0f && out[20] == 20.0f &&
+                      out[32] == 33.0f && out[47] == 32.0f && out[63] == 63.0f
+                  ? "right"
+                  : "wrong");
+  run("early_exit_before_barrier", &early_exit_before_barrier, dim3(2), dim3(64), 0, out.data());
+  run("shuffle_member_missing", &shuffle_member_missing, dim3(1), dim3(64), 0, out.data());
+  run("cp_async_never_waited", &cp_async_never_waited, dim3(1), dim3(32), 32 * 16,
+      static_cast<const float*>(out.data()));
+  for (int launch = 1; launch <= 2; ++launch) {
+    out[64] = 1000.0f * launch;
+    run("read_without_barrier", &read_without_barrier, dim3(1), dim3(64), 0, out.data());
+    bool fresh = true;
+    for (int t = 1; t < 64; ++t) fresh = fresh && out[t] == out[64] + static_cast<float>(t - 1);
+    std::printf("read_without_barrier sees %s entries\n", fresh ? "fresh" : "stale");
+  }
+  run("block_of_1025_threads", &nothing, dim3(1), dim3(1025), 0, out.data());
+  // A launch after a fault runs normally (nothing is left over in the barriers or the fibers).
+  run("barrier_after_faults", &barrier_and_warp_sum, dim3(2), dim3(128), 0, out.data());
+  return 0;
+}
