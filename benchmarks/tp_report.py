@@ -22,7 +22,7 @@ docs/tp-report.md for the model, its inputs and its limits.
 
 Pure Python (matplotlib for the plot only): it does not import tpssm, so it runs without the
 compiled extension. Model dimensions come from the presets' config dictionaries in
-python/tpssm/models/mamba_family.py, read as source.
+python/tpssm/models/mamba_family.py and zamba.py, read as source.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS_SOURCE = os.path.join(ROOT, "python", "tpssm", "models", "mamba_family.py")
+HYBRID_PRESETS_SOURCE = os.path.join(ROOT, "python", "tpssm", "models", "zamba.py")
 
 # arXiv 2602.21144 (docs/tp-design.md "What the paper claims"): batch-request throughput on A6000
 # (PCIe) and A100 machines, Mamba-2.8B / Falcon-Mamba-7B / Zamba-7B.
@@ -140,38 +141,91 @@ def quant_group_size(last_dim: int, requested: int = 128) -> int:
 
 
 # ---------------------------------------------------------------------------- model structure
-def load_preset_configs(path: str = PRESETS_SOURCE) -> Dict[str, dict]:
-    """The `_PRESETS` dictionary of mamba_family.py, evaluated from its source (only `dict` is
-    callable there) so the report needs neither torch nor the extension."""
+def _source_values(path: str, names: Sequence[str], functions: Sequence[str] = ()) -> dict:
+    """The top-level assignments `names` of a source file, evaluated in order with only `dict`,
+    `list`, `range` and the top-level functions `functions` (annotations dropped) callable, so
+    that the report needs neither torch nor the extension."""
     with open(path) as f:
         tree = ast.parse(f.read(), path)
+    ns: dict = {"__builtins__": {"dict": dict, "list": list, "range": range}}
     for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in functions:
+            node.returns = None
+            for a in node.args.args:
+                a.annotation = None
+            exec(compile(ast.Module([node], []), path, "exec"), ns)  # noqa: S102 (our source)
+            continue
         target = node.target if isinstance(node, ast.AnnAssign) else (
             node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        if isinstance(target, ast.Name) and target.id == "_PRESETS":
+        if isinstance(target, ast.Name) and target.id in names:
             code = compile(ast.Expression(node.value), path, "eval")
-            return eval(code, {"__builtins__": {}, "dict": dict})  # noqa: S307 (our own source)
-    raise ValueError(f"{path}: no _PRESETS assignment")
+            ns[target.id] = eval(code, ns)  # noqa: S307 (our own source)
+    missing = [n for n in list(names) + list(functions) if n not in ns]
+    if missing:
+        raise ValueError(f"{path}: no top-level {', '.join(missing)}")
+    return ns
+
+
+def load_preset_configs(path: str = PRESETS_SOURCE,
+                        hybrid_path: str = HYBRID_PRESETS_SOURCE) -> Dict[str, dict]:
+    """Every preset's config dictionary: mamba_family.py's `_PRESETS` and zamba.py's Zamba /
+    Zamba2 presets, evaluated from their source. A Zamba v1 config without layers_block_type
+    gets the layer types the library derives (zamba.py's `_zamba_default_layers`)."""
+    out = dict(_source_values(path, ["_PRESETS"])["_PRESETS"])
+    ns = _source_values(hybrid_path, ["_ZAMBA2_DEFAULT_LAYERS", "_ZAMBA_PRESETS",
+                                      "_ZAMBA2_COMMON", "_ZAMBA2_PRESETS"],
+                        ["_every_sixth", "_zamba_default_layers"])
+    for name, cfg in ns["_ZAMBA_PRESETS"].items():
+        if not cfg.get("layers_block_type"):
+            cfg = dict(cfg, layers_block_type=ns["_zamba_default_layers"](
+                int(cfg["num_hidden_layers"]), int(cfg.get("attn_layer_period", 6)),
+                int(cfg.get("attn_layer_offset", 4))))
+        out[name] = cfg
+    out.update(ns["_ZAMBA2_PRESETS"])
+    return out
 
 
 @dataclass
 class ModelDims:
     name: str
-    family: str          # "mamba1" (Mamba, Falcon-Mamba) or "mamba2"
+    # "mamba1" (Mamba, Falcon-Mamba), "mamba2", or the hybrids "zamba" (multi-head Mamba-1
+    # mixers) and "zamba2" (Mamba-2 mixers), whose "hybrid" layers also run a shared block
+    family: str
     num_layers: int
     hidden: int          # D
     inner: int           # E
-    dt_rank: int = 0     # R (Mamba-1)
+    dt_rank: int = 0     # R (Mamba-1, Zamba)
     d_state: int = 0     # N
-    num_heads: int = 0   # H (Mamba-2)
-    head_dim: int = 0    # P (Mamba-2)
-    norm_groups: int = 1  # groups of the gated norm (Mamba-2)
+    num_heads: int = 0   # H (Mamba-2, Zamba2)
+    head_dim: int = 0    # P (Mamba-2, Zamba2)
+    norm_groups: int = 1  # groups of the gated norm (Mamba-2, Zamba2)
+    mixer_heads: int = 0  # Zamba: independent Mamba-1 heads of a mixer (n_mamba_heads)
+    hybrid_layers: int = 0  # layers that run a shared attention + MLP block before the mixer
+    first_layer_hybrid: bool = False
 
     @classmethod
     def from_config(cls, name: str, cfg: dict, num_layers: Optional[int] = None) -> "ModelDims":
         D = int(cfg["hidden_size"])
-        E = int(cfg.get("intermediate_size") or cfg.get("expand", 2) * D)
         layers = int(num_layers or cfg["num_hidden_layers"])
+        if cfg["model_type"] in ("zamba", "zamba2"):
+            # tpssm.models.zamba.parse_zamba_config's reading of the same keys (intermediate_size
+            # is the shared block's MLP width there, not the mixer's).
+            E = int(cfg.get("mamba_expand", 2) * D)
+            N = int(cfg["mamba_d_state"])
+            types = list(cfg["layers_block_type"])[:layers]
+            hybrid = dict(hybrid_layers=types.count("hybrid"),
+                          first_layer_hybrid=types[0] == "hybrid")
+            heads = int(cfg["n_mamba_heads"])
+            if cfg["model_type"] == "zamba":
+                R = cfg.get("mamba_dt_rank", "auto")
+                R = math.ceil(D / 16) if R in ("auto", None) else int(R)
+                return cls(name, "zamba", layers, D, E, dt_rank=R, d_state=N, mixer_heads=heads,
+                           **hybrid)
+            # Zamba2's gated norm is per group (mamba_ngroups groups).
+            return cls(name, "zamba2", layers, D, E, d_state=N, num_heads=heads,
+                       head_dim=E // heads, norm_groups=int(cfg.get("mamba_ngroups", 1)),
+                       **hybrid)
+        E = int(cfg.get("intermediate_size") or cfg.get("expand", 2) * D)
         N = int(cfg["state_size"])
         if cfg["model_type"] in ("mamba", "falcon_mamba"):
             R = cfg.get("time_step_rank", "auto")
@@ -185,44 +239,98 @@ class ModelDims:
                        norm_groups=1 if whole else int(cfg.get("n_groups", 1)))
         raise ValueError(f"{name}: model_type {cfg['model_type']!r} is not modelled")
 
+    def zamba_x_proj_spans_ranks(self, n: int) -> bool:
+        """Whether a Zamba mixer head is split between ranks at tp n: its x_proj product is then
+        summed over the group (tpssm.models.mixers.MultiHeadMamba1Mixer)."""
+        hd = self.inner // self.mixer_heads
+        return any(b % hd for _, b in _shard_bounds(self.inner, n)[:-1])
+
     def norm_spans_ranks(self, n: int) -> bool:
         """Whether a norm group straddles a rank boundary at tp n (tpssm.models.mixers)."""
         gs = self.inner // self.norm_groups
-        bounds = []
-        base, extra = divmod(self.num_heads, n)
-        start = 0
-        for r in range(n):
-            end = start + base + (1 if r < extra else 0)
-            bounds.append((start, end))
-            start = end
-        return any((a * self.head_dim) % gs or (b * self.head_dim) % gs for a, b in bounds)
+        return any((a * self.head_dim) % gs or (b * self.head_dim) % gs
+                   for a, b in _shard_bounds(self.num_heads, n))
+
+
+def _shard_bounds(size: int, n: int) -> List[Tuple[int, int]]:
+    """[start, end) of each rank's part of `size` units over n ranks, the first size % n ranks
+    one unit larger (tpssm.parallel.shard_range)."""
+    base, extra = divmod(size, n)
+    bounds, start = [], 0
+    for r in range(n):
+        end = start + base + (1 if r < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather")
 
 
 @dataclass
 class Collective:
-    """One all-reduce of a step: `rows` x `width` elements of `elem_bytes` bytes."""
+    """One collective of a step over `rows` x `width` elements of `elem_bytes` bytes: an
+    all-reduce or, under sequence parallelism, a reduce-scatter or an all-gather (exact)."""
     name: str
     rows: int
     width: int
     elem_bytes: int
     quantizable: bool  # False: always reduced exactly (fp32 norm sums, token broadcast)
+    kind: str = "all_reduce"
 
     @property
     def numel(self) -> int:
         return self.rows * self.width
 
 
-def layer_collectives(dims: ModelDims, tokens: int, n: int,
-                      elem_bytes: int = 2) -> List[Collective]:
-    """The row-parallel reductions of one layer for a step of `tokens` tokens at tp n."""
+def layer_collectives(dims: ModelDims, tokens: int, n: int, elem_bytes: int = 2,
+                      hybrid: bool = False) -> List[Collective]:
+    """The row-parallel reductions of one layer for a step of `tokens` tokens at tp n; `hybrid`:
+    a hybrid layer of Zamba / Zamba2, whose shared block reduces its attention o_proj and MLP
+    down_proj products (T x D each) before the mixer runs."""
     if n == 1:
         return []
+    out = []
+    if hybrid:
+        out += [Collective("block_o_proj", tokens, dims.hidden, elem_bytes, True),
+                Collective("block_down_proj", tokens, dims.hidden, elem_bytes, True)]
     if dims.family == "mamba1":
-        return [Collective("x_proj", tokens, dims.dt_rank + 2 * dims.d_state, elem_bytes, True),
-                Collective("out_proj", tokens, dims.hidden, elem_bytes, True)]
-    out = [Collective("out_proj", tokens, dims.hidden, elem_bytes, True)]
-    if dims.norm_spans_ranks(n):
+        out.append(Collective("x_proj", tokens, dims.dt_rank + 2 * dims.d_state, elem_bytes,
+                              True))
+    if dims.family == "zamba" and dims.zamba_x_proj_spans_ranks(n):
+        out.append(Collective("x_proj", tokens,
+                              dims.mixer_heads * (dims.dt_rank + 2 * dims.d_state), elem_bytes,
+                              True))
+    out.append(Collective("out_proj", tokens, dims.hidden, elem_bytes, True))
+    if dims.family in ("mamba2", "zamba2") and dims.norm_spans_ranks(n):
         out.append(Collective("gated_norm_sumsq", tokens, dims.norm_groups, 4, False))
+    return out
+
+
+def sequence_parallel_layer_collectives(dims: ModelDims, tokens: int, n: int, elem_bytes: int = 2,
+                                        hybrid: bool = False,
+                                        first: bool = False) -> List[Collective]:
+    """One layer's collectives in a sequence-parallel prefill step (docs/tp-design.md; exact
+    only): the reductions that feed the residual stream become reduce-scatters of the step's
+    rows padded to a multiple of n, and all-gathers of the normalised rows feed the mixer (not
+    on the first layer when it is a mamba layer: it normalises the replicated embedding itself)
+    and, on a hybrid layer, the block's qkv (2D wide) and gate_up. The mixers' other
+    reductions (x_proj, norm sums) stay all-reduces over the T gathered rows."""
+    if n == 1:
+        return []
+    D, e = dims.hidden, elem_bytes
+    padded = -(-tokens // n) * n
+    out = []
+    if hybrid:
+        out += [Collective("block_input_gather", padded, 2 * D, e, False, "all_gather"),
+                Collective("block_o_proj", padded, D, e, False, "reduce_scatter"),
+                Collective("block_ff_gather", padded, D, e, False, "all_gather"),
+                Collective("block_down_proj", padded, D, e, False, "reduce_scatter")]
+    if hybrid or not first:
+        out.append(Collective("mixer_input_gather", padded, D, e, False, "all_gather"))
+    for c in layer_collectives(dims, tokens, n, e):
+        out.append(Collective("out_proj", padded, D, e, False, "reduce_scatter")
+                   if c.name == "out_proj" else c)
     return out
 
 
@@ -293,6 +401,11 @@ def collective_us(c: Collective, scheme: str, n: int, link: Link, kernels: Kerne
     """Modelled time of one collective under `scheme` (with tpssm's fall-backs to exact)."""
     if n == 1:
         return 0.0
+    if c.kind not in COLLECTIVE_KINDS:
+        raise ValueError(f"unknown collective kind {c.kind!r}")
+    if c.kind != "all_reduce":
+        # A ring reduce-scatter or all-gather sends (N-1)/N of the message from each rank.
+        return link.latency_us + (n - 1) / n * c.numel * c.elem_bytes / (link.bus_gbs * 1e3)
     payload = c.numel * c.elem_bytes
     eff = scheme
     G = cs.group_size
@@ -321,15 +434,40 @@ def collective_us(c: Collective, scheme: str, n: int, link: Link, kernels: Kerne
 
 
 def step_comm_us(dims: ModelDims, tokens: int, rows: int, scheme: str, n: int, link: Link,
-                 kernels: KernelTimes, cs: CommSettings, elem_bytes: int = 2) -> float:
+                 kernels: KernelTimes, cs: CommSettings, elem_bytes: int = 2,
+                 sequence_parallel: bool = False) -> float:
     """All collectives of one engine step at tp n: every layer's reductions and, once per
     step, the token exchange (latency-bound; a ring all-gather of 16 bytes per row from each
-    rank: (n - 1) x 16 bytes per row on each rank's wire)."""
+    rank: (n - 1) x 16 bytes per row on each rank's wire). `sequence_parallel`: the step runs
+    with the stream split by tokens (exact scheme): the layers' sequence-parallel collectives,
+    and the exact all-reduce of the `rows` last-token rows that gives every rank the rows the
+    head needs."""
     if n == 1:
         return 0.0
-    per_layer = sum(collective_us(c, scheme, n, link, kernels, cs)
-                    for c in layer_collectives(dims, tokens, n, elem_bytes))
-    total = dims.num_layers * per_layer
+    mamba_layers = dims.num_layers - dims.hybrid_layers
+    if sequence_parallel:
+        if scheme != "exact":
+            raise ValueError(f"sequence parallelism runs the exact scheme only, not {scheme!r}")
+
+        def layer_us(hybrid: bool, first: bool = False) -> float:
+            return sum(collective_us(c, scheme, n, link, kernels, cs)
+                       for c in sequence_parallel_layer_collectives(dims, tokens, n, elem_bytes,
+                                                                    hybrid, first))
+
+        first_hybrid = dims.first_layer_hybrid
+        total = (layer_us(first_hybrid, first=True)
+                 + (mamba_layers - (0 if first_hybrid else 1)) * layer_us(False)
+                 + (dims.hybrid_layers - (1 if first_hybrid else 0)) * layer_us(True))
+        total += collective_us(Collective("last_token_rows", rows, dims.hidden, elem_bytes,
+                                          False), scheme, n, link, kernels, cs)
+    else:
+        def layer_us(hybrid: bool) -> float:
+            return sum(collective_us(c, scheme, n, link, kernels, cs)
+                       for c in layer_collectives(dims, tokens, n, elem_bytes, hybrid))
+
+        total = mamba_layers * layer_us(False)
+        if dims.hybrid_layers:
+            total += dims.hybrid_layers * layer_us(True)
     if cs.broadcast_per_step:
         total += link.latency_us + (n - 1) * GREEDY_PAIR_BYTES * rows / (link.bus_gbs * 1e3)
     return total
@@ -432,6 +570,13 @@ class EngineRun:
     tp1: Dict[Setting, dict]
     shards: Dict[int, Dict[Setting, dict]]
     environment: dict
+    # > 0: the run had sequence parallelism on for prefill steps of at least this many tokens
+    # (`tpssm bench --sequence-parallel`); its shard times are those of that mode.
+    sequence_parallel_min_tokens: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.model + (" +SP" if self.sequence_parallel_min_tokens else "")
 
 
 def load_engine_json(path: str, configs: Dict[str, dict]) -> EngineRun:
@@ -454,7 +599,7 @@ def load_engine_json(path: str, configs: Dict[str, dict]) -> EngineRun:
             tp1[key] = r
     return EngineRun(os.path.basename(path), name, dims, DTYPE_BYTES[d.get("dtype", "bfloat16")],
                      int(d["gen_tokens"]), int(d.get("allreduce_min_bytes") or 0), tp1, shards,
-                     d.get("environment", {}))
+                     d.get("environment", {}), int(d.get("sequence_parallel_min_tokens") or 0))
 
 
 METRICS = ("ttft_ms", "decode_ms_per_token", "seconds")
@@ -486,14 +631,18 @@ def shard_compute(run: EngineRun, n: int, key: Setting,
 # ---------------------------------------------------------------------------------- report
 def model_setting(run: EngineRun, key: Setting, n: int, compute: dict, link: Link,
                   kernels: KernelTimes, cs: CommSettings, max_prefill_tokens: int) -> dict:
-    """Every scheme's modelled tp-n quantities for one (preset, setting, link)."""
+    """Every scheme's modelled tp-n quantities for one (preset, setting, link). A
+    sequence-parallel run models the exact scheme only (the library refuses the others with
+    it), its prefill steps of at least its threshold with the sequence-parallel collectives."""
     batch, plen = key
     gen = run.gen_tokens
     base = run.tp1[key]
     sched = engine_schedule(batch, plen, gen, max_prefill_tokens)
+    sp = run.sequence_parallel_min_tokens
     out = {}
-    for scheme in SCHEMES + REFERENCE_SCHEMES:
-        step_us = [step_comm_us(run.dims, t, rows, scheme, n, link, kernels, cs, run.elem_bytes)
+    for scheme in ("exact",) if sp else SCHEMES + REFERENCE_SCHEMES:
+        step_us = [step_comm_us(run.dims, t, rows, scheme, n, link, kernels, cs, run.elem_bytes,
+                                sequence_parallel=bool(sp) and t >= sp)
                    for t, rows in zip(sched.step_tokens, sched.step_rows)]
         pc = phase_comm(sched, step_us, gen)
         ttft = compute["ttft_ms"] + pc.ttft_ms
@@ -512,6 +661,8 @@ def model_setting(run: EngineRun, key: Setting, n: int, compute: dict, link: Lin
     gains = {}
     for scheme, ref in (("int8", "exact"), ("fp8", "exact"), ("fp16", "exact"),
                         ("fp16", "exact_fp32")):
+        if scheme not in out:
+            continue
         a, b = out[scheme], out[ref]
         gains[f"{scheme}_vs_{ref}"] = {
             "prefill_ttft": b["ttft_ms"] / a["ttft_ms"] - 1,
@@ -541,6 +692,7 @@ def build_report(runs: Sequence[EngineRun], kernels: KernelTimes, links: Dict[st
                                       max_prefill_tokens)
                     results.append({
                         "preset": run.model, "family": run.dims.family,
+                        "sequence_parallel_min_tokens": run.sequence_parallel_min_tokens,
                         "batch": key[0], "prompt_len": key[1], "gen_tokens": run.gen_tokens,
                         "state_cache": True, "tp": n, "link": lname,
                         "tp1_measured": {k: base[k] for k in METRICS + ("throughput_tok_s",)},
@@ -560,6 +712,7 @@ def build_report(runs: Sequence[EngineRun], kernels: KernelTimes, links: Dict[st
         "inputs": {
             "measured": {
                 "engine": [{"file": r.path, "model": r.model, "gen_tokens": r.gen_tokens,
+                            "sequence_parallel_min_tokens": r.sequence_parallel_min_tokens,
                             "environment": r.environment,
                             "tp1_settings": [list(k) for k in sorted(r.tp1)],
                             "rank_shard_tp": sorted(r.shards)} for r in runs],
@@ -610,8 +763,14 @@ MODEL_SUMMARY = [
     "wire bytes per rank: exact ring 2(N-1)/N*M*2, fp16 the same, int8/fp8 two-shot "
     "2(N-1)/N*M*(1+4/G)",
     "collectives per step: Mamba-1 x_proj T x (R+2N) and out_proj T x D per layer; Mamba-2 "
-    "out_proj T x D (+ fp32 T x 1 norm sum when a norm group spans ranks); one all-gather "
-    "of the rows' greedy (max, token) pairs (16 B a row from each rank)",
+    "out_proj T x D (+ fp32 T x groups norm sum when a norm group spans ranks); Zamba / Zamba2 "
+    "layers as their mixers (Zamba's x_proj T x heads(R+2N) only where a head spans ranks), "
+    "and each hybrid layer's shared block o_proj and down_proj T x D; one all-gather of the "
+    "rows' greedy (max, token) pairs (16 B a row from each rank)",
+    "a run measured with --sequence-parallel (exact only): its prefill steps of at least "
+    "sequence_parallel_min_tokens tokens reduce-scatter out_proj (and a hybrid block's o_proj, "
+    "down_proj) and all-gather the normalised rows, (N-1)/N of the padded message each, plus "
+    "one all-reduce of the last-token rows",
     "steps replay the engine's schedule of the bench run (chunked prefill, continuous "
     "batching); T = tokens of the step",
     "tp N time = rank 0's measured shard time + modelled communication, no overlap; speedup "
@@ -624,32 +783,41 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _label(r: dict) -> str:
+    """A result's preset, marked +SP for a sequence-parallel run."""
+    return r["preset"] + (" +SP" if r.get("sequence_parallel_min_tokens") else "")
+
+
+def _gain(r: dict, key: str) -> str:
+    g = r["modelled"]["gains"].get(key)
+    return _pct(g["throughput"]) if g is not None else "n/a"
+
+
 def format_table(report: dict) -> str:
     lines = [report["title"], "Every speedup and gain below is MODELLED (see --json inputs).",
              ""]
-    hdr = (f"{'preset':<16} {'batch x prompt':>14} {'tp':>2} {'link':<13} {'compute':<8} "
+    hdr = (f"{'preset':<20} {'batch x prompt':>14} {'tp':>2} {'link':<13} {'compute':<8} "
            f"{'no-comm x':>9} {'TTFT x':>7} {'decode x':>8} {'thrpt x':>7} "
            f"{'int8 gain':>9} {'fp16 gain':>9} {'fp16 vs fp32':>12}")
     lines += [hdr, "-" * len(hdr)]
     for r in report["results"]:
         sch = r["modelled"]["schemes"]["exact"]["speedup"]
-        g = r["modelled"]["gains"]
         comp = "measured" if r["shard_compute"]["source"].startswith("measured") else "assumed"
         lines.append(
-            f"{r['preset']:<16} {r['batch']:>5} x {r['prompt_len']:<6} {r['tp']:>2} "
+            f"{_label(r):<20} {r['batch']:>5} x {r['prompt_len']:<6} {r['tp']:>2} "
             f"{LINKS_NAMES.get(r['link'], r['link']):<13} {comp:<8} "
             f"{r['no_comm_bound']['throughput']:>9.2f} {sch['prefill_ttft']:>7.2f} "
             f"{sch['decode_per_token']:>8.2f} {sch['throughput']:>7.2f} "
-            f"{_pct(g['int8_vs_exact']['throughput']):>9} "
-            f"{_pct(g['fp16_vs_exact']['throughput']):>9} "
-            f"{_pct(g['fp16_vs_exact_fp32']['throughput']):>12}")
+            f"{_gain(r, 'int8_vs_exact'):>9} {_gain(r, 'fp16_vs_exact'):>9} "
+            f"{_gain(r, 'fp16_vs_exact_fp32'):>12}")
     p = report["paper"]
     lines += ["",
               "Columns: speedups of the exact (bf16) all-reduce against measured tp 1 "
               "(TTFT, decode ms/token, end-to-end throughput of the bench run); no-comm x: "
               "the rank shard's throughput ratio (measured, or assumed where compute says so); "
               "gains: throughput of int8 / fp16 against exact bf16, and of fp16 against a "
-              "hypothetical fp32 exact payload (the paper's setting).",
+              "hypothetical fp32 exact payload (the paper's setting). +SP: a run with "
+              "sequence-parallel prefill (exact scheme only, so no gains).",
               f"Paper ({p['source']}): tp 2 {p['speedup_tp2'][0]}-{p['speedup_tp2'][1]}x, "
               f"tp 4 {p['speedup_tp4'][0]}-{p['speedup_tp4'][1]}x, quantized all-reduce "
               f"+{100 * p['quantized_allreduce_gain'][0]:.0f}-"
@@ -675,7 +843,7 @@ def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] =
         longest = max(r["prompt_len"] for r in rows)
         settings = sorted({(r["batch"], longest) for r in rows}, reverse=True)
     settings = list(settings)
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    presets = list(dict.fromkeys(_label(r) for r in rows))
     fig, axes = plt.subplots(len(settings), len(presets),
                              figsize=(4.6 * len(presets) + 2.6, 3.9 * len(settings) + 0.5),
                              squeeze=False, sharey=True)
@@ -684,7 +852,7 @@ def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] =
     tps = sorted({r["tp"] for r in rows})
     for row_axes, setting in zip(axes, settings):
         for ax, preset in zip(row_axes, presets):
-            sel = [r for r in rows if r["preset"] == preset
+            sel = [r for r in rows if _label(r) == preset
                    and (r["batch"], r["prompt_len"]) == tuple(setting)]
             for n, key in ((2, "speedup_tp2"), (4, "speedup_tp4")):
                 lo, hi = report["paper"][key]
@@ -702,6 +870,8 @@ def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] =
                                for _, r in pts)
                 xs = [1] + [t for t, _ in pts]
                 for scheme, ls in (("exact", "-"), ("int8", "--")):
+                    if any(scheme not in r["modelled"]["schemes"] for _, r in pts):
+                        continue  # a sequence-parallel run: exact only
                     ys = [1.0] + [r["modelled"]["schemes"][scheme]["speedup"]["throughput"]
                                   for _, r in pts]
                     ax.plot(xs, ys, color=colours[link], ls=ls, marker="o", ms=4,
@@ -722,7 +892,13 @@ def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] =
                          + ("\n(shard compute assumed)" if assumed else ""), fontsize="medium")
             ax.grid(True, alpha=0.3)
         row_axes[0].set_ylabel("throughput speedup vs measured tp 1")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    # One legend of every panel's entries (a sequence-parallel panel has no int8 lines).
+    entries: dict = {}
+    for ax in axes.flat:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    axes[0][-1].legend(list(entries.values()), list(entries), loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0), fontsize="small")
     devices = sorted({e.get("environment", {}).get("device_name", "?")
                       for e in report["inputs"]["measured"]["engine"]})
     fig.suptitle(f"MODELLED tensor-parallel speedup: shard compute measured on "
@@ -730,7 +906,7 @@ def plot_report(report: dict, path: str, settings: Optional[Sequence[Setting]] =
                  fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    labels = [h.get_label() for h in axes[0][-1].get_legend().legend_handles]
+    labels = list(entries)
     title = fig._suptitle.get_text()
     plt.close(fig)
     return {"settings": settings, "title": title, "legend": labels}

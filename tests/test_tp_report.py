@@ -100,6 +100,77 @@ def test_collectives_per_family(configs):
         ["out_proj", "gated_norm_sumsq"]
 
 
+def test_hybrid_preset_dims(configs):
+    z = tp_report.ModelDims.from_config("zamba-7b-v1", configs["zamba-7b-v1"])
+    assert (z.family, z.num_layers, z.hidden, z.inner, z.dt_rank, z.d_state, z.mixer_heads,
+            z.hybrid_layers) == ("zamba", 76, 3712, 7424, 232, 16, 2, 13)
+    z2 = tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"])
+    assert (z2.family, z2.num_layers, z2.hidden, z2.inner, z2.num_heads, z2.head_dim,
+            z2.norm_groups, z2.d_state, z2.hybrid_layers) == \
+        ("zamba2", 54, 2560, 5120, 80, 64, 1, 64, 9)
+    # Cut to its first layers: Zamba2-2.7B's first hybrid layer is its seventh.
+    assert tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"],
+                                           6).hybrid_layers == 0
+    assert tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"],
+                                           7).hybrid_layers == 1
+
+
+def test_preset_configs_read_as_the_library_parses_them(configs):
+    """The report reads the presets from source; the library parses the same dictionaries."""
+    registry = pytest.importorskip("tpssm.models.registry")
+    assert set(configs) == set(registry.presets())
+    for name, cfg in configs.items():
+        lib = registry.preset_config(name)
+        dims = tp_report.ModelDims.from_config(name, cfg)
+        if dims.family in ("zamba", "zamba2"):
+            assert cfg["layers_block_type"] == lib.layer_types, name
+            assert dims.hybrid_layers == len(lib.hybrid_layers), name
+            m = lib.mixer
+            assert (dims.hidden, dims.inner, dims.d_state) == \
+                (m.hidden_size, m.intermediate_size, m.state_size), name
+            if dims.family == "zamba":
+                assert (dims.dt_rank, dims.mixer_heads) == \
+                    (m.time_step_rank, lib.n_mamba_heads), name
+            else:
+                assert (dims.num_heads, dims.head_dim, dims.norm_groups) == \
+                    (m.num_heads, m.head_dim, m.n_groups), name
+        else:
+            assert (dims.num_layers, dims.hidden, dims.inner) == \
+                (lib.num_hidden_layers, lib.hidden_size, lib.intermediate_size), name
+
+
+def test_hybrid_collectives(configs):
+    T = 4096
+    names = lambda d, n, hybrid: [(c.name, c.width, c.elem_bytes, c.quantizable)  # noqa: E731
+                                  for c in tp_report.layer_collectives(d, T, n, 2, hybrid)]
+    z = tp_report.ModelDims.from_config("zamba-7b-v1", configs["zamba-7b-v1"])
+    # Two mixer heads of 3712 channels: whole on each rank at tp 2, each split over two ranks at
+    # tp 4, where every rank sums its heads' x_proj products (2 x (232 + 2 x 16) columns).
+    assert names(z, 2, False) == [("out_proj", 3712, 2, True)]
+    assert names(z, 2, True) == [("block_o_proj", 3712, 2, True),
+                                 ("block_down_proj", 3712, 2, True), ("out_proj", 3712, 2, True)]
+    assert names(z, 4, False) == [("x_proj", 528, 2, True), ("out_proj", 3712, 2, True)]
+    z2 = tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"])
+    assert names(z2, 2, True) == [("block_o_proj", 2560, 2, True),
+                                  ("block_down_proj", 2560, 2, True), ("out_proj", 2560, 2, True),
+                                  ("gated_norm_sumsq", 1, 4, False)]
+    # Zamba2-7B: two norm groups of 56 heads: local at tp 2, spanning ranks at tp 4.
+    z7 = tp_report.ModelDims.from_config("zamba2-7b", configs["zamba2-7b"])
+    assert names(z7, 2, False) == [("out_proj", 3584, 2, True)]
+    assert names(z7, 4, False) == [("out_proj", 3584, 2, True), ("gated_norm_sumsq", 2, 4, False)]
+    assert tp_report.layer_collectives(z, T, 1, 2, True) == []
+    # A step: the mamba layers' reductions, and the hybrid layers' with their blocks.
+    link = tp_report.Link("test", 10.0, 10.0, "test")
+    kt = tp_report.KernelTimes("k", {2: [(4096, 5.0), (1 << 23, 5.0)]})
+    cs = tp_report.CommSettings(min_bytes=1 << 20, broadcast_per_step=False)
+    one = tp_report.collective_us(tp_report.Collective("x", T, 2560, 2, True), "exact", 2, link,
+                                  kt, cs)
+    sumsq = tp_report.collective_us(tp_report.Collective("s", T, 1, 4, False), "exact", 2, link,
+                                    kt, cs)
+    assert tp_report.step_comm_us(z2, T, 8, "exact", 2, link, kt, cs) == pytest.approx(
+        54 * (one + sumsq) + 9 * 2 * one)
+
+
 def test_engine_schedule_batch8_prompt2048():
     s = tp_report.engine_schedule(8, 2048, 16, 8192)
     # Four prompts fill the first step; the other four ride with the first four's next token.
@@ -141,7 +212,51 @@ def test_kernel_times_interpolate_and_extrapolate():
     assert kt.slope_us_per_melem(2) == pytest.approx(5e3)
 
 
-def _synthetic_inputs(tmp_path, with_shards=True):
+def test_sequence_parallel_collectives(configs):
+    m = tp_report.ModelDims.from_config("mamba-2.8b", configs["mamba-2.8b"])
+    T = 8190  # padded to 8192 rows at tp 4
+    got = lambda d, hybrid, first: [  # noqa: E731
+        (c.name, c.kind, c.rows, c.width)
+        for c in tp_report.sequence_parallel_layer_collectives(d, T, 4, 2, hybrid, first)]
+    # The first layer normalises the replicated embedding itself: no all-gather.
+    assert got(m, False, True) == [("x_proj", "all_reduce", T, 192),
+                                   ("out_proj", "reduce_scatter", 8192, 2560)]
+    assert got(m, False, False) == [("mixer_input_gather", "all_gather", 8192, 2560),
+                                    ("x_proj", "all_reduce", T, 192),
+                                    ("out_proj", "reduce_scatter", 8192, 2560)]
+    z2 = tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"])
+    assert got(z2, True, False) == [("block_input_gather", "all_gather", 8192, 5120),
+                                    ("block_o_proj", "reduce_scatter", 8192, 2560),
+                                    ("block_ff_gather", "all_gather", 8192, 2560),
+                                    ("block_down_proj", "reduce_scatter", 8192, 2560),
+                                    ("mixer_input_gather", "all_gather", 8192, 2560),
+                                    ("out_proj", "reduce_scatter", 8192, 2560),
+                                    ("gated_norm_sumsq", "all_reduce", T, 1)]
+    assert tp_report.sequence_parallel_layer_collectives(m, T, 1) == []
+    # Bandwidth only (no latency): a Mamba layer's reduce-scatter + all-gather send what its
+    # all-reduce sends; a hybrid layer sends 7/6 of its three all-reduces (its block input is
+    # 2D wide). docs/tp-design.md derives both.
+    link = tp_report.Link("bandwidth only", 100.0, 0.0, "test")
+    kt = tp_report.KernelTimes("k", {4: [(1, 0.0)]})
+    cs = tp_report.CommSettings()
+    us = lambda cs_: sum(tp_report.collective_us(c, "exact", 4, link, kt, cs)  # noqa: E731
+                         for c in cs_ if c.name not in ("x_proj", "gated_norm_sumsq"))
+    d8 = tp_report.ModelDims.from_config("zamba2-2.7b", configs["zamba2-2.7b"])
+    for dims, hybrid, ratio in ((m, False, 1.0), (d8, True, 7 / 6)):
+        sp = us(tp_report.sequence_parallel_layer_collectives(dims, 8192, 4, 2, hybrid))
+        ar = us(tp_report.layer_collectives(dims, 8192, 4, 2, hybrid))
+        assert sp == pytest.approx(ratio * ar)
+    # A reduce-scatter / all-gather: one latency + (N - 1) / N of the message per rank.
+    lat = tp_report.Link("t", 10.0, 10.0, "test")
+    ag = tp_report.Collective("g", 8192, 2560, 2, False, "all_gather")
+    assert tp_report.collective_us(ag, "exact", 4, lat, kt, cs) == pytest.approx(
+        10 + 0.75 * 8192 * 2560 * 2 / 1e4)
+    with pytest.raises(ValueError, match="exact scheme only"):
+        tp_report.step_comm_us(m, T, 8, "int8", 4, lat, kt, cs, sequence_parallel=True)
+
+
+def _synthetic_inputs(tmp_path, with_shards=True, sequence_parallel_min_tokens=0,
+                      model="mamba-2.8b", num_layers=2):
     rows = [{"tp": 1, "rank_shard_only": False, "state_cache": True, "batch": 1,
              "prompt_len": 512, "gen_tokens": 2, "seconds": 0.02, "throughput_tok_s": 100.0,
              "ttft_ms": 10.0, "decode_ms_per_token": 5.0},
@@ -152,9 +267,11 @@ def _synthetic_inputs(tmp_path, with_shards=True):
         rows.append({"tp": 2, "rank_shard_only": True, "state_cache": True, "batch": 1,
                      "prompt_len": 512, "gen_tokens": 2, "seconds": 0.012,
                      "throughput_tok_s": 2 / 0.012, "ttft_ms": 6.0, "decode_ms_per_token": 3.0})
-    engine = {"model": "mamba-2.8b", "num_layers": 2, "dtype": "bfloat16",
+    engine = {"model": model, "num_layers": num_layers, "dtype": "bfloat16",
               "allreduce": "exact", "allreduce_min_bytes": 0, "gen_tokens": 2,
               "environment": {"device_name": "Synthetic GPU"}, "rows": rows}
+    if sequence_parallel_min_tokens:
+        engine["sequence_parallel_min_tokens"] = sequence_parallel_min_tokens
     qar = {"device_name": "Synthetic GPU", "kernel_timing": "synthetic",
            "rows": [{"tokens": t, "hidden": 4096, "world_size": 2, "group_size": 128,
                      "dtype": "bfloat16", "numel": t * 4096,
@@ -208,6 +325,53 @@ def test_synthetic_report_end_to_end(tmp_path, capsys):
     assert "1.58" in printed
 
 
+def test_hybrid_run_end_to_end(tmp_path):
+    """zamba2-2.7b cut to 7 layers: six mamba layers, then its first hybrid layer."""
+    e, q = _synthetic_inputs(tmp_path, model="zamba2-2.7b", num_layers=7)
+    out = tmp_path / "r.json"
+    tp_report.main(["--engine-json", e, "--qallreduce-json", q, "--tp", "2", "--links",
+                    "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10", "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert (r["preset"], r["family"]) == ("zamba2-2.7b", "zamba2")
+    # Step 1 (512 tokens), 10 us + bytes / (1e4 B/us): out_proj and the block's o_proj and
+    # down_proj 512 x 2560 x 2 B each -> 10 + 262.144; the fp32 norm sum 512 x 4 B -> 10.2048;
+    # the greedy pairs 10.0016.
+    ar, sumsq = 10 + 262.144, 10 + 0.2048
+    step1 = 6 * (ar + sumsq) + (3 * ar + sumsq) + 10.0016
+    assert r["modelled"]["schemes"]["exact"]["ttft_ms"] == close(6.0 + step1 / 1e3)
+
+
+def test_sequence_parallel_run_end_to_end(tmp_path, capsys):
+    """A run measured with --sequence-parallel: its 512-token prefill step (over the 256-token
+    threshold) is modelled with the sequence-parallel collectives, the decode step with the
+    all-reduces; exact only, no gains."""
+    e, q = _synthetic_inputs(tmp_path, sequence_parallel_min_tokens=256)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert tp_report.main(["--engine-json", e, "--qallreduce-json", q, "--tp", "2",
+                           "--links", "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10",
+                           "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert r["sequence_parallel_min_tokens"] == 256
+    assert set(r["modelled"]["schemes"]) == {"exact"} and r["modelled"]["gains"] == {}
+    # By hand, 2 layers, tp 2, 10 us + bytes / (1e4 B/us), as the all-reduce test above. Step 1
+    # (512 tokens): layer 0 x_proj all-reduce 10 + 19.6608 and out_proj reduce-scatter of half
+    # of 512 x 2560 x 2 B, 10 + 131.072; layer 1 adds the all-gather of its normalised input,
+    # 10 + 131.072; the last-token row's all-reduce (1 x 2560 x 2 B) 10 + 0.512; the greedy
+    # pairs 10.0016. Step 2 (decode): the all-reduces.
+    step1 = ((10 + 19.6608) + (10 + 131.072)) + ((10 + 131.072) + (10 + 19.6608)
+                                                 + (10 + 131.072)) + (10 + 0.512) + 10.0016
+    step2 = 2 * ((10 + 0.0384) + (10 + 0.512)) + 10.0016
+    ex = r["modelled"]["schemes"]["exact"]
+    assert ex["ttft_ms"] == close(6.0 + step1 / 1e3)
+    assert ex["decode_ms_per_token"] == close(3.0 + step2 / 1e3)
+    assert report["inputs"]["measured"]["engine"][0]["sequence_parallel_min_tokens"] == 256
+    line = next(x for x in printed.splitlines() if x.startswith("mamba-2.8b +SP"))
+    assert line.split()[-3:] == ["n/a", "n/a", "n/a"]
+    assert png.stat().st_size > 10_000
+
+
 def test_outputs_are_labelled_modelled(tmp_path, capsys):
     e, q = _synthetic_inputs(tmp_path)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
@@ -226,7 +390,8 @@ def test_outputs_are_labelled_modelled(tmp_path, capsys):
     assert len(report["results"]) == 3
     for r in report["results"]:
         # Every predicted number sits under "modelled"; the rest are inputs.
-        assert set(r) == {"preset", "family", "batch", "prompt_len", "gen_tokens",
+        assert set(r) == {"preset", "family", "sequence_parallel_min_tokens", "batch",
+                          "prompt_len", "gen_tokens",
                           "state_cache", "tp", "link", "tp1_measured", "shard_compute",
                           "no_comm_bound", "modelled"}
         assert set(r["modelled"]["schemes"]) == {"exact", "fp16", "int8", "fp8", "exact_fp32"}

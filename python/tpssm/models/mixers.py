@@ -427,8 +427,9 @@ class MultiHeadMamba1Mixer(Mamba1Mixer):
     Head h owns channels [h * hd, (h + 1) * hd) and its own x_proj / dt_proj: its dt, B and C come
     from its channels only. In the kernels' Mamba-1 form a head is a B / C group. The rank's
     channels fall into runs, one per head they touch; x_proj needs no all-reduce when no head is
-    split between ranks (e.g. Zamba-7B at tp 2 and 4), otherwise every rank sums the per-head
-    partial products in one T x (n_mamba_heads * (R + 2N)) all-reduce. in_proj rows are stored
+    split between ranks (Zamba-7B's two heads at tp 2), otherwise (each of them over two ranks at
+    tp 4) every rank sums the per-head partial products in one T x (n_mamba_heads * (R + 2N))
+    all-reduce. in_proj rows are stored
     interleaved (row 2c: x of channel c, row 2c + 1: its gate z): each rank reads its one
     contiguous block of rows and de-interleaves it once at load.
     """
