@@ -3,6 +3,7 @@
 #   make demo   - build, then run the main job (python -m tpssm demo)
 #   make test   - build (CPU kernels + every CUDA source when nvcc is present), then the CPU suite
 #   make test-cuda-emu - the CUDA kernels' GPU tests, their code emulated on the CPU
+#   make test-cuda-emu-asan - the emulated kernels under AddressSanitizer (sanitize_cases.py)
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -17,7 +18,7 @@ export MAX_JOBS
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-cuda-emu demo FORCE
+.PHONY: setup build test test-cuda-emu test-cuda-emu-asan demo FORCE
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +52,21 @@ test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The CUDA kernels' own code run on the CPU (tools/cuda_emu): their GPU tests without a GPU.
+EMU_TESTS := tests/test_ops_cuda.py tests/test_norm_ops_cuda.py tests/test_attention_ops_cuda.py \
+	tests/test_linear_ops_cuda.py tests/test_programmatic_launch_cuda.py
 test-cuda-emu: build
-	PYTHONPATH=tools/cuda_emu $(PY) -m pytest tests/test_ops_cuda.py tests/test_norm_ops_cuda.py tests/test_attention_ops_cuda.py tests/test_linear_ops_cuda.py tests/test_programmatic_launch_cuda.py -p emu_plugin -k "not large" $(PYTEST_ARGS)
+	PYTHONPATH=tools/cuda_emu $(PY) -m pytest $(EMU_TESTS) -p emu_plugin -k "not large" $(PYTEST_ARGS)
+
+# The same kernels built with AddressSanitizer: sanitize_cases.py's boundary and malformed-index
+# cases, then the emulated tests; an access past any tensor fails the run. libstdc++ is preloaded
+# with the runtime so that ASan's exception interceptor finds the real __cxa_throw; pytest
+# captures at the sys level so that a report printed before ASan exits is seen.
+ASAN_ENV := EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)"
+test-cuda-emu-asan: build
+	$(ASAN_ENV) PYTHONPATH=python:tools/cuda_emu $(PY) tools/cuda_emu/sanitize.py
+	$(ASAN_ENV) PYTHONPATH=tools/cuda_emu $(PY) -m pytest $(EMU_TESTS) -p emu_plugin \
+		-k "not large" --capture=sys $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m tpssm demo

@@ -36,9 +36,12 @@ EXPECTED = [
 
 @pytest.mark.skipif(shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_runtime.h").exists(),
                     reason="needs g++ and the CUDA toolkit's headers")
-def test_emulator_synchronisation_rules(tmp_path):
+@pytest.mark.parametrize("context", ["native", "ucontext"])
+def test_emulator_synchronisation_rules(tmp_path, context):
+    """native: the shim's own context switch (x86-64); ucontext: the portable one."""
     exe = tmp_path / "shim_selftest"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-include", "cstring", f"-I{EMU}",
+    defines = ["-DEMU_UCONTEXT"] if context == "ucontext" else []
+    subprocess.run(["g++", "-std=c++20", "-O1", "-include", "cstring", *defines, f"-I{EMU}",
                     f"-I{CUDA_INCLUDE}", str(EMU / "shim_selftest.cpp"), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
     for order, seen in (("forward", "fresh"), ("reverse", "stale")):

@@ -57,9 +57,9 @@ def build(verbose: bool = False):
     import torch.utils.cpp_extension as ce
 
     transform()
-    # EMU_ASAN=1: AddressSanitizer build (run Python with LD_PRELOAD=$(gcc
-    # -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0): catches accesses past a tensor's
-    # allocation, which torch makes exactly sized.
+    # EMU_ASAN=1: AddressSanitizer build (run Python with the runtime preloaded, as the
+    # Makefile's test-cuda-emu-asan does): catches accesses past a tensor's allocation, which
+    # torch makes exactly sized.
     asan = os.environ.get("EMU_ASAN") == "1"
     obj = OUT / ("obj_asan" if asan else "obj")
     obj.mkdir(parents=True, exist_ok=True)

@@ -109,11 +109,61 @@ struct EmuAsyncCopy {
 inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
 inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
 
+// Execution contexts. On x86-64 a switch saves the callee-saved registers on the current stack and
+// loads the other stack pointer: swapcontext also makes a signal-mask system call on every switch,
+// and AddressSanitizer clears the shadow of the whole destination stack in its swapcontext
+// interceptor (minutes of system time for sanitize.py). Elsewhere, or with EMU_UCONTEXT defined
+// (the shim self-test builds both), ucontext.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+struct EmuContext {
+  void* sp = nullptr;
+};
+extern "C" void emu_context_switch(void** save_sp, void* load_sp);
+// Weak: every translation unit that includes this header emits the same definition.
+asm(".text\n"
+    ".weak emu_context_switch\n"
+    ".type emu_context_switch, @function\n"
+    "emu_context_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size emu_context_switch, .-emu_context_switch\n");
+inline void emu_context_jump(EmuContext& save, const EmuContext& load) {
+  emu_context_switch(&save.sp, load.sp);
+}
+// A context that starts `entry` on the stack [stack, stack + bytes): the six registers
+// emu_context_switch pops, then `entry` as its return address, placed so that `entry` starts
+// with the stack aligned as after a call (rsp = 8 mod 16). `entry` must never return.
+inline void emu_context_make(EmuContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  void** sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  c.sp = sp;
+}
+#else
+struct EmuContext {
+  ucontext_t uc;
+};
+inline void emu_context_jump(EmuContext& save, const EmuContext& load) {
+  swapcontext(&save.uc, &load.uc);
+}
+inline void emu_context_make(EmuContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 // One GPU thread of the running block: a fiber with its own stack. A fiber waiting at a barrier
 // holds the address of the barrier's generation and the value it saw; it is runnable again once
 // the generation has moved on.
 struct EmuFiber {
-  ucontext_t ctx;
+  EmuContext ctx;
   unsigned char* stack = nullptr;
   bool done = false;
   const long* wait_gen = nullptr;
@@ -129,7 +179,7 @@ struct EmuFiber {
 struct EmuScheduler {
   static constexpr size_t kStackBytes = size_t{2} << 20;
   static constexpr size_t kGuardBytes = 4096;
-  ucontext_t host;
+  EmuContext host;
   std::vector<EmuFiber> fibers;
   int current = -1;
   void (*body)(void*) = nullptr;
@@ -161,10 +211,10 @@ inline void emu_switch_to_fiber(EmuFiber& f) {
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, f.stack, EmuScheduler::kStackBytes);
-  swapcontext(&emu_sched.host, &f.ctx);
+  emu_context_jump(emu_sched.host, f.ctx);
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #else
-  swapcontext(&emu_sched.host, &f.ctx);
+  emu_context_jump(emu_sched.host, f.ctx);
 #endif
 }
 
@@ -175,11 +225,11 @@ inline void emu_fiber_yield(bool finished) {
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake_stack, emu_host_stack_bottom,
                                  emu_host_stack_size);
-  swapcontext(&f.ctx, &emu_sched.host);
+  emu_context_jump(f.ctx, emu_sched.host);
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #else
   (void)finished;
-  swapcontext(&f.ctx, &emu_sched.host);
+  emu_context_jump(f.ctx, emu_sched.host);
 #endif
 }
 
@@ -243,11 +293,7 @@ void emu_run_block(unsigned threads, Body& body) {
     f.released = true;
     f.async_open.clear();
     f.async_groups.clear();
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = EmuScheduler::kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, emu_fiber_main, 0);
+    emu_context_make(f.ctx, f.stack, EmuScheduler::kStackBytes, emu_fiber_main);
   }
   unsigned live = threads;
   while (live > 0) {

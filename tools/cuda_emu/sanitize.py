@@ -1,0 +1,50 @@
+"""benchmarks/sanitize_cases.py's cases (every CUDA op over boundary paths, then malformed index
+values) through the emulated CUDA kernels on the CPU. Built with EMU_ASAN=1 and run with
+AddressSanitizer preloaded, it is a CPU memcheck of the kernels' code: torch sizes CPU tensors
+exactly, so a read or write past any tensor the ops touch is reported, and the run fails.
+
+    make test-cuda-emu-asan      # this, then the emulated tests, under AddressSanitizer
+    PYTHONPATH=python:tools/cuda_emu python tools/cuda_emu/sanitize.py [GROUP ...]  # no ASan
+
+It does not replace compute-sanitizer on a GPU (gpu_check.sh): an access inside another live
+allocation, or through a view into a wider buffer, is not seen here.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+import build as emu_build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv) -> int:
+    emu = emu_build.build()
+    import tpssm
+    import tpssm.ops
+
+    tpssm.ops._ops = emu
+    tpssm.has_cuda_kernels = lambda: True
+    torch.cuda.is_available = lambda: True
+    spec = importlib.util.spec_from_file_location("sanitize_cases",
+                                                  ROOT / "benchmarks" / "sanitize_cases.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    # The cases read their device from module globals when they run: the CPU here.
+    cases.dev = torch.device("cpu")
+    cases.i32 = dict(dtype=torch.int32, device=cases.dev)
+    names = argv or list(cases.GROUPS)
+    unknown = [n for n in names if n not in cases.GROUPS]
+    if unknown:
+        sys.exit(f"sanitize: unknown groups {unknown}, choose from {list(cases.GROUPS)}")
+    for name in names:
+        cases.GROUPS[name]()
+        print(f"sanitize: {name} ran", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
