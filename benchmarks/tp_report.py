@@ -476,12 +476,14 @@ def step_comm_us(dims: ModelDims, tokens: int, rows: int, scheme: str, n: int, l
 # ----------------------------------------------------------------------- engine schedule
 @dataclass
 class Schedule:
-    """Steps of the bench run: tokens and rows of each step; per request the (1-based) step
+    """Steps of the bench run: tokens and rows of each step, and whether it is a prefill-style
+    step (some prompt chunk in it) rather than a decode batch; per request the (1-based) step
     that emits its first token and the step that finishes it."""
     step_tokens: List[int]
     step_rows: List[int]
     first_step: List[int]
     finish_step: List[int]
+    step_prefill: List[bool] = field(default_factory=list)
 
 
 def engine_schedule(batch: int, prompt_len: int, gen_tokens: int,
@@ -494,11 +496,12 @@ def engine_schedule(batch: int, prompt_len: int, gen_tokens: int,
     first = [0] * batch
     finish = [0] * batch
     running = list(range(batch))
-    tokens, rows = [], []
+    tokens, rows, prefill = [], [], []
     step = 0
     while running:
         step += 1
-        if any(prefilled[r] < prompt_len for r in running):
+        prefill.append(any(prefilled[r] < prompt_len for r in running))
+        if prefill[-1]:
             budget, t, nrows, emit = max_prefill_tokens, 0, 0, []
             for r in running:
                 if prefilled[r] < prompt_len:
@@ -530,7 +533,7 @@ def engine_schedule(batch: int, prompt_len: int, gen_tokens: int,
             else:
                 still.append(r)
         running = still
-    return Schedule(tokens, rows, first, finish)
+    return Schedule(tokens, rows, first, finish, prefill)
 
 
 @dataclass
@@ -633,7 +636,8 @@ def model_setting(run: EngineRun, key: Setting, n: int, compute: dict, link: Lin
                   kernels: KernelTimes, cs: CommSettings, max_prefill_tokens: int) -> dict:
     """Every scheme's modelled tp-n quantities for one (preset, setting, link). A
     sequence-parallel run models the exact scheme only (the library refuses the others with
-    it), its prefill steps of at least its threshold with the sequence-parallel collectives."""
+    it), its prefill-style steps of at least its threshold with the sequence-parallel
+    collectives (decode batches never run sequence-parallel, whatever their size)."""
     batch, plen = key
     gen = run.gen_tokens
     base = run.tp1[key]
@@ -642,8 +646,9 @@ def model_setting(run: EngineRun, key: Setting, n: int, compute: dict, link: Lin
     out = {}
     for scheme in ("exact",) if sp else SCHEMES + REFERENCE_SCHEMES:
         step_us = [step_comm_us(run.dims, t, rows, scheme, n, link, kernels, cs, run.elem_bytes,
-                                sequence_parallel=bool(sp) and t >= sp)
-                   for t, rows in zip(sched.step_tokens, sched.step_rows)]
+                                sequence_parallel=bool(sp) and prefill and t >= sp)
+                   for t, rows, prefill in zip(sched.step_tokens, sched.step_rows,
+                                               sched.step_prefill)]
         pc = phase_comm(sched, step_us, gen)
         ttft = compute["ttft_ms"] + pc.ttft_ms
         dec = compute["decode_ms_per_token"] + pc.decode_ms_per_token

@@ -29,6 +29,13 @@ EXPECTED = [
     "read_without_barrier sees {seen} entries",
     "read_without_barrier ok",
     "read_without_barrier sees {seen} entries",
+    # Past a barrier every thread goes on in the scheduler's order (the last arrival too).
+    "read_after_barrier_without_barrier ok",
+    "read_after_barrier_without_barrier sees {seen} entries",
+    "read_after_barrier_without_barrier ok",
+    "read_after_barrier_without_barrier sees {seen} entries",
+    "rounding_mode_per_thread ok",
+    "rounding_mode_per_thread: thread 0 upward, thread 1 nearest, host nearest",
     "block_of_1025_threads error: emu: invalid launch configuration",
     "barrier_after_faults ok",
 ]
@@ -36,16 +43,19 @@ EXPECTED = [
 
 @pytest.mark.skipif(shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_runtime.h").exists(),
                     reason="needs g++ and the CUDA toolkit's headers")
-@pytest.mark.parametrize("context", ["native", "ucontext"])
+@pytest.mark.parametrize("context", ["native", "ucontext", "native_asan"])
 def test_emulator_synchronisation_rules(tmp_path, context):
-    """native: the shim's own context switch (x86-64); ucontext: the portable one."""
+    """native: the shim's own context switch (x86-64); ucontext: the portable one; native_asan:
+    built with AddressSanitizer, as CI's second emulated pass (its fiber-switch annotations)."""
     exe = tmp_path / "shim_selftest"
-    defines = ["-DEMU_UCONTEXT"] if context == "ucontext" else []
-    subprocess.run(["g++", "-std=c++20", "-O1", "-include", "cstring", *defines, f"-I{EMU}",
+    flags = {"native": [], "ucontext": ["-DEMU_UCONTEXT"],
+             "native_asan": ["-g", "-fsanitize=address"]}[context]
+    subprocess.run(["g++", "-std=c++20", "-O1", "-include", "cstring", *flags, f"-I{EMU}",
                     f"-I{CUDA_INCLUDE}", str(EMU / "shim_selftest.cpp"), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
     for order, seen in (("forward", "fresh"), ("reverse", "stale")):
         # A deadlock must be reported at once, never waited out (the timeout is the hang guard).
         run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True,
-                             env={**os.environ, "EMU_THREAD_ORDER": order})
+                             env={**os.environ, "EMU_THREAD_ORDER": order,
+                                  "ASAN_OPTIONS": "detect_leaks=0"})
         assert run.stdout.splitlines() == [line.format(seen=seen) for line in EXPECTED], order

@@ -178,6 +178,7 @@ def test_engine_schedule_batch8_prompt2048():
     assert s.step_rows == [4, 8] + [8] * 14 + [4]
     assert s.first_step == [1] * 4 + [2] * 4
     assert s.finish_step == [16] * 4 + [17] * 4
+    assert s.step_prefill == [True, True] + [False] * 15
     one = tp_report.engine_schedule(1, 20000, 3, 8192)  # a prompt over three chunks
     assert one.step_tokens == [8192, 8192, 3616, 1, 1]
     assert (one.first_step, one.finish_step) == ([3], [5])
@@ -370,6 +371,20 @@ def test_sequence_parallel_run_end_to_end(tmp_path, capsys):
     line = next(x for x in printed.splitlines() if x.startswith("mamba-2.8b +SP"))
     assert line.split()[-3:] == ["n/a", "n/a", "n/a"]
     assert png.stat().st_size > 10_000
+    # A decode batch over the threshold keeps the all-reduces (the library never runs one
+    # sequence-parallel): 300 requests decoding are 300-token steps.
+    run = tp_report.load_engine_json(e, tp_report.load_preset_configs())
+    run.tp1[(300, 16)] = run.tp1[(1, 512)]
+    link = tp_report.Link("t", 10.0, 10.0, "test")
+    kt = tp_report.KernelTimes.from_json(q)
+    m = tp_report.model_setting(run, (300, 16), 2, run.shards[2][(1, 512)], link, kt,
+                                tp_report.CommSettings(min_bytes=0), 8192)
+    sched = tp_report.engine_schedule(300, 16, 2, 8192)
+    assert sched.step_prefill == [True, False] and sched.step_tokens == [4800, 300]
+    cs0 = tp_report.CommSettings(min_bytes=0)
+    want = [tp_report.step_comm_us(run.dims, 4800, 300, "exact", 2, link, kt, cs0, 2, True),
+            tp_report.step_comm_us(run.dims, 300, 300, "exact", 2, link, kt, cs0, 2, False)]
+    assert m["schemes"]["exact"]["comm_ms"]["run"] == close(sum(want) / 1e3)
 
 
 def test_outputs_are_labelled_modelled(tmp_path, capsys):

@@ -109,38 +109,50 @@ struct EmuAsyncCopy {
 inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
 inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
 
-// Execution contexts. On x86-64 a switch saves the callee-saved registers on the current stack and
-// loads the other stack pointer: swapcontext also makes a signal-mask system call on every switch,
-// and AddressSanitizer clears the shadow of the whole destination stack in its swapcontext
-// interceptor (minutes of system time for sanitize.py). Elsewhere, or with EMU_UCONTEXT defined
-// (the shim self-test builds both), ucontext.
-#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+// Execution contexts. On x86-64 a switch saves what the ABI has a callee preserve (rbx, rbp,
+// r12-r15, the MXCSR and x87 control words) on the current stack and loads the other stack
+// pointer: swapcontext also makes a signal-mask system call on every switch, and
+// AddressSanitizer clears the shadow of the whole destination stack in its swapcontext
+// interceptor (minutes of system time for sanitize.py). Elsewhere, under -fcf-protection (a
+// `ret` to an address no `call` pushed breaks shadow stacks; glibc's swapcontext handles them),
+// or with EMU_UCONTEXT defined (the shim self-test builds both), ucontext.
+#if defined(__x86_64__) && !defined(__CET__) && !defined(EMU_UCONTEXT)
 struct EmuContext {
   void* sp = nullptr;
 };
 extern "C" void emu_context_switch(void** save_sp, void* load_sp);
-// Weak: every translation unit that includes this header emits the same definition.
-asm(".text\n"
+// Weak and hidden: every translation unit that includes this header emits the same definition,
+// one is kept, and it stays inside the shared object.
+asm(".pushsection .text\n"
     ".weak emu_context_switch\n"
+    ".hidden emu_context_switch\n"
     ".type emu_context_switch, @function\n"
+    ".p2align 4\n"
     "emu_context_switch:\n"
     "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
     "  movq %rsp, (%rdi)\n"
     "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
     "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
     "  ret\n"
-    ".size emu_context_switch, .-emu_context_switch\n");
+    ".size emu_context_switch, .-emu_context_switch\n"
+    ".popsection\n");
 inline void emu_context_jump(EmuContext& save, const EmuContext& load) {
   emu_context_switch(&save.sp, load.sp);
 }
-// A context that starts `entry` on the stack [stack, stack + bytes): the six registers
-// emu_context_switch pops, then `entry` as its return address, placed so that `entry` starts
-// with the stack aligned as after a call (rsp = 8 mod 16). `entry` must never return.
+// A context that starts `entry` on the stack [stack, stack + bytes): the control words (the
+// caller's, as getcontext would take them) and six registers emu_context_switch loads, then
+// `entry` as its return address, placed so that `entry` starts with the stack aligned as after a
+// call (rsp = 8 mod 16). `entry` must never return.
 inline void emu_context_make(EmuContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
   void** sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
   *--sp = nullptr;
   *--sp = reinterpret_cast<void*>(entry);
   for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  uint32_t words[2] = {0, 0};
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(words[0]), "=m"(words[1]));
+  std::memcpy(--sp, words, sizeof(words));
   c.sp = sp;
 }
 #else
@@ -177,8 +189,8 @@ struct EmuFiber {
 // The launching thread's fibers (one launch at a time, as emu_gridDim / emu_blockDim assume).
 // Stacks are mapped once and reused; a guard page below each turns an overflow into a fault.
 struct EmuScheduler {
-  static constexpr size_t kStackBytes = size_t{2} << 20;
-  static constexpr size_t kGuardBytes = 4096;
+  static constexpr size_t kStackBytes = size_t{8} << 20;  // a host thread's default
+  static constexpr size_t kGuardBytes = size_t{64} << 10;
   EmuContext host;
   std::vector<EmuFiber> fibers;
   int current = -1;
@@ -189,8 +201,9 @@ struct EmuScheduler {
     while (fibers.size() < n) {
       void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (m == MAP_FAILED) throw std::runtime_error("emu: cannot map a fiber stack");
-      mprotect(m, kGuardBytes, PROT_NONE);
+      if (m == MAP_FAILED || mprotect(m, kGuardBytes, PROT_NONE) != 0) {
+        throw std::runtime_error("emu: cannot map a fiber stack and its guard");
+      }
       fibers.emplace_back();
       fibers.back().stack = static_cast<unsigned char*>(m) + kGuardBytes;
     }
@@ -202,6 +215,7 @@ inline thread_local EmuScheduler emu_sched;
 // before it, and the fake-stack handle after it. The host stack's bounds are learnt on the first
 // switch into a fiber.
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 inline thread_local const void* emu_host_stack_bottom = nullptr;
 inline thread_local size_t emu_host_stack_size = 0;
@@ -241,6 +255,8 @@ inline void emu_fiber_main() {
     emu_sched.body(emu_sched.body_arg);
   } catch (const std::exception& e) {
     emu_fail(std::string("exception in a kernel thread: ") + e.what());
+  } catch (...) {
+    emu_fail("exception in a kernel thread");
   }
   if (!emu_async_open.empty() || !emu_async_groups.empty()) {
     emu_fail("a thread ended with cp.async copies it never waited for");
@@ -249,13 +265,17 @@ inline void emu_fiber_main() {
   emu_fiber_yield(true);  // never resumed
 }
 
-// Arrival at a barrier of n members: the last one moves the generation on and goes ahead; the
-// others wait. False: the barrier was given up because no live thread could complete it.
+// Arrival at a barrier of n members: the last one moves the generation on and yields too, so
+// that the members go on in the scheduler's order (usually the last arrival is the last thread
+// of a pass, and the next pass runs them all from the first): had it run straight on, the
+// threads at either end of a block would run first in both orders. False: the barrier was given
+// up because no live thread could complete it.
 template <typename Sync>
 inline bool emu_arrive(Sync& g, int n) {
   if (++g.count == n) {
     g.count = 0;
     ++g.gen;
+    emu_fiber_yield(false);
     return true;
   }
   EmuFiber& f = emu_sched.fibers[emu_sched.current];
@@ -293,6 +313,10 @@ void emu_run_block(unsigned threads, Body& body) {
     f.released = true;
     f.async_open.clear();
     f.async_groups.clear();
+#if defined(__SANITIZE_ADDRESS__)
+    // The frames a finished fiber never returned from left their redzones poisoned.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack + EmuScheduler::kStackBytes - 16384, 16384);
+#endif
     emu_context_make(f.ctx, f.stack, EmuScheduler::kStackBytes, emu_fiber_main);
   }
   unsigned live = threads;

@@ -1,6 +1,7 @@
 // Self-test of emu_shim.h / emu_mma.h, without torch: kernels that must run and kernels whose
 // fault the emulator must report. Prints one line per case, "<case> ok" or "<case> error: <what>"
 // (tests/test_cuda_emu_shim.py builds and runs it, and holds the expected lines).
+#include <cfenv>
 #include <cstdio>
 #include <vector>
 
@@ -55,6 +56,24 @@ __global__ void read_without_barrier(float* out) {
   if (threadIdx.x > 0) out[threadIdx.x] = s[threadIdx.x - 1];
 }
 
+// The same race right after a barrier: thread 0 writes, the second warp reads. Threads past a
+// barrier go on in thread order, so the reverse order shows the stale entry here too.
+__global__ void read_after_barrier_without_barrier(float* out) {
+  __shared__ float s;
+  const float token = out[96];
+  __syncthreads();
+  if (threadIdx.x == 0) s = token;
+  if (threadIdx.x >= 32 && threadIdx.x < 64) out[threadIdx.x] = s;
+}
+
+// Rounding mode set by one thread: the other threads and the host keep their own (each context
+// carries the MXCSR and x87 control words).
+__global__ void rounding_mode_per_thread(float* out) {
+  if (threadIdx.x == 0) fesetround(FE_UPWARD);
+  __syncthreads();
+  out[threadIdx.x] = fegetround() == FE_UPWARD ? 1.0f : 0.0f;
+}
+
 __global__ void nothing(float*) {}
 
 template <typename Kernel, typename Arg>
@@ -99,6 +118,18 @@ int main() {
     for (int t = 1; t < 64; ++t) fresh = fresh && out[t] == out[64] + static_cast<float>(t - 1);
     std::printf("read_without_barrier sees %s entries\n", fresh ? "fresh" : "stale");
   }
+  for (int launch = 1; launch <= 2; ++launch) {
+    out[96] = 1000.0f * launch;
+    run("read_after_barrier_without_barrier", &read_after_barrier_without_barrier, dim3(1),
+        dim3(96), 0, out.data());
+    bool fresh = true;
+    for (int t = 32; t < 64; ++t) fresh = fresh && out[t] == out[96];
+    std::printf("read_after_barrier_without_barrier sees %s entries\n", fresh ? "fresh" : "stale");
+  }
+  run("rounding_mode_per_thread", &rounding_mode_per_thread, dim3(1), dim3(64), 0, out.data());
+  std::printf("rounding_mode_per_thread: thread 0 %s, thread 1 %s, host %s\n",
+              out[0] == 1.0f ? "upward" : "nearest", out[1] == 1.0f ? "upward" : "nearest",
+              fegetround() == FE_UPWARD ? "upward" : "nearest");
   run("block_of_1025_threads", &nothing, dim3(1), dim3(1025), 0, out.data());
   // A launch after a fault runs normally (nothing is left over in the barriers or the fibers).
   run("barrier_after_faults", &barrier_and_warp_sum, dim3(2), dim3(128), 0, out.data());
