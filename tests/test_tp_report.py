@@ -256,6 +256,10 @@ def test_sequence_parallel_collectives(configs):
         tp_report.step_comm_us(m, T, 8, "int8", 4, lat, kt, cs, sequence_parallel=True)
 
 
+# tp 2 on one link of 10 GB/s and 10 us, so that the expected times are easy to write by hand.
+SLOW_LINK_TP2 = ["--tp", "2", "--links", "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10"]
+
+
 def _synthetic_inputs(tmp_path, with_shards=True, sequence_parallel_min_tokens=0,
                       model="mamba-2.8b", num_layers=2):
     rows = [{"tp": 1, "rank_shard_only": False, "state_cache": True, "batch": 1,
@@ -286,15 +290,21 @@ def _synthetic_inputs(tmp_path, with_shards=True, sequence_parallel_min_tokens=0
     return str(e), str(q)
 
 
-def test_synthetic_report_end_to_end(tmp_path, capsys):
-    e, q = _synthetic_inputs(tmp_path)
+def _report_on_slow_link(tmp_path, e, q, capsys):
+    """The report at tp 2 on the slow link, with its plot: the one result, the report, what was
+    printed, the plot's path."""
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    assert tp_report.main(["--engine-json", e, "--qallreduce-json", q, "--tp", "2",
-                           "--links", "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10",
+    assert tp_report.main(["--engine-json", e, "--qallreduce-json", q, *SLOW_LINK_TP2,
                            "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     (r,) = report["results"]
+    return r, report, printed, png
+
+
+def test_synthetic_report_end_to_end(tmp_path, capsys):
+    e, q = _synthetic_inputs(tmp_path)
+    r, report, printed, png = _report_on_slow_link(tmp_path, e, q, capsys)
     assert (r["preset"], r["tp"], r["link"], r["batch"], r["prompt_len"]) == \
         ("mamba-2.8b", 2, "pcie4-a6000", 1, 512)
     # By hand, 2 layers, tp 2, 10 us + bytes / (1e4 B/us). Step 1 (512-token prefill):
@@ -330,8 +340,8 @@ def test_hybrid_run_end_to_end(tmp_path):
     """zamba2-2.7b cut to 7 layers: six mamba layers, then its first hybrid layer."""
     e, q = _synthetic_inputs(tmp_path, model="zamba2-2.7b", num_layers=7)
     out = tmp_path / "r.json"
-    tp_report.main(["--engine-json", e, "--qallreduce-json", q, "--tp", "2", "--links",
-                    "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10", "--json", str(out)])
+    tp_report.main(["--engine-json", e, "--qallreduce-json", q, *SLOW_LINK_TP2, "--json",
+                    str(out)])
     (r,) = json.loads(out.read_text())["results"]
     assert (r["preset"], r["family"]) == ("zamba2-2.7b", "zamba2")
     # Step 1 (512 tokens), 10 us + bytes / (1e4 B/us): out_proj and the block's o_proj and
@@ -347,13 +357,7 @@ def test_sequence_parallel_run_end_to_end(tmp_path, capsys):
     threshold) is modelled with the sequence-parallel collectives, the decode step with the
     all-reduces; exact only, no gains."""
     e, q = _synthetic_inputs(tmp_path, sequence_parallel_min_tokens=256)
-    out, png = tmp_path / "r.json", tmp_path / "r.png"
-    assert tp_report.main(["--engine-json", e, "--qallreduce-json", q, "--tp", "2",
-                           "--links", "pcie4-a6000", "--link", "pcie4-a6000:bw=10,lat=10",
-                           "--json", str(out), "--plot", str(png)]) == 0
-    printed = capsys.readouterr().out
-    report = json.loads(out.read_text())
-    (r,) = report["results"]
+    r, report, printed, png = _report_on_slow_link(tmp_path, e, q, capsys)
     assert r["sequence_parallel_min_tokens"] == 256
     assert set(r["modelled"]["schemes"]) == {"exact"} and r["modelled"]["gains"] == {}
     # By hand, 2 layers, tp 2, 10 us + bytes / (1e4 B/us), as the all-reduce test above. Step 1
