@@ -577,10 +577,6 @@ class EngineRun:
     # (`tpssm bench --sequence-parallel`); its shard times are those of that mode.
     sequence_parallel_min_tokens: int = 0
 
-    @property
-    def label(self) -> str:
-        return self.model + (" +SP" if self.sequence_parallel_min_tokens else "")
-
 
 def load_engine_json(path: str, configs: Dict[str, dict]) -> EngineRun:
     with open(path) as f:

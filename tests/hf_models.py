@@ -144,6 +144,24 @@ def teacher_forced_error(model, ids: torch.Tensor, qsl: torch.Tensor, cache, slo
     return max(errs)
 
 
+def sequence_parallel_errors(model, ids: torch.Tensor, qsl: torch.Tensor, lens, oracle: dict,
+                             all_logits: torch.Tensor, last: torch.Tensor, cache,
+                             steps: int) -> dict:
+    """The checks both oracle files run with sequence parallelism already on: the reduce-scatters
+    of one full prefill (sp_scatters), its logits against transformers (sp_full) and against the
+    all-reduce path's `all_logits` (sp_vs_plain), the last-token logits against `last`
+    (sp_last), and a teacher-forced decode after a prefill into a fresh `cache` (sp_decode)."""
+    before = model.allreduce.calls["scatter"]
+    sp_all = model(ids, qsl, return_all_logits=True)
+    res = {"sp_scatters": model.allreduce.calls["scatter"] - before,
+           "sp_full": max(max_rel_err(a, b) for a, b in zip(sp_all.split(lens), oracle["full"])),
+           "sp_vs_plain": max_rel_err(sp_all, all_logits),
+           "sp_last": max_rel_err(model(ids, qsl), last)}
+    res["sp_decode"] = teacher_forced_error(model, ids, qsl, cache, cache.allocate(len(lens)),
+                                            oracle, steps)
+    return res
+
+
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the logit error relative to the logit scale (element-wise ratios
     blow up at logits near zero)."""

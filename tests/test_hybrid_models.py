@@ -162,15 +162,10 @@ def _rank_checks(rank, world, oracle, backend):
             # some with nothing else): the all-reduce path's results and cache contents (keys and
             # values included), three reduce-scatters a hybrid layer and one a Mamba layer.
             model.set_sequence_parallel(True, min_tokens=1)
-            before = model.allreduce.calls["scatter"]
-            sp_all = model(ids, qsl, return_all_logits=True)
-            res["sp_scatters"] = model.allreduce.calls["scatter"] - before
-            res["sp_full"] = max(err(a, b) for a, b in zip(sp_all.split(lens), oracle["full"]))
-            res["sp_vs_plain"] = err(sp_all, all_logits)
-            res["sp_last"] = err(model(ids, qsl), torch.stack([a[-1] for a in per_prompt]))
-            csp = model.allocate_cache(n, max_seq_len=KV_LEN)
-            res["sp_decode"] = H.teacher_forced_error(model, ids, qsl, csp, csp.allocate(n),
-                                                      oracle, DECODE_STEPS)
+            res.update(H.sequence_parallel_errors(
+                model, ids, qsl, lens, oracle, all_logits,
+                torch.stack([a[-1] for a in per_prompt]),
+                model.allocate_cache(n, max_seq_len=KV_LEN), DECODE_STEPS))
             sp_mixed, sp_cache = mixed_batch()
             res["sp_mixed"] = err(sp_mixed, mixed)
             res["sp_states"] = max(

@@ -168,15 +168,8 @@ def _rank_checks(rank, world, oracle, backend):
             # leave ranks with padding rows, some with nothing but padding): the all-reduce path's
             # results, with out_proj reduce-scattered (counted) and the norms on a rank's rows.
             model.set_sequence_parallel(True, min_tokens=1)
-            before = model.allreduce.calls["scatter"]
-            sp_all = model(ids, qsl, return_all_logits=True)
-            res["sp_scatters"] = model.allreduce.calls["scatter"] - before
-            res["sp_full"] = max(err(a, b) for a, b in zip(sp_all.split(lens), oracle["full"]))
-            res["sp_vs_plain"] = err(sp_all, all_logits)
-            res["sp_last"] = err(model(ids, qsl), last)
-            csp = model.allocate_cache(n)
-            res["sp_decode"] = H.teacher_forced_error(model, ids, qsl, csp, csp.allocate(n),
-                                                      oracle, DECODE_STEPS)
+            res.update(H.sequence_parallel_errors(model, ids, qsl, lens, oracle, all_logits, last,
+                                                  model.allocate_cache(n), DECODE_STEPS))
             c5 = model.allocate_cache(1)
             s5 = c5.allocate()
             sp_parts = [model(torch.tensor(p[a:b]), _qsl([b - a]), _i32([s5]),

@@ -76,5 +76,20 @@ def build(verbose: bool = False):
                    build_directory=str(obj), verbose=verbose)
 
 
+def install():
+    """Builds the emulation and points tpssm.ops at it, with torch and tpssm told that CUDA
+    kernels are there (their device is the CPU); returns the module."""
+    import torch
+
+    import tpssm
+    import tpssm.ops
+
+    emu = build()
+    tpssm.ops._ops = emu
+    tpssm.has_cuda_kernels = lambda: True
+    torch.cuda.is_available = lambda: True
+    return emu
+
+
 if __name__ == "__main__":
     print(build(verbose=True))
