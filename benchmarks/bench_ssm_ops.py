@@ -56,6 +56,7 @@ QUICK = dict(tps=(1, 4), decode=(1, 64, 256), prefill=((8, 2048), (1, 16384)))
 
 ACT = torch.bfloat16
 STATE = torch.float32
+DEVICE = "cuda"  # where the cases' tensors live; tests build small cases on the CPU
 MAX_SETS = 1024
 
 
@@ -83,20 +84,21 @@ class Case:
     native: Optional[Callable[[Dict], None]] = None
     native_note: str = ""
     flops: float = 0.0       # tensor-core work (the SSD scan), reported as TFLOP/s
+    consts: Dict = field(default_factory=dict)  # what call() takes beside a set (bench_peers.py)
     results: Dict = field(default_factory=dict)
 
 
 def _rand(*shape, dtype=ACT, scale=1.0, offset=0.0):
-    return (torch.randn(*shape, device="cuda") * scale + offset).to(dtype)
+    return (torch.randn(*shape, device=DEVICE) * scale + offset).to(dtype)
 
 
 def _ssm_consts(m):
     h, n = m["nheads"], m["dstate"]
     if m["form"] == "mamba1":
-        A = -torch.rand(h, n, device="cuda") * 4 - 0.5
+        A = -torch.rand(h, n, device=DEVICE) * 4 - 0.5
     else:
-        A = -torch.rand(h, device="cuda") * 4 - 0.5
-    return A, torch.randn(h, device="cuda"), torch.randn(h, device="cuda") * 0.5 - 1.0
+        A = -torch.rand(h, device=DEVICE) * 4 - 0.5
+    return A, torch.randn(h, device=DEVICE), torch.randn(h, device=DEVICE) * 0.5 - 1.0
 
 
 def _state_shape(m, slots):
@@ -116,8 +118,8 @@ def conv_case(model, tp, batch, seqlen, ops, ref_mod, chunk_len=0) -> Case:
     def make_set():
         return dict(x=_rand(batch, seqlen, dim), weight=_rand(dim, width, scale=0.5),
                     bias=_rand(dim), conv_states=_rand(batch, dim, width - 1),
-                    has_initial_state=torch.ones(batch, dtype=torch.bool, device="cuda"),
-                    out=torch.empty(batch, seqlen, dim, dtype=ACT, device="cuda"))
+                    has_initial_state=torch.ones(batch, dtype=torch.bool, device=DEVICE),
+                    out=torch.empty(batch, seqlen, dim, dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.causal_conv1d(s["x"], s["weight"], s["bias"], conv_states=s["conv_states"],
@@ -150,8 +152,8 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
     def make_set():
         return dict(x=_rand(batch, dim), conv_state=_rand(batch, dim, width - 1),
                     weight=_rand(dim, width, scale=0.5), bias=_rand(dim),
-                    idx=torch.arange(batch, dtype=torch.int32, device="cuda"),
-                    out=torch.empty(batch, dim, dtype=ACT, device="cuda"))
+                    idx=torch.arange(batch, dtype=torch.int32, device=DEVICE),
+                    out=torch.empty(batch, dim, dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.causal_conv1d_update(s["x"], s["conv_state"], s["weight"], s["bias"],
@@ -168,7 +170,7 @@ def conv_update_case(model, tp, batch, ops, ref_mod) -> Case:
     def ref():
         s = dict(x=_rand(ref_batch, dim), conv_state=_rand(ref_batch, dim, width - 1),
                  weight=_rand(dim, width, scale=0.5), bias=_rand(dim),
-                 idx=torch.arange(ref_batch, dtype=torch.int32, device="cuda"))
+                 idx=torch.arange(ref_batch, dtype=torch.int32, device=DEVICE))
         return lambda: ref_mod.causal_conv1d_update_ref(
             s["x"], s["conv_state"], s["weight"], s["bias"], activation="silu",
             cache_indices=s["idx"])
@@ -199,7 +201,7 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="au
     if seqlens is not None:
         batch, tokens = len(seqlens), sum(seqlens)
         qsl = torch.tensor([0] + list(itertools.accumulate(seqlens)), dtype=torch.int32,
-                           device="cuda")
+                           device=DEVICE)
         lead = (tokens,)
     else:
         tokens, qsl, lead = batch * seqlen, None, (batch, seqlen)
@@ -212,9 +214,9 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="au
         return dict(u=_rand(*lead_shape, dim), delta=_rand(*lead_shape, h, scale=0.5),
                     B=_rand(*lead_shape, g, n), C=_rand(*lead_shape, g, n),
                     z=_rand(*lead_shape, dim),
-                    ssm_states=torch.randn(_state_shape(m, rows), device="cuda", dtype=STATE),
-                    has_initial_state=torch.ones(rows, dtype=torch.bool, device="cuda"),
-                    out=torch.empty(*lead_shape, dim, dtype=ACT, device="cuda"))
+                    ssm_states=torch.randn(_state_shape(m, rows), device=DEVICE, dtype=STATE),
+                    has_initial_state=torch.ones(rows, dtype=torch.bool, device=DEVICE),
+                    out=torch.empty(*lead_shape, dim, dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.selective_scan(s["u"], s["delta"], A, s["B"], s["C"], D, s["z"], dbias,
@@ -243,7 +245,8 @@ def scan_case(model, tp, batch, seqlen, ops, ref_mod, split_len=0, algorithm="au
     return Case("selective_scan", model, tp, shape, nbytes,
                 lambda: make(lead, batch), call, ref=ref, ref_scale=tokens / ref_len,
                 ref_note=f"ref at 1x{ref_len}, scaled by tokens",
-                flops=_ssd_flops(tokens, m) if ssd else 0.0)
+                flops=_ssd_flops(tokens, m) if ssd else 0.0,
+                consts=dict(m=m, A=A, D=D, dbias=dbias, query_start_loc=qsl))
 
 
 def ssu_case(model, tp, batch, ops, ref_mod) -> Case:
@@ -256,11 +259,11 @@ def ssu_case(model, tp, batch, ops, ref_mod) -> Case:
     x_shape = (batch, dim) if m["form"] == "mamba1" else (batch, h, p)
 
     def make(b):
-        return dict(state=torch.randn(_state_shape(m, b), device="cuda", dtype=STATE),
+        return dict(state=torch.randn(_state_shape(m, b), device=DEVICE, dtype=STATE),
                     x=_rand(*((b,) + x_shape[1:])), dt=_rand(b, h, scale=0.5),
                     B=_rand(b, g, n), C=_rand(b, g, n), z=_rand(*((b,) + x_shape[1:])),
-                    idx=torch.arange(b, dtype=torch.int32, device="cuda"),
-                    out=torch.empty(*((b,) + x_shape[1:]), dtype=ACT, device="cuda"))
+                    idx=torch.arange(b, dtype=torch.int32, device=DEVICE),
+                    out=torch.empty(*((b,) + x_shape[1:]), dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.selective_state_update(s["state"], s["x"], s["dt"], A, s["B"], s["C"], D, s["z"],
@@ -295,7 +298,8 @@ def ssu_case(model, tp, batch, ops, ref_mod) -> Case:
     return Case("selective_state_update", model, tp, f"batch {batch} {h}x{p}x{n}", nbytes,
                 lambda: make(batch), call, ref=ref, ref_scale=batch / ref_batch,
                 ref_note=f"ref at batch {ref_batch}, scaled" if ref_batch != batch else "",
-                native=native, native_note="vectorised torch gather / exp / einsum")
+                native=native, native_note="vectorised torch gather / exp / einsum",
+                consts=dict(m=m, A=A, D=D, dbias=dbias))
 
 
 def l2_bytes() -> int:
@@ -306,7 +310,7 @@ def l2_bytes() -> int:
 def copy_bandwidth() -> float:
     """GB/s of a large device-to-device copy (bytes read + bytes written)."""
     n = 512 * 2**20
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_(0, 255)
     dst = torch.empty_like(src)
     ms = _time_eager(lambda: dst.copy_(src), iters=20)
     return 2 * n / (ms * 1e-3) / 1e9
@@ -407,7 +411,7 @@ def add_rms_norm_case(model, rows, ops) -> Case:
     def make_set():
         return dict(x=_rand(rows, d), residual=_rand(rows, d, dtype=torch.float32),
                     weight=_rand(d, scale=0.1, offset=1.0),
-                    out=torch.empty(rows, d, dtype=ACT, device="cuda"))
+                    out=torch.empty(rows, d, dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.add_rms_norm(s["x"], s["weight"], 1e-5, residual=s["residual"], out=s["out"])
@@ -435,7 +439,7 @@ def gated_rms_norm_case(model, rows, ops) -> Case:
     def make_set():
         return dict(x=_rand(rows, e), z=None if falcon else _rand(rows, e),
                     weight=None if falcon else _rand(e, scale=0.1, offset=1.0),
-                    out=torch.empty(rows, e, dtype=ACT, device="cuda"))
+                    out=torch.empty(rows, e, dtype=ACT, device=DEVICE))
 
     def call(s):
         ops.gated_rms_norm(s["x"], s["weight"], 1e-6, z=s["z"], group_size=gs,

@@ -5,7 +5,8 @@
 #   2. builds the standalone CMake benchmark binaries (when cmake is there) and runs their
 #      reference checks,
 #   3. runs the GPU tests (tests/test_ops_cuda.py and any other *cuda* / *gpu* tests),
-#   4. runs the kernel benchmarks (--quick), JSON to $OUT (else benchmarks/results/),
+#   4. runs the kernel benchmarks (--quick), JSON to $OUT (else benchmarks/results/), with the
+#      peer kernels beside tpssm's where .peer/ was carried (bench_peers.py),
 #   5. runs compute-sanitizer memcheck and racecheck on small cases,
 #   6. runs the engine sweep at the presets' full depth (gpu_engine_bench.sh) and an ncu profile,
 # and prints a compact table last. Each stage has its own timeout, and the whole run keeps inside
@@ -142,6 +143,10 @@ if want bench; then
   # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes: cuBLAS and gemv.
   stage bench_projections 150 $PY benchmarks/bench_projections.py --tokens 1,8 \
     --json "${JSON%.json}_projections.json"
+  # Beside the peer kernels engines use (mamba_ssm's Triton SSD scan, state update and norms),
+  # same inputs, same process: needs .peer/ (benchmarks/stage_peers.py here; carry ".peer").
+  stage bench_peers 150 $PY benchmarks/bench_peers.py --quick \
+    --json "${JSON%.json}_peers.json"
   # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
   # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.
   stage profile_decode 120 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 \

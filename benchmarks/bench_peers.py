@@ -1,0 +1,232 @@
+"""tpssm's kernels timed beside the peer kernels that engines use today, in one process on one GPU.
+
+The peers are mamba_ssm's Triton kernels, staged in .peer/ by stage_peers.py (git-ignored; name
+".peer" in the device call's `carry`):
+- the chunked SSD scan of Mamba-2 prefill (mamba_chunk_scan_combined, chunk 256), given the pool's
+  states as initial states and its final states copied back into the pool, as tpssm's op reads
+  and writes them;
+- the selective state update, Mamba-1 and Mamba-2 forms, rows addressed by state_batch_indices
+  (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as its Mamba2 module
+  passes them);
+- the fused residual add + RMSNorm (rms_norm_fn, prenorm, fp32 residual) and Mamba-2's gated
+  RMSNorm (rmsnorm_fn, the gate before the norm).
+Inputs, shapes, byte counts and timing are bench_ssm_ops.py's: CUDA-graph replays over input sets
+rotated past the L2 cache, states reset outside the timed region, the % of the copy bandwidth
+measured in the same run for the same essential bytes. The peer's Triton autotuning runs in the
+warm-up, before capture. Before timing, each pair runs once on copies of the same inputs and
+their outputs (and final states) are compared: `max_rel_diff` in the JSON and the table.
+No peer here for the conv (causal-conv1d is a separate CUDA extension) or the Mamba-1 prefill
+scan (mamba_ssm's is CUDA too).
+
+    python benchmarks/stage_peers.py              # once, where PyPI is reachable
+    python benchmarks/bench_peers.py [--quick] [--json PATH]
+
+Without CUDA, or without .peer/, it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+sys.path.insert(0, str(HERE))
+import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
+
+PEER_DIR = HERE.parent / ".peer"
+SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
+
+
+def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
+    """The peer functions, or None when they are not staged."""
+    if not (path / "mamba_ssm").is_dir():
+        return None
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
+    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
+                           add_rms_norm=rms_norm_fn, gated_rms_norm=rmsnorm_fn, version=version)
+
+
+def peer_call(case: bench.Case, peers: SimpleNamespace) -> Optional[Callable[[Dict], None]]:
+    """The peer's call on one of `case`'s input sets (its outputs go to s["peer_out"], states
+    to the set's pool), or None where the peer has no such kernel."""
+    c = case.consts
+    if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
+        h, p = c["m"]["nheads"], c["m"]["headdim"]
+
+        def scan(s):
+            b, length = s["u"].shape[:2]
+            y, final = peers.chunk_scan(
+                s["u"].view(b, length, h, p), s["delta"], c["A"], s["B"], s["C"], SSD_CHUNK,
+                D=c["D"], z=s["z"].view(b, length, h, p), dt_bias=c["dbias"],
+                initial_states=s["ssm_states"], dt_softplus=True, return_final_states=True)
+            s["peer_out"] = y.view(b, length, h * p)
+            s["ssm_states"].copy_(final)
+        return scan
+    if case.op == "selective_state_update":
+        m = c["m"]
+        if m["form"] == "mamba1":
+            A, D, dbias = c["A"], c["D"], c["dbias"]
+
+            def dt_of(s):
+                return s["dt"]
+        else:
+            h, p, n = m["nheads"], m["headdim"], m["dstate"]
+            A = c["A"][:, None, None].expand(h, p, n)
+            D, dbias = c["D"][:, None].expand(h, p), c["dbias"][:, None].expand(h, p)
+
+            def dt_of(s):
+                return s["dt"][:, :, None].expand(-1, h, p)
+
+        def update(s):
+            s["peer_out"] = peers.state_update(s["state"], s["x"], dt_of(s), A, s["B"], s["C"],
+                                               D=D, z=s["z"], dt_bias=dbias, dt_softplus=True,
+                                               state_batch_indices=s["idx"])
+        return update
+    if case.op == "add_rms_norm":
+        def add_norm(s):
+            s["peer_out"], _ = peers.add_rms_norm(s["x"], s["weight"], None,
+                                                  residual=s["residual"], eps=1e-5,
+                                                  prenorm=True, residual_in_fp32=True)
+        return add_norm
+    if case.op == "gated_rms_norm" and "gated" in case.shape:
+        def gated(s):
+            s["peer_out"] = peers.gated_rms_norm(s["x"], s["weight"], None, z=s["z"], eps=1e-6,
+                                                 group_size=s["x"].shape[-1],
+                                                 norm_before_gate=False)
+        return gated
+    return None
+
+
+def compare(case: bench.Case, peer: Callable[[Dict], None]) -> float:
+    """Both calls on copies of one input set: the largest difference of the outputs (and of the
+    states written) relative to max(1, max |tpssm's|)."""
+    s = case.make_set()
+    ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    case.call(ours)
+    peer(theirs)
+    pairs = [(ours["out"], theirs["peer_out"])]
+    for key in ("ssm_states", "state"):
+        if key in s:
+            pairs.append((ours[key], theirs[key]))
+    worst = 0.0
+    for a, b in pairs:
+        a, b = a.double(), b.double().reshape(a.shape)
+        worst = max(worst, ((a - b).abs().max() / max(1.0, a.abs().max().item())).item())
+    return worst
+
+
+def build_cases(quick: bool, ops, ref_mod) -> List[bench.Case]:
+    tps = bench.QUICK["tps"] if quick else bench.TPS
+    decode = bench.QUICK["decode"] if quick else bench.DECODE_BATCHES
+    prefill = bench.QUICK["prefill"] if quick else bench.PREFILLS
+    cases = []
+    for tp in tps:
+        for batch, seqlen in prefill:
+            cases.append(bench.scan_case("mamba2-2.7b", tp, batch, seqlen, ops, ref_mod))
+    for model in bench.MODELS:
+        for tp in tps:
+            for batch in decode:
+                cases.append(bench.ssu_case(model, tp, batch, ops, ref_mod))
+    for rows in bench.NORM_ROWS:
+        for model in ("mamba-2.8b", "falcon-mamba-7b"):  # the two residual widths
+            cases.append(bench.add_rms_norm_case(model, rows, ops))
+        cases.append(bench.gated_rms_norm_case("mamba2-2.7b", rows, ops))
+    return cases
+
+
+def run_pair(case: bench.Case, peer: Callable[[Dict], None], copy_gbs: float,
+             reps: int) -> Dict:
+    diff = compare(case, peer)
+    ours = bench.run_case(case, copy_gbs, reps, with_ref=False)
+    theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
+                            copy_gbs, reps, with_ref=False)
+    return dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, bytes=case.bytes,
+                tpssm_us=ours["time_us"], peer_us=theirs["time_us"],
+                tpssm_pct_copy=ours["pct_copy"], peer_pct_copy=theirs["pct_copy"],
+                speedup_vs_peer=theirs["time_us"] / ours["time_us"], max_rel_diff=diff)
+
+
+def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peer: {version} "
+          f"(Triton)")
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<32}{'tpssm us':>10}{'peer us':>10}"
+            f"{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<32}{r['tpssm_us']:>10.1f}"
+              f"{r['peer_us']:>10.1f}{r['speedup_vs_peer']:>8.2f}{r['tpssm_pct_copy']:>7.1f}"
+              f"{r['peer_pct_copy']:>7.1f}{r['max_rel_diff']:>10.1e}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tp 1 / 4, fewer shapes and repeats")
+    parser.add_argument("--reps", type=int, default=None, help="timed replays (default 5 / 15)")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_peers: CUDA is required (no CUDA device found); nothing to benchmark")
+        return 0
+    peers = load_peers()
+    if peers is None:
+        print(f"bench_peers: no peer kernels in {PEER_DIR} (run benchmarks/stage_peers.py where "
+              "PyPI is reachable, and carry .peer to the GPU machine); nothing to compare")
+        return 0
+    import tpssm
+    from tpssm import ops
+    from tpssm import reference as ref_mod
+    from tpssm.bench import git_commit
+
+    if not tpssm.has_cuda_kernels():
+        print("bench_peers: this tpssm build has no CUDA kernels; nothing to benchmark")
+        return 0
+    torch.manual_seed(0)
+    reps = args.reps or (5 if args.quick else 15)
+    copy_gbs = bench.copy_bandwidth()
+    rows = []
+    for case in build_cases(args.quick, ops, ref_mod):
+        peer = peer_call(case, peers)
+        if peer is None:
+            continue
+        try:
+            row = run_pair(case, peer, copy_gbs, reps)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"skipped {case.op} {case.model} tp{case.tp} {case.shape}: out of memory")
+            continue
+        rows.append(row)
+        print(f"{row['op']:<23}{row['model']:<16} tp{row['tp']} {row['shape']:<32}"
+              f"{row['tpssm_us']:9.1f} us  peer {row['peer_us']:9.1f} us  "
+              f"x{row['speedup_vs_peer']:.2f}  diff {row['max_rel_diff']:.1e}", flush=True)
+    print_table(rows, copy_gbs, peers.version)
+    if args.json:
+        payload = dict(
+            device=torch.cuda.get_device_name(0), torch=torch.__version__,
+            cuda=torch.version.cuda, git_commit=git_commit() or "unknown", peer=peers.version,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            copy_bandwidth_gbs=copy_gbs, quick=args.quick, activation_dtype=str(bench.ACT),
+            state_dtype=str(bench.STATE), rows=rows)
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
