@@ -1,13 +1,14 @@
 """tpssm's kernels timed beside the peer kernels that engines use today, in one process on one GPU.
 
-The peers are mamba_ssm's Triton kernels, staged in .peer/ by stage_peers.py (git-ignored; name
-".peer" in the device call's `carry`):
+The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the device call's
+`carry`), are mamba_ssm's Triton kernels and vLLM's selective state update (its launch settings
+from its own tuned configurations where it has one for the GPU and shape):
 - the chunked SSD scan of Mamba-2 prefill (mamba_chunk_scan_combined, chunk 256), given the pool's
   states as initial states and its final states copied back into the pool, as tpssm's op reads
   and writes them;
 - the selective state update, Mamba-1 and Mamba-2 forms, rows addressed by state_batch_indices
-  (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as its Mamba2 module
-  passes them);
+  (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
+  them), mamba_ssm's and vLLM's;
 - the fused residual add + RMSNorm (rms_norm_fn, prenorm, fp32 residual) and Mamba-2's gated
   RMSNorm (rmsnorm_fn, the gate before the norm).
 Inputs, shapes, byte counts and timing are bench_ssm_ops.py's: CUDA-graph replays over input sets
@@ -56,14 +57,17 @@ def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
+        selective_state_update as vllm_state_update)
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
     return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
-                           add_rms_norm=rms_norm_fn, gated_rms_norm=rmsnorm_fn, version=version)
+                           add_rms_norm=rms_norm_fn, gated_rms_norm=rmsnorm_fn,
+                           vllm_state_update=vllm_state_update, version=version)
 
 
-def peer_call(case: bench.Case, peers: SimpleNamespace) -> Optional[Callable[[Dict], None]]:
-    """The peer's call on one of `case`'s input sets (its outputs go to s["peer_out"], states
-    to the set's pool), or None where the peer has no such kernel."""
+def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[Dict], None]]:
+    """The peers' calls on one of `case`'s input sets, by peer name (their outputs go to
+    s["peer_out"], states to the set's pool); empty where no peer has such a kernel."""
     c = case.consts
     if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
         h, p = c["m"]["nheads"], c["m"]["headdim"]
@@ -76,7 +80,7 @@ def peer_call(case: bench.Case, peers: SimpleNamespace) -> Optional[Callable[[Di
                 initial_states=s["ssm_states"], dt_softplus=True, return_final_states=True)
             s["peer_out"] = y.view(b, length, h * p)
             s["ssm_states"].copy_(final)
-        return scan
+        return {"mamba_ssm": scan}
     if case.op == "selective_state_update":
         m = c["m"]
         if m["form"] == "mamba1":
@@ -96,20 +100,28 @@ def peer_call(case: bench.Case, peers: SimpleNamespace) -> Optional[Callable[[Di
             s["peer_out"] = peers.state_update(s["state"], s["x"], dt_of(s), A, s["B"], s["C"],
                                                D=D, z=s["z"], dt_bias=dbias, dt_softplus=True,
                                                state_batch_indices=s["idx"])
-        return update
+
+        def vllm_update(s):
+            # null_block_id: vLLM skips rows whose slot equals it (its default, 0, is a slot
+            # here); -1 is tpssm's pad slot, which no row of these cases uses.
+            s["peer_out"] = torch.empty_like(s["x"])
+            peers.vllm_state_update(s["state"], s["x"], dt_of(s), A, s["B"], s["C"], D, dbias,
+                                    z=s["z"], dt_softplus=True, state_batch_indices=s["idx"],
+                                    null_block_id=-1, out=s["peer_out"])
+        return {"mamba_ssm": update, "vllm": vllm_update}
     if case.op == "add_rms_norm":
         def add_norm(s):
             s["peer_out"], _ = peers.add_rms_norm(s["x"], s["weight"], None,
                                                   residual=s["residual"], eps=1e-5,
                                                   prenorm=True, residual_in_fp32=True)
-        return add_norm
+        return {"mamba_ssm": add_norm}
     if case.op == "gated_rms_norm" and "gated" in case.shape:
         def gated(s):
             s["peer_out"] = peers.gated_rms_norm(s["x"], s["weight"], None, z=s["z"], eps=1e-6,
                                                  group_size=s["x"].shape[-1],
                                                  norm_before_gate=False)
-        return gated
-    return None
+        return {"mamba_ssm": gated}
+    return {}
 
 
 def compare(case: bench.Case, peer: Callable[[Dict], None]) -> float:
@@ -150,29 +162,34 @@ def build_cases(quick: bool, ops, ref_mod) -> List[bench.Case]:
     return cases
 
 
-def run_pair(case: bench.Case, peer: Callable[[Dict], None], copy_gbs: float,
-             reps: int) -> Dict:
-    diff = compare(case, peer)
+def run_peers(case: bench.Case, calls: Dict[str, Callable[[Dict], None]], copy_gbs: float,
+              reps: int) -> List[Dict]:
+    """tpssm's call timed once, then each peer's: a row per peer."""
     ours = bench.run_case(case, copy_gbs, reps, with_ref=False)
-    theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
-                            copy_gbs, reps, with_ref=False)
-    return dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, bytes=case.bytes,
-                tpssm_us=ours["time_us"], peer_us=theirs["time_us"],
-                tpssm_pct_copy=ours["pct_copy"], peer_pct_copy=theirs["pct_copy"],
-                speedup_vs_peer=theirs["time_us"] / ours["time_us"], max_rel_diff=diff)
+    rows = []
+    for name, peer in calls.items():
+        diff = compare(case, peer)
+        theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
+                                copy_gbs, reps, with_ref=False)
+        rows.append(dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, peer=name,
+                         bytes=case.bytes, tpssm_us=ours["time_us"], peer_us=theirs["time_us"],
+                         tpssm_pct_copy=ours["pct_copy"], peer_pct_copy=theirs["pct_copy"],
+                         speedup_vs_peer=theirs["time_us"] / ours["time_us"],
+                         max_rel_diff=diff))
+    return rows
 
 
 def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
-    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peer: {version} "
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peers: {version} "
           f"(Triton)")
-    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<32}{'tpssm us':>10}{'peer us':>10}"
-            f"{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>10}")
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'peer':<10}{'tpssm us':>9}"
+            f"{'peer us':>9}{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<32}{r['tpssm_us']:>10.1f}"
-              f"{r['peer_us']:>10.1f}{r['speedup_vs_peer']:>8.2f}{r['tpssm_pct_copy']:>7.1f}"
-              f"{r['peer_pct_copy']:>7.1f}{r['max_rel_diff']:>10.1e}")
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['peer']:<10}"
+              f"{r['tpssm_us']:>9.1f}{r['peer_us']:>9.1f}{r['speedup_vs_peer']:>8.2f}"
+              f"{r['tpssm_pct_copy']:>7.1f}{r['peer_pct_copy']:>7.1f}{r['max_rel_diff']:>9.1e}")
 
 
 def main(argv=None) -> int:
@@ -202,19 +219,20 @@ def main(argv=None) -> int:
     copy_gbs = bench.copy_bandwidth()
     rows = []
     for case in build_cases(args.quick, ops, ref_mod):
-        peer = peer_call(case, peers)
-        if peer is None:
+        calls = peer_calls(case, peers)
+        if not calls:
             continue
         try:
-            row = run_pair(case, peer, copy_gbs, reps)
+            new_rows = run_peers(case, calls, copy_gbs, reps)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"skipped {case.op} {case.model} tp{case.tp} {case.shape}: out of memory")
             continue
-        rows.append(row)
-        print(f"{row['op']:<23}{row['model']:<16} tp{row['tp']} {row['shape']:<32}"
-              f"{row['tpssm_us']:9.1f} us  peer {row['peer_us']:9.1f} us  "
-              f"x{row['speedup_vs_peer']:.2f}  diff {row['max_rel_diff']:.1e}", flush=True)
+        rows += new_rows
+        for row in new_rows:
+            print(f"{row['op']:<23}{row['model']:<16} tp{row['tp']} {row['shape']:<30}"
+                  f"{row['tpssm_us']:9.1f} us  {row['peer']} {row['peer_us']:9.1f} us  "
+                  f"x{row['speedup_vs_peer']:.2f}  diff {row['max_rel_diff']:.1e}", flush=True)
     print_table(rows, copy_gbs, peers.version)
     if args.json:
         payload = dict(
