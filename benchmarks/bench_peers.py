@@ -1,23 +1,26 @@
 """tpssm's kernels timed beside the peer kernels that engines use today, in one process on one GPU.
 
 The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the device call's
-`carry`), are mamba_ssm's Triton kernels and vLLM's selective state update (its launch settings
-from its own tuned configurations where it has one for the GPU and shape):
+`carry`), are mamba_ssm's Triton kernels and vLLM's decode kernels:
 - the chunked SSD scan of Mamba-2 prefill (mamba_chunk_scan_combined, chunk 256), given the pool's
   states as initial states and its final states copied back into the pool, as tpssm's op reads
   and writes them;
 - the selective state update, Mamba-1 and Mamba-2 forms, rows addressed by state_batch_indices
   (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
-  them), mamba_ssm's and vLLM's;
+  them), mamba_ssm's and vLLM's (its launch settings from its own tuned configurations where it
+  has one for the GPU and shape);
+- vLLM's conv update, on tpssm's conv state layout (slots, dim, width - 1);
 - the fused residual add + RMSNorm (rms_norm_fn, prenorm, fp32 residual) and Mamba-2's gated
   RMSNorm (rmsnorm_fn, the gate before the norm).
 Inputs, shapes, byte counts and timing are bench_ssm_ops.py's: CUDA-graph replays over input sets
 rotated past the L2 cache, states reset outside the timed region, the % of the copy bandwidth
 measured in the same run for the same essential bytes. The peer's Triton autotuning runs in the
 warm-up, before capture. Before timing, each pair runs once on copies of the same inputs and
-their outputs (and final states) are compared: `max_rel_diff` in the JSON and the table.
-No peer here for the conv (causal-conv1d is a separate CUDA extension) or the Mamba-1 prefill
-scan (mamba_ssm's is CUDA too).
+their outputs (and final states) are compared: `max_rel_diff` in the JSON and the table. A peer
+that fails (a Triton version it does not support, say) gets a row with its error.
+No peer here for the conv prefill (causal-conv1d is a separate CUDA extension; vLLM's Triton
+one reads its launch metadata on the host, so no CUDA graph) or the Mamba-1 prefill scan
+(mamba_ssm's is CUDA too).
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
     python benchmarks/bench_peers.py [--quick] [--json PATH]
@@ -57,12 +60,20 @@ def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
-        selective_state_update as vllm_state_update)
+    try:
+        from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
+            causal_conv1d_update as vllm_conv_update)
+        from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
+            selective_state_update as vllm_state_update)
+    except Exception as exc:  # noqa: BLE001 - the other peers still run
+        print(f"bench_peers: vLLM's kernels do not import here ({type(exc).__name__}: {exc}); "
+              "mamba_ssm's only")
+        vllm_conv_update = vllm_state_update = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
     return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
                            add_rms_norm=rms_norm_fn, gated_rms_norm=rmsnorm_fn,
-                           vllm_state_update=vllm_state_update, version=version)
+                           vllm_state_update=vllm_state_update,
+                           vllm_conv_update=vllm_conv_update, version=version)
 
 
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[Dict], None]]:
@@ -108,7 +119,17 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[
             peers.vllm_state_update(s["state"], s["x"], dt_of(s), A, s["B"], s["C"], D, dbias,
                                     z=s["z"], dt_softplus=True, state_batch_indices=s["idx"],
                                     null_block_id=-1, out=s["peer_out"])
-        return {"mamba_ssm": update, "vllm": vllm_update}
+        calls = {"mamba_ssm": update}
+        if peers.vllm_state_update is not None:
+            calls["vllm"] = vllm_update
+        return calls
+    if case.op == "causal_conv1d_update" and peers.vllm_conv_update is not None:
+        def conv_update(s):
+            s["peer_out"] = torch.empty_like(s["x"])
+            peers.vllm_conv_update(s["x"], s["conv_state"], s["weight"], s["bias"],
+                                   activation="silu", conv_state_indices=s["idx"],
+                                   null_block_id=-1, out=s["peer_out"])
+        return {"vllm": conv_update}
     if case.op == "add_rms_norm":
         def add_norm(s):
             s["peer_out"], _ = peers.add_rms_norm(s["x"], s["weight"], None,
@@ -126,19 +147,21 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[
 
 def compare(case: bench.Case, peer: Callable[[Dict], None]) -> float:
     """Both calls on copies of one input set: the largest difference of the outputs (and of the
-    states written) relative to max(1, max |tpssm's|)."""
+    states written) relative to max(1, max |tpssm's|); inf where the peer's are not finite."""
     s = case.make_set()
     ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
     case.call(ours)
     peer(theirs)
     pairs = [(ours["out"], theirs["peer_out"])]
-    for key in ("ssm_states", "state"):
+    for key in ("ssm_states", "state", "conv_state"):
         if key in s:
             pairs.append((ours[key], theirs[key]))
     worst = 0.0
     for a, b in pairs:
         a, b = a.double(), b.double().reshape(a.shape)
+        if not torch.isfinite(b).all():  # (NaN would pass max() unseen)
+            return float("inf")
         worst = max(worst, ((a - b).abs().max() / max(1.0, a.abs().max().item())).item())
     return worst
 
@@ -154,6 +177,7 @@ def build_cases(quick: bool, ops, ref_mod) -> List[bench.Case]:
     for model in bench.MODELS:
         for tp in tps:
             for batch in decode:
+                cases.append(bench.conv_update_case(model, tp, batch, ops, ref_mod))
                 cases.append(bench.ssu_case(model, tp, batch, ops, ref_mod))
     for rows in bench.NORM_ROWS:
         for model in ("mamba-2.8b", "falcon-mamba-7b"):  # the two residual widths
@@ -168,14 +192,21 @@ def run_peers(case: bench.Case, calls: Dict[str, Callable[[Dict], None]], copy_g
     ours = bench.run_case(case, copy_gbs, reps, with_ref=False)
     rows = []
     for name, peer in calls.items():
-        diff = compare(case, peer)
-        theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
-                                copy_gbs, reps, with_ref=False)
-        rows.append(dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, peer=name,
-                         bytes=case.bytes, tpssm_us=ours["time_us"], peer_us=theirs["time_us"],
-                         tpssm_pct_copy=ours["pct_copy"], peer_pct_copy=theirs["pct_copy"],
-                         speedup_vs_peer=theirs["time_us"] / ours["time_us"],
-                         max_rel_diff=diff))
+        row = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, peer=name,
+                   bytes=case.bytes, tpssm_us=ours["time_us"], tpssm_pct_copy=ours["pct_copy"])
+        try:
+            row["max_rel_diff"] = compare(case, peer)
+            theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
+                                    copy_gbs, reps, with_ref=False)
+        except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported, not fatal
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            continue
+        row.update(peer_us=theirs["time_us"], peer_pct_copy=theirs["pct_copy"],
+                   speedup_vs_peer=theirs["time_us"] / ours["time_us"])
+        rows.append(row)
     return rows
 
 
@@ -187,8 +218,11 @@ def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['peer']:<10}"
-              f"{r['tpssm_us']:>9.1f}{r['peer_us']:>9.1f}{r['speedup_vs_peer']:>8.2f}"
+        line = f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['peer']:<10}"
+        if "error" in r:
+            print(line + f"{r['tpssm_us']:>9.1f}  peer failed: {r['error'][:60]}")
+            continue
+        print(line + f"{r['tpssm_us']:>9.1f}{r['peer_us']:>9.1f}{r['speedup_vs_peer']:>8.2f}"
               f"{r['tpssm_pct_copy']:>7.1f}{r['peer_pct_copy']:>7.1f}{r['max_rel_diff']:>9.1e}")
 
 
@@ -230,9 +264,11 @@ def main(argv=None) -> int:
             continue
         rows += new_rows
         for row in new_rows:
+            outcome = (f"failed: {row['error']}" if "error" in row else
+                       f"{row['peer_us']:9.1f} us  x{row['speedup_vs_peer']:.2f}  "
+                       f"diff {row['max_rel_diff']:.1e}")
             print(f"{row['op']:<23}{row['model']:<16} tp{row['tp']} {row['shape']:<30}"
-                  f"{row['tpssm_us']:9.1f} us  {row['peer']} {row['peer_us']:9.1f} us  "
-                  f"x{row['speedup_vs_peer']:.2f}  diff {row['max_rel_diff']:.1e}", flush=True)
+                  f"{row['tpssm_us']:9.1f} us  {row['peer']} {outcome}", flush=True)
     print_table(rows, copy_gbs, peers.version)
     if args.json:
         payload = dict(

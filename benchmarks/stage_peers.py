@@ -7,8 +7,8 @@ the archives are read, nothing in them is built or run here), each with its lice
 - mamba_ssm: its Triton kernels (the chunked SSD scan of Mamba-2 prefill, the selective state
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
-- vLLM: its selective state update (the Triton kernel engines run for Mamba decode, with its
-  tuned launch configurations for NVIDIA GPUs). The few vLLM modules that file imports (platform,
+- vLLM: its selective state update and conv update (the Triton kernels engines run for Mamba
+  decode; the state update with its tuned launch configurations for NVIDIA GPUs). The few vLLM modules that file imports (platform,
   logging, settings, constants) are replaced by small stand-ins written here, in
   .peer/vllm/ next to the staged file.
 Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
@@ -34,7 +34,7 @@ MAMBA_SSM_MODULES = [f"ops/triton/{m}.py" for m in (
     "ssd_combined", "layernorm_gated", "layer_norm", "k_activations", "selective_state_update")
 ] + ["utils/determinism.py", "utils/torch.py"]
 VLLM_OPS = "vllm/model_executor/layers/mamba/ops"
-# Stand-ins for what vLLM's mamba_ssm.py imports beside Triton and torch (the values are
+# Stand-ins for what vLLM's two files import beside Triton, torch and numpy (the values are
 # vLLM's own: PAD_SLOT_ID, NULL_BLOCK_ID; device names as its tuned configs' file names use).
 VLLM_STANDINS = {
     "vllm/envs.py": "VLLM_TUNED_CONFIG_FOLDER = None\n",
@@ -71,6 +71,12 @@ class _CudaPlatform:
 
     def get_device_name(self, device_id=0):
         return torch.cuda.get_device_name(device_id) if torch.cuda.is_available() else "cpu"
+
+    def is_arch_support_pdl(self):
+        try:
+            return torch.cuda.get_device_capability(torch.cuda.current_device())[0] >= 9
+        except Exception:
+            return False
 
 
 current_platform = _CudaPlatform()
@@ -123,7 +129,7 @@ def stage_mamba_ssm() -> None:
 def stage_vllm() -> None:
     top = f"vllm-{VLLM}"
     with tarfile.open(fileobj=io.BytesIO(_sdist("vllm", VLLM)), mode="r:gz") as tar:
-        for name in ("mamba_ssm.py", "triton_helpers.py"):
+        for name in ("mamba_ssm.py", "triton_helpers.py", "causal_conv1d.py"):
             _copy(tar, f"{top}/{VLLM_OPS}/{name}", DEST / VLLM_OPS / name)
         configs = f"{top}/{VLLM_OPS}/configs/selective_state_update/"
         for member in tar.getnames():

@@ -2,8 +2,8 @@
 built by bench_ssm_ops.py's own builders (tiny shards of each family, bf16 activations, fp32
 states, the SSD scan across a chunk boundary, slots by index), the peer's Triton kernels run on
 the CPU in Triton's interpreter and agree with tpssm's CPU ops, outputs and states (the SSD
-peer on fp32 copies of the bf16 inputs: see in_fp32). A peer called
-wrongly (B and C swapped) is caught by the same comparison.
+scan and vLLM's conv update on fp32 copies of the bf16 inputs: see in_fp32). A peer called
+wrongly (B and C swapped), or one writing NaN, is caught by the same comparison.
 
 Needs the peer kernels staged (python benchmarks/stage_peers.py: .peer/, git-ignored, never in the
 repository), triton and einops; skips without them (CI has none of the three). Without a GPU this
@@ -52,25 +52,30 @@ torch.manual_seed(0)
 cases = [bench.scan_case("mamba2-2.7b", 1, 2, 300, ops, reference),
          bench.scan_case("mamba2-2.7b", 2, 1, 70, ops, reference)]
 cases += [bench.ssu_case(m, tp, 3, ops, reference) for m in bench.MODELS for tp in (1, 2)]
+cases += [bench.conv_update_case(m, tp, 3, ops, reference) for m in bench.MODELS
+          for tp in (1, 2)]
 cases += [bench.add_rms_norm_case("mamba-2.8b", 5, ops),
           bench.gated_rms_norm_case("mamba2-2.7b", 5, ops)]
 
 
 def in_fp32(peer):
-    """Triton's interpreter gets the SSD kernels' 16-bit products wrong (outputs near 1e11
-    here, where the same values in fp32 agree): on the CPU that peer sees fp32 copies of the
-    same bf16 inputs. The pool is fp32 already and is written in place."""
+    """Triton's interpreter gets some 16-bit arithmetic wrong (the SSD kernels' products: outputs
+    near 1e11; vLLM's conv update: NaN), where the same values in fp32 agree with tpssm: on the
+    CPU those peers see fp32 copies of the bf16 inputs, and what they write is copied back."""
     def call(s):
         wide = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v
                 for k, v in s.items()}
         peer(wide)
         s["peer_out"] = wide["peer_out"]
+        for k, v in s.items():
+            if wide[k] is not v and isinstance(v, torch.Tensor):
+                v.copy_(wide[k])
     return call
 
 
 for case in cases:
     for name, peer in bench_peers.peer_calls(case, peers).items():
-        if case.op == "selective_scan":
+        if case.op in ("selective_scan", "causal_conv1d_update"):
             peer = in_fp32(peer)
         print("diff", name, case.op, case.model, case.tp, case.shape,
               bench_peers.compare(case, peer))
@@ -87,6 +92,22 @@ def swapped(s):
     right(wrong)
     s["peer_out"] = wrong["peer_out"]
 print("swapped", bench_peers.compare(case, swapped))
+print("nan", bench_peers.compare(cases[2], lambda s: s.update(
+    peer_out=torch.full_like(s["out"], float("nan")))))
+
+
+# The rows, with the timing stubbed (CUDA graphs need a GPU): a peer that raises gets a row with
+# its error, and the others still run.
+def broken(s):
+    raise RuntimeError("unsupported here")
+
+
+bench.run_case = lambda case, copy_gbs, reps, with_ref: (case.call(case.make_set()) and None
+                                                         or dict(time_us=2.0, pct_copy=40.0))
+case = cases[2]
+rows = bench_peers.run_peers(case, {"broken": broken, **bench_peers.peer_calls(case, peers)},
+                             4000.0, 1)
+print("rows", [(r["peer"], r.get("error"), r.get("speedup_vs_peer")) for r in rows])
 '''
 
 # bf16 outputs: a few roundings of the output's magnitude apart (the two sum in other orders).
@@ -104,9 +125,10 @@ def lines():
 
 def test_peers_agree_with_tpssm(lines):
     diffs = [line for line in lines if line.startswith("diff ")]
-    # 2 scans, 6 state updates (mamba_ssm's and vLLM's each), 2 norms.
-    assert len(diffs) == 16, lines
+    # 2 scans, 6 state updates (mamba_ssm's and vLLM's each), 6 conv updates (vLLM's), 2 norms.
+    assert len(diffs) == 22, lines
     assert sum(" vllm selective_state_update " in line for line in diffs) == 6, lines
+    assert sum(" vllm causal_conv1d_update " in line for line in diffs) == 6, lines
     for line in diffs:
         assert float(line.split()[-1]) < TOLERANCE, line
 
@@ -118,3 +140,10 @@ def test_no_peer_where_it_has_no_kernel(lines):
 def test_a_wrong_call_is_caught(lines):
     swapped = [float(line.split()[-1]) for line in lines if line.startswith("swapped ")]
     assert swapped and swapped[0] > 10 * TOLERANCE, lines
+    assert "nan inf" in lines, lines  # NaN outputs are not a match
+
+
+def test_a_failing_peer_gives_an_error_row(lines):
+    rows = [line for line in lines if line.startswith("rows ")]
+    assert rows == ["rows [('broken', 'RuntimeError: unsupported here', None), "
+                    "('mamba_ssm', None, 1.0), ('vllm', None, 1.0)]"], lines
