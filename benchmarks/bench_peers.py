@@ -70,9 +70,9 @@ def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
               "mamba_ssm's only")
         vllm_conv_update = vllm_state_update = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
-    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined, state_update=selective_state_update,
-                           add_rms_norm=rms_norm_fn, gated_rms_norm=rmsnorm_fn,
-                           vllm_state_update=vllm_state_update,
+    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined,
+                           state_update=selective_state_update, add_rms_norm=rms_norm_fn,
+                           gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
                            vllm_conv_update=vllm_conv_update, version=version)
 
 

@@ -8,9 +8,9 @@ the archives are read, nothing in them is built or run here), each with its lice
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
 - vLLM: its selective state update and conv update (the Triton kernels engines run for Mamba
-  decode; the state update with its tuned launch configurations for NVIDIA GPUs). The few vLLM modules that file imports (platform,
-  logging, settings, constants) are replaced by small stand-ins written here, in
-  .peer/vllm/ next to the staged file.
+  decode; the state update with its tuned launch configurations for NVIDIA GPUs). The few vLLM
+  modules those two files import (platform, logging, settings, constants) are replaced by small
+  stand-ins written here, in .peer/vllm/ beside the staged files.
 Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
 
 from __future__ import annotations
