@@ -23,7 +23,7 @@ one reads its launch metadata on the host, so no CUDA graph) or the Mamba-1 pref
 (mamba_ssm's is CUDA too).
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
-    python benchmarks/bench_peers.py [--quick] [--json PATH]
+    python benchmarks/bench_peers.py [--quick] [--ops scan,conv_update,...] [--json PATH]
 
 Without CUDA, or without .peer/, it says so and exits 0.
 """
@@ -166,23 +166,30 @@ def compare(case: bench.Case, peer: Callable[[Dict], None]) -> float:
     return worst
 
 
-def build_cases(quick: bool, ops, ref_mod) -> List[bench.Case]:
+OPS = ("scan", "conv_update", "state_update", "norm")
+
+
+def build_cases(quick: bool, wanted, ops, ref_mod) -> List[bench.Case]:
     tps = bench.QUICK["tps"] if quick else bench.TPS
     decode = bench.QUICK["decode"] if quick else bench.DECODE_BATCHES
     prefill = bench.QUICK["prefill"] if quick else bench.PREFILLS
     cases = []
-    for tp in tps:
-        for batch, seqlen in prefill:
-            cases.append(bench.scan_case("mamba2-2.7b", tp, batch, seqlen, ops, ref_mod))
+    if "scan" in wanted:
+        for tp in tps:
+            for batch, seqlen in prefill:
+                cases.append(bench.scan_case("mamba2-2.7b", tp, batch, seqlen, ops, ref_mod))
     for model in bench.MODELS:
         for tp in tps:
             for batch in decode:
-                cases.append(bench.conv_update_case(model, tp, batch, ops, ref_mod))
-                cases.append(bench.ssu_case(model, tp, batch, ops, ref_mod))
-    for rows in bench.NORM_ROWS:
-        for model in ("mamba-2.8b", "falcon-mamba-7b"):  # the two residual widths
-            cases.append(bench.add_rms_norm_case(model, rows, ops))
-        cases.append(bench.gated_rms_norm_case("mamba2-2.7b", rows, ops))
+                if "conv_update" in wanted:
+                    cases.append(bench.conv_update_case(model, tp, batch, ops, ref_mod))
+                if "state_update" in wanted:
+                    cases.append(bench.ssu_case(model, tp, batch, ops, ref_mod))
+    if "norm" in wanted:
+        for rows in bench.NORM_ROWS:
+            for model in ("mamba-2.8b", "falcon-mamba-7b"):  # the two residual widths
+                cases.append(bench.add_rms_norm_case(model, rows, ops))
+            cases.append(bench.gated_rms_norm_case("mamba2-2.7b", rows, ops))
     return cases
 
 
@@ -229,9 +236,14 @@ def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tp 1 / 4, fewer shapes and repeats")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="comma-separated subset of " + ",".join(OPS) + " (default all)")
     parser.add_argument("--reps", type=int, default=None, help="timed replays (default 5 / 15)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    wanted = [op.strip() for op in args.ops.split(",") if op.strip()]
+    if not wanted or set(wanted) - set(OPS):
+        parser.error(f"--ops takes a comma-separated subset of {','.join(OPS)}, got {args.ops!r}")
     if not torch.cuda.is_available():
         print("bench_peers: CUDA is required (no CUDA device found); nothing to benchmark")
         return 0
@@ -252,7 +264,7 @@ def main(argv=None) -> int:
     reps = args.reps or (5 if args.quick else 15)
     copy_gbs = bench.copy_bandwidth()
     rows = []
-    for case in build_cases(args.quick, ops, ref_mod):
+    for case in build_cases(args.quick, wanted, ops, ref_mod):
         calls = peer_calls(case, peers)
         if not calls:
             continue

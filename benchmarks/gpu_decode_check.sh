@@ -8,7 +8,8 @@
 #      gemv_conv_update), and gemv at every launch option (mamba-2.8b, 1 token),
 #   4. times batch-1 graph decode at full depth (GPU_DECODE_PRESETS, default mamba-2.8b; tp 1 and
 #      the tp 4 rank shard) three ways: cuBLAS projections, gemv, gemv + programmatic launch,
-#   5. lists the kernels of one decode step with gemv (tp 1 and the tp 4 shard),
+#   5. times the conv and state updates beside the peers' (bench_peers.py; .peer/ carried),
+#      lists the kernels of one decode step with gemv (tp 1 and the tp 4 shard),
 #   6. runs compute-sanitizer memcheck over the decode cases of sanitize_cases.py,
 #   7. with GPU_DECODE_BATCH64=1, batch-64 decode throughput of each preset at tp 1 (the
 #      projections are GEMMs there: the state update and conv kernels decide it),
@@ -54,6 +55,11 @@ export -f variants
 export PY OUTDIR STAMP
 stage decode 330 bash -c variants
 
+# The decode kernels beside vLLM's and mamba_ssm's (needs .peer/: benchmarks/stage_peers.py here,
+# carry ".peer"; without it the stage says so and passes).
+stage peers 90 $PY benchmarks/bench_peers.py --quick --ops conv_update,state_update \
+  --json "$OUTDIR/decode_peers_$STAMP.json"
+
 stage profile 90 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 --tp-shards 1,4 \
   --projection-kernel gemv --json "$OUTDIR/decode_profile_gemv_$STAMP.json"
 
@@ -83,7 +89,7 @@ $PY - "$OUTDIR" <<'PY'
 import glob, json, sys
 for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")
                    + glob.glob(f"{sys.argv[1]}/batch64_*.json")):
-    if "projections" in path or "sweep" in path or "profile" in path:
+    if any(part in path for part in ("projections", "sweep", "profile", "peers")):
         continue
     rows = json.load(open(path)).get("rows", [])
     cells = [f"tp{r.get('tp')}{' shard' if r.get('rank_shard_only') else ''} "
