@@ -9,15 +9,18 @@ The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the 
   (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
   them), mamba_ssm's and vLLM's (its launch settings from its own tuned configurations where it
   has one for the GPU and shape);
-- vLLM's conv update, on tpssm's conv state layout (slots, dim, width - 1);
+- vLLM's conv update, on its engine's conv state layout (channels contiguous) and on tpssm's
+  (slots, dim, width - 1): its strides are compile-time constants;
 - the fused residual add + RMSNorm (rms_norm_fn, prenorm, fp32 residual) and Mamba-2's gated
   RMSNorm (rmsnorm_fn, the gate before the norm).
 Inputs, shapes, byte counts and timing are bench_ssm_ops.py's: CUDA-graph replays over input sets
 rotated past the L2 cache, states reset outside the timed region, the % of the copy bandwidth
-measured in the same run for the same essential bytes. The peer's Triton autotuning runs in the
-warm-up, before capture. Before timing, each pair runs once on copies of the same inputs and
-their outputs (and final states) are compared: `max_rel_diff` in the JSON and the table. A peer
-that fails (a Triton version it does not support, say) gets a row with its error.
+measured in the same run for the same essential bytes. The peers' Triton autotuning runs again
+for every case (their cache keys leave out rows and sequence lengths), before capture.
+Programmatic dependent launch is off for both sides unless --programmatic-launch. Before
+timing, each pair runs once on copies of the same inputs and their outputs and the states they
+write are compared: `max_rel_diff` in the JSON and the table. A peer that fails (a Triton
+version it does not support, say) gets a row with its error.
 No peer here for the conv prefill (causal-conv1d is a separate CUDA extension; vLLM's Triton
 one reads its launch metadata on the host, so no CUDA graph) or the Mamba-1 prefill scan
 (mamba_ssm's is CUDA too).
@@ -34,7 +37,9 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
@@ -48,10 +53,28 @@ import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 
 PEER_DIR = HERE.parent / ".peer"
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
+OPS = ("scan", "conv_update", "state_update", "norm")
 
 
-def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
-    """The peer functions, or None when they are not staged."""
+@dataclass
+class Peer:
+    """A peer's call on one input set (its output to s["peer_out"]; states it writes elsewhere
+    than the set's own pool, under their key in s["peer_states"]). `adapt` turns a set of the
+    case into the peer's layout, same values (None: the case's own)."""
+    call: Callable[[Dict], None]
+    adapt: Optional[Callable[[Dict], Dict]] = None
+    note: str = ""
+
+    def make_set(self, case: bench.Case) -> Dict:
+        s = case.make_set()
+        return self.adapt(s) if self.adapt else s
+
+
+def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
+               ) -> Optional[SimpleNamespace]:
+    """The peer functions, or None when they are not staged. programmatic_launch: let vLLM's
+    conv update launch with PDL on sm_90+ as it does in vLLM (else off, like tpssm's kernels
+    unless bench_peers runs them with it too)."""
     if not (path / "mamba_ssm").is_dir():
         return None
     if str(path) not in sys.path:
@@ -65,6 +88,9 @@ def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
             causal_conv1d_update as vllm_conv_update)
         from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
             selective_state_update as vllm_state_update)
+        from vllm.platforms import current_platform
+        if not programmatic_launch:
+            current_platform.is_arch_support_pdl = lambda: False
     except Exception as exc:  # noqa: BLE001 - the other peers still run
         print(f"bench_peers: vLLM's kernels do not import here ({type(exc).__name__}: {exc}); "
               "mamba_ssm's only")
@@ -76,9 +102,27 @@ def load_peers(path: Path = PEER_DIR) -> Optional[SimpleNamespace]:
                            vllm_conv_update=vllm_conv_update, version=version)
 
 
-def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[Dict], None]]:
-    """The peers' calls on one of `case`'s input sets, by peer name (their outputs go to
-    s["peer_out"], states to the set's pool); empty where no peer has such a kernel."""
+def clear_autotune_caches() -> None:
+    """Forget the peers' autotuned choices: their keys leave out rows and sequence lengths, so
+    a choice made on one case's shape would be reused on the next one's."""
+    from triton.runtime.autotuner import Autotuner
+
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.startswith(("mamba_ssm.", "vllm.")):
+            for obj in vars(module).values():
+                if isinstance(obj, Autotuner):
+                    obj.cache.clear()
+
+
+def _vllm_conv_layout(s: Dict) -> Dict:
+    """The conv state as vLLM's engine keeps it: (slots, width - 1, dim) storage, channels
+    contiguous, seen as (slots, dim, width - 1)."""
+    state = s["conv_state"]
+    return dict(s, conv_state=state.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
+    """The peers of `case`, by name; empty where no peer has such a kernel."""
     c = case.consts
     if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
         h, p = c["m"]["nheads"], c["m"]["headdim"]
@@ -91,7 +135,9 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[
                 initial_states=s["ssm_states"], dt_softplus=True, return_final_states=True)
             s["peer_out"] = y.view(b, length, h * p)
             s["ssm_states"].copy_(final)
-        return {"mamba_ssm": scan}
+        pool_mb = 2 * 4 * c["m"]["d_inner"] * c["m"]["dstate"] / 1e6  # per row, read + write
+        return {"mamba_ssm": Peer(scan, note=f"its final states copied into the pool: "
+                                             f"+{pool_mb:.2f} MB a row of the peer's traffic")}
     if case.op == "selective_state_update":
         m = c["m"]
         if m["form"] == "mamba1":
@@ -119,9 +165,9 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[
             peers.vllm_state_update(s["state"], s["x"], dt_of(s), A, s["B"], s["C"], D, dbias,
                                     z=s["z"], dt_softplus=True, state_batch_indices=s["idx"],
                                     null_block_id=-1, out=s["peer_out"])
-        calls = {"mamba_ssm": update}
+        calls = {"mamba_ssm": Peer(update)}
         if peers.vllm_state_update is not None:
-            calls["vllm"] = vllm_update
+            calls["vllm"] = Peer(vllm_update)
         return calls
     if case.op == "causal_conv1d_update" and peers.vllm_conv_update is not None:
         def conv_update(s):
@@ -129,44 +175,49 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Callable[[
             peers.vllm_conv_update(s["x"], s["conv_state"], s["weight"], s["bias"],
                                    activation="silu", conv_state_indices=s["idx"],
                                    null_block_id=-1, out=s["peer_out"])
-        return {"vllm": conv_update}
+        # Its strides are compile-time constants: timed on its engine's layout, and on ours.
+        return {"vllm": Peer(conv_update, _vllm_conv_layout, "its own state layout"),
+                "vllm@ours": Peer(conv_update, note="on tpssm's (slots, dim, width - 1) layout")}
     if case.op == "add_rms_norm":
         def add_norm(s):
-            s["peer_out"], _ = peers.add_rms_norm(s["x"], s["weight"], None,
-                                                  residual=s["residual"], eps=1e-5,
-                                                  prenorm=True, residual_in_fp32=True)
-        return {"mamba_ssm": add_norm}
+            s["peer_out"], residual = peers.add_rms_norm(s["x"], s["weight"], None,
+                                                         residual=s["residual"], eps=1e-5,
+                                                         prenorm=True, residual_in_fp32=True)
+            # Kept per set, so that each set's new residual has its own buffer as tpssm's.
+            s["peer_states"] = {"residual": residual}
+        return {"mamba_ssm": Peer(add_norm, note="residual written to a new buffer")}
     if case.op == "gated_rms_norm" and "gated" in case.shape:
         def gated(s):
             s["peer_out"] = peers.gated_rms_norm(s["x"], s["weight"], None, z=s["z"], eps=1e-6,
                                                  group_size=s["x"].shape[-1],
                                                  norm_before_gate=False)
-        return {"mamba_ssm": gated}
+        return {"mamba_ssm": Peer(gated)}
     return {}
 
 
-def compare(case: bench.Case, peer: Callable[[Dict], None]) -> float:
-    """Both calls on copies of one input set: the largest difference of the outputs (and of the
-    states written) relative to max(1, max |tpssm's|); inf where the peer's are not finite."""
+def compare(case: bench.Case, peer: Peer) -> float:
+    """Both calls on copies of one input set: the largest difference of the outputs and of the
+    states they write, relative to max(1, max |tpssm's|); inf where either side's values are
+    not finite (NaN would pass max() unseen)."""
     s = case.make_set()
     ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    if peer.adapt:
+        theirs = peer.adapt(theirs)
     case.call(ours)
-    peer(theirs)
+    peer.call(theirs)
     pairs = [(ours["out"], theirs["peer_out"])]
     for key in ("ssm_states", "state", "conv_state"):
         if key in s:
             pairs.append((ours[key], theirs[key]))
+    pairs += [(ours[key], value) for key, value in theirs.get("peer_states", {}).items()]
     worst = 0.0
     for a, b in pairs:
         a, b = a.double(), b.double().reshape(a.shape)
-        if not torch.isfinite(b).all():  # (NaN would pass max() unseen)
-            return float("inf")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return math.inf
         worst = max(worst, ((a - b).abs().max() / max(1.0, a.abs().max().item())).item())
     return worst
-
-
-OPS = ("scan", "conv_update", "state_update", "norm")
 
 
 def build_cases(quick: bool, wanted, ops, ref_mod) -> List[bench.Case]:
@@ -193,44 +244,59 @@ def build_cases(quick: bool, wanted, ops, ref_mod) -> List[bench.Case]:
     return cases
 
 
-def run_peers(case: bench.Case, calls: Dict[str, Callable[[Dict], None]], copy_gbs: float,
+def run_peers(case: bench.Case, calls: Dict[str, Peer], copy_gbs: float,
               reps: int) -> List[Dict]:
-    """tpssm's call timed once, then each peer's: a row per peer."""
+    """tpssm's call timed once, then each peer's (autotuned on this case's shape first): a row
+    per peer; a peer that fails gets its error in its row."""
     ours = bench.run_case(case, copy_gbs, reps, with_ref=False)
     rows = []
     for name, peer in calls.items():
         row = dict(op=case.op, model=case.model, tp=case.tp, shape=case.shape, peer=name,
                    bytes=case.bytes, tpssm_us=ours["time_us"], tpssm_pct_copy=ours["pct_copy"])
+        if peer.note:
+            row["peer_note"] = peer.note
         try:
-            row["max_rel_diff"] = compare(case, peer)
-            theirs = bench.run_case(dataclasses.replace(case, call=peer, native=None, ref=None),
-                                    copy_gbs, reps, with_ref=False)
+            clear_autotune_caches()
+            diff = compare(case, peer)
+            timed = dataclasses.replace(case, call=peer.call, native=None, ref=None,
+                                        make_set=lambda peer=peer: peer.make_set(case))
+            theirs = bench.run_case(timed, copy_gbs, reps, with_ref=False)
         except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported, not fatal
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             continue
-        row.update(peer_us=theirs["time_us"], peer_pct_copy=theirs["pct_copy"],
+        # JSON has no inf: a comparison that met NaN / inf says so instead.
+        row.update(max_rel_diff=diff if math.isfinite(diff) else None,
+                   outputs_finite=math.isfinite(diff), peer_us=theirs["time_us"],
+                   peer_pct_copy=theirs["pct_copy"],
                    speedup_vs_peer=theirs["time_us"] / ours["time_us"])
         rows.append(row)
     return rows
 
 
+def _outcome(r: Dict) -> str:
+    if "error" in r:
+        return f"peer failed: {r['error'][:70]}"
+    diff = f"{r['max_rel_diff']:.1e}" if r["outputs_finite"] else "NOT FINITE"
+    return (f"{r['peer_us']:>9.1f}{r['speedup_vs_peer']:>8.2f}{r['tpssm_pct_copy']:>7.1f}"
+            f"{r['peer_pct_copy']:>7.1f}{diff:>11}")
+
+
 def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
     print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peers: {version} "
           f"(Triton)")
-    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'peer':<10}{'tpssm us':>9}"
-            f"{'peer us':>9}{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>9}")
+    head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'peer':<11}{'tpssm us':>9}"
+            f"{'peer us':>9}{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        line = f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['peer']:<10}"
-        if "error" in r:
-            print(line + f"{r['tpssm_us']:>9.1f}  peer failed: {r['error'][:60]}")
-            continue
-        print(line + f"{r['tpssm_us']:>9.1f}{r['peer_us']:>9.1f}{r['speedup_vs_peer']:>8.2f}"
-              f"{r['tpssm_pct_copy']:>7.1f}{r['peer_pct_copy']:>7.1f}{r['max_rel_diff']:>9.1e}")
+        print(f"{r['op']:<23}{r['model']:<16}{r['tp']:>3} {r['shape']:<30}{r['peer']:<11}"
+              f"{r['tpssm_us']:>9.1f}" + _outcome(r))
+    notes = sorted({f"{r['peer']} {r['op']}: {r['peer_note']}" for r in rows if "peer_note" in r})
+    for note in notes:
+        print("note: " + note)
 
 
 def main(argv=None) -> int:
@@ -239,7 +305,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default=",".join(OPS),
                         help="comma-separated subset of " + ",".join(OPS) + " (default all)")
     parser.add_argument("--reps", type=int, default=None, help="timed replays (default 5 / 15)")
-    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--programmatic-launch", action="store_true",
+                        help="tpssm's kernels and vLLM's conv update with programmatic dependent "
+                             "launch (sm_90+; default off for both)")
+    parser.add_argument("--json", type=Path,
+                        help="write the rows as JSON here (rewritten after every case)")
     args = parser.parse_args(argv)
     wanted = [op.strip() for op in args.ops.split(",") if op.strip()]
     if not wanted or set(wanted) - set(OPS):
@@ -247,7 +317,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_peers: CUDA is required (no CUDA device found); nothing to benchmark")
         return 0
-    peers = load_peers()
+    peers = load_peers(programmatic_launch=args.programmatic_launch)
     if peers is None:
         print(f"bench_peers: no peer kernels in {PEER_DIR} (run benchmarks/stage_peers.py where "
               "PyPI is reachable, and carry .peer to the GPU machine); nothing to compare")
@@ -260,10 +330,18 @@ def main(argv=None) -> int:
     if not tpssm.has_cuda_kernels():
         print("bench_peers: this tpssm build has no CUDA kernels; nothing to benchmark")
         return 0
+    ops.set_programmatic_launch(args.programmatic_launch)
     torch.manual_seed(0)
     reps = args.reps or (5 if args.quick else 15)
     copy_gbs = bench.copy_bandwidth()
-    rows = []
+    payload = dict(
+        device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+        git_commit=git_commit() or "unknown", peer=peers.version,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        copy_bandwidth_gbs=copy_gbs, quick=args.quick,
+        programmatic_launch=args.programmatic_launch, activation_dtype=str(bench.ACT),
+        state_dtype=str(bench.STATE), rows=[])
+    rows = payload["rows"]
     for case in build_cases(args.quick, wanted, ops, ref_mod):
         calls = peer_calls(case, peers)
         if not calls:
@@ -276,19 +354,12 @@ def main(argv=None) -> int:
             continue
         rows += new_rows
         for row in new_rows:
-            outcome = (f"failed: {row['error']}" if "error" in row else
-                       f"{row['peer_us']:9.1f} us  x{row['speedup_vs_peer']:.2f}  "
-                       f"diff {row['max_rel_diff']:.1e}")
             print(f"{row['op']:<23}{row['model']:<16} tp{row['tp']} {row['shape']:<30}"
-                  f"{row['tpssm_us']:9.1f} us  {row['peer']} {outcome}", flush=True)
+                  f"{row['peer']:<11}{row['tpssm_us']:9.1f} us  " + _outcome(row), flush=True)
+        if args.json:  # a run cut short keeps what it measured
+            args.json.write_text(json.dumps(payload, indent=1))
     print_table(rows, copy_gbs, peers.version)
     if args.json:
-        payload = dict(
-            device=torch.cuda.get_device_name(0), torch=torch.__version__,
-            cuda=torch.version.cuda, git_commit=git_commit() or "unknown", peer=peers.version,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            copy_bandwidth_gbs=copy_gbs, quick=args.quick, activation_dtype=str(bench.ACT),
-            state_dtype=str(bench.STATE), rows=rows)
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0

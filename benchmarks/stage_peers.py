@@ -116,40 +116,44 @@ def _copy(tar: tarfile.TarFile, member: str, target: Path) -> None:
     target.write_bytes(tar.extractfile(member).read())
 
 
-def stage_mamba_ssm() -> None:
+def stage_mamba_ssm(dest: Path) -> None:
     top = f"mamba_ssm-{MAMBA_SSM}"
     with tarfile.open(fileobj=io.BytesIO(_sdist("mamba-ssm", MAMBA_SSM)), mode="r:gz") as tar:
         for relative in MAMBA_SSM_MODULES:
-            _copy(tar, f"{top}/mamba_ssm/{relative}", DEST / "mamba_ssm" / relative)
-        _copy(tar, f"{top}/LICENSE", DEST / "LICENSE.mamba_ssm")
+            _copy(tar, f"{top}/mamba_ssm/{relative}", dest / "mamba_ssm" / relative)
+        _copy(tar, f"{top}/LICENSE", dest / "LICENSE.mamba_ssm")
     for init in ("__init__.py", "ops/__init__.py", "ops/triton/__init__.py", "utils/__init__.py"):
-        (DEST / "mamba_ssm" / init).write_text("")  # the package's own would import its extension
+        (dest / "mamba_ssm" / init).write_text("")  # the package's own would import its extension
 
 
-def stage_vllm() -> None:
+def stage_vllm(dest: Path) -> None:
     top = f"vllm-{VLLM}"
     with tarfile.open(fileobj=io.BytesIO(_sdist("vllm", VLLM)), mode="r:gz") as tar:
         for name in ("mamba_ssm.py", "triton_helpers.py", "causal_conv1d.py"):
-            _copy(tar, f"{top}/{VLLM_OPS}/{name}", DEST / VLLM_OPS / name)
+            _copy(tar, f"{top}/{VLLM_OPS}/{name}", dest / VLLM_OPS / name)
         configs = f"{top}/{VLLM_OPS}/configs/selective_state_update/"
         for member in tar.getnames():
             if member.startswith(configs) and "device_name=NVIDIA" in member:
-                _copy(tar, member, DEST / member[len(top) + 1:])
-        _copy(tar, f"{top}/LICENSE", DEST / "LICENSE.vllm")
+                _copy(tar, member, dest / member[len(top) + 1:])
+        _copy(tar, f"{top}/LICENSE", dest / "LICENSE.vllm")
     for relative, text in VLLM_STANDINS.items():
-        (DEST / relative).parent.mkdir(parents=True, exist_ok=True)
-        (DEST / relative).write_text(text)
-    for folder in [DEST / "vllm"] + [p for p in (DEST / "vllm").rglob("*") if p.is_dir()]:
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        (dest / relative).write_text(text)
+    for folder in [dest / "vllm"] + [p for p in (dest / "vllm").rglob("*") if p.is_dir()]:
         if folder.name != "configs" and folder.parent.name != "configs":
             (folder / "__init__.py").touch()
 
 
 def main() -> int:
+    # Staged beside .peer/ and swapped in whole: a download that fails leaves the old one.
+    staging = DEST.with_name(".peer.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    stage_mamba_ssm(staging)
+    stage_vllm(staging)
+    (staging / "VERSION").write_text(f"mamba_ssm {MAMBA_SSM}, vllm {VLLM}\n")
     shutil.rmtree(DEST, ignore_errors=True)
-    DEST.mkdir()
-    stage_mamba_ssm()
-    stage_vllm()
-    (DEST / "VERSION").write_text(f"mamba_ssm {MAMBA_SSM}, vllm {VLLM}\n")
+    staging.rename(DEST)
     size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
     print(f"stage_peers: mamba_ssm {MAMBA_SSM} and vllm {VLLM} kernels in {DEST} "
           f"({size // 1024} KiB)")

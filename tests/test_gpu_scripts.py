@@ -6,17 +6,18 @@ ncu, compute-sanitizer, cmake and the CMake benchmark binaries that the fake cma
 shell does its own expansion (functions, heredoc loops, defaults), and the recorded command lines
 are then checked here:
 
-- a benchmarks/*.py script: its own argument parser accepts the arguments (parsing only: the
-  script's work after parse_args never runs);
+- a benchmarks/*.py script: its own argument parser, and its own checks of the values up to its
+  first CUDA check, accept the arguments (nothing of the script's work runs);
 - `-m tpssm`: the command line's parser accepts them;
-- `-m pytest`: the test files exist and a `-k` expression selects at least one test function;
+- `-m pytest`: the test files exist and pytest collects with the arguments given (its options,
+  a `-k` that selects at least one test);
 - sanitize_cases.py: the group names exist;
 - `-c` code and a heredoc on stdin: it compiles;
 - a CMake binary: each `--option` is one its source reads;
 - ncu and compute-sanitizer: only the options these scripts are known to use.
 
-Every benchmarks/*.py script and CMake binary that a GPU script names must have been started, so
-a stage that silently stopped running shows here too."""
+Each script must exit 0 with every stage ok, and every benchmarks/*.py script and CMake binary
+it names must have been started by it, so a stage that silently stopped running shows here too."""
 
 from __future__ import annotations
 
@@ -33,18 +34,21 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 GPU_SCRIPTS = ("gpu_check.sh", "gpu_decode_check.sh", "gpu_scan_check.sh")
 
-# Appends one JSON line per start: the program's role, its arguments and, for `python -`, stdin.
+# Appends one JSON line per start: the program's role, its arguments, the GPU script that started
+# it and, for `python -`, stdin.
 RECORDER = r'''
 import json, os, sys
 role, argv = sys.argv[1], sys.argv[2:]
 stdin = sys.stdin.read() if role == "python" and argv[:1] == ["-"] else None
 with open(os.environ["GPU_SCRIPT_LOG"], "a") as f:
-    f.write(json.dumps({"role": role, "argv": argv, "cwd": os.getcwd(), "stdin": stdin}) + "\n")
+    f.write(json.dumps({"role": role, "argv": argv, "cwd": os.getcwd(), "stdin": stdin,
+                        "script": os.environ["GPU_SCRIPT_NAME"]}) + "\n")
 '''
 
 # Options that take a value, per wrapper; the program it wraps follows the options.
@@ -111,21 +115,24 @@ def _fakes(tmp: Path) -> Path:
     return bin_dir
 
 
-def _run(script: str, root: Path, bin_dir: Path, log: Path, **env: str) -> None:
+def _run(script: str, root: Path, bin_dir: Path, log: Path, tag: str = "", **env: str) -> None:
     full_env = dict(os.environ, PYTHON=str(bin_dir / "python"), CUDA_HOME=str(bin_dir.parent),
                     PATH=f"{bin_dir}:{os.environ['PATH']}", GPU_SCRIPT_LOG=str(log),
-                    OUT=str(root.parent / "out"), **env)
+                    GPU_SCRIPT_NAME=script + tag, OUT=str(root.parent / "out"), **env)
     full_env.pop("PYTHONPATH", None)
     (root.parent / "out").mkdir(exist_ok=True)
     done = subprocess.run(["bash", str(root / "benchmarks" / script)], cwd=root, env=full_env,
                           capture_output=True, text=True, timeout=240)
     # Every stage ends well when each program it starts does (the recorders exit 0); a stage
-    # that fails here failed in the shell (a missing file, a bad option of timeout, ...).
+    # that fails here failed in the shell (a missing file, a bad option of timeout, an unset
+    # variable under set -u, ...).
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
     for word in ("FAIL", "TIMEOUT", "skipped"):
         assert word not in done.stdout, f"{script}: {word} in\n{done.stdout[-3000:]}"
     for log in list((root / "benchmarks" / "out").glob("*/*.log")) + [None]:
         text = done.stderr if log is None else log.read_text()
-        for error in ("command not found", "No such file or directory", "syntax error"):
+        for error in ("command not found", "No such file or directory", "syntax error",
+                      "unbound variable"):
             assert error not in text, f"{script}: {error} in {log or 'stderr'}:\n{text[-2000:]}"
 
 
@@ -137,13 +144,14 @@ def records(tmp_path_factory) -> List[Dict]:
     for script in GPU_SCRIPTS:
         _run(script, root, bin_dir, log, GPU_DECODE_BATCH64="1")
     # The engine sweep again as NOTES plans it: sequence-parallel rank shards.
-    _run("gpu_engine_bench.sh", root, bin_dir, log, GPU_ENGINE_EXTRA="--sequence-parallel",
-         GPU_ENGINE_TAG="sp")
+    _run("gpu_engine_bench.sh", root, bin_dir, log, tag=" sp",
+         GPU_ENGINE_EXTRA="--sequence-parallel", GPU_ENGINE_TAG="sp")
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 class _Parsed(BaseException):
-    """Raised right after a script's parse_args: nothing of the script's work runs."""
+    """Raised at a script's first CUDA check after its arguments are parsed (and validated):
+    nothing of the script's work runs."""
 
 
 def _load(path: Path):
@@ -159,15 +167,26 @@ def _load(path: Path):
 
 
 def _parse_with_script(path: Path, argv: List[str], monkeypatch) -> None:
+    """Runs the script's main until its first torch.cuda.is_available() after parse_args: the
+    parsing and whatever the script checks of the arguments before it asks for CUDA. Until
+    then CUDA is "there", as on the GPU machine (defaults that depend on it come out alike)."""
     original = argparse.ArgumentParser.parse_args
+    parsed = []
 
-    def parse_then_stop(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise _Parsed()
+    def parse(self, args=None, namespace=None):
+        result = original(self, args, namespace)
+        parsed.append(True)
+        return result
+
+    def cuda_available() -> bool:
+        if parsed:
+            raise _Parsed()
+        return True
 
     mod = _load(path)
     with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        m.setattr(argparse.ArgumentParser, "parse_args", parse)
+        m.setattr(torch.cuda, "is_available", cuda_available)
         m.setattr(sys, "argv", [str(path)] + argv)
         main = mod.main
         with pytest.raises(_Parsed):
@@ -195,11 +214,25 @@ def _selected(files: List[Path], expression: str) -> List[str]:
 
 
 def _check_pytest(argv: List[str]) -> None:
+    """pytest itself, collecting only: the options, the files and the -k selection by pytest's
+    own rules. -n is pytest-xdist's, which the GPU image has and this machine may not: dropped
+    here when xdist is missing. A file skipped whole on a CPU collects nothing: its -k is
+    matched against its test functions' names instead."""
     files = [ROOT / a for a in argv if a.startswith("tests/")]
     assert files, f"pytest run with no test file: {argv}"
     for f in files:
         assert f.is_file(), f"pytest names {f.relative_to(ROOT)}, which does not exist"
-    if "-k" in argv:
+    args = list(argv)
+    if "-n" in args and importlib.util.find_spec("xdist") is None:
+        del args[args.index("-n"):args.index("-n") + 2]
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs",
+                           "-p", "no:cacheprovider", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+    out = done.stdout + done.stderr
+    skipped_whole = done.returncode == 5 and "SKIPPED" in out and "deselected" not in out
+    assert done.returncode == 0 or skipped_whole, f"pytest {shlex.join(argv)}:\n{out[-1500:]}"
+    if skipped_whole and "-k" in argv:
         expression = argv[argv.index("-k") + 1]
         assert _selected(files, expression), f"-k {expression!r} selects no test in {argv}"
 
@@ -260,17 +293,31 @@ def test_every_started_program_accepts_its_arguments(records, monkeypatch):
     assert not failures, "\n".join(failures)
 
 
+def _named(script: str, pattern: str) -> set:
+    """What `pattern` finds in the script's lines outside comments."""
+    lines = [line for line in (BENCH / script).read_text().splitlines()
+             if not line.lstrip().startswith("#")]
+    return set(re.findall(pattern, "\n".join(lines)))
+
+
 def test_every_named_script_and_binary_ran(records):
-    text = "\n".join(line for s in GPU_SCRIPTS + ("gpu_engine_bench.sh",)
-                     for line in (BENCH / s).read_text().splitlines()
-                     if not line.lstrip().startswith("#"))
-    named_scripts = set(re.findall(r"benchmarks/(\w+\.py)", text))
-    named_binaries = set(re.findall(r"\$B/(bench_\w+)", text))
-    started = {r["argv"][0].split("/")[-1] for r in records
-               if r["role"] == "python" and r["argv"] and r["argv"][0].endswith(".py")}
-    binaries = {r["role"].split(":", 1)[1] for r in records if r["role"].startswith("binary:")}
-    assert named_scripts - {"setup.py"} <= started, named_scripts - started
-    assert named_binaries and named_binaries <= binaries, named_binaries - binaries
+    """Per GPU script: each benchmarks/*.py and CMake binary it names was started by it (with
+    gpu_engine_bench.sh's starts under gpu_check.sh, which runs it)."""
+    by_script: Dict[str, List[Dict]] = {}
+    for r in records:
+        by_script.setdefault(r["script"], []).append(r)
+    assert set(by_script) == set(GPU_SCRIPTS) | {"gpu_engine_bench.sh sp"}, set(by_script)
+    for script, recs in by_script.items():
+        names = _named(script.split()[0], r"benchmarks/(\w+\.py)") - {"setup.py"}
+        if script == "gpu_check.sh":
+            names |= _named("gpu_engine_bench.sh", r"benchmarks/(\w+\.py)")
+        started = {r["argv"][0].split("/")[-1] for r in recs
+                   if r["role"] == "python" and r["argv"] and r["argv"][0].endswith(".py")}
+        assert names <= started, (script, names - started)
+        binaries = _named(script.split()[0], r"\$B/(bench_\w+)")
+        ran = {r["role"].split(":", 1)[1] for r in recs if r["role"].startswith("binary:")}
+        assert binaries <= ran, (script, binaries - ran)
+    assert _named("gpu_check.sh", r"\$B/(bench_\w+)"), "gpu_check.sh runs no binary"
     engine = [r["argv"] for r in records if r["argv"][:3] == ["-m", "tpssm", "bench"]]
     assert any("--sequence-parallel" in a for a in engine) and len(engine) >= 8, engine
     wrapped = {r["role"] for r in records}
@@ -278,13 +325,20 @@ def test_every_named_script_and_binary_ran(records):
 
 
 def test_a_bad_flag_is_caught(monkeypatch):
-    """The checks above can fail: a flag a script lacks, a binary option its source never reads,
-    a -k expression that selects nothing."""
+    """The checks above can fail: a flag a script lacks, a value its own checks after parsing
+    refuse, a binary option its source never reads, a pytest option pytest lacks, a -k
+    expression that selects nothing, a test file that is not there."""
     with pytest.raises(SystemExit):
         _parse_with_script(BENCH / "profile_step.py", ["--tp-shardz", "1,4"], monkeypatch)
+    with pytest.raises(SystemExit):
+        _parse_with_script(BENCH / "profile_step.py", ["--tp-shards", "2,4"], monkeypatch)
     with pytest.raises(AssertionError, match="does not read"):
         _check_binary("bench_gemv", ["--m", "1", "--lanes", "4"])
-    with pytest.raises(AssertionError, match="selects no test"):
+    with pytest.raises(AssertionError, match="unrecognized arguments"):
+        _check_pytest(["tests/test_thread_ranks.py", "--timout=1"])
+    with pytest.raises(AssertionError, match="deselected"):
         _check_pytest(["tests/test_thread_ranks.py", "-k", "no_such_test_name"])
+    with pytest.raises(AssertionError, match="selects no test"):
+        _check_pytest(["tests/test_ops_cuda.py", "-k", "no_such_test_name"])
     with pytest.raises(AssertionError, match="does not exist"):
         _check_pytest(["tests/test_no_such_file.py"])
