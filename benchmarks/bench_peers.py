@@ -2,9 +2,10 @@
 
 The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the device call's
 `carry`), are mamba_ssm's Triton kernels and vLLM's decode kernels:
-- the chunked SSD scan of Mamba-2 prefill (mamba_chunk_scan_combined, chunk 256), given the pool's
-  states as initial states and its final states copied back into the pool, as tpssm's op reads
-  and writes them;
+- the chunked SSD scan of Mamba-2 prefill, chunk 256: mamba_ssm's (mamba_chunk_scan_combined,
+  given the pool's states as initial states, its final states copied back into the pool) and
+  vLLM's varlen one (its chunk list built on the host as vLLM's engine does, initial states
+  gathered from the slots as its Mamba2 layer does, final states written to the slots);
 - the selective state update, Mamba-1 and Mamba-2 forms, rows addressed by state_batch_indices
   (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
   them), mamba_ssm's and vLLM's (its launch settings from its own tuned configurations where it
@@ -88,18 +89,21 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
             causal_conv1d_update as vllm_conv_update)
         from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
             selective_state_update as vllm_state_update)
+        from vllm.model_executor.layers.mamba.ops.ssd_combined import (
+            mamba_chunk_scan_combined_varlen as vllm_chunk_scan)
         from vllm.platforms import current_platform
         if not programmatic_launch:
             current_platform.is_arch_support_pdl = lambda: False
     except Exception as exc:  # noqa: BLE001 - the other peers still run
         print(f"bench_peers: vLLM's kernels do not import here ({type(exc).__name__}: {exc}); "
               "mamba_ssm's only")
-        vllm_conv_update = vllm_state_update = None
+        vllm_conv_update = vllm_state_update = vllm_chunk_scan = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
     return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined,
                            state_update=selective_state_update, add_rms_norm=rms_norm_fn,
                            gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
-                           vllm_conv_update=vllm_conv_update, version=version)
+                           vllm_conv_update=vllm_conv_update, vllm_chunk_scan=vllm_chunk_scan,
+                           version=version)
 
 
 def clear_autotune_caches() -> None:
@@ -112,6 +116,8 @@ def clear_autotune_caches() -> None:
             for obj in vars(module).values():
                 if isinstance(obj, Autotuner):
                     obj.cache.clear()
+            # vLLM's launch_autotuned keeps the choices once more, by the same keys.
+            getattr(module, "_autotuned_configs", {}).clear()
 
 
 def _vllm_conv_layout(s: Dict) -> Dict:
@@ -119,6 +125,34 @@ def _vllm_conv_layout(s: Dict) -> Dict:
     contiguous, seen as (slots, dim, width - 1)."""
     state = s["conv_state"]
     return dict(s, conv_state=state.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def _ssd_chunks(seqlens: List[int], chunk: int) -> Dict[str, List[int]]:
+    """vLLM's SSD chunk list for a packed batch: chunks end at every sequence end and every
+    multiple of `chunk` tokens of the packed batch; per chunk its sequence, per sequence its last
+    chunk."""
+    bounds, seq_of_chunk, last = [0], [], []
+    start = 0
+    for b, n in enumerate(seqlens):
+        pos, end = start, start + n
+        while pos < end:
+            pos = min(end, (pos // chunk + 1) * chunk)
+            bounds.append(pos)
+            seq_of_chunk.append(b)
+        last.append(len(seq_of_chunk) - 1)
+        start = end
+    return dict(cu_chunk_seqlens=bounds, seq_idx=seq_of_chunk, last_chunk_indices=last)
+
+
+def _vllm_ssd_inputs(s: Dict) -> Dict:
+    """The launch metadata vLLM's engine builds on the host for a prefill batch (kept with the
+    set, as vLLM keeps it with the step) and the output buffer it passes in."""
+    b, length = s["u"].shape[:2]
+    meta = _ssd_chunks([length] * b, SSD_CHUNK)
+    on = dict(dtype=torch.int32, device=s["u"].device)
+    return dict(s, cu_seqlens=torch.arange(0, b * length + 1, length, **on),
+                slots=torch.arange(b, **on), peer_out=torch.empty_like(s["u"]),
+                **{k: torch.tensor(v, **on) for k, v in meta.items()})
 
 
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
@@ -135,9 +169,29 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
                 initial_states=s["ssm_states"], dt_softplus=True, return_final_states=True)
             s["peer_out"] = y.view(b, length, h * p)
             s["ssm_states"].copy_(final)
-        pool_mb = 2 * 4 * c["m"]["d_inner"] * c["m"]["dstate"] / 1e6  # per row, read + write
-        return {"mamba_ssm": Peer(scan, note=f"its final states copied into the pool: "
-                                             f"+{pool_mb:.2f} MB a row of the peer's traffic")}
+        def vllm_scan(s):
+            b, length = s["u"].shape[:2]
+            tokens = b * length
+            # As vLLM's Mamba2 layer: the rows' initial states gathered from their slots, the
+            # final states written to the slots by the kernel.
+            peers.vllm_chunk_scan(
+                s["u"].view(tokens, h, p), s["delta"].view(tokens, h), c["A"],
+                s["B"].view(tokens, *s["B"].shape[2:]), s["C"].view(tokens, *s["C"].shape[2:]),
+                SSD_CHUNK, s["cu_seqlens"], s["cu_chunk_seqlens"], s["last_chunk_indices"],
+                s["seq_idx"], s["peer_out"].view(tokens, h, p), D=c["D"],
+                z=s["z"].view(tokens, h, p), dt_bias=c["dbias"],
+                initial_states=s["ssm_states"][s["slots"]], dt_softplus=True,
+                state_dtype=s["ssm_states"].dtype, final_states_out=s["ssm_states"],
+                final_state_indices=s["slots"])
+        # Per row, in MB: the pool's state read and written once more than tpssm's op does.
+        pool_mb = 2 * 4 * c["m"]["d_inner"] * c["m"]["dstate"] / 1e6
+        calls = {"mamba_ssm": Peer(scan, note=f"its final states copied into the pool: "
+                                              f"+{pool_mb:.2f} MB a row of the peer's traffic")}
+        if peers.vllm_chunk_scan is not None:
+            calls["vllm"] = Peer(vllm_scan, _vllm_ssd_inputs,
+                                 f"initial states gathered from the slots, as its layer does: "
+                                 f"+{pool_mb:.2f} MB a row")
+        return calls
     if case.op == "selective_state_update":
         m = c["m"]
         if m["form"] == "mamba1":

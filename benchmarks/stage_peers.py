@@ -7,10 +7,11 @@ the archives are read, nothing in them is built or run here), each with its lice
 - mamba_ssm: its Triton kernels (the chunked SSD scan of Mamba-2 prefill, the selective state
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
-- vLLM: its selective state update and conv update (the Triton kernels engines run for Mamba
-  decode; the state update with its tuned launch configurations for NVIDIA GPUs). The few vLLM
-  modules those two files import (platform, logging, settings, constants) are replaced by small
-  stand-ins written here, in .peer/vllm/ beside the staged files.
+- vLLM: its Mamba-2 prefill scan (the varlen SSD kernels, states read from and written to cache
+  slots) and its decode kernels (the selective state update, with its tuned launch
+  configurations for NVIDIA GPUs, and the conv update). The few vLLM modules those files import
+  (platform, logging, settings, constants) are replaced by small stand-ins written here, in
+  .peer/vllm/ beside the staged files.
 Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MAMBA_SSM_MODULES = [f"ops/triton/{m}.py" for m in (
     "ssd_combined", "layernorm_gated", "layer_norm", "k_activations", "selective_state_update")
 ] + ["utils/determinism.py", "utils/torch.py"]
 VLLM_OPS = "vllm/model_executor/layers/mamba/ops"
-# Stand-ins for what vLLM's two files import beside Triton, torch and numpy (the values are
+# Stand-ins for what vLLM's files import beside Triton, torch and numpy (the values are
 # vLLM's own: PAD_SLOT_ID, NULL_BLOCK_ID; device names as its tuned configs' file names use).
 VLLM_STANDINS = {
     "vllm/envs.py": "VLLM_TUNED_CONFIG_FOLDER = None\n",
@@ -71,6 +72,17 @@ class _CudaPlatform:
 
     def get_device_name(self, device_id=0):
         return torch.cuda.get_device_name(device_id) if torch.cuda.is_available() else "cpu"
+
+    def is_cuda(self):
+        return torch.cuda.is_available()
+
+    def is_device_capability(self, capability, device_id=0):
+        if not torch.cuda.is_available():
+            return False
+        major, minor = torch.cuda.get_device_capability(device_id)
+        if isinstance(capability, int):
+            return major * 10 + minor == capability
+        return (major, minor) == tuple(capability)
 
     def is_arch_support_pdl(self):
         try:
@@ -129,7 +141,9 @@ def stage_mamba_ssm(dest: Path) -> None:
 def stage_vllm(dest: Path) -> None:
     top = f"vllm-{VLLM}"
     with tarfile.open(fileobj=io.BytesIO(_sdist("vllm", VLLM)), mode="r:gz") as tar:
-        for name in ("mamba_ssm.py", "triton_helpers.py", "causal_conv1d.py"):
+        for name in ("mamba_ssm.py", "triton_helpers.py", "causal_conv1d.py", "ssd_combined.py",
+                     "ssd_bmm.py", "ssd_chunk_scan.py", "ssd_chunk_state.py",
+                     "ssd_state_passing.py"):
             _copy(tar, f"{top}/{VLLM_OPS}/{name}", dest / VLLM_OPS / name)
         configs = f"{top}/{VLLM_OPS}/configs/selective_state_update/"
         for member in tar.getnames():
