@@ -1,7 +1,7 @@
 """tpssm's kernels timed beside the peer kernels that engines use today, in one process on one GPU.
 
 The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the device call's
-`carry`), are mamba_ssm's Triton kernels and vLLM's decode kernels:
+`carry`), are mamba_ssm's Triton kernels and vLLM's:
 - the chunked SSD scan of Mamba-2 prefill, chunk 256: mamba_ssm's (mamba_chunk_scan_combined,
   given the pool's states as initial states, its final states copied back into the pool) and
   vLLM's varlen one (its chunk list built on the host as vLLM's engine does, initial states
