@@ -3,8 +3,8 @@ built by bench_ssm_ops.py's own builders (tiny shards of each family, bf16 activ
 states, the SSD scans across chunk and sequence boundaries, decode states at permuted slots of
 a larger pool), the peers' Triton kernels run on the CPU in Triton's interpreter and agree with
 tpssm's CPU ops, outputs and the states they write (the SSD scans and vLLM's conv update on fp16
-copies of the bf16 inputs: see in_fp16). Peers called wrongly (B and C swapped, the slots left out, the
-residual not written) and NaN on either side are caught by the same comparison.
+copies of the bf16 inputs: see in_fp16). Peers called wrongly (B and C swapped, the slots left
+out, the residual not written) and NaN on either side are caught by the same comparison.
 
 Needs the peer kernels staged (python benchmarks/stage_peers.py: .peer/, git-ignored, never in the
 repository), triton and einops; skips without them (CI has none of the three). Without a GPU this
