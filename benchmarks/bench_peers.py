@@ -22,9 +22,11 @@ Programmatic dependent launch is off for both sides unless --programmatic-launch
 timing, each pair runs once on copies of the same inputs and their outputs and the states they
 write are compared: `max_rel_diff` in the JSON and the table. A peer that fails (a Triton
 version it does not support, say) gets a row with its error.
+- vLLM's Mamba-1 prefill scan (CUDA C++: stage_peers.py builds its kernel code into a torch-free
+  library called through ctypes), varlen, on the channels-major copies of the inputs its layer
+  hands it, states read from and written to the slots.
 No peer here for the conv prefill (causal-conv1d is a separate CUDA extension; vLLM's Triton
-one reads its launch metadata on the host, so no CUDA graph) or the Mamba-1 prefill scan
-(mamba_ssm's is CUDA too).
+one reads its launch metadata on the host, so no CUDA graph).
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
     python benchmarks/bench_peers.py [--quick] [--ops scan,conv_update,...] [--json PATH]
@@ -35,6 +37,7 @@ Without CUDA, or without .peer/, it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -43,7 +46,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,6 +56,7 @@ sys.path.insert(0, str(HERE))
 import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 
 PEER_DIR = HERE.parent / ".peer"
+SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds it
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
 OPS = ("scan", "conv_update", "state_update", "norm")
 
@@ -65,10 +69,43 @@ class Peer:
     call: Callable[[Dict], None]
     adapt: Optional[Callable[[Dict], Dict]] = None
     note: str = ""
+    resets: Tuple[str, ...] = ()  # inputs the call overwrites (restored between replays)
 
     def make_set(self, case: bench.Case) -> Dict:
         s = case.make_set()
         return self.adapt(s) if self.adapt else s
+
+
+class _ScanArgs(ctypes.Structure):
+    """The shim's PeerScanArgs (stage_peers.py's SCAN_SHIM), field for field."""
+    _fields_ = ([(name, ctypes.c_void_p) for name in (
+        "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "ssm_states", "query_start_loc",
+        "cache_indices", "has_initial_state", "stream")]
+        + [(name, ctypes.c_longlong) for name in (
+            "batch", "dim", "tokens", "dstate", "groups", "null_block_id")]
+        + [("delta_softplus", ctypes.c_int)])
+
+
+def _load_scan_library(path: Path):
+    """vLLM's Mamba-1 scan, as the function of the library stage_peers.py built, or None (with
+    a line saying why)."""
+    library = path / SCAN_LIBRARY
+    if not library.exists():
+        print(f"bench_peers: no {library} (stage_peers.py builds it where nvcc is): "
+              "no peer for the Mamba-1 prefill scan")
+        return None
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as exc:  # built on another image: its C++ runtime may not be here
+        print(f"bench_peers: {library} does not load here ({exc})")
+        return None
+    lib.peer_scan_args_layout.restype = ctypes.c_longlong
+    layout = (lib.peer_scan_args_layout(0), lib.peer_scan_args_layout(1))
+    if layout != (ctypes.sizeof(_ScanArgs), _ScanArgs.delta_softplus.offset):
+        raise RuntimeError(f"{library}: PeerScanArgs layout {layout} differs from _ScanArgs")
+    lib.peer_vllm_selective_scan_bf16.restype = ctypes.c_int
+    lib.peer_vllm_selective_scan_bf16.argtypes = [ctypes.POINTER(_ScanArgs)]
+    return lib.peer_vllm_selective_scan_bf16
 
 
 def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
@@ -99,7 +136,8 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
               "mamba_ssm's only")
         vllm_conv_update = vllm_state_update = vllm_chunk_scan = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
-    return SimpleNamespace(chunk_scan=mamba_chunk_scan_combined,
+    return SimpleNamespace(vllm_mamba1_scan=_load_scan_library(path),
+                           chunk_scan=mamba_chunk_scan_combined,
                            state_update=selective_state_update, add_rms_norm=rms_norm_fn,
                            gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
                            vllm_conv_update=vllm_conv_update, vllm_chunk_scan=vllm_chunk_scan,
@@ -155,9 +193,53 @@ def _vllm_ssd_inputs(s: Dict) -> Dict:
                 **{k: torch.tensor(v, **on) for k, v in meta.items()})
 
 
+def _vllm_mamba1_inputs(s: Dict) -> Dict:
+    """The case's inputs in the layouts vLLM's Mamba layer hands its scan (varlen: channels x
+    tokens, tokens contiguous; B and C groups x dstate x tokens), with its batch description."""
+    b, length, dim = s["u"].shape
+    tokens = b * length
+    groups, dstate = s["B"].shape[-2:]
+
+    def channels_major(t):
+        return t.reshape(tokens, -1).t().contiguous()
+
+    def states_major(t):
+        return t.reshape(tokens, groups, dstate).permute(1, 2, 0).contiguous()
+
+    on = dict(dtype=torch.int32, device=s["u"].device)
+    return dict(s, peer_u=channels_major(s["u"]), peer_delta=channels_major(s["delta"]),
+                peer_z=channels_major(s["z"]), peer_B=states_major(s["B"]),
+                peer_C=states_major(s["C"]), cu_seqlens=torch.arange(0, tokens + 1, length, **on),
+                slots=torch.arange(b, **on))
+
+
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
     """The peers of `case`, by name; empty where no peer has such a kernel."""
     c = case.consts
+    if (case.op == "selective_scan" and c["m"]["form"] == "mamba1" and c["query_start_loc"] is None
+            and peers.vllm_mamba1_scan is not None and "lanes" not in case.shape
+            and "split" not in case.shape):
+        def mamba1_scan(s):
+            b, length, dim = s["u"].shape
+            groups, dstate = s["B"].shape[-2:]
+            args = _ScanArgs(
+                u=s["peer_u"].data_ptr(), delta=s["peer_delta"].data_ptr(),
+                A=c["A"].data_ptr(), B=s["peer_B"].data_ptr(), C=s["peer_C"].data_ptr(),
+                D=c["D"].data_ptr(), delta_bias=c["dbias"].data_ptr(), z=s["peer_z"].data_ptr(),
+                ssm_states=s["ssm_states"].data_ptr(), query_start_loc=s["cu_seqlens"].data_ptr(),
+                cache_indices=s["slots"].data_ptr(),
+                has_initial_state=s["has_initial_state"].data_ptr(),
+                stream=torch.cuda.current_stream().cuda_stream, batch=b, dim=dim,
+                tokens=b * length, dstate=dstate, groups=groups, null_block_id=-1,
+                delta_softplus=1)
+            error = peers.vllm_mamba1_scan(ctypes.byref(args))
+            if error:
+                raise RuntimeError(f"vLLM's Mamba-1 scan: CUDA error {error}")
+            s["peer_out"] = s["peer_z"].t()  # its gated output, written over z
+        return {"vllm": Peer(mamba1_scan, _vllm_mamba1_inputs,
+                             "its output written over delta and z (restored between replays); "
+                             "inputs in its channels-major layout, built before timing",
+                             resets=("peer_delta", "peer_z"))}
     if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
         h, p = c["m"]["nheads"], c["m"]["headdim"]
 
@@ -280,9 +362,10 @@ def build_cases(quick: bool, wanted, ops, ref_mod) -> List[bench.Case]:
     prefill = bench.QUICK["prefill"] if quick else bench.PREFILLS
     cases = []
     if "scan" in wanted:
-        for tp in tps:
-            for batch, seqlen in prefill:
-                cases.append(bench.scan_case("mamba2-2.7b", tp, batch, seqlen, ops, ref_mod))
+        for model in ("mamba-2.8b", "mamba2-2.7b"):
+            for tp in tps:
+                for batch, seqlen in prefill:
+                    cases.append(bench.scan_case(model, tp, batch, seqlen, ops, ref_mod))
     for model in bench.MODELS:
         for tp in tps:
             for batch in decode:
@@ -313,7 +396,8 @@ def run_peers(case: bench.Case, calls: Dict[str, Peer], copy_gbs: float,
             clear_autotune_caches()
             diff = compare(case, peer)
             timed = dataclasses.replace(case, call=peer.call, native=None, ref=None,
-                                        make_set=lambda peer=peer: peer.make_set(case))
+                                        make_set=lambda peer=peer: peer.make_set(case),
+                                        resets=case.resets + peer.resets)
             theirs = bench.run_case(timed, copy_gbs, reps, with_ref=False)
         except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported, not fatal
             if isinstance(exc, torch.cuda.OutOfMemoryError):

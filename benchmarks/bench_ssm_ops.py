@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,7 @@ class Case:
     native_note: str = ""
     flops: float = 0.0       # tensor-core work (the SSD scan), reported as TFLOP/s
     consts: Dict = field(default_factory=dict)  # what call() takes beside a set (bench_peers.py)
+    resets: Tuple[str, ...] = ()  # inputs the call overwrites: restored with the states
     results: Dict = field(default_factory=dict)
 
 
@@ -370,7 +371,8 @@ def run_case(case: Case, copy_gbs: float, reps: int, with_ref: bool) -> Dict:
     # Pristine copies of the states the op mutates; every replay starts from them. Sets are reset
     # in replay order, so the sets the reset left warm in L2 are replayed last, after the earlier
     # sets have evicted them.
-    keys = [k for k in ("conv_states", "conv_state", "ssm_states", "state") if k in probe]
+    keys = [k for k in ("conv_states", "conv_state", "ssm_states", "state") + case.resets
+            if k in probe]
     pristine = [{k: s[k].clone() for k in keys} for s in sets]
 
     def reset_all():

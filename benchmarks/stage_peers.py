@@ -106,6 +106,115 @@ def get_device_name_as_file_name(device_id=0):
 }
 
 
+# vLLM's Mamba-1 prefill scan is CUDA C++ behind a libtorch binding. Its kernel code (everything
+# before the binding, without the explicit instantiations) is staged, and built here into a
+# library of its own, torch-free, that bench_peers.py calls through ctypes: the headers below
+# stand in for the vLLM / torch ones the kernel code includes, and SHIM fills its parameter
+# struct for the varlen call (layouts as vLLM's Mamba layer passes them), as its binding does.
+SCAN_KERNELS = "selective_scan_fwd_kernels.cuh"
+SCAN_LIBRARY = "lib/libvllm_selective_scan.so"
+SCAN_STANDINS = {
+    "torch_utils.h": "#pragma once\n",
+    "dispatch_utils.h": """#pragma once
+// A boolean known at run time, as a compile-time constant NAME inside the lambda.
+#define VLLM_STABLE_DISPATCH_BOOL(COND, NAME, ...)     \\
+  [&] {                                                \\
+    if (COND) {                                        \\
+      constexpr static bool NAME = true;               \\
+      return __VA_ARGS__();                            \\
+    } else {                                           \\
+      constexpr static bool NAME = false;              \\
+      return __VA_ARGS__();                            \\
+    }                                                  \\
+  }()
+""",
+    "standin_include/torch/csrc/stable/macros.h": """#pragma once
+#include <cstdio>
+#include <cuda_runtime.h>
+// Errors are reported by the shim's return value (cudaGetLastError), not thrown.
+#define STD_CUDA_CHECK(EXPR)                                                          \\
+  do {                                                                                \\
+    cudaError_t err_ = (EXPR);                                                        \\
+    if (err_ != cudaSuccess)                                                          \\
+      std::fprintf(stderr, "vllm scan: %s at %s:%d\\n", cudaGetErrorString(err_),   \\
+                   __FILE__, __LINE__);                                               \\
+  } while (0)
+#define STD_CUDA_KERNEL_LAUNCH_CHECK() STD_CUDA_CHECK(cudaPeekAtLastError())
+""",
+}
+SCAN_SHIM = """\
+// bench_peers.py's entry to vLLM's Mamba-1 prefill scan (bf16 activations, fp32 weights and
+// states), varlen form: u, delta, z (dim, tokens) and B, C (groups, dstate, tokens), each
+// contiguous; ssm_states (slots, dim, dstate) contiguous. As vLLM's binding: the output goes to
+// delta, the gated output to z. Returns the CUDA error of the launch (0: none).
+#include <algorithm>  // what vLLM's build brings in before its headers
+#include <cstddef>
+#include <cstring>
+
+#include "selective_scan_fwd_kernels.cuh"
+
+extern "C" {
+struct PeerScanArgs {
+  void *u, *delta, *A, *B, *C, *D, *delta_bias, *z, *ssm_states;
+  void *query_start_loc, *cache_indices, *has_initial_state, *stream;
+  long long batch, dim, tokens, dstate, groups, null_block_id;
+  int delta_softplus;
+};
+
+int peer_vllm_selective_scan_bf16(const PeerScanArgs* a) {
+  SSMParamsBase p;
+  memset(&p, 0, sizeof(p));
+  p.batch = a->batch;
+  p.dim = a->dim;
+  p.seqlen = a->tokens;
+  p.dstate = a->dstate;
+  p.n_groups = a->groups;
+  p.dim_ngroups_ratio = a->dim / a->groups;
+  p.null_block_id = a->null_block_id;
+  p.delta_softplus = a->delta_softplus != 0;
+  p.is_variable_B = p.is_variable_C = true;
+  p.u_ptr = a->u;
+  p.delta_ptr = a->delta;
+  p.A_ptr = a->A;
+  p.B_ptr = a->B;
+  p.C_ptr = a->C;
+  p.D_ptr = a->D;
+  p.delta_bias_ptr = a->delta_bias;
+  p.out_ptr = a->delta;
+  p.ssm_states_ptr = a->ssm_states;
+  p.z_ptr = a->z;
+  p.out_z_ptr = a->z;
+  p.query_start_loc_ptr = a->query_start_loc;
+  p.cache_indices_ptr = a->cache_indices;
+  p.has_initial_state_ptr = a->has_initial_state;
+  // Strides in elements: tokens are contiguous, channels / states a row of tokens apart.
+  const size_t T = a->tokens;
+  p.A_d_stride = a->dstate;
+  p.A_dstate_stride = 1;
+  p.B_batch_stride = p.C_batch_stride = 1;
+  p.B_dstate_stride = p.C_dstate_stride = T;
+  p.B_group_stride = p.C_group_stride = a->dstate * T;
+  p.u_batch_stride = p.delta_batch_stride = p.z_batch_stride = 1;
+  p.out_batch_stride = p.out_z_batch_stride = 1;
+  p.u_d_stride = p.delta_d_stride = p.z_d_stride = T;
+  p.out_d_stride = p.out_z_d_stride = T;
+  p.ssm_states_batch_stride = a->dim * a->dstate;
+  p.ssm_states_dim_stride = a->dstate;
+  p.ssm_states_dstate_stride = 1;
+  p.cache_indices_stride = 1;
+  selective_scan_fwd_cuda<torch::headeronly::BFloat16, float, float>(
+      p, static_cast<cudaStream_t>(a->stream));
+  return static_cast<int>(cudaGetLastError());
+}
+
+// For the caller's check of its copy of PeerScanArgs.
+long long peer_scan_args_layout(int which) {
+  return which == 0 ? sizeof(PeerScanArgs) : offsetof(PeerScanArgs, delta_softplus);
+}
+}
+"""
+
+
 def _sdist(project: str, version: str) -> bytes:
     """The source archive, from PyPI's simple index (JSON form), checked against its sha256."""
     request = urllib.request.Request(f"https://pypi.org/simple/{project}/",
@@ -150,12 +259,46 @@ def stage_vllm(dest: Path) -> None:
             if member.startswith(configs) and "device_name=NVIDIA" in member:
                 _copy(tar, member, dest / member[len(top) + 1:])
         _copy(tar, f"{top}/LICENSE", dest / "LICENSE.vllm")
+        csrc = dest / "vllm_csrc"
+        _copy(tar, f"{top}/csrc/mamba/selective_scan.h", csrc / "mamba" / "selective_scan.h")
+        source = tar.extractfile(f"{top}/csrc/mamba/selective_scan_fwd.cu").read().decode()
+    # The kernel code ends where its explicit instantiations begin (the shim makes its own).
+    kernels = source[:source.index("template void selective_scan_fwd_cuda<")]
+    (csrc / "mamba" / SCAN_KERNELS).write_text(kernels)
+    for relative, text in SCAN_STANDINS.items():
+        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
+        (csrc / relative).write_text(text)
+    (csrc / "mamba" / "peer_scan_shim.cu").write_text(SCAN_SHIM)
     for relative, text in VLLM_STANDINS.items():
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         (dest / relative).write_text(text)
     for folder in [dest / "vllm"] + [p for p in (dest / "vllm").rglob("*") if p.is_dir()]:
         if folder.name != "configs" and folder.parent.name != "configs":
             (folder / "__init__.py").touch()
+
+
+def build_vllm_scan(dest: Path) -> str:
+    """nvcc builds the scan library for sm_90 (a few minutes on two cores); returns what
+    happened, in a line."""
+    import os
+    import subprocess
+
+    import torch
+
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if not nvcc.exists():
+        return f"no {nvcc}: vLLM's Mamba-1 scan not built (set CUDA_HOME)"
+    csrc, library = dest / "vllm_csrc", dest / SCAN_LIBRARY
+    library.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(nvcc), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+               "-gencode", "arch=compute_90,code=sm_90", "-shared", "-Xcompiler", "-fPIC",
+               f"-I{csrc / 'standin_include'}", f"-I{Path(torch.__file__).parent / 'include'}",
+               f"-I{csrc / 'mamba'}", str(csrc / "mamba" / "peer_scan_shim.cu"),
+               "-o", str(library)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return f"vLLM's Mamba-1 scan did not build:\n{done.stderr[-3000:]}"
+    return f"built {SCAN_LIBRARY} (sm_90)"
 
 
 def main() -> int:
@@ -166,6 +309,7 @@ def main() -> int:
     stage_mamba_ssm(staging)
     stage_vllm(staging)
     (staging / "VERSION").write_text(f"mamba_ssm {MAMBA_SSM}, vllm {VLLM}\n")
+    print("stage_peers: " + build_vllm_scan(staging))
     shutil.rmtree(DEST, ignore_errors=True)
     staging.rename(DEST)
     size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())

@@ -103,11 +103,20 @@ for case in cases:
     for name, peer in bench_peers.peer_calls(case, peers).items():
         print("diff", name, case.op, case.model, case.tp, case.shape,
               bench_peers.compare(case, interpretable(case, peer)))
-# No peer: the conv, the Mamba-1 prefill scan, Falcon-Mamba's weightless norms.
+# No peer: the conv prefill, Falcon-Mamba's weightless norms.
 none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference),
-        bench.scan_case("mamba-2.8b", 1, 1, 8, ops, reference),
         bench.gated_rms_norm_case("falcon-mamba-7b", 2, ops)]
 print("no peer", [bench_peers.peer_calls(c, peers) for c in none])
+# vLLM's Mamba-1 scan is CUDA only: its inputs in its layouts, and the library's view of its
+# arguments (load_peers checks the struct's size and last offset against the library's).
+m1 = bench.scan_case("mamba-2.8b", 1, 2, 5, ops, reference)
+print("mamba1 peers", sorted(bench_peers.peer_calls(m1, peers)), peers.vllm_mamba1_scan is not None)
+s = m1.make_set()
+v = bench_peers._vllm_mamba1_inputs(s)
+same = [torch.equal(v["peer_u"][c, b * 5 + t], s["u"][b, t, c]) and
+        torch.equal(v["peer_B"][0, n, b * 5 + t], s["B"][b, t, 0, n])
+        for b, t, c, n in ((0, 0, 0, 0), (1, 4, 47, 15), (1, 2, 13, 7))]
+print("mamba1 layout", all(same), v["peer_u"].is_contiguous(), v["cu_seqlens"].tolist())
 
 # Peers called wrongly: B and C swapped in the scan; the slots left out of the state update;
 # the residual left unwritten by the norm; NaN from either side.
@@ -186,7 +195,15 @@ def test_peers_agree_with_tpssm(lines):
 
 
 def test_no_peer_where_it_has_no_kernel(lines):
-    assert "no peer [{}, {}, {}]" in lines, lines
+    assert "no peer [{}, {}]" in lines, lines
+
+
+def test_the_mamba1_scan_peer_inputs(lines):
+    """The CUDA-only peer: listed when stage_peers.py built its library, its inputs in vLLM's
+    layouts (checked element by element), the library's argument layout as bench_peers's."""
+    built = (ROOT / ".peer" / "lib" / "libvllm_selective_scan.so").exists()
+    assert f"mamba1 peers {['vllm'] if built else []} {built}" in lines, lines
+    assert "mamba1 layout True True [0, 5, 10]" in lines, lines
 
 
 def test_a_wrong_call_is_caught(lines):
