@@ -195,7 +195,9 @@ def _vllm_ssd_inputs(s: Dict) -> Dict:
 
 def _vllm_mamba1_inputs(s: Dict) -> Dict:
     """The case's inputs in the layouts vLLM's Mamba layer hands its scan (varlen: channels x
-    tokens, tokens contiguous; B and C groups x dstate x tokens), with its batch description."""
+    tokens, tokens contiguous; B and C groups x dstate x tokens), with its batch description.
+    Only what the peer reads: the token-major originals are left out, so that the sets rotated
+    past the L2 cache hold the peer's bytes alone."""
     b, length, dim = s["u"].shape
     tokens = b * length
     groups, dstate = s["B"].shape[-2:]
@@ -207,10 +209,12 @@ def _vllm_mamba1_inputs(s: Dict) -> Dict:
         return t.reshape(tokens, groups, dstate).permute(1, 2, 0).contiguous()
 
     on = dict(dtype=torch.int32, device=s["u"].device)
-    return dict(s, peer_u=channels_major(s["u"]), peer_delta=channels_major(s["delta"]),
+    return dict(peer_u=channels_major(s["u"]), peer_delta=channels_major(s["delta"]),
                 peer_z=channels_major(s["z"]), peer_B=states_major(s["B"]),
-                peer_C=states_major(s["C"]), cu_seqlens=torch.arange(0, tokens + 1, length, **on),
-                slots=torch.arange(b, **on))
+                peer_C=states_major(s["C"]), ssm_states=s["ssm_states"],
+                has_initial_state=s["has_initial_state"],
+                cu_seqlens=torch.arange(0, tokens + 1, length, **on),
+                slots=torch.arange(b, **on), shape=(b, length, dim, groups, dstate))
 
 
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
@@ -220,8 +224,7 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
             and peers.vllm_mamba1_scan is not None and "lanes" not in case.shape
             and "split" not in case.shape):
         def mamba1_scan(s):
-            b, length, dim = s["u"].shape
-            groups, dstate = s["B"].shape[-2:]
+            b, length, dim, groups, dstate = s["shape"]
             args = _ScanArgs(
                 u=s["peer_u"].data_ptr(), delta=s["peer_delta"].data_ptr(),
                 A=c["A"].data_ptr(), B=s["peer_B"].data_ptr(), C=s["peer_C"].data_ptr(),
@@ -236,6 +239,7 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
             if error:
                 raise RuntimeError(f"vLLM's Mamba-1 scan: CUDA error {error}")
             s["peer_out"] = s["peer_z"].t()  # its gated output, written over z
+        # null_block_id -1: vLLM's layer passes 0 with slot 0 reserved; here 0 is a slot.
         return {"vllm": Peer(mamba1_scan, _vllm_mamba1_inputs,
                              "its output written over delta and z (restored between replays); "
                              "inputs in its channels-major layout, built before timing",

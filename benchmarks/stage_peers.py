@@ -162,6 +162,10 @@ struct PeerScanArgs {
 };
 
 int peer_vllm_selective_scan_bf16(const PeerScanArgs* a) {
+  // vLLM's binding refuses these; its kernel would overrun shared memory past MAX_DSTATE.
+  if (a->dstate < 1 || a->dstate > MAX_DSTATE || a->groups < 1 || a->dim % a->groups != 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   SSMParamsBase p;
   memset(&p, 0, sizeof(p));
   p.batch = a->batch;

@@ -113,10 +113,13 @@ m1 = bench.scan_case("mamba-2.8b", 1, 2, 5, ops, reference)
 print("mamba1 peers", sorted(bench_peers.peer_calls(m1, peers)), peers.vllm_mamba1_scan is not None)
 s = m1.make_set()
 v = bench_peers._vllm_mamba1_inputs(s)
-same = [torch.equal(v["peer_u"][c, b * 5 + t], s["u"][b, t, c]) and
-        torch.equal(v["peer_B"][0, n, b * 5 + t], s["B"][b, t, 0, n])
-        for b, t, c, n in ((0, 0, 0, 0), (1, 4, 47, 15), (1, 2, 13, 7))]
-print("mamba1 layout", all(same), v["peer_u"].is_contiguous(), v["cu_seqlens"].tolist())
+same = [torch.equal(v[f"peer_{k}"][c, b * 5 + t], s[k][b, t, c]) for k in ("u", "delta", "z")
+        for b, t, c in ((0, 0, 0), (1, 4, 47), (1, 2, 13))]
+same += [torch.equal(v[f"peer_{k}"][0, n, b * 5 + t], s[k][b, t, 0, n]) for k in ("B", "C")
+         for b, t, n in ((0, 0, 0), (1, 4, 15), (1, 2, 7))]
+print("mamba1 layout", len(same), all(same), all(t.is_contiguous() for k, t in v.items()
+                                                 if k.startswith("peer_")),
+      v["cu_seqlens"].tolist(), v["shape"], "u" in v)
 
 # Peers called wrongly: B and C swapped in the scan; the slots left out of the state update;
 # the residual left unwritten by the norm; NaN from either side.
@@ -203,7 +206,7 @@ def test_the_mamba1_scan_peer_inputs(lines):
     layouts (checked element by element), the library's argument layout as bench_peers's."""
     built = (ROOT / ".peer" / "lib" / "libvllm_selective_scan.so").exists()
     assert f"mamba1 peers {['vllm'] if built else []} {built}" in lines, lines
-    assert "mamba1 layout True True [0, 5, 10]" in lines, lines
+    assert "mamba1 layout 15 True True [0, 5, 10] (2, 5, 48, 1, 16) False" in lines, lines
 
 
 def test_a_wrong_call_is_caught(lines):
