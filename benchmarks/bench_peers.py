@@ -102,7 +102,9 @@ def _load_scan_library(path: Path):
     lib.peer_scan_args_layout.restype = ctypes.c_longlong
     layout = (lib.peer_scan_args_layout(0), lib.peer_scan_args_layout(1))
     if layout != (ctypes.sizeof(_ScanArgs), _ScanArgs.delta_softplus.offset):
-        raise RuntimeError(f"{library}: PeerScanArgs layout {layout} differs from _ScanArgs")
+        print(f"bench_peers: {library}: its PeerScanArgs (size, last offset) {layout} differs "
+              "from _ScanArgs: restage with stage_peers.py")
+        return None
     lib.peer_vllm_selective_scan_bf16.restype = ctypes.c_int
     lib.peer_vllm_selective_scan_bf16.argtypes = [ctypes.POINTER(_ScanArgs)]
     return lib.peer_vllm_selective_scan_bf16
