@@ -279,6 +279,11 @@ if [ -e "$OUTDIR/benchmarks.log" ]; then
   echo "=== benchmark table ($JSON) ==="
   sed -n '/^device copy bandwidth/,$p' "$OUTDIR/benchmarks.log" | head -90
 fi
+if [ -e "$OUTDIR/bench_peers.log" ]; then
+  echo
+  echo "=== tpssm beside the peer kernels (bench_peers.py; x peer > 1: tpssm faster) ==="
+  sed -n '/^device copy bandwidth/,$p' "$OUTDIR/bench_peers.log" | head -70
+fi
 if [ -e "$OUTDIR/bench_engine.log" ]; then
   echo
   echo "=== engine, tp 1 (state cache on, then off; full rows and shards in the JSON) ==="

@@ -98,6 +98,7 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")
     print(f"{path.rsplit('/', 1)[-1]:<48} " + "  ".join(cells))
 PY
 grep -hE "^  (torch|gemv)" "$OUTDIR/projections.log" 2>/dev/null
+sed -n '/^device copy bandwidth/,$p' "$OUTDIR/peers.log" 2>/dev/null | head -50
 grep -hE "ERROR SUMMARY" "$OUTDIR/memcheck.log" 2>/dev/null
 echo
 echo "=== gpu_decode_check summary (total $(( $(date +%s) - T0 )) s) ==="
