@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import urllib.request
@@ -284,10 +286,7 @@ def stage_vllm(dest: Path) -> None:
 def build_vllm_scan(dest: Path) -> str:
     """nvcc builds the scan library for sm_90 (a few minutes on two cores); returns what
     happened, in a line."""
-    import os
-    import subprocess
-
-    import torch
+    import torch  # only for its header folder
 
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
     if not nvcc.exists():
