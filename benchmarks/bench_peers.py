@@ -25,8 +25,13 @@ version it does not support, say) gets a row with its error.
 - vLLM's Mamba-1 prefill scan (CUDA C++: stage_peers.py builds its kernel code into a torch-free
   library called through ctypes), varlen, on the channels-major copies of the inputs its layer
   hands it, states read from and written to the slots.
-No peer here for the conv prefill (causal-conv1d is a separate CUDA extension; vLLM's Triton
-one reads its launch metadata on the host, so no CUDA graph).
+- causal-conv1d's prefill conv (CUDA C++, built the same way), dense batches: its channel-last
+  kernel on the same token-major x as tpssm's, its initial and final states in its layout
+  (channels contiguous); and its channel-first kernel, as mamba_ssm's Mamba and transformers'
+  Mamba fast path call it, on the (batch, dim, seqlen) copy of x - it takes no initial state,
+  and the last width - 1 inputs go to the pool by a copy after it, as in those layers.
+No peer for the varlen conv prefill (causal-conv1d's states are per row of a dense batch; vLLM's
+Triton conv reads its launch metadata on the host, so no CUDA graph).
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
     python benchmarks/bench_peers.py [--quick] [--ops scan,conv_update,...] [--json PATH]
@@ -56,9 +61,10 @@ sys.path.insert(0, str(HERE))
 import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 
 PEER_DIR = HERE.parent / ".peer"
-SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds it
+SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds both
+CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
-OPS = ("scan", "conv_update", "state_update", "norm")
+OPS = ("scan", "conv", "conv_update", "state_update", "norm")
 
 
 @dataclass
@@ -70,6 +76,9 @@ class Peer:
     adapt: Optional[Callable[[Dict], Dict]] = None
     note: str = ""
     resets: Tuple[str, ...] = ()  # inputs the call overwrites (restored between replays)
+    # The peer takes no initial state: compared with tpssm's op on a set whose rows start from
+    # zero states (both are still timed on the case's own sets).
+    from_zero_states: bool = False
 
     def make_set(self, case: bench.Case) -> Dict:
         s = case.make_set()
@@ -86,28 +95,41 @@ class _ScanArgs(ctypes.Structure):
         + [("delta_softplus", ctypes.c_int)])
 
 
-def _load_scan_library(path: Path):
-    """vLLM's Mamba-1 scan, as the function of the library stage_peers.py built, or None (with
-    a line saying why)."""
-    library = path / SCAN_LIBRARY
+class _ConvArgs(ctypes.Structure):
+    """The shim's PeerConvArgs (stage_peers.py's CONV_SHIM), field for field."""
+    _fields_ = ([(name, ctypes.c_void_p) for name in (
+        "x", "weight", "bias", "out", "initial_states", "final_states", "stream")]
+        + [(name, ctypes.c_longlong) for name in (
+            "batch", "dim", "seqlen", "width", "x_batch_stride", "x_c_stride", "x_l_stride",
+            "weight_c_stride", "weight_width_stride", "out_batch_stride", "out_c_stride",
+            "out_l_stride", "states_batch_stride", "states_c_stride", "states_l_stride")]
+        + [("silu", ctypes.c_int)])
+
+
+def _load_library(path: Path, relative: str, entry: str, layout: str, args, last_field: str,
+                  what: str):
+    """A peer's entry in a library stage_peers.py built, or None (with a line saying why). The
+    library's view of its argument struct (size, offset of the last field) must be `args`'."""
+    library = path / relative
     if not library.exists():
         print(f"bench_peers: no {library} (stage_peers.py builds it where nvcc is): "
-              "no peer for the Mamba-1 prefill scan")
+              f"no peer for {what}")
         return None
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as exc:  # built on another image: its C++ runtime may not be here
         print(f"bench_peers: {library} does not load here ({exc})")
         return None
-    lib.peer_scan_args_layout.restype = ctypes.c_longlong
-    layout = (lib.peer_scan_args_layout(0), lib.peer_scan_args_layout(1))
-    if layout != (ctypes.sizeof(_ScanArgs), _ScanArgs.delta_softplus.offset):
-        print(f"bench_peers: {library}: its PeerScanArgs (size, last offset) {layout} differs "
-              "from _ScanArgs: restage with stage_peers.py")
+    getattr(lib, layout).restype = ctypes.c_longlong
+    found = (getattr(lib, layout)(0), getattr(lib, layout)(1))
+    if found != (ctypes.sizeof(args), getattr(args, last_field).offset):
+        print(f"bench_peers: {library}: its argument struct (size, last offset) {found} differs "
+              f"from {args.__name__}: restage with stage_peers.py")
         return None
-    lib.peer_vllm_selective_scan_bf16.restype = ctypes.c_int
-    lib.peer_vllm_selective_scan_bf16.argtypes = [ctypes.POINTER(_ScanArgs)]
-    return lib.peer_vllm_selective_scan_bf16
+    function = getattr(lib, entry)
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.POINTER(args)]
+    return function
 
 
 def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
@@ -138,7 +160,13 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
               "mamba_ssm's only")
         vllm_conv_update = vllm_state_update = vllm_chunk_scan = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
-    return SimpleNamespace(vllm_mamba1_scan=_load_scan_library(path),
+    return SimpleNamespace(vllm_mamba1_scan=_load_library(
+                               path, SCAN_LIBRARY, "peer_vllm_selective_scan_bf16",
+                               "peer_scan_args_layout", _ScanArgs, "delta_softplus",
+                               "the Mamba-1 prefill scan"),
+                           causal_conv1d_fwd=_load_library(
+                               path, CONV_LIBRARY, "peer_causal_conv1d_fwd_bf16",
+                               "peer_conv_args_layout", _ConvArgs, "silu", "the conv prefill"),
                            chunk_scan=mamba_chunk_scan_combined,
                            state_update=selective_state_update, add_rms_norm=rms_norm_fn,
                            gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
@@ -160,11 +188,15 @@ def clear_autotune_caches() -> None:
             getattr(module, "_autotuned_configs", {}).clear()
 
 
+def _channels_contiguous(states: torch.Tensor) -> torch.Tensor:
+    """(rows, dim, width - 1) conv states with channels contiguous, as vLLM's engine keeps them
+    and causal-conv1d's channel-last kernel reads and writes them: (rows, width - 1, dim)
+    storage, seen as (rows, dim, width - 1)."""
+    return states.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _vllm_conv_layout(s: Dict) -> Dict:
-    """The conv state as vLLM's engine keeps it: (slots, width - 1, dim) storage, channels
-    contiguous, seen as (slots, dim, width - 1)."""
-    state = s["conv_state"]
-    return dict(s, conv_state=state.transpose(1, 2).contiguous().transpose(1, 2))
+    return dict(s, conv_state=_channels_contiguous(s["conv_state"]))
 
 
 def _ssd_chunks(seqlens: List[int], chunk: int) -> Dict[str, List[int]]:
@@ -219,6 +251,83 @@ def _vllm_mamba1_inputs(s: Dict) -> Dict:
                 slots=torch.arange(b, **on), shape=(b, length, dim, groups, dstate))
 
 
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def causal_conv1d_args(x, weight, bias, out, initial_states=None, final_states=None
+                       ) -> _ConvArgs:
+    """causal-conv1d's forward conv as its binding describes it: x and out (batch, dim, seqlen)
+    views, weight (dim, width), states (batch, dim, width - 1) views, strides in elements; SiLU
+    on."""
+    states = initial_states if initial_states is not None else final_states
+    if (initial_states is not None and final_states is not None
+            and initial_states.stride() != final_states.stride()):
+        raise ValueError("causal-conv1d takes one stride description for initial and final "
+                         f"states: {initial_states.stride()} != {final_states.stride()}")
+    batch, dim, seqlen = x.shape
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    return _ConvArgs(
+        x=ptr(x), weight=ptr(weight), bias=ptr(bias), out=ptr(out),
+        initial_states=ptr(initial_states), final_states=ptr(final_states), stream=_stream(x),
+        batch=batch, dim=dim, seqlen=seqlen, width=weight.shape[1],
+        x_batch_stride=x.stride(0), x_c_stride=x.stride(1), x_l_stride=x.stride(2),
+        weight_c_stride=weight.stride(0), weight_width_stride=weight.stride(1),
+        out_batch_stride=out.stride(0), out_c_stride=out.stride(1), out_l_stride=out.stride(2),
+        **({} if states is None else dict(
+            states_batch_stride=states.stride(0), states_c_stride=states.stride(1),
+            states_l_stride=states.stride(2))),
+        silu=1)
+
+
+def _conv_channel_last_inputs(s: Dict) -> Dict:
+    """The peer's initial states in its layout, and the buffer for the final states it writes
+    (in its layout too, under the pool's key so that they are compared with tpssm's)."""
+    return dict(x=s["x"], weight=s["weight"], bias=s["bias"],
+                peer_initial=_channels_contiguous(s["conv_states"]),
+                conv_states=_channels_contiguous(s["conv_states"]),
+                peer_out=torch.empty_like(s["x"]))
+
+
+def _conv_channel_first_inputs(s: Dict) -> Dict:
+    """x as (batch, dim, seqlen), contiguous, as a Mamba layer's in_proj hands it to the conv;
+    the token-major original left out (the sets rotated past the L2 hold the peer's bytes)."""
+    x_cf = s["x"].transpose(1, 2).contiguous()
+    return dict(peer_x=x_cf, weight=s["weight"], bias=s["bias"], conv_states=s["conv_states"],
+                peer_out_cf=torch.empty_like(x_cf))
+
+
+def _conv_peers(fn) -> Dict[str, Peer]:
+    def check(error):
+        if error:
+            raise RuntimeError(f"causal-conv1d's forward conv: CUDA error {error}")
+
+    def channel_last(s):
+        check(fn(ctypes.byref(causal_conv1d_args(
+            s["x"].transpose(1, 2), s["weight"], s["bias"], s["peer_out"].transpose(1, 2),
+            s["peer_initial"], s["conv_states"]))))
+
+    def channel_first(s):
+        check(fn(ctypes.byref(causal_conv1d_args(s["peer_x"], s["weight"], s["bias"],
+                                                 s["peer_out_cf"]))))
+        # As mamba_ssm's Mamba layer keeps its conv state after a prefill: a separate copy.
+        width = s["weight"].shape[1]
+        s["conv_states"].copy_(s["peer_x"][:, :, s["peer_x"].shape[2] - (width - 1):])
+        s["peer_out"] = s["peer_out_cf"].transpose(1, 2)
+
+    return {"cconv1d": Peer(channel_last, _conv_channel_last_inputs,
+                            "its channel-last kernel: initial and final states in its own "
+                            "layout (channels contiguous)"),
+            "cconv1d-cf": Peer(channel_first, _conv_channel_first_inputs,
+                               "its channel-first kernel on the (batch, dim, seqlen) copy of x: "
+                               "no initial state read (compared from zero states), the final "
+                               "state a separate copy as in mamba_ssm's Mamba layer",
+                               from_zero_states=True)}
+
+
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
     """The peers of `case`, by name; empty where no peer has such a kernel."""
     c = case.consts
@@ -246,6 +355,9 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
                              "its output written over delta and z (restored between replays); "
                              "inputs in its channels-major layout, built before timing",
                              resets=("peer_delta", "peer_z"))}
+    if (case.op == "causal_conv1d" and "chunk" not in case.shape
+            and peers.causal_conv1d_fwd is not None):
+        return _conv_peers(peers.causal_conv1d_fwd)
     if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
         h, p = c["m"]["nheads"], c["m"]["headdim"]
 
@@ -342,6 +454,8 @@ def compare(case: bench.Case, peer: Peer) -> float:
     states they write, relative to max(1, max |tpssm's|); inf where either side's values are
     not finite (NaN would pass max() unseen)."""
     s = case.make_set()
+    if peer.from_zero_states:
+        s["has_initial_state"].zero_()
     ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
     if peer.adapt:
@@ -349,7 +463,7 @@ def compare(case: bench.Case, peer: Peer) -> float:
     case.call(ours)
     peer.call(theirs)
     pairs = [(ours["out"], theirs["peer_out"])]
-    for key in ("ssm_states", "state", "conv_state"):
+    for key in ("ssm_states", "state", "conv_state", "conv_states"):
         if key in s:
             pairs.append((ours[key], theirs[key]))
     pairs += [(ours[key], value) for key, value in theirs.get("peer_states", {}).items()]
@@ -367,6 +481,11 @@ def build_cases(quick: bool, wanted, ops, ref_mod) -> List[bench.Case]:
     decode = bench.QUICK["decode"] if quick else bench.DECODE_BATCHES
     prefill = bench.QUICK["prefill"] if quick else bench.PREFILLS
     cases = []
+    if "conv" in wanted:
+        for model in bench.MODELS:
+            for tp in tps:
+                for batch, seqlen in prefill:
+                    cases.append(bench.conv_case(model, tp, batch, seqlen, ops, ref_mod))
     if "scan" in wanted:
         for model in ("mamba-2.8b", "mamba2-2.7b"):
             for tp in tps:
@@ -429,8 +548,7 @@ def _outcome(r: Dict) -> str:
 
 
 def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
-    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peers: {version} "
-          f"(Triton)")
+    print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peers: {version}")
     head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'peer':<11}{'tpssm us':>9}"
             f"{'peer us':>9}{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>11}")
     print(head)

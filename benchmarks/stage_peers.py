@@ -3,7 +3,7 @@ root. .peer/ is git-ignored and never committed: peer code is for timing on the 
 only (name ".peer" in the device call's `carry`).
 
 What is staged, from the projects' source distributions on PyPI (the sha256 PyPI lists checked;
-the archives are read, nothing in them is built or run here), each with its license:
+none of their build scripts or Python is run here), each with its license:
 - mamba_ssm: its Triton kernels (the chunked SSD scan of Mamba-2 prefill, the selective state
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
@@ -11,7 +11,9 @@ the archives are read, nothing in them is built or run here), each with its lice
   slots) and its decode kernels (the selective state update, with its tuned launch
   configurations for NVIDIA GPUs, and the conv update). The few vLLM modules those files import
   (platform, logging, settings, constants) are replaced by small stand-ins written here, in
-  .peer/vllm/ beside the staged files.
+  .peer/vllm/ beside the staged files. Its Mamba-1 prefill scan (CUDA C++) is built into a
+  torch-free library, below.
+- causal-conv1d: its forward (prefill) conv kernels, CUDA C++, built the same way.
 Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import sys
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / ".peer"
 MAMBA_SSM = "2.3.2.post1"
 VLLM = "0.34.0"
+CAUSAL_CONV1D = "1.7.0"
 # The modules mamba_ssm's forward kernels import, inside its mamba_ssm/ folder.
 MAMBA_SSM_MODULES = [f"ops/triton/{m}.py" for m in (
     "softplus", "ssd_bmm", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan",
@@ -108,6 +112,24 @@ def get_device_name_as_file_name(device_id=0):
 }
 
 
+def _check_macros(prefix: str, label: str) -> str:
+    """A stand-in header for the CUDA error-check macros a peer's kernel code uses
+    (PREFIX_CUDA_CHECK, PREFIX_CUDA_KERNEL_LAUNCH_CHECK): errors are printed, and reported by the
+    shim's return value (cudaGetLastError), not thrown."""
+    return f"""#pragma once
+#include <cstdio>
+#include <cuda_runtime.h>
+#define {prefix}_CUDA_CHECK(EXPR) \\
+  do {{ \\
+    cudaError_t err_ = (EXPR); \\
+    if (err_ != cudaSuccess) \\
+      std::fprintf(stderr, "{label}: %s at %s:%d\\n", cudaGetErrorString(err_), __FILE__, \\
+                   __LINE__); \\
+  }} while (0)
+#define {prefix}_CUDA_KERNEL_LAUNCH_CHECK() {prefix}_CUDA_CHECK(cudaPeekAtLastError())
+"""
+
+
 # vLLM's Mamba-1 prefill scan is CUDA C++ behind a libtorch binding. Its kernel code (everything
 # before the binding, without the explicit instantiations) is staged, and built here into a
 # library of its own, torch-free, that bench_peers.py calls through ctypes: the headers below
@@ -130,19 +152,7 @@ SCAN_STANDINS = {
     }                                                  \\
   }()
 """,
-    "standin_include/torch/csrc/stable/macros.h": """#pragma once
-#include <cstdio>
-#include <cuda_runtime.h>
-// Errors are reported by the shim's return value (cudaGetLastError), not thrown.
-#define STD_CUDA_CHECK(EXPR)                                                          \\
-  do {                                                                                \\
-    cudaError_t err_ = (EXPR);                                                        \\
-    if (err_ != cudaSuccess)                                                          \\
-      std::fprintf(stderr, "vllm scan: %s at %s:%d\\n", cudaGetErrorString(err_),   \\
-                   __FILE__, __LINE__);                                               \\
-  } while (0)
-#define STD_CUDA_KERNEL_LAUNCH_CHECK() STD_CUDA_CHECK(cudaPeekAtLastError())
-""",
+    "standin_include/torch/csrc/stable/macros.h": _check_macros("STD", "vllm scan"),
 }
 SCAN_SHIM = """\
 // bench_peers.py's entry to vLLM's Mamba-1 prefill scan (bf16 activations, fp32 weights and
@@ -221,6 +231,123 @@ long long peer_scan_args_layout(int which) {
 """
 
 
+# causal-conv1d's prefill conv is CUDA C++ behind a libtorch binding too: its forward kernels
+# (channel-first, as mamba_ssm's Mamba and transformers' fast path call it; channel-last, as its
+# Mamba2 does) are built the same way, with CONV_SHIM in the place of the binding.
+CONV_KERNELS = "causal_conv1d_fwd_kernels.cuh"
+CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
+CONV_STANDINS = {
+    "standin_include/c10/cuda/CUDAException.h": _check_macros("C10", "causal_conv1d"),
+}
+CONV_SHIM = """\
+// bench_peers.py's entry to causal-conv1d's forward conv, bf16 x / weight / bias / states. The
+// tensors are described as its binding sees them, (batch, dim, seqlen) for x and out and
+// (batch, dim, width - 1) for the states, strides in elements; a stride of 1 along dim (and not
+// along seqlen) picks its channel-last kernel, which alone takes initial and final states, as
+// its binding decides. Returns the CUDA error of the launch (0: none).
+#include <algorithm>  // what its build brings in before its headers
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+
+#include "causal_conv1d_fwd_kernels.cuh"
+
+extern "C" {
+struct PeerConvArgs {
+  void *x, *weight, *bias, *out, *initial_states, *final_states, *stream;
+  long long batch, dim, seqlen, width;
+  long long x_batch_stride, x_c_stride, x_l_stride;
+  long long weight_c_stride, weight_width_stride;
+  long long out_batch_stride, out_c_stride, out_l_stride;
+  long long states_batch_stride, states_c_stride, states_l_stride;
+  int silu;
+};
+
+static bool fits_32_bits(long long batch, long long dim, long long len, long long sb,
+                         long long sc, long long sl) {
+  const long long last = (batch - 1) * sb + (dim - 1) * sc + (len - 1) * sl;
+  return sb >= 0 && sc >= 0 && sl >= 0 && last < (1LL << 32);
+}
+
+static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// What its binding refuses, what its kernels assume of the layouts, and offsets past its kernels' 32-bit indexing: 0 or
+// cudaErrorInvalidValue. Host-only (bench_peers' CPU test calls it).
+int peer_conv_args_check(const PeerConvArgs* a) {
+  const bool channel_last = a->x_c_stride == 1 && a->x_l_stride > 1;
+  const bool states = a->initial_states != nullptr || a->final_states != nullptr;
+  bool ok = a->batch >= 1 && a->dim >= 1 && a->seqlen >= 1 && a->width >= 2 && a->width <= 4
+      && (a->x_l_stride == 1 || a->x_c_stride == 1) && a->weight_width_stride == 1
+      && fits_32_bits(a->batch, a->dim, a->seqlen, a->x_batch_stride, a->x_c_stride,
+                      a->x_l_stride)
+      && fits_32_bits(a->batch, a->dim, a->seqlen, a->out_batch_stride, a->out_c_stride,
+                      a->out_l_stride)
+      && fits_32_bits(1, a->dim, a->width, 0, a->weight_c_stride, a->weight_width_stride);
+  // Its kernels move 16 bytes at a time along the contiguous axis, and write out as they read x.
+  if (channel_last) {
+    ok = ok && a->dim % 8 == 0 && a->x_l_stride % 8 == 0 && a->x_batch_stride % 8 == 0
+        && a->out_c_stride == 1 && a->out_l_stride % 8 == 0 && a->out_batch_stride % 8 == 0
+        && aligned_16(a->x) && aligned_16(a->out);
+  } else {
+    ok = ok && a->x_l_stride == 1 && a->out_l_stride == 1;
+  }
+  if (states) {
+    ok = ok && channel_last && a->states_c_stride == 1 && a->states_l_stride % 8 == 0
+        && a->states_batch_stride % 8 == 0 && aligned_16(a->initial_states)
+        && aligned_16(a->final_states)
+        && fits_32_bits(a->batch, a->dim, a->width - 1, a->states_batch_stride,
+                        a->states_c_stride, a->states_l_stride);
+  }
+  return ok ? 0 : static_cast<int>(cudaErrorInvalidValue);
+}
+
+int peer_causal_conv1d_fwd_bf16(const PeerConvArgs* a) {
+  if (const int refused = peer_conv_args_check(a)) {
+    return refused;
+  }
+  ConvParamsBase p;
+  memset(&p, 0, sizeof(p));
+  p.batch = static_cast<int>(a->batch);
+  p.dim = static_cast<int>(a->dim);
+  p.seqlen = static_cast<int>(a->seqlen);
+  p.width = static_cast<int>(a->width);
+  p.silu_activation = a->silu != 0;
+  p.x_ptr = a->x;
+  p.weight_ptr = a->weight;
+  p.bias_ptr = a->bias;
+  p.out_ptr = a->out;
+  p.x_batch_stride = a->x_batch_stride;
+  p.x_c_stride = a->x_c_stride;
+  p.x_l_stride = a->x_l_stride;
+  p.weight_c_stride = a->weight_c_stride;
+  p.weight_width_stride = a->weight_width_stride;
+  p.out_batch_stride = a->out_batch_stride;
+  p.out_c_stride = a->out_c_stride;
+  p.out_l_stride = a->out_l_stride;
+  // One description serves both: the binding asks the same shape and layout of each.
+  p.initial_states_ptr = a->initial_states;
+  p.final_states_ptr = a->final_states;
+  p.initial_states_batch_stride = p.final_states_batch_stride = a->states_batch_stride;
+  p.initial_states_c_stride = p.final_states_c_stride = a->states_c_stride;
+  p.initial_states_l_stride = p.final_states_l_stride = a->states_l_stride;
+  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
+  if (a->x_c_stride == 1 && a->x_l_stride > 1) {
+    causal_conv1d_channellast_fwd_cuda<c10::BFloat16, c10::BFloat16>(p, stream);
+  } else {
+    causal_conv1d_fwd_cuda<c10::BFloat16, c10::BFloat16>(p, stream);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// For the caller's check of its copy of PeerConvArgs.
+long long peer_conv_args_layout(int which) {
+  return which == 0 ? sizeof(PeerConvArgs) : offsetof(PeerConvArgs, silu);
+}
+}
+"""
+
+
 def _sdist(project: str, version: str) -> bytes:
     """The source archive, from PyPI's simple index (JSON form), checked against its sha256."""
     request = urllib.request.Request(f"https://pypi.org/simple/{project}/",
@@ -283,25 +410,44 @@ def stage_vllm(dest: Path) -> None:
             (folder / "__init__.py").touch()
 
 
-def build_vllm_scan(dest: Path) -> str:
-    """nvcc builds the scan library for sm_90 (a few minutes on two cores); returns what
+def stage_causal_conv1d(dest: Path) -> None:
+    top = f"causal_conv1d-{CAUSAL_CONV1D}"
+    csrc = dest / "causal_conv1d_csrc"
+    with tarfile.open(fileobj=io.BytesIO(_sdist("causal-conv1d", CAUSAL_CONV1D)),
+                      mode="r:gz") as tar:
+        for name in ("causal_conv1d.h", "causal_conv1d_common.h", "static_switch.h"):
+            _copy(tar, f"{top}/csrc/{name}", csrc / name)
+        _copy(tar, f"{top}/LICENSE", dest / "LICENSE.causal_conv1d")
+        source = tar.extractfile(f"{top}/csrc/causal_conv1d_fwd.cu").read().decode()
+    # As for vLLM's scan: the kernel code without its explicit instantiations.
+    kernels = source[:source.index("template void causal_conv1d_fwd_cuda<")]
+    (csrc / CONV_KERNELS).write_text(kernels)
+    for relative, text in CONV_STANDINS.items():
+        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
+        (csrc / relative).write_text(text)
+    (csrc / "peer_conv_shim.cu").write_text(CONV_SHIM)
+
+
+def build_library(what: str, shim: Path, includes: List[Path], library: Path) -> str:
+    """nvcc builds a peer's kernel code and our shim into a torch-free sm_90 library (tens of
+    seconds on two cores; torch only lends its header folder, for its bf16 type); returns what
     happened, in a line."""
-    import torch  # only for its header folder
+    import torch
 
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
     if not nvcc.exists():
-        return f"no {nvcc}: vLLM's Mamba-1 scan not built (set CUDA_HOME)"
-    csrc, library = dest / "vllm_csrc", dest / SCAN_LIBRARY
+        return f"no {nvcc}: {what} not built (set CUDA_HOME)"
     library.parent.mkdir(parents=True, exist_ok=True)
+    # The stand-in headers come first: they replace torch's of the same names.
     command = [str(nvcc), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-               "-gencode", "arch=compute_90,code=sm_90", "-shared", "-Xcompiler", "-fPIC",
-               f"-I{csrc / 'standin_include'}", f"-I{Path(torch.__file__).parent / 'include'}",
-               f"-I{csrc / 'mamba'}", str(csrc / "mamba" / "peer_scan_shim.cu"),
-               "-o", str(library)]
+               "-gencode", "arch=compute_90,code=sm_90", "-shared", "-Xcompiler", "-fPIC"]
+    command += [f"-I{folder}" for folder in includes[:1]]
+    command += [f"-I{Path(torch.__file__).parent / 'include'}"]
+    command += [f"-I{folder}" for folder in includes[1:]] + [str(shim), "-o", str(library)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        return f"vLLM's Mamba-1 scan did not build:\n{done.stderr[-3000:]}"
-    return f"built {SCAN_LIBRARY} (sm_90)"
+        return f"{what} did not build:\n{done.stderr[-3000:]}"
+    return f"built {library.relative_to(library.parents[1])} (sm_90): {what}"
 
 
 def main() -> int:
@@ -311,13 +457,21 @@ def main() -> int:
     staging.mkdir()
     stage_mamba_ssm(staging)
     stage_vllm(staging)
-    (staging / "VERSION").write_text(f"mamba_ssm {MAMBA_SSM}, vllm {VLLM}\n")
-    print("stage_peers: " + build_vllm_scan(staging))
+    stage_causal_conv1d(staging)
+    (staging / "VERSION").write_text(
+        f"mamba_ssm {MAMBA_SSM}, vllm {VLLM}, causal-conv1d {CAUSAL_CONV1D}\n")
+    scan_csrc, conv_csrc = staging / "vllm_csrc", staging / "causal_conv1d_csrc"
+    print("stage_peers: " + build_library(
+        "vLLM's Mamba-1 scan", scan_csrc / "mamba" / "peer_scan_shim.cu",
+        [scan_csrc / "standin_include", scan_csrc / "mamba"], staging / SCAN_LIBRARY))
+    print("stage_peers: " + build_library(
+        "causal-conv1d's forward conv", conv_csrc / "peer_conv_shim.cu",
+        [conv_csrc / "standin_include", conv_csrc], staging / CONV_LIBRARY))
     shutil.rmtree(DEST, ignore_errors=True)
     staging.rename(DEST)
     size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
-    print(f"stage_peers: mamba_ssm {MAMBA_SSM} and vllm {VLLM} kernels in {DEST} "
-          f"({size // 1024} KiB)")
+    print(f"stage_peers: mamba_ssm {MAMBA_SSM}, vllm {VLLM} and causal-conv1d {CAUSAL_CONV1D} "
+          f"kernels in {DEST} ({size // 1024} KiB)")
     return 0
 
 

@@ -3,8 +3,11 @@ built by bench_ssm_ops.py's own builders (tiny shards of each family, bf16 activ
 states, the SSD scans across chunk and sequence boundaries, decode states at permuted slots of
 a larger pool), the peers' Triton kernels run on the CPU in Triton's interpreter and agree with
 tpssm's CPU ops, outputs and the states they write (the SSD scans and vLLM's conv update on fp16
-copies of the bf16 inputs: see in_fp16). Peers called wrongly (B and C swapped, the slots left
-out, the residual not written) and NaN on either side are caught by the same comparison.
+copies of the bf16 inputs: see in_fp16). The CUDA-only peers are checked as far as the CPU allows:
+vLLM's Mamba-1 scan by its input layouts and argument struct, causal-conv1d's conv by its
+library's own argument check and an emulation of its kernels' addressing. Peers called wrongly
+(B and C swapped, the slots left out, the residual or the conv states not written, the conv's
+initial states left out) and NaN on either side are caught by the same comparison.
 
 Needs the peer kernels staged (python benchmarks/stage_peers.py: .peer/, git-ignored, never in the
 repository), triton and einops; skips without them (CI has none of the three). Without a GPU this
@@ -28,7 +31,8 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason="needs " + ", ".join(MISSI
 # stand-ins below (the peer enters the tensors' CUDA device; the autotuner times configurations
 # on a GPU) must not leak into other tests.
 CHECK = r'''
-import contextlib, dataclasses, os, sys
+import contextlib, ctypes, dataclasses, os, sys, types
+import numpy as np
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 torch.cuda.device = lambda index: contextlib.nullcontext()
@@ -103,10 +107,104 @@ for case in cases:
     for name, peer in bench_peers.peer_calls(case, peers).items():
         print("diff", name, case.op, case.model, case.tp, case.shape,
               bench_peers.compare(case, interpretable(case, peer)))
-# No peer: the conv prefill, Falcon-Mamba's weightless norms.
-none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference),
+# No peer: the conv prefill at a forced chunk length (a tuning row), Falcon-Mamba's weightless
+# norms.
+none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference, chunk_len=4),
         bench.gated_rms_norm_case("falcon-mamba-7b", 2, ops)]
 print("no peer", [bench_peers.peer_calls(c, peers) for c in none])
+
+# causal-conv1d's conv is CUDA only. Here its library stands in for itself as far as it can
+# without a GPU: its own argument check (host code) refuses what the kernels would, and the
+# conv is then done by emulate_conv below, which reads and writes the tensors through the raw
+# addresses and element strides bench_peers put in the argument struct, as the kernels
+# address them.
+conv_lib = ctypes.CDLL(str(bench_peers.PEER_DIR / bench_peers.CONV_LIBRARY))
+conv_lib.peer_conv_args_check.restype = ctypes.c_int
+conv_lib.peer_conv_args_check.argtypes = [ctypes.POINTER(bench_peers._ConvArgs)]
+
+
+def raw(ptr, shape, strides):
+    """bf16 elements at a raw address, as a tensor sharing that memory."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    words = np.ctypeslib.as_array((ctypes.c_uint16 * extent).from_address(ptr))
+    strided = np.lib.stride_tricks.as_strided(words, shape, [2 * st for st in strides])
+    return torch.from_numpy(strided).view(torch.bfloat16)
+
+
+def emulate_conv(args_ref):
+    a = args_ref._obj
+    refused = conv_lib.peer_conv_args_check(args_ref)
+    if refused:
+        return refused
+    B, D, L, W = a.batch, a.dim, a.seqlen, a.width
+    states = (a.states_batch_stride, a.states_c_stride, a.states_l_stride)
+    x = raw(a.x, (B, D, L), (a.x_batch_stride, a.x_c_stride, a.x_l_stride)).float()
+    weight = raw(a.weight, (D, W), (a.weight_c_stride, a.weight_width_stride)).float()
+    bias = raw(a.bias, (D,), (1,)).float() if a.bias else torch.zeros(D)
+    start = (raw(a.initial_states, (B, D, W - 1), states).float() if a.initial_states
+             else torch.zeros(B, D, W - 1))
+    full = torch.cat([start, x], dim=-1)
+    y = sum(full[..., k:k + L] * weight[:, k:k + 1] for k in range(W)) + bias[:, None]
+    y = torch.nn.functional.silu(y) if a.silu else y
+    raw(a.out, (B, D, L), (a.out_batch_stride, a.out_c_stride, a.out_l_stride)).copy_(y)
+    if a.final_states:
+        raw(a.final_states, (B, D, W - 1), states).copy_(full[..., L:])
+    return 0
+
+
+conv_built = peers.causal_conv1d_fwd is not None
+emulated = types.SimpleNamespace(**dict(vars(peers), causal_conv1d_fwd=emulate_conv))
+for model in bench.MODELS:
+    for tp in (1, 2):
+        case = bench.conv_case(model, tp, 2, 70, ops, reference)
+        for name, peer in bench_peers.peer_calls(case, emulated).items():
+            try:
+                diff = bench_peers.compare(case, peer)
+            except RuntimeError as exc:
+                diff = f"refused {exc}"
+            print("conv diff", name, case.model, case.tp, case.shape, diff)
+print("conv peers", conv_built, sorted(bench_peers.peer_calls(case, peers)))
+# Conv peers called wrongly: the channel-last kernel without its initial states; the
+# channel-first one compared on the case's own set (its rows start from states it cannot
+# take); its final states not copied to the pool.
+case = bench.conv_case("mamba-2.8b", 1, 2, 70, ops, reference)
+right = bench_peers.peer_calls(case, emulated)
+
+
+def no_initial(s):
+    emulate_conv(ctypes.byref(bench_peers.causal_conv1d_args(
+        s["x"].transpose(1, 2), s["weight"], s["bias"], s["peer_out"].transpose(1, 2), None,
+        s["conv_states"])))
+
+
+def states_unwritten(s):
+    emulate_conv(ctypes.byref(bench_peers.causal_conv1d_args(
+        s["peer_x"], s["weight"], s["bias"], s["peer_out_cf"])))
+    s["peer_out"] = s["peer_out_cf"].transpose(1, 2)
+
+
+wrong_conv = dict(
+    conv_no_initial=dataclasses.replace(right["cconv1d"], call=no_initial),
+    conv_from_states=dataclasses.replace(right["cconv1d-cf"], from_zero_states=False),
+    conv_states_unwritten=dataclasses.replace(right["cconv1d-cf"], call=states_unwritten))
+for name, peer in wrong_conv.items():
+    print("wrong", name, bench_peers.compare(case, peer))
+# The check refuses what the kernels cannot do: channels not a multiple of 8 or states with
+# the channel-first kernel, width 5, a 32-bit offset overflow.
+x = torch.zeros(2, 64, 16, dtype=torch.bfloat16)  # (batch, dim, seqlen), seqlen contiguous
+xl = torch.zeros(2, 16, 64, dtype=torch.bfloat16).transpose(1, 2)  # channel-last view
+states = bench_peers._channels_contiguous(torch.zeros(2, 64, 3, dtype=torch.bfloat16))
+w4, w5 = torch.zeros(64, 4, dtype=torch.bfloat16), torch.zeros(64, 5, dtype=torch.bfloat16)
+checks = dict(
+    first=bench_peers.causal_conv1d_args(x, w4, None, x.clone()),
+    last_states=bench_peers.causal_conv1d_args(xl, w4, None, xl.clone(), states, states),
+    first_states=bench_peers.causal_conv1d_args(x, w4, None, x.clone(), states, states),
+    width5=bench_peers.causal_conv1d_args(x, w5, None, x.clone()),
+    dim60=bench_peers.causal_conv1d_args(xl[:, :60], w4[:60], None, xl[:, :60].clone()))
+huge = bench_peers.causal_conv1d_args(x, w4, None, x.clone())
+huge.x_batch_stride = 1 << 32
+checks["offset_2_32"] = huge
+print("conv checks", {k: conv_lib.peer_conv_args_check(ctypes.byref(v)) for k, v in checks.items()})
 # vLLM's Mamba-1 scan is CUDA only: its inputs in its layouts, and the library's view of its
 # arguments (load_peers checks the struct's size and last offset against the library's).
 m1 = bench.scan_case("mamba-2.8b", 1, 2, 5, ops, reference)
@@ -213,10 +311,29 @@ def test_the_mamba1_scan_peer_inputs(lines):
     assert "mamba1 layout 15 True True [0, 5, 10] (2, 5, 48, 1, 16) False" in lines, lines
 
 
+def test_the_conv_peers(lines):
+    """causal-conv1d's conv is CUDA only: its library's own argument check with the conv
+    emulated through the struct's raw addresses and strides (see emulate_conv) agrees with
+    tpssm's op, outputs and written states, on each family's tp 1 / 2 shards; the check refuses
+    what its kernels cannot do."""
+    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d_fwd.so").exists()
+    assert f"conv peers {built} {['cconv1d', 'cconv1d-cf'] if built else []}" in lines, lines
+    diffs = [line for line in lines if line.startswith("conv diff ")]
+    assert len(diffs) == 12, lines
+    for line in diffs:
+        if " dim 20 " in line and " cconv1d " in line:  # Falcon-Mamba's tp 2 toy shard
+            assert "refused" in line and "CUDA error 1" in line, line  # cudaErrorInvalidValue
+        else:
+            assert float(line.split()[-1]) < TOLERANCE, line
+    assert ("conv checks {'first': 0, 'last_states': 0, 'first_states': 1, 'width5': 1, "
+            "'dim60': 1, 'offset_2_32': 1}") in lines, lines
+
+
 def test_a_wrong_call_is_caught(lines):
     wrong = {line.split()[1]: float(line.split()[2]) for line in lines
              if line.startswith("wrong ")}
-    assert set(wrong) == {"swapped", "no_slots", "no_residual"}, lines
+    assert set(wrong) == {"swapped", "no_slots", "no_residual", "conv_no_initial",
+                          "conv_from_states", "conv_states_unwritten"}, lines
     for name, diff in wrong.items():
         assert diff > 10 * TOLERANCE, (name, diff)
     assert "nan peer inf" in lines and "nan ours inf" in lines, lines  # NaN is no match
