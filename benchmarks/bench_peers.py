@@ -10,8 +10,10 @@ The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the 
   (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
   them), mamba_ssm's and vLLM's (its launch settings from its own tuned configurations where it
   has one for the GPU and shape);
-- vLLM's conv update, on its engine's conv state layout (channels contiguous) and on tpssm's
-  (slots, dim, width - 1): its strides are compile-time constants;
+- vLLM's conv update and conv prefill (the prefill with the program lists its engine builds on
+  the host, so that the launch is graph-capturable), each on its engine's conv state layout
+  (channels contiguous) and on tpssm's (slots, dim, width - 1): its strides are compile-time
+  constants;
 - the fused residual add + RMSNorm (rms_norm_fn, prenorm, fp32 residual) and Mamba-2's gated
   RMSNorm (rmsnorm_fn, the gate before the norm).
 Inputs, shapes, byte counts and timing are bench_ssm_ops.py's: CUDA-graph replays over input sets
@@ -30,8 +32,6 @@ version it does not support, say) gets a row with its error.
   (channels contiguous); and its channel-first kernel, as mamba_ssm's Mamba and transformers'
   Mamba fast path call it, on the (batch, dim, seqlen) copy of x - it takes no initial state,
   and the last width - 1 inputs go to the pool by a copy after it, as in those layers.
-No peer for the varlen conv prefill (causal-conv1d's states are per row of a dense batch; vLLM's
-Triton conv reads its launch metadata on the host, so no CUDA graph).
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
     python benchmarks/bench_peers.py [--quick] [--ops scan,conv_update,...] [--json PATH]
@@ -147,7 +147,7 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     try:
         from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
-            causal_conv1d_update as vllm_conv_update)
+            causal_conv1d_fn as vllm_conv, causal_conv1d_update as vllm_conv_update)
         from vllm.model_executor.layers.mamba.ops.mamba_ssm import (
             selective_state_update as vllm_state_update)
         from vllm.model_executor.layers.mamba.ops.ssd_combined import (
@@ -158,7 +158,7 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
     except Exception as exc:  # noqa: BLE001 - the other peers still run
         print(f"bench_peers: vLLM's kernels do not import here ({type(exc).__name__}: {exc}); "
               "mamba_ssm's only")
-        vllm_conv_update = vllm_state_update = vllm_chunk_scan = None
+        vllm_conv = vllm_conv_update = vllm_state_update = vllm_chunk_scan = None
     version = (path / "VERSION").read_text().strip() if (path / "VERSION").exists() else "?"
     return SimpleNamespace(vllm_mamba1_scan=_load_library(
                                path, SCAN_LIBRARY, "peer_vllm_selective_scan_bf16",
@@ -170,7 +170,8 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
                            chunk_scan=mamba_chunk_scan_combined,
                            state_update=selective_state_update, add_rms_norm=rms_norm_fn,
                            gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
-                           vllm_conv_update=vllm_conv_update, vllm_chunk_scan=vllm_chunk_scan,
+                           vllm_conv=vllm_conv, vllm_conv_update=vllm_conv_update,
+                           vllm_chunk_scan=vllm_chunk_scan,
                            version=version)
 
 
@@ -300,6 +301,48 @@ def _conv_channel_first_inputs(s: Dict) -> Dict:
                 peer_out_cf=torch.empty_like(x_cf))
 
 
+VLLM_CONV_TOKENS = 8  # tokens per program of vLLM's conv prefill (its BLOCK_M, fixed)
+
+
+def _vllm_conv_inputs(s: Dict, states_layout=None) -> Dict:
+    """The batch description vLLM's engine builds on the host for its conv prefill and passes
+    as `metadata` (kept with the set, as vLLM keeps it with the step): per program of
+    VLLM_CONV_TOKENS tokens its sequence and its chunk in the sequence. With it the launch
+    reads nothing back from the GPU, so it can be captured in a CUDA graph."""
+    b, length = s["x"].shape[:2]
+    per_row = -(-length // VLLM_CONV_TOKENS)
+    on = dict(dtype=torch.int32, device=s["x"].device)
+    seq_of_program = torch.arange(b, dtype=torch.int32).repeat_interleave(per_row)
+    chunk_of_program = torch.arange(per_row, dtype=torch.int32).repeat(b)
+    # The lists on the host, their copies on the device (the kernel reads those).
+    on_device = dict(batch_ptr=seq_of_program.to(on["device"]),
+                     token_chunk_offset_ptr=chunk_of_program.to(on["device"]))
+    programs = dict(tot=b * per_row, mlist=seq_of_program, mlist_len=b * per_row,
+                    offsetlist=chunk_of_program, **on_device)
+    metadata = SimpleNamespace(nums_dict={VLLM_CONV_TOKENS: programs}, **on_device)
+    states = s["conv_states"] if states_layout is None else states_layout(s["conv_states"])
+    return dict(x=s["x"], weight=s["weight"], bias=s["bias"], conv_states=states,
+                has_initial_state=s["has_initial_state"],
+                query_start_loc=torch.arange(0, b * length + 1, length, **on),
+                slots=torch.arange(b, **on), metadata=metadata)
+
+
+def _vllm_conv_peers(fn) -> Dict[str, Peer]:
+    def conv(s):
+        b, length, dim = s["x"].shape
+        out = fn(s["x"].view(b * length, dim).t(), s["weight"], s["bias"], s["conv_states"],
+                 s["query_start_loc"], cache_indices=s["slots"],
+                 has_initial_state=s["has_initial_state"], activation="silu",
+                 null_block_id=-1, metadata=s["metadata"])
+        s["peer_out"] = out.t().view(b, length, dim)
+    # Its state strides are compile-time constants: timed on its engine's layout, and on ours.
+    return {"vllm": Peer(conv, lambda s: _vllm_conv_inputs(s, _channels_contiguous),
+                         "its own state layout; output allocated in the call"),
+            "vllm@ours": Peer(conv, _vllm_conv_inputs,
+                              "on tpssm's (slots, dim, width - 1) layout; output allocated in "
+                              "the call")}
+
+
 def _conv_peers(fn) -> Dict[str, Peer]:
     def check(error):
         if error:
@@ -355,9 +398,13 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
                              "its output written over delta and z (restored between replays); "
                              "inputs in its channels-major layout, built before timing",
                              resets=("peer_delta", "peer_z"))}
-    if (case.op == "causal_conv1d" and "chunk" not in case.shape
-            and peers.causal_conv1d_fwd is not None):
-        return _conv_peers(peers.causal_conv1d_fwd)
+    if case.op == "causal_conv1d" and "chunk" not in case.shape:
+        calls = {}
+        if peers.causal_conv1d_fwd is not None:
+            calls.update(_conv_peers(peers.causal_conv1d_fwd))
+        if peers.vllm_conv is not None:
+            calls.update(_vllm_conv_peers(peers.vllm_conv))
+        return calls
     if case.op == "selective_scan" and c["m"]["form"] == "mamba2" and c["query_start_loc"] is None:
         h, p = c["m"]["nheads"], c["m"]["headdim"]
 

@@ -2,7 +2,7 @@
 built by bench_ssm_ops.py's own builders (tiny shards of each family, bf16 activations, fp32
 states, the SSD scans across chunk and sequence boundaries, decode states at permuted slots of
 a larger pool), the peers' Triton kernels run on the CPU in Triton's interpreter and agree with
-tpssm's CPU ops, outputs and the states they write (the SSD scans and vLLM's conv update on fp16
+tpssm's CPU ops, outputs and the states they write (the SSD scans and vLLM's convs on fp16
 copies of the bf16 inputs: see in_fp16). The CUDA-only peers are checked as far as the CPU allows:
 vLLM's Mamba-1 scan by its input layouts and argument struct, causal-conv1d's conv by its
 library's own argument check and an emulation of its kernels' addressing. Peers called wrongly
@@ -44,6 +44,28 @@ import bench_ssm_ops as bench
 from bench_peers import Peer
 from tpssm import ops, reference
 
+from triton.runtime import interpreter
+
+# vLLM's conv prefill hands the kernel its program lists by replacing arguments in the grid
+# function's dict, which a compiled launch follows and the interpreter does not: here it does.
+interpreter_init = interpreter.GridExecutor.__init__
+
+
+def grid_executor_init(self, fn, arg_names, grid, *rest, **kw):
+    if callable(grid):
+        user_grid = grid
+
+        def grid(args):
+            meta = dict(args)
+            dims = user_grid(meta)
+            for name, value in meta.items():
+                if value is not args[name] and isinstance(value, torch.Tensor):
+                    args[name] = interpreter._implicit_cvt(value)
+            return dims
+    interpreter_init(self, fn, arg_names, grid, *rest, **kw)
+
+
+interpreter.GridExecutor.__init__ = grid_executor_init
 bench.DEVICE = "cpu"
 bench.MODELS = {
     "mamba-2.8b": dict(form="mamba1", d_inner=48, dstate=16, nheads=48, headdim=1, ngroups=1,
@@ -158,6 +180,7 @@ for model in bench.MODELS:
     for tp in (1, 2):
         case = bench.conv_case(model, tp, 2, 70, ops, reference)
         for name, peer in bench_peers.peer_calls(case, emulated).items():
+            peer = in_fp16(peer) if name.startswith("vllm") else peer  # vLLM's is Triton
             try:
                 diff = bench_peers.compare(case, peer)
             except RuntimeError as exc:
@@ -312,14 +335,16 @@ def test_the_mamba1_scan_peer_inputs(lines):
 
 
 def test_the_conv_peers(lines):
-    """causal-conv1d's conv is CUDA only: its library's own argument check with the conv
-    emulated through the struct's raw addresses and strides (see emulate_conv) agrees with
-    tpssm's op, outputs and written states, on each family's tp 1 / 2 shards; the check refuses
-    what its kernels cannot do."""
+    """vLLM's Triton conv prefill (interpreted) and causal-conv1d's CUDA one (its library's own
+    argument check, the conv emulated through the struct's raw addresses and strides: see
+    emulate_conv) agree with tpssm's op, outputs and written states, on each family's tp 1 / 2
+    shards; causal-conv1d's check refuses what its kernels cannot do."""
     built = (ROOT / ".peer" / "lib" / "libcausal_conv1d_fwd.so").exists()
-    assert f"conv peers {built} {['cconv1d', 'cconv1d-cf'] if built else []}" in lines, lines
+    names = (['cconv1d', 'cconv1d-cf'] if built else []) + ['vllm', 'vllm@ours']
+    assert f"conv peers {built} {names}" in lines, lines
     diffs = [line for line in lines if line.startswith("conv diff ")]
-    assert len(diffs) == 12, lines
+    assert len(diffs) == 24, lines  # causal-conv1d's two kernels and vLLM's on two layouts
+    assert sum(" vllm@ours " in line for line in diffs) == 6, lines
     for line in diffs:
         if " dim 20 " in line and " cconv1d " in line:  # Falcon-Mamba's tp 2 toy shard
             assert "refused" in line and "CUDA error 1" in line, line  # cudaErrorInvalidValue
