@@ -594,8 +594,38 @@ def _outcome(r: Dict) -> str:
             f"{r['peer_pct_copy']:>7.1f}{diff:>11}")
 
 
+def summary(rows: List[Dict]) -> List[str]:
+    """A line per op, model form (Mamba-1 / Mamba-2) and peer: the geometric mean of `x peer`
+    (> 1: tpssm faster) over the rows timed with finite outputs, its range, and how many rows
+    failed or were not finite."""
+    groups: Dict[Tuple[str, str, str], List[Dict]] = {}
+    for r in rows:
+        form = bench.MODELS.get(r.get("model"), {}).get("form", "")
+        groups.setdefault((r["op"], form, r["peer"]), []).append(r)
+    lines = []
+    for (op, form, peer), group in groups.items():
+        timed = [r["speedup_vs_peer"] for r in group
+                 if "error" not in r and r["outputs_finite"]]
+        failed = sum("error" in r for r in group)
+        not_finite = len(group) - len(timed) - failed
+        line = f"{op:<23}{form:<7}{peer:<11}"
+        if timed:
+            mean = math.exp(sum(math.log(x) for x in timed) / len(timed))
+            line += (f"x peer {mean:5.2f} (geomean of {len(timed)}, "
+                     f"{min(timed):.2f} - {max(timed):.2f})")
+        else:
+            line += "no row timed"
+        if failed or not_finite:
+            line += f"; {failed} failed, {not_finite} not finite"
+        lines.append(line)
+    return lines
+
+
 def print_table(rows: List[Dict], copy_gbs: float, version: str) -> None:
     print(f"\ndevice copy bandwidth: {copy_gbs:.0f} GB/s (read + write); peers: {version}")
+    # The summary first: the GPU scripts print the table's head only.
+    for line in summary(rows):
+        print("summary: " + line)
     head = (f"{'op':<23}{'model':<16}{'tp':>3} {'shape':<30}{'peer':<11}{'tpssm us':>9}"
             f"{'peer us':>9}{'x peer':>8}{'%copy':>7}{'peer %':>7}{'rel diff':>11}")
     print(head)

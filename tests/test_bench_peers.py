@@ -290,6 +290,17 @@ bench.run_case = run_once
 rows = bench_peers.run_peers(ssu, {"broken": Peer(broken), **bench_peers.peer_calls(ssu, peers)},
                              4000.0, 1)
 print("rows", [(r["peer"], r.get("error"), r.get("speedup_vs_peer")) for r in rows])
+synthetic = [dict(op="scan", model="mamba-2.8b", peer="p", speedup_vs_peer=2.0,
+                  outputs_finite=True),
+             dict(op="scan", model="falcon-mamba-7b", peer="p", speedup_vs_peer=0.5,
+                  outputs_finite=True),
+             dict(op="scan", model="mamba-2.8b", peer="p", speedup_vs_peer=9.0,
+                  outputs_finite=False),
+             dict(op="scan", model="mamba2-2.7b", peer="p", speedup_vs_peer=3.0,
+                  outputs_finite=True),
+             dict(op="scan", model="mamba2-2.7b", peer="q", error="RuntimeError: no")]
+for line in bench_peers.summary(synthetic):
+    print("summary|" + " ".join(line.split()))
 conv = cases[8]
 rows = bench_peers.run_peers(conv, {name: interpretable(conv, peer) for name, peer
                                     in bench_peers.peer_calls(conv, peers).items()}, 4000.0, 1)
@@ -368,5 +379,10 @@ def test_a_failing_peer_gives_an_error_row(lines):
     rows = [line for line in lines if line.startswith("rows ")]
     assert rows == ["rows [('broken', 'RuntimeError: unsupported here', None), "
                     "('mamba_ssm', None, 1.0), ('vllm', None, 1.0)]"], lines
+    # The summary: a NOT FINITE row's speedup is left out of the mean, and said.
+    assert [line for line in lines if line.startswith("summary|")] == [
+        "summary|scan mamba1 p x peer 1.00 (geomean of 2, 0.50 - 2.00); 0 failed, 1 not finite",
+        "summary|scan mamba2 p x peer 3.00 (geomean of 1, 3.00 - 3.00)",
+        "summary|scan mamba2 q no row timed; 1 failed, 0 not finite"], lines
     # A peer with its own state layout is timed on it (its make_set adapts the case's).
     assert "conv rows [('vllm', True, True), ('vllm@ours', True, True)]" in lines, lines
