@@ -28,10 +28,10 @@ version it does not support, say) gets a row with its error.
   library called through ctypes), varlen, on the channels-major copies of the inputs its layer
   hands it, states read from and written to the slots.
 - causal-conv1d's prefill conv (CUDA C++, built the same way), dense batches: its channel-last
-  kernel on the same token-major x as tpssm's, its initial and final states in its layout
-  (channels contiguous); and its channel-first kernel, as mamba_ssm's Mamba and transformers'
-  Mamba fast path call it, on the (batch, dim, seqlen) copy of x - it takes no initial state,
-  and the last width - 1 inputs go to the pool by a copy after it, as in those layers.
+  kernel (the one transformers' Mamba fast path reaches) on the same token-major x as tpssm's,
+  its initial and final states in its layout (channels contiguous); and its channel-first
+  kernel, as mamba_ssm's Mamba calls it, on the (batch, dim, seqlen) copy of x - it takes no
+  initial state, and the last inputs go to the pool by a copy after it, as in that layer.
 
     python benchmarks/stage_peers.py              # once, where PyPI is reachable
     python benchmarks/bench_peers.py [--quick] [--ops scan,conv_update,...] [--json PATH]
@@ -135,8 +135,8 @@ def _load_library(path: Path, relative: str, entry: str, layout: str, args, last
 def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
                ) -> Optional[SimpleNamespace]:
     """The peer functions, or None when they are not staged. programmatic_launch: let vLLM's
-    conv update launch with PDL on sm_90+ as it does in vLLM (else off, like tpssm's kernels
-    unless bench_peers runs them with it too)."""
+    convs (prefill and update) launch with PDL on sm_90+ as they do in vLLM (else off, like
+    tpssm's kernels unless bench_peers runs them with it too)."""
     if not (path / "mamba_ssm").is_dir():
         return None
     if str(path) not in sys.path:
@@ -261,12 +261,37 @@ def causal_conv1d_args(x, weight, bias, out, initial_states=None, final_states=N
     """causal-conv1d's forward conv as its binding describes it: x and out (batch, dim, seqlen)
     views, weight (dim, width), states (batch, dim, width - 1) views, strides in elements; SiLU
     on."""
-    states = initial_states if initial_states is not None else final_states
-    if (initial_states is not None and final_states is not None
-            and initial_states.stride() != final_states.stride()):
-        raise ValueError("causal-conv1d takes one stride description for initial and final "
-                         f"states: {initial_states.stride()} != {final_states.stride()}")
     batch, dim, seqlen = x.shape
+    width = weight.shape[-1]
+    # What its binding checks and the shim cannot (it reads every tensor as bf16).
+    expected = dict(out=(batch, dim, seqlen), weight=(dim, width), bias=(dim,),
+                    initial_states=(batch, dim, width - 1),
+                    final_states=(batch, dim, width - 1))
+    given = dict(out=out, weight=weight, bias=bias, initial_states=initial_states,
+                 final_states=final_states)
+    for name, t in given.items():
+        if t is None:
+            continue
+        if t.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or t.device != x.device:
+            raise ValueError(f"causal-conv1d peer: x and {name} must be bf16 on one device")
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"causal-conv1d peer: {name} is {tuple(t.shape)}, expected "
+                             f"{expected[name]}")
+    if bias is not None and bias.stride(0) != 1:
+        raise ValueError("causal-conv1d peer: bias must be contiguous")
+    if x.is_cuda and x.device.index not in (None, 0):
+        raise ValueError("causal-conv1d peer: its library launches on device 0 only")
+    states = initial_states if initial_states is not None else final_states
+    if initial_states is not None and final_states is not None:
+        if initial_states.stride() != final_states.stride():
+            raise ValueError("causal-conv1d takes one stride description for initial and "
+                             f"final states: {initial_states.stride()} != "
+                             f"{final_states.stride()}")
+        # Its first 64-token chunk reads the initial states while its last writes the final
+        # ones, nothing ordering the two.
+        storages = {t.untyped_storage().data_ptr() for t in (initial_states, final_states)}
+        if len(storages) == 1:
+            raise ValueError("causal-conv1d peer: initial and final states must not share memory")
 
     def ptr(t):
         return None if t is None else t.data_ptr()
@@ -274,7 +299,7 @@ def causal_conv1d_args(x, weight, bias, out, initial_states=None, final_states=N
     return _ConvArgs(
         x=ptr(x), weight=ptr(weight), bias=ptr(bias), out=ptr(out),
         initial_states=ptr(initial_states), final_states=ptr(final_states), stream=_stream(x),
-        batch=batch, dim=dim, seqlen=seqlen, width=weight.shape[1],
+        batch=batch, dim=dim, seqlen=seqlen, width=width,
         x_batch_stride=x.stride(0), x_c_stride=x.stride(1), x_l_stride=x.stride(2),
         weight_c_stride=weight.stride(0), weight_width_stride=weight.stride(1),
         out_batch_stride=out.stride(0), out_c_stride=out.stride(1), out_l_stride=out.stride(2),
@@ -356,7 +381,8 @@ def _conv_peers(fn) -> Dict[str, Peer]:
     def channel_first(s):
         check(fn(ctypes.byref(causal_conv1d_args(s["peer_x"], s["weight"], s["bias"],
                                                  s["peer_out_cf"]))))
-        # As mamba_ssm's Mamba layer keeps its conv state after a prefill: a separate copy.
+        # As mamba_ssm's Mamba layer keeps its conv state after a prefill: a separate copy (of
+        # width inputs there, of the width - 1 that tpssm's pool holds here).
         width = s["weight"].shape[1]
         s["conv_states"].copy_(s["peer_x"][:, :, s["peer_x"].shape[2] - (width - 1):])
         s["peer_out"] = s["peer_out_cf"].transpose(1, 2)
@@ -645,8 +671,8 @@ def main(argv=None) -> int:
                         help="comma-separated subset of " + ",".join(OPS) + " (default all)")
     parser.add_argument("--reps", type=int, default=None, help="timed replays (default 5 / 15)")
     parser.add_argument("--programmatic-launch", action="store_true",
-                        help="tpssm's kernels and vLLM's conv update with programmatic dependent "
-                             "launch (sm_90+; default off for both)")
+                        help="tpssm's kernels and vLLM's convs with programmatic dependent launch "
+                             "(sm_90+; default off for both)")
     parser.add_argument("--json", type=Path,
                         help="write the rows as JSON here (rewritten after every case)")
     args = parser.parse_args(argv)

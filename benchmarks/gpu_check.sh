@@ -146,7 +146,7 @@ if want bench; then
   # Beside the peer kernels engines use (the conv prefills of causal-conv1d and vLLM, vLLM's
   # Mamba-1 scan, the SSD scans, state updates and norms of mamba_ssm and vLLM), same inputs,
   # same process: needs .peer/ (benchmarks/stage_peers.py here; carry ".peer").
-  stage bench_peers 150 $PY benchmarks/bench_peers.py --quick \
+  stage bench_peers 210 $PY benchmarks/bench_peers.py --quick \
     --json "${JSON%.json}_peers.json"
   # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
   # one prefill step (tp 1 against the tp 2 / 4 shards, per phase), mamba-2.8b and mamba2-2.7b.

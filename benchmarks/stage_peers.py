@@ -232,8 +232,8 @@ long long peer_scan_args_layout(int which) {
 
 
 # causal-conv1d's prefill conv is CUDA C++ behind a libtorch binding too: its forward kernels
-# (channel-first, as mamba_ssm's Mamba and transformers' fast path call it; channel-last, as its
-# Mamba2 does) are built the same way, with CONV_SHIM in the place of the binding.
+# (channel-first, as mamba_ssm's Mamba calls it; channel-last, as its Mamba2 and transformers'
+# Mamba fast path do) are built the same way, with CONV_SHIM in the place of the binding.
 CONV_KERNELS = "causal_conv1d_fwd_kernels.cuh"
 CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
 CONV_STANDINS = {
@@ -244,7 +244,9 @@ CONV_SHIM = """\
 // tensors are described as its binding sees them, (batch, dim, seqlen) for x and out and
 // (batch, dim, width - 1) for the states, strides in elements; a stride of 1 along dim (and not
 // along seqlen) picks its channel-last kernel, which alone takes initial and final states, as
-// its binding decides. Returns the CUDA error of the launch (0: none).
+// its binding decides. It launches on this library's CUDA runtime's current device, device 0
+// (its binding sets the device from x first; bench_peers refuses other devices). Returns the
+// CUDA error of the launch (0: none).
 #include <algorithm>  // what its build brings in before its headers
 #include <cstddef>
 #include <cstdint>
@@ -272,8 +274,8 @@ static bool fits_32_bits(long long batch, long long dim, long long len, long lon
 
 static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// What its binding refuses, what its kernels assume of the layouts, and offsets past its kernels' 32-bit indexing: 0 or
-// cudaErrorInvalidValue. Host-only (bench_peers' CPU test calls it).
+// What its binding refuses, what its kernels assume of the layouts, and offsets past their
+// 32-bit indexing: 0 or cudaErrorInvalidValue. Host-only (bench_peers' CPU test calls it).
 int peer_conv_args_check(const PeerConvArgs* a) {
   const bool channel_last = a->x_c_stride == 1 && a->x_l_stride > 1;
   const bool states = a->initial_states != nullptr || a->final_states != nullptr;
@@ -291,6 +293,11 @@ int peer_conv_args_check(const PeerConvArgs* a) {
         && aligned_16(a->x) && aligned_16(a->out);
   } else {
     ok = ok && a->x_l_stride == 1 && a->out_l_stride == 1;
+    if (a->seqlen % 8 == 0) {  // then its rows are moved 16 bytes at a time
+      ok = ok && a->x_c_stride % 8 == 0 && a->x_batch_stride % 8 == 0
+          && a->out_c_stride % 8 == 0 && a->out_batch_stride % 8 == 0 && aligned_16(a->x)
+          && aligned_16(a->out);
+    }
   }
   if (states) {
     ok = ok && channel_last && a->states_c_stride == 1 && a->states_l_stride % 8 == 0
@@ -428,10 +435,24 @@ def stage_causal_conv1d(dest: Path) -> None:
     (csrc / "peer_conv_shim.cu").write_text(CONV_SHIM)
 
 
-def build_library(what: str, shim: Path, includes: List[Path], library: Path) -> str:
+# The code-generation flags each project builds these kernels with (beside -O3, C++17, sm_90):
+# vLLM's CMake gives its Mamba scan torch's common nvcc flags; causal-conv1d's setup.py adds
+# fast math (its SiLU's exp and division) and the bf16 / half operators.
+VLLM_SCAN_FLAGS = ["-DNDEBUG", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                   "--expt-relaxed-constexpr"]
+CAUSAL_CONV1D_FLAGS = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                       "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+                       "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr",
+                       "--expt-extended-lambda", "--use_fast_math"]
+
+
+def build_library(what: str, shim: Path, includes: List[Path], library: Path,
+                  flags: List[str]) -> str:
     """nvcc builds a peer's kernel code and our shim into a torch-free sm_90 library (tens of
-    seconds on two cores; torch only lends its header folder, for its bf16 type); returns what
-    happened, in a line."""
+    seconds on two cores; torch only lends its header folder, for its bf16 type) with the
+    project's own code-generation `flags`; returns what happened, in a line."""
     import torch
 
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
@@ -439,7 +460,7 @@ def build_library(what: str, shim: Path, includes: List[Path], library: Path) ->
         return f"no {nvcc}: {what} not built (set CUDA_HOME)"
     library.parent.mkdir(parents=True, exist_ok=True)
     # The stand-in headers come first: they replace torch's of the same names.
-    command = [str(nvcc), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    command = [str(nvcc), "-O3", "-std=c++17", "-lineinfo", *flags,
                "-gencode", "arch=compute_90,code=sm_90", "-shared", "-Xcompiler", "-fPIC"]
     command += [f"-I{folder}" for folder in includes[:1]]
     command += [f"-I{Path(torch.__file__).parent / 'include'}"]
@@ -463,10 +484,12 @@ def main() -> int:
     scan_csrc, conv_csrc = staging / "vllm_csrc", staging / "causal_conv1d_csrc"
     print("stage_peers: " + build_library(
         "vLLM's Mamba-1 scan", scan_csrc / "mamba" / "peer_scan_shim.cu",
-        [scan_csrc / "standin_include", scan_csrc / "mamba"], staging / SCAN_LIBRARY))
+        [scan_csrc / "standin_include", scan_csrc / "mamba"], staging / SCAN_LIBRARY,
+        VLLM_SCAN_FLAGS))
     print("stage_peers: " + build_library(
         "causal-conv1d's forward conv", conv_csrc / "peer_conv_shim.cu",
-        [conv_csrc / "standin_include", conv_csrc], staging / CONV_LIBRARY))
+        [conv_csrc / "standin_include", conv_csrc], staging / CONV_LIBRARY,
+        CAUSAL_CONV1D_FLAGS))
     shutil.rmtree(DEST, ignore_errors=True)
     staging.rename(DEST)
     size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
