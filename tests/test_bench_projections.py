@@ -2,16 +2,13 @@
 configs of each family at tp 1 / 2 / 3, rank 0 of an uneven split included); its rows' logic runs
 on the CPU with the timing stubbed; the script exits 0 without a GPU and rejects bad arguments."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from script_loader import load_script
 from tpssm.models import build_model, parse_config
 from tpssm.parallel import TPContext
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "mamba": dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=100,
                   hidden_size=48, num_hidden_layers=1, state_size=8, expand=2, conv_kernel=4),
@@ -25,11 +22,7 @@ CONFIGS = {
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_projections",
-                                                  ROOT / "benchmarks" / "bench_projections.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_projections.py")
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3])

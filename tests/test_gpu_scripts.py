@@ -36,6 +36,8 @@ from typing import Dict, List
 import pytest
 import torch
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 GPU_SCRIPTS = ("gpu_check.sh", "gpu_decode_check.sh", "gpu_scan_check.sh")
@@ -155,15 +157,8 @@ class _Parsed(BaseException):
 
 
 def _load(path: Path):
-    """The script as a module (once: its dataclasses need it in sys.modules)."""
-    name = f"gpu_scripts_{path.stem}"
-    if name not in sys.modules:
-        if str(BENCH) not in sys.path:
-            sys.path.insert(0, str(BENCH))
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    """The script as a module of its own here (its globals are patched by these tests)."""
+    return load_script(path, name=f"gpu_scripts_{path.stem}")
 
 
 def _parse_with_script(path: Path, argv: List[str], monkeypatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 import pytest
 import torch

@@ -2,14 +2,13 @@
 CPU ops): a tiny Mamba and a tiny Zamba2, decode and prefill, JSON fields, the per-layer count,
 the phase grouping and the tp 1 / shard comparison."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_loader import load_script
+
 MAMBA = dict(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=128,
              hidden_size=64, num_hidden_layers=3, state_size=16, expand=2, conv_kernel=4)
 ZAMBA2 = dict(architectures=["Zamba2ForCausalLM"], model_type="zamba2", vocab_size=128,
@@ -19,11 +18,7 @@ ZAMBA2 = dict(architectures=["Zamba2ForCausalLM"], model_type="zamba2", vocab_si
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_step",
-                                                  ROOT / "benchmarks" / "profile_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/profile_step.py")
 
 
 def _run(tmp_path, config, *extra):

@@ -621,14 +621,11 @@ def test_cuda_loopback_graph_replay_equals_eager():
 
 
 def test_benchmark_runs_on_cpu(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qallreduce.py"
-    spec = importlib.util.spec_from_file_location("bench_qallreduce", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from script_loader import load_script
+
+    bench = load_script("benchmarks/bench_qallreduce.py")
     out = tmp_path / "bench.json"
     res = bench.main(["--device", "cpu", "--tokens", "1,3", "--hidden", "256",
                       "--world-sizes", "2,3", "--iters", "2", "--json", str(out)])

@@ -5,7 +5,6 @@ checkpoints of two families (flat next-token distributions: the hard case for to
 Mamba trained on a synthetic source (tests/assets/tiny_trained_mamba, made by
 tools/train_tiny_lm.py), whose confident predictions are what a real checkpoint has."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 import hf_models as H
 from dist_utils import run_distributed
+from script_loader import load_script
 
 NUM_POSITIONS = 960
 LENGTHS = (80, 64, 96, 80, 120, 160, 200, 160)
@@ -27,10 +27,7 @@ def _prompts():
 
 def _source_prompts():
     """Prompts drawn from the trained model's own source (in distribution, like text)."""
-    spec = importlib.util.spec_from_file_location("train_tiny_lm",
-                                                  ROOT / "tools" / "train_tiny_lm.py")
-    source = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(source)
+    source = load_script("tools/train_tiny_lm.py")
     g = torch.Generator().manual_seed(5)
     return [source.markov_tokens(1, n, g)[0].tolist() for n in LENGTHS]
 

@@ -2,20 +2,16 @@
 schedule it replays, a synthetic engine JSON through the whole report against hand-computed
 speedups, and the "modelled" labels of its outputs. Pure Python: no GPU, no extension needed."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
+from script_loader import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-_spec = importlib.util.spec_from_file_location(
-    "tp_report", os.path.join(ROOT, "benchmarks", "tp_report.py"))
-tp_report = importlib.util.module_from_spec(_spec)
-sys.modules["tp_report"] = tp_report  # dataclasses look their module up while it loads
-_spec.loader.exec_module(tp_report)
+tp_report = load_script("benchmarks/tp_report.py")
 
 MiB = 1 << 20
 
