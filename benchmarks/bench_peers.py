@@ -26,7 +26,10 @@ write are compared: `max_rel_diff` in the JSON and the table. A peer that fails 
 version it does not support, say) gets a row with its error.
 - vLLM's Mamba-1 prefill scan (CUDA C++: stage_peers.py builds its kernel code into a torch-free
   library called through ctypes), varlen, on the channels-major copies of the inputs its layer
-  hands it, states read from and written to the slots.
+  hands it, states read from and written to the slots; and mamba_ssm's, of which vLLM's is a
+  fork (built the same way; transformers' Mamba fast path calls it), dense, on the (batch, dim,
+  seqlen) copies transformers hands it - it takes no initial state, and the final state goes
+  to the pool by a copy after it, as in transformers.
 - causal-conv1d's prefill conv (CUDA C++, built the same way), dense batches: its channel-last
   kernel (the one transformers' Mamba fast path reaches) on the same token-major x as tpssm's,
   its initial and final states in its layout (channels contiguous); and its channel-first
@@ -63,6 +66,8 @@ import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 PEER_DIR = HERE.parent / ".peer"
 SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds both
 CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
+DENSE_SCAN_LIBRARY = "lib/libmamba_ssm_selective_scan.so"
+DENSE_SCAN_CHUNK = 2048  # tokens per chunk of mamba_ssm's Mamba-1 scan (its running states)
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
 OPS = ("scan", "conv", "conv_update", "state_update", "norm")
 
@@ -92,6 +97,14 @@ class _ScanArgs(ctypes.Structure):
         "cache_indices", "has_initial_state", "stream")]
         + [(name, ctypes.c_longlong) for name in (
             "batch", "dim", "tokens", "dstate", "groups", "null_block_id")]
+        + [("delta_softplus", ctypes.c_int)])
+
+
+class _DenseScanArgs(ctypes.Structure):
+    """The shim's PeerDenseScanArgs (stage_peers.py's DENSE_SCAN_SHIM), field for field."""
+    _fields_ = ([(name, ctypes.c_void_p) for name in (
+        "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "out", "out_z", "x", "stream")]
+        + [(name, ctypes.c_longlong) for name in ("batch", "dim", "seqlen", "dstate", "groups")]
         + [("delta_softplus", ctypes.c_int)])
 
 
@@ -164,6 +177,10 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
                                path, SCAN_LIBRARY, "peer_vllm_selective_scan_bf16",
                                "peer_scan_args_layout", _ScanArgs, "delta_softplus",
                                "the Mamba-1 prefill scan"),
+                           mamba_ssm_mamba1_scan=_load_library(
+                               path, DENSE_SCAN_LIBRARY, "peer_mamba_ssm_selective_scan_bf16",
+                               "peer_dense_scan_args_layout", _DenseScanArgs, "delta_softplus",
+                               "mamba_ssm's Mamba-1 prefill scan"),
                            causal_conv1d_fwd=_load_library(
                                path, CONV_LIBRARY, "peer_causal_conv1d_fwd_bf16",
                                "peer_conv_args_layout", _ConvArgs, "silu", "the conv prefill"),
@@ -250,6 +267,28 @@ def _vllm_mamba1_inputs(s: Dict) -> Dict:
                 has_initial_state=s["has_initial_state"],
                 cu_seqlens=torch.arange(0, tokens + 1, length, **on),
                 slots=torch.arange(b, **on), shape=(b, length, dim, groups, dstate))
+
+
+def _mamba_ssm_mamba1_inputs(s: Dict) -> Dict:
+    """The case's inputs as transformers' Mamba hands mamba_ssm's scan (dense: (batch, dim,
+    seqlen); B and C (batch, groups, dstate, seqlen)), its outputs and running-state buffers,
+    and the pool its final states are copied into. Only what the peer reads and writes."""
+    b, length, dim = s["u"].shape
+    dstate = s["B"].shape[-1]
+
+    def channels_major(t):
+        return t.transpose(1, 2).contiguous()
+
+    chunks = -(-length // DENSE_SCAN_CHUNK)
+    on = dict(dtype=s["u"].dtype, device=s["u"].device)
+    return dict(peer_u=channels_major(s["u"]), peer_delta=channels_major(s["delta"]),
+                peer_z=channels_major(s["z"]), peer_B=s["B"].permute(0, 2, 3, 1).contiguous(),
+                peer_C=s["C"].permute(0, 2, 3, 1).contiguous(),
+                peer_y=torch.empty(b, dim, length, **on),
+                peer_gated=torch.empty(b, dim, length, **on),
+                peer_running=torch.empty(b, dim, chunks, 2 * dstate, dtype=torch.float32,
+                                         device=s["u"].device),
+                ssm_states=s["ssm_states"])
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -397,33 +436,63 @@ def _conv_peers(fn) -> Dict[str, Peer]:
                                from_zero_states=True)}
 
 
+def _vllm_mamba1_peer(c: Dict, fn) -> Peer:
+    def mamba1_scan(s):
+        b, length, dim, groups, dstate = s["shape"]
+        args = _ScanArgs(
+            u=s["peer_u"].data_ptr(), delta=s["peer_delta"].data_ptr(),
+            A=c["A"].data_ptr(), B=s["peer_B"].data_ptr(), C=s["peer_C"].data_ptr(),
+            D=c["D"].data_ptr(), delta_bias=c["dbias"].data_ptr(), z=s["peer_z"].data_ptr(),
+            ssm_states=s["ssm_states"].data_ptr(), query_start_loc=s["cu_seqlens"].data_ptr(),
+            cache_indices=s["slots"].data_ptr(),
+            has_initial_state=s["has_initial_state"].data_ptr(),
+            stream=torch.cuda.current_stream().cuda_stream, batch=b, dim=dim,
+            tokens=b * length, dstate=dstate, groups=groups, null_block_id=-1,
+            delta_softplus=1)
+        error = fn(ctypes.byref(args))
+        if error:
+            raise RuntimeError(f"vLLM's Mamba-1 scan: CUDA error {error}")
+        s["peer_out"] = s["peer_z"].t()  # its gated output, written over z
+    # null_block_id -1: vLLM's layer passes 0 with slot 0 reserved; here 0 is a slot.
+    return Peer(mamba1_scan, _vllm_mamba1_inputs,
+                "its output written over delta and z (restored between replays); inputs in its "
+                "channels-major layout, built before timing", resets=("peer_delta", "peer_z"))
+
+
+def _mamba_ssm_mamba1_peer(c: Dict, fn) -> Peer:
+    def mamba1_scan(s):
+        b, dim, length = s["peer_u"].shape
+        groups, dstate = s["peer_B"].shape[1:3]
+        args = _DenseScanArgs(
+            u=s["peer_u"].data_ptr(), delta=s["peer_delta"].data_ptr(), A=c["A"].data_ptr(),
+            B=s["peer_B"].data_ptr(), C=s["peer_C"].data_ptr(), D=c["D"].data_ptr(),
+            delta_bias=c["dbias"].data_ptr(), z=s["peer_z"].data_ptr(),
+            out=s["peer_y"].data_ptr(), out_z=s["peer_gated"].data_ptr(),
+            x=s["peer_running"].data_ptr(), stream=_stream(s["peer_u"]), batch=b, dim=dim,
+            seqlen=length, dstate=dstate, groups=groups, delta_softplus=1)
+        error = fn(ctypes.byref(args))
+        if error:
+            raise RuntimeError(f"mamba_ssm's Mamba-1 scan: CUDA error {error}")
+        # As transformers' Mamba keeps the final state: the last chunk's state, copied.
+        s["ssm_states"].copy_(s["peer_running"][:, :, -1, 1::2])
+        s["peer_out"] = s["peer_gated"].transpose(1, 2)
+    return Peer(mamba1_scan, _mamba_ssm_mamba1_inputs,
+                "dense (batch, dim, seqlen) copies of the inputs, built before timing; no initial "
+                "state read (compared from zero states); the final state a separate copy, as in "
+                "transformers' Mamba", from_zero_states=True)
+
+
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
     """The peers of `case`, by name; empty where no peer has such a kernel."""
     c = case.consts
     if (case.op == "selective_scan" and c["m"]["form"] == "mamba1" and c["query_start_loc"] is None
-            and peers.vllm_mamba1_scan is not None and "lanes" not in case.shape
-            and "split" not in case.shape):
-        def mamba1_scan(s):
-            b, length, dim, groups, dstate = s["shape"]
-            args = _ScanArgs(
-                u=s["peer_u"].data_ptr(), delta=s["peer_delta"].data_ptr(),
-                A=c["A"].data_ptr(), B=s["peer_B"].data_ptr(), C=s["peer_C"].data_ptr(),
-                D=c["D"].data_ptr(), delta_bias=c["dbias"].data_ptr(), z=s["peer_z"].data_ptr(),
-                ssm_states=s["ssm_states"].data_ptr(), query_start_loc=s["cu_seqlens"].data_ptr(),
-                cache_indices=s["slots"].data_ptr(),
-                has_initial_state=s["has_initial_state"].data_ptr(),
-                stream=torch.cuda.current_stream().cuda_stream, batch=b, dim=dim,
-                tokens=b * length, dstate=dstate, groups=groups, null_block_id=-1,
-                delta_softplus=1)
-            error = peers.vllm_mamba1_scan(ctypes.byref(args))
-            if error:
-                raise RuntimeError(f"vLLM's Mamba-1 scan: CUDA error {error}")
-            s["peer_out"] = s["peer_z"].t()  # its gated output, written over z
-        # null_block_id -1: vLLM's layer passes 0 with slot 0 reserved; here 0 is a slot.
-        return {"vllm": Peer(mamba1_scan, _vllm_mamba1_inputs,
-                             "its output written over delta and z (restored between replays); "
-                             "inputs in its channels-major layout, built before timing",
-                             resets=("peer_delta", "peer_z"))}
+            and "lanes" not in case.shape and "split" not in case.shape):
+        calls = {}
+        if peers.vllm_mamba1_scan is not None:
+            calls["vllm"] = _vllm_mamba1_peer(c, peers.vllm_mamba1_scan)
+        if peers.mamba_ssm_mamba1_scan is not None:
+            calls["mamba_ssm"] = _mamba_ssm_mamba1_peer(c, peers.mamba_ssm_mamba1_scan)
+        return calls
     if case.op == "causal_conv1d" and "chunk" not in case.shape:
         calls = {}
         if peers.causal_conv1d_fwd is not None:

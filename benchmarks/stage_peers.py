@@ -7,6 +7,7 @@ none of their build scripts or Python is run here), each with its license:
 - mamba_ssm: its Triton kernels (the chunked SSD scan of Mamba-2 prefill, the selective state
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
+  Its Mamba-1 prefill scan (CUDA C++) is built into a torch-free library, as below.
 - vLLM: its Mamba-2 prefill scan (the varlen SSD kernels, states read from and written to cache
   slots) and its decode kernels (the selective state update, with its tuned launch
   configurations for NVIDIA GPUs, and the conv update). The few vLLM modules those files import
@@ -355,6 +356,91 @@ long long peer_conv_args_layout(int which) {
 """
 
 
+# mamba_ssm's own Mamba-1 prefill scan (CUDA C++, the one transformers' Mamba fast path and
+# mamba_ssm's Mamba call; vLLM's is a fork of it with varlen batches and state slots): its
+# forward kernel header is staged whole (its instantiations live in other files) and built
+# with DENSE_SCAN_SHIM the same way.
+DENSE_SCAN_LIBRARY = "lib/libmamba_ssm_selective_scan.so"
+DENSE_SCAN_HEADERS = ("selective_scan.h", "selective_scan_common.h", "static_switch.h",
+                      "reverse_scan.cuh", "uninitialized_copy.cuh",
+                      "selective_scan_fwd_kernel.cuh")
+DENSE_SCAN_STANDINS = {
+    "standin_include/c10/cuda/CUDAException.h": _check_macros("C10", "mamba_ssm scan"),
+}
+DENSE_SCAN_SHIM = """\
+// bench_peers.py's entry to mamba_ssm's Mamba-1 prefill scan: bf16 u / delta / z / B / C, fp32
+// A / D / delta_bias, dense batches. u, delta, z, out and out_z are (batch, dim, seqlen), B and
+// C (batch, groups, dstate, seqlen), A (dim, dstate), each contiguous; x (batch, dim, n_chunks,
+// 2 * dstate) fp32, n_chunks = ceil(seqlen / 2048): the kernel's running states, the last
+// chunk's odd entries being the final state. No initial state (the kernel takes none). As its
+// binding, it launches on this library's CUDA runtime's current device (device 0). Returns the
+// CUDA error of the launch (0: none).
+#include <algorithm>  // what its build brings in before its headers
+#include <cstddef>
+#include <cstring>
+
+#include "selective_scan_fwd_kernel.cuh"
+
+extern "C" {
+struct PeerDenseScanArgs {
+  void *u, *delta, *A, *B, *C, *D, *delta_bias, *z, *out, *out_z, *x, *stream;
+  long long batch, dim, seqlen, dstate, groups;
+  int delta_softplus;
+};
+
+int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
+  // What its binding refuses (dstate above 256 would overrun its shared memory), and sizes
+  // past its int fields.
+  const long long int_max = 2147483647LL;
+  if (a->batch < 1 || a->dim < 1 || a->seqlen < 1 || a->dstate < 1 || a->dstate > 256
+      || a->groups < 1 || a->dim % a->groups != 0 || a->batch > int_max || a->dim > int_max
+      || a->seqlen > int_max) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  SSMParamsBase p;
+  memset(&p, 0, sizeof(p));
+  p.batch = static_cast<int>(a->batch);
+  p.dim = static_cast<int>(a->dim);
+  p.seqlen = static_cast<int>(a->seqlen);
+  p.dstate = static_cast<int>(a->dstate);
+  p.n_groups = static_cast<int>(a->groups);
+  p.n_chunks = static_cast<int>((a->seqlen + 2047) / 2048);
+  p.dim_ngroups_ratio = p.dim / p.n_groups;
+  p.is_variable_B = p.is_variable_C = true;
+  p.delta_softplus = a->delta_softplus != 0;
+  p.u_ptr = a->u;
+  p.delta_ptr = a->delta;
+  p.A_ptr = a->A;
+  p.B_ptr = a->B;
+  p.C_ptr = a->C;
+  p.D_ptr = a->D;
+  p.delta_bias_ptr = a->delta_bias;
+  p.out_ptr = a->out;
+  p.x_ptr = a->x;
+  p.z_ptr = a->z;
+  p.out_z_ptr = a->z != nullptr ? a->out_z : nullptr;
+  // Strides in elements, of the contiguous layouts above.
+  const size_t L = a->seqlen, N = a->dstate;
+  p.A_d_stride = N;
+  p.A_dstate_stride = 1;
+  p.B_batch_stride = p.C_batch_stride = a->groups * N * L;
+  p.B_group_stride = p.C_group_stride = N * L;
+  p.B_dstate_stride = p.C_dstate_stride = L;
+  p.u_batch_stride = p.delta_batch_stride = p.z_batch_stride = a->dim * L;
+  p.out_batch_stride = p.out_z_batch_stride = a->dim * L;
+  p.u_d_stride = p.delta_d_stride = p.z_d_stride = p.out_d_stride = p.out_z_d_stride = L;
+  selective_scan_fwd_cuda<c10::BFloat16, float>(p, static_cast<cudaStream_t>(a->stream));
+  return static_cast<int>(cudaGetLastError());
+}
+
+// For the caller's check of its copy of PeerDenseScanArgs.
+long long peer_dense_scan_args_layout(int which) {
+  return which == 0 ? sizeof(PeerDenseScanArgs) : offsetof(PeerDenseScanArgs, delta_softplus);
+}
+}
+"""
+
+
 def _sdist(project: str, version: str) -> bytes:
     """The source archive, from PyPI's simple index (JSON form), checked against its sha256."""
     request = urllib.request.Request(f"https://pypi.org/simple/{project}/",
@@ -379,10 +465,17 @@ def _copy(tar: tarfile.TarFile, member: str, target: Path) -> None:
 
 def stage_mamba_ssm(dest: Path) -> None:
     top = f"mamba_ssm-{MAMBA_SSM}"
+    csrc = dest / "mamba_ssm_csrc"
     with tarfile.open(fileobj=io.BytesIO(_sdist("mamba-ssm", MAMBA_SSM)), mode="r:gz") as tar:
         for relative in MAMBA_SSM_MODULES:
             _copy(tar, f"{top}/mamba_ssm/{relative}", dest / "mamba_ssm" / relative)
+        for name in DENSE_SCAN_HEADERS:
+            _copy(tar, f"{top}/csrc/selective_scan/{name}", csrc / name)
         _copy(tar, f"{top}/LICENSE", dest / "LICENSE.mamba_ssm")
+    for relative, text in DENSE_SCAN_STANDINS.items():
+        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
+        (csrc / relative).write_text(text)
+    (csrc / "peer_dense_scan_shim.cu").write_text(DENSE_SCAN_SHIM)
     for init in ("__init__.py", "ops/__init__.py", "ops/triton/__init__.py", "utils/__init__.py"):
         (dest / "mamba_ssm" / init).write_text("")  # the package's own would import its extension
 
@@ -436,12 +529,12 @@ def stage_causal_conv1d(dest: Path) -> None:
 
 
 # The code-generation flags each project builds these kernels with (beside -O3, C++17, sm_90):
-# vLLM's CMake gives its Mamba scan torch's common nvcc flags; causal-conv1d's setup.py adds
-# fast math (its SiLU's exp and division) and the bf16 / half operators.
+# vLLM's CMake gives its Mamba scan torch's common nvcc flags; the setup.py files of
+# causal-conv1d and mamba_ssm (one author's) add fast math and the bf16 / half operators.
 VLLM_SCAN_FLAGS = ["-DNDEBUG", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                    "--expt-relaxed-constexpr"]
-CAUSAL_CONV1D_FLAGS = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+DAO_AILAB_FLAGS = ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                        "-U__CUDA_NO_BFLOAT162_OPERATORS__",
                        "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--expt-relaxed-constexpr",
@@ -486,10 +579,15 @@ def main() -> int:
         "vLLM's Mamba-1 scan", scan_csrc / "mamba" / "peer_scan_shim.cu",
         [scan_csrc / "standin_include", scan_csrc / "mamba"], staging / SCAN_LIBRARY,
         VLLM_SCAN_FLAGS))
+    dense_csrc = staging / "mamba_ssm_csrc"
+    print("stage_peers: " + build_library(
+        "mamba_ssm's Mamba-1 scan", dense_csrc / "peer_dense_scan_shim.cu",
+        [dense_csrc / "standin_include", dense_csrc], staging / DENSE_SCAN_LIBRARY,
+        DAO_AILAB_FLAGS))
     print("stage_peers: " + build_library(
         "causal-conv1d's forward conv", conv_csrc / "peer_conv_shim.cu",
         [conv_csrc / "standin_include", conv_csrc], staging / CONV_LIBRARY,
-        CAUSAL_CONV1D_FLAGS))
+        DAO_AILAB_FLAGS))
     shutil.rmtree(DEST, ignore_errors=True)
     staging.rename(DEST)
     size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())

@@ -90,6 +90,8 @@ def spread_slots(case):
         rows = s[key].shape[0]
         pool = torch.randn((rows + 3,) + s[key].shape[1:]).to(s[key].dtype)
         slots = torch.randperm(rows + 3)[:rows]
+        while (slots == torch.arange(rows)).any():  # no row at its own index: see no_slots
+            slots = torch.randperm(rows + 3)[:rows]
         pool[slots] = s[key]
         return dict(s, **{key: pool, "idx": slots.to(torch.int32)})
     return dataclasses.replace(case, make_set=make_set)
@@ -148,12 +150,15 @@ if conv_lib is not None:
     conv_lib.peer_conv_args_check.argtypes = [ctypes.POINTER(bench_peers._ConvArgs)]
 
 
-def raw(ptr, shape, strides):
-    """bf16 elements at a raw address, as a tensor sharing that memory."""
+def raw(ptr, shape, strides, dtype=torch.bfloat16):
+    """bf16 (or fp32) elements at a raw address, as a tensor sharing that memory."""
     extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
-    words = np.ctypeslib.as_array((ctypes.c_uint16 * extent).from_address(ptr))
-    strided = np.lib.stride_tricks.as_strided(words, shape, [2 * st for st in strides])
-    return torch.from_numpy(strided).view(torch.bfloat16)
+    word = ctypes.c_uint16 if dtype == torch.bfloat16 else ctypes.c_float
+    words = np.ctypeslib.as_array((word * extent).from_address(ptr))
+    size = ctypes.sizeof(word)
+    strided = np.lib.stride_tricks.as_strided(words, shape, [size * st for st in strides])
+    t = torch.from_numpy(strided)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def emulate_conv(args_ref):
@@ -262,10 +267,62 @@ for name, attempt in refusals.items():
         print("conv refusal", name, "none")
     except ValueError as exc:
         print("conv refusal", name, str(exc).split(":")[1].split()[0])
-# vLLM's Mamba-1 scan is CUDA only: its inputs in its layouts, and the library's view of its
+# The Mamba-1 scans are CUDA only. mamba_ssm's: its library's work emulated through the raw
+# addresses in its argument struct, in the contiguous layouts its shim gives the kernel (its
+# running states per 2048-token chunk: the last chunk's odd entries are the final state, which
+# the emulation writes after running tpssm's reference), so that the inputs' layouts, the
+# final-state copy and the comparison from zero states are checked.
+def emulate_dense_scan(args_ref):
+    a = args_ref._obj
+    b, d, length, n, g = a.batch, a.dim, a.seqlen, a.dstate, a.groups
+
+    def rows(ptr):  # (batch, dim, seqlen) as (batch, seqlen, dim)
+        return raw(ptr, (b, d, length), (d * length, length, 1)).transpose(1, 2)
+
+    def states_major(ptr):  # (batch, groups, dstate, seqlen) as (batch, seqlen, groups, dstate)
+        return raw(ptr, (b, g, n, length), (g * n * length, n * length, length, 1)).permute(
+            0, 3, 1, 2)
+
+    f32 = torch.float32
+    final = torch.zeros(b, d, n)
+    y = reference.selective_scan_ref(
+        rows(a.u), rows(a.delta), raw(a.A, (d, n), (n, 1), f32), states_major(a.B),
+        states_major(a.C), raw(a.D, (d,), (1,), f32), rows(a.z),
+        raw(a.delta_bias, (d,), (1,), f32), delta_softplus=bool(a.delta_softplus),
+        ssm_states=final, has_initial_state=torch.zeros(b, dtype=torch.bool))
+    rows(a.out_z).copy_(y)
+    chunks = -(-length // bench_peers.DENSE_SCAN_CHUNK)
+    running = raw(a.x, (b, d, chunks, 2 * n), (d * chunks * 2 * n, chunks * 2 * n, 2 * n, 1),
+                  f32)
+    running[:, :, -1, 1::2] = final
+    return 0
+
+
+dense_emulated = types.SimpleNamespace(
+    **dict(vars(peers), vllm_mamba1_scan=None, mamba_ssm_mamba1_scan=emulate_dense_scan))
+for model in ("mamba-2.8b", "falcon-mamba-7b"):
+    for tp in (1, 2):
+        case = bench.scan_case(model, tp, 2, 70, ops, reference)
+        peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
+        print("mamba1 diff mamba_ssm", case.model, case.tp, bench_peers.compare(case, peer))
+peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
+print("wrong mamba1_from_states",
+      bench_peers.compare(case, dataclasses.replace(peer, from_zero_states=False)))
+
+
+def final_state_not_copied(s):
+    saved = s["ssm_states"].clone()
+    peer.call(s)
+    s["ssm_states"].copy_(saved)
+
+
+print("wrong mamba1_states_unwritten",
+      bench_peers.compare(case, dataclasses.replace(peer, call=final_state_not_copied)))
+# vLLM's: its inputs in its layouts (element by element). For both, the library's view of its
 # arguments (load_peers checks the struct's size and last offset against the library's).
 m1 = bench.scan_case("mamba-2.8b", 1, 2, 5, ops, reference)
-print("mamba1 peers", sorted(bench_peers.peer_calls(m1, peers)), peers.vllm_mamba1_scan is not None)
+print("mamba1 peers", sorted(bench_peers.peer_calls(m1, peers)), peers.vllm_mamba1_scan is not None,
+      peers.mamba_ssm_mamba1_scan is not None)
 s = m1.make_set()
 v = bench_peers._vllm_mamba1_inputs(s)
 same = [torch.equal(v[f"peer_{k}"][c, b * 5 + t], s[k][b, t, c]) for k in ("u", "delta", "z")
@@ -371,12 +428,20 @@ def test_no_peer_where_it_has_no_kernel(lines):
     assert "no peer [{}, {}]" in lines, lines
 
 
-def test_the_mamba1_scan_peer_inputs(lines):
-    """The CUDA-only peer: listed when stage_peers.py built its library, its inputs in vLLM's
-    layouts (checked element by element), the library's argument layout as bench_peers's."""
-    built = (ROOT / ".peer" / "lib" / "libvllm_selective_scan.so").exists()
-    assert f"mamba1 peers {['vllm'] if built else []} {built}" in lines, lines
+def test_the_mamba1_scan_peers(lines):
+    """The CUDA-only peers: listed when stage_peers.py built their libraries (whose argument
+    layouts load_peers checks against bench_peers'); vLLM's inputs in its layouts (checked
+    element by element); mamba_ssm's, with its library's work emulated through the struct's raw
+    addresses, agree with tpssm's op, outputs and final states, from zero states."""
+    vllm = (ROOT / ".peer" / "lib" / "libvllm_selective_scan.so").exists()
+    dense = (ROOT / ".peer" / "lib" / "libmamba_ssm_selective_scan.so").exists()
+    names = sorted((["vllm"] if vllm else []) + (["mamba_ssm"] if dense else []))
+    assert f"mamba1 peers {names} {vllm} {dense}" in lines, lines
     assert "mamba1 layout 15 True True [0, 5, 10] (2, 5, 48, 1, 16) False" in lines, lines
+    diffs = [line for line in lines if line.startswith("mamba1 diff ")]
+    assert len(diffs) == 4, lines  # Mamba and Falcon-Mamba, tp 1 / 2
+    for line in diffs:
+        assert float(line.split()[-1]) < TOLERANCE, line
 
 
 def test_the_conv_peers(lines):
@@ -411,8 +476,8 @@ def test_a_wrong_call_is_caught(lines):
              if line.startswith("wrong ")}
     conv = {"conv_no_initial", "conv_from_states", "conv_states_unwritten"}
     built = (ROOT / ".peer" / "lib" / "libcausal_conv1d_fwd.so").exists()
-    assert set(wrong) == {"swapped", "no_slots", "no_residual"} | (conv if built else set()), \
-        lines
+    assert set(wrong) == ({"swapped", "no_slots", "no_residual", "mamba1_from_states",
+                           "mamba1_states_unwritten"} | (conv if built else set())), lines
     for name, diff in wrong.items():
         assert diff > 10 * TOLERANCE, (name, diff)
     assert "nan peer inf" in lines and "nan ours inf" in lines, lines  # NaN is no match
