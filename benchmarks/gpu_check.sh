@@ -143,9 +143,9 @@ if want bench; then
   # Decode-sized projections (M = 1 / 8 tokens) against their weight bytes: cuBLAS and gemv.
   stage bench_projections 150 $PY benchmarks/bench_projections.py --tokens 1,8 \
     --json "${JSON%.json}_projections.json"
-  # Beside the peer kernels engines use (the conv prefills of causal-conv1d and vLLM, vLLM's
-  # Mamba-1 scan, the SSD scans, state updates and norms of mamba_ssm and vLLM), same inputs,
-  # same process: needs .peer/ (benchmarks/stage_peers.py here; carry ".peer").
+  # Beside the peer kernels engines use (the conv prefills of causal-conv1d and vLLM, the
+  # Mamba-1 and SSD scans, state updates and norms of mamba_ssm and vLLM), same inputs, same
+  # process: needs .peer/ (benchmarks/stage_peers.py here; carry ".peer").
   stage bench_peers 210 $PY benchmarks/bench_peers.py --quick \
     --json "${JSON%.json}_peers.json"
   # Where step time goes: the kernels of one decode step (tp 1 and the tp 4 rank shard) and of
