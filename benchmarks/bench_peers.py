@@ -27,9 +27,10 @@ version it does not support, say) gets a row with its error.
 - vLLM's Mamba-1 prefill scan (CUDA C++: stage_peers.py builds its kernel code into a torch-free
   library called through ctypes), varlen, on the channels-major copies of the inputs its layer
   hands it, states read from and written to the slots; and mamba_ssm's, of which vLLM's is a
-  fork (built the same way; transformers' Mamba fast path calls it), dense, on the (batch, dim,
-  seqlen) copies transformers hands it - it takes no initial state, and the final state goes
-  to the pool by a copy after it, as in transformers.
+  fork (built the same way; transformers' Mamba fast path calls it), dense, on (batch, dim,
+  seqlen) copies built before timing (mamba_ssm's Python makes the z / B / C ones on each call,
+  untimed here) - it takes no initial state, and the final state goes to the pool by a copy
+  after it, as in transformers.
 - causal-conv1d's prefill conv (CUDA C++, built the same way), dense batches: its channel-last
   kernel (the one transformers' Mamba fast path reaches) on the same token-major x as tpssm's,
   its initial and final states in its layout (channels contiguous); and its channel-first
@@ -67,7 +68,7 @@ PEER_DIR = HERE.parent / ".peer"
 SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds both
 CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
 DENSE_SCAN_LIBRARY = "lib/libmamba_ssm_selective_scan.so"
-DENSE_SCAN_CHUNK = 2048  # tokens per chunk of mamba_ssm's Mamba-1 scan (its running states)
+DENSE_SCAN_CHUNK = 2048  # tokens per chunk of mamba_ssm's Mamba-1 scan (its library says so too)
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
 OPS = ("scan", "conv", "conv_update", "state_update", "norm")
 
@@ -120,9 +121,10 @@ class _ConvArgs(ctypes.Structure):
 
 
 def _load_library(path: Path, relative: str, entry: str, layout: str, args, last_field: str,
-                  what: str):
+                  what: str, constants: Optional[Dict[int, int]] = None):
     """A peer's entry in a library stage_peers.py built, or None (with a line saying why). The
-    library's view of its argument struct (size, offset of the last field) must be `args`'."""
+    library's view of its argument struct (size, offset of the last field: `layout`(0), (1))
+    must be `args`', and `layout`(k) must be v for each k: v of `constants`."""
     library = path / relative
     if not library.exists():
         print(f"bench_peers: no {library} (stage_peers.py builds it where nvcc is): "
@@ -139,6 +141,11 @@ def _load_library(path: Path, relative: str, entry: str, layout: str, args, last
         print(f"bench_peers: {library}: its argument struct (size, last offset) {found} differs "
               f"from {args.__name__}: restage with stage_peers.py")
         return None
+    for which, value in (constants or {}).items():
+        if getattr(lib, layout)(which) != value:
+            print(f"bench_peers: {library}: its {layout}({which}) is "
+                  f"{getattr(lib, layout)(which)}, bench_peers assumes {value}")
+            return None
     function = getattr(lib, entry)
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.POINTER(args)]
@@ -180,7 +187,7 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
                            mamba_ssm_mamba1_scan=_load_library(
                                path, DENSE_SCAN_LIBRARY, "peer_mamba_ssm_selective_scan_bf16",
                                "peer_dense_scan_args_layout", _DenseScanArgs, "delta_softplus",
-                               "mamba_ssm's Mamba-1 prefill scan"),
+                               "mamba_ssm's Mamba-1 prefill scan", {2: DENSE_SCAN_CHUNK}),
                            causal_conv1d_fwd=_load_library(
                                path, CONV_LIBRARY, "peer_causal_conv1d_fwd_bf16",
                                "peer_conv_args_layout", _ConvArgs, "silu", "the conv prefill"),
@@ -477,9 +484,10 @@ def _mamba_ssm_mamba1_peer(c: Dict, fn) -> Peer:
         s["ssm_states"].copy_(s["peer_running"][:, :, -1, 1::2])
         s["peer_out"] = s["peer_gated"].transpose(1, 2)
     return Peer(mamba1_scan, _mamba_ssm_mamba1_inputs,
-                "dense (batch, dim, seqlen) copies of the inputs, built before timing; no initial "
-                "state read (compared from zero states); the final state a separate copy, as in "
-                "transformers' Mamba", from_zero_states=True)
+                "dense (batch, dim, seqlen) copies of the inputs, built before timing (its Python "
+                "copies z / B / C per call: untimed); no initial state read (compared from zero "
+                "states); the final state a separate copy, as in transformers' Mamba",
+                from_zero_states=True)
 
 
 def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:

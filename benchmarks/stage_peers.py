@@ -369,17 +369,20 @@ DENSE_SCAN_STANDINS = {
 }
 DENSE_SCAN_SHIM = """\
 // bench_peers.py's entry to mamba_ssm's Mamba-1 prefill scan: bf16 u / delta / z / B / C, fp32
-// A / D / delta_bias, dense batches. u, delta, z, out and out_z are (batch, dim, seqlen), B and
-// C (batch, groups, dstate, seqlen), A (dim, dstate), each contiguous; x (batch, dim, n_chunks,
-// 2 * dstate) fp32, n_chunks = ceil(seqlen / 2048): the kernel's running states, the last
-// chunk's odd entries being the final state. No initial state (the kernel takes none). As its
-// binding, it launches on this library's CUDA runtime's current device (device 0). Returns the
-// CUDA error of the launch (0: none).
+// A / D / delta_bias, dense batches, z required. u, delta, z, out and out_z are (batch, dim,
+// seqlen), B and C (batch, groups, dstate, seqlen), A (dim, dstate), each contiguous; x (batch,
+// dim, n_chunks, 2 * dstate) fp32, n_chunks = ceil(seqlen / 2048): the kernel's running states,
+// the last chunk's odd entries being the final state. No initial state (the kernel takes
+// none). Unlike its binding, it launches on this library's CUDA runtime's current device
+// (device 0). Returns the CUDA error of the launch (0: none).
 #include <algorithm>  // what its build brings in before its headers
 #include <cstddef>
 #include <cstring>
 
 #include "selective_scan_fwd_kernel.cuh"
+
+// Tokens per chunk of the kernel's running states, as its binding sizes them.
+constexpr long long kChunkTokens = 2048;
 
 extern "C" {
 struct PeerDenseScanArgs {
@@ -389,12 +392,15 @@ struct PeerDenseScanArgs {
 };
 
 int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
-  // What its binding refuses (dstate above 256 would overrun its shared memory), and sizes
-  // past its int fields.
+  // What its binding refuses (dstate above 256 would overrun its shared memory), what its
+  // launch cannot take (a grid row per channel: at most 65535) and sizes past its int indexing
+  // (the running-state offset is an int).
   const long long int_max = 2147483647LL;
-  if (a->batch < 1 || a->dim < 1 || a->seqlen < 1 || a->dstate < 1 || a->dstate > 256
-      || a->groups < 1 || a->dim % a->groups != 0 || a->batch > int_max || a->dim > int_max
-      || a->seqlen > int_max) {
+  const long long chunks = (a->seqlen + kChunkTokens - 1) / kChunkTokens;
+  if (a->batch < 1 || a->dim < 1 || a->dim > 65535 || a->seqlen < 1 || a->seqlen > int_max
+      || a->dstate < 1 || a->dstate > 256 || a->groups < 1 || a->dim % a->groups != 0
+      || a->batch * a->dim * chunks * a->dstate * 2 > int_max || a->z == nullptr
+      || a->out_z == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   SSMParamsBase p;
@@ -404,7 +410,7 @@ int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
   p.seqlen = static_cast<int>(a->seqlen);
   p.dstate = static_cast<int>(a->dstate);
   p.n_groups = static_cast<int>(a->groups);
-  p.n_chunks = static_cast<int>((a->seqlen + 2047) / 2048);
+  p.n_chunks = static_cast<int>(chunks);
   p.dim_ngroups_ratio = p.dim / p.n_groups;
   p.is_variable_B = p.is_variable_C = true;
   p.delta_softplus = a->delta_softplus != 0;
@@ -418,7 +424,7 @@ int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
   p.out_ptr = a->out;
   p.x_ptr = a->x;
   p.z_ptr = a->z;
-  p.out_z_ptr = a->z != nullptr ? a->out_z : nullptr;
+  p.out_z_ptr = a->out_z;
   // Strides in elements, of the contiguous layouts above.
   const size_t L = a->seqlen, N = a->dstate;
   p.A_d_stride = N;
@@ -433,9 +439,12 @@ int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// For the caller's check of its copy of PeerDenseScanArgs.
+// For the caller's check of its copy of PeerDenseScanArgs (0, 1), and of the chunk length it
+// sizes the running-state buffer by (2).
 long long peer_dense_scan_args_layout(int which) {
-  return which == 0 ? sizeof(PeerDenseScanArgs) : offsetof(PeerDenseScanArgs, delta_softplus);
+  return which == 0 ? sizeof(PeerDenseScanArgs)
+      : which == 1  ? offsetof(PeerDenseScanArgs, delta_softplus)
+                    : kChunkTokens;
 }
 }
 """

@@ -4,8 +4,9 @@ states, the SSD scans across chunk and sequence boundaries, decode states at per
 a larger pool), the peers' Triton kernels run on the CPU in Triton's interpreter and agree with
 tpssm's CPU ops, outputs and the states they write (the SSD scans and vLLM's convs on fp16
 copies of the bf16 inputs: see in_fp16). The CUDA-only peers are checked as far as the CPU allows:
-vLLM's Mamba-1 scan by its input layouts and argument struct, causal-conv1d's conv by its
-library's own argument check and an emulation of its kernels' addressing. Peers called wrongly
+vLLM's Mamba-1 scan by its input layouts and argument struct, mamba_ssm's by an emulation of its
+library's work through its argument struct, causal-conv1d's conv by its library's own argument
+check and an emulation of its kernels' addressing. Peers called wrongly
 (B and C swapped, the slots left out, the residual or the conv states not written, the conv's
 initial states left out) and NaN on either side are caught by the same comparison.
 
@@ -269,9 +270,19 @@ for name, attempt in refusals.items():
         print("conv refusal", name, str(exc).split(":")[1].split()[0])
 # The Mamba-1 scans are CUDA only. mamba_ssm's: its library's work emulated through the raw
 # addresses in its argument struct, in the contiguous layouts its shim gives the kernel (its
-# running states per 2048-token chunk: the last chunk's odd entries are the final state, which
-# the emulation writes after running tpssm's reference), so that the inputs' layouts, the
-# final-state copy and the comparison from zero states are checked.
+# running states per chunk of the length the library reports: the last chunk's odd entries are
+# the final state, which the emulation writes after running tpssm's reference; the rest NaN),
+# so that the inputs' layouts, the final-state copy and the comparison from zero states are
+# checked, across a chunk boundary too.
+dense_path = bench_peers.PEER_DIR / bench_peers.DENSE_SCAN_LIBRARY
+if dense_path.exists():
+    dense_lib = ctypes.CDLL(str(dense_path))
+    dense_lib.peer_dense_scan_args_layout.restype = ctypes.c_longlong
+    DENSE_CHUNK = dense_lib.peer_dense_scan_args_layout(2)
+else:
+    DENSE_CHUNK = bench_peers.DENSE_SCAN_CHUNK
+
+
 def emulate_dense_scan(args_ref):
     a = args_ref._obj
     b, d, length, n, g = a.batch, a.dim, a.seqlen, a.dstate, a.groups
@@ -291,20 +302,24 @@ def emulate_dense_scan(args_ref):
         raw(a.delta_bias, (d,), (1,), f32), delta_softplus=bool(a.delta_softplus),
         ssm_states=final, has_initial_state=torch.zeros(b, dtype=torch.bool))
     rows(a.out_z).copy_(y)
-    chunks = -(-length // bench_peers.DENSE_SCAN_CHUNK)
+    chunks = -(-length // DENSE_CHUNK)
     running = raw(a.x, (b, d, chunks, 2 * n), (d * chunks * 2 * n, chunks * 2 * n, 2 * n, 1),
                   f32)
+    running.fill_(float("nan"))
     running[:, :, -1, 1::2] = final
     return 0
 
 
 dense_emulated = types.SimpleNamespace(
     **dict(vars(peers), vllm_mamba1_scan=None, mamba_ssm_mamba1_scan=emulate_dense_scan))
-for model in ("mamba-2.8b", "falcon-mamba-7b"):
-    for tp in (1, 2):
-        case = bench.scan_case(model, tp, 2, 70, ops, reference)
-        peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
-        print("mamba1 diff mamba_ssm", case.model, case.tp, bench_peers.compare(case, peer))
+dense_cases = [bench.scan_case(model, tp, 2, 70, ops, reference)
+               for model in ("mamba-2.8b", "falcon-mamba-7b") for tp in (1, 2)]
+dense_cases.append(bench.scan_case("mamba-2.8b", 2, 1, DENSE_CHUNK + 70, ops, reference))
+for case in dense_cases:
+    peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
+    print("mamba1 diff mamba_ssm", case.model, case.tp, case.shape.split()[0],
+          bench_peers.compare(case, peer))
+case = dense_cases[0]  # 70 tokens: the initial states' effect has not decayed
 peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
 print("wrong mamba1_from_states",
       bench_peers.compare(case, dataclasses.replace(peer, from_zero_states=False)))
@@ -439,7 +454,8 @@ def test_the_mamba1_scan_peers(lines):
     assert f"mamba1 peers {names} {vllm} {dense}" in lines, lines
     assert "mamba1 layout 15 True True [0, 5, 10] (2, 5, 48, 1, 16) False" in lines, lines
     diffs = [line for line in lines if line.startswith("mamba1 diff ")]
-    assert len(diffs) == 4, lines  # Mamba and Falcon-Mamba, tp 1 / 2
+    # Mamba and Falcon-Mamba, tp 1 / 2, and a row of two running-state chunks
+    assert len(diffs) == 5 and " 1x2118 " in diffs[-1], lines
     for line in diffs:
         assert float(line.split()[-1]) < TOLERANCE, line
 
