@@ -10,6 +10,8 @@ The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the 
   (Mamba-2's dt, A, D and dt bias broadcast over headdim with zero strides, as the models pass
   them), mamba_ssm's and vLLM's (its launch settings from its own tuned configurations where it
   has one for the GPU and shape);
+- causal-conv1d's conv update (CUDA C++, built as below; transformers' Mamba decode and
+  mamba_ssm call it), on tpssm's state layout - its callers' own;
 - vLLM's conv update and conv prefill (the prefill with the program lists its engine builds on
   the host, so that the launch is graph-capturable), each on its engine's conv state layout
   (channels contiguous) and on tpssm's (slots, dim, width - 1): its strides are compile-time
@@ -66,7 +68,7 @@ import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 
 PEER_DIR = HERE.parent / ".peer"
 SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds both
-CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
+CONV_LIBRARY = "lib/libcausal_conv1d.so"
 DENSE_SCAN_LIBRARY = "lib/libmamba_ssm_selective_scan.so"
 DENSE_SCAN_CHUNK = 2048  # tokens per chunk of mamba_ssm's Mamba-1 scan (its library says so too)
 SSD_CHUNK = 256  # mamba_ssm's Mamba2 module default
@@ -107,6 +109,18 @@ class _DenseScanArgs(ctypes.Structure):
         "u", "delta", "A", "B", "C", "D", "delta_bias", "z", "out", "out_z", "x", "stream")]
         + [(name, ctypes.c_longlong) for name in ("batch", "dim", "seqlen", "dstate", "groups")]
         + [("delta_softplus", ctypes.c_int)])
+
+
+class _ConvUpdateArgs(ctypes.Structure):
+    """The shim's PeerConvUpdateArgs (stage_peers.py's CONV_SHIM), field for field."""
+    _fields_ = ([(name, ctypes.c_void_p) for name in (
+        "x", "weight", "bias", "out", "conv_state", "conv_state_indices", "stream")]
+        + [(name, ctypes.c_longlong) for name in (
+            "batch", "dim", "seqlen", "width", "state_len", "slots", "x_batch_stride",
+            "x_c_stride", "x_l_stride", "weight_c_stride", "weight_width_stride",
+            "out_batch_stride", "out_c_stride", "out_l_stride", "state_batch_stride",
+            "state_c_stride", "state_l_stride")]
+        + [("silu", ctypes.c_int)])
 
 
 class _ConvArgs(ctypes.Structure):
@@ -191,6 +205,10 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
                            causal_conv1d_fwd=_load_library(
                                path, CONV_LIBRARY, "peer_causal_conv1d_fwd_bf16",
                                "peer_conv_args_layout", _ConvArgs, "silu", "the conv prefill"),
+                           causal_conv1d_update=_load_library(
+                               path, CONV_LIBRARY, "peer_causal_conv1d_update_bf16",
+                               "peer_conv_update_args_layout", _ConvUpdateArgs, "silu",
+                               "causal-conv1d's conv update"),
                            chunk_scan=mamba_chunk_scan_combined,
                            state_update=selective_state_update, add_rms_norm=rms_norm_fn,
                            gated_rms_norm=rmsnorm_fn, vllm_state_update=vllm_state_update,
@@ -414,6 +432,51 @@ def _vllm_conv_peers(fn) -> Dict[str, Peer]:
                               "the call")}
 
 
+def causal_conv1d_update_args(x, conv_state, weight, bias, out, slots) -> _ConvUpdateArgs:
+    """causal-conv1d's conv update as its binding describes it: x and out (batch, dim, seqlen)
+    views, the state pool (slots, dim, state_len) of any strides, int32 slots; SiLU on."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[-1]
+    for name, t in dict(conv_state=conv_state, weight=weight, bias=bias, out=out).items():
+        if t is not None and (t.dtype != torch.bfloat16 or t.device != x.device):
+            raise ValueError(f"causal-conv1d peer: {name} must be bf16 on x's device")
+    if x.dtype != torch.bfloat16 or tuple(out.shape) != tuple(x.shape):
+        raise ValueError("causal-conv1d peer: x must be bf16, out shaped as x")
+    if tuple(weight.shape) != (dim, width) or conv_state.shape[1] != dim:
+        raise ValueError("causal-conv1d peer: weight must be (dim, width), conv_state "
+                         "(slots, dim, state_len)")
+    if slots is not None and (slots.dtype != torch.int32 or tuple(slots.shape) != (batch,)
+                              or slots.stride(0) != 1):
+        raise ValueError("causal-conv1d peer: slots must be contiguous int32 (batch,)")
+    if x.is_cuda and x.device.index not in (None, 0):
+        raise ValueError("causal-conv1d peer: its library launches on device 0 only")
+    return _ConvUpdateArgs(
+        x=x.data_ptr(), weight=weight.data_ptr(),
+        bias=None if bias is None else bias.data_ptr(), out=out.data_ptr(),
+        conv_state=conv_state.data_ptr(),
+        conv_state_indices=None if slots is None else slots.data_ptr(), stream=_stream(x),
+        batch=batch, dim=dim, seqlen=seqlen, width=width, state_len=conv_state.shape[2],
+        slots=conv_state.shape[0], x_batch_stride=x.stride(0), x_c_stride=x.stride(1),
+        x_l_stride=x.stride(2), weight_c_stride=weight.stride(0),
+        weight_width_stride=weight.stride(1), out_batch_stride=out.stride(0),
+        out_c_stride=out.stride(1), out_l_stride=out.stride(2),
+        state_batch_stride=conv_state.stride(0), state_c_stride=conv_state.stride(1),
+        state_l_stride=conv_state.stride(2), silu=1)
+
+
+def _causal_conv1d_update_peer(fn) -> Peer:
+    def update(s):
+        error = fn(ctypes.byref(causal_conv1d_update_args(
+            s["x"][:, :, None], s["conv_state"], s["weight"], s["bias"],
+            s["peer_out"][:, :, None], s["idx"])))
+        if error:
+            raise RuntimeError(f"causal-conv1d's conv update: CUDA error {error}")
+    # (slots, dim, width - 1) contiguous is the layout its callers keep (with width columns
+    # there): a thread per channel walks its state row.
+    return Peer(update, lambda s: dict(s, peer_out=torch.empty_like(s["x"])),
+                "on tpssm's (slots, dim, width - 1) layout, its callers' own")
+
+
 def _conv_peers(fn) -> Dict[str, Peer]:
     def check(error):
         if error:
@@ -573,15 +636,21 @@ def peer_calls(case: bench.Case, peers: SimpleNamespace) -> Dict[str, Peer]:
         if peers.vllm_state_update is not None:
             calls["vllm"] = Peer(vllm_update)
         return calls
-    if case.op == "causal_conv1d_update" and peers.vllm_conv_update is not None:
-        def conv_update(s):
-            s["peer_out"] = torch.empty_like(s["x"])
-            peers.vllm_conv_update(s["x"], s["conv_state"], s["weight"], s["bias"],
-                                   activation="silu", conv_state_indices=s["idx"],
-                                   null_block_id=-1, out=s["peer_out"])
-        # Its strides are compile-time constants: timed on its engine's layout, and on ours.
-        return {"vllm": Peer(conv_update, _vllm_conv_layout, "its own state layout"),
-                "vllm@ours": Peer(conv_update, note="on tpssm's (slots, dim, width - 1) layout")}
+    if case.op == "causal_conv1d_update":
+        calls = {}
+        if peers.vllm_conv_update is not None:
+            def conv_update(s):
+                s["peer_out"] = torch.empty_like(s["x"])
+                peers.vllm_conv_update(s["x"], s["conv_state"], s["weight"], s["bias"],
+                                       activation="silu", conv_state_indices=s["idx"],
+                                       null_block_id=-1, out=s["peer_out"])
+            # Its strides are compile-time constants: timed on its engine's layout, and on ours.
+            calls["vllm"] = Peer(conv_update, _vllm_conv_layout, "its own state layout")
+            calls["vllm@ours"] = Peer(conv_update,
+                                      note="on tpssm's (slots, dim, width - 1) layout")
+        if peers.causal_conv1d_update is not None:
+            calls["cconv1d"] = _causal_conv1d_update_peer(peers.causal_conv1d_update)
+        return calls
     if case.op == "add_rms_norm":
         def add_norm(s):
             s["peer_out"], residual = peers.add_rms_norm(s["x"], s["weight"], None,

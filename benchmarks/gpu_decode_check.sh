@@ -55,8 +55,8 @@ export -f variants
 export PY OUTDIR STAMP
 stage decode 330 bash -c variants
 
-# The decode kernels beside vLLM's and mamba_ssm's (needs .peer/: benchmarks/stage_peers.py here,
-# carry ".peer"; without it the stage says so and passes).
+# The decode kernels beside vLLM's, mamba_ssm's and causal-conv1d's (needs .peer/:
+# benchmarks/stage_peers.py here, carry ".peer"; without it the stage says so and passes).
 stage peers 90 $PY benchmarks/bench_peers.py --quick --ops conv_update,state_update \
   --json "$OUTDIR/decode_peers_$STAMP.json"
 

@@ -14,7 +14,7 @@ none of their build scripts or Python is run here), each with its license:
   (platform, logging, settings, constants) are replaced by small stand-ins written here, in
   .peer/vllm/ beside the staged files. Its Mamba-1 prefill scan (CUDA C++) is built into a
   torch-free library, below.
-- causal-conv1d: its forward (prefill) conv kernels, CUDA C++, built the same way.
+- causal-conv1d: its prefill and decode conv kernels, CUDA C++, built the same way.
 Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
 
 from __future__ import annotations
@@ -232,11 +232,13 @@ long long peer_scan_args_layout(int which) {
 """
 
 
-# causal-conv1d's prefill conv is CUDA C++ behind a libtorch binding too: its forward kernels
-# (channel-first, as mamba_ssm's Mamba calls it; channel-last, as its Mamba2 and transformers'
-# Mamba fast path do) are built the same way, with CONV_SHIM in the place of the binding.
+# causal-conv1d's convs are CUDA C++ behind a libtorch binding too: its forward (prefill)
+# kernels (channel-first, as mamba_ssm's Mamba calls it; channel-last, as its Mamba2 and
+# transformers' Mamba fast path do) and its decode update are built the same way, with
+# CONV_SHIM in the place of the binding.
 CONV_KERNELS = "causal_conv1d_fwd_kernels.cuh"
-CONV_LIBRARY = "lib/libcausal_conv1d_fwd.so"
+CONV_UPDATE_KERNELS = "causal_conv1d_update_kernels.cuh"
+CONV_LIBRARY = "lib/libcausal_conv1d.so"
 CONV_STANDINS = {
     "standin_include/c10/cuda/CUDAException.h": _check_macros("C10", "causal_conv1d"),
 }
@@ -255,6 +257,7 @@ CONV_SHIM = """\
 #include <initializer_list>
 
 #include "causal_conv1d_fwd_kernels.cuh"
+#include "causal_conv1d_update_kernels.cuh"
 
 extern "C" {
 struct PeerConvArgs {
@@ -351,6 +354,74 @@ int peer_causal_conv1d_fwd_bf16(const PeerConvArgs* a) {
 // For the caller's check of its copy of PeerConvArgs.
 long long peer_conv_args_layout(int which) {
   return which == 0 ? sizeof(PeerConvArgs) : offsetof(PeerConvArgs, silu);
+}
+
+// Its decode conv (causal_conv1d_update), which transformers' Mamba and mamba_ssm call: x and
+// out (batch, dim, seqlen), the state pool (slots, dim, state_len >= width - 1) of any strides,
+// rows at conv_state_indices (int32, batch; a negative slot: a padded row, out zeros) or at
+// their own index (null). The state is shifted left by seqlen and x appended, in place.
+struct PeerConvUpdateArgs {
+  void *x, *weight, *bias, *out, *conv_state, *conv_state_indices, *stream;
+  long long batch, dim, seqlen, width, state_len, slots;
+  long long x_batch_stride, x_c_stride, x_l_stride, weight_c_stride, weight_width_stride;
+  long long out_batch_stride, out_c_stride, out_l_stride;
+  long long state_batch_stride, state_c_stride, state_l_stride;
+  int silu;
+};
+
+// What its binding refuses and offsets past its kernel's 32-bit indexing: 0 or
+// cudaErrorInvalidValue. Host-only. The slot values are the caller's to keep in range.
+int peer_conv_update_args_check(const PeerConvUpdateArgs* a) {
+  const bool ok = a->batch >= 1 && a->dim >= 1 && a->seqlen >= 1 && a->width >= 2
+      && a->width <= 4 && a->state_len >= a->width - 1 && a->slots >= 1
+      && a->dim <= 65535LL * 64 && a->batch <= 2147483647LL
+      && fits_32_bits(a->batch, a->dim, a->seqlen, a->x_batch_stride, a->x_c_stride,
+                      a->x_l_stride)
+      && fits_32_bits(a->batch, a->dim, a->seqlen, a->out_batch_stride, a->out_c_stride,
+                      a->out_l_stride)
+      && fits_32_bits(1, a->dim, a->width, 0, a->weight_c_stride, a->weight_width_stride)
+      && fits_32_bits(a->slots, a->dim, a->state_len, a->state_batch_stride,
+                      a->state_c_stride, a->state_l_stride)
+      && (a->conv_state_indices != nullptr || a->slots >= a->batch);
+  return ok ? 0 : static_cast<int>(cudaErrorInvalidValue);
+}
+
+int peer_causal_conv1d_update_bf16(const PeerConvUpdateArgs* a) {
+  if (const int refused = peer_conv_update_args_check(a)) {
+    return refused;
+  }
+  ConvParamsBase p;
+  memset(&p, 0, sizeof(p));
+  p.batch = static_cast<int>(a->batch);
+  p.dim = static_cast<int>(a->dim);
+  p.seqlen = static_cast<int>(a->seqlen);
+  p.width = static_cast<int>(a->width);
+  p.silu_activation = a->silu != 0;
+  p.x_ptr = a->x;
+  p.weight_ptr = a->weight;
+  p.bias_ptr = a->bias;
+  p.out_ptr = a->out;
+  p.x_batch_stride = a->x_batch_stride;
+  p.x_c_stride = a->x_c_stride;
+  p.x_l_stride = a->x_l_stride;
+  p.weight_c_stride = a->weight_c_stride;
+  p.weight_width_stride = a->weight_width_stride;
+  p.out_batch_stride = a->out_batch_stride;
+  p.out_c_stride = a->out_c_stride;
+  p.out_l_stride = a->out_l_stride;
+  p.conv_state_ptr = a->conv_state;
+  p.conv_state_len = static_cast<int>(a->state_len);
+  p.conv_state_batch_stride = a->state_batch_stride;
+  p.conv_state_c_stride = a->state_c_stride;
+  p.conv_state_l_stride = a->state_l_stride;
+  p.conv_state_indices_ptr = static_cast<int32_t*>(a->conv_state_indices);
+  p.cache_seqlens = nullptr;  // its linear (shifted) state, as the callers above use it
+  causal_conv1d_update_cuda<c10::BFloat16, c10::BFloat16>(p, static_cast<cudaStream_t>(a->stream));
+  return static_cast<int>(cudaGetLastError());
+}
+
+long long peer_conv_update_args_layout(int which) {
+  return which == 0 ? sizeof(PeerConvUpdateArgs) : offsetof(PeerConvUpdateArgs, silu);
 }
 }
 """
@@ -527,10 +598,11 @@ def stage_causal_conv1d(dest: Path) -> None:
         for name in ("causal_conv1d.h", "causal_conv1d_common.h", "static_switch.h"):
             _copy(tar, f"{top}/csrc/{name}", csrc / name)
         _copy(tar, f"{top}/LICENSE", dest / "LICENSE.causal_conv1d")
-        source = tar.extractfile(f"{top}/csrc/causal_conv1d_fwd.cu").read().decode()
+        sources = {name: tar.extractfile(f"{top}/csrc/{name}.cu").read().decode()
+                   for name in ("causal_conv1d_fwd", "causal_conv1d_update")}
     # As for vLLM's scan: the kernel code without its explicit instantiations.
-    kernels = source[:source.index("template void causal_conv1d_fwd_cuda<")]
-    (csrc / CONV_KERNELS).write_text(kernels)
+    for (name, source), target in zip(sources.items(), (CONV_KERNELS, CONV_UPDATE_KERNELS)):
+        (csrc / target).write_text(source[:source.index(f"template void {name}_cuda<")])
     for relative, text in CONV_STANDINS.items():
         (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
         (csrc / relative).write_text(text)
@@ -594,7 +666,7 @@ def main() -> int:
         [dense_csrc / "standin_include", dense_csrc], staging / DENSE_SCAN_LIBRARY,
         DAO_AILAB_FLAGS))
     print("stage_peers: " + build_library(
-        "causal-conv1d's forward conv", conv_csrc / "peer_conv_shim.cu",
+        "causal-conv1d's convs (prefill and update)", conv_csrc / "peer_conv_shim.cu",
         [conv_csrc / "standin_include", conv_csrc], staging / CONV_LIBRARY,
         DAO_AILAB_FLAGS))
     shutil.rmtree(DEST, ignore_errors=True)

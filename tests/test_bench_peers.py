@@ -124,37 +124,35 @@ def in_fp16(peer):
     return dataclasses.replace(peer, call=call)
 
 
-def interpretable(case, peer):
-    return in_fp16(peer) if case.op in ("selective_scan", "causal_conv1d_update") else peer
+def interpretable(case, name, peer):
+    """The Triton peers of the ops whose bf16 the interpreter gets wrong, on fp16 copies."""
+    triton = not name.startswith("cconv1d")
+    if triton and case.op in ("selective_scan", "causal_conv1d_update"):
+        return in_fp16(peer)
+    return peer
 
 
-for case in cases:
-    for name, peer in bench_peers.peer_calls(case, peers).items():
-        print("diff", name, case.op, case.model, case.tp, case.shape,
-              bench_peers.compare(case, interpretable(case, peer)))
-# No peer: the conv prefill at a forced chunk length (a tuning row), Falcon-Mamba's weightless
-# norms.
-none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference, chunk_len=4),
-        bench.gated_rms_norm_case("falcon-mamba-7b", 2, ops)]
-print("no peer", [bench_peers.peer_calls(c, peers) for c in none])
-
-# causal-conv1d's conv is CUDA only. Here its library stands in for itself as far as it can
-# without a GPU: its own argument check (host code) refuses what the kernels would, and the
-# conv is then done by emulate_conv below, which reads and writes the tensors through the raw
-# addresses and element strides bench_peers put in the argument struct, as the kernels
-# address them.
+# causal-conv1d's convs are CUDA only. Here its library stands in for itself as far as it can
+# without a GPU: its own argument checks (host code) refuse what the kernels would, and the
+# convs are then done by emulate_conv / emulate_conv_update below, which read and write the
+# tensors through the raw addresses and element strides bench_peers put in the argument
+# structs, as the kernels address them.
 # Without the library (stage_peers.py found no nvcc) only vLLM's conv is checked.
 conv_path = bench_peers.PEER_DIR / bench_peers.CONV_LIBRARY
 conv_lib = ctypes.CDLL(str(conv_path)) if conv_path.exists() else None
 if conv_lib is not None:
     conv_lib.peer_conv_args_check.restype = ctypes.c_int
     conv_lib.peer_conv_args_check.argtypes = [ctypes.POINTER(bench_peers._ConvArgs)]
+    conv_lib.peer_conv_update_args_check.restype = ctypes.c_int
+    conv_lib.peer_conv_update_args_check.argtypes = [
+        ctypes.POINTER(bench_peers._ConvUpdateArgs)]
 
 
 def raw(ptr, shape, strides, dtype=torch.bfloat16):
-    """bf16 (or fp32) elements at a raw address, as a tensor sharing that memory."""
+    """bf16 (fp32, int32) elements at a raw address, as a tensor sharing that memory."""
     extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
-    word = ctypes.c_uint16 if dtype == torch.bfloat16 else ctypes.c_float
+    word = {torch.bfloat16: ctypes.c_uint16, torch.float32: ctypes.c_float,
+            torch.int32: ctypes.c_int32}[dtype]
     words = np.ctypeslib.as_array((word * extent).from_address(ptr))
     size = ctypes.sizeof(word)
     strided = np.lib.stride_tricks.as_strided(words, shape, [size * st for st in strides])
@@ -182,6 +180,47 @@ def emulate_conv(args_ref):
         raw(a.final_states, (B, D, W - 1), states).copy_(full[..., L:])
     return 0
 
+
+def emulate_conv_update(args_ref):
+    a = args_ref._obj
+    refused = conv_lib.peer_conv_update_args_check(args_ref)
+    if refused:
+        return refused
+    B, D, L, W, S = a.batch, a.dim, a.seqlen, a.width, a.state_len
+    x = raw(a.x, (B, D, L), (a.x_batch_stride, a.x_c_stride, a.x_l_stride)).float()
+    weight = raw(a.weight, (D, W), (a.weight_c_stride, a.weight_width_stride)).float()
+    bias = raw(a.bias, (D,), (1,)).float() if a.bias else torch.zeros(D)
+    pool = raw(a.conv_state, (a.slots, D, S),
+               (a.state_batch_stride, a.state_c_stride, a.state_l_stride))
+    out = raw(a.out, (B, D, L), (a.out_batch_stride, a.out_c_stride, a.out_l_stride))
+    slots = (raw(a.conv_state_indices, (B,), (1,), torch.int32).tolist()
+             if a.conv_state_indices else list(range(B)))
+    for b, slot in enumerate(slots):
+        if slot < 0:  # a padded row
+            out[b] = 0
+            continue
+        full = torch.cat([pool[slot].float(), x[b]], dim=-1)  # (D, S + L)
+        y = torch.stack([(full[:, S - (W - 1) + i:S + 1 + i] * weight).sum(-1) + bias
+                         for i in range(L)], dim=-1)
+        out[b] = torch.nn.functional.silu(y) if a.silu else y
+        pool[slot] = full[:, L:]
+    return 0
+
+
+# On the CPU the CUDA-only peers of the cases below run emulated (or not at all).
+cpu_peers = types.SimpleNamespace(**dict(
+    vars(peers), causal_conv1d_update=emulate_conv_update if conv_lib is not None else None))
+
+
+for case in cases:
+    for name, peer in bench_peers.peer_calls(case, cpu_peers).items():
+        print("diff", name, case.op, case.model, case.tp, case.shape,
+              bench_peers.compare(case, interpretable(case, name, peer)))
+# No peer: the conv prefill at a forced chunk length (a tuning row), Falcon-Mamba's weightless
+# norms.
+none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference, chunk_len=4),
+        bench.gated_rms_norm_case("falcon-mamba-7b", 2, ops)]
+print("no peer", [bench_peers.peer_calls(c, peers) for c in none])
 
 conv_built = peers.causal_conv1d_fwd is not None
 emulated = types.SimpleNamespace(
@@ -255,6 +294,30 @@ if conv_lib is not None:
     checks["offset_2_32"] = huge
     print("conv checks",
           {k: conv_lib.peer_conv_args_check(ctypes.byref(v)) for k, v in checks.items()})
+    # The update's: width 5, a state shorter than width - 1, no slots for a pool smaller than
+    # the batch.
+    xu, slots2 = bf16(2, 64, 1), torch.tensor([1, 0], dtype=torch.int32)
+    update_checks = dict(
+        fine=bench_peers.causal_conv1d_update_args(xu, bf16(3, 64, 3), w4, None, xu.clone(),
+                                                   slots2),
+        width5=bench_peers.causal_conv1d_update_args(xu, bf16(3, 64, 4), w5, None, xu.clone(),
+                                                     slots2),
+        short_state=bench_peers.causal_conv1d_update_args(xu, bf16(3, 64, 2), w4, None,
+                                                          xu.clone(), slots2),
+        pool_1_no_slots=bench_peers.causal_conv1d_update_args(xu, bf16(1, 64, 3), w4, None,
+                                                              xu.clone(), None))
+    print("conv update checks", {k: conv_lib.peer_conv_update_args_check(ctypes.byref(v))
+                                 for k, v in update_checks.items()})
+    # Called wrongly: the slots left out (rows at their own index of the pool).
+    update_case = cases[8]
+    update_peer = bench_peers.peer_calls(update_case, cpu_peers)["cconv1d"]
+
+    def update_no_slots(s):
+        emulate_conv_update(ctypes.byref(bench_peers.causal_conv1d_update_args(
+            s["x"][:, :, None], s["conv_state"], s["weight"], s["bias"],
+            s["peer_out"][:, :, None], None)))
+    print("wrong conv_update_no_slots", bench_peers.compare(
+        update_case, dataclasses.replace(update_peer, call=update_no_slots)))
 # What bench_peers itself refuses before the library sees it (the shim reads bf16 only, and
 # its kernels read the initial states and write the final ones unordered).
 refusals = dict(
@@ -351,7 +414,8 @@ print("mamba1 layout", len(same), all(same), all(t.is_contiguous() for k, t in v
 # Peers called wrongly: B and C swapped in the scan; the slots left out of the state update;
 # the residual left unwritten by the norm; NaN from either side.
 ssu, norm = cases[2], cases[-2]
-scan = interpretable(cases[0], bench_peers.peer_calls(cases[0], peers)["mamba_ssm"])
+scan = interpretable(cases[0], "mamba_ssm",
+                     bench_peers.peer_calls(cases[0], peers)["mamba_ssm"])
 
 
 def swapped(s):
@@ -408,8 +472,9 @@ synthetic = [dict(op="scan", model="mamba-2.8b", peer="p", speedup_vs_peer=2.0,
 for line in bench_peers.summary(synthetic):
     print("summary|" + " ".join(line.split()))
 conv = cases[8]
-rows = bench_peers.run_peers(conv, {name: interpretable(conv, peer) for name, peer
-                                    in bench_peers.peer_calls(conv, peers).items()}, 4000.0, 1)
+rows = bench_peers.run_peers(conv, {name: interpretable(conv, name, peer) for name, peer
+                                    in bench_peers.peer_calls(conv, cpu_peers).items()}, 4000.0,
+                             1)
 print("conv rows", [(r["peer"], r["outputs_finite"], r["max_rel_diff"] < 1e-2) for r in rows])
 '''
 
@@ -429,11 +494,13 @@ def lines():
 def test_peers_agree_with_tpssm(lines):
     diffs = [line for line in lines if line.startswith("diff ")]
     # 2 scans and 6 state updates, mamba_ssm's and vLLM's; 6 conv updates, vLLM's on its layout
-    # and on ours; 2 norms.
-    assert len(diffs) == 30, lines
+    # and on ours, and causal-conv1d's (emulated, where its library was built); 2 norms.
+    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d.so").exists()
+    assert len(diffs) == (36 if built else 30), lines
     for peer_op, count in ((" vllm selective_scan ", 2), (" vllm selective_state_update ", 6),
                            (" vllm causal_conv1d_update ", 6),
-                           (" vllm@ours causal_conv1d_update ", 6)):
+                           (" vllm@ours causal_conv1d_update ", 6),
+                           (" cconv1d causal_conv1d_update ", 6 if built else 0)):
         assert sum(peer_op in line for line in diffs) == count, (peer_op, lines)
     for line in diffs:
         assert float(line.split()[-1]) < TOLERANCE, line
@@ -465,7 +532,7 @@ def test_the_conv_peers(lines):
     argument check, the conv emulated through the struct's raw addresses and strides: see
     emulate_conv) agree with tpssm's op, outputs and written states, on each family's tp 1 / 2
     shards; causal-conv1d's check refuses what its kernels cannot do."""
-    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d_fwd.so").exists()
+    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d.so").exists()
     names = (['cconv1d', 'cconv1d-cf'] if built else []) + ['vllm', 'vllm@ours']
     assert f"conv peers {built} {names}" in lines, lines
     diffs = [line for line in lines if line.startswith("conv diff ")]
@@ -480,6 +547,8 @@ def test_the_conv_peers(lines):
     if built:
         assert ("conv checks {'first': 0, 'last_states': 0, 'first_states': 1, 'width5': 1, "
                 "'dim60': 1, 'first_unaligned': 1, 'offset_2_32': 1}") in lines, lines
+        assert ("conv update checks {'fine': 0, 'width5': 1, 'short_state': 1, "
+                "'pool_1_no_slots': 1}") in lines, lines
     refusals = [line for line in lines if line.startswith("conv refusal ")]
     assert refusals == ["conv refusal shared_states initial", "conv refusal fp16_x x",
                         "conv refusal weight_shape weight",
@@ -490,8 +559,9 @@ def test_the_conv_peers(lines):
 def test_a_wrong_call_is_caught(lines):
     wrong = {line.split()[1]: float(line.split()[2]) for line in lines
              if line.startswith("wrong ")}
-    conv = {"conv_no_initial", "conv_from_states", "conv_states_unwritten"}
-    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d_fwd.so").exists()
+    conv = {"conv_no_initial", "conv_from_states", "conv_states_unwritten",
+            "conv_update_no_slots"}
+    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d.so").exists()
     assert set(wrong) == ({"swapped", "no_slots", "no_residual", "mamba1_from_states",
                            "mamba1_states_unwritten"} | (conv if built else set())), lines
     for name, diff in wrong.items():
@@ -509,4 +579,6 @@ def test_a_failing_peer_gives_an_error_row(lines):
         "summary|scan mamba2 p x peer 3.00 (geomean of 1, 3.00 - 3.00)",
         "summary|scan mamba2 q no row timed; 1 failed, 0 not finite"], lines
     # A peer with its own state layout is timed on it (its make_set adapts the case's).
-    assert "conv rows [('vllm', True, True), ('vllm@ours', True, True)]" in lines, lines
+    built = (ROOT / ".peer" / "lib" / "libcausal_conv1d.so").exists()
+    assert ("conv rows [('vllm', True, True), ('vllm@ours', True, True)"
+            + (", ('cconv1d', True, True)]" if built else "]")) in lines, lines
