@@ -57,7 +57,7 @@ stage decode 330 bash -c variants
 
 # The decode kernels beside vLLM's, mamba_ssm's and causal-conv1d's (needs .peer/:
 # benchmarks/stage_peers.py here, carry ".peer"; without it the stage says so and passes).
-stage peers 90 $PY benchmarks/bench_peers.py --quick --ops conv_update,state_update \
+stage peers 120 $PY benchmarks/bench_peers.py --quick --ops conv_update,state_update \
   --json "$OUTDIR/decode_peers_$STAMP.json"
 
 stage profile 90 $PY benchmarks/profile_step.py --preset mamba-2.8b --batch 1 --tp-shards 1,4 \
