@@ -1,7 +1,7 @@
 """tpssm's kernels timed beside the peer kernels that engines use today, in one process on one GPU.
 
 The peers, staged in .peer/ by stage_peers.py (git-ignored; name ".peer" in the device call's
-`carry`), are mamba_ssm's Triton kernels and vLLM's:
+`carry`), are the kernels of mamba_ssm, vLLM and causal-conv1d, Triton and CUDA C++:
 - the chunked SSD scan of Mamba-2 prefill, chunk 256: mamba_ssm's (mamba_chunk_scan_combined,
   given the pool's states as initial states, its final states copied back into the pool) and
   vLLM's varlen one (its chunk list built on the host as vLLM's engine does, initial states
@@ -67,7 +67,8 @@ sys.path.insert(0, str(HERE))
 import bench_ssm_ops as bench  # noqa: E402  (the cases and the timing)
 
 PEER_DIR = HERE.parent / ".peer"
-SCAN_LIBRARY = "lib/libvllm_selective_scan.so"  # stage_peers.py builds both
+# The CUDA C++ peers, as stage_peers.py builds them (torch-free libraries called through ctypes).
+SCAN_LIBRARY = "lib/libvllm_selective_scan.so"
 CONV_LIBRARY = "lib/libcausal_conv1d.so"
 DENSE_SCAN_LIBRARY = "lib/libmamba_ssm_selective_scan.so"
 DENSE_SCAN_CHUNK = 2048  # tokens per chunk of mamba_ssm's Mamba-1 scan (its library says so too)
@@ -197,14 +198,15 @@ def load_peers(path: Path = PEER_DIR, programmatic_launch: bool = False
     return SimpleNamespace(vllm_mamba1_scan=_load_library(
                                path, SCAN_LIBRARY, "peer_vllm_selective_scan_bf16",
                                "peer_scan_args_layout", _ScanArgs, "delta_softplus",
-                               "the Mamba-1 prefill scan"),
+                               "vLLM's Mamba-1 prefill scan"),
                            mamba_ssm_mamba1_scan=_load_library(
                                path, DENSE_SCAN_LIBRARY, "peer_mamba_ssm_selective_scan_bf16",
                                "peer_dense_scan_args_layout", _DenseScanArgs, "delta_softplus",
                                "mamba_ssm's Mamba-1 prefill scan", {2: DENSE_SCAN_CHUNK}),
                            causal_conv1d_fwd=_load_library(
                                path, CONV_LIBRARY, "peer_causal_conv1d_fwd_bf16",
-                               "peer_conv_args_layout", _ConvArgs, "silu", "the conv prefill"),
+                               "peer_conv_args_layout", _ConvArgs, "silu",
+                               "causal-conv1d's conv prefill"),
                            causal_conv1d_update=_load_library(
                                path, CONV_LIBRARY, "peer_causal_conv1d_update_bf16",
                                "peer_conv_update_args_layout", _ConvUpdateArgs, "silu",
