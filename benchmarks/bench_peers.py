@@ -447,9 +447,12 @@ def causal_conv1d_update_args(x, conv_state, weight, bias, out, slots) -> _ConvU
     if tuple(weight.shape) != (dim, width) or conv_state.shape[1] != dim:
         raise ValueError("causal-conv1d peer: weight must be (dim, width), conv_state "
                          "(slots, dim, state_len)")
+    if bias is not None and (tuple(bias.shape) != (dim,) or bias.stride(0) != 1):
+        raise ValueError("causal-conv1d peer: bias must be contiguous (dim,)")
     if slots is not None and (slots.dtype != torch.int32 or tuple(slots.shape) != (batch,)
-                              or slots.stride(0) != 1):
-        raise ValueError("causal-conv1d peer: slots must be contiguous int32 (batch,)")
+                              or slots.stride(0) != 1 or slots.device != x.device):
+        raise ValueError("causal-conv1d peer: slots must be contiguous int32 (batch,) on x's "
+                         "device")
     if x.is_cuda and x.device.index not in (None, 0):
         raise ValueError("causal-conv1d peer: its library launches on device 0 only")
     return _ConvUpdateArgs(

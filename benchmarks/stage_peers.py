@@ -372,8 +372,9 @@ struct PeerConvUpdateArgs {
 // What its binding refuses and offsets past its kernel's 32-bit indexing: 0 or
 // cudaErrorInvalidValue. Host-only. The slot values are the caller's to keep in range.
 int peer_conv_update_args_check(const PeerConvUpdateArgs* a) {
-  const bool ok = a->batch >= 1 && a->dim >= 1 && a->seqlen >= 1 && a->width >= 2
-      && a->width <= 4 && a->state_len >= a->width - 1 && a->slots >= 1
+  const bool ok = a->batch >= 1 && a->dim >= 1 && a->seqlen >= 1 && a->seqlen < (1LL << 30)
+      && a->width >= 2 && a->width <= 4 && a->state_len >= a->width - 1
+      && a->state_len < (1LL << 30) && a->slots >= 1
       && a->dim <= 65535LL * 64 && a->batch <= 2147483647LL
       && fits_32_bits(a->batch, a->dim, a->seqlen, a->x_batch_stride, a->x_c_stride,
                       a->x_l_stride)

@@ -306,6 +306,17 @@ if conv_lib is not None:
                                                           xu.clone(), slots2),
         pool_1_no_slots=bench_peers.causal_conv1d_update_args(xu, bf16(1, 64, 3), w4, None,
                                                               xu.clone(), None))
+    # ... and what its grid and 32-bit offsets cannot take (host-only: the fields set by hand).
+    for name, fields in dict(dim_grid=dict(dim=65535 * 64 + 1),
+                             offset_2_32=dict(state_batch_stride=1 << 31),
+                             negative_stride=dict(x_c_stride=-1),
+                             seqlen_2_31=dict(seqlen=(1 << 31) + 5, x_l_stride=0,
+                                              out_l_stride=0)).items():
+        args = bench_peers.causal_conv1d_update_args(xu, bf16(3, 64, 3), w4, None, xu.clone(),
+                                                     slots2)
+        for field, value in fields.items():
+            setattr(args, field, value)
+        update_checks[name] = args
     print("conv update checks", {k: conv_lib.peer_conv_update_args_check(ctypes.byref(v))
                                  for k, v in update_checks.items()})
     # Called wrongly: the slots left out (rows at their own index of the pool).
@@ -548,7 +559,8 @@ def test_the_conv_peers(lines):
         assert ("conv checks {'first': 0, 'last_states': 0, 'first_states': 1, 'width5': 1, "
                 "'dim60': 1, 'first_unaligned': 1, 'offset_2_32': 1}") in lines, lines
         assert ("conv update checks {'fine': 0, 'width5': 1, 'short_state': 1, "
-                "'pool_1_no_slots': 1}") in lines, lines
+                "'pool_1_no_slots': 1, 'dim_grid': 1, 'offset_2_32': 1, 'negative_stride': 1, "
+                "'seqlen_2_31': 1}") in lines, lines
     refusals = [line for line in lines if line.startswith("conv refusal ")]
     assert refusals == ["conv refusal shared_states initial", "conv refusal fp16_x x",
                         "conv refusal weight_shape weight",
