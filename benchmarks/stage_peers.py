@@ -259,7 +259,6 @@ CONV_SHIM = """\
 #include "causal_conv1d_fwd_kernels.cuh"
 #include "causal_conv1d_update_kernels.cuh"
 
-extern "C" {
 struct PeerConvArgs {
   void *x, *weight, *bias, *out, *initial_states, *final_states, *stream;
   long long batch, dim, seqlen, width;
@@ -277,6 +276,33 @@ static bool fits_32_bits(long long batch, long long dim, long long len, long lon
 }
 
 static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The fields both argument structs give alike, as its binding's set_conv_params_fwd sets them.
+template <typename Args>
+static ConvParamsBase shared_params(const Args* a) {
+  ConvParamsBase p;
+  memset(&p, 0, sizeof(p));
+  p.batch = static_cast<int>(a->batch);
+  p.dim = static_cast<int>(a->dim);
+  p.seqlen = static_cast<int>(a->seqlen);
+  p.width = static_cast<int>(a->width);
+  p.silu_activation = a->silu != 0;
+  p.x_ptr = a->x;
+  p.weight_ptr = a->weight;
+  p.bias_ptr = a->bias;
+  p.out_ptr = a->out;
+  p.x_batch_stride = a->x_batch_stride;
+  p.x_c_stride = a->x_c_stride;
+  p.x_l_stride = a->x_l_stride;
+  p.weight_c_stride = a->weight_c_stride;
+  p.weight_width_stride = a->weight_width_stride;
+  p.out_batch_stride = a->out_batch_stride;
+  p.out_c_stride = a->out_c_stride;
+  p.out_l_stride = a->out_l_stride;
+  return p;
+}
+
+extern "C" {
 
 // What its binding refuses, what its kernels assume of the layouts, and offsets past their
 // 32-bit indexing: 0 or cudaErrorInvalidValue. Host-only (bench_peers' CPU test calls it).
@@ -317,25 +343,7 @@ int peer_causal_conv1d_fwd_bf16(const PeerConvArgs* a) {
   if (const int refused = peer_conv_args_check(a)) {
     return refused;
   }
-  ConvParamsBase p;
-  memset(&p, 0, sizeof(p));
-  p.batch = static_cast<int>(a->batch);
-  p.dim = static_cast<int>(a->dim);
-  p.seqlen = static_cast<int>(a->seqlen);
-  p.width = static_cast<int>(a->width);
-  p.silu_activation = a->silu != 0;
-  p.x_ptr = a->x;
-  p.weight_ptr = a->weight;
-  p.bias_ptr = a->bias;
-  p.out_ptr = a->out;
-  p.x_batch_stride = a->x_batch_stride;
-  p.x_c_stride = a->x_c_stride;
-  p.x_l_stride = a->x_l_stride;
-  p.weight_c_stride = a->weight_c_stride;
-  p.weight_width_stride = a->weight_width_stride;
-  p.out_batch_stride = a->out_batch_stride;
-  p.out_c_stride = a->out_c_stride;
-  p.out_l_stride = a->out_l_stride;
+  ConvParamsBase p = shared_params(a);
   // One description serves both: the binding asks the same shape and layout of each.
   p.initial_states_ptr = a->initial_states;
   p.final_states_ptr = a->final_states;
@@ -391,25 +399,7 @@ int peer_causal_conv1d_update_bf16(const PeerConvUpdateArgs* a) {
   if (const int refused = peer_conv_update_args_check(a)) {
     return refused;
   }
-  ConvParamsBase p;
-  memset(&p, 0, sizeof(p));
-  p.batch = static_cast<int>(a->batch);
-  p.dim = static_cast<int>(a->dim);
-  p.seqlen = static_cast<int>(a->seqlen);
-  p.width = static_cast<int>(a->width);
-  p.silu_activation = a->silu != 0;
-  p.x_ptr = a->x;
-  p.weight_ptr = a->weight;
-  p.bias_ptr = a->bias;
-  p.out_ptr = a->out;
-  p.x_batch_stride = a->x_batch_stride;
-  p.x_c_stride = a->x_c_stride;
-  p.x_l_stride = a->x_l_stride;
-  p.weight_c_stride = a->weight_c_stride;
-  p.weight_width_stride = a->weight_width_stride;
-  p.out_batch_stride = a->out_batch_stride;
-  p.out_c_stride = a->out_c_stride;
-  p.out_l_stride = a->out_l_stride;
+  ConvParamsBase p = shared_params(a);
   p.conv_state_ptr = a->conv_state;
   p.conv_state_len = static_cast<int>(a->state_len);
   p.conv_state_batch_stride = a->state_batch_stride;
