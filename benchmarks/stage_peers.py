@@ -7,15 +7,18 @@ none of their build scripts or Python is run here), each with its license:
 - mamba_ssm: its Triton kernels (the chunked SSD scan of Mamba-2 prefill, the selective state
   update, the fused residual-add RMSNorm and the gated RMSNorm). Its package __init__ files are
   replaced by empty ones, so the kernels import without its CUDA extension or causal_conv1d.
-  Its Mamba-1 prefill scan (CUDA C++) is built into a torch-free library, as below.
+  Its Mamba-1 prefill scan (CUDA C++).
 - vLLM: its Mamba-2 prefill scan (the varlen SSD kernels, states read from and written to cache
-  slots) and its decode kernels (the selective state update, with its tuned launch
-  configurations for NVIDIA GPUs, and the conv update). The few vLLM modules those files import
-  (platform, logging, settings, constants) are replaced by small stand-ins written here, in
-  .peer/vllm/ beside the staged files. Its Mamba-1 prefill scan (CUDA C++) is built into a
-  torch-free library, below.
-- causal-conv1d: its prefill and decode conv kernels, CUDA C++, built the same way.
-Needs the network (PyPI); run here, not on the GPU machine.  Usage: stage_peers.py"""
+  slots), its conv prefill and its decode kernels (the selective state update, with its tuned
+  launch configurations for NVIDIA GPUs, and the conv update). The few vLLM modules those files
+  import (platform, logging, settings, constants) are replaced by small stand-ins written here,
+  in .peer/vllm/ beside the staged files. Its Mamba-1 prefill scan (CUDA C++).
+- causal-conv1d: its prefill and decode conv kernels (CUDA C++).
+The CUDA C++ kernels are built here by nvcc, without their libtorch bindings, each with a shim
+of ours in the binding's place, into torch-free sm_90 libraries in .peer/lib/ (build_library)
+that bench_peers.py calls through ctypes.
+Needs the network (PyPI) and nvcc (CUDA_HOME); run here, not on the GPU machine.
+Usage: stage_peers.py"""
 
 from __future__ import annotations
 
