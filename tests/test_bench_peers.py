@@ -209,7 +209,8 @@ def emulate_conv_update(args_ref):
 
 # On the CPU the CUDA-only peers of the cases below run emulated (or not at all).
 cpu_peers = types.SimpleNamespace(**dict(
-    vars(peers), causal_conv1d_update=emulate_conv_update if conv_lib is not None else None))
+    vars(peers), causal_conv1d_update=emulate_conv_update if conv_lib is not None else None,
+    causal_conv1d_fwd=None, vllm_mamba1_scan=None, mamba_ssm_mamba1_scan=None))
 
 
 for case in cases:
