@@ -32,7 +32,7 @@ import sys
 import tarfile
 import urllib.request
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / ".peer"
@@ -158,6 +158,32 @@ SCAN_STANDINS = {
 """,
     "standin_include/torch/csrc/stable/macros.h": _check_macros("STD", "vllm scan"),
 }
+# The fields vLLM's fork of the Mamba-1 scan kept from mamba_ssm's, filled as both bindings fill
+# them for B and C that vary with the token; a template, as each library has its own
+# SSMParamsBase. Both shims below start from it.
+SCAN_SHARED_PARAMS = """
+template <typename Params, typename Args>
+static void fill_shared_scan_params(Params& p, const Args* a, long long seqlen) {
+  memset(&p, 0, sizeof(p));
+  p.batch = static_cast<int>(a->batch);
+  p.dim = static_cast<int>(a->dim);
+  p.seqlen = static_cast<int>(seqlen);
+  p.dstate = static_cast<int>(a->dstate);
+  p.n_groups = static_cast<int>(a->groups);
+  p.dim_ngroups_ratio = p.dim / p.n_groups;
+  p.delta_softplus = a->delta_softplus != 0;
+  p.is_variable_B = p.is_variable_C = true;
+  p.u_ptr = a->u;
+  p.delta_ptr = a->delta;
+  p.A_ptr = a->A;
+  p.B_ptr = a->B;
+  p.C_ptr = a->C;
+  p.D_ptr = a->D;
+  p.delta_bias_ptr = a->delta_bias;
+  p.A_d_stride = a->dstate;  // A is (dim, dstate), contiguous
+  p.A_dstate_stride = 1;
+}
+"""
 SCAN_SHIM = """\
 // bench_peers.py's entry to vLLM's Mamba-1 prefill scan (bf16 activations, fp32 weights and
 // states), varlen form: u, delta, z (dim, tokens) and B, C (groups, dstate, tokens), each
@@ -168,7 +194,7 @@ SCAN_SHIM = """\
 #include <cstring>
 
 #include "selective_scan_fwd_kernels.cuh"
-
+""" + SCAN_SHARED_PARAMS + """
 extern "C" {
 struct PeerScanArgs {
   void *u, *delta, *A, *B, *C, *D, *delta_bias, *z, *ssm_states;
@@ -183,23 +209,8 @@ int peer_vllm_selective_scan_bf16(const PeerScanArgs* a) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   SSMParamsBase p;
-  memset(&p, 0, sizeof(p));
-  p.batch = a->batch;
-  p.dim = a->dim;
-  p.seqlen = a->tokens;
-  p.dstate = a->dstate;
-  p.n_groups = a->groups;
-  p.dim_ngroups_ratio = a->dim / a->groups;
+  fill_shared_scan_params(p, a, a->tokens);
   p.null_block_id = a->null_block_id;
-  p.delta_softplus = a->delta_softplus != 0;
-  p.is_variable_B = p.is_variable_C = true;
-  p.u_ptr = a->u;
-  p.delta_ptr = a->delta;
-  p.A_ptr = a->A;
-  p.B_ptr = a->B;
-  p.C_ptr = a->C;
-  p.D_ptr = a->D;
-  p.delta_bias_ptr = a->delta_bias;
   p.out_ptr = a->delta;
   p.ssm_states_ptr = a->ssm_states;
   p.z_ptr = a->z;
@@ -209,8 +220,6 @@ int peer_vllm_selective_scan_bf16(const PeerScanArgs* a) {
   p.has_initial_state_ptr = a->has_initial_state;
   // Strides in elements: tokens are contiguous, channels / states a row of tokens apart.
   const size_t T = a->tokens;
-  p.A_d_stride = a->dstate;
-  p.A_dstate_stride = 1;
   p.B_batch_stride = p.C_batch_stride = 1;
   p.B_dstate_stride = p.C_dstate_stride = T;
   p.B_group_stride = p.C_group_stride = a->dstate * T;
@@ -445,7 +454,7 @@ DENSE_SCAN_SHIM = """\
 #include <cstring>
 
 #include "selective_scan_fwd_kernel.cuh"
-
+""" + SCAN_SHARED_PARAMS + """
 // Tokens per chunk of the kernel's running states, as its binding sizes them.
 constexpr long long kChunkTokens = 2048;
 
@@ -469,31 +478,14 @@ int peer_mamba_ssm_selective_scan_bf16(const PeerDenseScanArgs* a) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   SSMParamsBase p;
-  memset(&p, 0, sizeof(p));
-  p.batch = static_cast<int>(a->batch);
-  p.dim = static_cast<int>(a->dim);
-  p.seqlen = static_cast<int>(a->seqlen);
-  p.dstate = static_cast<int>(a->dstate);
-  p.n_groups = static_cast<int>(a->groups);
+  fill_shared_scan_params(p, a, a->seqlen);
   p.n_chunks = static_cast<int>(chunks);
-  p.dim_ngroups_ratio = p.dim / p.n_groups;
-  p.is_variable_B = p.is_variable_C = true;
-  p.delta_softplus = a->delta_softplus != 0;
-  p.u_ptr = a->u;
-  p.delta_ptr = a->delta;
-  p.A_ptr = a->A;
-  p.B_ptr = a->B;
-  p.C_ptr = a->C;
-  p.D_ptr = a->D;
-  p.delta_bias_ptr = a->delta_bias;
   p.out_ptr = a->out;
   p.x_ptr = a->x;
   p.z_ptr = a->z;
   p.out_z_ptr = a->out_z;
   // Strides in elements, of the contiguous layouts above.
   const size_t L = a->seqlen, N = a->dstate;
-  p.A_d_stride = N;
-  p.A_dstate_stride = 1;
   p.B_batch_stride = p.C_batch_stride = a->groups * N * L;
   p.B_group_stride = p.C_group_stride = N * L;
   p.B_dstate_stride = p.C_dstate_stride = L;
@@ -532,6 +524,13 @@ def _sdist(project: str, version: str) -> bytes:
     return data
 
 
+def _write_files(root: Path, files: Dict[str, str]) -> None:
+    """Writes each text of `files` at its path relative to `root`."""
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+
+
 def _copy(tar: tarfile.TarFile, member: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(tar.extractfile(member).read())
@@ -546,10 +545,7 @@ def stage_mamba_ssm(dest: Path) -> None:
         for name in DENSE_SCAN_HEADERS:
             _copy(tar, f"{top}/csrc/selective_scan/{name}", csrc / name)
         _copy(tar, f"{top}/LICENSE", dest / "LICENSE.mamba_ssm")
-    for relative, text in DENSE_SCAN_STANDINS.items():
-        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
-        (csrc / relative).write_text(text)
-    (csrc / "peer_dense_scan_shim.cu").write_text(DENSE_SCAN_SHIM)
+    _write_files(csrc, {**DENSE_SCAN_STANDINS, "peer_dense_scan_shim.cu": DENSE_SCAN_SHIM})
     for init in ("__init__.py", "ops/__init__.py", "ops/triton/__init__.py", "utils/__init__.py"):
         (dest / "mamba_ssm" / init).write_text("")  # the package's own would import its extension
 
@@ -572,13 +568,8 @@ def stage_vllm(dest: Path) -> None:
     # The kernel code ends where its explicit instantiations begin (the shim makes its own).
     kernels = source[:source.index("template void selective_scan_fwd_cuda<")]
     (csrc / "mamba" / SCAN_KERNELS).write_text(kernels)
-    for relative, text in SCAN_STANDINS.items():
-        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
-        (csrc / relative).write_text(text)
-    (csrc / "mamba" / "peer_scan_shim.cu").write_text(SCAN_SHIM)
-    for relative, text in VLLM_STANDINS.items():
-        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-        (dest / relative).write_text(text)
+    _write_files(csrc, {**SCAN_STANDINS, "mamba/peer_scan_shim.cu": SCAN_SHIM})
+    _write_files(dest, VLLM_STANDINS)
     for folder in [dest / "vllm"] + [p for p in (dest / "vllm").rglob("*") if p.is_dir()]:
         if folder.name != "configs" and folder.parent.name != "configs":
             (folder / "__init__.py").touch()
@@ -597,10 +588,7 @@ def stage_causal_conv1d(dest: Path) -> None:
     # As for vLLM's scan: the kernel code without its explicit instantiations.
     for (name, source), target in zip(sources.items(), (CONV_KERNELS, CONV_UPDATE_KERNELS)):
         (csrc / target).write_text(source[:source.index(f"template void {name}_cuda<")])
-    for relative, text in CONV_STANDINS.items():
-        (csrc / relative).parent.mkdir(parents=True, exist_ok=True)
-        (csrc / relative).write_text(text)
-    (csrc / "peer_conv_shim.cu").write_text(CONV_SHIM)
+    _write_files(csrc, {**CONV_STANDINS, "peer_conv_shim.cu": CONV_SHIM})
 
 
 # The code-generation flags each project builds these kernels with (beside -O3, C++17, sm_90):
