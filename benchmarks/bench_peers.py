@@ -150,16 +150,17 @@ def _load_library(path: Path, relative: str, entry: str, layout: str, args, last
     except OSError as exc:  # built on another image: its C++ runtime may not be here
         print(f"bench_peers: {library} does not load here ({exc})")
         return None
-    getattr(lib, layout).restype = ctypes.c_longlong
-    found = (getattr(lib, layout)(0), getattr(lib, layout)(1))
+    layout_of = getattr(lib, layout)
+    layout_of.restype = ctypes.c_longlong
+    found = (layout_of(0), layout_of(1))
     if found != (ctypes.sizeof(args), getattr(args, last_field).offset):
         print(f"bench_peers: {library}: its argument struct (size, last offset) {found} differs "
               f"from {args.__name__}: restage with stage_peers.py")
         return None
     for which, value in (constants or {}).items():
-        if getattr(lib, layout)(which) != value:
-            print(f"bench_peers: {library}: its {layout}({which}) is "
-                  f"{getattr(lib, layout)(which)}, bench_peers assumes {value}")
+        if layout_of(which) != value:
+            print(f"bench_peers: {library}: its {layout}({which}) is {layout_of(which)}, "
+                  f"bench_peers assumes {value}")
             return None
     function = getattr(lib, entry)
     function.restype = ctypes.c_int
@@ -322,6 +323,19 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+def _check_causal_conv1d_tensors(x: torch.Tensor, **tensors) -> None:
+    """What causal-conv1d's shims cannot see: every tensor bf16 (they read nothing else) on x's
+    device, device 0 (their library's own CUDA runtime launches there), a contiguous bias."""
+    for name, t in dict(x=x, **tensors).items():
+        if t is not None and (t.dtype != torch.bfloat16 or t.device != x.device):
+            raise ValueError(f"causal-conv1d peer: {name} must be bf16 on x's device")
+    if x.is_cuda and x.device.index not in (None, 0):
+        raise ValueError("causal-conv1d peer: its library launches on device 0 only")
+    bias = tensors.get("bias")
+    if bias is not None and bias.stride(0) != 1:
+        raise ValueError("causal-conv1d peer: bias must be contiguous")
+
+
 def causal_conv1d_args(x, weight, bias, out, initial_states=None, final_states=None
                        ) -> _ConvArgs:
     """causal-conv1d's forward conv as its binding describes it: x and out (batch, dim, seqlen)
@@ -329,24 +343,17 @@ def causal_conv1d_args(x, weight, bias, out, initial_states=None, final_states=N
     on."""
     batch, dim, seqlen = x.shape
     width = weight.shape[-1]
-    # What its binding checks and the shim cannot (it reads every tensor as bf16).
+    given = dict(out=out, weight=weight, bias=bias, initial_states=initial_states,
+                 final_states=final_states)
+    _check_causal_conv1d_tensors(x, **given)
+    # The shapes its binding checks.
     expected = dict(out=(batch, dim, seqlen), weight=(dim, width), bias=(dim,),
                     initial_states=(batch, dim, width - 1),
                     final_states=(batch, dim, width - 1))
-    given = dict(out=out, weight=weight, bias=bias, initial_states=initial_states,
-                 final_states=final_states)
     for name, t in given.items():
-        if t is None:
-            continue
-        if t.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or t.device != x.device:
-            raise ValueError(f"causal-conv1d peer: x and {name} must be bf16 on one device")
-        if tuple(t.shape) != expected[name]:
+        if t is not None and tuple(t.shape) != expected[name]:
             raise ValueError(f"causal-conv1d peer: {name} is {tuple(t.shape)}, expected "
                              f"{expected[name]}")
-    if bias is not None and bias.stride(0) != 1:
-        raise ValueError("causal-conv1d peer: bias must be contiguous")
-    if x.is_cuda and x.device.index not in (None, 0):
-        raise ValueError("causal-conv1d peer: its library launches on device 0 only")
     states = initial_states if initial_states is not None else final_states
     if initial_states is not None and final_states is not None:
         if initial_states.stride() != final_states.stride():
@@ -439,22 +446,15 @@ def causal_conv1d_update_args(x, conv_state, weight, bias, out, slots) -> _ConvU
     views, the state pool (slots, dim, state_len) of any strides, int32 slots; SiLU on."""
     batch, dim, seqlen = x.shape
     width = weight.shape[-1]
-    for name, t in dict(conv_state=conv_state, weight=weight, bias=bias, out=out).items():
-        if t is not None and (t.dtype != torch.bfloat16 or t.device != x.device):
-            raise ValueError(f"causal-conv1d peer: {name} must be bf16 on x's device")
-    if x.dtype != torch.bfloat16 or tuple(out.shape) != tuple(x.shape):
-        raise ValueError("causal-conv1d peer: x must be bf16, out shaped as x")
-    if tuple(weight.shape) != (dim, width) or conv_state.shape[1] != dim:
-        raise ValueError("causal-conv1d peer: weight must be (dim, width), conv_state "
-                         "(slots, dim, state_len)")
-    if bias is not None and (tuple(bias.shape) != (dim,) or bias.stride(0) != 1):
-        raise ValueError("causal-conv1d peer: bias must be contiguous (dim,)")
+    _check_causal_conv1d_tensors(x, conv_state=conv_state, weight=weight, bias=bias, out=out)
+    if (tuple(out.shape) != tuple(x.shape) or tuple(weight.shape) != (dim, width)
+            or conv_state.shape[1] != dim or (bias is not None and tuple(bias.shape) != (dim,))):
+        raise ValueError("causal-conv1d peer: out must be shaped as x, weight (dim, width), "
+                         "conv_state (slots, dim, state_len), bias (dim,)")
     if slots is not None and (slots.dtype != torch.int32 or tuple(slots.shape) != (batch,)
                               or slots.stride(0) != 1 or slots.device != x.device):
         raise ValueError("causal-conv1d peer: slots must be contiguous int32 (batch,) on x's "
                          "device")
-    if x.is_cuda and x.device.index not in (None, 0):
-        raise ValueError("causal-conv1d peer: its library launches on device 0 only")
     return _ConvUpdateArgs(
         x=x.data_ptr(), weight=weight.data_ptr(),
         bias=None if bias is None else bias.data_ptr(), out=out.data_ptr(),
@@ -521,9 +521,8 @@ def _vllm_mamba1_peer(c: Dict, fn) -> Peer:
             ssm_states=s["ssm_states"].data_ptr(), query_start_loc=s["cu_seqlens"].data_ptr(),
             cache_indices=s["slots"].data_ptr(),
             has_initial_state=s["has_initial_state"].data_ptr(),
-            stream=torch.cuda.current_stream().cuda_stream, batch=b, dim=dim,
-            tokens=b * length, dstate=dstate, groups=groups, null_block_id=-1,
-            delta_softplus=1)
+            stream=_stream(s["peer_u"]), batch=b, dim=dim, tokens=b * length, dstate=dstate,
+            groups=groups, null_block_id=-1, delta_softplus=1)
         error = fn(ctypes.byref(args))
         if error:
             raise RuntimeError(f"vLLM's Mamba-1 scan: CUDA error {error}")
