@@ -207,10 +207,55 @@ def emulate_conv_update(args_ref):
     return 0
 
 
-# On the CPU the CUDA-only peers of the cases below run emulated (or not at all).
-cpu_peers = types.SimpleNamespace(**dict(
-    vars(peers), causal_conv1d_update=emulate_conv_update if conv_lib is not None else None,
-    causal_conv1d_fwd=None, vllm_mamba1_scan=None, mamba_ssm_mamba1_scan=None))
+# The Mamba-1 scans are CUDA only. mamba_ssm's: its library's work emulated through the raw
+# addresses in its argument struct, in the contiguous layouts its shim gives the kernel (its
+# running states per chunk of the length the library reports: the last chunk's odd entries are
+# the final state, which the emulation writes after running tpssm's reference; the rest NaN),
+# so that the inputs' layouts, the final-state copy and the comparison from zero states are
+# checked, across a chunk boundary too.
+dense_path = bench_peers.PEER_DIR / bench_peers.DENSE_SCAN_LIBRARY
+if dense_path.exists():
+    dense_lib = ctypes.CDLL(str(dense_path))
+    dense_lib.peer_dense_scan_args_layout.restype = ctypes.c_longlong
+    DENSE_CHUNK = dense_lib.peer_dense_scan_args_layout(2)
+else:
+    DENSE_CHUNK = bench_peers.DENSE_SCAN_CHUNK
+
+
+def emulate_dense_scan(args_ref):
+    a = args_ref._obj
+    b, d, length, n, g = a.batch, a.dim, a.seqlen, a.dstate, a.groups
+
+    def rows(ptr):  # (batch, dim, seqlen) as (batch, seqlen, dim)
+        return raw(ptr, (b, d, length), (d * length, length, 1)).transpose(1, 2)
+
+    def states_major(ptr):  # (batch, groups, dstate, seqlen) as (batch, seqlen, groups, dstate)
+        return raw(ptr, (b, g, n, length), (g * n * length, n * length, length, 1)).permute(
+            0, 3, 1, 2)
+
+    f32 = torch.float32
+    final = torch.zeros(b, d, n)
+    y = reference.selective_scan_ref(
+        rows(a.u), rows(a.delta), raw(a.A, (d, n), (n, 1), f32), states_major(a.B),
+        states_major(a.C), raw(a.D, (d,), (1,), f32), rows(a.z),
+        raw(a.delta_bias, (d,), (1,), f32), delta_softplus=bool(a.delta_softplus),
+        ssm_states=final, has_initial_state=torch.zeros(b, dtype=torch.bool))
+    rows(a.out_z).copy_(y)
+    chunks = -(-length // DENSE_CHUNK)
+    running = raw(a.x, (b, d, chunks, 2 * n), (d * chunks * 2 * n, chunks * 2 * n, 2 * n, 1),
+                  f32)
+    running.fill_(float("nan"))
+    running[:, :, -1, 1::2] = final
+    return 0
+
+
+# On the CPU the CUDA-only peers run emulated (causal-conv1d's only where its library's checks
+# are at hand), vLLM's Mamba-1 scan not at all.
+emulate_if_built = {} if conv_lib is None else dict(causal_conv1d_fwd=emulate_conv,
+                                                     causal_conv1d_update=emulate_conv_update)
+cpu_peers = types.SimpleNamespace(**{
+    **vars(peers), "causal_conv1d_fwd": None, "causal_conv1d_update": None,
+    "vllm_mamba1_scan": None, "mamba_ssm_mamba1_scan": emulate_dense_scan, **emulate_if_built})
 
 
 for case in cases:
@@ -223,25 +268,23 @@ none = [bench.conv_case("mamba-2.8b", 1, 1, 8, ops, reference, chunk_len=4),
         bench.gated_rms_norm_case("falcon-mamba-7b", 2, ops)]
 print("no peer", [bench_peers.peer_calls(c, peers) for c in none])
 
-conv_built = peers.causal_conv1d_fwd is not None
-emulated = types.SimpleNamespace(
-    **dict(vars(peers), causal_conv1d_fwd=emulate_conv if conv_lib is not None else None))
 for model in bench.MODELS:
     for tp in (1, 2):
         case = bench.conv_case(model, tp, 2, 70, ops, reference)
-        for name, peer in bench_peers.peer_calls(case, emulated).items():
+        for name, peer in bench_peers.peer_calls(case, cpu_peers).items():
             peer = in_fp16(peer) if name.startswith("vllm") else peer  # vLLM's is Triton
             try:
                 diff = bench_peers.compare(case, peer)
             except RuntimeError as exc:
                 diff = f"refused {exc}"
             print("conv diff", name, case.model, case.tp, case.shape, diff)
-print("conv peers", conv_built, sorted(bench_peers.peer_calls(case, peers)))
+print("conv peers", peers.causal_conv1d_fwd is not None,
+      sorted(bench_peers.peer_calls(case, peers)))
 # Conv peers called wrongly: the channel-last kernel without its initial states; the
 # channel-first one compared on the case's own set (its rows start from states it cannot
 # take); its final states not copied to the pool.
 case = bench.conv_case("mamba-2.8b", 1, 2, 70, ops, reference)
-right = bench_peers.peer_calls(case, emulated)
+right = bench_peers.peer_calls(case, cpu_peers)
 
 
 def no_initial(s):
@@ -343,59 +386,17 @@ for name, attempt in refusals.items():
         print("conv refusal", name, "none")
     except ValueError as exc:
         print("conv refusal", name, str(exc).split(":")[1].split()[0])
-# The Mamba-1 scans are CUDA only. mamba_ssm's: its library's work emulated through the raw
-# addresses in its argument struct, in the contiguous layouts its shim gives the kernel (its
-# running states per chunk of the length the library reports: the last chunk's odd entries are
-# the final state, which the emulation writes after running tpssm's reference; the rest NaN),
-# so that the inputs' layouts, the final-state copy and the comparison from zero states are
-# checked, across a chunk boundary too.
-dense_path = bench_peers.PEER_DIR / bench_peers.DENSE_SCAN_LIBRARY
-if dense_path.exists():
-    dense_lib = ctypes.CDLL(str(dense_path))
-    dense_lib.peer_dense_scan_args_layout.restype = ctypes.c_longlong
-    DENSE_CHUNK = dense_lib.peer_dense_scan_args_layout(2)
-else:
-    DENSE_CHUNK = bench_peers.DENSE_SCAN_CHUNK
-
-
-def emulate_dense_scan(args_ref):
-    a = args_ref._obj
-    b, d, length, n, g = a.batch, a.dim, a.seqlen, a.dstate, a.groups
-
-    def rows(ptr):  # (batch, dim, seqlen) as (batch, seqlen, dim)
-        return raw(ptr, (b, d, length), (d * length, length, 1)).transpose(1, 2)
-
-    def states_major(ptr):  # (batch, groups, dstate, seqlen) as (batch, seqlen, groups, dstate)
-        return raw(ptr, (b, g, n, length), (g * n * length, n * length, length, 1)).permute(
-            0, 3, 1, 2)
-
-    f32 = torch.float32
-    final = torch.zeros(b, d, n)
-    y = reference.selective_scan_ref(
-        rows(a.u), rows(a.delta), raw(a.A, (d, n), (n, 1), f32), states_major(a.B),
-        states_major(a.C), raw(a.D, (d,), (1,), f32), rows(a.z),
-        raw(a.delta_bias, (d,), (1,), f32), delta_softplus=bool(a.delta_softplus),
-        ssm_states=final, has_initial_state=torch.zeros(b, dtype=torch.bool))
-    rows(a.out_z).copy_(y)
-    chunks = -(-length // DENSE_CHUNK)
-    running = raw(a.x, (b, d, chunks, 2 * n), (d * chunks * 2 * n, chunks * 2 * n, 2 * n, 1),
-                  f32)
-    running.fill_(float("nan"))
-    running[:, :, -1, 1::2] = final
-    return 0
-
-
-dense_emulated = types.SimpleNamespace(
-    **dict(vars(peers), vllm_mamba1_scan=None, mamba_ssm_mamba1_scan=emulate_dense_scan))
+# The Mamba-1 scans: mamba_ssm's emulated (above), on Mamba and Falcon-Mamba shards and a row
+# across a running-state chunk boundary.
 dense_cases = [bench.scan_case(model, tp, 2, 70, ops, reference)
                for model in ("mamba-2.8b", "falcon-mamba-7b") for tp in (1, 2)]
 dense_cases.append(bench.scan_case("mamba-2.8b", 2, 1, DENSE_CHUNK + 70, ops, reference))
 for case in dense_cases:
-    peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
+    peer = bench_peers.peer_calls(case, cpu_peers)["mamba_ssm"]
     print("mamba1 diff mamba_ssm", case.model, case.tp, case.shape.split()[0],
           bench_peers.compare(case, peer))
 case = dense_cases[0]  # 70 tokens: the initial states' effect has not decayed
-peer = bench_peers.peer_calls(case, dense_emulated)["mamba_ssm"]
+peer = bench_peers.peer_calls(case, cpu_peers)["mamba_ssm"]
 print("wrong mamba1_from_states",
       bench_peers.compare(case, dataclasses.replace(peer, from_zero_states=False)))
 
