@@ -34,6 +34,12 @@ EXPECTED = [
     "read_after_barrier_without_barrier sees {seen} entries",
     "read_after_barrier_without_barrier ok",
     "read_after_barrier_without_barrier sees {seen} entries",
+    # Blocks follow the same order as threads, so a block reading another's output of the same
+    # launch sees it fresh in one order and stale in the other.
+    "read_other_block ok",
+    "read_other_block: every block ran, sees {seen} entries",
+    "read_other_block ok",
+    "read_other_block: every block ran, sees {seen} entries",
     "rounding_mode_per_thread ok",
     "rounding_mode_per_thread: thread 0 upward, thread 1 nearest, host nearest",
     "block_of_1025_threads error: emu: invalid launch configuration",

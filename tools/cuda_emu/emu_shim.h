@@ -286,8 +286,9 @@ inline bool emu_arrive(Sync& g, int n) {
   return f.released;
 }
 
-// EMU_THREAD_ORDER=reverse runs a block's threads from the last to the first: a read of another
-// thread's write with no barrier between them then sees the wrong value in one of the two orders.
+// EMU_THREAD_ORDER=reverse runs a block's threads, and a launch's blocks, from the last to the
+// first: a read of another thread's write with no barrier between them, or of another block's
+// write in the same launch, then sees the wrong value in one of the two orders.
 inline bool emu_reverse_thread_order() {
   static const bool reverse = [] {
     const char* order = std::getenv("EMU_THREAD_ORDER");
@@ -453,9 +454,14 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
   std::tuple<std::decay_t<KArgs>...> params(args...);
   emu_gridDim = grid;
   emu_blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
+  // Blocks one after another; under EMU_THREAD_ORDER=reverse from the last to the first too, so
+  // that a block reading what another block of the same launch writes sees it in one order only.
+  const bool reverse = emu_reverse_thread_order();
+  const auto in_order = [reverse](unsigned i, unsigned n) { return reverse ? n - 1 - i : i; };
+  for (unsigned zi = 0; zi < grid.z; ++zi)
+    for (unsigned yi = 0; yi < grid.y; ++yi)
+      for (unsigned xi = 0; xi < grid.x; ++xi) {
+        const unsigned x = in_order(xi, grid.x), y = in_order(yi, grid.y), z = in_order(zi, grid.z);
         EmuBlock blk;
         // NaN-like garbage, as uninitialised shared memory would be.
         blk.dynamic.assign(smem_bytes, 0xff);

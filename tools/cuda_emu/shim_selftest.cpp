@@ -66,6 +66,17 @@ __global__ void read_after_barrier_without_barrier(float* out) {
   if (threadIdx.x >= 32 && threadIdx.x < 64) out[threadIdx.x] = s;
 }
 
+// A race between the blocks of one launch: block b (linear in x, y, z) reads block b - 1's
+// entry. Blocks run one after another, last to first under EMU_THREAD_ORDER=reverse, which
+// shows the stale entry.
+__global__ void read_other_block(float* out) {
+  const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const float token = out[128];
+  if (threadIdx.x != 0) return;
+  out[256 + b] = token + static_cast<float>(b);
+  if (b > 0) out[512 + b] = out[256 + b - 1];
+}
+
 // Rounding mode set by one thread: the other threads and the host keep their own (each context
 // carries the MXCSR and x87 control words).
 __global__ void rounding_mode_per_thread(float* out) {
@@ -125,6 +136,15 @@ int main() {
     bool fresh = true;
     for (int t = 32; t < 64; ++t) fresh = fresh && out[t] == out[96];
     std::printf("read_after_barrier_without_barrier sees %s entries\n", fresh ? "fresh" : "stale");
+  }
+  for (int launch = 1; launch <= 2; ++launch) {
+    out[128] = 1000.0f * launch;
+    run("read_other_block", &read_other_block, dim3(4, 2, 2), dim3(32), 0, out.data());
+    bool every_block = true, fresh = true;
+    for (int b = 0; b < 16; ++b) every_block = every_block && out[256 + b] == out[128] + b;
+    for (int b = 1; b < 16; ++b) fresh = fresh && out[512 + b] == out[128] + (b - 1);
+    std::printf("read_other_block: every block %s, sees %s entries\n",
+                every_block ? "ran" : "missing", fresh ? "fresh" : "stale");
   }
   run("rounding_mode_per_thread", &rounding_mode_per_thread, dim3(1), dim3(64), 0, out.data());
   std::printf("rounding_mode_per_thread: thread 0 %s, thread 1 %s, host %s\n",
