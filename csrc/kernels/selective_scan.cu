@@ -975,6 +975,9 @@ ScanPlan make_plan(const SelectiveScanParams& p) {
 
 void launch_combine(const SelectiveScanParams& p, const ScanPlan& plan, cudaStream_t stream) {
   const int64_t elems = plan.channels * p.dstate;
+  if (ceil_div(elems, 256) > 0x7fffffff) {
+    throw std::runtime_error("tpssm selective_scan: too many states for one combine launch");
+  }
   chunk_combine_kernel<<<static_cast<unsigned>(ceil_div(elems, 256)), 256, 0, stream>>>(
       p, plan, p.a_is_per_state);
   TPSSM_CHECK_LAUNCH("chunk_combine_kernel");
@@ -992,6 +995,9 @@ template <typename Traits>
 void launch_scan(const SelectiveScanParams& p, ScanPlan plan, cudaStream_t stream) {
   if (plan.channel_blocks > 65535) {
     throw std::runtime_error("tpssm selective_scan: too many channels for one launch");
+  }
+  if (plan.flat && plan.num_chunks > 0x7fffffff) {
+    throw std::runtime_error("tpssm selective_scan: too many pieces for one launch");
   }
   // The staged walk's tile buffers (under the 48 KB a block gets without opting in).
   size_t smem = 0;

@@ -437,6 +437,10 @@ void launch_state_update(const SelectiveStateUpdateParams& p, cudaStream_t strea
     throw std::runtime_error(
         "tpssm selective_state_update: dt_proj_weight must span fewer than 2^31 elements");
   }
+  // The kernel walks batch rows as int, b += gridDim.y: keep that from wrapping.
+  if (p.batch > INT_MAX - device_max_grid_y()) {
+    throw std::runtime_error("tpssm selective_state_update: too many batch rows for one launch");
+  }
   StateUpdateShape sh{};
   sh.batch = static_cast<int>(p.batch);
   sh.rows = static_cast<int>(p.nheads * p.headdim);
