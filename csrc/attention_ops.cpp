@@ -4,7 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "arg_checks.h"
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 
 namespace tpssm {
 namespace {
@@ -68,7 +68,7 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
               "x dimension: one block per (row, head)), got ", batch * heads);
   check_index(rows, "rows", batch, q);
   check_index(lengths, "lengths", batch, q);
-  check_written_disjoint(kOp, {named(out, "out")},
+  check_buffer_rules(kOp, {named(out, "out")},
                          {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"),
                           named(rows, "rows"), named(lengths, "lengths")});
   p.batch = batch;

@@ -5,7 +5,7 @@
 
 #include "arg_checks.h"
 #include "kernels/norm_params.h"
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 #include "ssm_ops.h"
 
 namespace tpssm {
@@ -138,7 +138,7 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& residual_out, double norm_eps) {
   GemvParams p = product_with_norm("gemv", x, weight, bias, out, warps_per_row, rows_per_warp,
                                    norm_weight, residual, residual_out, norm_eps);
-  check_written_disjoint("gemv", {named(out, "out"), named(residual_out, "residual_out")},
+  check_buffer_rules("gemv", {named(out, "out"), named(residual_out, "residual_out")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(norm_weight, "norm_weight"), named(residual, "residual")});
   return p;
@@ -157,7 +157,7 @@ GemvParams make_gemv_conv_update_params(
                                    norm_weight, residual, residual_out, norm_eps);
   p.conv = make_gemv_conv_params(out, conv_start, conv_state, conv_weight, conv_bias, silu,
                                  cache_indices, pad_slot_id, check_index_values);
-  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state"),
+  check_buffer_rules(op, {named(out, "out"), named(conv_state, "conv_state"),
                               named(residual_out, "residual_out")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(norm_weight, "norm_weight"), named(residual, "residual"),

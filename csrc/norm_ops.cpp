@@ -4,7 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "arg_checks.h"
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 
 namespace tpssm {
 namespace {
@@ -40,7 +40,7 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
     TORCH_CHECK(t->device() == x.device(), kOp, ": every tensor must be on x's device (",
                 x.device(), "), got ", t->device());
   }
-  check_written_disjoint(kOp, {named(out, "out"), named(residual, "residual")},
+  check_buffer_rules(kOp, {named(out, "out"), named(residual, "residual")},
                          {named(x, "x"), named(weight, "weight")});
   p.rows = rows;
   p.dim = dim;
@@ -157,7 +157,7 @@ GatedRmsNormParams make_gated_rms_norm_params(const at::Tensor& x,
   } else {
     TORCH_CHECK(norm_size == 0, kOp, ": norm_size applies with sum_sq only, got ", norm_size);
   }
-  check_written_disjoint(kOp, {named(out, "out")},
+  check_buffer_rules(kOp, {named(out, "out")},
                          {named(x, "x"), named(z, "z"), named(weight, "weight"),
                           named(sum_sq, "sum_sq")});
   p.out_row_stride = out.stride(0);
@@ -173,7 +173,7 @@ GatedRmsNormParams make_gated_sum_squares_params(const at::Tensor& x,
   constexpr const char* kOp = "gated_sum_squares";
   GatedRmsNormParams p = gated_common(kOp, x, z, group_size, first_group_size);
   check_sums(kOp, out, "out", x, p.rows, num_groups(p));
-  check_written_disjoint(kOp, {named(out, "out")}, {named(x, "x"), named(z, "z")});
+  check_buffer_rules(kOp, {named(out, "out")}, {named(x, "x"), named(z, "z")});
   p.sum_sq_out = out.data_ptr<float>();
   p.sum_sq_row_stride = out.stride(0);
   return p;

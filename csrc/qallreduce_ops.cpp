@@ -4,7 +4,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 
 namespace tpssm {
 
@@ -74,7 +74,7 @@ QarQuantizePackParams make_qar_quantize_pack_params(const at::Tensor& x, int64_t
   p.codec = static_cast<QarCodec>(codec);
   p.layout = qar_checked_layout(x.numel(), world_size, group_size);
   qar_check_buffer(send, "send", world_size * p.layout.chunk_bytes, x);
-  check_written_disjoint("qar_quantize_pack", {named(send, "send")}, {named(x, "x")});
+  check_buffer_rules("qar_quantize_pack", {named(send, "send")}, {named(x, "x")});
   p.x = x.data_ptr();
   p.send = send.data_ptr<uint8_t>();
   return p;
@@ -88,7 +88,7 @@ QarReduceParams make_qar_reduce_params(const at::Tensor& recv, int64_t numel, in
   p.layout = qar_checked_layout(numel, world_size, group_size);
   qar_check_buffer(recv, "recv", world_size * p.layout.chunk_bytes, recv);
   qar_check_buffer(mine, "mine", p.layout.chunk_bytes, recv);
-  check_written_disjoint("qar_reduce_requant", {named(mine, "mine")}, {named(recv, "recv")});
+  check_buffer_rules("qar_reduce_requant", {named(mine, "mine")}, {named(recv, "recv")});
   p.recv = recv.data_ptr<uint8_t>();
   p.mine = mine.data_ptr<uint8_t>();
   return p;
@@ -116,7 +116,7 @@ QarDequantParams make_qar_dequant_params(const at::Tensor& gathered, int64_t wor
     check_activation(r, "residual", group_size);
     p.residual = r.data_ptr();
   }
-  check_written_disjoint("qar_dequant", {named(out, "out")},
+  check_buffer_rules("qar_dequant", {named(out, "out")},
                          {named(gathered, "gathered"), named(residual, "residual")});
   p.gathered = gathered.data_ptr<uint8_t>();
   p.out = out.data_ptr();
@@ -152,7 +152,7 @@ QarLayout check_qar_loopback_args(const at::Tensor& xs, int64_t group_size, int6
   qar_check_buffer(recv, "recv", n * n * lay.chunk_bytes, xs);
   qar_check_buffer(mine, "mine", n * lay.chunk_bytes, xs);
   qar_check_buffer(gathered, "gathered", n * n * lay.chunk_bytes, xs);
-  check_written_disjoint("qar_loopback",
+  check_buffer_rules("qar_loopback",
                          {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
                           named(gathered, "gathered"), named(out, "out")},
                          {named(xs, "xs"), named(residual, "residual")});

@@ -13,10 +13,9 @@
 // nor with another buffer it writes.
 #include "ssm_ops.h"
 
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
 #include <utility>
 #include <cstdint>
@@ -111,11 +110,6 @@ void check_fits_int32(const char* op, int64_t v, const char* what) {
 void check_pad_slot_id(const char* op, int64_t pad_slot_id) {
   TORCH_CHECK(pad_slot_id >= std::numeric_limits<int32_t>::min() && pad_slot_id <= kInt32Max, op,
               ": pad_slot_id must fit in int32 (slots are int32), got ", pad_slot_id);
-}
-
-void check_no_internal_overlap(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
-              " must not have internally overlapping memory (e.g. an expanded tensor)");
 }
 
 // Index tensors: int32, 1-D of the batch size, contiguous.
@@ -235,7 +229,6 @@ int64_t check_conv_state_slots(const char* op, const at::Tensor& conv_state,
               ", ", width - 1, "), got ", conv_state.sizes());
   const int64_t num_slots = conv_state.size(0);
   check_fits_int32(op, num_slots, "num_slots");
-  check_no_internal_overlap(op, conv_state, "conv_state");
   check_index_tensor(op, cache_indices, "cache_indices", rows);
   if (cache_indices.has_value()) {
     if (check_index_values) {
@@ -293,7 +286,6 @@ void check_out(const char* op, const at::Tensor& out, const at::Tensor& x, const
   check_same_dtype(op, out, "out", x, x_name);
   TORCH_CHECK(out.sizes().equals(x.sizes()), op, ": out must have the shape of ", x_name, " (",
               x.sizes(), "), got ", out.sizes());
-  check_no_internal_overlap(op, out, "out");
 }
 
 DType state_dtype_of(const char* op, const at::Tensor& state, const char* name,
@@ -367,7 +359,6 @@ void fill_state_layout(const char* op, const at::Tensor& s, const char* name, co
   *num_slots = s.size(0);
   check_fits_int32(op, *num_slots, "num_slots");
   check_last_stride1(op, s, name, "dstate");
-  check_no_internal_overlap(op, s, name);
   *slot_stride = s.stride(0);
 }
 
@@ -416,13 +407,12 @@ CausalConv1dParams make_causal_conv1d_params(
                 width - 1, "), got ", s.sizes());
     p.num_slots = s.size(0);
     check_fits_int32(op, p.num_slots, "num_slots");
-    check_no_internal_overlap(op, s, "conv_states");
     p.conv_states = s.data_ptr();
     p.conv_states_slot_stride = s.stride(0);
     p.conv_states_channel_stride = s.stride(1);
     p.conv_states_width_stride = s.stride(2);
   }
-  check_written_disjoint(op, {named(out, "out"), named(conv_states, "conv_states")},
+  check_buffer_rules(op, {named(out, "out"), named(conv_states, "conv_states")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(query_start_loc, "query_start_loc"),
                           named(cache_indices, "cache_indices"),
@@ -480,7 +470,7 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
                                        batch, pad_slot_id, check_index_values);
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
-  check_written_disjoint(op, {named(out, "out"), named(conv_state, "conv_state")},
+  check_buffer_rules(op, {named(out, "out"), named(conv_state, "conv_state")},
                          {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
                           named(cache_indices, "cache_indices")});
 
@@ -681,7 +671,7 @@ SelectiveScanParams make_selective_scan_params(
                       &p.ssm_states_head_stride, &p.ssm_states_dim_stride);
     p.ssm_states = ssm_states->data_ptr();
   }
-  check_written_disjoint(op, {named(out, "out"), named(ssm_states, "ssm_states")},
+  check_buffer_rules(op, {named(out, "out"), named(ssm_states, "ssm_states")},
                          {named(u, "u"), named(delta, "delta"), named(A, "A"), named(B, "B"),
                           named(C, "C"), named(D, "D"), named(z, "z"),
                           named(delta_bias, "delta_bias"),
@@ -821,7 +811,7 @@ SelectiveStateUpdateParams make_selective_state_update_params(
 
   check_index_tensor(op, state_batch_indices, "state_batch_indices", batch);
   check_index_tensor(op, dst_state_batch_indices, "dst_state_batch_indices", batch);
-  check_written_disjoint(op, {named(out, "out"), named(ssm_state, "ssm_state")},
+  check_buffer_rules(op, {named(out, "out"), named(ssm_state, "ssm_state")},
                          {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
                           named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
                           named(dt_proj_weight, "dt_proj_weight"),

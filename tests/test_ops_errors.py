@@ -116,7 +116,7 @@ CASES = [
     ("conv/states_shape", *CONV, setk(conv_states=torch.randn(5, 37, 2)),
      "conv_states must have shape (num_slots, dim, width - 1) = (*, 37, 3)"),
     ("conv/states_internal_overlap", *CONV, expand_slots("conv_states", 5),
-     "conv_states must not have internally overlapping memory"),
+     "conv_states must not overlap itself"),
     ("conv/num_slots_int32", *CONV, expand_slots("conv_states", BIG),
      "num_slots must fit in int32"),
     ("conv/cache_indices_dtype", *CONV,
@@ -152,7 +152,7 @@ CASES = [
     ("conv/out_channel_stride", *CONV, channels_last_stride2("out"),
      "out must have stride 1 in its last dimension (channels)"),
     ("conv/out_internal_overlap", *CONV, lambda k: k.update(out=k["out"][:1].expand(2, 9, 37)),
-     "out must not have internally overlapping memory"),
+     "out must not overlap itself"),
     ("conv/out_overlaps_x", *CONV, lambda k: k.update(out=k["x"]),
      "out must not overlap x (in-place use is not supported)"),
     ("conv/out_overlaps_states", *CONV,
@@ -177,7 +177,7 @@ CASES = [
     ("update/state_shape", *UPD, setk(conv_state=torch.randn(5, 37, 4)),
      "conv_state must have shape (num_slots, dim, width - 1) = (*, 37, 3)"),
     ("update/state_internal_overlap", *UPD, expand_slots("conv_state", 5),
-     "conv_state must not have internally overlapping memory"),
+     "conv_state must not overlap itself"),
     ("update/slot_range", *UPD, setk(cache_indices=torch.tensor([4, 1, 5], dtype=I32)),
      "cache_indices[2] = 5 is out of range"),
     ("update/slot_negative", *UPD, setk(cache_indices=torch.tensor([4, -7, 2], dtype=I32)),
@@ -241,7 +241,7 @@ CASES = [
     ("scan/states_dstate_stride", *SCAN, transposed_last("ssm_states"),
      "ssm_states must have stride 1 in its last dimension (dstate)"),
     ("scan/states_internal_overlap", *SCAN, expand_slots("ssm_states", 4),
-     "ssm_states must not have internally overlapping memory"),
+     "ssm_states must not overlap itself"),
     ("scan/slot_range", *SCAN, setk(cache_indices=torch.tensor([1, 4], dtype=I32)),
      "cache_indices[1] = 4 is out of range"),
     ("scan/slot_distinct", *SCAN, setk(cache_indices=torch.tensor([3, 3], dtype=I32)),
@@ -415,6 +415,38 @@ def test_written_buffer_adjacent_is_accepted(name, op, make, written, read):
     op(**kw)
 
 
+@pytest.mark.parametrize("name,op,make,written,read", OVERLAP_CASES,
+                         ids=[c[0] for c in OVERLAP_CASES])
+def test_overlap_through_another_storage(name, op, make, written, read):
+    """The same bytes seen through a second storage object (as from_dlpack, from_numpy or
+    frombuffer make): still an overlap - the rule compares addresses, not storages."""
+    kw = make()
+    place_overlapping(kw, written, read)
+    kw[read] = torch.from_dlpack(kw[read])
+    assert kw[read].untyped_storage()._cdata != kw[written].untyped_storage()._cdata
+    with pytest.raises(RuntimeError,
+                       match=re.escape(f"{written} must not overlap {read} (in-place use")):
+        op(**kw)
+
+
+SELF_OVERLAP_CASES = [(f"{key}/{w}", op, make, w)
+                      for key, (op, make, written, _) in OVERLAP_OPS.items() for w in written]
+
+
+@pytest.mark.parametrize("name,op,make,written", SELF_OVERLAP_CASES,
+                         ids=[c[0] for c in SELF_OVERLAP_CASES])
+def test_written_buffer_overlapping_itself(name, op, make, written):
+    """A written buffer whose outer stride is one element short of its inner extent: two of its
+    indices name one element, though no stride is 0."""
+    kw = make()
+    t = kw[written].contiguous()
+    strides = list(t.stride())
+    strides[0] -= 1
+    kw[written] = torch.zeros(t.numel(), dtype=t.dtype).as_strided(t.shape, strides)
+    with pytest.raises(RuntimeError, match=re.escape(f"{written} must not overlap itself")):
+        op(**kw)
+
+
 def test_every_overlap_pair_is_listed():
     """Each op's written buffers and read tensors above are all of its tensor arguments."""
     import inspect
@@ -435,9 +467,74 @@ def test_bad_input(name, op, make, mutate, message):
         op(**kw)
 
 
+# Every op with a builder of valid inputs, for the rules that hold for every tensor argument.
+ALL_OPS = {key: (op, make) for key, (op, make, _, _) in OVERLAP_OPS.items()} | {
+    "add_rms_norm": (ops.add_rms_norm,
+                     lambda: dict(x=torch.randn(3, 8), weight=torch.randn(8), eps=1e-5,
+                                  residual=torch.randn(3, 8), out=torch.empty(3, 8))),
+    "gated_rms_norm": (ops.gated_rms_norm,
+                       lambda: dict(x=torch.randn(3, 8), weight=torch.randn(8),
+                                    z=torch.randn(3, 8), group_size=4, out=torch.empty(3, 8))),
+    "gated_sum_squares": (ops.gated_sum_squares,
+                          lambda: dict(x=torch.randn(3, 8), z=torch.randn(3, 8), group_size=4,
+                                       out=torch.empty(3, 2))),
+    "decode_attention": (ops.decode_attention,
+                         lambda: dict(q=torch.randn(2, 3, 8), k_cache=torch.randn(4, 3, 5, 8),
+                                      v_cache=torch.randn(4, 3, 5, 8),
+                                      rows=torch.tensor([2, 0]), lengths=torch.tensor([5, 3]),
+                                      scale=0.35, out=torch.empty(2, 3, 8))),
+    "gemv": (ops.gemv,
+             lambda: dict(x=torch.randn(2, 8), weight=torch.randn(6, 8), bias=torch.randn(6),
+                          norm_weight=torch.randn(8), residual=torch.randn(2, 8),
+                          residual_out=torch.empty(2, 8), out=torch.empty(2, 6))),
+    "gemv_conv_update": (ops.gemv_conv_update,
+                         lambda: dict(x=torch.randn(2, 8), weight=torch.randn(6, 8),
+                                      bias=torch.randn(6), conv_state=torch.randn(3, 4, 3),
+                                      conv_weight=torch.randn(4, 4), conv_bias=torch.randn(4),
+                                      conv_start=1, cache_indices=torch.tensor([2, 0], dtype=I32),
+                                      out=torch.empty(2, 6))),
+}
+
+
+def _tensor_args(kw):
+    return [n for n, v in kw.items() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("key", list(ALL_OPS))
+def test_arguments_requiring_grad_are_refused(key):
+    """The ops have no backward and write in place: under grad mode no argument may require
+    grad (a graph through them would give wrong gradients silently); under no_grad they run."""
+    op, make = ALL_OPS[key]
+    names = [n for n in _tensor_args(make()) if make()[n].is_floating_point()]
+    assert names, key
+    for name in names:
+        kw = make()
+        kw[name].requires_grad_(True)
+        with pytest.raises(RuntimeError, match=re.escape(f"{name} requires grad; tpssm ops")):
+            op(**kw)
+        with torch.no_grad():
+            op(**kw)
+
+
+@pytest.mark.parametrize("key", list(ALL_OPS))
+def test_one_meta_tensor_among_cpu_ones_is_refused(key):
+    """The dispatcher sends such a call to the op's fake implementation, where nothing runs: it
+    must fail there, naming the argument, not return untouched outputs."""
+    op, make = ALL_OPS[key]
+    first, *others = _tensor_args(make())
+    for name in others:
+        kw = make()
+        kw[name] = kw[name].to("meta")
+        with pytest.raises(RuntimeError,
+                           match=re.escape(f"{name} must be on the device of {first} (cpu), "
+                                           "got meta")):
+            op(**kw)
+
+
 def test_builders_are_valid():
     """The unmodified inputs pass: each failure above comes from its one mutation."""
-    for op, make in {CONV, CONV_VARLEN, UPD, SCAN, SCAN_VARLEN, SCAN_M1, SSU, SSU_3D, SSU_DTP}:
+    for op, make in {CONV, CONV_VARLEN, UPD, SCAN, SCAN_VARLEN, SCAN_M1, SSU, SSU_3D, SSU_DTP,
+                     *ALL_OPS.values()}:
         op(**make())
 
 

@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include "kernels/qallreduce_kernels.h"
-#include "overlap_checks.h"
+#include "buffer_rules.h"
 #include "qallreduce_ops.h"
 
 #define TPSSM_NCCL_CHECK(cmd)                                                              \
@@ -184,7 +184,7 @@ void qar_nccl_all_reduce(int64_t handle, const at::Tensor& x, int64_t group_size
     TORCH_CHECK(t->device() == x.device(), "send, recv, mine, gathered and out must be on the "
                 "device of x (", x.device(), "), got ", t->device());
   }
-  check_written_disjoint("qar_nccl_all_reduce",
+  check_buffer_rules("qar_nccl_all_reduce",
                          {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
                           named(gathered, "gathered"), named(out, "out")},
                          {named(x, "x"), named(residual, "residual")});

@@ -25,8 +25,14 @@ and raise errors that name the argument and the rule.
 
 Memory rule, checked on every call from pointers and sizes (no host synchronisation): no buffer an
 op writes (`out`, the state pools) may share a byte with any tensor it reads - index tensors
-included - or with another buffer it writes ("<written> must not overlap <input>"). Column slices
-of one buffer interleave and count as overlapping; disjoint parts of one storage are fine.
+included - or with another buffer it writes ("<written> must not overlap <input>"), compared by
+address whatever storage object holds them; nor with itself ("<written> must not overlap itself":
+taken by increasing stride, each dimension's stride must reach past the extent of the ones before
+it). Column slices of one buffer interleave and count as overlapping; disjoint parts of one
+storage are fine.
+
+No backward: the ops write in place, so under grad mode no argument may require grad
+("<name> requires grad"); the models run under torch.no_grad().
 
 Value checks - slots in range (0 <= slot < num_slots or == pad_slot_id), distinct slots among the
 non-padded rows (the rows run concurrently; for selective_state_update: distinct write slots, and
@@ -51,6 +57,8 @@ outside the tensors whatever the index values, with these results:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -332,11 +340,22 @@ def gated_sum_squares(
     group's sum of (x * silu(z))^2 (fp32) over this rank's columns. x, z and the groups as in
     gated_rms_norm; out may be a column slice of a wider (rows, all groups) buffer."""
     if out is None:
-        first = first_group_size or group_size or x.shape[-1]
-        groups = 1 + (x.shape[-1] - first) // (group_size or x.shape[-1])
-        out = torch.empty(x.shape[0], groups, dtype=torch.float32, device=x.device)
+        rows, dim = x.shape if x.dim() == 2 else (0, 0)
+        group = group_size or dim
+        first = first_group_size or group
+        # Sizes the op refuses get an empty placeholder, so that its own error names the rule.
+        groups = 1 + (dim - first) // group if 0 < first <= dim and group > 0 else 0
+        out = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
     _ops.gated_sum_squares(x, z, group_size, first_group_size, out)
     return out
+
+
+def _product_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """gemv's (M, N) out when none is given; empty for an x or weight the op refuses, so that its
+    own error names the argument."""
+    m = x.shape[0] if x.dim() == 2 else 0
+    n = weight.shape[0] if weight.dim() == 2 else 0
+    return torch.empty(m, n, dtype=x.dtype, device=x.device)
 
 
 def gemv(
@@ -371,7 +390,7 @@ def gemv(
     Returns out (allocated when not given).
     """
     if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        out = _product_out(x, weight)
     _ops.gemv(x, weight, bias, out, warps_per_row, rows_per_warp, norm_weight, residual,
               residual_out, norm_eps)
     return out
@@ -413,7 +432,7 @@ def gemv_conv_update(
     separate ops do). Returns out (allocated when not given).
     """
     if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        out = _product_out(x, weight)
     _ops.gemv_conv_update(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start,
                           _silu_flag(activation), cache_indices, pad_slot_id, out, warps_per_row,
                           rows_per_warp, norm_weight, residual, residual_out, norm_eps)
@@ -471,8 +490,29 @@ def decode_attention_splits(heads: int, max_len: int, sm_count: int) -> int:
 
 
 # Fake implementations: the ops return nothing and only mutate `out` and the states, so tracing
-# needs no shape logic; they check the one rule a traced graph could otherwise get wrong silently
-# (out shaped and typed like the input it mirrors). The real ops check everything else.
+# needs no shape logic; they check the rules a traced graph could otherwise get wrong silently
+# (out shaped and typed like the input it mirrors; every tensor on one device - a call with one
+# meta tensor among CPU or CUDA ones lands here too, where nothing would run). The real ops
+# check everything else.
+def _register_fake(name: str):
+    def register(fake):
+        signature = inspect.signature(fake)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            tensors = [(n, v) for n, v in signature.bind(*args, **kwargs).arguments.items()
+                       if isinstance(v, torch.Tensor)]
+            first, dev = tensors[0][0], tensors[0][1].device
+            for n, v in tensors[1:]:
+                torch._check(v.device == dev, lambda: f"{name}: {n} must be on the device of "
+                                                      f"{first} ({dev}), got {v.device}")
+            return fake(*args, **kwargs)
+
+        return torch.library.register_fake(f"tpssm::{name}")(checked)
+
+    return register
+
+
 def _check_out_like(op: str, out: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
     torch._check(out.dtype == ref.dtype,
                  lambda: f"{op}: out must have the dtype of {ref_name} ({ref.dtype}), got {out.dtype}")
@@ -481,19 +521,19 @@ def _check_out_like(op: str, out: torch.Tensor, ref: torch.Tensor, ref_name: str
                          f"got {tuple(out.shape)}")
 
 
-@torch.library.register_fake("tpssm::causal_conv1d")
+@_register_fake("causal_conv1d")
 def _causal_conv1d_fake(x, weight, bias, conv_states, query_start_loc, cache_indices,
                         has_initial_state, silu, pad_slot_id, out, chunk_len=0) -> None:
     _check_out_like("causal_conv1d", out, x, "x")
 
 
-@torch.library.register_fake("tpssm::causal_conv1d_update")
+@_register_fake("causal_conv1d_update")
 def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_indices, pad_slot_id,
                                out) -> None:
     _check_out_like("causal_conv1d_update", out, x, "x")
 
 
-@torch.library.register_fake("tpssm::selective_scan")
+@_register_fake("selective_scan")
 def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states,
                          query_start_loc, cache_indices, has_initial_state, pad_slot_id,
                          out, dt_min=None, dt_max=None, algorithm="auto", chunk_size=0,
@@ -501,31 +541,31 @@ def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ss
     _check_out_like("selective_scan", out, u, "u")
 
 
-@torch.library.register_fake("tpssm::selective_state_update")
+@_register_fake("selective_state_update")
 def _selective_state_update_fake(ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight,
                                  dt_softplus, state_batch_indices, dst_state_batch_indices,
                                  pad_slot_id, out) -> None:
     _check_out_like("selective_state_update", out, x, "x")
 
 
-@torch.library.register_fake("tpssm::add_rms_norm")
+@_register_fake("add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps, out) -> None:
     _check_out_like("add_rms_norm", out, x, "x")
 
 
-@torch.library.register_fake("tpssm::gated_rms_norm")
+@_register_fake("gated_rms_norm")
 def _gated_rms_norm_fake(x, z, weight, group_size, first_group_size, eps, sum_sq, norm_size,
                          out) -> None:
     _check_out_like("gated_rms_norm", out, x, "x")
 
 
-@torch.library.register_fake("tpssm::gated_sum_squares")
+@_register_fake("gated_sum_squares")
 def _gated_sum_squares_fake(x, z, group_size, first_group_size, out) -> None:
     torch._check(out.dtype == torch.float32,
                  lambda: f"gated_sum_squares: out must be float32, got {out.dtype}")
 
 
-@torch.library.register_fake("tpssm::decode_attention")
+@_register_fake("decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, rows, lengths, scale, out, num_splits=0
                            ) -> None:
     _check_out_like("decode_attention", out, q, "q")
@@ -546,14 +586,14 @@ def _check_gemv_residual_out(op: str, residual, residual_out) -> None:
                      lambda: f"{op}: residual_out must have residual's shape and dtype")
 
 
-@torch.library.register_fake("tpssm::gemv")
+@_register_fake("gemv")
 def _gemv_fake(x, weight, bias, out, warps_per_row=0, rows_per_warp=0, norm_weight=None,
                residual=None, residual_out=None, norm_eps=1e-5) -> None:
     _check_gemv_out("gemv", x, weight, out)
     _check_gemv_residual_out("gemv", residual, residual_out)
 
 
-@torch.library.register_fake("tpssm::gemv_conv_update")
+@_register_fake("gemv_conv_update")
 def _gemv_conv_update_fake(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu,
                            cache_indices, pad_slot_id, out, warps_per_row=0, rows_per_warp=0,
                            norm_weight=None, residual=None, residual_out=None,
