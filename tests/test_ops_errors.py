@@ -572,3 +572,20 @@ def test_cuda_slot_values_checked_only_in_debug_mode(monkeypatch):
     monkeypatch.setenv("TPSSM_DEBUG_CHECKS", "0")
     ops.causal_conv1d_update(**kw)  # no host sync: the kernel skips the bad slot
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.gated_sum_squares(torch.randn(2, 0)), "x must have at least one column"),
+    (lambda: ops.gated_sum_squares(torch.randn(2, 8), group_size=-2),
+     "group_size and first_group_size must be >= 0, got -2 and 0"),
+    (lambda: ops.gated_sum_squares(torch.randn(8)), "x must be 2-D"),
+    (lambda: ops.gemv(torch.tensor(1.0), torch.randn(4, 4)), "gemv: x must be 2-D (M, K)"),
+    (lambda: ops.gemv(torch.randn(1, 4), torch.tensor(1.0)), "gemv: weight must be 2-D (N, K)"),
+    (lambda: ops.gemv_conv_update(torch.tensor(1.0), torch.randn(4, 4), None,
+                                  torch.randn(2, 4, 3), torch.randn(4, 4), conv_start=0),
+     "x must be 2-D (M, K)"),
+])
+def test_wrappers_leave_malformed_arguments_to_the_ops_errors(call, message):
+    """A wrapper that allocates `out` must not fail first with an unrelated Python error."""
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
