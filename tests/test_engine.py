@@ -157,3 +157,69 @@ def test_bad_prompts_and_engine_settings():
         GenerationEngine(ToyStateModel(num_slots=0))
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         GenerationEngine(ToyStateModel(num_slots=1), max_batch_size=0)
+
+
+def test_a_tiny_temperature_draws_the_top_token():
+    """Scores are shifted by the row's maximum before the division: a temperature whose inverse
+    overflows still gives a valid (one-hot) distribution, not NaN probabilities."""
+    from tpssm.generate import select_tokens
+
+    logits = torch.randn(4, VOCAB) * 30
+    for temperature in (1e-45, 1e-30, 1e-8):
+        got = select_tokens(logits, do_sample=True, temperature=temperature,
+                            generator=torch.Generator().manual_seed(0))
+        assert got.tolist() == logits.argmax(-1).tolist(), temperature
+
+
+class FailingOnce(ToyStateModel):
+    """Raises in the forward of its `fail_at`-th call, after advancing the first row's state:
+    a forward that stopped part way."""
+
+    def __init__(self, num_slots, fail_at):
+        super().__init__(num_slots)
+        self.calls, self.fail_at = 0, fail_at
+
+    def _maybe_fail(self, cache_indices):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            self.state[int(cache_indices[0])] += 1
+            raise RuntimeError("out of memory (injected)")
+
+    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+        self._maybe_fail(cache_indices)
+        return super().prefill(input_ids, query_start_loc, cache_indices, has_initial_state)
+
+    def decode(self, input_ids, cache_indices):
+        self._maybe_fail(cache_indices)
+        return super().decode(input_ids, cache_indices)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+def test_a_failed_step_finishes_its_requests_with_the_error(fail_at):
+    """The step's requests end with `error` set and their slots freed; the engine goes on with
+    the others, whose tokens are exact - never a request continued from a half-advanced state."""
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12]]
+    model = FailingOnce(num_slots=2, fail_at=fail_at)
+    engine = GenerationEngine(model, max_batch_size=2, max_prefill_tokens=4)
+    reqs = [engine.add_request(p, SamplingParams(max_new_tokens=3)) for p in prompts]
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.run()
+    failed = [r for r in reqs if r.error is not None]
+    assert failed and all("out of memory (injected)" in r.error for r in failed)
+    assert all(r.slot is None and r in engine.finished for r in failed)
+    engine.run()
+    assert model.num_free_slots() == 2
+    for r, p in zip(reqs, prompts):
+        if r.error is None:
+            assert r.output == expected_tokens(p, 3)
+        else:
+            assert r.output == expected_tokens(p, 3)[:len(r.output)]
+
+
+def test_run_returns_the_requests_of_this_call():
+    engine = GenerationEngine(ToyStateModel(num_slots=2))
+    first = engine.add_request([1], SamplingParams(max_new_tokens=2))
+    assert engine.run() == [first]
+    second = engine.add_request([2], SamplingParams(max_new_tokens=2))
+    assert engine.run() == [second]
+    assert engine.finished == [first, second]

@@ -145,10 +145,13 @@ class Request:
     first_token_s: Optional[float] = None
     finish_s: Optional[float] = None
     generator: Optional[torch.Generator] = None
+    # Set when a step this request was part of raised: its slot's state may be partly advanced,
+    # so the request is finished there (with the tokens it had) rather than continued.
+    error: Optional[str] = None
 
     @property
     def done(self) -> bool:
-        if len(self.output) >= self.sampling.max_new_tokens:
+        if self.error is not None or len(self.output) >= self.sampling.max_new_tokens:
             return True
         eos = self.sampling.eos_token_id
         return eos is not None and bool(self.output) and self.output[-1] == eos
@@ -207,6 +210,7 @@ class GenerationEngine:
         self.finished: List[Request] = []
         self._next_id = 0
         self._graphs: Dict[int, "_DecodeGraph"] = {}
+        self._step_rows: List[Request] = []  # the requests the current step runs
         self._graph_capture = CudaGraphCapture
         self.num_steps = 0
         # The largest step: a full prefill chunk plus every other running request's token.
@@ -230,11 +234,12 @@ class GenerationEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.model.vocab_size}), "
                              f"got {bad[:5]}")
         # A hybrid model's KV cache holds a bounded number of tokens per request: refuse a
-        # request that could outgrow it here, before any of its work is done.
+        # request that could outgrow it here, before any of its work is done. The last new
+        # token is never fed back, so the cache holds at most prompt + max_new_tokens - 1.
         max_len = getattr(self.model, "max_seq_len", None)
-        if max_len and len(prompt) + sampling.max_new_tokens > max_len:
+        if max_len and len(prompt) + sampling.max_new_tokens - 1 > max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens "
-                             f"{sampling.max_new_tokens} exceeds the KV cache's max_seq_len "
+                             f"{sampling.max_new_tokens} - 1 exceeds the KV cache's max_seq_len "
                              f"{max_len}")
         req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter())
         if sampling.temperature > 0:
@@ -255,22 +260,37 @@ class GenerationEngine:
         return bool(self.waiting or self.running)
 
     def run(self) -> List[Request]:
-        """Step until every request is finished; returns them in request order."""
+        """Step until every request is finished; returns the requests finished during this call,
+        in request order (`finished` keeps every finished request)."""
+        start = len(self.finished)
         while self.has_work():
             self.step()
-        return sorted(self.finished, key=lambda r: r.request_id)
+        return sorted(self.finished[start:], key=lambda r: r.request_id)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
+        """One engine step. If it raises, the step's requests are finished with `error` set and
+        their slots freed (a forward that stopped part way leaves their states neither before
+        nor after the step), then the error propagates; the engine stays usable for the others."""
         self._admit()
-        if not self.use_state_cache:
-            self._recompute_step()
-        elif any(r.prefilling for r in self.running):
-            self._prefill_step()
-        else:
-            self._decode_step()
+        self._step_rows = list(self.running)
+        try:
+            if not self.use_state_cache:
+                self._recompute_step()
+            elif any(r.prefilling for r in self.running):
+                self._prefill_step()
+            else:
+                self._decode_step()
+        except BaseException as exc:
+            for r in self._step_rows:
+                r.error = f"{type(exc).__name__}: {exc}"
+            self._retire_done()
+            raise
         self.num_steps += 1
+        self._retire_done()
+
+    def _retire_done(self) -> None:
         still = []
         for r in self.running:
             if r.done:
@@ -308,6 +328,7 @@ class GenerationEngine:
                 initial.append(True)
             rows.append(r)
             chunks.append(chunk)
+        self._step_rows = rows
         # A request whose prompt is complete after this step samples its next token.
         self._run_packed(rows, chunks, initial, [r for r in rows if not r.prefilling])
 

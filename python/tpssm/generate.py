@@ -21,7 +21,10 @@ def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
     """Next token per row of logits (batch, vocab) -> int64 (batch,)."""
     if not do_sample or temperature <= 0.0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    # Shifted by the row's maximum first: a tiny temperature then sends the other tokens to -inf
+    # (a one-hot draw) instead of overflowing every score to inf (NaN probabilities).
+    scores = logits.float()
+    scores = (scores - scores.amax(-1, keepdim=True)) / temperature
     if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
