@@ -54,9 +54,67 @@ def test_dead_rank_is_named():
 @pytest.mark.timeout(120)
 def test_hung_rank_times_out():
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"did not finish within|rank 0 failed"):
+    with pytest.raises(RankError, match=r"did not finish within|rank 0 failed") as err:
         run_ranks(_rank1_hangs, 2, timeout_s=15, collective_timeout_s=5)
     assert time.monotonic() - start < 60
+    if "rank 0 failed" in str(err.value):
+        # The rank that timed out waiting is not the culprit: the one still running is named.
+        assert "rank(s) [1] had not finished" in str(err.value)
+
+
+def _record_pid_and_sleep(folder):
+    with open(os.path.join(folder, f"rank{dist.get_rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its reaper is gone too
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_ranks_do_not_outlive_their_launcher(tmp_path, sig):
+    """SIGTERM: the launcher terminates its ranks and exits 143; SIGKILL (no cleanup can run):
+    the kernel kills them (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'python'}{os.pathsep}{root / 'tests'}"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys, test_launch as t; from tpssm.launch import run_ranks;"
+         " run_ranks(t._record_pid_and_sleep, 2, (sys.argv[1],))", str(tmp_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert launcher.poll() is None, launcher.stderr.read().decode()
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+        launcher.send_signal(getattr(signal, sig))
+        code = launcher.wait(timeout=30)
+        assert code == (143 if sig == "SIGTERM" else -signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        launcher.kill()
+        for p in tmp_path.glob("rank*.pid"):
+            try:
+                os.kill(int(p.read_text()), 9)
+            except ProcessLookupError:
+                pass
 
 
 def test_bad_tp():

@@ -4,7 +4,9 @@
 at least `tp` GPUs), initialises torch.distributed in each with a collective timeout, calls
 `fn(*args)` and returns the values of every rank, in rank order. A rank that raises, dies or
 outlives the deadline makes the whole call fail with `RankError` naming the rank and the cause;
-the other ranks are terminated - never a hang.
+the other ranks are terminated - never a hang. Nor do ranks outlive their launcher: SIGTERM or
+SIGHUP to it terminates them and exits with 128 + the signal number, and on Linux the kernel kills
+them if the launcher dies any other way.
 
 Under torchrun (WORLD_SIZE and RANK in the environment), `run_ranks` instead initialises the
 process group from the environment, calls `fn` once in this process and returns [its value]: the
@@ -13,12 +15,17 @@ same program runs unchanged on one machine or several.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence
@@ -60,9 +67,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this rank when the launching process dies, however it dies
+    (SIGKILL included), so that no rank outlives it holding CPU, GPU memory or its pipes."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the launching process (args: the signal number)."""
+
+
+@contextlib.contextmanager
+def _exit_on_termination():
+    """While the ranks run, SIGTERM and SIGHUP (when their handlers are the default) raise in the
+    launcher, so that its cleanup - terminating the ranks - runs as on Ctrl-C; the process then
+    exits with 128 + the signal number, as the default action would. Signals reach only the
+    main thread, and a handler the caller installed is left alone."""
+    signals = [s for s in (signal.SIGTERM, signal.SIGHUP)
+               if threading.current_thread() is threading.main_thread()
+               and signal.getsignal(s) is signal.SIG_DFL]
+
+    def handler(signum, frame):
+        raise _Terminated(signum)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    except _Terminated as stop:
+        raise SystemExit(128 + stop.args[0]) from None
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
                collective_timeout_s: float, fn: Callable, args: Sequence[Any],
-               results: "mp.Queue") -> None:
+               results: "mp.Queue", parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Each rank gets its share of the cores; oversubscription makes gloo ranks crawl.
@@ -110,25 +157,32 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
             if created:
                 dist.destroy_process_group()
     backend = (backend or default_backend(tp)) if init_process_group else None
+    with _exit_on_termination():
+        return _spawn_and_wait(fn, tp, args, backend, timeout_s, collective_timeout_s)
+
+
+def _spawn_and_wait(fn: Callable, tp: int, args: Sequence[Any], backend: Optional[str],
+                    timeout_s: float, collective_timeout_s: float) -> List[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, name=f"tpssm-rank{r}",
-                         args=(r, tp, port, backend, collective_timeout_s, fn, args, results),
+                         args=(r, tp, port, backend, collective_timeout_s, fn, args, results,
+                               os.getpid()),
                          daemon=False)
              for r in range(tp)]
-    for p in procs:
-        p.start()
     values: dict = {}
     deadline = time.monotonic() + timeout_s
     try:
+        for p in procs:
+            p.start()
         while len(values) < tp:
             try:
                 rank, ok, value = results.get(timeout=0.2)
             except queue.Empty:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(tp)) - set(values))
-                    raise RankError(f"rank(s) {missing} did not finish within {timeout_s:.0f} s")
+                    raise RankError(f"rank(s) {missing} did not finish within {timeout_s:g} s")
                 for r, p in enumerate(procs):
                     if r not in values and not p.is_alive() and p.exitcode not in (0, None):
                         raise RankError(f"rank {r} died with exit code {p.exitcode}")
@@ -141,16 +195,23 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
                     if not p.is_alive() and p.exitcode not in (0, None):
                         raise RankError(f"rank {r} died with exit code {p.exitcode} "
                                         f"(rank {rank} then failed: {value.splitlines()[0]})")
+                stuck = [r for r, p in enumerate(procs)
+                         if r != rank and r not in values and p.is_alive()]
+                if stuck and "timed out" in value.splitlines()[0].lower():
+                    raise RankError(f"rank {rank} failed: {value}\n(rank(s) {stuck} had not "
+                                    "finished: a rank stuck outside the collective makes its "
+                                    "peers time out)")
                 raise RankError(f"rank {rank} failed: {value}")
             values[rank] = pickle.loads(value)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
         return [values[r] for r in range(tp)]
     finally:
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
             if p.is_alive():
                 p.terminate()
-        for p in procs:
+        for p in started:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
