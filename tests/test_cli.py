@@ -445,3 +445,30 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir):
         runs.append(json.loads(out)["output_ids"])
     assert runs[0] == runs[1]
     assert len(runs[0]) == 6 and all(0 <= t < 256 for t in runs[0])
+
+
+def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():
+    """`generate` (one prompt) allocates one slot, not max_batch_size of them; --num-slots and
+    a batch larger than max_batch_size keep their counts."""
+    from types import SimpleNamespace
+
+    from tpssm.runner import GenerateJob, make_engine
+
+    def slots_of(prompts, **job):
+        asked = []
+
+        def allocate_cache(slots, max_seq_len):
+            asked.append(slots)
+            return SimpleNamespace(has_kv=False, max_seq_len=None, num_free=slots)
+
+        model = SimpleNamespace(config=SimpleNamespace(vocab_size=10, hidden_size=4),
+                                ctx=SimpleNamespace(device=torch.device("cpu"), group=None),
+                                allocate_cache=allocate_cache,
+                                allreduce=SimpleNamespace(reserve=lambda n: None))
+        make_engine(model, GenerateJob(None, prompts, 3, **job))
+        return asked[0]
+
+    assert slots_of([[1, 2]]) == 1
+    assert slots_of([[1]] * 3) == 3
+    assert slots_of([[1]] * 20) == 8
+    assert slots_of([[1]], num_slots=5) == 5
