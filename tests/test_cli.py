@@ -472,3 +472,14 @@ def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():
     assert slots_of([[1]] * 3) == 3
     assert slots_of([[1]] * 20) == 8
     assert slots_of([[1]], num_slots=5) == 5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="the message of a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_named_before_any_rank_starts():
+    from types import SimpleNamespace
+
+    from tpssm.runner import CLIError, spawn
+
+    job = SimpleNamespace(spec=SimpleNamespace(device="cuda"))
+    with pytest.raises(CLIError, match="--device cuda was asked for but no GPU is available"):
+        spawn(print, 2, job, timeout_s=10)  # print never runs: no rank is started

@@ -201,11 +201,19 @@ def generate_rank(job: GenerateJob) -> dict:
 def spawn(fn, tp: int, arg, timeout_s: float):
     """fn(arg) on tp ranks (local processes, or torchrun's); a rank failure becomes a CLIError
     whose message is the failure's one informative line."""
-    from tpssm.launch import RankError, run_ranks
+    from tpssm.launch import RankError, run_ranks, under_torchrun
 
     # The process-group backend follows the device the job asks for (auto: NCCL when every rank
     # can have a GPU of its own).
     backend = {"cpu": "gloo", "cuda": "nccl"}.get(arg.spec.device)
+    if backend == "nccl":
+        # Checked here, before NCCL's own failure inside a rank names no option.
+        found, need = torch.cuda.device_count(), 1 if under_torchrun() else tp
+        if found == 0:
+            raise CLIError("--device cuda was asked for but no GPU is available")
+        if found < need:
+            raise CLIError(f"--device cuda with --tp {tp} needs {tp} GPUs (one a rank), found "
+                           f"{found}")
     try:
         return run_ranks(fn, tp, (arg,), backend=backend, timeout_s=timeout_s)
     except RankError as exc:
