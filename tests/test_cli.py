@@ -472,6 +472,7 @@ def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():
     assert slots_of([[1]] * 3) == 3
     assert slots_of([[1]] * 20) == 8
     assert slots_of([[1]], num_slots=5) == 5
+    assert slots_of([], max_batch_size=4) == 4  # bench: prompts come later, batches of 4
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="the message of a machine without a GPU")

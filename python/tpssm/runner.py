@@ -148,9 +148,11 @@ class GenerateJob:
 def make_engine(model, job: GenerateJob):
     from tpssm.engine import CachedModel, GenerationEngine
 
-    # By default a slot for each request that can run at once: no more than the job's prompts.
-    slots = (job.num_slots if job.num_slots is not None
-             else min(job.max_batch_size, max(1, len(job.prompts))))
+    # By default a slot for each request that can run at once: no more than the job's prompts
+    # (a job without prompts yet - bench fills them in per point - gets max_batch_size).
+    slots = job.num_slots if job.num_slots is not None else job.max_batch_size
+    if job.num_slots is None and job.prompts:
+        slots = min(slots, len(job.prompts))
     if slots < 1:
         raise CLIError(f"the state cache needs at least one slot, got num_slots={slots}")
     max_len = job.max_seq_len or max((len(p) for p in job.prompts), default=0) + job.max_new_tokens
