@@ -8,9 +8,10 @@
 // reading the values back is a host synchronisation that the decode hot path (and CUDA-graph
 // capture) cannot afford - their kernels range-check every index on the device instead.
 //
-// Memory rules are checked whatever the device, from pointers and sizes only: no buffer an op
-// writes (out, the state pools) may share a byte with any tensor it reads, index tensors included,
-// nor with another buffer it writes.
+// The buffer rules (buffer_rules.h) are checked whatever the device, from pointers and sizes only:
+// no buffer an op writes (out, the state pools) may share a byte with itself, with any tensor it
+// reads, index tensors included, or with another buffer it writes; and no argument may require
+// grad under grad mode.
 #include "ssm_ops.h"
 
 #include "buffer_rules.h"

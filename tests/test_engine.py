@@ -165,7 +165,7 @@ def test_a_tiny_temperature_draws_the_top_token():
     from tpssm.generate import select_tokens
 
     logits = torch.randn(4, VOCAB) * 30
-    for temperature in (1e-45, 1e-30, 1e-8):
+    for temperature in (1e-300, 1e-46, 1e-45, 1e-30, 1e-8):
         got = select_tokens(logits, do_sample=True, temperature=temperature,
                             generator=torch.Generator().manual_seed(0))
         assert got.tolist() == logits.argmax(-1).tolist(), temperature
@@ -194,10 +194,13 @@ class FailingOnce(ToyStateModel):
         return super().decode(input_ids, cache_indices)
 
 
-@pytest.mark.parametrize("fail_at", [1, 2, 4])
-def test_a_failed_step_finishes_its_requests_with_the_error(fail_at):
-    """The step's requests end with `error` set and their slots freed; the engine goes on with
-    the others, whose tokens are exact - never a request continued from a half-advanced state."""
+# Two slots, 4-token prefill budget: call 1 prefills 4 tokens of request 0 (request 1 waits for
+# budget), call 2 the rest of 0 and all of 1, calls 3 and 4 decode both.
+@pytest.mark.parametrize("fail_at, failing", [(1, {0}), (2, {0, 1}), (4, {0, 1})])
+def test_a_failed_step_finishes_its_requests_with_the_error(fail_at, failing):
+    """The failing step's requests - and only they - end with `error` set and their slots
+    freed; the engine goes on with the others, whose tokens are exact (never a request continued
+    from a half-advanced state)."""
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12]]
     model = FailingOnce(num_slots=2, fail_at=fail_at)
     engine = GenerationEngine(model, max_batch_size=2, max_prefill_tokens=4)
@@ -205,7 +208,8 @@ def test_a_failed_step_finishes_its_requests_with_the_error(fail_at):
     with pytest.raises(RuntimeError, match="injected"):
         engine.run()
     failed = [r for r in reqs if r.error is not None]
-    assert failed and all("out of memory (injected)" in r.error for r in failed)
+    assert {r.request_id for r in failed} == failing
+    assert all("out of memory (injected)" in r.error for r in failed)
     assert all(r.slot is None and r in engine.finished for r in failed)
     engine.run()
     assert model.num_free_slots() == 2

@@ -376,7 +376,7 @@ def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
     assert together == [run([p], 1, 4096)[0] for p in prompts]
     # The last new token is never fed back: prompt 5 + 4 new tokens fit 8 keys, 5 + 5 do not.
     engine = GenerationEngine(CachedModel(model, model.allocate_cache(1, max_seq_len=8)))
-    with pytest.raises(ValueError, match="exceeds the KV cache's max_seq_len 8"):
+    with pytest.raises(ValueError, match="need 9 keys, more than the KV cache's max_seq_len 8"):
         engine.add_request(list(range(5)), SamplingParams(max_new_tokens=5))
     fits = engine.add_request(list(range(5)), SamplingParams(max_new_tokens=4))
     engine.run()

@@ -237,10 +237,11 @@ class GenerationEngine:
         # request that could outgrow it here, before any of its work is done. The last new
         # token is never fed back, so the cache holds at most prompt + max_new_tokens - 1.
         max_len = getattr(self.model, "max_seq_len", None)
-        if max_len and len(prompt) + sampling.max_new_tokens - 1 > max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens "
-                             f"{sampling.max_new_tokens} - 1 exceeds the KV cache's max_seq_len "
-                             f"{max_len}")
+        need = len(prompt) + sampling.max_new_tokens - 1
+        if max_len and need > max_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens "
+                             f"{sampling.max_new_tokens} need {need} keys, more than the KV "
+                             f"cache's max_seq_len {max_len}")
         req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter())
         if sampling.temperature > 0:
             req.generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
@@ -272,7 +273,9 @@ class GenerationEngine:
     def step(self) -> None:
         """One engine step. If it raises, the step's requests are finished with `error` set and
         their slots freed (a forward that stopped part way leaves their states neither before
-        nor after the step), then the error propagates; the engine stays usable for the others."""
+        nor after the step), then the error propagates; in one process the engine stays usable
+        for the other requests. Under tensor parallelism a failure on one rank leaves the ranks
+        out of step (the others' next collective times out): end the run."""
         self._admit()
         self._step_rows = list(self.running)
         try:
@@ -287,6 +290,8 @@ class GenerationEngine:
                 r.error = f"{type(exc).__name__}: {exc}"
             self._retire_done()
             raise
+        finally:
+            self._step_rows = []
         self.num_steps += 1
         self._retire_done()
 

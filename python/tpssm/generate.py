@@ -19,7 +19,9 @@ def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
                   top_k: int = 0, top_p: float = 1.0,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token per row of logits (batch, vocab) -> int64 (batch,)."""
-    if not do_sample or temperature <= 0.0:
+    # Below float32's smallest normal number the draw is one-hot anyway, and the division would
+    # underflow the temperature to 0 (0 / 0 for the top token): the top token.
+    if not do_sample or temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(-1)
     # Shifted by the row's maximum first: a tiny temperature then sends the other tokens to -inf
     # (a one-hot draw) instead of overflowing every score to inf (NaN probabilities).
