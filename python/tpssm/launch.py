@@ -5,8 +5,8 @@ at least `tp` GPUs), initialises torch.distributed in each with a collective tim
 `fn(*args)` and returns the values of every rank, in rank order. A rank that raises, dies or
 outlives the deadline makes the whole call fail with `RankError` naming the rank and the cause;
 the other ranks are terminated - never a hang. Nor do ranks outlive their launcher: SIGTERM or
-SIGHUP to it terminates them and exits with 128 + the signal number, and on Linux the kernel kills
-them if the launcher dies any other way.
+SIGHUP to it terminates them before the signal ends it, and on Linux the kernel kills them if the
+launcher dies any other way.
 
 Under torchrun (WORLD_SIZE and RANK in the environment), `run_ranks` instead initialises the
 process group from the environment, calls `fn` once in this process and returns [its value]: the
@@ -83,16 +83,18 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _exit_on_termination():
+def _terminate_ranks_on_signal():
     """While the ranks run, SIGTERM and SIGHUP (when their handlers are the default) raise in the
-    launcher, so that its cleanup - terminating the ranks - runs as on Ctrl-C; the process then
-    exits with 128 + the signal number, as the default action would. Signals reach only the
-    main thread, and a handler the caller installed is left alone."""
+    launcher, so that its cleanup - terminating the ranks - runs as on Ctrl-C; then the signal is
+    delivered again with its default action, and the process ends as it would have. Signals
+    reach only the main thread, and a handler the caller installed is left alone."""
     signals = [s for s in (signal.SIGTERM, signal.SIGHUP)
                if threading.current_thread() is threading.main_thread()
                and signal.getsignal(s) is signal.SIG_DFL]
 
     def handler(signum, frame):
+        for s in signals:  # a second signal must not interrupt the cleanup
+            signal.signal(s, signal.SIG_IGN)
         raise _Terminated(signum)
 
     for s in signals:
@@ -100,7 +102,10 @@ def _exit_on_termination():
     try:
         yield
     except _Terminated as stop:
-        raise SystemExit(128 + stop.args[0]) from None
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.args[0])
+        raise  # only if the signal did not end the process
     finally:
         for s in signals:
             signal.signal(s, signal.SIG_DFL)
@@ -157,7 +162,7 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
             if created:
                 dist.destroy_process_group()
     backend = (backend or default_backend(tp)) if init_process_group else None
-    with _exit_on_termination():
+    with _terminate_ranks_on_signal():
         return _spawn_and_wait(fn, tp, args, backend, timeout_s, collective_timeout_s)
 
 
@@ -195,12 +200,16 @@ def _spawn_and_wait(fn: Callable, tp: int, args: Sequence[Any], backend: Optiona
                     if not p.is_alive() and p.exitcode not in (0, None):
                         raise RankError(f"rank {r} died with exit code {p.exitcode} "
                                         f"(rank {rank} then failed: {value.splitlines()[0]})")
+                # A collective timeout blames the rank that waited: name those still running
+                # (in the first line, which is what the command line prints).
                 stuck = [r for r, p in enumerate(procs)
                          if r != rank and r not in values and p.is_alive()]
-                if stuck and "timed out" in value.splitlines()[0].lower():
-                    raise RankError(f"rank {rank} failed: {value}\n(rank(s) {stuck} had not "
-                                    "finished: a rank stuck outside the collective makes its "
-                                    "peers time out)")
+                lines = value.splitlines() or [""]
+                said = f"{lines[0]} {lines[-1]}".lower()
+                if stuck and any(w in said for w in ("timed out", "timeout", "timing out")):
+                    raise RankError(f"rank {rank} failed while rank(s) {stuck} had not finished "
+                                    f"(a rank stuck outside a collective makes its peers time "
+                                    f"out): {value}")
                 raise RankError(f"rank {rank} failed: {value}")
             values[rank] = pickle.loads(value)
         for p in procs:
