@@ -69,8 +69,8 @@ DecodeAttentionParams make_decode_attention_params(const at::Tensor& q, const at
   check_index(rows, "rows", batch, q);
   check_index(lengths, "lengths", batch, q);
   check_buffer_rules(kOp, {named(out, "out")},
-                         {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"),
-                          named(rows, "rows"), named(lengths, "lengths")});
+                     {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"),
+                      named(rows, "rows"), named(lengths, "lengths")});
   p.batch = batch;
   p.heads = heads;
   p.head_dim = hd;

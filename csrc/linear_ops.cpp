@@ -139,8 +139,8 @@ GemvParams make_gemv_params(const at::Tensor& x, const at::Tensor& weight,
   GemvParams p = product_with_norm("gemv", x, weight, bias, out, warps_per_row, rows_per_warp,
                                    norm_weight, residual, residual_out, norm_eps);
   check_buffer_rules("gemv", {named(out, "out"), named(residual_out, "residual_out")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
-                          named(norm_weight, "norm_weight"), named(residual, "residual")});
+                     {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                      named(norm_weight, "norm_weight"), named(residual, "residual")});
   return p;
 }
 
@@ -158,11 +158,11 @@ GemvParams make_gemv_conv_update_params(
   p.conv = make_gemv_conv_params(out, conv_start, conv_state, conv_weight, conv_bias, silu,
                                  cache_indices, pad_slot_id, check_index_values);
   check_buffer_rules(op, {named(out, "out"), named(conv_state, "conv_state"),
-                              named(residual_out, "residual_out")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
-                          named(norm_weight, "norm_weight"), named(residual, "residual"),
-                          named(conv_weight, "conv_weight"), named(conv_bias, "conv_bias"),
-                          named(cache_indices, "cache_indices")});
+                          named(residual_out, "residual_out")},
+                     {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                      named(norm_weight, "norm_weight"), named(residual, "residual"),
+                      named(conv_weight, "conv_weight"), named(conv_bias, "conv_bias"),
+                      named(cache_indices, "cache_indices")});
   return p;
 }
 

@@ -41,7 +41,7 @@ AddRmsNormParams make_add_rms_norm_params(const at::Tensor& x,
                 x.device(), "), got ", t->device());
   }
   check_buffer_rules(kOp, {named(out, "out"), named(residual, "residual")},
-                         {named(x, "x"), named(weight, "weight")});
+                     {named(x, "x"), named(weight, "weight")});
   p.rows = rows;
   p.dim = dim;
   p.x_row_stride = x.stride(0);
@@ -158,8 +158,8 @@ GatedRmsNormParams make_gated_rms_norm_params(const at::Tensor& x,
     TORCH_CHECK(norm_size == 0, kOp, ": norm_size applies with sum_sq only, got ", norm_size);
   }
   check_buffer_rules(kOp, {named(out, "out")},
-                         {named(x, "x"), named(z, "z"), named(weight, "weight"),
-                          named(sum_sq, "sum_sq")});
+                     {named(x, "x"), named(z, "z"), named(weight, "weight"),
+                      named(sum_sq, "sum_sq")});
   p.out_row_stride = out.stride(0);
   p.eps = static_cast<float>(eps);
   p.out = out.data_ptr();

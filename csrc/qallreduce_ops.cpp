@@ -117,7 +117,7 @@ QarDequantParams make_qar_dequant_params(const at::Tensor& gathered, int64_t wor
     p.residual = r.data_ptr();
   }
   check_buffer_rules("qar_dequant", {named(out, "out")},
-                         {named(gathered, "gathered"), named(residual, "residual")});
+                     {named(gathered, "gathered"), named(residual, "residual")});
   p.gathered = gathered.data_ptr<uint8_t>();
   p.out = out.data_ptr();
   return p;
@@ -153,9 +153,9 @@ QarLayout check_qar_loopback_args(const at::Tensor& xs, int64_t group_size, int6
   qar_check_buffer(mine, "mine", n * lay.chunk_bytes, xs);
   qar_check_buffer(gathered, "gathered", n * n * lay.chunk_bytes, xs);
   check_buffer_rules("qar_loopback",
-                         {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
-                          named(gathered, "gathered"), named(out, "out")},
-                         {named(xs, "xs"), named(residual, "residual")});
+                     {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
+                      named(gathered, "gathered"), named(out, "out")},
+                     {named(xs, "xs"), named(residual, "residual")});
   return lay;
 }
 

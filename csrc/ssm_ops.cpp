@@ -414,10 +414,10 @@ CausalConv1dParams make_causal_conv1d_params(
     p.conv_states_width_stride = s.stride(2);
   }
   check_buffer_rules(op, {named(out, "out"), named(conv_states, "conv_states")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
-                          named(query_start_loc, "query_start_loc"),
-                          named(cache_indices, "cache_indices"),
-                          named(has_initial_state, "has_initial_state")});
+                     {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                      named(query_start_loc, "query_start_loc"),
+                      named(cache_indices, "cache_indices"),
+                      named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "conv_states",
                       conv_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
@@ -472,8 +472,8 @@ CausalConv1dUpdateParams make_causal_conv1d_update_params(
   check_out(op, out, x, "x");
   check_last_stride1(op, out, "out", "channels");
   check_buffer_rules(op, {named(out, "out"), named(conv_state, "conv_state")},
-                         {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
-                          named(cache_indices, "cache_indices")});
+                     {named(x, "x"), named(weight, "weight"), named(bias, "bias"),
+                      named(cache_indices, "cache_indices")});
 
   p.batch = batch;
   p.dim = dim;
@@ -673,12 +673,12 @@ SelectiveScanParams make_selective_scan_params(
     p.ssm_states = ssm_states->data_ptr();
   }
   check_buffer_rules(op, {named(out, "out"), named(ssm_states, "ssm_states")},
-                         {named(u, "u"), named(delta, "delta"), named(A, "A"), named(B, "B"),
-                          named(C, "C"), named(D, "D"), named(z, "z"),
-                          named(delta_bias, "delta_bias"),
-                          named(query_start_loc, "query_start_loc"),
-                          named(cache_indices, "cache_indices"),
-                          named(has_initial_state, "has_initial_state")});
+                     {named(u, "u"), named(delta, "delta"), named(A, "A"), named(B, "B"),
+                      named(C, "C"), named(D, "D"), named(z, "z"),
+                      named(delta_bias, "delta_bias"),
+                      named(query_start_loc, "query_start_loc"),
+                      named(cache_indices, "cache_indices"),
+                      named(has_initial_state, "has_initial_state")});
   check_prefill_batch(op, bs, query_start_loc, cache_indices, has_initial_state, "ssm_states",
                       ssm_states.has_value(), p.num_slots, pad_slot_id, check_index_values);
 
@@ -813,11 +813,11 @@ SelectiveStateUpdateParams make_selective_state_update_params(
   check_index_tensor(op, state_batch_indices, "state_batch_indices", batch);
   check_index_tensor(op, dst_state_batch_indices, "dst_state_batch_indices", batch);
   check_buffer_rules(op, {named(out, "out"), named(ssm_state, "ssm_state")},
-                         {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
-                          named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
-                          named(dt_proj_weight, "dt_proj_weight"),
-                          named(state_batch_indices, "state_batch_indices"),
-                          named(dst_state_batch_indices, "dst_state_batch_indices")});
+                     {named(x, "x"), named(dt, "dt"), named(A, "A"), named(B, "B"),
+                      named(C, "C"), named(D, "D"), named(z, "z"), named(dt_bias, "dt_bias"),
+                      named(dt_proj_weight, "dt_proj_weight"),
+                      named(state_batch_indices, "state_batch_indices"),
+                      named(dst_state_batch_indices, "dst_state_batch_indices")});
   if (!state_batch_indices.has_value()) {
     check_implicit_slots(op, batch, p.num_slots, "ssm_state");
   }

@@ -185,9 +185,9 @@ void qar_nccl_all_reduce(int64_t handle, const at::Tensor& x, int64_t group_size
                 "device of x (", x.device(), "), got ", t->device());
   }
   check_buffer_rules("qar_nccl_all_reduce",
-                         {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
-                          named(gathered, "gathered"), named(out, "out")},
-                         {named(x, "x"), named(residual, "residual")});
+                     {named(send, "send"), named(recv, "recv"), named(mine, "mine"),
+                      named(gathered, "gathered"), named(out, "out")},
+                     {named(x, "x"), named(residual, "residual")});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = c.world_size;
   const auto qp = make_qar_quantize_pack_params(x, n, group_size, codec, send);

@@ -190,7 +190,9 @@ int64_t num_blocks(int64_t groups, int group_size) {
   const int64_t threads = groups * (group_size / kE);
   const int64_t blocks = (threads + Traits::kThreadsPerBlock - 1) / Traits::kThreadsPerBlock;
   // grid.x limit: a larger count would wrap in the launch and leave most groups untouched.
-  if (blocks > 0x7fffffff) throw std::runtime_error("tpssm qallreduce: message too large for one launch");
+  if (blocks > 0x7fffffff) {
+    throw std::runtime_error("tpssm qallreduce: message too large for one launch");
+  }
   return blocks;
 }
 

@@ -113,7 +113,9 @@ __global__ void gated_rms_norm_kernel(GatedRmsNormParams p) {
 
 void run_add_rms_norm(const AddRmsNormParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.dim == 0) return;
-  if (p.rows > 0x7fffffff) throw std::runtime_error("tpssm add_rms_norm: too many rows for one launch");
+  if (p.rows > 0x7fffffff) {
+    throw std::runtime_error("tpssm add_rms_norm: too many rows for one launch");
+  }
   const int threads = norm_block_threads(p.dim);
   const size_t smem = sizeof(float) * (threads / 32);
   const DType residual_dtype = p.residual != nullptr ? p.residual_dtype : p.act_dtype;
