@@ -484,3 +484,15 @@ def test_device_cuda_without_a_gpu_is_named_before_any_rank_starts():
     job = SimpleNamespace(spec=SimpleNamespace(device="cuda"))
     with pytest.raises(CLIError, match="--device cuda was asked for but no GPU is available"):
         spawn(print, 2, job, timeout_s=10)  # print never runs: no rank is started
+
+
+def test_ssd_scan_on_a_mamba1_model_is_refused_before_any_work(capsys, mamba_dir):
+    """The SSD scan needs one decay per head (Mamba-2): a Mamba-1 checkpoint, or a hybrid whose
+    mixers are Mamba-1, gets the option's error (exit 2) instead of a rank failure."""
+    code, err = run_main(capsys, "generate", "--model", mamba_dir[1], "--input-ids", "1",
+                         "--scan-algorithm", "ssd")
+    assert code == 2
+    assert "--scan-algorithm ssd needs a Mamba-2 model" in err and "mixers are mamba" in err
+    code, err = run_main(capsys, "bench", "--preset", "zamba-7b-v1", "--scan-algorithm", "ssd")
+    assert code == 2
+    assert "--scan-algorithm ssd needs a Mamba-2 model" in err

@@ -138,6 +138,15 @@ def check_checkpoint(path: str, option: str = "--model"):
     return config
 
 
+def check_scan_algorithm(config, algorithm: str) -> None:
+    """--scan-algorithm ssd runs only the Mamba-2 form (one decay per head): refused here for
+    other models, before any rank loads them."""
+    mixer = getattr(config, "mixer", config)  # a hybrid's Mamba layers, or the SSM itself
+    if algorithm == "ssd" and not mixer.is_mamba2:
+        raise UsageError(f"--scan-algorithm ssd needs a Mamba-2 model (one decay per head), and "
+                         f"this one's mixers are {mixer.family}: use auto or recurrent")
+
+
 def check_plot(path: Optional[str]) -> None:
     from tpssm.plot import have_matplotlib
 
@@ -223,6 +232,7 @@ def _sequence_parallel(args) -> int:
 def cmd_generate(args) -> int:
     sequence_parallel = _sequence_parallel(args)
     config = check_checkpoint(args.model)
+    check_scan_algorithm(config, args.scan_algorithm)
     tokenizer = _load_tokenizer(args.model)
     if args.input_ids is not None:
         ids = args.input_ids
@@ -273,8 +283,9 @@ def cmd_bench(args) -> int:
 
     sequence_parallel = _sequence_parallel(args)
 
-    if args.model is not None:
-        check_checkpoint(args.model)
+    config = (check_checkpoint(args.model) if args.model is not None
+              else preset_config(args.preset))
+    check_scan_algorithm(config, args.scan_algorithm)
     check_plot(args.plot)
     if args.num_layers is not None and args.model is not None:
         raise UsageError("--num-layers shortens a --preset; a --model checkpoint runs at its "
