@@ -90,15 +90,36 @@ def _assert_graph_equals_eager(model, prompts, **kwargs):
     _assert_same_states(_cache_tensors(graph_cache), _cache_tensors(eager_cache))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A graph replays a padded batch; with several threads torch's CPU RMSNorm splits its sums
-    by the batch's size, so a row's bits would depend on its batch (the hybrids' shared-block
-    norms). One thread makes graph and eager decode comparable bit for bit (the gloo ranks set
-    it themselves)."""
+_LINEAR = torch.nn.functional.linear
+
+
+def _linear_row_by_row(x, weight, bias=None):
+    """F.linear one row at a time. Some CPUs' GEMMs round a row differently by the number of
+    rows (on AVX2, M = 1, 2 and larger take different kernels), which graph decode's padded
+    batch would then show; one row at a time, a row's bits do not depend on its batch."""
+    if x.dim() < 2 or x.shape[:-1].numel() <= 1:
+        return _LINEAR(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.cat([_LINEAR(rows[i:i + 1], weight, bias) for i in range(rows.shape[0])])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _batch_independent_rows():
+    """What makes a row's bits independent of its batch on the CPU, so that graph decode (a
+    padded batch) and eager decode compare bit for bit: one thread (with several, torch's CPU
+    RMSNorm splits its sums by the batch's size: the hybrids' shared-block norms) and F.linear
+    row by row. Returns the previous thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.nn.functional.linear = _linear_row_by_row
+    return previous
+
+
+@pytest.fixture(autouse=True)
+def batch_independent_rows():
+    previous = _batch_independent_rows()
     yield
+    torch.nn.functional.linear = _LINEAR
     torch.set_num_threads(previous)
 
 
@@ -133,7 +154,7 @@ def test_local_shard_graph_decode_equals_eager():
 
 
 def _rank_graph_vs_eager(rank, world, family, scheme, vocab_parallel):
-    torch.set_num_threads(1)  # as in one_thread: a row's bits must not depend on its batch
+    _batch_independent_rows()  # a rank process of its own: set for its life
     model = _model(family, TPContext(), allreduce=scheme, allreduce_min_bytes=0,
                    vocab_parallel=vocab_parallel)
     graphs, engine, graph_cache = _run(model, _prompts(5), True)

@@ -351,3 +351,14 @@ def test_norm_prologue_argument_errors_name_the_rule():
                                            "conv_state must not overlap residual_out"):
         ops.gemv_conv_update(x, w, b, out_res.view(-1)[:24].view(2, 4, 3), cw, cb,
                              conv_start=0, norm_weight=nw, residual=res, residual_out=out_res)
+
+
+def test_gemv_row_does_not_depend_on_its_batch():
+    """A row's product is the same bits whatever the rows around it (a graph replays a padded
+    batch): the CPU op multiplies one row at a time, as the CUDA kernel's rows are independent."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    x = torch.randn(8, 64, generator=g)
+    alone = [ops.gemv(x[i:i + 1], w, b) for i in range(8)]
+    for rows in range(2, 9):
+        assert torch.equal(ops.gemv(x[:rows], w, b), torch.cat(alone[:rows]))

@@ -1,6 +1,8 @@
 // CPU gemv: ATen's linear, which sums in fp32 and rounds once to the dtype (the CUDA kernel's
 // arithmetic, summed in another order) without an fp32 copy of the weight; the norm prologue is
-// the registered add_rms_norm op before it.
+// the registered add_rms_norm op before it. One row at a time: a CPU GEMM may round a row by the
+// number of rows (on AVX2, one, two and more rows take different kernels), and like the CUDA
+// kernel's, a row's result must not depend on its batch (a graph replays a padded batch).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -27,6 +29,13 @@ at::Tensor product_input(const at::Tensor& x, const std::optional<at::Tensor>& n
   return h;
 }
 
+void linear_row_by_row(const at::Tensor& h, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  for (int64_t i = 0; i < h.size(0); ++i) {
+    out.narrow(0, i, 1).copy_(at::linear(h.narrow(0, i, 1), weight, bias));
+  }
+}
+
 void gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
               const at::Tensor& out, int64_t warps_per_row, int64_t rows_per_warp,
               const std::optional<at::Tensor>& norm_weight,
@@ -36,7 +45,7 @@ void gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional
                                         norm_weight, residual, residual_out, norm_eps);
   if (p.rows == 0 || p.out_features == 0) return;
   const at::Tensor h = product_input(x, norm_weight, residual, residual_out, norm_eps);
-  out.copy_(at::linear(h, weight, bias));
+  linear_row_by_row(h, weight, bias, out);
 }
 
 // The product through gemv_cpu's arithmetic, then the CPU conv update op on its conv columns
@@ -56,7 +65,7 @@ void gemv_conv_update_cpu(const at::Tensor& x, const at::Tensor& weight,
       norm_eps, /*check_index_values=*/true);
   if (p.rows == 0) return;
   const at::Tensor h = product_input(x, norm_weight, residual, residual_out, norm_eps);
-  out.copy_(at::linear(h, weight, bias));
+  linear_row_by_row(h, weight, bias, out);
   const at::Tensor cols = out.narrow(1, conv_start, p.conv.dim);
   static const auto conv_update =
       c10::Dispatcher::singleton()
