@@ -135,6 +135,11 @@ def _linears(rank, world, full_w_col, full_b_col, full_w_row, full_b_row, x):
     p = part(xl).contiguous()
     dist.all_reduce(p)
     out["row_partial"] = float((p - ref).abs().max())
+    # ... and with a residual, which (like the bias) only rank 0 adds.
+    res = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    p = part(xl, res).contiguous()
+    dist.all_reduce(p)
+    out["row_partial_residual"] = float((p - (ref + res)).abs().max())
 
     # Quantized schemes run the two-shot algorithm on the strategy's buffers, except under the
     # size threshold; the exchange is replaced by an exact sum here to check the routing.
@@ -185,6 +190,7 @@ def test_parallel_linears_match_the_full_linear(tp):
         assert r["col"] <= 1e-5, rank
         assert r["row"] <= 1e-5, rank
         assert r["row_partial"] <= 1e-5, rank
+        assert r["row_partial_residual"] <= 1e-5, rank
         assert r["row_scatter_shape"] == (-(-5 // tp), 96) and r["row_scatter"] <= 1e-5, rank
         assert r["scatter_calls"] == 1
         assert r["row_int8"] <= 1e-5, rank

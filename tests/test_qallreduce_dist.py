@@ -63,6 +63,63 @@ def _gloo_case(n):
     return out
 
 
+def _strategy_case(n):
+    import tpssm.qallreduce as Q
+    from tpssm.capture import marked
+    from tpssm.parallel import AllReduce, TPContext
+
+    rank = dist.get_rank()
+    out = {}
+    # fp16 casts every width, also one that no int8 / fp8 group divides.
+    x48 = torch.randn(3, 48, generator=torch.Generator().manual_seed(rank)) * 1e-3 + 1
+    strategy = AllReduce(TPContext(), "fp16")
+    out["fp16_48"] = strategy(x48.clone())
+    out["fp16_48_ref"] = Q.all_reduce(x48, scheme="fp16")
+    out["exact_48"] = Q.all_reduce(x48, scheme="exact")
+    out["fp16_calls"] = dict(strategy.calls)
+    # Buffers a graph captured stay alive when a larger message replaces them; others do not.
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(10 + rank))
+    for captured in (True, False):
+        qar = Q.QuantizedAllReduce(None, hidden=None, dtype=None, scheme="int8", group_size=64,
+                                   max_elements=x.numel())
+        if captured:
+            with marked():
+                qar(x)
+        else:
+            qar(x)
+        old = qar.send.data_ptr()
+        qar.reserve(64 * x.numel())
+        out[f"retired_{captured}"] = [b.data_ptr() for bufs in qar._retired for b in bufs][:1]
+        out[f"old_{captured}"] = old
+        out[f"grown_{captured}"] = qar.send.data_ptr() != old
+    errors = []
+    for bad in (lambda: qar(x, residual=x.double()),
+                lambda: Q.QuantizedAllReduce(None, hidden=128, group_size=0),
+                lambda: AllReduce(TPContext(), "int8", backend="nccl")):
+        try:
+            bad()
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    return out
+
+
+@pytest.mark.timeout(SPAWN_TIMEOUT_S + 30)
+def test_strategy_widths_captured_buffers_and_arguments():
+    """The AllReduce strategy's fp16 scheme casts at any width; QuantizedAllReduce keeps the
+    buffers a graph captured alive when it grows; bad arguments are refused up front."""
+    y = _run(_strategy_case, 2)[0]
+    assert torch.equal(y["fp16_48"], y["fp16_48_ref"])
+    assert not torch.equal(y["fp16_48"], y["exact_48"])   # the values do not fit fp16 exactly
+    assert y["fp16_calls"]["quantized"] == 1 and y["fp16_calls"]["exact"] == 0
+    assert y["grown_True"] and y["retired_True"] == [y["old_True"]]
+    assert y["grown_False"] and y["retired_False"] == []
+    assert len(y["errors"]) == 3, y["errors"]
+    assert "residual must have the dtype of x (torch.float32), got torch.float64" in y["errors"][0]
+    assert "group_size must be one of" in y["errors"][1]
+    assert "allreduce backend must be 'auto', 'composed' or 'fused', got 'nccl'" in y["errors"][2]
+
+
 def _run(case, n, backend="gloo", collective_timeout_s=60):
     """case(n) on n spawned ranks (tpssm.launch: a rank that fails, dies or hangs fails the
     test with its cause); the ranks' return values in rank order."""

@@ -294,7 +294,8 @@ class AllReduce:
     (the fused NCCL op on CUDA with an NCCL group, else composed), "composed" or "fused".
     The quantized schemes keep persistent buffers (fixed addresses: CUDA-graph safe), created
     at the first reduction or by reserve(num_elements) - call it with the largest step's
-    T x width before capturing graphs; a larger message outside capture grows them.
+    T x width before capturing graphs; a larger message outside capture grows them (the buffers
+    a captured graph uses stay alive for its replays).
     """
 
     def __init__(self, ctx: "TPContext", scheme: str = "exact", min_bytes: int = 0,
@@ -303,6 +304,9 @@ class AllReduce:
         self.scheme = _check_scheme(scheme)
         self.min_bytes = int(min_bytes)
         self.group_size = int(group_size)
+        if backend not in ("auto", "composed", "fused"):
+            raise ValueError(f"allreduce backend must be 'auto', 'composed' or 'fused', got "
+                             f"{backend!r}")
         self.backend = backend
         self._quantized = None   # tpssm.qallreduce.QuantizedAllReduce, built on first use
         # Reductions issued per path (a CUDA graph counts its captured ones once, at capture).
@@ -426,13 +430,14 @@ class RowParallelLinear(nn.Module):
 
     x: (..., local_in_features) -> (..., out_features); forward(x, residual) returns
     residual + y with the add done by the reduction where it can (see AllReduce).
-    reduce_results=False returns the partial sum instead (the caller reduces); the bias is then
-    added on rank 0 only, so the later reduction counts it once. forward(x, scatter=True)
-    returns only this rank's rows of y, reduce-scattered (sequence parallelism): x's T rows are
-    padded to a multiple of tp inside the product's output (T_pad / tp rows a rank; padding
-    rows are zero before the bias). allreduce: the model's AllReduce strategy, or a scheme
-    name ("exact" | "int8" | "fp8" | "fp16") for a strategy of this layer's own with
-    allreduce_min_bytes / allreduce_group_size. projection_kernel: as in ColumnParallelLinear.
+    reduce_results=False returns the partial sum instead (the caller reduces); the bias and the
+    residual are then added on rank 0 only, so the later reduction counts them once.
+    forward(x, scatter=True) returns only this rank's rows of y, reduce-scattered (sequence
+    parallelism): x's T rows are padded to a multiple of tp inside the product's output
+    (T_pad / tp rows a rank; padding rows are zero before the bias). allreduce: the model's
+    AllReduce strategy, or a scheme name ("exact" | "int8" | "fp8" | "fp16") for a strategy of
+    this layer's own with allreduce_min_bytes / allreduce_group_size. projection_kernel: as in
+    ColumnParallelLinear.
     """
 
     def __init__(self, cols: Ranges, out_features: int, bias: bool, ctx: TPContext,
@@ -468,9 +473,12 @@ class RowParallelLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         y = linear(x, self.weight, kernel=self.projection_kernel)
         if not self.reduce_results:
-            if self.bias is not None and self.ctx.rank == 0:
-                y = y + self.bias
-            return y if residual is None else residual + y
+            if self.ctx.rank == 0:
+                if self.bias is not None:
+                    y = y + self.bias
+                if residual is not None:
+                    y = residual + y
+            return y
         if self.bias is None:
             return self.allreduce(y, residual)
         y = self.allreduce(y) + self.bias

@@ -302,7 +302,8 @@ class QuantizedAllReduce:
     hidden=None serves any last dim (a model's reductions of several widths share one set of
     buffers): each call quantizes in groups of pick_group_size(width, group_size) elements and
     reduces exactly when no supported size divides the width; dtype=None accepts any dtype;
-    max_elements sizes the buffers. reserve(numel) grows them (never during CUDA-graph capture).
+    max_elements sizes the buffers. reserve(numel) grows them (never during CUDA-graph capture;
+    the buffers a captured graph uses are kept alive for its replays).
     """
 
     def __init__(self, group=None, max_tokens: int = 1, hidden: Optional[int] = 128,
@@ -312,13 +313,13 @@ class QuantizedAllReduce:
         _check_scheme(scheme)
         if backend not in ("auto", "composed", "fused"):
             raise ValueError(f"backend must be 'auto', 'composed' or 'fused', got {backend!r}")
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
+                             f"{group_size}")
         if hidden is not None and hidden % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide hidden ({hidden})")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
-                             f"{group_size}")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.max_tokens, self.hidden, self.dtype = max_tokens, hidden, dtype
@@ -336,6 +337,10 @@ class QuantizedAllReduce:
             raise ValueError("backend='fused' needs a CUDA device and the CUDA build of tpssm")
         self.backend = backend
         self.capacity = 0
+        # Buffers a CUDA graph may have captured: kept alive when reserve() replaces them, since
+        # a replay still reads and writes them.
+        self._captured = False
+        self._retired = []
         self.reserve(max_elements if max_elements is not None
                      else max_tokens * (hidden or group_size))
         if backend == "fused" and self.codec is not None and n > 1:
@@ -358,6 +363,9 @@ class QuantizedAllReduce:
                                f"buffers during graph capture; reserve() before capturing")
         n = self.world_size
         mk = lambda size: torch.zeros(size, dtype=torch.uint8, device=self.device)  # noqa: E731
+        if self._captured:
+            self._retired.append((self.send, self.recv, self.mine, self.gathered))
+            self._captured = False
         self.capacity = need
         self.send, self.recv = mk(n * need), mk(n * need)
         self.mine, self.gathered = mk(need), mk(n * need)
@@ -378,9 +386,13 @@ class QuantizedAllReduce:
             group_size = pick_group_size(x.shape[-1], self.group_size)
         if self.dtype is not None and x.dtype != self.dtype:
             raise ValueError(f"x must have dtype {self.dtype}, got {x.dtype}")
+        if residual is not None and residual.dtype != x.dtype:
+            raise ValueError(f"residual must have the dtype of x ({x.dtype}), got "
+                             f"{residual.dtype}")
         if n == 1 or x.numel() == 0:
             y = _add_residual(x.clone(), residual, x.dtype)
-        elif x.numel() * x.element_size() < self.min_bytes or not group_size:
+        elif (x.numel() * x.element_size() < self.min_bytes
+              or (self.codec is not None and not group_size)):
             y = _plain_all_reduce(x, self.group, "exact", residual)
         elif self.codec is None:
             y = _plain_all_reduce(x, self.group, self.scheme, residual)
@@ -391,6 +403,7 @@ class QuantizedAllReduce:
                 return y
             return out.copy_(y)
         self.reserve(x.numel())
+        self._captured = self._captured or capturing(self.device)
         x = _aligned(x)
         if residual is not None:
             residual = _aligned(residual)
