@@ -155,7 +155,10 @@ def make_engine(model, job: GenerateJob):
         slots = min(slots, len(job.prompts))
     if slots < 1:
         raise CLIError(f"the state cache needs at least one slot, got num_slots={slots}")
-    max_len = job.max_seq_len or max((len(p) for p in job.prompts), default=0) + job.max_new_tokens
+    # The KV cache (hybrids) holds what the engine admits: prompt + max_new_tokens - 1 keys (the
+    # last new token is never fed back).
+    max_len = job.max_seq_len or max(
+        1, max((len(p) for p in job.prompts), default=0) + job.max_new_tokens - 1)
     runner = CachedModel(model, model.allocate_cache(slots, max_seq_len=max_len))
     return GenerationEngine(runner, max_batch_size=min(job.max_batch_size, slots),
                             max_prefill_tokens=job.max_prefill_tokens,
