@@ -20,6 +20,7 @@ class ToyStateModel:
         self.state = torch.full((num_slots,), -999, dtype=torch.int64)
         self.free = list(range(num_slots))
         self.prefill_calls = []
+        self.prefill_rows = []  # per prefill call: (tokens, has_initial_state, decode) a row
 
     def allocate_slot(self):
         if not self.free:
@@ -44,9 +45,12 @@ class ToyStateModel:
     def _logits(self, states):
         return torch.nn.functional.one_hot(torch.tensor(states), VOCAB).float()
 
-    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state,
+                decode_rows):
         qsl = query_start_loc.tolist()
         self.prefill_calls.append(qsl[-1])
+        self.prefill_rows.append([(qsl[b + 1] - qsl[b], bool(has_initial_state[b]),
+                                   bool(decode_rows[b])) for b in range(len(qsl) - 1)])
         states = [self._advance(int(cache_indices[b]), input_ids[qsl[b]:qsl[b + 1]].tolist(),
                                 bool(has_initial_state[b])) for b in range(len(qsl) - 1)]
         return self._logits(states)
@@ -79,6 +83,20 @@ def test_more_requests_than_slots_all_complete_with_their_own_tokens():
         assert r.ttft_s is not None and r.ttft_s >= 0
     assert model.num_free_slots() == 3
     assert max(model.prefill_calls) <= 7 + 3  # chunk budget plus the riding decode rows
+
+
+def test_prefill_steps_flag_their_decode_rows():
+    """A decode token riding in a prefill step is flagged as a decode row; a prompt's one-token
+    last chunk, which looks the same (one continuing token), is not."""
+    model = ToyStateModel(num_slots=2)
+    engine = GenerationEngine(model, max_batch_size=2, max_prefill_tokens=7)
+    a = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=3))
+    b = engine.add_request([4, 5, 6, 7, 8], SamplingParams(max_new_tokens=3))
+    engine.run()
+    assert model.prefill_rows[:2] == [[(3, False, False), (4, False, False)],
+                                      [(1, True, True), (1, True, False)]]
+    assert a.output == expected_tokens([1, 2, 3], 3)
+    assert b.output == expected_tokens([4, 5, 6, 7, 8], 3)
 
 
 def test_state_cache_off_recomputes_and_matches():
@@ -185,9 +203,11 @@ class FailingOnce(ToyStateModel):
             self.state[int(cache_indices[0])] += 1
             raise RuntimeError("out of memory (injected)")
 
-    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state,
+                decode_rows):
         self._maybe_fail(cache_indices)
-        return super().prefill(input_ids, query_start_loc, cache_indices, has_initial_state)
+        return super().prefill(input_ids, query_start_loc, cache_indices, has_initial_state,
+                               decode_rows)
 
     def decode(self, input_ids, cache_indices):
         self._maybe_fail(cache_indices)

@@ -128,13 +128,16 @@ def _rank_checks(rank, world, oracle, backend):
         res["kv_lengths"] = [int(cache.kv_lengths[s]) for s in slots]
         res["generate"] = generate(model, prompts, DECODE_STEPS + 1)
 
-        # Chunked prefill (3 chunks) vs one-shot, then decode against transformers.
+        # Chunked prefill (3 chunks, one of one token) vs one-shot, then decode against
+        # transformers. A continuing one-token chunk is a decode step unless decode_rows says
+        # otherwise (Zamba2 clamps dt in prefill only).
         p = prompts[2]
         c2 = model.allocate_cache(2, max_seq_len=KV_LEN)
         s = c2.allocate()
-        chunks = [(0, 7), (7, 9), (9, len(p))]  # a 1-token chunk would be a decode step
+        chunks = [(0, 7), (7, 8), (8, len(p))]
         parts = [model(torch.tensor(p[a:b]), _qsl([b - a]), _i32([s]), torch.tensor([k > 0]),
-                       c2, return_all_logits=True) for k, (a, b) in enumerate(chunks)]
+                       c2, return_all_logits=True, decode_rows=torch.tensor([False]))
+                 for k, (a, b) in enumerate(chunks)]
         res["chunked"] = err(torch.cat(parts), per_prompt[2])
         errs = []
         for step in range(DECODE_STEPS):
@@ -413,6 +416,53 @@ def test_preset_shapes_match_transformers_and_models_build():
         assert registry.family_of(raw).name == cfg.family
 
 
+@torch.no_grad()
+def test_hybrid_forward_argument_errors(oracles):
+    """Malformed batch descriptions are refused before any key, value or state is written."""
+    from tpssm.models import load_model
+
+    model = load_model(oracles("zamba2_2blk")["path"], backend=BACKEND)
+    assert model.layers[0].hybrid  # the first layer writes keys before its mixer's ops run
+    cache = model.allocate_cache(3, max_seq_len=KV_LEN)
+    a, b = cache.allocate(2)
+    model(torch.tensor([5, 6, 7, 8]), _qsl([4]), _i32([a]), torch.tensor([False]), cache)
+    before = [t.clone() for t in cache.k_states + cache.v_states + cache.conv_states
+              + cache.ssm_states + [cache.kv_lengths]]
+    ids = torch.tensor([1, 2, 3])
+    no2 = torch.tensor([False, False])
+    cases = [
+        ("rows 0 and 1 both use slot 0",
+         lambda: model(ids, _qsl([1, 2]), _i32([a, a]), torch.tensor([True, False]), cache)),
+        ("sequence 1 spans \\[2, 2\\)",
+         lambda: model(ids, _qsl([2, 0, 1]), _i32([a, b, -1]), torch.tensor([True, False, False]),
+                       cache)),
+        ("query_start_loc must run from 0 to the number of tokens \\(3\\)",
+         lambda: model(ids, _qsl([2]), _i32([b]), torch.tensor([False]), cache)),
+        ("every sequence needs at least one token",
+         lambda: model(ids, _i32([0, 3, 1, 3]), _i32([a, b, -1]), torch.tensor([True] * 3),
+                       cache)),
+        ("has_initial_state must have shape \\(2,\\)",
+         lambda: model(ids, _qsl([2, 1]), _i32([a, b]), torch.tensor([True]), cache)),
+        ("cache_indices must have shape \\(2,\\)",
+         lambda: model(ids, _qsl([2, 1]), _i32([a]), no2, cache)),
+        ("decode_rows\\[1\\] is True, but sequence 1 is not one continuing token: it has 1 "
+         "token\\(s\\) and has_initial_state False",
+         lambda: model(ids, _qsl([2, 1]), _i32([a, b]), no2, cache,
+                       decode_rows=torch.tensor([False, True]))),
+        ("decode_rows\\[0\\] is True, but sequence 0 is not one continuing token: it has 2",
+         lambda: model(ids, _qsl([2, 1]), _i32([a, b]), torch.tensor([True, True]), cache,
+                       decode_rows=torch.tensor([True, False]))),
+        ("a decode batch of 4 rows without cache_indices uses slots 0..3, but the cache has 3",
+         lambda: model.decode(torch.tensor([1, 2, 3, 4]), None, cache)),
+    ]
+    for message, call in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    after = (cache.k_states + cache.v_states + cache.conv_states + cache.ssm_states
+             + [cache.kv_lengths])
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
 def test_hybrid_config_errors():
     from tpssm.models import parse_config
 
@@ -429,6 +479,9 @@ def test_hybrid_config_errors():
         parse_config({**base, "layers_block_type": ["mamba", "attention"]})
     with pytest.raises(ValueError, match="mamba_ngroups \\(3\\) must divide n_mamba_heads"):
         parse_config({**base, "mamba_ngroups": 3})
+    assert parse_config({**base, "architectures": ["Zamba2Model"]}).is_zamba2
+    with pytest.raises(ValueError, match="num_hidden_layers must be >= 1, got 0"):
+        parse_config({**base, "num_hidden_layers": 0, "layers_block_type": []})
     zamba = parse_config(dict(architectures=["ZambaForCausalLM"], num_hidden_layers=10))
     assert zamba.hybrid_layers == [2, 7]   # transformers' default period 6, offset 4
 

@@ -72,11 +72,10 @@ def test_config_matches_transformers_defaults(family, tmp_path):
 def test_config_spellings_and_errors():
     base = dict(architectures=["Mamba2ForCausalLM"], hidden_size=64, num_heads=8, head_dim=16,
                 n_groups=2, state_size=16)
+    # transformers 5.18's spelling of infinity, decoded by parse_config itself (a plain
+    # json.load of config.json leaves it a dict).
     txt = json.dumps({**base, "time_step_limit": [0.0, {"__float__": "Infinity"}]})
-    from tpssm.models.registry import _decode_floats
-
-    cfg = parse_config(json.loads(txt, object_hook=_decode_floats))
-    assert cfg.time_step_limit == (0.0, math.inf)
+    assert parse_config(json.loads(txt)).time_step_limit == (0.0, math.inf)
     assert parse_config({**base, "tpssm_gated_norm": "per_group"}).gated_norm == "per_group"
     assert parse_config(base, gated_norm="per_group").gated_norm == "per_group"
     assert parse_config({"model_type": "mamba", "d_model": 32, "n_layer": 2}).num_hidden_layers == 2
@@ -92,6 +91,8 @@ def test_config_spellings_and_errors():
         parse_config({"architectures": ["LlamaForCausalLM"]})
     with pytest.raises(ValueError, match="conv_kernel must be in 2..4"):
         parse_config({**base, "conv_kernel": 5})
+    with pytest.raises(ValueError, match="num_hidden_layers must be >= 1, got 0"):
+        parse_config({**base, "num_hidden_layers": 0})
 
 
 def test_time_step_limit_is_read_from_a_transformers_config(tmp_path):
@@ -117,6 +118,31 @@ def test_sharded_checkpoint_and_state_dict_load_the_same_weights(checkpoints, tm
     assert a.bytes_read == sum(p.numel() * p.element_size() for p in hf.parameters())
 
 
+def test_unreadable_or_ambiguous_checkpoint_files_are_named(checkpoints, tmp_path):
+    import shutil
+
+    _, path = checkpoints["mamba"]
+    for case in ("stale", "truncated", "index", "shard"):
+        d = tmp_path / case
+        shutil.copytree(path, d)
+        if case == "stale":   # a second file holding the same names: which one is meant?
+            shutil.copy(d / "model.safetensors", d / "model_old.safetensors")
+            match = "is stored in both model.safetensors and model_old.safetensors"
+        elif case == "truncated":
+            data = (d / "model.safetensors").read_bytes()
+            (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+            match = f"cannot read {d / 'model.safetensors'}: "
+        elif case == "index":
+            (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+            match = "has no weight_map"
+        else:
+            (d / "model.safetensors.index.json").write_text(
+                '{"weight_map": {"backbone.norm_f.weight": "model-00002.safetensors"}}')
+            match = "lists model-00002.safetensors, which is not in"
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            SSMForCausalLM.from_pretrained(str(d), backend=BACKEND)
+
+
 def test_untied_checkpoint_without_lm_head_is_rejected(checkpoints):
     hf, path = checkpoints["mamba2_g4"]
     sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
@@ -127,6 +153,48 @@ def test_untied_checkpoint_without_lm_head_is_rejected(checkpoints):
         SSMForCausalLM.from_pretrained(path + "_missing")
 
 
+def test_checkpoints_the_config_does_not_describe_are_refused(checkpoints):
+    """Stored tensors are checked against the config before loading: a wrong shape (which
+    copy_ would broadcast, or row offsets would read shifted), a quantized dtype or a bias the
+    config leaves out are errors naming the tensor; unused tensors elsewhere warn; a tied
+    config's stored head must equal the embedding."""
+    import warnings
+
+    hf, path = checkpoints["mamba2_g4"]
+    good = hf.state_dict()
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    cfg = parse_config(raw)
+
+    def load(sd, config=cfg):
+        return SSMForCausalLM.from_state_dict(config, sd, backend=BACKEND)
+
+    norm = "backbone.norm_f.weight"
+    with pytest.raises(ValueError, match=f"{norm} has shape \\(1,\\), but its config implies "
+                                         f"\\(64,\\)"):
+        load({**good, norm: good[norm][:1]})      # copy_ would broadcast it
+    with pytest.raises(ValueError, match="in_proj.weight has shape \\(328, 64\\), but its "
+                                         "config implies \\(296, 64\\)"):
+        load(good, parse_config({**raw, "n_groups": 2}))   # the rows would be read shifted
+    w = "backbone.layers.0.mixer.out_proj.weight"
+    with pytest.raises(ValueError, match=f"{w} is stored as I8; tpssm loads float weights"):
+        load({**good, w: good[w].to(torch.int8)})
+    with pytest.raises(ValueError, match="out_proj.bias'.* belong to modules the model loads "
+                                         "but its config does not expect them"):
+        load(good, parse_config({**raw, "use_bias": False}))
+    extra = {**good, "backbone.layers.7.norm.weight": good["backbone.norm_f.weight"]}
+    with pytest.warns(UserWarning, match="1 checkpoint tensor\\(s\\) that this config does "
+                                         "not use are ignored: \\['backbone.layers.7.norm"):
+        load(extra)
+    tied = parse_config({**raw, "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="stores an lm_head.weight that differs from it"):
+        load(good, tied)
+    same = {**good, "lm_head.weight": good["backbone.embeddings.weight"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(same, tied)
+
+
 @torch.no_grad()
 def test_forward_argument_errors(checkpoints):
     _, path = checkpoints["mamba"]
@@ -135,6 +203,16 @@ def test_forward_argument_errors(checkpoints):
         m.forward(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="input_ids must be 1-D"):
         m.forward(torch.tensor([[1, 2]]), _qsl([2]))
+    ids = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="sequence 1 spans \\[2, 2\\)"):
+        m.forward(ids, _qsl([2, 0, 1]))   # its logits would be the row before's
+    with pytest.raises(ValueError, match="every sequence needs at least one token"):
+        m.forward(ids, _qsl([0, 3]))
+    with pytest.raises(ValueError, match="must run from 0 to the number of tokens \\(3\\)"):
+        m.forward(ids, _qsl([2]))
+    for bad in (torch.tensor([True]), torch.tensor([1, 0]), [False, False]):
+        with pytest.raises(ValueError, match="decode_rows must be a bool tensor of shape \\(2,\\)"):
+            m.forward(ids, _qsl([2, 1]), decode_rows=bad)
 
 
 @pytest.mark.skipif(not H.cpu_kernels_available(), reason="the compiled ops have no CPU kernels "
@@ -255,6 +333,30 @@ def test_bfloat16_model_tracks_float32(checkpoints):
     f32(ids, _qsl([len(ids)]), slot, no, c32)
     step = torch.tensor([42])
     assert H.max_rel_err(b16.decode(step, slot, c16), f32.decode(step, slot, c32)) <= 5e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["mamba", "mamba2_g4"])
+def test_converted_model_equals_one_built_in_that_dtype(family, checkpoints):
+    """model.to(torch.bfloat16) converts the weights but keeps the fp32 buffers exact: it then
+    computes what a model built in bfloat16 does, bit for bit, and its caches follow."""
+    _, path = checkpoints[family]
+    moved = SSMForCausalLM.from_pretrained(path, backend=BACKEND).to(torch.bfloat16)
+    built = SSMForCausalLM.from_pretrained(path, backend=BACKEND, dtype=torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and moved.layers[0].mixer.A.dtype == torch.float32
+    ids = torch.tensor(PROMPTS[0])
+    slot, no = torch.tensor([0], dtype=torch.int32), torch.tensor([False])
+    outs = []
+    for m in (moved, built):
+        c = m.allocate_cache(1)
+        assert c.conv_states[0].dtype == torch.bfloat16
+        outs.append((m(ids, _qsl([len(ids)]), slot, no, c), m.decode(torch.tensor([7]), slot, c)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with pytest.raises(ValueError, match="conv_dtype must be the model's dtype"):
+        moved.allocate_cache(1, conv_dtype=torch.float32)
+    with pytest.raises(ValueError, match="lives on its TP context's device \\(cpu\\)"):
+        moved.to("meta")
+    assert moved.embeddings.device.type == "cpu"
 
 
 @torch.no_grad()

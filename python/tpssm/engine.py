@@ -45,9 +45,11 @@ class GenerationModel(Protocol):
     device: torch.device
 
     def prefill(self, input_ids: torch.Tensor, query_start_loc: torch.Tensor,
-                cache_indices: torch.Tensor, has_initial_state: torch.Tensor) -> torch.Tensor:
+                cache_indices: torch.Tensor, has_initial_state: torch.Tensor,
+                decode_rows: torch.Tensor) -> torch.Tensor:
         """input_ids (T,) int64, query_start_loc (B + 1,) int32, cache_indices (B,) int32,
-        has_initial_state (B,) bool -> last-token logits (B, vocab) float32."""
+        has_initial_state (B,) bool, decode_rows (B,) bool (the rows that are decode steps, not
+        prompt chunks) -> last-token logits (B, vocab) float32."""
 
     def decode(self, input_ids: torch.Tensor, cache_indices: torch.Tensor) -> torch.Tensor:
         """One token per request: input_ids (B,) int64, cache_indices (B,) int32 (pad rows
@@ -79,16 +81,18 @@ class CachedModel:
         # the model keeps only a fixed-size state.
         self.max_seq_len = cache.max_seq_len if cache.has_kv else None
 
-    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+    def prefill(self, input_ids, query_start_loc, cache_indices, has_initial_state,
+                decode_rows):
         return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
-                          self.cache)
+                          self.cache, decode_rows=decode_rows)
 
     def decode(self, input_ids, cache_indices):
         return self.model.decode(input_ids, cache_indices, self.cache)
 
-    def prefill_shard(self, input_ids, query_start_loc, cache_indices, has_initial_state):
+    def prefill_shard(self, input_ids, query_start_loc, cache_indices, has_initial_state,
+                      decode_rows):
         return self.model(input_ids, query_start_loc, cache_indices, has_initial_state,
-                          self.cache, gather_logits=False)
+                          self.cache, gather_logits=False, decode_rows=decode_rows)
 
     def decode_shard(self, input_ids, cache_indices):
         return self.model.decode(input_ids, cache_indices, self.cache, gather_logits=False)
@@ -319,6 +323,7 @@ class GenerationEngine:
         rows: List[Request] = []
         chunks: List[List[int]] = []
         initial: List[bool] = []
+        decoding: List[bool] = []
         for r in self.running:
             if r.prefilling:
                 if budget <= 0:
@@ -326,27 +331,32 @@ class GenerationEngine:
                 n = min(len(r.prompt) - r.num_prefilled, budget)
                 chunk = r.prompt[r.num_prefilled:r.num_prefilled + n]
                 initial.append(r.num_prefilled > 0)
+                decoding.append(False)
                 r.num_prefilled += n
                 budget -= n
             else:  # decoding request: its last token rides along as a length-1 sequence
                 chunk = [r.output[-1]]
                 initial.append(True)
+                decoding.append(True)
             rows.append(r)
             chunks.append(chunk)
         self._step_rows = rows
         # A request whose prompt is complete after this step samples its next token.
-        self._run_packed(rows, chunks, initial, [r for r in rows if not r.prefilling])
+        self._run_packed(rows, chunks, initial, [r for r in rows if not r.prefilling], decoding)
 
     def _run_packed(self, rows: List[Request], chunks: List[List[int]], initial: List[bool],
-                    emit: List[Request]) -> None:
-        """One varlen forward over rows' token chunks; samples a token for the rows in emit."""
+                    emit: List[Request], decoding: Optional[List[bool]] = None) -> None:
+        """One varlen forward over rows' token chunks; samples a token for the rows in emit.
+        decoding: the rows whose chunk is a decode step (default none): a one-token prompt
+        chunk is prefill, not decode, for the models whose dt limits apply in prefill only."""
         dev = self.device
         qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(torch.tensor([len(c) for c in chunks], dtype=torch.int32), 0)
         args = (torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev),
                 qsl.to(dev),
                 torch.tensor([r.slot for r in rows], dtype=torch.int32, device=dev),
-                torch.tensor(initial, dtype=torch.bool, device=dev))
+                torch.tensor(initial, dtype=torch.bool, device=dev),
+                torch.tensor(decoding or [False] * len(rows), dtype=torch.bool))
         index = {id(r): i for i, r in enumerate(rows)}
         pick = [index[id(r)] for r in emit]
         if self._sharded_logits:

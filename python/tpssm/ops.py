@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Optional
 
 import torch
@@ -78,6 +79,7 @@ __all__ = [
     "gemv",
     "gemv_conv_update",
     "GEMV_MAX_ROWS",
+    "index_values_checked",
     "selective_scan",
     "selective_state_update",
     "set_programmatic_launch",
@@ -437,6 +439,13 @@ def gemv_conv_update(
                           _silu_flag(activation), cache_indices, pad_slot_id, out, warps_per_row,
                           rows_per_warp, norm_weight, residual, residual_out, norm_eps)
     return out
+
+
+def index_values_checked(device: torch.device) -> bool:
+    """Whether the ops check index values for tensors on `device` (see "Value checks" above):
+    always on the CPU, on CUDA only with TPSSM_DEBUG_CHECKS=1. Callers with rules of their own
+    on the same values follow it, so that no CUDA path adds a host synchronisation."""
+    return torch.device(device).type == "cpu" or os.environ.get("TPSSM_DEBUG_CHECKS") == "1"
 
 
 def set_programmatic_launch(enabled: bool) -> bool:

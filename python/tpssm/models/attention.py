@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tpssm.cache import KVCacheOverflowError, KVShape, SSMStateCache
 from tpssm.capture import capturing
 from tpssm.models.kernels import get_backend
+from tpssm.models.mixers import check_query_start_loc
 from tpssm.models.model import RMSNorm
 from tpssm.parallel import AllReduce, RowParallelLinear, TPContext, linear, ranges_size
 
@@ -110,6 +111,12 @@ class KVBatch:
             return KVBatch._build_decode(cache, num_tokens, cache_indices)
         bounds = query_start_loc.tolist()
         nseq = len(bounds) - 1
+        check_query_start_loc(bounds, num_tokens)
+        for name, t in (("has_initial_state", has_initial_state),
+                        ("cache_indices", cache_indices)):
+            if t is not None and tuple(t.shape) != (nseq,):
+                raise ValueError(f"{name} must have shape ({nseq},), one entry per sequence of "
+                                 f"query_start_loc, got {tuple(t.shape)}")
         seq_bounds = [(bounds[i], bounds[i + 1]) for i in range(nseq)]
         init = has_initial_state.tolist() if has_initial_state is not None else [False] * nseq
         if cache is None:
@@ -121,6 +128,14 @@ class KVBatch:
             if bad:
                 raise ValueError(f"cache_indices must be slots in [0, {cache.num_slots}) or -1 "
                                  f"(padding), got {bad[:5]}")
+            # Checked before any key is written: two rows of one slot would overwrite each
+            # other's keys (and race in the SSM ops).
+            seen = {}
+            for i, s in enumerate(slots):
+                if s >= 0 and s in seen:
+                    raise ValueError(f"cache_indices must be distinct (but -1 padding): rows "
+                                     f"{seen[s]} and {i} both use slot {s}")
+                seen[s] = i
             lengths = cache.kv_lengths.tolist()
             past = [lengths[s] if (init[i] and s >= 0) else 0 for i, s in enumerate(slots)]
             for i, s in enumerate(slots):
@@ -151,6 +166,9 @@ class KVBatch:
                       cache_indices: Optional[torch.Tensor]) -> "KVBatch":
         dev = cache.kv_lengths.device
         if cache_indices is None:
+            if batch > cache.num_slots:
+                raise ValueError(f"a decode batch of {batch} rows without cache_indices uses slots "
+                                 f"0..{batch - 1}, but the cache has {cache.num_slots} slots")
             rows = torch.arange(batch, dtype=torch.int64, device=dev)
         else:
             rows = cache_indices.long()
@@ -170,15 +188,30 @@ class KVBatch:
         past = past.clamp(max=cache.max_seq_len - 1)
         return KVBatch(True, [], [], [], [], False, past, rows, past)
 
-    def decode_tokens(self, device) -> Optional[torch.Tensor]:
-        """(T,) bool marking the single continuing tokens of a prefill-style batch (decode
-        steps riding along), or None when it has none."""
-        if self.decode or not any(c and b - a == 1 for (a, b), c in
-                                  zip(self.seq_bounds, self.seq_continues)):
+    def decode_tokens(self, device, decode_rows: Optional[torch.Tensor] = None
+                      ) -> Optional[torch.Tensor]:
+        """(T,) bool marking the tokens of a prefill-style batch that are decode steps riding
+        along, or None when it has none. decode_rows: the forward's per-sequence flags (checked
+        by check_decode_rows); None takes every continuing sequence of one token."""
+        if self.decode:
+            return None
+        single = [c and b - a == 1 for (a, b), c in zip(self.seq_bounds, self.seq_continues)]
+        if decode_rows is None:
+            flags = single
+        else:
+            flags = [bool(f) for f in decode_rows.tolist()]
+            for i, (flag, ok) in enumerate(zip(flags, single)):
+                if flag and not ok:
+                    a, b = self.seq_bounds[i]
+                    raise ValueError(
+                        f"decode_rows[{i}] is True, but sequence {i} is not one continuing "
+                        f"token: it has {b - a} token(s) and has_initial_state "
+                        f"{self.seq_continues[i]}")
+        if not any(flags):
             return None
         mask = torch.zeros(self.seq_bounds[-1][1], dtype=torch.bool)
-        for (a, b), c in zip(self.seq_bounds, self.seq_continues):
-            mask[a:b] = c and b - a == 1
+        for (a, b), flag in zip(self.seq_bounds, flags):
+            mask[a:b] = flag
         return mask.to(device)
 
     def advance(self, cache: SSMStateCache) -> None:

@@ -125,6 +125,8 @@ def parse_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> SSMCo
                          f"got {act!r}")
     rank = merged["time_step_rank"]
     rank = math.ceil(hidden / 16) if rank == "auto" else int(rank)
+    if int(merged["num_hidden_layers"]) < 1:
+        raise ValueError(f"num_hidden_layers must be >= 1, got {merged['num_hidden_layers']}")
     out = SSMConfig(
         family=family, vocab_size=int(merged["vocab_size"]), hidden_size=hidden,
         num_hidden_layers=int(merged["num_hidden_layers"]), state_size=int(merged["state_size"]),

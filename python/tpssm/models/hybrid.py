@@ -24,10 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import SSMStateCache
+from tpssm.models import registry
 from tpssm.models.attention import KVBatch, SharedBlock
-from tpssm.models.mixers import BatchMeta, InputNorm, Mamba2Mixer, MultiHeadMamba1Mixer
+from tpssm.models.mixers import (BatchMeta, InputNorm, Mamba2Mixer, MultiHeadMamba1Mixer,
+                                 check_decode_rows)
 from tpssm.models.model import CausalLM, RMSNorm
-from tpssm.models.weights import WeightSource
+from tpssm.models.weights import WeightSource, check_weights
 from tpssm.parallel import AllReduce, TPContext, linear
 
 __all__ = ["HybridForCausalLM", "HybridLayer"]
@@ -81,6 +83,8 @@ class HybridForCausalLM(CausalLM):
     def load_weights(self, source: WeightSource) -> None:
         """Each rank reads only its slices; a shared block is read at its first visit (where
         the checkpoint stores it), so the loader walks the layers in order."""
+        check_weights(source, registry.weight_shapes(self.config), "model.embed_tokens.weight",
+                      self.config.tie_word_embeddings)
         self.embeddings.copy_(source.get("model.embed_tokens.weight"))
         block_name = "shared_transformer" if self.config.is_zamba2 else "shared_transf"
         for i, layer in enumerate(self.layers):
@@ -106,7 +110,8 @@ class HybridForCausalLM(CausalLM):
         the KV part grows with max_seq_len and dominates at long contexts."""
         kv = [self.blocks[b].kv_shape() for b in self.block_of_visit]
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
-                             self.ctx.device, conv_dtype or self.dtype, ssm_dtype, kv_shapes=kv,
+                             self.ctx.device, self._conv_dtype(conv_dtype), ssm_dtype,
+                             kv_shapes=kv,
                              max_seq_len=max_seq_len or self.config.max_position_embeddings)
 
     # ----------------------------------------------------------------------------- forward
@@ -114,7 +119,8 @@ class HybridForCausalLM(CausalLM):
                 cache_indices: Optional[torch.Tensor] = None,
                 has_initial_state: Optional[torch.Tensor] = None,
                 cache: Optional[SSMStateCache] = None,
-                return_all_logits: bool = False, gather_logits: bool = True) -> torch.Tensor:
+                return_all_logits: bool = False, gather_logits: bool = True,
+                decode_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (float32) of a packed batch; arguments as SSMForCausalLM.forward. A request's
         keys and values are appended to its slot's KV cache (has_initial_state False starts it
         over); a request longer than the cache's max_seq_len raises KVCacheOverflowError."""
@@ -127,6 +133,7 @@ class HybridForCausalLM(CausalLM):
             raise ValueError(f"cache has KV pools for {len(cache.k_states)} attention visits, the "
                              f"model has {len(self.hybrid_layers)}: allocate it with "
                              f"model.allocate_cache")
+        check_decode_rows(decode_rows, query_start_loc)
         # The attention visits' shared view of the batch (a model without hybrid layers still
         # needs a prefill batch's decode tokens for the dt rule below).
         kv = (KVBatch.build(cache if self.blocks else None, input_ids.shape[0], query_start_loc,
@@ -134,8 +141,8 @@ class HybridForCausalLM(CausalLM):
               if self.blocks or query_start_loc is not None else None)
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state,
-                         kv.decode_tokens(self.device) if kv is not None and cache is not None
-                         else None)
+                         kv.decode_tokens(self.device, decode_rows)
+                         if kv is not None and cache is not None else None)
         if self._sequence_parallel_applies(input_ids, meta):
             return self._forward_sequence_parallel(input_ids, meta, kv, cache,
                                                    return_all_logits, gather_logits)

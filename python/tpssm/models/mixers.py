@@ -29,7 +29,7 @@ from tpssm.parallel import (AllReduce, ColumnParallelLinear, RowParallelLinear, 
                             gemv_applies, shard_range)
 
 __all__ = ["BatchMeta", "InputNorm", "Mamba1Mixer", "Mamba2Mixer", "MultiHeadMamba1Mixer",
-           "mamba2_local_groups"]
+           "check_decode_rows", "check_query_start_loc", "mamba2_local_groups"]
 
 
 @dataclass
@@ -37,9 +37,9 @@ class BatchMeta:
     """query_start_loc: int32 (batch + 1,) or None for a decode batch (one token per request);
     cache_indices: int32 (batch,) slots or None (row b uses slot b); has_initial_state: bool
     (batch,) or None (no request continues; ignored for decode batches).
-    decode_tokens: bool (T,) or None: the tokens of a prefill-style batch that are single
-    continuing tokens (decode steps riding along), for mixers whose dt limits apply in prefill
-    only (Zamba2); None when there are none or nobody needs to know."""
+    decode_tokens: bool (T,) or None: the tokens of a prefill-style batch that are decode steps
+    riding along (see check_decode_rows), for mixers whose dt limits apply in prefill only
+    (Zamba2); None when there are none or nobody needs to know."""
     query_start_loc: Optional[torch.Tensor]
     cache_indices: Optional[torch.Tensor]
     has_initial_state: Optional[torch.Tensor]
@@ -48,6 +48,38 @@ class BatchMeta:
     @property
     def is_decode(self) -> bool:
         return self.query_start_loc is None
+
+
+def check_decode_rows(decode_rows: Optional[torch.Tensor],
+                      query_start_loc: Optional[torch.Tensor]) -> None:
+    """decode_rows: bool (batch,) or None, a model forward's flags saying which sequences of a
+    prefill-style batch are decode steps (a request's one new token) rather than prompt chunks.
+    None: every continuing sequence of one token is taken as a decode step, as a cached one-token
+    forward is in transformers; an engine that may prefill a one-token chunk passes the flags.
+    Ignored for decode batches (query_start_loc None). Checked here without a host sync; the
+    rule that a decode row is one continuing token is checked where the rows are read."""
+    if decode_rows is None or query_start_loc is None:
+        return
+    batch = query_start_loc.shape[0] - 1
+    if (not isinstance(decode_rows, torch.Tensor) or decode_rows.dtype != torch.bool
+            or tuple(decode_rows.shape) != (batch,)):
+        got = (f"{decode_rows.dtype} tensor of shape {tuple(decode_rows.shape)}"
+               if isinstance(decode_rows, torch.Tensor) else type(decode_rows).__name__)
+        raise ValueError(f"decode_rows must be a bool tensor of shape ({batch},), one flag per "
+                         f"sequence of query_start_loc, got {got}")
+
+
+def check_query_start_loc(bounds: List[int], num_tokens: int) -> None:
+    """A prefill batch's offsets as the model reads them: from 0 to the token count, every
+    sequence at least one token long (its last token's logits are returned)."""
+    if not bounds or bounds[0] != 0 or bounds[-1] != num_tokens:
+        shown = bounds if len(bounds) <= 6 else bounds[:3] + ["..."] + bounds[-2:]
+        raise ValueError(f"query_start_loc must run from 0 to the number of tokens "
+                         f"({num_tokens}), got {shown}")
+    for i in range(len(bounds) - 1):
+        if bounds[i + 1] <= bounds[i]:
+            raise ValueError(f"query_start_loc: every sequence needs at least one token, but "
+                             f"sequence {i} spans [{bounds[i]}, {bounds[i + 1]})")
 
 
 @dataclass

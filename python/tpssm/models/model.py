@@ -21,9 +21,10 @@ from tpssm.cache import SSMStateCache
 from tpssm.models import registry
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
-from tpssm.models.mixers import BatchMeta, InputNorm, Mamba1Mixer, Mamba2Mixer
-from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource
-from tpssm.ops import SCAN_ALGORITHMS
+from tpssm.models.mixers import (BatchMeta, InputNorm, Mamba1Mixer, Mamba2Mixer,
+                                 check_decode_rows, check_query_start_loc)
+from tpssm.models.weights import DictSource, SafetensorsSource, WeightSource, check_weights
+from tpssm.ops import SCAN_ALGORITHMS, index_values_checked
 from tpssm.parallel import (PROJECTION_KERNELS, AllReduce, TPContext, gemv_applies, linear,
                             shard_range)
 
@@ -134,9 +135,23 @@ class CausalLM(nn.Module):
                                  persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .half() give the embedding new storage; a tied vocabulary-parallel
-        # head is a view of it and must be taken again, or it would keep the old tensor.
+        """.to(dtype) / .half() / .bfloat16() convert the weights and update self.dtype; the
+        float buffers (A, D, dt bias, rotary frequencies: float32 by design) keep their values
+        and dtype. A model stays on its TP context's device: moving it is refused."""
+        here = torch.empty(0, device=self.ctx.device)
+        there = fn(here)
+        if isinstance(there, torch.Tensor) and there.device != here.device:
+            raise ValueError(f"a tpssm model lives on its TP context's device ({here.device}); "
+                             f"build it on {there.device} instead (TPContext(device=...) or "
+                             f"from_pretrained's ctx) rather than moving it")
+        kept = [(m, name, b) for m in self.modules() for name, b in m._buffers.items()
+                if b is not None and b.is_floating_point()]
         result = super()._apply(fn, *args, **kwargs)
+        for m, name, b in kept:
+            m._buffers[name] = b
+        self.dtype = self.embeddings.dtype
+        # A tied vocabulary-parallel head is a view of the embedding, which has new storage now:
+        # take it again, or it would keep the old tensor.
         if getattr(self, "vocab_parallel", False) and self.config.tie_word_embeddings:
             start, end = self.vocab_range
             self.lm_head = self.embeddings.narrow(0, start, end - start)
@@ -194,6 +209,14 @@ class CausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.ctx.device
+
+    def _conv_dtype(self, conv_dtype: Optional[torch.dtype]) -> torch.dtype:
+        """The conv (and KV) pools' dtype: the model's, the only one the ops read them in."""
+        if conv_dtype is not None and conv_dtype != self.dtype:
+            raise ValueError(f"conv_dtype must be the model's dtype ({self.dtype}): the conv and "
+                             f"attention read their cached states in the activation dtype, got "
+                             f"{conv_dtype}")
+        return self.dtype
 
     def set_scan_algorithm(self, algorithm: str) -> None:
         """The prefill scan algorithm of every layer: 'auto', 'recurrent' or 'ssd' (see
@@ -344,7 +367,10 @@ class CausalLM(nn.Module):
         (every token's with return_all_logits; a decode batch's rows are its requests) - this
         rank's vocabulary columns unless gather_logits."""
         if not return_all_logits and query_start_loc is not None:
-            hidden = hidden.index_select(0, query_start_loc[1:].long() - 1)
+            # Clamped: offsets unchecked on the device (an empty first sequence, an end past
+            # the tokens) give undefined logits, never an out-of-range read.
+            last = (query_start_loc[1:].long() - 1).clamp(0, hidden.shape[0] - 1)
+            hidden = hidden.index_select(0, last)
         if not normed:
             hidden = self.norm_f(hidden)
         logits = linear(hidden.to(self.dtype), self.lm_head,
@@ -386,6 +412,8 @@ class SSMForCausalLM(CausalLM):
     # ----------------------------------------------------------------------------- loading
     @torch.no_grad()
     def load_weights(self, source: WeightSource) -> None:
+        check_weights(source, registry.weight_shapes(self.config), "backbone.embeddings.weight",
+                      self.config.tie_word_embeddings)
         self.embeddings.copy_(source.get("backbone.embeddings.weight"))
         for i, layer in enumerate(self.layers):
             prefix = f"backbone.layers.{i}."
@@ -401,18 +429,21 @@ class SSMForCausalLM(CausalLM):
         """State pools for num_slots requests on this rank (conv state in the model dtype).
         max_seq_len is ignored: the state of an SSM does not grow with the sequence."""
         return SSMStateCache([layer.mixer.state_shape() for layer in self.layers], num_slots,
-                             self.ctx.device, conv_dtype or self.dtype, ssm_dtype)
+                             self.ctx.device, self._conv_dtype(conv_dtype), ssm_dtype)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, query_start_loc: Optional[torch.Tensor] = None,
                 cache_indices: Optional[torch.Tensor] = None,
                 has_initial_state: Optional[torch.Tensor] = None,
                 cache: Optional[SSMStateCache] = None,
-                return_all_logits: bool = False, gather_logits: bool = True) -> torch.Tensor:
+                return_all_logits: bool = False, gather_logits: bool = True,
+                decode_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (float32) of a packed batch.
 
         input_ids: (T,) int64, the tokens of all requests concatenated.
-        query_start_loc: int32 (batch + 1,) token offsets (every request has >= 1 token). A batch
+        query_start_loc: int32 (batch + 1,) token offsets, from 0 to T, every request with >= 1
+          token (checked wherever the ops check index values: on the CPU, and on CUDA with
+          TPSSM_DEBUG_CHECKS=1; the hybrid models always check, with duplicate slots). A batch
           may mix new requests (has_initial_state False: start from zero state), continuation
           chunks and single decode tokens (True: start from the slot's state). None = a pure
           decode batch: one token per request, all continuing from their slots (the update ops;
@@ -426,12 +457,20 @@ class SSMForCausalLM(CausalLM):
         token when return_all_logits. gather_logits=False: only this rank's vocabulary columns
         (vocab_range) - the whole vocabulary unless the head is vocabulary-parallel - for
         greedy_tokens / gather_logits (no logits all-gather).
+        decode_rows: bool (batch,), which sequences of a prefill-style batch are decode steps
+          (one new token of a request) rather than prompt chunks; None takes every continuing
+          one-token sequence as a decode step. Only mixers whose dt limits apply in prefill only
+          (Zamba2) read it; an engine that may prefill a one-token chunk passes it. Ignored for
+          decode batches.
         """
         if query_start_loc is None and cache is None:
             raise ValueError("a decode batch (query_start_loc=None) needs a cache")
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (total_tokens,), got shape "
                              f"{tuple(input_ids.shape)}")
+        check_decode_rows(decode_rows, query_start_loc)
+        if query_start_loc is not None and index_values_checked(query_start_loc.device):
+            check_query_start_loc(query_start_loc.tolist(), input_ids.shape[0])
         meta = BatchMeta(query_start_loc, cache_indices,
                          None if query_start_loc is None else has_initial_state)
         if self._sequence_parallel_applies(input_ids, meta):

@@ -77,8 +77,10 @@ def family_of(cfg: Dict[str, Any]) -> ModelFamily:
 
 
 def parse_config(cfg: Dict[str, Any], **options):
-    """The family's config object for a config.json dictionary. options go to the family's
-    parser (e.g. gated_norm for Mamba-2)."""
+    """The family's config object for a config.json dictionary (as json.load gives it: the
+    {"__float__": ...} spelling is decoded here too). options go to the family's parser (e.g.
+    gated_norm for Mamba-2)."""
+    cfg = _decode_floats_deep(cfg)
     return family_of(cfg).parse(cfg, **options)
 
 
@@ -86,6 +88,14 @@ def _decode_floats(obj):
     """transformers 5.18 writes non-finite floats as {"__float__": "Infinity"}."""
     if isinstance(obj, dict) and set(obj) == {"__float__"}:
         return float(obj["__float__"])
+    return obj
+
+
+def _decode_floats_deep(obj):
+    if isinstance(obj, dict):
+        return _decode_floats({k: _decode_floats_deep(v) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_decode_floats_deep(v) for v in obj)
     return obj
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["WeightSource", "SafetensorsSource", "DictSource"]
+__all__ = ["WeightSource", "SafetensorsSource", "DictSource", "check_weights"]
 
 Ranges = Sequence[Tuple[int, int]]
 
@@ -53,6 +55,13 @@ class WeightSource:
 
     def _key_set(self):
         raise NotImplementedError
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def stored_dtype(self, name: str) -> str:
+        """The stored element type, in safetensors' spelling (F32, BF16, I8, F8_E4M3, ...)."""
+        return "F32"
 
     def _count(self, t: torch.Tensor) -> torch.Tensor:
         self.bytes_read += t.numel() * t.element_size()
@@ -96,7 +105,9 @@ class SafetensorsSource(WeightSource):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map (tensor name -> file) object")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(os.path.basename(p)
@@ -104,10 +115,25 @@ class SafetensorsSource(WeightSource):
             if not files:
                 raise FileNotFoundError(f"no *.safetensors file in {path}")
             weight_map = None
-        self._handles = {f: safe_open(os.path.join(path, f), framework="pt", device="cpu")
-                         for f in files}
+        self._handles = {}
+        for f in files:
+            file = os.path.join(path, f)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} lists {f}, which is not in {path}")
+            try:
+                self._handles[f] = safe_open(file, framework="pt", device="cpu")
+            except Exception as exc:  # safetensors' messages do not name the file
+                raise ValueError(f"cannot read {file}: {exc}") from exc
         if weight_map is None:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
+            # Without an index every file is read; a name stored twice would be ambiguous.
+            weight_map = {}
+            for f, h in self._handles.items():
+                for k in h.keys():
+                    if k in weight_map:
+                        raise ValueError(f"tensor {k!r} is stored in both {weight_map[k]} and "
+                                         f"{f} in {path}; remove the stale file or add a "
+                                         f"model.safetensors.index.json")
+                    weight_map[k] = f
         self._map = weight_map
 
     def keys(self) -> List[str]:
@@ -122,6 +148,9 @@ class SafetensorsSource(WeightSource):
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
+
+    def stored_dtype(self, name: str) -> str:
+        return self._slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         name = self._resolve(name)
@@ -153,6 +182,10 @@ class DictSource(WeightSource):
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self._sd[self._resolve(name)].shape)
 
+    def stored_dtype(self, name: str) -> str:
+        dtype = self._sd[self._resolve(name)].dtype
+        return _SAFETENSORS_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
+
     def get(self, name: str) -> torch.Tensor:
         return self._count(self._sd[self._resolve(name)].cpu())
 
@@ -166,3 +199,54 @@ class DictSource(WeightSource):
 
     def get_block(self, name: str, index: Tuple[slice, ...]) -> torch.Tensor:
         return self._count(self._sd[self._resolve(name)][index].cpu().contiguous())
+
+
+_SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                      torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8"}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Tensors transformers stores (or lists in a state dict) more than once: a hybrid model's shared
+# block, and the per-visit adapters held by it, under later visits. The loader reads the first
+# copy, where the expected shapes put it.
+_COPIES = re.compile(r"\.shared_transf(ormer)?\.")
+
+
+def check_weights(source: WeightSource, expected: Dict[str, Tuple[int, ...]],
+                  embedding_name: str, tied_head: bool) -> None:
+    """Checks a checkpoint against the tensors its config implies (`expected`: name -> shape,
+    the family's weight_shapes) before anything is loaded, so that a checkpoint the config does
+    not describe is refused instead of read with shifted rows or broadcast values:
+    - every expected tensor present has exactly the expected shape and a float dtype (missing
+      ones are named by the loader);
+    - a tensor of a module the model loads that the config does not expect (a bias with
+      use_bias false, say) is an error; other unused tensors (extra layers, other modules) give
+      a warning;
+    - with tie_word_embeddings, a stored lm_head.weight must equal the embedding."""
+    used = set()
+    for name, shape in expected.items():
+        if not source.has(name):
+            continue
+        used.add(source._resolve(name))
+        got = tuple(source.shape(name))
+        if got != tuple(shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {got}, but its config implies "
+                             f"{tuple(shape)}: config.json does not describe this checkpoint")
+        kind = source.stored_dtype(name)
+        if kind not in _FLOAT_DTYPES:
+            raise ValueError(f"checkpoint tensor {name} is stored as {kind}; tpssm loads float "
+                             f"weights ({', '.join(_FLOAT_DTYPES)}), not quantized checkpoints")
+    unused = sorted(n for n in source.keys() if n not in used and not _COPIES.search(n))
+    if tied_head and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")
+        if not torch.equal(source.get("lm_head.weight"), source.get(embedding_name)):
+            raise ValueError("the config ties lm_head to the embedding (tie_word_embeddings "
+                             "true), but the checkpoint stores an lm_head.weight that differs "
+                             "from it; set tie_word_embeddings false in config.json to use it")
+    modules = {n.rsplit(".", 1)[0] for n in expected}
+    foreign = [n for n in unused if n.rsplit(".", 1)[0] in modules]
+    if foreign:
+        raise ValueError(f"checkpoint tensors {foreign[:5]} belong to modules the model loads "
+                         f"but its config does not expect them (e.g. use_bias or "
+                         f"use_conv_bias false): config.json does not describe this checkpoint")
+    if unused:
+        warnings.warn(f"{len(unused)} checkpoint tensor(s) that this config does not use are "
+                      f"ignored: {unused[:5]}{' ...' if len(unused) > 5 else ''}", stacklevel=3)

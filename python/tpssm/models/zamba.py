@@ -89,14 +89,18 @@ def _layer_types(cfg: Dict[str, Any], family: str, n: int) -> List[str]:
 
 
 def _family(cfg: Dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
     return ("zamba2" if (cfg.get("model_type") == "zamba2"
-                         or "Zamba2ForCausalLM" in (cfg.get("architectures") or [])) else "zamba")
+                         or any(a.startswith("Zamba2") for a in archs)) else "zamba")
 
 
 def _num_layers(cfg: Dict[str, Any], family: str) -> int:
     """num_hidden_layers, or transformers' default (Zamba-7B's 76, Zamba2-2.7B's 54)."""
     n = cfg.get("num_hidden_layers")
-    return int(n) if n is not None else (76 if family == "zamba" else 54)
+    n = int(n) if n is not None else (76 if family == "zamba" else 54)
+    if n < 1:
+        raise ValueError(f"num_hidden_layers must be >= 1, got {n}")
+    return n
 
 
 def parse_zamba_config(cfg: Dict[str, Any], gated_norm: Optional[str] = None) -> HybridConfig:
