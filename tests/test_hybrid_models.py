@@ -290,16 +290,17 @@ def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,tps", [("zamba", "1"), ("zamba2_2blk", "1,2")])
-def test_command_line_bench_on_hybrid_checkpoints(name, tps, oracles, tmp_path):
+@pytest.mark.parametrize("name,tps,gen", [("zamba", "1", "1"), ("zamba2_2blk", "1,2", "3")])
+def test_command_line_bench_on_hybrid_checkpoints(name, tps, gen, oracles, tmp_path):
     """`python -m tpssm bench --model DIR` sweeps a Zamba / Zamba2 checkpoint (with and without
-    the state cache) and writes every point to the JSON."""
+    the state cache) and writes every point to the JSON (one generated token: the KV cache
+    still holds the two-token warm-up)."""
     from test_cli import run_cli
 
     oracle = oracles(name)
     out_json = tmp_path / "bench.json"
     code, out, err = run_cli("bench", "--model", oracle["path"], "--tp", tps, "--prompt-lens",
-                             "5", "--batch-sizes", "1,3", "--gen-tokens", "3",
+                             "5", "--batch-sizes", "1,3", "--gen-tokens", gen,
                              "--compare-state-cache", "--json", str(out_json))
     assert code == 0, err
     report = json.loads(out_json.read_text())
@@ -461,6 +462,28 @@ def test_hybrid_forward_argument_errors(oracles):
     after = (cache.k_states + cache.v_states + cache.conv_states + cache.ssm_states
              + [cache.kv_lengths])
     assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_hybrid_checkpoint_checks_pass_shared_copies_and_refuse_strays(oracles):
+    """transformers' state dict of Zamba2 lists each shared block under every visit; those
+    copies (and the per-visit adapters) load without a warning, while a tensor the config does
+    not expect in the block the model reads is refused."""
+    import warnings
+
+    from tpssm.models import load_config
+    from tpssm.models.hybrid import HybridForCausalLM
+
+    oracle = oracles("zamba2_2blk")
+    hf = H.build_hf_model("zamba2_2blk", seed=11)
+    sd, config = hf.state_dict(), load_config(oracle["path"])
+    assert any(k.startswith("model.layers.4.shared_transformer.") for k in sd)  # block 0 again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HybridForCausalLM.from_state_dict(config, sd, backend=BACKEND)
+    stray = "model.layers.0.shared_transformer.feed_forward.down_proj.bias"
+    with pytest.raises(ValueError, match="down_proj.bias'\\] belong to modules the model loads"):
+        HybridForCausalLM.from_state_dict(config, {**sd, stray: torch.zeros(64)},
+                                          backend=BACKEND)
 
 
 def test_hybrid_config_errors():

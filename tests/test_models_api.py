@@ -187,9 +187,12 @@ def test_checkpoints_the_config_does_not_describe_are_refused(checkpoints):
                                          "not use are ignored: \\['backbone.layers.7.norm"):
         load(extra)
     tied = parse_config({**raw, "tie_word_embeddings": True})
-    with pytest.raises(ValueError, match="stores an lm_head.weight that differs from it"):
+    with pytest.raises(ValueError, match="stores an lm_head.weight \\(256, 64\\) that differs"):
         load(good, tied)
-    same = {**good, "lm_head.weight": good["backbone.embeddings.weight"]}
+    emb = good["backbone.embeddings.weight"]
+    with pytest.raises(ValueError, match="stores an lm_head.weight \\(255, 64\\) that differs"):
+        load({**good, "lm_head.weight": emb[:255]}, tied)
+    same = {**good, "lm_head.weight": emb.clone()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(same, tied)

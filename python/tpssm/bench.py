@@ -60,7 +60,8 @@ def bench_rank(job: BenchJob) -> List[dict]:
     for use_cache, batch, plen in points:
         gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
                           max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache,
-                          max_seq_len=max(job.prompt_lens) + job.gen_tokens - 1)
+                          # keys for the timed runs and for the 2-token warm-up below
+                          max_seq_len=max(job.prompt_lens) + max(job.gen_tokens, 2) - 1)
         engine = engines.get((use_cache, batch))
         if engine is None:
             engine = engines[(use_cache, batch)] = make_engine(model, gen)

@@ -423,6 +423,7 @@ class QuantizedAllReduce:
         makes ncclCommDestroy wait until no graph holds work of the communicator, so closing
         while such a graph is alive blocks forever.
         """
+        self._retired.clear()   # the graphs that used them are gone (see above)
         if self.handle is not None:
             _ops.qar_nccl_destroy(self.handle)
             self.handle = None

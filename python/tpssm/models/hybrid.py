@@ -83,10 +83,14 @@ class HybridForCausalLM(CausalLM):
     def load_weights(self, source: WeightSource) -> None:
         """Each rank reads only its slices; a shared block is read at its first visit (where
         the checkpoint stores it), so the loader walks the layers in order."""
-        check_weights(source, registry.weight_shapes(self.config), "model.embed_tokens.weight",
-                      self.config.tie_word_embeddings)
-        self.embeddings.copy_(source.get("model.embed_tokens.weight"))
         block_name = "shared_transformer" if self.config.is_zamba2 else "shared_transf"
+        # transformers stores a shared block again under later visits' layers (or lists it
+        # there in a state dict); the loader reads its first visit's.
+        copies = [f"model.layers.{layer}.{block_name}." for k, layer
+                  in enumerate(self.hybrid_layers) if self.block_of_visit[k] != k]
+        check_weights(source, registry.weight_shapes(self.config), "model.embed_tokens.weight",
+                      self.config.tie_word_embeddings, copies)
+        self.embeddings.copy_(source.get("model.embed_tokens.weight"))
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             mamba = prefix + ("mamba_decoder." if layer.hybrid else "")

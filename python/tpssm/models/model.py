@@ -369,8 +369,11 @@ class CausalLM(nn.Module):
         if not return_all_logits and query_start_loc is not None:
             # Clamped: offsets unchecked on the device (an empty first sequence, an end past
             # the tokens) give undefined logits, never an out-of-range read.
-            last = (query_start_loc[1:].long() - 1).clamp(0, hidden.shape[0] - 1)
-            hidden = hidden.index_select(0, last)
+            if hidden.shape[0] == 0:
+                hidden = hidden.new_zeros(query_start_loc.shape[0] - 1, hidden.shape[1])
+            else:
+                last = (query_start_loc[1:].long() - 1).clamp(0, hidden.shape[0] - 1)
+                hidden = hidden.index_select(0, last)
         if not normed:
             hidden = self.norm_f(hidden)
         logits = linear(hidden.to(self.dtype), self.lm_head,

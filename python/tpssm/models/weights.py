@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import warnings
@@ -204,23 +205,26 @@ class DictSource(WeightSource):
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
                       torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-# Tensors transformers stores (or lists in a state dict) more than once: a hybrid model's shared
-# block, and the per-visit adapters held by it, under later visits. The loader reads the first
-# copy, where the expected shapes put it.
-_COPIES = re.compile(r"\.shared_transf(ormer)?\.")
+# A shared block's low-rank adapters for every visit, which transformers stores (or lists in a
+# state dict) with each copy of the block; the expected shapes name the ones the model reads.
+_ADAPTER_COPIES = re.compile(r"_adapter_list\.\d+\.")
+# Rows compared at a time when a tied config's checkpoint also stores the head.
+_COMPARE_ELEMENTS = 1 << 24
 
 
 def check_weights(source: WeightSource, expected: Dict[str, Tuple[int, ...]],
-                  embedding_name: str, tied_head: bool) -> None:
+                  embedding_name: str, tied_head: bool, copies: Sequence[str] = ()) -> None:
     """Checks a checkpoint against the tensors its config implies (`expected`: name -> shape,
-    the family's weight_shapes) before anything is loaded, so that a checkpoint the config does
-    not describe is refused instead of read with shifted rows or broadcast values:
+    the family's weight_shapes) before the model's weights are read, so that a checkpoint the
+    config does not describe is refused instead of read with shifted rows or broadcast values:
     - every expected tensor present has exactly the expected shape and a float dtype (missing
       ones are named by the loader);
     - a tensor of a module the model loads that the config does not expect (a bias with
       use_bias false, say) is an error; other unused tensors (extra layers, other modules) give
-      a warning;
-    - with tie_word_embeddings, a stored lm_head.weight must equal the embedding."""
+      a warning. Names under a `copies` prefix (a hybrid's shared block stored again at later
+      visits) and shared-block adapters are copies the loader does not read, and pass;
+    - with tie_word_embeddings, a stored lm_head.weight must equal the embedding (compared a
+      block of rows at a time)."""
     used = set()
     for name, shape in expected.items():
         if not source.has(name):
@@ -234,13 +238,11 @@ def check_weights(source: WeightSource, expected: Dict[str, Tuple[int, ...]],
         if kind not in _FLOAT_DTYPES:
             raise ValueError(f"checkpoint tensor {name} is stored as {kind}; tpssm loads float "
                              f"weights ({', '.join(_FLOAT_DTYPES)}), not quantized checkpoints")
-    unused = sorted(n for n in source.keys() if n not in used and not _COPIES.search(n))
+    unused = sorted(n for n in source.keys() if n not in used
+                    and not n.startswith(tuple(copies)) and not _ADAPTER_COPIES.search(n))
     if tied_head and "lm_head.weight" in unused:
         unused.remove("lm_head.weight")
-        if not torch.equal(source.get("lm_head.weight"), source.get(embedding_name)):
-            raise ValueError("the config ties lm_head to the embedding (tie_word_embeddings "
-                             "true), but the checkpoint stores an lm_head.weight that differs "
-                             "from it; set tie_word_embeddings false in config.json to use it")
+        _check_tied_head(source, embedding_name)
     modules = {n.rsplit(".", 1)[0] for n in expected}
     foreign = [n for n in unused if n.rsplit(".", 1)[0] in modules]
     if foreign:
@@ -250,3 +252,18 @@ def check_weights(source: WeightSource, expected: Dict[str, Tuple[int, ...]],
     if unused:
         warnings.warn(f"{len(unused)} checkpoint tensor(s) that this config does not use are "
                       f"ignored: {unused[:5]}{' ...' if len(unused) > 5 else ''}", stacklevel=3)
+
+
+def _check_tied_head(source: WeightSource, embedding_name: str) -> None:
+    shape, emb_shape = tuple(source.shape("lm_head.weight")), tuple(source.shape(embedding_name))
+    same = shape == emb_shape
+    if same:
+        step = max(1, _COMPARE_ELEMENTS // max(1, math.prod(shape[1:])))
+        same = all(torch.equal(source.get_rows("lm_head.weight", [(a, min(a + step, shape[0]))]),
+                               source.get_rows(embedding_name, [(a, min(a + step, shape[0]))]))
+                   for a in range(0, shape[0], step))
+    if not same:
+        raise ValueError(f"the config ties lm_head to the embedding (tie_word_embeddings true), "
+                         f"but the checkpoint stores an lm_head.weight {shape} that differs from "
+                         f"the embedding {emb_shape}; set tie_word_embeddings false in "
+                         f"config.json to use it")
