@@ -300,8 +300,9 @@ class QuantizedAllReduce:
     and an NCCL group, composed otherwise).
 
     hidden=None serves any last dim (a model's reductions of several widths share one set of
-    buffers): each call quantizes in groups of pick_group_size(width, group_size) elements and
-    reduces exactly when no supported size divides the width; dtype=None accepts any dtype;
+    buffers): each int8 / fp8 call quantizes in groups of pick_group_size(width, group_size)
+    elements and reduces exactly when no supported size divides the width (fp16 casts at any
+    width); dtype=None accepts any dtype;
     max_elements sizes the buffers. reserve(numel) grows them (never during CUDA-graph capture;
     the buffers a captured graph uses are kept alive for its replays).
     """
