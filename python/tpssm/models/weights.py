@@ -208,7 +208,7 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # A shared block's low-rank adapters for every visit, which transformers stores (or lists in a
 # state dict) with each copy of the block; the expected shapes name the ones the model reads.
 _ADAPTER_COPIES = re.compile(r"_adapter_list\.\d+\.")
-# Rows compared at a time when a tied config's checkpoint also stores the head.
+# Elements compared at a time when a tied config's checkpoint also stores the head.
 _COMPARE_ELEMENTS = 1 << 24
 
 
