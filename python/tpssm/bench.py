@@ -25,6 +25,9 @@ from tpssm.runner import GenerateJob, ModelSpec, build_model, log, make_engine, 
 __all__ = ["BenchJob", "bench_rank", "run_sweep", "cache_speedups", "format_table",
            "format_speedups", "git_commit", "environment", "device_label", "layers_label"]
 
+# New tokens of each point's untimed warm-up (prefill, one decode step); the KV cache holds them.
+WARMUP_TOKENS = 2
+
 
 @dataclass
 class BenchJob:
@@ -60,13 +63,13 @@ def bench_rank(job: BenchJob) -> List[dict]:
     for use_cache, batch, plen in points:
         gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
                           max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache,
-                          # keys for the timed runs and for the 2-token warm-up below
-                          max_seq_len=max(job.prompt_lens) + max(job.gen_tokens, 2) - 1)
+                          max_seq_len=max(job.prompt_lens)
+                          + max(job.gen_tokens, WARMUP_TOKENS) - 1)
         engine = engines.get((use_cache, batch))
         if engine is None:
             engine = engines[(use_cache, batch)] = make_engine(model, gen)
         gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()] * batch
-        gen.max_new_tokens = 2
+        gen.max_new_tokens = WARMUP_TOKENS
         run_job(engine, gen)
         engine.finished.clear()
         gen.max_new_tokens = job.gen_tokens

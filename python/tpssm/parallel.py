@@ -280,6 +280,14 @@ class TPContext:
             dist.barrier(group=self.group)
 
 
+def check_allreduce_backend(backend: str) -> str:
+    """The all-reduce transports: "auto", "composed" or "fused" (see AllReduce)."""
+    if backend not in ("auto", "composed", "fused"):
+        raise ValueError(f"allreduce backend must be 'auto', 'composed' or 'fused', got "
+                         f"{backend!r}")
+    return backend
+
+
 def _check_scheme(allreduce: str) -> str:
     if allreduce not in ALLREDUCE_SCHEMES:
         raise ValueError(f"allreduce must be one of {ALLREDUCE_SCHEMES}, got {allreduce!r}")
@@ -304,10 +312,7 @@ class AllReduce:
         self.scheme = _check_scheme(scheme)
         self.min_bytes = int(min_bytes)
         self.group_size = int(group_size)
-        if backend not in ("auto", "composed", "fused"):
-            raise ValueError(f"allreduce backend must be 'auto', 'composed' or 'fused', got "
-                             f"{backend!r}")
-        self.backend = backend
+        self.backend = check_allreduce_backend(backend)
         self._quantized = None   # tpssm.qallreduce.QuantizedAllReduce, built on first use
         # Reductions issued per path (a CUDA graph counts its captured ones once, at capture).
         self.calls = {"exact": 0, "quantized": 0, "scatter": 0}

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import tpssm  # noqa: F401  (loads the extension that registers torch.ops.tpssm)
 from tpssm.capture import capturing
-from tpssm.parallel import all_gather_single, exchange
+from tpssm.parallel import all_gather_single, check_allreduce_backend, exchange
 from tpssm.reference.qallreduce import (CODECS, SUPPORTED_GROUP_SIZES, pick_group_size,
                                         qar_layout, qar_wire_bytes)
 
@@ -312,8 +312,7 @@ class QuantizedAllReduce:
                  scheme: str = "int8", group_size: int = 128, min_bytes: int = 0,
                  backend: str = "auto", max_elements: Optional[int] = None):
         _check_scheme(scheme)
-        if backend not in ("auto", "composed", "fused"):
-            raise ValueError(f"backend must be 'auto', 'composed' or 'fused', got {backend!r}")
+        check_allreduce_backend(backend)
         if group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got "
                              f"{group_size}")
