@@ -1,6 +1,9 @@
+// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "attention_ops.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "arg_checks.h"

@@ -1,6 +1,8 @@
+// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "linear_ops.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "arg_checks.h"

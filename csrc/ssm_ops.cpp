@@ -12,11 +12,13 @@
 // no buffer an op writes (out, the state pools) may share a byte with itself, with any tensor it
 // reads, index tensors included, or with another buffer it writes; and no argument may require
 // grad under grad mode.
+// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "ssm_ops.h"
 
 #include "buffer_rules.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <utility>
 #include <cstdint>

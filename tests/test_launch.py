@@ -35,21 +35,28 @@ def _rank1_hangs():
     dist.barrier()
 
 
-@pytest.mark.timeout(120)
-def test_values_in_rank_order():
-    assert run_ranks(_sum_of_ranks, 2, (10.0,)) == [(0, 21.0), (1, 21.0)]
+START_METHODS = ("spawn", "forkserver")
 
 
 @pytest.mark.timeout(120)
-def test_raising_rank_is_named():
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_values_in_rank_order(start_method):
+    assert run_ranks(_sum_of_ranks, 2, (10.0,), start_method=start_method) == [
+        (0, 21.0), (1, 21.0)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_raising_rank_is_named(start_method):
     with pytest.raises(RankError, match="rank 1 failed: ValueError: bad shard on rank 1"):
-        run_ranks(_rank1_raises, 2, collective_timeout_s=20)
+        run_ranks(_rank1_raises, 2, collective_timeout_s=20, start_method=start_method)
 
 
 @pytest.mark.timeout(120)
-def test_dead_rank_is_named():
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_dead_rank_is_named(start_method):
     with pytest.raises(RankError, match="rank 1 died with exit code 7"):
-        run_ranks(_rank1_dies, 2, collective_timeout_s=20)
+        run_ranks(_rank1_dies, 2, collective_timeout_s=20, start_method=start_method)
 
 
 @pytest.mark.timeout(120)
@@ -82,10 +89,12 @@ def _alive(pid):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_ranks_do_not_outlive_their_launcher(tmp_path, sig):
+def test_ranks_do_not_outlive_their_launcher(tmp_path, sig, start_method):
     """SIGTERM: the launcher terminates its ranks, then the signal ends it as it would have;
-    SIGKILL (no cleanup can run): the kernel kills them (PR_SET_PDEATHSIG)."""
+    SIGKILL (no cleanup can run): the kernel kills them (PR_SET_PDEATHSIG) - under forkserver
+    once the fork server, their parent, has seen the launcher go."""
     import signal
     import subprocess
     import sys
@@ -95,7 +104,8 @@ def test_ranks_do_not_outlive_their_launcher(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": f"{root / 'python'}{os.pathsep}{root / 'tests'}"}
     launcher = subprocess.Popen(
         [sys.executable, "-c", "import sys, test_launch as t; from tpssm.launch import run_ranks;"
-         " run_ranks(t._record_pid_and_sleep, 2, (sys.argv[1],))", str(tmp_path)],
+         " run_ranks(t._record_pid_and_sleep, 2, (sys.argv[1],), start_method=sys.argv[2])",
+         str(tmp_path), start_method],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -123,3 +133,5 @@ def test_ranks_do_not_outlive_their_launcher(tmp_path, sig):
 def test_bad_tp():
     with pytest.raises(ValueError, match="tp must be >= 1"):
         run_ranks(_sum_of_ranks, 0, (0.0,))
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        run_ranks(_sum_of_ranks, 2, (0.0,), start_method="fork")

@@ -7,6 +7,8 @@
 // The chunked state-space-duality form (Mamba2 with algorithm 'auto' / 'ssd'): the scalar decay
 // per head turns a chunk of tokens into a few matrix products, run through ATen (BLAS) in fp32.
 // See ssd_scan_heads for the algebra.
+// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -14,7 +16,14 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>

@@ -8,6 +8,12 @@ the other ranks are terminated - never a hang. Nor do ranks outlive their launch
 SIGHUP to it terminates them before the signal ends it, and on Linux the kernel kills them if the
 launcher dies any other way.
 
+Ranks start as fresh interpreters (start_method="spawn", the default), each importing torch: a
+few seconds of CPU per rank. start_method="forkserver" forks them instead from a server process
+that imported torch once (the first call starts it): a fraction of a second per rank, for callers
+that start ranks many times. The server keeps the environment it was started with, so the
+variables a rank reads are those of the first forkserver call, not of later ones.
+
 Under torchrun (WORLD_SIZE and RANK in the environment), `run_ranks` instead initialises the
 process group from the environment, calls `fn` once in this process and returns [its value]: the
 same program runs unchanged on one machine or several.
@@ -22,6 +28,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
 import sys
@@ -67,15 +74,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(launcher_pid: int, forked_by_server: bool) -> None:
     """Linux: have the kernel kill this rank when the launching process dies, however it dies
-    (SIGKILL included), so that no rank outlives it holding CPU, GPU memory or its pipes."""
+    (SIGKILL included), so that no rank outlives it holding CPU, GPU memory or its pipes.
+
+    A spawned rank's parent is the launcher. A forkserver rank's parent is the fork server, which
+    outlives the launcher while its ranks live (they hold its pipe from the launcher): such a
+    rank watches the launcher itself."""
     if sys.platform != "linux":
+        return
+    if forked_by_server:
+        threading.Thread(target=_exit_when_gone, args=(launcher_pid,), daemon=True,
+                         name="tpssm-launcher-watch").start()
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
+    if os.getppid() != launcher_pid:  # the parent died before the request took effect
         os._exit(1)
+
+
+def _exit_when_gone(pid: int) -> None:
+    """Ends this process as soon as process `pid` has ended (a pid file descriptor becomes
+    readable then; without one, polling twice a second)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (OSError, AttributeError):
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+    select.select([fd], [], [])
+    os._exit(1)
 
 
 class _Terminated(BaseException):
@@ -113,8 +148,8 @@ def _terminate_ranks_on_signal():
 
 def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
                collective_timeout_s: float, fn: Callable, args: Sequence[Any],
-               results: "mp.Queue", parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
+               results: "mp.Queue", launcher_pid: int, forked_by_server: bool) -> None:
+    _die_with_parent(launcher_pid, forked_by_server)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Each rank gets its share of the cores; oversubscription makes gloo ranks crawl.
@@ -134,10 +169,11 @@ def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
 
 def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optional[str] = None,
               timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
-              init_process_group: bool = True) -> List[Any]:
+              init_process_group: bool = True, start_method: str = "spawn") -> List[Any]:
     """Run fn(*args) on `tp` ranks and return their values in rank order (see the module doc).
 
-    fn must be importable by name (a module-level function): ranks are spawned processes.
+    fn must be importable by name (a module-level function): ranks are new processes, started
+    by `start_method`, "spawn" or "forkserver" (see the module doc).
     timeout_s bounds the whole call; collective_timeout_s bounds each collective, so a rank
     stuck waiting for a dead peer fails instead of waiting forever. With
     init_process_group=False the ranks get torchrun's environment variables but fn initialises
@@ -145,6 +181,8 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
+    if start_method not in _START_METHODS:
+        raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
     if under_torchrun():
         created = not dist.is_initialized()
         if created:
@@ -163,17 +201,26 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
                 dist.destroy_process_group()
     backend = (backend or default_backend(tp)) if init_process_group else None
     with _terminate_ranks_on_signal():
-        return _spawn_and_wait(fn, tp, args, backend, timeout_s, collective_timeout_s)
+        return _spawn_and_wait(fn, tp, args, backend, timeout_s, collective_timeout_s,
+                               start_method)
+
+
+_START_METHODS = ("spawn", "forkserver")
 
 
 def _spawn_and_wait(fn: Callable, tp: int, args: Sequence[Any], backend: Optional[str],
-                    timeout_s: float, collective_timeout_s: float) -> List[Any]:
-    ctx = mp.get_context("spawn")
+                    timeout_s: float, collective_timeout_s: float,
+                    start_method: str) -> List[Any]:
+    ctx = mp.get_context(start_method)
+    forked_by_server = start_method == "forkserver"
+    if forked_by_server:
+        # Read when the server starts (the first call); later calls find it running.
+        ctx.set_forkserver_preload(["torch"])
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, name=f"tpssm-rank{r}",
                          args=(r, tp, port, backend, collective_timeout_s, fn, args, results,
-                               os.getpid()),
+                               os.getpid(), forked_by_server),
                          daemon=False)
              for r in range(tp)]
     values: dict = {}
