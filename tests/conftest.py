@@ -8,6 +8,7 @@ rounding of the stored value, relative to the magnitude of the result).
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Iterable, Optional, Sequence
 
 import pytest
@@ -30,6 +31,11 @@ EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Padded rows of `out` must keep this value (exactly representable in every dtype).
 SENTINEL = 7.0
+
+# Rank processes - the suite's own and those of the command lines it runs - forked from a server
+# that imported torch once, not each importing it anew (a few CPU seconds a rank; the suite
+# starts hundreds). tests/test_launch.py runs both start methods explicitly.
+os.environ.setdefault("TPSSM_START_METHOD", "forkserver")
 
 OP_REFS = {
     ops.causal_conv1d: causal_conv1d_ref,

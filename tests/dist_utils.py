@@ -6,9 +6,7 @@ fn(rank, world_size, *args) runs in every rank after init_process_group (or, wit
 in torchrun's environment without it); it must be importable (a module-level function). Its
 return value comes back in results[rank]. A rank that raises, dies or misses the deadline fails
 the call with tpssm.launch.RankError naming it, so a broken collective never hangs a test run.
-This is tpssm.launch.run_ranks with the rank passed in, one thread per rank, and the ranks forked
-from a fork server that imported torch once (the suite starts ranks hundreds of times; spawning
-each would import torch anew).
+This is tpssm.launch.run_ranks with the rank passed in and one thread per rank.
 """
 
 from __future__ import annotations
@@ -46,4 +44,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and initialises it itself."""
     return run_ranks(_with_rank, world_size, (fn, args), backend=backend or "gloo",
                      timeout_s=timeout, collective_timeout_s=timeout,
-                     init_process_group=backend is not None, start_method="forkserver")
+                     init_process_group=backend is not None)

@@ -17,6 +17,10 @@ def _sum_of_ranks(offset):
     return (dist.get_rank(), t.item())
 
 
+def _parent_pid():
+    return os.getppid()
+
+
 def _rank1_raises():
     if dist.get_rank() == 1:
         raise ValueError("bad shard on rank 1")
@@ -135,3 +139,13 @@ def test_bad_tp():
         run_ranks(_sum_of_ranks, 0, (0.0,))
     with pytest.raises(ValueError, match="start_method must be one of"):
         run_ranks(_sum_of_ranks, 2, (0.0,), start_method="fork")
+
+
+def test_start_method_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TPSSM_START_METHOD", "fork")
+    with pytest.raises(ValueError, match="TPSSM_START_METHOD must be one of"):
+        run_ranks(_sum_of_ranks, 2, (0.0,))
+    # A spawned rank's parent is the launcher; a forkserver rank's is the fork server.
+    for method, launcher_is_parent in (("spawn", True), ("forkserver", False)):
+        monkeypatch.setenv("TPSSM_START_METHOD", method)
+        assert [p == os.getpid() for p in run_ranks(_parent_pid, 2)] == [launcher_is_parent] * 2

@@ -5,14 +5,15 @@ at least `tp` GPUs), initialises torch.distributed in each with a collective tim
 `fn(*args)` and returns the values of every rank, in rank order. A rank that raises, dies or
 outlives the deadline makes the whole call fail with `RankError` naming the rank and the cause;
 the other ranks are terminated - never a hang. Nor do ranks outlive their launcher: SIGTERM or
-SIGHUP to it terminates them before the signal ends it, and on Linux the kernel kills them if the
-launcher dies any other way.
+SIGHUP to it terminates them before the signal ends it, and on Linux they die with it if it dies
+any other way.
 
 Ranks start as fresh interpreters (start_method="spawn", the default), each importing torch: a
 few seconds of CPU per rank. start_method="forkserver" forks them instead from a server process
 that imported torch once (the first call starts it): a fraction of a second per rank, for callers
-that start ranks many times. The server keeps the environment it was started with, so the
-variables a rank reads are those of the first forkserver call, not of later ones.
+that start ranks many times. The server keeps the environment and standard streams it was
+started with: a rank sees those of the first forkserver call, not of later ones. The environment
+variable TPSSM_START_METHOD sets the default (the command line's ranks, for instance).
 
 Under torchrun (WORLD_SIZE and RANK in the environment), `run_ranks` instead initialises the
 process group from the environment, calls `fn` once in this process and returns [its value]: the
@@ -169,11 +170,13 @@ def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
 
 def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optional[str] = None,
               timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
-              init_process_group: bool = True, start_method: str = "spawn") -> List[Any]:
+              init_process_group: bool = True,
+              start_method: Optional[str] = None) -> List[Any]:
     """Run fn(*args) on `tp` ranks and return their values in rank order (see the module doc).
 
     fn must be importable by name (a module-level function): ranks are new processes, started
-    by `start_method`, "spawn" or "forkserver" (see the module doc).
+    by `start_method`, "spawn" or "forkserver" (see the module doc; None: TPSSM_START_METHOD, or
+    "spawn" when it is unset).
     timeout_s bounds the whole call; collective_timeout_s bounds each collective, so a rank
     stuck waiting for a dead peer fails instead of waiting forever. With
     init_process_group=False the ranks get torchrun's environment variables but fn initialises
@@ -181,7 +184,12 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
-    if start_method not in _START_METHODS:
+    if start_method is None:
+        start_method = os.environ.get("TPSSM_START_METHOD", "spawn")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"TPSSM_START_METHOD must be one of {_START_METHODS}, got "
+                             f"{start_method!r}")
+    elif start_method not in _START_METHODS:
         raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
     if under_torchrun():
         created = not dist.is_initialized()
