@@ -168,6 +168,9 @@ def _rank_main(rank: int, world: int, port: int, backend: Optional[str],
             dist.destroy_process_group()
 
 
+_START_METHODS = ("spawn", "forkserver")
+
+
 def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optional[str] = None,
               timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
               init_process_group: bool = True,
@@ -184,13 +187,11 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
     """
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
+    source = "start_method"
     if start_method is None:
-        start_method = os.environ.get("TPSSM_START_METHOD", "spawn")
-        if start_method not in _START_METHODS:
-            raise ValueError(f"TPSSM_START_METHOD must be one of {_START_METHODS}, got "
-                             f"{start_method!r}")
-    elif start_method not in _START_METHODS:
-        raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
+        source, start_method = "TPSSM_START_METHOD", os.environ.get("TPSSM_START_METHOD", "spawn")
+    if start_method not in _START_METHODS:
+        raise ValueError(f"{source} must be one of {_START_METHODS}, got {start_method!r}")
     if under_torchrun():
         created = not dist.is_initialized()
         if created:
@@ -211,9 +212,6 @@ def run_ranks(fn: Callable, tp: int, args: Sequence[Any] = (), *, backend: Optio
     with _terminate_ranks_on_signal():
         return _spawn_and_wait(fn, tp, args, backend, timeout_s, collective_timeout_s,
                                start_method)
-
-
-_START_METHODS = ("spawn", "forkserver")
 
 
 def _spawn_and_wait(fn: Callable, tp: int, args: Sequence[Any], backend: Optional[str],
