@@ -24,7 +24,7 @@ $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	# NCCL from the nvidia-nccl wheel that matches torch's CUDA major (the one torch loads).
-	$(PY) -m pip install pybind11 ninja setuptools wheel numpy pytest pytest-timeout \
+	$(PY) -m pip install pybind11 ninja setuptools wheel numpy pytest pytest-timeout pytest-xdist \
 		safetensors transformers==5.18.0 matplotlib \
 		$$($(PY) -c 'import torch; v = torch.version.cuda; print("nvidia-nccl-cu" + v.split(".")[0] if v else "")')
 	touch $@
@@ -58,15 +58,16 @@ test-cuda-emu: build
 	PYTHONPATH=tools/cuda_emu $(PY) -m pytest $(EMU_TESTS) -p emu_plugin -k "not large" $(PYTEST_ARGS)
 
 # The same kernels built with AddressSanitizer: sanitize_cases.py's boundary and malformed-index
-# cases, then the emulated tests; an access past any tensor fails the run. libstdc++ is preloaded
-# with the runtime so that ASan's exception interceptor finds the real __cxa_throw; pytest
-# captures at the sys level so that a report printed before ASan exits is seen.
+# cases (tools/cuda_emu/test_sanitize_cases.py) and the emulated tests; an access past any tensor
+# fails the run. libstdc++ is preloaded with the runtime so that ASan's exception interceptor
+# finds the real __cxa_throw; pytest captures at the sys level so that a report printed before
+# ASan exits is seen. The sanitize cases come first, so that with -n their long groups start
+# early.
 ASAN_ENV := EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)"
 test-cuda-emu-asan: build
-	$(ASAN_ENV) PYTHONPATH=python:tools/cuda_emu $(PY) tools/cuda_emu/sanitize.py
-	$(ASAN_ENV) PYTHONPATH=tools/cuda_emu $(PY) -m pytest $(EMU_TESTS) -p emu_plugin \
-		-k "not large" --capture=sys $(PYTEST_ARGS)
+	$(ASAN_ENV) PYTHONPATH=tools/cuda_emu $(PY) -m pytest tools/cuda_emu/test_sanitize_cases.py \
+		$(EMU_TESTS) -p emu_plugin -k "not large" --capture=sys $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m tpssm demo

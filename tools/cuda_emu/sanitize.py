@@ -3,8 +3,10 @@ values) through the emulated CUDA kernels on the CPU. Built with EMU_ASAN=1 and 
 AddressSanitizer preloaded, it is a CPU memcheck of the kernels' code: torch sizes CPU tensors
 exactly, so a read or write past any tensor the ops touch is reported, and the run fails.
 
-    make test-cuda-emu-asan      # this, then the emulated tests, under AddressSanitizer
     PYTHONPATH=python:tools/cuda_emu python tools/cuda_emu/sanitize.py [GROUP ...]  # no ASan
+
+`make test-cuda-emu-asan` runs the same groups as pytest items (test_sanitize_cases.py) beside
+the emulated tests, under AddressSanitizer.
 
 It does not replace compute-sanitizer on a GPU (gpu_check.sh): an access inside another live
 allocation, or through a view into a wider buffer, is not seen here.
@@ -21,8 +23,9 @@ import build as emu_build
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(argv) -> int:
-    emu_build.install()
+def load_cases():
+    """benchmarks/sanitize_cases.py as a module whose cases run on the CPU (through the emulated
+    kernels once build.install() has run)."""
     spec = importlib.util.spec_from_file_location("sanitize_cases",
                                                   ROOT / "benchmarks" / "sanitize_cases.py")
     cases = importlib.util.module_from_spec(spec)
@@ -30,6 +33,12 @@ def main(argv) -> int:
     # The cases read their device from module globals when they run: the CPU here.
     cases.dev = torch.device("cpu")
     cases.i32 = dict(dtype=torch.int32, device=cases.dev)
+    return cases
+
+
+def main(argv) -> int:
+    emu_build.install()
+    cases = load_cases()
     names = argv or list(cases.GROUPS)
     unknown = [n for n in names if n not in cases.GROUPS]
     if unknown:
