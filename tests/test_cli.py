@@ -3,6 +3,7 @@ greedy generation, bench JSON, continuous batching with a real model, and one-li
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,10 +156,19 @@ def test_continuous_batching_more_requests_than_slots(mamba_dir):
     assert together == alone
 
 
+def _assert_one_error_line(err, pattern, context):
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("loading")]
+    assert len(lines) == 1, (context, err)
+    assert lines[0].startswith("tpssm: error:"), (context, err)
+    assert re.search(pattern, lines[0]), (context, pattern, err)
+    assert not re.search(r"\b[A-Z]\w*(Error|Exception)\b", lines[0]), (context, err)
+
+
 @pytest.mark.timeout(300)
-def test_errors_are_one_line(mamba_dir, tmp_path):
-    """Through the real entry point: one line on stderr, exit status 2 for a command rejected
-    before any work began, 1 for a run that failed."""
+def test_errors_are_one_line(mamba_dir, tmp_path, capsys):
+    """One line on stderr and exit status 2 for a command rejected before any work began: each
+    case through main(), and an argument error and a checkpoint error also through the real
+    entry point (`python -m tpssm`: nothing else printed, the status reaches the shell)."""
     _, path = mamba_dir
     bad_json = tmp_path / "bad_json"
     bad_json.mkdir()
@@ -168,30 +178,31 @@ def test_errors_are_one_line(mamba_dir, tmp_path):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama",
                                                    "architectures": ["LlamaForCausalLM"]}))
     cases = [
-        (["generate", "--model", str(tmp_path / "missing"), "--input-ids", "1"], 2,
+        (["generate", "--model", str(tmp_path / "missing"), "--input-ids", "1"],
          "is not a directory"),
-        (["generate", "--model", str(bad_json), "--input-ids", "1"], 2, "not valid JSON"),
-        (["generate", "--model", str(llama), "--input-ids", "1"], 2, "unsupported model"),
-        (["generate", "--model", path, "--input-ids", "1,2,3", "--max-prompt-tokens", "2"], 2,
+        (["generate", "--model", str(bad_json), "--input-ids", "1"], "not valid JSON"),
+        (["generate", "--model", str(llama), "--input-ids", "1"], "unsupported model"),
+        (["generate", "--model", path, "--input-ids", "1,2,3", "--max-prompt-tokens", "2"],
          "more than --max-prompt-tokens 2"),
-        (["generate", "--model", path, "--input-ids", "1,999"], 2,
-         r"token ids must be in \[0, 256\)"),
-        (["generate", "--model", path, "--prompt", "hello"], 2, "no tokenizer.json"),
-        (["generate", "--model", path, "--tp", "0", "--input-ids", "1"], 2,
+        (["generate", "--model", path, "--input-ids", "1,999"], r"token ids must be in \[0, 256\)"),
+        (["generate", "--model", path, "--prompt", "hello"], "no tokenizer.json"),
+        (["generate", "--model", path, "--tp", "0", "--input-ids", "1"],
          "argument --tp: must be an integer >= 1, got 0"),
-        (["bench", "--tp", "1"], 2, "one of the arguments --preset --model is required"),
-        (["bench", "--preset", "mamba-9b"], 2, "invalid choice: 'mamba-9b'"),
-        (["bench", "--preset", "mamba-2.8b", "--tp", "0"], 2, "argument --tp"),
+        (["bench", "--tp", "1"], "one of the arguments --preset --model is required"),
+        (["bench", "--preset", "mamba-9b"], "invalid choice: 'mamba-9b'"),
+        (["bench", "--preset", "mamba-2.8b", "--tp", "0"], "argument --tp"),
     ]
-    import re
-    for args, status, pattern in cases:
+    from tpssm.cli import main
+
+    for args, pattern in cases:
+        code = main(args)
+        captured = capsys.readouterr()
+        assert code == 2, (args, code, captured.out, captured.err)
+        _assert_one_error_line(captured.err, pattern, args)
+    for args, pattern in (cases[1], cases[6]):
         code, out, err = run_cli(*args)
-        assert code == status, (args, code, out, err)
-        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("loading")]
-        assert len(lines) == 1, (args, err)
-        assert lines[0].startswith("tpssm: error:"), (args, err)
-        assert re.search(pattern, lines[0]), (args, pattern, err)
-        assert not re.search(r"\b[A-Z]\w*(Error|Exception)\b", lines[0]), (args, err)
+        assert code == 2, (args, code, out, err)
+        _assert_one_error_line(err, pattern, args)
 
 
 # Each rule below is checked before any model is built or rank spawned: main() returns at once
