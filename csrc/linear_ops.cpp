@@ -1,4 +1,3 @@
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "linear_ops.h"
 

@@ -12,7 +12,6 @@
 // no buffer an op writes (out, the state pools) may share a byte with itself, with any tensor it
 // reads, index tensors included, or with another buffer it writes; and no argument may require
 // grad under grad mode.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "ssm_ops.h"
 

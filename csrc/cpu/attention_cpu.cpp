@@ -2,7 +2,6 @@
 // clamp to max_len; nothing raises on values, so CPU and CUDA agree on every input), computed as
 // an exact softmax in fp32: scores first, then their maximum, exp and sum, then the weighted
 // values. One task per (row, head).
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <algorithm>
 #include <cmath>

@@ -3,7 +3,6 @@
 // the registered add_rms_norm op before it. One row at a time: a CPU GEMM may round a row by the
 // number of rows (on AVX2, one, two and more rows take different kernels), and like the CUDA
 // kernel's, a row's result must not depend on its batch (a graph replays a padded batch).
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>

@@ -1,7 +1,6 @@
 // CPU norm ops: the arithmetic of the unfused model code in ATen ops, so each op is
 // bit-identical to it on the CPU. add_rms_norm: the residual add in the residual's dtype, torch's
 // rms_norm, the weight multiply in the activation dtype.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <vector>
 

@@ -7,7 +7,6 @@
 // The chunked state-space-duality form (Mamba2 with algorithm 'auto' / 'ssd'): the scalar decay
 // per head turns a chunk of tokens into a few matrix products, run through ATen (BLAS) in fp32.
 // See ssd_scan_heads for the algebra.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <algorithm>
 #include <atomic>

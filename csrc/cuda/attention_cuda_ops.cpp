@@ -1,6 +1,5 @@
 // CUDA decode_attention: validate, guard the device, plan the key splits, launch on the current
 // stream.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>

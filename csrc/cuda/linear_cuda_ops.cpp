@@ -1,5 +1,4 @@
 // CUDA gemv: validate, guard the device, launch on the current stream.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>

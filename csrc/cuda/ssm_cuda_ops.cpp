@@ -2,7 +2,6 @@
 // with the CPU ops), guard the device, launch the torch-free kernels on the current stream.
 // Only c10 CUDA headers: ATen/cuda/CUDAContext.h pulls in cuSPARSE / cuBLAS headers that a bare
 // toolkit may lack.
-// Per-operator ATen headers, not ATen/ATen.h (every operator): a faster build.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
