@@ -44,6 +44,7 @@ EXPECTED = [
     "rounding_mode_per_thread: thread 0 upward, thread 1 nearest, host nearest",
     "block_of_1025_threads error: emu: invalid launch configuration",
     "barrier_after_faults ok",
+    "two_host_threads_launch values right",
 ]
 
 

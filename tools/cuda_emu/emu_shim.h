@@ -7,6 +7,13 @@
 // kernel-scheduled threads made each one a futex wake-up on a 2-core machine (millions per test).
 // A fiber switch is a user-space register swap, and a barrier nobody can complete is found at
 // once (every live fiber waits) instead of after a timeout.
+//
+// One launch runs at a time in the process (emu_launch holds emu_launch_mutex): a launch from
+// another host thread waits for it. So the emulation's state - the running fiber's thread and
+// block index, the block, the scheduler - lives in plain globals: as thread_locals of this shared
+// library each access was a __tls_get_addr call (an intercepted one under AddressSanitizer), a
+// quarter of the emulated tests' time and half of it under ASan. __shared__ arrays, function-local
+// statics here, rely on the same rule.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -82,11 +89,11 @@ struct EmuBlock {
   }
 };
 
-inline thread_local uint3 emu_threadIdx;
-inline thread_local uint3 emu_blockIdx;
+inline uint3 emu_threadIdx;
+inline uint3 emu_blockIdx;
 inline dim3 emu_blockDim;
 inline dim3 emu_gridDim;
-inline thread_local EmuBlock* emu_block = nullptr;
+inline EmuBlock* emu_block = nullptr;
 inline std::mutex emu_err_mutex;
 inline std::string emu_error;
 inline int emu_sm_count = 132;
@@ -106,8 +113,8 @@ struct EmuAsyncCopy {
   bool valid;
   int bytes;
 };
-inline thread_local std::vector<EmuAsyncCopy> emu_async_open;
-inline thread_local std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
+inline std::vector<EmuAsyncCopy> emu_async_open;
+inline std::deque<std::vector<EmuAsyncCopy>> emu_async_groups;
 
 // Execution contexts. On x86-64 a switch saves what the ABI has a callee preserve (rbx, rbp,
 // r12-r15, the MXCSR and x87 control words) on the current stack and loads the other stack
@@ -186,7 +193,7 @@ struct EmuFiber {
   std::deque<std::vector<EmuAsyncCopy>> async_groups;
 };
 
-// The launching thread's fibers (one launch at a time, as emu_gridDim / emu_blockDim assume).
+// The running launch's fibers.
 // Stacks are mapped once and reused; a guard page below each turns an overflow into a fault.
 struct EmuScheduler {
   static constexpr size_t kStackBytes = size_t{8} << 20;  // a host thread's default
@@ -209,7 +216,8 @@ struct EmuScheduler {
     }
   }
 };
-inline thread_local EmuScheduler emu_sched;
+inline EmuScheduler emu_sched;
+inline std::mutex emu_launch_mutex;
 
 // AddressSanitizer (EMU_ASAN=1) must be told of each stack switch: the destination stack's bounds
 // before it, and the fake-stack handle after it. The host stack's bounds are learnt on the first
@@ -217,8 +225,8 @@ inline thread_local EmuScheduler emu_sched;
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-inline thread_local const void* emu_host_stack_bottom = nullptr;
-inline thread_local size_t emu_host_stack_size = 0;
+inline const void* emu_host_stack_bottom = nullptr;
+inline size_t emu_host_stack_size = 0;
 #endif
 
 inline void emu_switch_to_fiber(EmuFiber& f) {
@@ -452,6 +460,7 @@ void emu_launch(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, c
     throw std::runtime_error("emu: invalid launch configuration");
   }
   std::tuple<std::decay_t<KArgs>...> params(args...);
+  std::lock_guard<std::mutex> one_launch_at_a_time(emu_launch_mutex);
   emu_gridDim = grid;
   emu_blockDim = block;
   // Blocks one after another; under EMU_THREAD_ORDER=reverse from the last to the first too, so

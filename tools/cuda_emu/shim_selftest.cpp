@@ -3,6 +3,7 @@
 // (tests/test_cuda_emu_shim.py builds and runs it, and holds the expected lines).
 #include <cfenv>
 #include <cstdio>
+#include <thread>
 #include <vector>
 
 #include "emu_shim.h"
@@ -98,6 +99,23 @@ static void run(const char* name, Kernel* k, dim3 grid, dim3 block, size_t smem,
   }
 }
 
+// Launches from two host threads at once (each 20 times, into its own buffer): one waits for
+// the other's to end, so both compute what a launch alone does. Run concurrently, they would
+// share the running block, the fibers and barrier_and_warp_sum's __shared__ array.
+static bool two_host_threads_launch() {
+  std::vector<float> alone(2 * 128), a(2 * 128), b(2 * 128);
+  emu_launch(&barrier_and_warp_sum, dim3(2), dim3(128), 0, nullptr, alone.data());
+  const auto launches = [](float* out) {
+    for (int i = 0; i < 20; ++i) {
+      emu_launch(&barrier_and_warp_sum, dim3(2), dim3(128), 0, nullptr, out);
+    }
+  };
+  std::thread first(launches, a.data()), second(launches, b.data());
+  first.join();
+  second.join();
+  return a == alone && b == alone;
+}
+
 int main() {
   std::vector<float> out(4 * 256, -1.0f);
   run("barrier_and_warp_sum", &barrier_and_warp_sum, dim3(4), dim3(256), 0, out.data());
@@ -153,5 +171,6 @@ int main() {
   run("block_of_1025_threads", &nothing, dim3(1), dim3(1025), 0, out.data());
   // A launch after a fault runs normally (nothing is left over in the barriers or the fibers).
   run("barrier_after_faults", &barrier_and_warp_sum, dim3(2), dim3(128), 0, out.data());
+  std::printf("two_host_threads_launch values %s\n", two_host_threads_launch() ? "right" : "wrong");
   return 0;
 }
