@@ -192,13 +192,10 @@ def test_errors_are_one_line(mamba_dir, tmp_path, capsys):
         (["bench", "--preset", "mamba-9b"], "invalid choice: 'mamba-9b'"),
         (["bench", "--preset", "mamba-2.8b", "--tp", "0"], "argument --tp"),
     ]
-    from tpssm.cli import main
-
     for args, pattern in cases:
-        code = main(args)
-        captured = capsys.readouterr()
-        assert code == 2, (args, code, captured.out, captured.err)
-        _assert_one_error_line(captured.err, pattern, args)
+        code, err = run_main(capsys, *args)
+        assert code == 2, (args, code, err)
+        _assert_one_error_line(err, pattern, args)
     for args, pattern in (cases[1], cases[6]):
         code, out, err = run_cli(*args)
         assert code == 2, (args, code, out, err)
