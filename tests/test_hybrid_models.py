@@ -30,7 +30,11 @@ CONFIGS = {"zamba": ("zamba", {}), "zamba2_1blk": ("zamba2_1blk", {}),
 TPS = [1, 2, 3, 4]
 DECODE_STEPS = 6
 TOL = 1e-4          # vs transformers, fp32
-SELF_TOL = 1e-5     # ours vs ours along another path (chunking, batching)
+SELF_TOL = 1e-5     # ours vs ours along another path (batching, sequence parallel, kernels)
+# Chunked prefill vs one-shot: fp32 roundoff reaches 1.35e-5 on the two-block Zamba2 models (an
+# Intel Xeon's CPU GEMM; 5.7e-6 on an AMD EPYC), while a one-token chunk run as a decode step
+# (Zamba2's dt clamp skipped) is off by 1.2e-4 to 1.6e-4: the bound sits between the two.
+CHUNKED_TOL = 4e-5
 BACKEND = H.pick_backend()
 
 
@@ -240,7 +244,7 @@ def test_hybrid_matches_transformers(name, tp, oracles, record_property):
     assert r["greedy_tokens"] == oracle["tokens"]
     assert r["generate"] == oracle["tokens"]
     assert r["batch_vs_single"] <= SELF_TOL
-    assert r["chunked"] <= SELF_TOL, summary
+    assert r["chunked"] <= CHUNKED_TOL, summary
     assert r["chunked_decode"] <= TOL, summary
     assert r["mixed"] <= TOL, summary
     assert r["reuse_equal"]
