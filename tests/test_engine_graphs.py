@@ -191,6 +191,37 @@ def test_tp_ranks_graph_decode_equals_eager(family, scheme, vocab_parallel):
             assert sum(n for path, n in r["calls"].items() if path != "exact") > 0, r["calls"]
 
 
+def _replica_rank(rank, world):
+    """Rank r serves replica r: a tp 1 model on a one-rank group of its own."""
+    import torch.distributed as dist
+    groups = [dist.new_group([r]) for r in range(world)]
+    model = _model("mamba", TPContext(groups[rank]))
+    outputs = _run(model, _prompts(20 + rank, n=3), False, sampling=_replica_sampling)[0]
+    try:
+        _run(model, _prompts(0, n=1), False, group=dist.group.WORLD)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    return outputs, refused
+
+
+def _replica_sampling(i):
+    return SamplingParams(max_new_tokens=8, temperature=1.0, seed=i)
+
+
+def test_data_parallel_replicas_keep_their_own_tokens():
+    """Two model replicas in one gloo world (a tp 1 group each), the engine built without a
+    group: each replica's sampled tokens are its own (they used to be replica 0's, broadcast
+    over the world group), equal to the same requests served in a lone process."""
+    results = run_distributed(_replica_rank, 2, timeout=120)
+    for rank, (outputs, refused) in enumerate(results):
+        alone = _run(_model("mamba"), _prompts(20 + rank, n=3), False,
+                     sampling=_replica_sampling)[0]
+        assert outputs == alone, rank
+        assert refused and "group" in refused, refused
+    assert results[0][0] != results[1][0]
+
+
 # ---- the stand-in itself: what it freezes, restores and refuses --------------------------------
 def test_replay_recomputes_from_the_inputs_it_captured():
     x = torch.arange(4.0)

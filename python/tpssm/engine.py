@@ -62,6 +62,8 @@ class GenerationModel(Protocol):
     # greedy_tokens(shard) -> (B,) int64 argmax over the whole vocabulary, equal on every rank;
     # gather_logits(shard) -> (B, vocab) float32. Both are collectives over the ranks.
 
+    # Optional: `ctx`, the model's TPContext; the engine then exchanges tokens over its group.
+
     def allocate_slot(self) -> int: ...
 
     def free_slot(self, slot: int) -> None: ...
@@ -77,6 +79,7 @@ class CachedModel:
         self.cache = cache
         self.vocab_size = model.config.vocab_size
         self.device = model.ctx.device
+        self.ctx = model.ctx
         # Tokens a request may hold (prompt + output) in a hybrid model's KV cache; None when
         # the model keeps only a fixed-size state.
         self.max_seq_len = cache.max_seq_len if cache.has_kv else None
@@ -196,11 +199,20 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prompt_tokens = max_prompt_tokens
-        self.group = group
         self.device = model.device
-        # The token broadcast's group: `group`, or the default group when torch.distributed is
-        # initialised (a lone process has nothing to broadcast to).
-        self._tp = TPContext(group, self.device)
+        # The token exchange's group is the model's own TP group: with several model replicas
+        # in one torch.distributed world, the default group would hand one replica's tokens to
+        # another. A model without `ctx` uses `group`, or the default group when
+        # torch.distributed is initialised (a lone process has nothing to broadcast to).
+        model_ctx = getattr(model, "ctx", None)
+        if model_ctx is not None:
+            if group is not None and group is not model_ctx.group:
+                raise ValueError("group: the model runs on another process group; leave group "
+                                 "unset to exchange tokens over the model's own")
+            self._tp = model_ctx
+        else:
+            self._tp = TPContext(group, self.device)
+        self.group = self._tp.group
         # A decode graph holds the step's collectives too: NCCL's can be captured, gloo's
         # (TP ranks sharing one GPU) cannot, so those ranks decode eagerly.
         self.use_cuda_graphs = (use_cuda_graphs and self.device.type == "cuda"

@@ -163,7 +163,7 @@ def make_engine(model, job: GenerateJob):
     return GenerationEngine(runner, max_batch_size=min(job.max_batch_size, slots),
                             max_prefill_tokens=job.max_prefill_tokens,
                             max_prompt_tokens=job.max_prompt_tokens,
-                            use_state_cache=job.use_state_cache, group=model.ctx.group)
+                            use_state_cache=job.use_state_cache)
 
 
 def run_job(engine, job: GenerateJob):
