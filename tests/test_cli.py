@@ -243,6 +243,32 @@ def test_generate_option_rules_fail_before_any_work(capsys, argv, message):
     assert message in err
 
 
+def test_generate_stops_at_each_of_the_config_eos_tokens(mamba_dir, tmp_path, capsys):
+    """transformers' configs may list several eos tokens: generation stops at the first of
+    them emitted (a list used to be dropped, and generation ran to --max-new-tokens)."""
+    from tpssm.cli import main
+
+    model, path = mamba_dir
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    expected, _ = hf_greedy(model, prompt, 7)
+    stop = [expected[5], expected[3]]
+    first = min(expected.index(t) for t in stop)
+    assert first < 7
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in os.listdir(path):
+        if name != "config.json":
+            (ckpt / name).symlink_to(os.path.join(path, name))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    (ckpt / "config.json").write_text(json.dumps(dict(config, eos_token_id=stop)))
+    ids = ",".join(map(str, prompt))
+    for extra, want in (([], expected[:first + 1]), (["--ignore-eos"], expected)):
+        assert main(["generate", "--model", str(ckpt), "--input-ids", ids, "--greedy",
+                     "--max-new-tokens", "8", "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["output_ids"] == want, extra
+
+
 def test_input_ids_accepts_zero_and_spaces(tmp_path, capsys):
     """0 is a token id; the rule is "non-negative", and the ids parse before the model is read
     (the missing directory is the first thing to fail)."""

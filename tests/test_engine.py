@@ -118,6 +118,13 @@ def test_eos_stops_early():
     r = engine.add_request([5], SamplingParams(max_new_tokens=6, eos_token_id=full[2]))
     engine.run()
     assert r.output == full[:full.index(full[2]) + 1]
+    # Several stop tokens (transformers' configs list them): the first one emitted stops.
+    for stop in ([full[4], full[2]], (full[3],)):
+        engine = GenerationEngine(ToyStateModel(num_slots=1))
+        r = engine.add_request([5], SamplingParams(max_new_tokens=6, eos_token_id=stop))
+        engine.run()
+        first = min(full.index(t) for t in stop)
+        assert r.output == full[:first + 1], stop
 
 
 def test_sampling_is_seeded():
@@ -127,6 +134,21 @@ def test_sampling_is_seeded():
         engine.run()
         return r.output
     assert run(3) == run(3)
+
+
+def test_requests_without_a_seed_draw_their_own_tokens():
+    """seed None: each request's generator is seeded with its id - four samples of one prompt
+    differ (they were one sample four times with a shared default seed), and a rerun repeats
+    them."""
+    def run():
+        engine = GenerationEngine(ToyStateModel(num_slots=4), max_batch_size=4)
+        reqs = [engine.add_request([1], SamplingParams(max_new_tokens=6, temperature=5.0))
+                for _ in range(4)]
+        engine.run()
+        return [r.output for r in reqs]
+    outs = run()
+    assert len({tuple(o) for o in outs}) > 1, outs
+    assert run() == outs
 
 
 def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
@@ -154,8 +176,12 @@ def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+    (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
     (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(eos_token_id="2"), "eos_token_id must be an int or a sequence of ints"),
+    (dict(eos_token_id=[2, 1.5]), "eos_token_id must be"),
+    (dict(eos_token_id=True), "eos_token_id must be"),
 ])
 def test_bad_sampling_params(kwargs, match):
     engine = GenerationEngine(ToyStateModel(num_slots=1))

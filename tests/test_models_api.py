@@ -384,6 +384,22 @@ def test_generate_sampling_options(checkpoints):
     assert cache.num_free == 5  # generate frees the slots it took
     with pytest.raises(ValueError, match="non-empty"):
         generate(m, [[]], 3)
+    # Bad arguments name themselves before any work (a negative temperature with sampling
+    # used to pass as greedy; top_p 0 ended in multinomial's error; an id past the
+    # vocabulary reached the embedding).
+    for kwargs, match in [(dict(do_sample=True, temperature=-1.0), "temperature must be"),
+                          (dict(do_sample=True, temperature=float("nan")), "temperature must"),
+                          (dict(do_sample=True, top_k=-1), "top_k must be >= 0"),
+                          (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
+                          (dict(do_sample=True, top_p=1.5), "top_p must be")]:
+        with pytest.raises(ValueError, match=match):
+            generate(m, PROMPTS, 2, cache=cache, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            select_tokens(torch.zeros(1, 4), **kwargs)
+    for bad in (256, -1):
+        with pytest.raises(ValueError, match=r"prompts: token ids must be in \[0, 256\)"):
+            generate(m, [[1, bad]], 2, cache=cache)
+    assert cache.num_free == 5  # a refused call takes no slot
 
 
 def test_select_tokens_top_p_keeps_the_nucleus():

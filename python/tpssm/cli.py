@@ -229,6 +229,17 @@ def _sequence_parallel(args) -> int:
     return args.sequence_parallel_min_tokens
 
 
+def _stop_tokens(eos):
+    """The checkpoint config's eos_token_id: an int, a list of ints (as transformers writes
+    several stop tokens) or anything else, which sets no stop token."""
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return eos
+    if isinstance(eos, list) and eos and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in eos):
+        return tuple(eos)
+    return None
+
+
 def cmd_generate(args) -> int:
     sequence_parallel = _sequence_parallel(args)
     config = check_checkpoint(args.model)
@@ -250,7 +261,7 @@ def cmd_generate(args) -> int:
     if len(ids) > args.max_prompt_tokens:
         raise UsageError(f"the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
                          f"{args.max_prompt_tokens}")
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    eos = _stop_tokens(config.eos_token_id)
     spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
                      allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
                      scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,

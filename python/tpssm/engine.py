@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Collection, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from tpssm.generate import select_tokens
+from tpssm.generate import check_sampling_args, select_tokens
 from tpssm.ops import PAD_SLOT_ID
 from tpssm.parallel import TPContext
 
@@ -123,21 +123,34 @@ class CachedModel:
 
 @dataclass
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 keeps every token."""
+    """temperature 0 is greedy; top_k 0 keeps every token. eos_token_id: one stop token or
+    several (transformers' configs list several); the stop token is included in the output.
+    seed None draws a request's tokens from a generator seeded with its request id: requests
+    draw different tokens, the same on every run."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
-    eos_token_id: Optional[int] = None
-    seed: int = 0
+    eos_token_id: Union[None, int, Collection[int]] = None
+    seed: Optional[int] = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling_args(self.temperature, self.top_k)
+        stop = self.eos_token_id
+        if stop is not None and not (_is_int(stop) or (
+                isinstance(stop, (list, tuple, set, frozenset))
+                and all(_is_int(t) for t in stop))):
+            raise ValueError(f"eos_token_id must be an int or a sequence of ints, got {stop!r}")
+
+    def stop_ids(self) -> frozenset:
+        stop = self.eos_token_id
+        return frozenset() if stop is None else frozenset([stop] if _is_int(stop) else stop)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -152,6 +165,7 @@ class Request:
     first_token_s: Optional[float] = None
     finish_s: Optional[float] = None
     generator: Optional[torch.Generator] = None
+    stop_ids: frozenset = frozenset()
     # Set when a step this request was part of raised: its slot's state may be partly advanced,
     # so the request is finished there (with the tokens it had) rather than continued.
     error: Optional[str] = None
@@ -160,8 +174,7 @@ class Request:
     def done(self) -> bool:
         if self.error is not None or len(self.output) >= self.sampling.max_new_tokens:
             return True
-        eos = self.sampling.eos_token_id
-        return eos is not None and bool(self.output) and self.output[-1] == eos
+        return bool(self.output) and self.output[-1] in self.stop_ids
 
     @property
     def prefilling(self) -> bool:
@@ -258,9 +271,11 @@ class GenerationEngine:
             raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens "
                              f"{sampling.max_new_tokens} need {need} keys, more than the KV "
                              f"cache's max_seq_len {max_len}")
-        req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter())
+        req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter(),
+                      stop_ids=sampling.stop_ids())
         if sampling.temperature > 0:
-            req.generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+            seed = self._next_id if sampling.seed is None else sampling.seed
+            req.generator = torch.Generator(device="cpu").manual_seed(seed)
         self._next_id += 1
         self.waiting.append(req)
         return req

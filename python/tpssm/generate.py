@@ -6,19 +6,32 @@ broadcast, so all ranks stay in lockstep."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from tpssm.cache import SSMStateCache
 
-__all__ = ["generate", "select_tokens"]
+__all__ = ["generate", "select_tokens", "check_sampling_args"]
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float = 1.0) -> None:
+    """ValueError naming the argument unless temperature is finite and >= 0, top_k >= 0 and
+    0 < top_p <= 1."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token per row of logits (batch, vocab) -> int64 (batch,)."""
+    check_sampling_args(temperature, top_k, top_p)
     # Below float32's smallest normal number the draw is one-hot anyway, and the division would
     # underflow the temperature to 0 (0 / 0 for the top token): the top token.
     if not do_sample or temperature < torch.finfo(torch.float32).tiny:
@@ -51,6 +64,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     a fresh one with a slot per prompt."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    check_sampling_args(temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        # An id out of range would reach the embedding: a device-side assert on CUDA.
+        raise ValueError(f"prompts: token ids must be in [0, {vocab}), got {bad[:5]}")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     ctx = model.ctx

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -133,7 +133,7 @@ class GenerateJob:
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
-    eos_token_id: Optional[int] = None
+    eos_token_id: Union[None, int, Tuple[int, ...]] = None
     max_batch_size: int = 8
     max_prefill_tokens: int = 2048
     max_prompt_tokens: int = 1 << 20
