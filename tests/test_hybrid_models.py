@@ -358,6 +358,31 @@ def test_gemv_reaches_every_decode_projection(oracles, monkeypatch):
     assert H.max_rel_err(outs[1], outs[0]) <= SELF_TOL
 
 
+@torch.no_grad()
+def test_padding_rows_attend_over_one_key(oracles):
+    """A decode padding row writes the scratch row's first key and attends over it alone: the
+    scratch row's length stays 1 however many padded steps run (it grew by one a step, up to
+    max_seq_len keys read per padding row), and the live row's logits are unpadded decode's (up
+    to the CPU GEMM's rounding, which depends on the batch's rows)."""
+    from tpssm.models import load_model
+    from tpssm.ops import PAD_SLOT_ID
+
+    model = load_model(oracles("zamba2_1blk")["path"], backend=BACKEND)
+    prompt = list(range(3, 9))
+    caches = [model.allocate_cache(1, max_seq_len=KV_LEN) for _ in range(2)]
+    for c in caches:
+        model(torch.tensor(prompt), _qsl([len(prompt)]), _i32([0]), torch.tensor([False]), c)
+    for step in range(KV_LEN - len(prompt)):
+        token = 7 + step
+        padded = model.decode(torch.tensor([token, 0, 0]), _i32([0, PAD_SLOT_ID, PAD_SLOT_ID]),
+                              caches[0])
+        alone = model.decode(torch.tensor([token]), _i32([0]), caches[1])
+        assert H.max_rel_err(padded[:1], alone) <= SELF_TOL, step
+    scratch = caches[0].num_slots
+    assert int(caches[0].kv_lengths[scratch]) == 1
+    assert torch.equal(caches[0].kv_lengths[:scratch], caches[1].kv_lengths[:scratch])
+
+
 @pytest.mark.timeout(600)
 def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
     """The engine over a hybrid: 5 requests through 3 slots with 5-token prefill chunks

@@ -176,6 +176,11 @@ class KVBatch:
             bad = (rows < 0) | (rows >= cache.num_slots)
             rows = torch.where(bad, torch.full_like(rows, cache.num_slots), rows)
         past = cache.kv_lengths.index_select(0, rows)
+        if cache_indices is not None:
+            # Padding rows write the scratch row's first key and attend over it alone: the
+            # scratch row's length would otherwise grow by one every padded step, up to
+            # max_seq_len keys read per padding row.
+            past = past.masked_fill(bad, 0)
         if not capturing(dev):
             full = (past >= cache.max_seq_len) & (rows < cache.num_slots)
             if bool(full.any()):
