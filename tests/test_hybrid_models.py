@@ -383,6 +383,30 @@ def test_padding_rows_attend_over_one_key(oracles):
     assert torch.equal(caches[0].kv_lengths[:scratch], caches[1].kv_lengths[:scratch])
 
 
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+@torch.no_grad()
+def test_a_new_request_ignores_what_its_slot_held(oracles, backend):
+    """Freed slots are not cleared: a new request (has_initial_state False) in a slot whose
+    states and keys hold NaN gives a clean slot's logits (the reference backend's masked
+    attention multiplied the stale values by a zero weight: NaN)."""
+    from tpssm.models import load_model
+
+    model = load_model(oracles("zamba")["path"], backend=backend)
+    prompt = list(range(3, 9))
+    outs = []
+    for poison in (False, True):
+        cache = model.allocate_cache(1, max_seq_len=KV_LEN)
+        if poison:
+            for t in (*cache.conv_states, *cache.ssm_states, *cache.k_states, *cache.v_states):
+                t.fill_(float("nan"))
+        steps = [model(torch.tensor(prompt), _qsl([len(prompt)]), _i32([0]),
+                       torch.tensor([False]), cache)]
+        steps += [model.decode(torch.tensor([t]), _i32([0]), cache) for t in (5, 9, 2)]
+        outs.append(torch.cat(steps))
+    assert torch.isfinite(outs[1]).all()
+    assert torch.equal(outs[1], outs[0])
+
+
 @pytest.mark.timeout(600)
 def test_engine_chunked_continuous_batching_and_kv_admission(oracles):
     """The engine over a hybrid: 5 requests through 3 slots with 5-token prefill chunks

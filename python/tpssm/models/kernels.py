@@ -73,10 +73,13 @@ def _decode_attention_torch(q, k_cache, v_cache, rows, lengths, scale, *, out=No
     import torch
     import torch.nn.functional as F
 
-    ks = k_cache.index_select(0, rows)         # (B, H, max_len, hd)
-    vs = v_cache.index_select(0, rows)
     max_len = k_cache.shape[2]
     mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    # Past a row's length a slot holds whatever its last request left, NaN or inf included: a
+    # masked weight of 0 times such a value would still poison the row, so they are zeroed.
+    hidden = ~mask[:, None, :, None]
+    ks = k_cache.index_select(0, rows).masked_fill(hidden, 0)    # (B, H, max_len, hd)
+    vs = v_cache.index_select(0, rows).masked_fill(hidden, 0)
     y = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs,
                                        attn_mask=mask[:, None, None, :], scale=scale)[:, :, 0, :]
     return y if out is None else out.copy_(y)
