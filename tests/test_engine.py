@@ -266,6 +266,22 @@ def test_a_failed_step_finishes_its_requests_with_the_error(fail_at, failing):
             assert r.output == expected_tokens(p, 3)[:len(r.output)]
 
 
+def test_an_idle_step_runs_no_forward():
+    """A serving loop may call step() with nothing to do: no forward (a padding-only decode step
+    used to run, a full read of the weights), no step counted."""
+    model = ToyStateModel(num_slots=2)
+    decodes = []
+    real = model.decode
+    model.decode = lambda ids, slots: decodes.append(len(ids)) or real(ids, slots)
+    engine = GenerationEngine(model)
+    engine.step()
+    assert (model.prefill_calls, decodes, engine.num_steps) == ([], [], 0)
+    engine.add_request([3], SamplingParams(max_new_tokens=2))
+    engine.run()
+    engine.step()
+    assert (model.prefill_calls, decodes, engine.num_steps) == ([1], [1], 2)
+
+
 def test_run_returns_the_requests_of_this_call():
     engine = GenerationEngine(ToyStateModel(num_slots=2))
     first = engine.add_request([1], SamplingParams(max_new_tokens=2))

@@ -306,8 +306,11 @@ class GenerationEngine:
         their slots freed (a forward that stopped part way leaves their states neither before
         nor after the step), then the error propagates; in one process the engine stays usable
         for the other requests. Under tensor parallelism a failure on one rank leaves the ranks
-        out of step (the others' next collective times out): end the run."""
+        out of step (the others' next collective times out): end the run. With no request to
+        run it does nothing (no forward, no step counted)."""
         self._admit()
+        if not self.running:
+            return
         self._step_rows = list(self.running)
         try:
             if not self.use_state_cache:
