@@ -1,5 +1,7 @@
 """The command line end to end on the CPU (gloo ranks): demo, generate against transformers'
-greedy generation, bench JSON, continuous batching with a real model, and one-line errors."""
+greedy generation, bench JSON, continuous batching with a real model, and one-line errors.
+Most runs call main() in this process (run_in_process); `python -m tpssm` runs where the entry
+point itself is under test."""
 
 import json
 import os
@@ -24,6 +26,17 @@ def run_cli(*args, timeout=300):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def run_in_process(capsys, *args):
+    """The command line's main() in this process, its ranks forked from the suite's fork server:
+    a fresh interpreter a run (~5 s on a 2-core machine, against ~0.5 s) is spent only where
+    the entry point itself is under test (the demo, torchrun, the error lines)."""
+    from tpssm.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="module")
 def mamba_dir(tmp_path_factory):
     model = build_hf_model("mamba", seed=11)
@@ -44,14 +57,15 @@ def test_demo_tp2_equals_tp1():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("tp,kernel", [(1, "torch"), (2, "torch"), (2, "gemv")])
-def test_generate_matches_transformers_greedy(mamba_dir, tp, kernel):
+def test_generate_matches_transformers_greedy(mamba_dir, tp, kernel, capsys):
     model, path = mamba_dir
     prompt = [5, 17, 99, 3, 250, 42, 7]
     steps = 8
     expected, _ = hf_greedy(model, prompt, steps - 1)
-    code, out, err = run_cli("generate", "--model", path, "--tp", str(tp), "--input-ids",
-                             ",".join(map(str, prompt)), "--max-new-tokens", str(steps),
-                             "--greedy", "--ignore-eos", "--json", "--projection-kernel", kernel)
+    code, out, err = run_in_process(capsys, "generate", "--model", path, "--tp", str(tp),
+                                    "--input-ids", ",".join(map(str, prompt)),
+                                    "--max-new-tokens", str(steps), "--greedy", "--ignore-eos",
+                                    "--json", "--projection-kernel", kernel)
     assert code == 0, err
     record = json.loads(out)
     assert record["input_ids"] == prompt
@@ -59,14 +73,14 @@ def test_generate_matches_transformers_greedy(mamba_dir, tp, kernel):
 
 
 @pytest.mark.timeout(600)
-def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
+def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path, capsys):
     _, path = mamba_dir
     out_json = tmp_path / "bench.json"
-    code, out, err = run_cli("bench", "--model", path, "--tp", "1,2", "--prompt-lens", "4,9",
-                             "--batch-sizes", "1,2", "--gen-tokens", "3",
-                             "--compare-state-cache", "--json", str(out_json),
-                             "--plot", str(tmp_path / "bench.png"), "--projection-kernel",
-                             "gemv", "--programmatic-launch")
+    code, out, err = run_in_process(capsys, "bench", "--model", path, "--tp", "1,2",
+                                    "--prompt-lens", "4,9", "--batch-sizes", "1,2",
+                                    "--gen-tokens", "3", "--compare-state-cache", "--json",
+                                    str(out_json), "--plot", str(tmp_path / "bench.png"),
+                                    "--projection-kernel", "gemv", "--programmatic-launch")
     assert code == 0, err
     try:
         import matplotlib  # noqa: F401
@@ -97,14 +111,15 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path):
     assert report["complete"] is True
 
 
-def test_bench_keeps_finished_degrees_when_a_later_one_fails(mamba_dir, tmp_path):
+def test_bench_keeps_finished_degrees_when_a_later_one_fails(mamba_dir, tmp_path, capsys):
     """The JSON is rewritten after every tp degree: a sweep that dies part way keeps its rows."""
     _, path = mamba_dir
     out_json = tmp_path / "bench.json"
     # A shard of tp 4096 has no channel to hold: the second run fails at model build.
-    code, out, err = run_cli("bench", "--model", path, "--tp", "1", "--rank-shard", "4096",
-                             "--prompt-lens", "5", "--batch-sizes", "1", "--gen-tokens", "2",
-                             "--json", str(out_json))
+    code, out, err = run_in_process(capsys, "bench", "--model", path, "--tp", "1",
+                                    "--rank-shard", "4096", "--prompt-lens", "5",
+                                    "--batch-sizes", "1", "--gen-tokens", "2", "--json",
+                                    str(out_json))
     assert code == 1  # a run that started and failed
     last = err.strip().splitlines()[-1]
     assert last.startswith("tpssm: error: rank 0 failed:") and "4096" in last
@@ -115,13 +130,13 @@ def test_bench_keeps_finished_degrees_when_a_later_one_fails(mamba_dir, tmp_path
     assert [(r["tp"], r["rank_shard_only"]) for r in report["rows"]] == [(1, False)]
 
 
-def test_bench_rank_shard_times_one_shard_alone(mamba_dir, tmp_path):
+def test_bench_rank_shard_times_one_shard_alone(mamba_dir, tmp_path, capsys):
     """--rank-shard 2: rank 0's half of the model in this one process, no group."""
     _, path = mamba_dir
     out_json = tmp_path / "bench.json"
-    code, out, err = run_cli("bench", "--model", path, "--tp", "1", "--rank-shard", "2",
-                             "--prompt-lens", "5", "--batch-sizes", "2", "--gen-tokens", "3",
-                             "--json", str(out_json))
+    code, out, err = run_in_process(capsys, "bench", "--model", path, "--tp", "1",
+                                    "--rank-shard", "2", "--prompt-lens", "5", "--batch-sizes",
+                                    "2", "--gen-tokens", "3", "--json", str(out_json))
     assert code == 0, err
     rows = json.loads(out_json.read_text())["rows"]
     full, = [r for r in rows if not r["rank_shard_only"]]
@@ -380,13 +395,14 @@ def test_rank_failure_line_drops_the_exception_class():
 
 
 @pytest.mark.timeout(300)
-def test_generate_with_quantized_allreduce(mamba_dir):
+def test_generate_with_quantized_allreduce(mamba_dir, capsys):
     """--allreduce int8 reaches the model: its reductions take the quantized path (counted by
     the model's strategy), and with the default threshold decode-sized messages stay exact."""
     _, path = mamba_dir
     common = ("generate", "--model", path, "--tp", "2", "--input-ids", "1,2,3,4",
               "--max-new-tokens", "5", "--ignore-eos", "--json")
-    code, out, err = run_cli(*common, "--allreduce", "int8", "--allreduce-min-bytes", "0")
+    code, out, err = run_in_process(capsys, *common, "--allreduce", "int8",
+                                    "--allreduce-min-bytes", "0")
     assert code == 0, err
     record = json.loads(out)
     assert len(record["output_ids"]) == 5
@@ -394,14 +410,14 @@ def test_generate_with_quantized_allreduce(mamba_dir):
     calls = record["allreduce_calls"]
     # out_proj (width 64) quantizes; x_proj's 36-wide output no group size divides stays exact.
     assert calls["quantized"] > 0 and calls["exact"] == calls["quantized"], calls
-    code, out, err = run_cli(*common, "--allreduce", "exact")
+    code, out, err = run_in_process(capsys, *common, "--allreduce", "exact")
     assert code == 0, err
     calls = json.loads(out)["allreduce_calls"]
     assert calls["quantized"] == 0 and calls["exact"] > 0, calls
 
 
 @pytest.mark.timeout(300)
-def test_generate_with_sequence_parallel(mamba_dir):
+def test_generate_with_sequence_parallel(mamba_dir, capsys):
     """--sequence-parallel reaches the model: at tp 3 the prompt's prefill reduce-scatters
     (counted by the model's strategy) and the tokens are those of the all-reduce path; under
     --sequence-parallel-min-tokens the prefill keeps the all-reduce."""
@@ -412,7 +428,7 @@ def test_generate_with_sequence_parallel(mamba_dir):
     for name, extra in (("plain", ()),
                         ("sp", ("--sequence-parallel", "--sequence-parallel-min-tokens", "7")),
                         ("under", ("--sequence-parallel", "--sequence-parallel-min-tokens", "8"))):
-        code, out, err = run_cli(*common, *extra)
+        code, out, err = run_in_process(capsys, *common, *extra)
         assert code == 0, err
         runs[name] = json.loads(out)
     layers = 3  # hf_models' mamba config
@@ -443,7 +459,7 @@ def test_generate_runs_unchanged_under_torchrun(mamba_dir):
 
 
 @pytest.mark.timeout(300)
-def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path):
+def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path, capsys):
     import shutil
 
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -455,8 +471,9 @@ def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path)
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(os.path.join(with_tok, "tokenizer.json"))
     expected, _ = hf_greedy(model, [5, 17, 99], 3)
-    code, out, err = run_cli("generate", "--model", with_tok, "--prompt", "w5 w17 w99",
-                             "--max-new-tokens", "4", "--ignore-eos", "--json")
+    code, out, err = run_in_process(capsys, "generate", "--model", with_tok, "--prompt",
+                                    "w5 w17 w99", "--max-new-tokens", "4", "--ignore-eos",
+                                    "--json")
     assert code == 0, err
     record = json.loads(out)
     assert record["input_ids"] == [5, 17, 99]
@@ -465,7 +482,7 @@ def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_sampled_generation_at_tp2_is_seeded(mamba_dir):
+def test_sampled_generation_at_tp2_is_seeded(mamba_dir, capsys):
     """Sampling at tp 2: rank 0's tokens are broadcast, so the ranks stay in lockstep, and the
     same seed gives the same tokens."""
     _, path = mamba_dir
@@ -474,7 +491,7 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir):
             "--seed", "7", "--json")
     runs = []
     for _ in range(2):
-        code, out, err = run_cli(*args)
+        code, out, err = run_in_process(capsys, *args)
         assert code == 0, err
         runs.append(json.loads(out)["output_ids"])
     assert runs[0] == runs[1]

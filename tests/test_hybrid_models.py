@@ -278,34 +278,34 @@ def test_hybrid_matches_transformers(name, tp, oracles, record_property):
 @pytest.mark.parametrize("name,tp,kernel", [("zamba", 2, "torch"), ("zamba2_1blk", 2, "torch"),
                                             ("zamba2_2blk", 4, "torch"),
                                             ("zamba2_1blk", 2, "gemv")])
-def test_command_line_generate_matches_transformers(name, tp, kernel, oracles):
+def test_command_line_generate_matches_transformers(name, tp, kernel, oracles, capsys):
     """`python -m tpssm generate --model DIR --tp N` on a Zamba / Zamba2 checkpoint gives
     transformers' greedy tokens (also with the decode projections through gemv)."""
-    from test_cli import run_cli
+    from test_cli import run_in_process
 
     oracle = oracles(name)
     prompt = oracle["prompts"][0]
-    code, out, err = run_cli("generate", "--model", oracle["path"], "--tp", str(tp),
-                             "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens",
-                             str(DECODE_STEPS + 1), "--greedy", "--ignore-eos", "--json",
-                             "--projection-kernel", kernel)
+    code, out, err = run_in_process(capsys, "generate", "--model", oracle["path"], "--tp",
+                                    str(tp), "--input-ids", ",".join(map(str, prompt)),
+                                    "--max-new-tokens", str(DECODE_STEPS + 1), "--greedy",
+                                    "--ignore-eos", "--json", "--projection-kernel", kernel)
     assert code == 0, err
     assert json.loads(out)["output_ids"] == oracle["tokens"][0]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,tps,gen", [("zamba", "1", "1"), ("zamba2_2blk", "1,2", "3")])
-def test_command_line_bench_on_hybrid_checkpoints(name, tps, gen, oracles, tmp_path):
+def test_command_line_bench_on_hybrid_checkpoints(name, tps, gen, oracles, tmp_path, capsys):
     """`python -m tpssm bench --model DIR` sweeps a Zamba / Zamba2 checkpoint (with and without
     the state cache) and writes every point to the JSON (one generated token: the KV cache
     still holds the two-token warm-up)."""
-    from test_cli import run_cli
+    from test_cli import run_in_process
 
     oracle = oracles(name)
     out_json = tmp_path / "bench.json"
-    code, out, err = run_cli("bench", "--model", oracle["path"], "--tp", tps, "--prompt-lens",
-                             "5", "--batch-sizes", "1,3", "--gen-tokens", gen,
-                             "--compare-state-cache", "--json", str(out_json))
+    code, out, err = run_in_process(capsys, "bench", "--model", oracle["path"], "--tp", tps,
+                                    "--prompt-lens", "5", "--batch-sizes", "1,3", "--gen-tokens",
+                                    gen, "--compare-state-cache", "--json", str(out_json))
     assert code == 0, err
     report = json.loads(out_json.read_text())
     degrees = [int(t) for t in tps.split(",")]
