@@ -84,7 +84,8 @@ if [ "${GPU_DECODE_BATCH64:-0}" = 1 ]; then
 fi
 
 echo
-echo "=== decode, ms per token (graph replay; tp 1, then the tp 4 rank shard; b = batch) ==="
+echo "=== decode, ms per token (graph replay; tp 1, then the tp 4 rank shard; b = batch;"
+echo "    % = the step's memory floor (weights + states / copy bandwidth) over its time) ==="
 $PY - "$OUTDIR" <<'PY'
 import glob, json, sys
 for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")
@@ -92,9 +93,15 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/decode_*_*.json")
     if any(part in path for part in ("projections", "sweep", "profile", "peers")):
         continue
     rows = json.load(open(path)).get("rows", [])
-    cells = [f"tp{r.get('tp')}{' shard' if r.get('rank_shard_only') else ''} "
-             f"b{r.get('batch')} {r.get('decode_ms_per_token', float('nan')):.3f}"
-             for r in rows]
+    cells = []
+    for r in rows:
+        pct = r.get("decode_pct_of_floor")
+        cell = (f"tp{r.get('tp')}{' shard' if r.get('rank_shard_only') else ''} "
+                f"b{r.get('batch')} {r.get('decode_ms_per_token', float('nan')):.3f}"
+                + ("" if pct is None else f" ({pct:.0f}%)"))
+        if r.get("batch", 1) > 1 and r.get("decode_tok_s"):
+            cell += f" {r['decode_tok_s']:.0f} tok/s"
+        cells.append(cell)
     print(f"{path.rsplit('/', 1)[-1]:<48} " + "  ".join(cells))
 PY
 grep -hE "^  (torch|gemv)" "$OUTDIR/projections.log" 2>/dev/null

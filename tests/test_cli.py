@@ -95,6 +95,20 @@ def test_bench_tiny_sweep_writes_json(mamba_dir, tmp_path, capsys):
         (tp, c, b, p) for tp in (1, 2) for c in (True, False) for b in (1, 2) for p in (4, 9)}
     for r in rows:
         assert r["throughput_tok_s"] > 0 and r["ttft_ms"] > 0 and r["seconds"] > 0
+        assert r["decode_tok_s"] == pytest.approx(r["batch"] * 1e3 / r["decode_ms_per_token"])
+        # The floor needs a GPU's copy bandwidth; its bytes are there on the CPU too, and only
+        # with the state cache (without it a step recomputes whole sequences).
+        assert r["copy_bandwidth_gbs"] is None and r["decode_floor_ms"] is None
+        assert r["decode_pct_of_floor"] is None
+        if r["state_cache"]:
+            assert r["decode_weight_bytes"] > 0
+            # mamba (hf_models): 3 layers x 128 / tp channels x (3 conv columns + 16 states)
+            # x 4 bytes (float32), read and written, a request.
+            channels = 128 // r["tp"]
+            assert r["decode_state_bytes"] == 2 * r["batch"] * 3 * channels * (3 + 16) * 4
+        else:
+            assert r["decode_weight_bytes"] is None
+    assert report["max_prefill_tokens"] == 8192
     assert len(report["state_cache_speedups"]) == 8
     assert all(r["throughput"] > 0 and r["ttft"] > 0 and r["decode"] > 0
                for r in report["state_cache_speedups"])

@@ -402,6 +402,36 @@ def test_generate_sampling_options(checkpoints):
     assert cache.num_free == 5  # a refused call takes no slot
 
 
+MODEL_TYPES = dict(MambaForCausalLM="mamba", FalconMambaForCausalLM="falcon_mamba",
+                   Mamba2ForCausalLM="mamba2", ZambaForCausalLM="zamba",
+                   Zamba2ForCausalLM="zamba2")
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_2blk"])
+def test_decode_weight_bytes_do_not_depend_on_tying(family):
+    """A decode step reads the same weights whether the head is tied to the embedding or not,
+    and whether a Zamba2 shared block is one weight set visited again (tied) or a block per
+    visit (untied): the embedding's batch rows, the head's rows (a tp 4 shard's quarter), each
+    block at every visit. parameter_bytes differs by the head and the blocks."""
+    from tpssm.models import build_model
+    from tpssm.parallel import TPContext
+
+    spec = {**H.FAMILY_SPECS, **H.HYBRID_SPECS}[family]
+    raw = dict(spec["cfg"], architectures=[spec["cls"]], model_type=MODEL_TYPES[spec["cls"]])
+    meta = torch.device("meta")
+    for ctx in (TPContext(device=meta), TPContext.local_shard(4, meta)):
+        tied, untied = (build_model(parse_config(dict(raw, tie_word_embeddings=t)), ctx,
+                                    torch.bfloat16) for t in (True, False))
+        assert untied.parameter_bytes() > tied.parameter_bytes()
+        row = spec["cfg"]["hidden_size"] * 2
+        for batch in (1, 5):
+            assert tied.decode_weight_bytes(batch) == untied.decode_weight_bytes(batch)
+            extra_rows = (batch - 1) * row
+            assert tied.decode_weight_bytes(batch) == tied.decode_weight_bytes(1) + extra_rows
+        if family == "zamba2_2blk" and ctx.tp == 1:  # two blocks over more visits: re-read
+            assert tied.decode_weight_bytes(1) > tied.parameter_bytes()
+
+
 def test_select_tokens_top_p_keeps_the_nucleus():
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     g = torch.Generator().manual_seed(0)

@@ -2,9 +2,13 @@
 length) points per tp degree, its report (JSON and a table), the state cache speedups, and the
 environment a result was measured in.
 
-Each point reports the batch's throughput (generated tokens / s), the median time to first
-token and the median per-token decode latency (time between a request's first and last token
-over its remaining tokens).
+Each point reports the batch's throughput (generated tokens / s, the prefill included), the
+median time to first token, the median per-token decode latency (time between a request's first
+and last token over its remaining tokens) and the decode throughput it gives (batch tokens a
+step). On CUDA a point with the state cache also reports its decode step's memory floor: the
+weights the step reads (the embedding's rows only, a shared block at every visit) and the states
+it reads and writes, over the copy bandwidth measured in the same rank process, and the floor as
+a percentage of the measured step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from tpssm.runner import GenerateJob, ModelSpec, build_model, log, make_engine, run_job, spawn
 
 __all__ = ["BenchJob", "bench_rank", "run_sweep", "cache_speedups", "format_table",
-           "format_speedups", "git_commit", "environment", "device_label", "layers_label"]
+           "format_speedups", "git_commit", "environment", "device_label", "layers_label",
+           "copy_bandwidth_gbs"]
 
 # New tokens of each point's untimed warm-up (prefill, one decode step); the KV cache holds them.
 WARMUP_TOKENS = 2
@@ -41,11 +46,47 @@ class BenchJob:
     seed: int = 0
 
 
+def copy_bandwidth_gbs(device) -> Optional[float]:
+    """GB/s (1e9 bytes, read + written) of a 512 MiB device-to-device copy, the median of 20
+    timed by CUDA events after two warm-ups; None off CUDA. The bandwidth the benchmarks'
+    "% of copy" and floors divide by."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    n = 512 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def decode_floor(model, cache, batch: int, copy_gbs: Optional[float]) -> dict:
+    """A decode step's memory floor at `batch` requests on this rank: the weights it reads
+    (model.decode_weight_bytes) plus the SSM and conv states it reads and writes back (a
+    hybrid's keys are left out: they depend on the requests' lengths), over the copy
+    bandwidth measured in the same process."""
+    weights = model.decode_weight_bytes(batch)
+    states = 2 * batch * (cache.bytes_per_slot() - cache.kv_bytes_per_slot())
+    floor_ms = None if copy_gbs is None else (weights + states) / (copy_gbs * 1e9) * 1e3
+    return {"decode_weight_bytes": weights, "decode_state_bytes": states,
+            "decode_floor_ms": floor_ms}
+
+
 def bench_rank(job: BenchJob) -> List[dict]:
     """One tp degree: every (state cache mode, batch size, prompt length) point of the sweep."""
     from tpssm.progress import Progress
 
     model = build_model(job.spec)
+    copy_gbs = copy_bandwidth_gbs(model.ctx.device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(job.seed)
     points = [(m, b, L) for m in job.state_cache_modes for b in job.batch_sizes
@@ -84,14 +125,27 @@ def bench_rank(job: BenchJob) -> List[dict]:
             decode.extend((r.finish_s - r.first_token_s) / max(1, len(r.output) - 1)
                           for r in done)
         seconds = statistics.median(times)
+        decode_ms = 1e3 * statistics.median(decode)
+        # Without the state cache every step recomputes whole sequences: no decode floor.
+        floor = (decode_floor(model, engine.model.cache, batch, copy_gbs) if use_cache
+                 else dict.fromkeys(("decode_weight_bytes", "decode_state_bytes",
+                                     "decode_floor_ms")))
         rows.append({"tp": model.ctx.tp, "rank_shard_only": model.ctx.local_shard_only,
                      "state_cache": use_cache, "batch": batch,
                      "prompt_len": plen, "gen_tokens": job.gen_tokens,
                      "num_layers": model.config.num_hidden_layers, "dtype": job.spec.dtype,
                      "seconds": seconds,
+                     # End to end: the prompts' prefill included.
                      "throughput_tok_s": batch * job.gen_tokens / seconds,
                      "ttft_ms": 1e3 * statistics.median(ttfts),
-                     "decode_ms_per_token": 1e3 * statistics.median(decode),
+                     "decode_ms_per_token": decode_ms,
+                     # Decode alone: a step's `batch` tokens over its median time.
+                     "decode_tok_s": batch * 1e3 / decode_ms if decode_ms > 0 else None,
+                     **floor,
+                     "decode_pct_of_floor": (None if floor["decode_floor_ms"] is None
+                                             or decode_ms <= 0
+                                             else 100 * floor["decode_floor_ms"] / decode_ms),
+                     "copy_bandwidth_gbs": copy_gbs,
                      "param_bytes_per_rank": model.parameter_bytes(),
                      "device": str(model.ctx.device)})
         progress.update()
@@ -174,13 +228,19 @@ def describe_run(report: dict) -> str:
 
 
 def format_table(report: dict) -> str:
+    """tok/s counts the prefill in; decode tok/s is a decode step's tokens over its time; floor
+    % is the decode step's memory floor over its time (CUDA only)."""
     lines = [describe_run(report),
              f"{'tp':>7} {'device':>7} {'cache':>5} {'batch':>5} {'prompt':>6} {'tok/s':>9} "
-             f"{'TTFT ms':>9} {'ms/token':>9}"]
+             f"{'TTFT ms':>9} {'ms/token':>9} {'dec tok/s':>9} {'floor %':>7}"]
     for r in report["rows"]:
+        decode = r.get("decode_tok_s")
+        pct = r.get("decode_pct_of_floor")
         lines.append(f"{_tp_label(r):>7} {r['device']:>7} {'on' if r['state_cache'] else 'off':>5} "
                      f"{r['batch']:>5} {r['prompt_len']:>6} {r['throughput_tok_s']:>9.1f} "
-                     f"{r['ttft_ms']:>9.1f} {r['decode_ms_per_token']:>9.2f}")
+                     f"{r['ttft_ms']:>9.1f} {r['decode_ms_per_token']:>9.2f} "
+                     f"{'-' if decode is None else f'{decode:.1f}':>9} "
+                     f"{'-' if pct is None else f'{pct:.0f}':>7}")
     return "\n".join(lines)
 
 

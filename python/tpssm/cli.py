@@ -324,7 +324,8 @@ def cmd_bench(args) -> int:
               "scan_algorithm": args.scan_algorithm, "projection_kernel": args.projection_kernel,
               "programmatic_launch": args.programmatic_launch,
               "sequence_parallel_min_tokens": sequence_parallel,
-              "gen_tokens": args.gen_tokens, "complete": False,
+              "gen_tokens": args.gen_tokens, "max_prefill_tokens": args.max_prefill_tokens,
+              "complete": False,
               "environment": bench.environment(), "rows": []}
     bench.run_sweep(job, args.tp, args.rank_shard or [], report, args.json if is_primary()
                     else None, args.timeout, args.compare_state_cache)

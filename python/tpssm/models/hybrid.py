@@ -104,6 +104,16 @@ class HybridForCausalLM(CausalLM):
         self.norm_f.weight.copy_(source.get("model.final_layernorm.weight"))
         self._load_lm_head(source)
 
+    def decode_weight_bytes(self, batch: int = 1) -> int:
+        """CausalLM's, with each shared block read again at every later visit (its adapters
+        are the visit's own, counted once)."""
+        total = super().decode_weight_bytes(batch)
+        for block in self.blocks:
+            shared = sum(p.numel() * p.element_size() for name, p in block.named_parameters()
+                         if not name.startswith(("qkv_adapters.", "mlp_adapters.")))
+            total += (len(block.visits) - 1) * shared
+        return total
+
     # ----------------------------------------------------------------------------- cache
     def allocate_cache(self, num_slots: int, ssm_dtype: torch.dtype = torch.float32,
                        conv_dtype: Optional[torch.dtype] = None,

@@ -202,6 +202,17 @@ class CausalLM(nn.Module):
                 total += t.numel() * t.element_size()
         return total
 
+    def decode_weight_bytes(self, batch: int = 1) -> int:
+        """Bytes of this rank's weights one decode step of `batch` tokens reads: every weight
+        once (parameter_bytes), except the embedding table, of which the step reads `batch`
+        rows; the head's rows whole (a tied head's are the embedding's own rows). The
+        weight-streaming floor of a step is this over the copy bandwidth."""
+        emb = self.embeddings
+        head = (self.lm_head.numel() * self.lm_head.element_size()
+                if self.config.tie_word_embeddings else 0)  # untied: among the parameters
+        return (self.parameter_bytes() - emb.numel() * emb.element_size() + head
+                + batch * emb.shape[1] * emb.element_size())
+
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
