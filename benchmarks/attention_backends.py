@@ -6,8 +6,9 @@ it runs. Zamba-7B's head_dim 464 is past the flash kernels' limit (256): this sh
 to. Beside them, the models' own decode path on CUDA: tpssm.ops.decode_attention reading a slot
 cache in place (rows holding half of max_len keys, as the SDPA rows' mask), at batch 1 and
 --batch, in one block per (row, head) and with the automatic key splits - its bytes (the keys
-and values it reads) against the copy bandwidth measured in the same run. JSON to --json; a
-table on stdout.
+and values it reads) against the copy bandwidth measured in the same run, timed by CUDA-graph
+replays over caches that fill three L2s (the SDPA backends are timed per call, host time
+included). JSON to --json; a table on stdout.
 
     python benchmarks/attention_backends.py --json out.json [--prompt-len 2048 --batch 8]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -54,39 +56,40 @@ def _shapes():
                 yield name, tp, a.num_heads // tp, a.head_dim, a.scale
 
 
-def _copy_bandwidth_gbs(dev) -> float:
-    """Read + write bytes a second of a 512 MB device-to-device copy."""
-    x = torch.empty(2 ** 29, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / _time(lambda: y.copy_(x), dev, 10) / 1e9
-
-
 def _decode_op_rows(name, tp, heads, hd, scale, args, dev, dtype, copy_gbs):
     """tpssm.ops.decode_attention over a slot cache, one block per (row, head) and automatic
-    splits, at batch 1 and args.batch."""
+    splits, at batch 1 and args.batch: CUDA-graph replays (no host time in the figure) over
+    enough caches to fill three L2s (each replay reads its keys from DRAM, as a decode step
+    does after the layers between two visits)."""
+    from bench_ssm_ops import MAX_SETS, l2_bytes, time_graph
     from tpssm import ops
 
     rows = []
     M = args.max_len
     for batch in sorted({1, args.batch}):
-        k = torch.randn(batch, heads, M, hd, device=dev, dtype=dtype)
-        v = torch.randn_like(k)
-        q = torch.randn(batch, heads, hd, device=dev, dtype=dtype)
+        cache_bytes = 2 * batch * heads * M * hd * torch.finfo(dtype).bits // 8
+        num_sets = max(1, min(MAX_SETS, math.ceil(3 * l2_bytes() / cache_bytes)))
+        sets = [dict(k=torch.randn(batch, heads, M, hd, device=dev, dtype=dtype),
+                     v=torch.randn(batch, heads, M, hd, device=dev, dtype=dtype),
+                     q=torch.randn(batch, heads, hd, device=dev, dtype=dtype),
+                     out=torch.empty(batch, heads, hd, device=dev, dtype=dtype))
+                for _ in range(num_sets)]
         slots = torch.arange(batch, device=dev)
         lengths = torch.full((batch,), M // 2, device=dev)
-        out = torch.empty_like(q)
-        read = 2 * batch * heads * (M // 2) * hd * k.element_size()
+        read = 2 * batch * heads * (M // 2) * hd * torch.finfo(dtype).bits // 8
         for splits in (1, 0):
             used = splits or ops.decode_attention_splits(
                 heads, M, torch.cuda.get_device_properties(dev).multi_processor_count)
             row = dict(preset=name, tp=tp, heads=heads, head_dim=hd, case="decode_op",
                        backend="tpssm " + ("auto splits" if splits == 0 else "one block"),
                        splits=used, batch=batch, keys=M // 2, device=str(dev),
-                       dtype=str(dtype))
+                       dtype=str(dtype), cache_sets=num_sets)
             try:
-                s = _time(lambda: ops.decode_attention(q, k, v, slots, lengths, scale, out=out,
-                                                       num_splits=splits), dev, args.repeats)
-                row.update(ms=1e3 * s, bytes=read, gbs=read / s / 1e9,
+                ms = time_graph(lambda st, splits=splits: ops.decode_attention(
+                    st["q"], st["k"], st["v"], slots, lengths, scale, out=st["out"],
+                    num_splits=splits), sets, args.repeats)
+                s = ms * 1e-3
+                row.update(ms=ms, bytes=read, gbs=read / s / 1e9,
                            pct_of_copy=100 * read / s / 1e9 / copy_gbs)
             except RuntimeError as e:
                 row["error"] = str(e).splitlines()[0][:160]
@@ -112,7 +115,9 @@ def main() -> int:
     import tpssm
 
     decode_op = dev.type == "cuda" and tpssm.has_cuda_kernels()
-    copy_gbs = _copy_bandwidth_gbs(dev) if decode_op else None
+    if decode_op:
+        from bench_ssm_ops import copy_bandwidth
+    copy_gbs = copy_bandwidth() if decode_op else None
     if decode_op:
         print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s", flush=True)
     for name, tp, heads, hd, scale in _shapes():

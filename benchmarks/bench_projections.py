@@ -104,11 +104,14 @@ def run(preset: str, tp: int, name: str, n_out: int, n_in: int, m: int, copy_gbs
     checked once against each other: norm_max_abs_diff_vs_separate, 0 expected).
     device: where the tensors live (the tests run the rows' logic on the CPU with the timing
     stubbed)."""
-    from bench_ssm_ops import l2_bytes, time_graph
+    from bench_ssm_ops import MAX_SETS, l2_bytes, time_graph
     from tpssm import ops
 
     weight_bytes = n_out * n_in * 2
-    copies = max(1, min(64, math.ceil(3 * l2_bytes() / weight_bytes)))
+    # Three L2s of weight copies, so that each replay reads its weight from DRAM, as a decode
+    # step does (a layer's weight comes back after every other layer's): a cap of 64 copies
+    # kept the tp 4 shard's x_proj and dt_proj (0.4-0.5 MB) in a 50 MB L2.
+    copies = max(1, min(MAX_SETS, math.ceil(3 * l2_bytes() / weight_bytes)))
     sets = [dict(w=torch.randn(n_out, n_in, device=device).to(ACT),
                  x=torch.randn(m, n_in, device=device).to(ACT),
                  out=torch.empty(m, n_out, device=device, dtype=ACT)) for _ in range(copies)]
