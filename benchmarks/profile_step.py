@@ -9,6 +9,9 @@ unreliably) or `--steps` prefill steps of `--batch` fresh prompts of `--prompt-l
 (`--phase prefill`). Kernels are grouped by name (launches and microseconds per step) and by
 phase (projections, conv, scan, norms, attention, communication, embedding / head gathers, other
 elementwise work and copies). Each step is also timed unprofiled (CUDA events, median).
+kernels_per_layer leaves out the kernels a step runs once whatever its depth
+(kernels_outside_layers: the embedding, final norm, head and greedy exchange), counted from the
+same step at one and two layers.
 
 `--tp-shards 1,2,4` profiles each shard in turn and prints the per-phase table of tp 1 against
 the shards: time per step and tp 1 / shard (ideal: the tp degree for sharded work, 1 for
@@ -58,15 +61,31 @@ def phase_of(name: str) -> str:
     return OTHER
 
 
+def _config(preset: str, num_layers, like_the_first: bool = False):
+    """A preset name, or a config.json (any registered family) for a model of one's own size;
+    cut to num_layers layers, every one of the first layer's type with like_the_first."""
+    from tpssm.models import parse_config
+    from tpssm.models.registry import presets, read_config_json, with_num_layers
+    from tpssm.presets import preset_config
+
+    if not preset.endswith(".json") and preset not in presets():
+        preset_config(preset)  # the unknown preset's error
+    raw = read_config_json(preset) if preset.endswith(".json") else dict(presets()[preset])
+    if num_layers is not None:
+        raw = with_num_layers(raw, num_layers)
+        if like_the_first and "layers_block_type" in raw:  # a hybrid's
+            raw["layers_block_type"] = raw["layers_block_type"][:1] * num_layers
+    return parse_config(raw)
+
+
 def _build(preset: str, num_layers, tp_shard: int, dtype: torch.dtype, device: torch.device,
            vocab_parallel: bool = True, projection_kernel: str = "torch",
-           sequence_parallel: bool = False):
-    from tpssm.models import build_model, load_config
+           sequence_parallel: bool = False, like_the_first: bool = False):
+    from tpssm.models import build_model
     from tpssm.parallel import TPContext
-    from tpssm.presets import RandomWeightSource, preset_config
+    from tpssm.presets import RandomWeightSource
 
-    # A preset name, or a config.json (any registered family) for a model of one's own size.
-    config = load_config(preset) if preset.endswith(".json") else preset_config(preset, num_layers)
+    config = _config(preset, num_layers, like_the_first)
     ctx = TPContext.local_shard(tp_shard, device) if tp_shard > 1 else TPContext(device=device)
     model = build_model(config, ctx, dtype, vocab_parallel=vocab_parallel)
     model.set_projection_kernel(projection_kernel)
@@ -97,13 +116,14 @@ def _median_ms(fn, steps: int, cuda: bool) -> float:
 def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: int = 5,
             prompt_len: int = 16, dtype: torch.dtype = torch.bfloat16, device=None,
             phase: str = "decode", vocab_parallel: bool = True,
-            projection_kernel: str = "torch", sequence_parallel: bool = False) -> dict:
+            projection_kernel: str = "torch", sequence_parallel: bool = False,
+            count_per_layer: bool = True, like_the_first: bool = False) -> dict:
     if phase not in ("decode", "prefill"):
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     config, model = _build(preset, num_layers, tp_shard, dtype, device, vocab_parallel,
-                           projection_kernel, sequence_parallel)
+                           projection_kernel, sequence_parallel, like_the_first)
     # Decode appends a token a step: warm-up, the timed steps and the profiled steps.
     cache = model.allocate_cache(batch, max_seq_len=prompt_len + 2 * steps + 4)
     slots = torch.tensor(cache.allocate(batch), dtype=torch.int32, device=device)
@@ -156,7 +176,18 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
         p["us_per_step"] += r["us_per_step"]
         p["launches_per_step"] += r["launches_per_step"]
     per_step = sum(r["launches_per_step"] for r in rows)
-    return {"preset": preset, "phase": phase, "num_layers": config.num_hidden_layers,
+    layers = config.num_hidden_layers
+    outside = None
+    if count_per_layer:
+        # The kernels a step runs once whatever its depth (embedding, final norm, head, greedy
+        # exchange), so that kernels_per_layer counts the layers' own: the same step at one and
+        # two layers like the first gives k(1) = out + a, k(2) = out + 2a.
+        depth = [profile(preset, batch, tp_shard, n, 1, prompt_len, dtype, device, phase,
+                         vocab_parallel, projection_kernel, sequence_parallel,
+                         count_per_layer=False, like_the_first=True)["kernels_per_step"]
+                 for n in (1, 2)]
+        outside = 2 * depth[0] - depth[1]
+    return {"preset": preset, "phase": phase, "num_layers": layers,
             "tp_shard": tp_shard, "batch": batch,
             "lm_head": "vocab-parallel" if model.vocab_parallel else "whole",
             "lm_head_rows": model.lm_head.shape[0], "projection_kernel": projection_kernel,
@@ -166,7 +197,8 @@ def profile(preset: str, batch: int, tp_shard: int = 1, num_layers=None, steps: 
             "prompt_len": prompt_len if phase == "prefill" else None, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "kind": "cuda kernels" if cuda else "cpu ops",
-            "kernels_per_step": per_step, "kernels_per_layer": per_step / config.num_hidden_layers,
+            "kernels_per_step": per_step, "kernels_outside_layers": outside,
+            "kernels_per_layer": (per_step - (outside or 0)) / layers,
             "device_us_per_step": sum(r["us_per_step"] for r in rows),
             "step_ms_median_unprofiled": step_ms, "phases": phases, "kernels": rows}
 
@@ -195,7 +227,8 @@ def _print_one(res: dict) -> None:
             else f"decode batch {res['batch']}")
     print(f"{res['preset']} ({res['num_layers']} layers) tp shard {res['tp_shard']} {what} on "
           f"{res['device']}: {res['kernels_per_step']:.0f} {res['kind']} a step, "
-          f"{res['kernels_per_layer']:.1f} a layer, {res['device_us_per_step']:.0f} us a step "
+          f"{res['kernels_per_layer']:.1f} a layer and {res['kernels_outside_layers']:.0f} "
+          f"outside the layers, {res['device_us_per_step']:.0f} us a step "
           f"(profiled), {res['step_ms_median_unprofiled']:.3f} ms a step unprofiled")
     for r in res["kernels"][:25]:
         print(f"  {r['us_per_step']:10.1f} us  x{r['launches_per_step']:6.1f}  "

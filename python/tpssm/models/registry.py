@@ -124,6 +124,16 @@ def presets() -> Dict[str, dict]:
     return {name: cfg for fam in families().values() for name, cfg in fam.presets.items()}
 
 
+def with_num_layers(cfg: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+    """A config.json dictionary cut to its first num_layers layers (a hybrid keeps its first
+    layers' types)."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    fam = family_of(cfg)
+    return (fam.with_num_layers(cfg, num_layers) if fam.with_num_layers
+            else dict(cfg, num_hidden_layers=num_layers))
+
+
 def preset_config(name: str, num_layers: Optional[int] = None):
     """A preset's config, optionally cut to its first num_layers layers."""
     table = presets()
@@ -131,11 +141,7 @@ def preset_config(name: str, num_layers: Optional[int] = None):
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(table)}")
     cfg = dict(table[name])
     if num_layers is not None:
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        fam = family_of(cfg)
-        cfg = (fam.with_num_layers(cfg, num_layers) if fam.with_num_layers
-               else dict(cfg, num_hidden_layers=num_layers))
+        cfg = with_num_layers(cfg, num_layers)
     return parse_config(cfg)
 
 
