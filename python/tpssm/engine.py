@@ -196,6 +196,8 @@ class GenerationEngine:
     use_state_cache: False is the baseline without a carried state: every step recomputes each
       request's whole sequence (prompt + tokens so far) from a zero state, as a model without an
       SSM state cache must.
+    group: the ranks the sampled tokens are exchanged over, for a model without `ctx`; a model
+      with one (CachedModel) uses its own TP group, and another group is refused.
     """
 
     def __init__(self, model: GenerationModel, *, max_batch_size: int = 8,
