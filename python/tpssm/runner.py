@@ -64,6 +64,10 @@ class ModelSpec:
         return self.path or self.preset or "demo model"
 
 
+# The launcher checks it before any rank starts; a rank (under torchrun) checks its own device.
+NO_GPU = "--device cuda was asked for but no GPU is available"
+
+
 def _rank_device(spec: ModelSpec) -> torch.device:
     import torch.distributed as dist
 
@@ -74,7 +78,7 @@ def _rank_device(spec: ModelSpec) -> torch.device:
             else "cpu"
     if want == "cuda":
         if not torch.cuda.is_available():
-            raise CLIError("--device cuda was asked for but no GPU is available")
+            raise CLIError(NO_GPU)
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -215,7 +219,7 @@ def spawn(fn, tp: int, arg, timeout_s: float):
         # Checked here, before NCCL's own failure inside a rank names no option.
         found, need = torch.cuda.device_count(), 1 if under_torchrun() else tp
         if found == 0:
-            raise CLIError("--device cuda was asked for but no GPU is available")
+            raise CLIError(NO_GPU)
         if found < need:
             raise CLIError(f"--device cuda with --tp {tp} needs {tp} GPUs (one a rank), found "
                            f"{found}")
