@@ -8,6 +8,7 @@ rounding of the stored value, relative to the magnitude of the result).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -36,6 +37,19 @@ SENTINEL = 7.0
 # that imported torch once, not each importing it anew (a few CPU seconds a rank; the suite
 # starts hundreds). tests/test_launch.py runs both start methods explicitly.
 os.environ.setdefault("TPSSM_START_METHOD", "forkserver")
+
+@contextlib.contextmanager
+def on_cpu_kernels():
+    """tpssm.ops on the compiled CPU kernels inside the block. The CUDA emulation
+    (tools/cuda_emu) points tpssm.ops at the emulated CUDA kernels, which run on CPU tensors
+    too: a test comparing a kernel with "the CPU op" would otherwise compare it with itself."""
+    saved = ops._ops
+    ops._ops = torch.ops.tpssm
+    try:
+        yield
+    finally:
+        ops._ops = saved
+
 
 OP_REFS = {
     ops.causal_conv1d: causal_conv1d_ref,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tpssm
+from conftest import on_cpu_kernels
 from test_linear_ops import (DTYPES, assert_conv_update_matches, assert_gemv_close,
                              conv_update_inputs, gemv_inputs, norm_inputs)
 from tpssm import ops
@@ -202,8 +203,10 @@ def test_conv_epilogue_skips_rows_with_bad_slots(monkeypatch):
     assert torch.equal(dstate.cpu()[[1, 3, 4]], state[[1, 3, 4]])  # slots no valid row uses
     # The valid rows as the CPU op computes them with those rows marked as padding.
     cpu_state = state.clone()
-    want = ops.gemv_conv_update(x, w, b, cpu_state, cw, cb, conv_start=8, activation="silu",
-                                cache_indices=torch.tensor([2, -1, -1, 0], dtype=torch.int32))
+    with on_cpu_kernels():
+        want = ops.gemv_conv_update(x, w, b, cpu_state, cw, cb, conv_start=8,
+                                    activation="silu",
+                                    cache_indices=torch.tensor([2, -1, -1, 0], dtype=torch.int32))
     assert torch.allclose(got[1:5, 4:44], want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(dstate.cpu(), cpu_state, rtol=1e-5, atol=1e-5)
 
@@ -280,7 +283,8 @@ def test_norm_prologue_equals_add_rms_norm_then_gemv(m, n, k, residual, dtype):
         assert torch.equal(res_out, stream)
     # and the CPU op, within the sums' order
     cpu_out = None if res is None else torch.empty_like(res)
-    cpu = ops.gemv(x, w, b, norm_weight=nw, residual=res, residual_out=cpu_out)
+    with on_cpu_kernels():
+        cpu = ops.gemv(x, w, b, norm_weight=nw, residual=res, residual_out=cpu_out)
     assert torch.allclose(fused.double(), cpu.double(), rtol=4 * 2 ** -7, atol=1e-3)
     if res is not None:
         assert torch.equal(res_out, cpu_out)

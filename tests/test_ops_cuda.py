@@ -22,6 +22,7 @@ from conftest import (  # noqa: E402
     assert_slots_untouched,
     conv_inputs,
     conv_update_inputs,
+    on_cpu_kernels,
     query_start_loc,
     run_vs_ref,
     scan_inputs,
@@ -100,6 +101,11 @@ def assert_matches_cpu(gpu: torch.Tensor, cpu: torch.Tensor, dtype, what: str) -
     assert err <= bound, f"{what}: CUDA vs CPU max error {err:.3g} > {bound:.3g}"
 
 
+def _cpu_op(op, kw):
+    with on_cpu_kernels():
+        op(**kw)
+
+
 def check_op(op, kw_cpu, mutable, dtype):
     """Runs the CUDA op against the fp64 reference (run_vs_ref) and against the CPU op on the
     same inputs. Returns (CUDA kwargs after the call, mutable tensors before it, on the CPU)."""
@@ -107,7 +113,7 @@ def check_op(op, kw_cpu, mutable, dtype):
     kw_ref_cpu = {k: (v.clone() if isinstance(v, torch.Tensor) and k in mutable else v)
                   for k, v in kw_cpu.items()}
     before = run_vs_ref(op, kw_gpu, mutable, dtype)
-    op(**kw_ref_cpu)
+    _cpu_op(op, kw_ref_cpu)
     for n in mutable:
         if kw_gpu.get(n) is not None:
             assert_matches_cpu(kw_gpu[n], kw_ref_cpu[n], dtype, n)
@@ -1094,16 +1100,6 @@ QSL_CASES = [
 @pytest.fixture
 def _device_index_checks_only(monkeypatch):
     monkeypatch.delenv("TPSSM_DEBUG_CHECKS", raising=False)
-
-
-def _cpu_op(op, kw):
-    """op on the CPU kernels (the emulator points tpssm.ops at the emulated CUDA kernels)."""
-    saved = ops._ops
-    ops._ops = torch.ops.tpssm
-    try:
-        op(**kw)
-    finally:
-        ops._ops = saved
 
 
 def _cpu_copy(kw):
