@@ -504,12 +504,14 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir, capsys):
             "--max-new-tokens", "6", "--ignore-eos", "--temperature", "0.9", "--top-k", "20",
             "--seed", "7", "--json")
     runs = []
-    for _ in range(2):
-        code, out, err = run_in_process(capsys, *args)
+    for extra in ((), (), ("--seed", "8"), ("--greedy",)):
+        code, out, err = run_in_process(capsys, *args, *extra)
         assert code == 0, err
         runs.append(json.loads(out)["output_ids"])
     assert runs[0] == runs[1]
     assert len(runs[0]) == 6 and all(0 <= t < 256 for t in runs[0])
+    # The flags reach the sampler: another seed draws other tokens, and greedy differs.
+    assert runs[2] != runs[0] and runs[3] != runs[0]
 
 
 def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():
