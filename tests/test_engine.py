@@ -179,7 +179,7 @@ def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
     (dict(temperature=-1.0), "temperature must be finite and >= 0"),
     (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
     (dict(top_k=-2), "top_k must be >= 0"),
-    (dict(eos_token_id="2"), "eos_token_id must be an int or a sequence of ints"),
+    (dict(eos_token_id="2"), "eos_token_id must be an int or a list, tuple or set of ints"),
     (dict(eos_token_id=[2, 1.5]), "eos_token_id must be"),
     (dict(eos_token_id=True), "eos_token_id must be"),
 ])

@@ -142,7 +142,8 @@ class SamplingParams:
         if stop is not None and not (_is_int(stop) or (
                 isinstance(stop, (list, tuple, set, frozenset))
                 and all(_is_int(t) for t in stop))):
-            raise ValueError(f"eos_token_id must be an int or a sequence of ints, got {stop!r}")
+            raise ValueError(f"eos_token_id must be an int or a list, tuple or set of ints, "
+                             f"got {stop!r}")
 
     def stop_ids(self) -> frozenset:
         stop = self.eos_token_id
