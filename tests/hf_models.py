@@ -49,6 +49,21 @@ HYBRID_SPECS: Dict[str, dict] = {
 }
 
 
+_MODEL_TYPES = dict(MambaForCausalLM="mamba", FalconMambaForCausalLM="falcon_mamba",
+                    Mamba2ForCausalLM="mamba2", ZambaForCausalLM="zamba",
+                    Zamba2ForCausalLM="zamba2")
+
+
+def tpssm_config(family: str, **overrides):
+    """A family's test config as tpssm parses it (the config.json transformers would write),
+    without building the transformers model."""
+    from tpssm.models import parse_config
+
+    spec = {**FAMILY_SPECS, **HYBRID_SPECS}[family]
+    return parse_config(dict(spec["cfg"], architectures=[spec["cls"]],
+                             model_type=_MODEL_TYPES[spec["cls"]], **overrides))
+
+
 def build_hf_model(family: str, seed: int = 0, **overrides):
     import transformers
 

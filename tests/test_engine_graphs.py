@@ -14,7 +14,6 @@ import torch
 
 from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
 from tpssm.models import build_model
-from tpssm.models.registry import parse_config
 from tpssm.parallel import TPContext
 from tpssm.presets import RandomWeightSource
 
@@ -24,20 +23,11 @@ import hf_models as H  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 from graph_replay import CaptureError, ReplayGraphCapture  # noqa: E402
 
-MODEL_TYPES = dict(MambaForCausalLM="mamba", FalconMambaForCausalLM="falcon_mamba",
-                   Mamba2ForCausalLM="mamba2", ZambaForCausalLM="zamba",
-                   Zamba2ForCausalLM="zamba2")
 FAMILIES = ("mamba", "falcon_mamba", "mamba2_g4", "zamba", "zamba2_1blk", "zamba2_2blk")
 
 
-def _config(family):
-    spec = {**H.FAMILY_SPECS, **H.HYBRID_SPECS}[family]
-    return parse_config(dict(spec["cfg"], architectures=[spec["cls"]],
-                             model_type=MODEL_TYPES[spec["cls"]]))
-
-
 def _model(family, ctx=None, dtype=torch.float32, **kwargs):
-    config = _config(family)
+    config = H.tpssm_config(family)
     model = build_model(config, ctx or TPContext(device=torch.device("cpu")), dtype, **kwargs)
     with torch.no_grad():
         model.load_weights(RandomWeightSource(config, seed=4))

@@ -402,11 +402,6 @@ def test_generate_sampling_options(checkpoints):
     assert cache.num_free == 5  # a refused call takes no slot
 
 
-MODEL_TYPES = dict(MambaForCausalLM="mamba", FalconMambaForCausalLM="falcon_mamba",
-                   Mamba2ForCausalLM="mamba2", ZambaForCausalLM="zamba",
-                   Zamba2ForCausalLM="zamba2")
-
-
 @pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_2blk"])
 def test_decode_weight_bytes_do_not_depend_on_tying(family):
     """A decode step reads the same weights whether the head is tied to the embedding or not,
@@ -416,14 +411,12 @@ def test_decode_weight_bytes_do_not_depend_on_tying(family):
     from tpssm.models import build_model
     from tpssm.parallel import TPContext
 
-    spec = {**H.FAMILY_SPECS, **H.HYBRID_SPECS}[family]
-    raw = dict(spec["cfg"], architectures=[spec["cls"]], model_type=MODEL_TYPES[spec["cls"]])
     meta = torch.device("meta")
     for ctx in (TPContext(device=meta), TPContext.local_shard(4, meta)):
-        tied, untied = (build_model(parse_config(dict(raw, tie_word_embeddings=t)), ctx,
+        tied, untied = (build_model(H.tpssm_config(family, tie_word_embeddings=t), ctx,
                                     torch.bfloat16) for t in (True, False))
         assert untied.parameter_bytes() > tied.parameter_bytes()
-        row = spec["cfg"]["hidden_size"] * 2
+        row = tied.config.hidden_size * 2
         for batch in (1, 5):
             assert tied.decode_weight_bytes(batch) == untied.decode_weight_bytes(batch)
             extra_rows = (batch - 1) * row
