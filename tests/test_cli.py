@@ -393,7 +393,7 @@ def test_every_option_shows_a_default_or_says_why_not(capsys):
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.option_strings)
-                if action.default not in (None, False):
+                if not any(action.default is v for v in (None, False)):  # 0 is a default
                     assert "default" in sub._get_formatter()._get_help_string(action), \
                         (name, action.option_strings)
         assert "exit status:" in text and "rejected before any work began" in text

@@ -347,7 +347,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        # `is`, not `in`: 0 == False, and a default of 0 is one to show.
+        if "default" in text or any(action.default is v for v in (None, False,
+                                                                    argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
