@@ -2,7 +2,7 @@
 
 Code that must act differently under capture (skip a check that reads device data on the host,
 refuse to grow a buffer whose address the graph holds) asks `capturing(device)`. On CUDA that is
-the current stream's capture state; a capture on another device - the CPU stand-in the test
+the capture state of the device's current stream; a capture on another device - the CPU stand-in the test
 suite uses for the engine's decode graphs - marks its extent with `marked()`."""
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ _state = threading.local()
 
 def capturing(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_current_stream_capturing()
+        # The current stream of `device`, which need not be the current device.
+        with torch.cuda.device(device):
+            return torch.cuda.is_current_stream_capturing()
     return getattr(_state, "depth", 0) > 0
 
 
