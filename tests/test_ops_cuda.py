@@ -991,7 +991,11 @@ def test_opcheck_cuda(name, op, make_args):
 
 # ---------------------------------------------------------------------------------------------
 # CUDA graphs: both decode ops capture (no host sync, no allocation) and replay correctly with a
-# padded batch.
+# padded batch; with TPSSM_DEBUG_CHECKS=1 too (its host check of the indices is skipped under
+# capture, where it would be a synchronisation capture forbids).
+
+DEBUG_CHECKS = pytest.mark.parametrize("debug_checks", ["0", "1"],
+                                       ids=["plain", "debug_checks"])
 
 
 def _replay_and_check(capture, refresh, reference, outputs):
@@ -1012,7 +1016,9 @@ def _replay_and_check(capture, refresh, reference, outputs):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_causal_conv1d_update_cuda_graph():
+@DEBUG_CHECKS
+def test_causal_conv1d_update_cuda_graph(debug_checks, monkeypatch):
+    monkeypatch.setenv("TPSSM_DEBUG_CHECKS", debug_checks)
     batch, dim, width, num_slots = 8, 96, 4, 10
     slots = torch.tensor([3, 0, -1, 7, 9, -1, 1, 2], dtype=torch.int32, device=CUDA)
     x = torch.randn(batch, dim, device=CUDA)
@@ -1043,8 +1049,10 @@ def test_causal_conv1d_update_cuda_graph():
     assert (out[slots == -1] == SENTINEL).all()
 
 
+@DEBUG_CHECKS
 @pytest.mark.parametrize("form", ["mamba1", "mamba2"])
-def test_selective_state_update_cuda_graph(form):
+def test_selective_state_update_cuda_graph(form, debug_checks, monkeypatch):
+    monkeypatch.setenv("TPSSM_DEBUG_CHECKS", debug_checks)
     kw = {k: to_cuda(v) for k, v in ssu_inputs(
         form=form, batch=6, num_slots=9, src=(4, -1, 0, 8, -1, 2), dst=(5, -1, 1, 8, -1, 3),
         **(dict(nheads=24, dstate=16, ngroups=1, group_dim=False) if form == "mamba1"

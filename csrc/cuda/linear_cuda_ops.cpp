@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/index_checks.h"
 #include "kernels/gemv_kernels.h"
 #include "linear_ops.h"
 #include "ssm_ops.h"
@@ -36,7 +37,7 @@ void gemv_conv_update_cuda(const at::Tensor& x, const at::Tensor& weight,
   const GemvParams p = make_gemv_conv_update_params(
       x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu, cache_indices,
       pad_slot_id, out, warps_per_row, rows_per_warp, norm_weight, residual, residual_out,
-      norm_eps, cuda_index_values_checked_on_host());
+      norm_eps, index_values_checked_on_host(x));
   const c10::cuda::CUDAGuard guard(x.device());
   run_gemv(p, c10::cuda::getCurrentCUDAStream().stream());
 }

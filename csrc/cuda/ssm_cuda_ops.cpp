@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/index_checks.h"
 #include "kernels/ssm_kernels.h"
 #include "ssm_ops.h"
 
@@ -22,7 +23,7 @@ void causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const Opt
   const CausalConv1dParams params =
       make_causal_conv1d_params(x, weight, bias, conv_states, query_start_loc, cache_indices,
                                 has_initial_state, silu, pad_slot_id, out, chunk_len,
-                                cuda_index_values_checked_on_host());
+                                index_values_checked_on_host(x));
   const c10::cuda::CUDAGuard guard(x.device());
   run_causal_conv1d(params, c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -33,7 +34,7 @@ void causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state
                                const at::Tensor& out) {
   const CausalConv1dUpdateParams params = make_causal_conv1d_update_params(
       x, conv_state, weight, bias, silu, cache_indices, pad_slot_id, out,
-      cuda_index_values_checked_on_host());
+      index_values_checked_on_host(x));
   const c10::cuda::CUDAGuard guard(x.device());
   run_causal_conv1d_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -50,7 +51,7 @@ void selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at:
   const SelectiveScanParams params = make_selective_scan_params(
       u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_states, query_start_loc,
       cache_indices, has_initial_state, pad_slot_id, out, dt_min, dt_max, algorithm, chunk_size,
-      split_len, lanes_per_channel, cuda_index_values_checked_on_host());
+      split_len, lanes_per_channel, index_values_checked_on_host(u));
   const c10::cuda::CUDAGuard guard(u.device());
   // One plan per call: it sizes the workspace and is what the launcher runs. The chunked plan's
   // workspace comes from the caching allocator: no cudaMalloc on the hot path.
@@ -74,7 +75,7 @@ void selective_state_update_cuda(const at::Tensor& ssm_state, const at::Tensor& 
   const SelectiveStateUpdateParams params = make_selective_state_update_params(
       ssm_state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, dt_softplus,
       state_batch_indices, dst_state_batch_indices, pad_slot_id, out,
-      cuda_index_values_checked_on_host());
+      index_values_checked_on_host(x));
   const c10::cuda::CUDAGuard guard(x.device());
   run_selective_state_update(params, c10::cuda::getCurrentCUDAStream().stream());
 }
