@@ -317,6 +317,33 @@ def test_selective_scan_cpu_algorithm_selection():
     assert torch.equal(run(m1, lanes_per_channel=4), run(m1))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("poisoned", ["u", "B", "delta"])
+def test_ssd_keeps_a_non_finite_token_out_of_earlier_outputs(poisoned, value):
+    """A NaN or inf at token s of a sequence reaches no output before s: the SSD form's outputs
+    are non-finite where the recurrence's are, and its values elsewhere. (Its chunk products zeroed the later
+    tokens' terms by multiplication, and 0 * NaN is NaN: every earlier output of the chunk
+    was NaN.)"""
+    kw = scan_inputs(nheads=4, headdim=8, dstate=16, seqlens=(21, 13), varlen=True,
+                     chunk_size=8)
+    # Token 11 of the first sequence (a chunk's fourth), tokens 4 and 5 of the second (the
+    # second starting a chunk of its own).
+    for t in (11, 21 + 4, 21 + 5):
+        kw[poisoned][t].fill_(value)
+    runs = {}
+    for algorithm in ("ssd", "recurrent"):
+        k = dict(kw, algorithm=algorithm, out=kw["out"].clone(),
+                 ssm_states=kw["ssm_states"].clone())
+        ops.selective_scan(**k)
+        runs[algorithm] = k["out"]
+    ssd, rec = runs["ssd"], runs["recurrent"]
+    finite = rec.isfinite()
+    assert torch.equal(ssd.isfinite(), finite)
+    assert finite[:11].all() and finite[21:25].all()
+    assert not finite[11:21].any()  # the poisoned tokens and what follows them
+    _assert_matches_recurrent(ssd[finite], rec[finite], torch.float32, "out")
+
+
 # ---------------------------------------------------------------------------------------------
 # selective_state_update
 

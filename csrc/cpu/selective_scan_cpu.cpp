@@ -20,6 +20,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
@@ -134,6 +135,16 @@ at::Tensor decay_exp(const at::Tensor& log_decay) {
       .exp_();
 }
 
+// Tokens of a chunk before its first non-finite input (x (q, nh, P), B (q, N), dt (nh, q)); q when
+// all are finite. The chunk's products zero the terms of later tokens by multiplication, and
+// 0 * NaN is NaN: a NaN or inf must start a chunk of its own, or it reaches earlier outputs.
+int64_t finite_prefix(const at::Tensor& x, const at::Tensor& B, const at::Tensor& dt) {
+  const at::Tensor finite =
+      at::isfinite(x).flatten(1).all(1) & at::isfinite(B).all(1) & at::isfinite(dt).all(0);
+  if (finite.all().item<bool>()) return x.size(0);
+  return finite.logical_not().to(at::kByte).argmax().item<int64_t>();
+}
+
 // A non-owning tensor over the op's memory with the params' element strides (the kernel writes
 // only through the views of out and ssm_states).
 template <typename T>
@@ -196,8 +207,8 @@ void ssd_scan_heads(const SelectiveScanParams& p, int64_t b, int64_t g, int64_t 
   if (p.D != nullptr) D = strided_view(p.D + h0, {1, nh, 1}, {0, 1, 0});
   const T* delta = static_cast<const T*>(p.delta) + b * p.delta_batch_stride;
 
-  for (int64_t c0 = 0; c0 < L; c0 += Q) {
-    const int64_t q = std::min(Q, L - c0);
+  for (int64_t c0 = 0, q = 0; c0 < L; c0 += q) {
+    q = std::min(Q, L - c0);
     // dt exactly as the recurrence computes it (same scalar helpers), and its decay cumsum.
     at::Tensor dt = at::empty({nh, q}, f32);
     at::Tensor cum = at::empty({nh, q}, f32);
@@ -218,9 +229,18 @@ void ssd_scan_heads(const SelectiveScanParams& p, int64_t b, int64_t g, int64_t 
         cum_p[j * q + s] = c;
       }
     }
-    const at::Tensor x = u_seq.narrow(0, c0, q).to(at::kFloat);  // (q, nh, P)
-    const at::Tensor Bc = B_seq.narrow(0, c0, q).to(at::kFloat);  // (q, N)
-    const at::Tensor Cc = C_seq.narrow(0, c0, q).to(at::kFloat);
+    at::Tensor x = u_seq.narrow(0, c0, q).to(at::kFloat);  // (q, nh, P)
+    at::Tensor Bc = B_seq.narrow(0, c0, q).to(at::kFloat);  // (q, N)
+    at::Tensor Cc = C_seq.narrow(0, c0, q).to(at::kFloat);
+    const int64_t finite = finite_prefix(x, Bc, dt);
+    if (finite < q) {  // end the chunk before the token (or, when it is the first, after it)
+      q = std::max<int64_t>(finite, 1);
+      x = x.narrow(0, 0, q);
+      Bc = Bc.narrow(0, 0, q);
+      Cc = Cc.narrow(0, 0, q);
+      dt = dt.narrow(1, 0, q);
+      cum = cum.narrow(1, 0, q);
+    }
 
     const at::Tensor xdt = x * dt.t().unsqueeze(2);  // dt_s x_s, (q, nh, P)
 
