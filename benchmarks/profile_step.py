@@ -11,7 +11,8 @@ phase (projections, conv, scan, norms, attention, communication, embedding / hea
 elementwise work and copies). Each step is also timed unprofiled (CUDA events, median).
 kernels_per_layer leaves out the kernels a step runs once whatever its depth
 (kernels_outside_layers: the embedding, final norm, head and greedy exchange), counted from the
-same step at one and two layers.
+same step at one and two layers like the first (a Mamba layer in every hybrid preset, so a
+hybrid's once-a-step KV bookkeeping is counted into its layers).
 
 `--tp-shards 1,2,4` profiles each shard in turn and prints the per-phase table of tp 1 against
 the shards: time per step and tp 1 / shard (ideal: the tp degree for sharded work, 1 for

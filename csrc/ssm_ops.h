@@ -5,8 +5,9 @@
 //
 // check_index_values: read the index tensors (query_start_loc, cache / state indices) on the host
 // and reject bad values. The CPU ops always pass true (their kernels trust the values); the CUDA
-// ops pass cuda_index_values_checked_on_host(), because reading device values back is a host
-// synchronisation, and their kernels range-check every index instead (see ssm_params.h).
+// ops pass index_values_checked_on_host() (cuda/index_checks.h: TPSSM_DEBUG_CHECKS=1, and not
+// under CUDA-graph capture), because reading device values back is a host synchronisation, and
+// their kernels range-check every index instead (see ssm_params.h).
 #pragma once
 
 #include <optional>

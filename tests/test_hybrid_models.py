@@ -312,6 +312,8 @@ def test_command_line_bench_on_hybrid_checkpoints(name, tps, gen, oracles, tmp_p
     assert {(r["tp"], r["state_cache"], r["batch"]) for r in report["rows"]} == {
         (tp, c, b) for tp in degrees for c in (True, False) for b in (1, 3)}
     assert all(r["throughput_tok_s"] > 0 and r["ttft_ms"] > 0 for r in report["rows"])
+    # One new token: no decode step, so no decode throughput (it was the retire time's inverse).
+    assert all((r["decode_tok_s"] is None) == (gen == "1") for r in report["rows"])
     assert report["complete"] is True
 
 

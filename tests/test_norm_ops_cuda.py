@@ -18,23 +18,25 @@ CUDA = torch.device("cuda")
 def assert_norm_close(out, ref, cpu, dtype):
     """Element by element. Against the float64 reference: the kernel and the reference both
     round twice (the normalised value, then its product with the weight), so they may differ by
-    two roundings of the result, plus fp32's own error (2^-16 of it). Against the CPU op, which
+    two roundings of the result, plus fp32's own error (2^-18 of it). Against the CPU op, which
     does the kernel's fp32 arithmetic in another summation order: one rounding of the result,
     and in 16 bits equal almost everywhere (a row's sum differs in its last bits, which moves an
     element across a rounding boundary rarely; a kernel off by a fraction of a rounding moves
     many)."""
     ulp = ULP[dtype]
     tiny = torch.finfo(dtype).tiny * ulp  # a subnormal result's rounding
+    fp32 = 2 ** -18  # fp32's own error: a row's sum of squares over up to 2560 values
     out, ref, cpu = out.double(), ref.double(), cpu.double()
     err = (out - ref).abs()
-    bound = (2 * ulp * (1 + ulp) + 2 ** -16) * ref.abs() + tiny
+    bound = (2 * ulp * (1 + ulp) + fp32) * ref.abs() + tiny
     assert bool((err <= bound).all()), f"vs reference: {(err / bound).max().item():.2f} x bound"
     if dtype == torch.float32:
-        diff, bound = (out - cpu).abs(), 2 ** -16 * cpu.abs() + tiny
+        diff, bound = (out - cpu).abs(), fp32 * cpu.abs() + tiny
     else:
         diff, bound = (out - cpu).abs(), 1.5 * ulp * cpu.abs() + tiny
-        moved = (out != cpu).double().mean().item()
-        assert moved <= 0.01, f"{moved:.1%} of the elements differ from the CPU op's"
+        # A couple of elements in the smallest shapes (37 of them), 1% in the larger.
+        moved = int((out != cpu).sum())
+        assert moved <= max(2, 0.01 * out.numel()), f"{moved} elements differ from the CPU op's"
     assert bool((diff <= bound).all()), f"vs CPU op: {(diff / bound).max().item():.2f} x bound"
 
 

@@ -126,7 +126,9 @@ def bench_rank(job: BenchJob) -> List[dict]:
                           for r in done)
         seconds = statistics.median(times)
         decode_ms = 1e3 * statistics.median(decode)
-        # Without the state cache every step recomputes whole sequences: no decode floor.
+        # Without the state cache every step recomputes whole sequences: no decode floor. With
+        # one new token a request runs no decode step: no decode figures.
+        decodes = job.gen_tokens > 1 and decode_ms > 0
         floor = (decode_floor(model, engine.model.cache, batch, copy_gbs) if use_cache
                  else dict.fromkeys(("decode_weight_bytes", "decode_state_bytes",
                                      "decode_floor_ms")))
@@ -140,11 +142,11 @@ def bench_rank(job: BenchJob) -> List[dict]:
                      "ttft_ms": 1e3 * statistics.median(ttfts),
                      "decode_ms_per_token": decode_ms,
                      # Decode alone: a step's `batch` tokens over its median time.
-                     "decode_tok_s": batch * 1e3 / decode_ms if decode_ms > 0 else None,
+                     "decode_tok_s": batch * 1e3 / decode_ms if decodes else None,
                      **floor,
-                     "decode_pct_of_floor": (None if floor["decode_floor_ms"] is None
-                                             or decode_ms <= 0
-                                             else 100 * floor["decode_floor_ms"] / decode_ms),
+                     "decode_pct_of_floor": (100 * floor["decode_floor_ms"] / decode_ms
+                                             if decodes and floor["decode_floor_ms"] is not None
+                                             else None),
                      "copy_bandwidth_gbs": copy_gbs,
                      "param_bytes_per_rank": model.parameter_bytes(),
                      "device": str(model.ctx.device)})
