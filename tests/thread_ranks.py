@@ -55,6 +55,11 @@ def run_thread_ranks(fn: Callable, world_size: int, *args: Any, timeout: float =
             raise RankError(f"rank threads of an earlier world still run "
                             f"({[t.name for t in _left_behind]}): no new world beside them")
         threaded_pg._install_threaded_pg()
+        world = dist.distributed_c10d._world
+        if not hasattr(world, "comms"):
+            # torch 2.11 (the GPU machines' image) destroys the world group by walking
+            # _world.comms, a list its threaded world does not have: every rank then failed.
+            world.comms = []
         torch._C._distributed_c10d._set_thread_isolation_mode(True)
         threaded_pg.ProcessLocalGroup.reset()
         late: List[int] = []
