@@ -247,6 +247,10 @@ def run_main(capsys, *argv):
     (["--temperature", "-1"], "argument --temperature: must be a number >= 0, got -1"),
     (["--temperature", "nan"], "argument --temperature: must be a number >= 0"),
     (["--top-k", "-2"], "argument --top-k: must be an integer >= 0, got -2"),
+    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got 0"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got nan"),
+    (["--top-p", "x"], "argument --top-p: must be a number in (0, 1], got 'x'"),
     (["--input-ids", "1,,2"], "argument --input-ids: must be comma-separated non-negative "
                               "integers, e.g. 1,2,3; got '1,,2'"),
     (["--input-ids", "-3"], "argument --input-ids: must be comma-separated non-negative "
@@ -504,14 +508,17 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir, capsys):
             "--max-new-tokens", "6", "--ignore-eos", "--temperature", "0.9", "--top-k", "20",
             "--seed", "7", "--json")
     runs = []
-    for extra in ((), (), ("--seed", "8"), ("--greedy",)):
+    tiny_top_p = ("--temperature", "5", "--top-p", "1e-6")
+    for extra in ((), (), ("--seed", "8"), ("--greedy",), tiny_top_p):
         code, out, err = run_in_process(capsys, *args, *extra)
         assert code == 0, err
         runs.append(json.loads(out)["output_ids"])
     assert runs[0] == runs[1]
     assert len(runs[0]) == 6 and all(0 <= t < 256 for t in runs[0])
-    # The flags reach the sampler: another seed draws other tokens, and greedy differs.
+    # The flags reach the sampler: another seed draws other tokens, and greedy differs; a top-p
+    # below every probability leaves the top token alone, even at temperature 5.
     assert runs[2] != runs[0] and runs[3] != runs[0]
+    assert runs[4] == runs[3]
 
 
 def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():

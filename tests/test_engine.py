@@ -151,6 +151,26 @@ def test_requests_without_a_seed_draw_their_own_tokens():
     assert run() == outs
 
 
+def test_top_p_narrows_each_requests_draw():
+    """top_p reaches each request's draw: at temperature 5 the draws differ from the greedy
+    tokens, and with a top_p below every probability only the top token is left (greedy
+    again), for each seed; a top_p of 1 draws as no top_p."""
+    prompt, n = [1, 2], 6
+    greedy = expected_tokens(prompt, n)
+
+    def run(**kw):
+        engine = GenerationEngine(ToyStateModel(num_slots=4), max_batch_size=4)
+        reqs = [engine.add_request(prompt, SamplingParams(max_new_tokens=n, temperature=5.0,
+                                                          seed=s, **kw)) for s in range(4)]
+        engine.run()
+        return [r.output for r in reqs]
+
+    wide = run()
+    assert any(out != greedy for out in wide), wide
+    assert run(top_p=1e-6) == [greedy] * 4
+    assert run(top_p=1.0) == wide
+
+
 def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
     """Greedy and sampling requests in one batch: each request's tokens equal its tokens run
     alone (a sampling row draws from its own generator and its own logits row, whichever rows
@@ -179,6 +199,9 @@ def test_sampling_rows_among_greedy_rows_keep_their_own_tokens():
     (dict(temperature=-1.0), "temperature must be finite and >= 0"),
     (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
     (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
     (dict(eos_token_id="2"), "eos_token_id must be an int or a list, tuple or set of ints"),
     (dict(eos_token_id=[2, 1.5]), "eos_token_id must be"),
     (dict(eos_token_id=True), "eos_token_id must be"),

@@ -70,6 +70,17 @@ def float_rule(lo: float, inclusive: bool):
     return parse
 
 
+def probability(text: str) -> float:
+    """A number in (0, 1] (--top-p)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
 def int_list(lo: int, what: str):
     """Comma-separated integers >= lo; an empty item ("1,,2") is an error, not skipped."""
     def parse(text: str) -> List[int]:
@@ -269,7 +280,8 @@ def cmd_generate(args) -> int:
                      sequence_parallel_min_tokens=sequence_parallel)
     job = GenerateJob(spec, [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                      seed=args.seed, eos_token_id=None if args.ignore_eos else eos,
+                      top_p=args.top_p, seed=args.seed,
+                      eos_token_id=None if args.ignore_eos else eos,
                       max_prompt_tokens=args.max_prompt_tokens, num_slots=args.num_slots)
     result = spawn(generate_rank, args.tp, job, args.timeout)[0]
     out = result["outputs"][0]
@@ -441,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 is greedy")
     p.add_argument("--top-k", type=NON_NEGATIVE, default=0,
                    help="sample among the k most likely tokens; 0 keeps every token")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="sample among the most likely tokens whose probabilities sum to p "
+                        "(nucleus sampling); 1 keeps every token")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate --max-new-tokens even past the eos token")

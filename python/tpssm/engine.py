@@ -123,7 +123,8 @@ class CachedModel:
 
 @dataclass
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 keeps every token. eos_token_id: one stop token or
+    """temperature 0 is greedy; top_k 0 and top_p 1 keep every token (top_p < 1 samples among
+    the most likely tokens whose probabilities sum to top_p). eos_token_id: one stop token or
     several (transformers' configs list several); the stop token is included in the output.
     seed None draws a request's tokens from a generator seeded with its request id: requests
     draw different tokens, the same on every run."""
@@ -131,13 +132,14 @@ class SamplingParams:
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
+    top_p: float = 1.0
     eos_token_id: Union[None, int, Collection[int]] = None
     seed: Optional[int] = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check_sampling_args(self.temperature, self.top_k)
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
         stop = self.eos_token_id
         if stop is not None and not (_is_int(stop) or (
                 isinstance(stop, (list, tuple, set, frozenset))
@@ -461,7 +463,7 @@ class GenerationEngine:
                 s = rows[i].sampling
                 next_ids[i] = select_tokens(picked[j:j + 1], do_sample=True,
                                             temperature=s.temperature, top_k=s.top_k,
-                                            generator=rows[i].generator)[0]
+                                            top_p=s.top_p, generator=rows[i].generator)[0]
         # Ranks agree on every token: rank 0's choice is the one all ranks use.
         if self._tp.communicates and (sampling or not agreed):
             next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()

@@ -136,6 +136,7 @@ class GenerateJob:
     max_new_tokens: int
     temperature: float = 0.0
     top_k: int = 0
+    top_p: float = 1.0
     seed: int = 0
     eos_token_id: Union[None, int, Tuple[int, ...]] = None
     max_batch_size: int = 8
@@ -177,7 +178,7 @@ def run_job(engine, job: GenerateJob):
     for i, p in enumerate(job.prompts):
         engine.add_request(p, SamplingParams(max_new_tokens=job.max_new_tokens,
                                              temperature=job.temperature, top_k=job.top_k,
-                                             eos_token_id=job.eos_token_id, seed=job.seed + i))
+                                             top_p=job.top_p, eos_token_id=job.eos_token_id, seed=job.seed + i))
     _sync(engine.model.device)
     start = time.perf_counter()
     done = engine.run()
