@@ -521,6 +521,24 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir, capsys):
     assert runs[4] == runs[3]
 
 
+@pytest.mark.timeout(300)
+def test_logits_that_are_not_finite_end_the_run_with_an_error(tmp_path, capsys):
+    """float16 overflow (final norm weights of 1e6): generate exits 1 naming the prompt and the
+    cause instead of printing the argmax of NaN; float32 runs."""
+    from test_models_api import overflowing_checkpoint
+
+    path = str(tmp_path / "overflow")
+    overflowing_checkpoint(path)
+    capsys.readouterr()  # transformers' save progress
+    args = ("generate", "--model", path, "--input-ids", "5,17,99", "--max-new-tokens", "3",
+            "--ignore-eos")
+    code, _, err = run_in_process(capsys, *args, "--dtype", "float16")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "prompt 0: output token 0: the model's logits are not finite (NaN or inf)" in err
+    code, out, err = run_in_process(capsys, *args, "--dtype", "float32")
+    assert code == 0, err
+
+
 def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():
     """`generate` (one prompt) allocates one slot, not max_batch_size of them; --num-slots and
     a batch larger than max_batch_size keep their counts."""

@@ -238,6 +238,59 @@ def test_a_tiny_temperature_draws_the_top_token():
         assert got.tolist() == logits.argmax(-1).tolist(), temperature
 
 
+def test_rows_without_finite_logits_get_no_token():
+    """A row whose largest logit is NaN or infinite gets -1 (an overflowed model's argmax would
+    be an arbitrary token), greedy or sampled; -inf entries beside a finite maximum are fine,
+    and sampling such rows does not raise."""
+    from tpssm.generate import argmax_tokens, select_tokens
+
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
+    logits[0, 7] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :VOCAB - 1] = float("-inf")  # one finite token: every draw is it
+    expect = [-1, -1, -1, VOCAB - 1, int(logits[4].argmax())]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = logits.to(dtype)
+        assert argmax_tokens(x).tolist() == expect, dtype
+        assert select_tokens(x).tolist() == expect, dtype
+        drawn = select_tokens(x, do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+                              generator=torch.Generator().manual_seed(0)).tolist()
+        assert drawn[:4] == expect[:4] and 0 <= drawn[4] < VOCAB, dtype
+
+
+class NonFiniteAt(ToyStateModel):
+    """ToyStateModel whose logits are NaN for the rows whose state is `bad` (the token the
+    clean model would emit there)."""
+
+    def __init__(self, num_slots, bad):
+        super().__init__(num_slots)
+        self.bad = bad
+
+    def _logits(self, states):
+        logits = super()._logits(states)
+        logits[torch.tensor(states) == self.bad] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.3])
+def test_a_request_without_finite_logits_ends_with_an_error(temperature):
+    """The request whose logits turn NaN ends there with `error` set and the tokens it had;
+    the step does not raise and the other requests, in the same steps, keep their tokens."""
+    poisoned, clean, n = [4, 5, 6], [3], 6
+    bad = expected_tokens(poisoned, n)[2]
+    assert bad not in expected_tokens(clean, n)
+    engine = GenerationEngine(NonFiniteAt(num_slots=2, bad=bad), max_batch_size=2)
+    sampling = SamplingParams(max_new_tokens=n, temperature=temperature, top_k=1, seed=3)
+    r_bad, r_ok = (engine.add_request(p, sampling) for p in (poisoned, clean))
+    engine.run()
+    assert r_bad.output == expected_tokens(poisoned, n)[:2]
+    assert r_bad.error is not None and "not finite (NaN or inf)" in r_bad.error
+    assert r_bad.error.startswith("output token 2:") and r_bad.slot is None
+    assert r_ok.error is None and r_ok.output == expected_tokens(clean, n)
+    assert engine.model.num_free_slots() == 2
+
+
 class FailingOnce(ToyStateModel):
     """Raises in the forward of its `fail_at`-th call, after advancing the first row's state:
     a forward that stopped part way."""

@@ -402,6 +402,33 @@ def test_generate_sampling_options(checkpoints):
     assert cache.num_free == 5  # a refused call takes no slot
 
 
+def overflowing_checkpoint(path: str):
+    """A tiny Mamba whose final norm weights are 1e6: its normed hidden state overflows
+    float16 (largest finite value 65504), not float32."""
+    model = H.build_hf_model("mamba", seed=3)
+    with torch.no_grad():
+        model.backbone.norm_f.weight.mul_(1e6)
+    H.save_hf_model(model, path)
+
+
+@torch.no_grad()
+def test_generate_refuses_logits_that_are_not_finite(tmp_path):
+    """float16 overflow makes every logit inf or NaN: generate raises, naming the prompt and
+    the token, instead of returning the argmax of NaN (token 0 every step), and frees its
+    slots; float32 generates."""
+    path = str(tmp_path / "overflow")
+    overflowing_checkpoint(path)
+    m = SSMForCausalLM.from_pretrained(path, dtype=torch.float16, backend=BACKEND)
+    cache = m.allocate_cache(3)
+    for kwargs in (dict(), dict(do_sample=True, temperature=0.8)):
+        with pytest.raises(RuntimeError, match=r"prompt 0, new token 0: the model's logits "
+                                               r"are not finite \(NaN or inf\)"):
+            generate(m, PROMPTS, 4, cache=cache, **kwargs)
+        assert cache.num_free == 3
+    fine = SSMForCausalLM.from_pretrained(path, dtype=torch.float32, backend=BACKEND)
+    assert [len(g) for g in generate(fine, PROMPTS, 4)] == [4, 4, 4]
+
+
 @pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_2blk"])
 def test_decode_weight_bytes_do_not_depend_on_tying(family):
     """A decode step reads the same weights whether the head is tied to the embedding or not,

@@ -47,6 +47,18 @@ def _tie_logits(vocab: int, tp: int) -> torch.Tensor:
     return rows
 
 
+def _non_finite_logits(vocab: int, tp: int) -> torch.Tensor:
+    """Rows no token can be picked from (greedy -1), each in another rank's columns: NaN in the
+    last rank's, +inf in the first rank's, all -inf; and a clean row last."""
+    from tpssm.parallel import shard_range
+
+    rows = torch.randn(4, vocab, generator=torch.Generator().manual_seed(6))
+    rows[0, shard_range(vocab, tp, tp - 1)[0]] = float("nan")
+    rows[1, 2] = float("inf")
+    rows[2] = float("-inf")
+    return rows
+
+
 def _engine_outputs(model, sampled: bool):
     from tpssm.engine import CachedModel, GenerationEngine, SamplingParams
 
@@ -91,6 +103,8 @@ def _rank_checks(rank, world, path, vocab, ties, reference):
         out["greedy_of_model"] = model.greedy_tokens(shard).tolist()
         out["ties_greedy"] = model.greedy_tokens(ties[:, start:end]).tolist()
         out["ties_gathered"] = bool(torch.equal(model.gather_logits(ties[:, start:end]), ties))
+        bad = _non_finite_logits(vocab, world)
+        out["non_finite_greedy"] = model.greedy_tokens(bad[:, start:end]).tolist()
         out["generate"] = generate(model, PROMPTS, 5)
         out["engine_greedy"], out["gathers_greedy"] = _engine_outputs(model, sampled=False)
         out["engine_sampled"], out["gathers_sampled"] = _engine_outputs(model, sampled=True)
@@ -100,6 +114,7 @@ def _rank_checks(rank, world, path, vocab, ties, reference):
         own = torch.zeros(2, vocab)
         own[:, rank] = 1.0
         out["replicated_greedy"] = replicated.greedy_tokens(own).tolist()
+        out["replicated_non_finite"] = replicated.greedy_tokens(bad).tolist()
         out["replicated_err"] = H.max_rel_err(replicated(ids, qsl, return_all_logits=True),
                                               reference["full"])
     return out
@@ -138,6 +153,10 @@ def test_vocab_parallel_head_equals_tp1(tp, vocab, tied, family, tmp_path):
         # The pick from (max, token) pairs is the whole-vocabulary argmax: ties to the lowest id.
         assert r["ties_greedy"] == ties.argmax(-1).tolist(), rank
         assert r["ties_gathered"], rank
+        # A NaN or +inf in any rank's columns, or no finite logit at all: -1 on every rank.
+        clean = int(_non_finite_logits(vocab, tp)[3].argmax())
+        assert r["non_finite_greedy"] == [-1, -1, -1, clean], rank
+        assert r["replicated_non_finite"] == [-1, -1, -1, clean], rank
         assert r["greedy_of_model"] == results[0]["greedy_of_model"], rank
         assert r["generate"] == gen, rank
         assert r["engine_greedy"] == engine_greedy, rank

@@ -30,7 +30,7 @@ from typing import Collection, Dict, List, Optional, Protocol, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from tpssm.generate import check_sampling_args, select_tokens
+from tpssm.generate import NON_FINITE_LOGITS, argmax_tokens, check_sampling_args, select_tokens
 from tpssm.ops import PAD_SLOT_ID
 from tpssm.parallel import TPContext
 
@@ -59,7 +59,8 @@ class GenerationModel(Protocol):
     # four; the engine then runs its steps through them.
     # prefill_shard(...), decode_shard(...) -> as prefill / decode, but this rank's logit
     # columns (B, local vocab);
-    # greedy_tokens(shard) -> (B,) int64 argmax over the whole vocabulary, equal on every rank;
+    # greedy_tokens(shard) -> (B,) int64 argmax over the whole vocabulary, equal on every rank
+    # (-1 for a row whose largest logit is NaN or infinite);
     # gather_logits(shard) -> (B, vocab) float32. Both are collectives over the ranks.
 
     # Optional: `ctx`, the model's TPContext; the engine then exchanges tokens over its group.
@@ -169,8 +170,9 @@ class Request:
     finish_s: Optional[float] = None
     generator: Optional[torch.Generator] = None
     stop_ids: frozenset = frozenset()
-    # Set when a step this request was part of raised: its slot's state may be partly advanced,
-    # so the request is finished there (with the tokens it had) rather than continued.
+    # Set when a step this request was part of raised (its slot's state may be partly advanced)
+    # or when its logits were not finite (NON_FINITE_LOGITS): the request is finished there,
+    # with the tokens it had, rather than continued.
     error: Optional[str] = None
 
     @property
@@ -449,7 +451,7 @@ class GenerationEngine:
             return
         # Greedy rows share one argmax; a sampling row draws from its own generator, so its
         # tokens do not depend on which requests it was batched with.
-        next_ids = select_tokens(logits).cpu() if greedy is None else greedy
+        next_ids = argmax_tokens(logits).cpu() if greedy is None else greedy
         sampling = [i for i, r in enumerate(rows) if r.sampling.temperature > 0]
         if sampling:
             # Only the sampling rows' logits travel (gathered from the ranks' columns when
@@ -469,6 +471,9 @@ class GenerationEngine:
             next_ids = self._tp.broadcast(next_ids.to(self.device), src=0).cpu()
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
+            if t < 0:  # no finite logits: the request ends here, its earlier tokens kept
+                r.error = f"output token {len(r.output)}: {NON_FINITE_LOGITS}"
+                continue
             if r.first_token_s is None:
                 r.first_token_s = now
             r.output.append(t)
@@ -533,7 +538,7 @@ class _DecodeGraph:
                 logits = model.decode_shard(self.ids, self.slots)
                 return logits, model.greedy_tokens(logits)
             logits = model.decode(self.ids, self.slots)
-            tokens = select_tokens(logits)
+            tokens = argmax_tokens(logits)
             if broadcasts:
                 tp.broadcast(tokens, src=0)
             return logits, tokens

@@ -13,7 +13,13 @@ import torch
 
 from tpssm.cache import SSMStateCache
 
-__all__ = ["generate", "select_tokens", "check_sampling_args"]
+__all__ = ["generate", "select_tokens", "argmax_tokens", "check_sampling_args",
+           "NON_FINITE_LOGITS"]
+
+# Why a row got no token (-1): an overflowed model's argmax would be an arbitrary token.
+NON_FINITE_LOGITS = ("the model's logits are not finite (NaN or inf): an activation overflowed "
+                     "its dtype (float16's range is the usual cause; bfloat16 or float32 "
+                     "avoid it)")
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float = 1.0) -> None:
@@ -27,19 +33,31 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float = 1.0) -> N
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy token per row of logits (rows, vocab) -> int64 (rows,): the first largest logit's
+    index, or -1 where the row's largest logit is NaN or infinite (a NaN anywhere in the row
+    makes its maximum NaN; -inf entries beside a finite maximum are fine)."""
+    values, tokens = logits.max(-1)
+    return torch.where(values.isfinite(), tokens, -1)
+
+
 def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row of logits (batch, vocab) -> int64 (batch,)."""
+    """Next token per row of logits (batch, vocab) -> int64 (batch,); -1 for a row whose
+    largest logit is NaN or infinite (NON_FINITE_LOGITS), greedy or sampled."""
     check_sampling_args(temperature, top_k, top_p)
     # Below float32's smallest normal number the draw is one-hot anyway, and the division would
     # underflow the temperature to 0 (0 / 0 for the top token): the top token.
     if not do_sample or temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(-1)
+        return argmax_tokens(logits)
     # Shifted by the row's maximum first: a tiny temperature then sends the other tokens to -inf
     # (a one-hot draw) instead of overflowing every score to inf (NaN probabilities).
     scores = logits.float()
-    scores = (scores - scores.amax(-1, keepdim=True)) / temperature
+    top = scores.amax(-1, keepdim=True)
+    bad = ~top.isfinite()
+    # A row without a finite maximum draws from zeros (any token), then gets -1.
+    scores = ((scores - top) / temperature).masked_fill(bad, 0.0)
     if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -51,7 +69,8 @@ def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
     probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawn = torch.multinomial(probs, 1, generator=generator)
+    return drawn.masked_fill(bad, -1).squeeze(-1)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -61,7 +80,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              generator: Optional[torch.Generator] = None) -> List[List[int]]:
     """New tokens (prompt excluded) for each prompt; a request stops after max_new_tokens or
     after emitting an eos token (included). Uses `cache` (slots are allocated and freed here) or
-    a fresh one with a slot per prompt."""
+    a fresh one with a slot per prompt. RuntimeError (NON_FINITE_LOGITS, naming the prompt) when
+    a prompt's logits are not finite."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token sequences")
     check_sampling_args(temperature, top_k, top_p)
@@ -103,6 +123,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             for step in range(max_new_tokens):
                 still = []
                 for row, tok in zip(active, tokens):
+                    if tok < 0:  # equal on every rank: they all raise
+                        raise RuntimeError(f"prompt {row}, new token {step}: "
+                                           f"{NON_FINITE_LOGITS}")
                     out[row].append(int(tok))
                     if int(tok) not in eos and step + 1 < max_new_tokens:
                         still.append(row)

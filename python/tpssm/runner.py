@@ -172,18 +172,23 @@ def make_engine(model, job: GenerateJob):
 
 
 def run_job(engine, job: GenerateJob):
-    """Runs job's prompts to completion on engine: (finished requests, seconds)."""
+    """Runs job's prompts to completion on engine: (finished requests, seconds). RuntimeError
+    naming the prompt when a request ended in an error (logits that are not finite)."""
     from tpssm.engine import SamplingParams
 
-    for i, p in enumerate(job.prompts):
-        engine.add_request(p, SamplingParams(max_new_tokens=job.max_new_tokens,
-                                             temperature=job.temperature, top_k=job.top_k,
-                                             top_p=job.top_p, eos_token_id=job.eos_token_id, seed=job.seed + i))
+    requests = [engine.add_request(p, SamplingParams(
+        max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_k=job.top_k,
+        top_p=job.top_p, eos_token_id=job.eos_token_id, seed=job.seed + i))
+        for i, p in enumerate(job.prompts)]
     _sync(engine.model.device)
     start = time.perf_counter()
     done = engine.run()
     _sync(engine.model.device)
-    return done, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    for i, r in enumerate(requests):
+        if r.error is not None:  # every rank has the same tokens: every rank raises this
+            raise RuntimeError(f"prompt {i}: {r.error}")
+    return done, seconds
 
 
 def _sync(device: torch.device) -> None:

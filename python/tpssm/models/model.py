@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import SSMStateCache
+from tpssm.generate import argmax_tokens
 from tpssm.models import registry
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
@@ -296,19 +297,21 @@ class CausalLM(nn.Module):
     def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """int64 (rows,) argmax over the whole vocabulary from this rank's columns, equal on
         every rank: one all-gather of a (max, token) pair per row and rank, no logits moved.
-        Ties go to the lowest token id, as torch.argmax over the whole vocabulary does. A
-        collective like gather_logits. With a whole head on every rank under TP, rank 0's
-        argmax, broadcast (ranks then stay in lockstep even if their logits differ in a bit)."""
+        Ties go to the lowest token id, as torch.argmax over the whole vocabulary does; -1 for
+        a row whose largest logit is NaN or infinite (generate.argmax_tokens). A collective
+        like gather_logits. With a whole head on every rank under TP, rank 0's argmax,
+        broadcast (ranks then stay in lockstep even if their logits differ in a bit)."""
         if not self.vocab_parallel:
-            return self.ctx.broadcast(logits.argmax(-1), src=0)
-        token = logits.argmax(-1, keepdim=True)
+            return self.ctx.broadcast(argmax_tokens(logits), src=0)
+        value, token = logits.max(-1, keepdim=True)
         # fp64 holds both the fp32 maximum and the token id exactly.
-        pairs = torch.cat([logits.gather(-1, token).double(),
-                           (token + self.vocab_range[0]).double()], -1)
+        pairs = torch.cat([value.double(), (token + self.vocab_range[0]).double()], -1)
         every = self.ctx.all_gather_stack(pairs)             # (tp, rows, 2)
-        # argmax takes the first of equal maxima: the lowest rank, which holds the lower ids.
+        # argmax takes the first of equal maxima: the lowest rank, which holds the lower ids;
+        # and a NaN, if any rank has one.
         best = every[..., 0].argmax(0, keepdim=True)
-        return every[..., 1].gather(0, best).squeeze(0).long()
+        tokens = every[..., 1].gather(0, best).squeeze(0).long()
+        return torch.where(every[..., 0].gather(0, best).squeeze(0).isfinite(), tokens, -1)
 
     # --- pieces the subclasses' load_weights / forward share
     def _norms_in_in_proj(self, hidden: torch.Tensor, meta: BatchMeta) -> bool:
