@@ -116,6 +116,15 @@ def save_hf_model(model, path: str) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
+def save_overflowing_checkpoint(path: str) -> None:
+    """A tiny Mamba whose final norm weights are 1e6: its normed hidden state overflows
+    float16 (largest finite value 65504), not float32."""
+    model = build_hf_model("mamba", seed=3)
+    with torch.no_grad():
+        model.backbone.norm_f.weight.mul_(1e6)
+    save_hf_model(model, path)
+
+
 @torch.no_grad()
 def hf_full_logits(model, prompt: Sequence[int]) -> torch.Tensor:
     """(L, V) logits of every prompt token, one request, no cache."""

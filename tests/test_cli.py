@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from hf_models import build_hf_model, hf_greedy, save_hf_model
+from hf_models import build_hf_model, hf_greedy, save_hf_model, save_overflowing_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -525,10 +525,8 @@ def test_sampled_generation_at_tp2_is_seeded(mamba_dir, capsys):
 def test_logits_that_are_not_finite_end_the_run_with_an_error(tmp_path, capsys):
     """float16 overflow (final norm weights of 1e6): generate exits 1 naming the prompt and the
     cause instead of printing the argmax of NaN; float32 runs."""
-    from test_models_api import overflowing_checkpoint
-
     path = str(tmp_path / "overflow")
-    overflowing_checkpoint(path)
+    save_overflowing_checkpoint(path)
     capsys.readouterr()  # transformers' save progress
     args = ("generate", "--model", path, "--input-ids", "5,17,99", "--max-new-tokens", "3",
             "--ignore-eos")

@@ -402,22 +402,13 @@ def test_generate_sampling_options(checkpoints):
     assert cache.num_free == 5  # a refused call takes no slot
 
 
-def overflowing_checkpoint(path: str):
-    """A tiny Mamba whose final norm weights are 1e6: its normed hidden state overflows
-    float16 (largest finite value 65504), not float32."""
-    model = H.build_hf_model("mamba", seed=3)
-    with torch.no_grad():
-        model.backbone.norm_f.weight.mul_(1e6)
-    H.save_hf_model(model, path)
-
-
 @torch.no_grad()
 def test_generate_refuses_logits_that_are_not_finite(tmp_path):
     """float16 overflow makes every logit inf or NaN: generate raises, naming the prompt and
     the token, instead of returning the argmax of NaN (token 0 every step), and frees its
     slots; float32 generates."""
     path = str(tmp_path / "overflow")
-    overflowing_checkpoint(path)
+    H.save_overflowing_checkpoint(path)
     m = SSMForCausalLM.from_pretrained(path, dtype=torch.float16, backend=BACKEND)
     cache = m.allocate_cache(3)
     for kwargs in (dict(), dict(do_sample=True, temperature=0.8)):
