@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
-from tpssm.cache import CacheFullError, LayerStateShape, SSMStateCache
+from tpssm.cache import CacheFullError, KVShape, LayerStateShape, SSMStateCache
 from tpssm.models import SSMForCausalLM, parse_config
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import hf_models as H  # noqa: E402
 
 MAMBA1 = [LayerStateShape(128, 4, (128, 16))] * 3
 MAMBA2 = [LayerStateShape(128 + 2 * 2 * 16, 4, (8, 16, 16))] * 2
@@ -91,3 +98,89 @@ def test_model_cache_layout_at_tp1():
     c2 = m2.allocate_cache(2, ssm_dtype=torch.bfloat16)
     assert c2.conv_states[0].shape == (2, 64 + 2 * 2 * 8, 3)
     assert c2.ssm_states[0].shape == (2, 4, 16, 8) and c2.ssm_states[0].dtype == torch.bfloat16
+
+
+def _filled_cache():
+    """A hybrid-shaped cache whose every slot holds its own values (slot s: s + 1 + noise, KV
+    length 10 s + 3), the KV scratch row (slot 4) too."""
+    c = SSMStateCache(MAMBA2, num_slots=4, kv_shapes=[KVShape(2, 8)], max_seq_len=5)
+    for t in c.conv_states + c.ssm_states + c.k_states + c.v_states:
+        for s in range(t.shape[0]):
+            t[s] = s + 1 + torch.rand(t[s].shape)
+    c.kv_lengths.copy_(torch.arange(5) * 10 + 3)
+    return c
+
+
+def _slot(c, s):
+    return [t[s].clone() for t in c.conv_states + c.ssm_states + c.k_states + c.v_states
+            + [c.kv_lengths]]
+
+
+def test_copy_forks_slots_in_every_tensor():
+    c = _filled_cache()
+    before = [_slot(c, s) for s in range(4)]
+    scratch = [t[4].clone() for t in c.k_states + c.v_states + [c.kv_lengths]]
+    ptrs = [t.data_ptr() for t in c.conv_states + c.ssm_states + c.k_states + c.v_states]
+    c.copy(1, [0, 3])  # one source for every destination
+    c.copy([], [])
+    for s, want in ((0, 1), (1, 1), (2, 2), (3, 1)):
+        assert all(torch.equal(a, b) for a, b in zip(_slot(c, s), before[want])), s
+    # The KV scratch row (padding rows' writes) is no slot; the tensors stay where they were.
+    assert all(torch.equal(t[4], b) for t, b in zip(c.k_states + c.v_states + [c.kv_lengths],
+                                                    scratch))
+    assert ptrs == [t.data_ptr() for t in c.conv_states + c.ssm_states + c.k_states
+                    + c.v_states]
+    # Every source is read before any destination is written: crossed lists swap.
+    c = _filled_cache()
+    before = [_slot(c, s) for s in range(4)]
+    c.copy([0, 2], [2, 0])
+    for s, want in ((0, 2), (1, 1), (2, 0), (3, 3)):
+        assert all(torch.equal(a, b) for a, b in zip(_slot(c, s), before[want])), s
+
+
+def test_copy_refuses_bad_slots_before_writing():
+    c = _filled_cache()
+    before = [_slot(c, s) for s in range(4)]
+    for src, dst, match in [(0, 4, r"slot 4 is out of range \[0, 4\)"),
+                            (-1, 2, r"slot -1 is out of range"),
+                            ([0, 1], [2, 2], r"destination slots \[2, 2\] contain duplicates"),
+                            ([0, 1], [2], "one source slot or one per destination: got 2 "
+                                          "sources for 1 destinations")]:
+        with pytest.raises(ValueError, match=match):
+            c.copy(src, dst)
+    assert all(torch.equal(a, b) for s in range(4) for a, b in zip(_slot(c, s), before[s]))
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_1blk"])
+@torch.no_grad()
+def test_a_forked_prompt_continues_as_its_source(family):
+    """A prompt prefilled once and copied to three slots: two tails continued from the copies
+    equal, bit for bit, the same tails continued from the source and a third copy (the copy is
+    exact and leaves its source alone), and equal each whole sequence prefilled from scratch
+    (up to the roundoff of a chunked prefill)."""
+    from tpssm.models import build_model
+    from tpssm.parallel import TPContext
+    from tpssm.presets import RandomWeightSource
+
+    config = H.tpssm_config(family)
+    model = build_model(config, TPContext(device=torch.device("cpu")), torch.float32)
+    model.load_weights(RandomWeightSource(config, seed=4))
+    cache = model.allocate_cache(6, max_seq_len=32)
+    prompt, tails = [5, 17, 99, 3, 250, 42, 7], ([11, 12, 13], [200, 1])
+
+    def run(seqs, slots, initial):
+        lens = [len(s) for s in seqs]
+        qsl = torch.cumsum(torch.tensor([0] + lens), 0, dtype=torch.int32)
+        return model(torch.tensor([t for s in seqs for t in s]), qsl,
+                     torch.tensor(slots, dtype=torch.int32),
+                     torch.tensor([initial] * len(seqs)), cache, return_all_logits=True)
+
+    run([prompt], [0], False)
+    cache.copy(0, [1, 2, 3])
+    forks = run(tails, [1, 2], True)
+    source = run(tails, [0, 3], True)
+    assert torch.equal(forks, source)
+    whole = run([prompt + tails[0], prompt + tails[1]], [4, 5], False)
+    n = len(prompt)
+    expect = torch.cat([whole[n:n + 3], whole[n + 3 + n:]])
+    assert H.max_rel_err(forks, expect) < 4e-5

@@ -143,6 +143,33 @@ class SSMStateCache:
             t.index_fill_(0, idx, 0)
         self.kv_lengths.index_fill_(0, idx, 0)
 
+    def copy(self, src: Union[int, Iterable[int]], dst: Union[int, Iterable[int]]) -> None:
+        """Copies the state of slot src[i] into slot dst[i] in every layer (conv and SSM states;
+        a hybrid's keys, values and cached length): a fork, so that several continuations of
+        one prompt, or requests sharing a prefix, start from its state without recomputing it.
+        src may be one slot for every dst. Every source is read before any destination is
+        written, so the two lists may overlap; destinations must be distinct. Slots are not
+        required to be allocated (forward takes any slot), only in range. Under tensor
+        parallelism each rank copies its own shard (every rank calls it with the same slots).
+        A hybrid's whole key / value rows are copied, max_seq_len tokens a visit (the cached
+        lengths stay on the device, unread)."""
+        dst = [dst] if isinstance(dst, int) else [int(s) for s in dst]
+        src = [src] * len(dst) if isinstance(src, int) else [int(s) for s in src]
+        if len(src) != len(dst):
+            raise ValueError(f"copy needs one source slot or one per destination: got "
+                             f"{len(src)} sources for {len(dst)} destinations")
+        for s in src + dst:
+            self._check_range(s)
+        if len(set(dst)) != len(dst):
+            raise ValueError(f"destination slots {dst} contain duplicates")
+        if not dst:
+            return
+        src_idx = torch.tensor(src, dtype=torch.long, device=self.device)
+        dst_idx = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for t in self.conv_states + self.ssm_states + self.k_states + self.v_states + [
+                self.kv_lengths]:
+            t.index_copy_(0, dst_idx, t.index_select(0, src_idx))
+
     def reset_all(self) -> None:
         for t in self.conv_states + self.ssm_states + self.k_states + self.v_states:
             t.zero_()
