@@ -40,7 +40,15 @@ SWITCHES := TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) TPSSM_SKIP_CUDA_BUILD=$
 $(BUILD_SWITCHES): $(VENV)/.deps-installed FORCE
 	@echo '$(SWITCHES)' | cmp -s - $@ || echo '$(SWITCHES)' > $@
 
-$(BUILD_STAMP): $(VENV)/.deps-installed $(BUILD_SWITCHES) setup.py pyproject.toml $(shell find csrc -type f)
+# The extension is built in place (python/tpssm/_C*.so), one for the tree whichever VENV built it:
+# after a build for another VENV (another torch) this one's stamp no longer holds.
+BUILT_FOR := build/.tpssm-built-for-venv
+$(BUILT_FOR): FORCE
+	@mkdir -p build
+	@echo '$(abspath $(VENV))' | cmp -s - $@ || echo '$(abspath $(VENV))' > $@
+
+$(BUILD_STAMP): $(VENV)/.deps-installed $(BUILD_SWITCHES) $(BUILT_FOR) setup.py pyproject.toml \
+		$(shell find csrc -type f)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 

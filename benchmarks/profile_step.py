@@ -49,7 +49,9 @@ PHASES = (
     ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
     ("projections", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::linear",
                      "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "splitk")),
-    ("embedding / head gathers", ("embedding", "index_select", "gather", "argmax")),
+    # The greedy token: aten::max over the vocabulary (MaxOps kernels on CUDA).
+    ("embedding / head gathers", ("embedding", "index_select", "gather", "argmax", "aten::max",
+                                  "maxops")),
 )
 OTHER = "other (elementwise, copies)"
 

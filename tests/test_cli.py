@@ -4,6 +4,7 @@ Most runs call main() in this process (run_in_process); `python -m tpssm` runs w
 point itself is under test."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -206,6 +207,8 @@ def test_errors_are_one_line(mamba_dir, tmp_path, capsys):
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama",
                                                    "architectures": ["LlamaForCausalLM"]}))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
     cases = [
         (["generate", "--model", str(tmp_path / "missing"), "--input-ids", "1"],
          "is not a directory"),
@@ -220,6 +223,16 @@ def test_errors_are_one_line(mamba_dir, tmp_path, capsys):
         (["bench", "--tp", "1"], "one of the arguments --preset --model is required"),
         (["bench", "--preset", "mamba-9b"], "invalid choice: 'mamba-9b'"),
         (["bench", "--preset", "mamba-2.8b", "--tp", "0"], "argument --tp"),
+        (["score", "--model", path, "--prompt", "hello"], "no tokenizer.json: pass --input-ids "
+                                                          "instead of --prompt"),
+        (["score", "--model", path, "--input-ids", "7"], "scoring needs at least 2 tokens"),
+        (["score", "--model", path, "--input-ids", "7,256"], r"token ids must be in \[0, 256\)"),
+        (["score", "--model", path, "--text-file", str(tmp_path / "missing.txt")],
+         "argument --text-file: .*missing.txt is not a file"),
+        (["score", "--model", path, "--input-ids", "1,2", "--chunk-tokens", "0"],
+         "argument --chunk-tokens: must be an integer >= 1, got 0"),
+        (["score", "--model", path, "--text-file", str(latin1)],
+         r"--text-file .*latin1.txt is not UTF-8 text: unexpected end of data at byte 3"),
     ]
     for args, pattern in cases:
         code, err = run_main(capsys, *args)
@@ -476,18 +489,25 @@ def test_generate_runs_unchanged_under_torchrun(mamba_dir):
     assert json.loads(lines[0])["output_ids"] == expected
 
 
-@pytest.mark.timeout(300)
-def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def mamba_dir_with_tokenizer(mamba_dir, tmp_path_factory):
+    """mamba_dir with a tokenizer.json whose word "w<i>" is token i."""
     import shutil
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     model, path = mamba_dir
-    with_tok = str(tmp_path / "with_tokenizer")
+    with_tok = str(tmp_path_factory.mktemp("ckpt") / "with_tokenizer")
     shutil.copytree(path, with_tok)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(os.path.join(with_tok, "tokenizer.json"))
+    return model, with_tok
+
+
+@pytest.mark.timeout(300)
+def test_generate_text_prompt_uses_the_checkpoint_tokenizer(mamba_dir_with_tokenizer, capsys):
+    model, with_tok = mamba_dir_with_tokenizer
     expected, _ = hf_greedy(model, [5, 17, 99], 3)
     code, out, err = run_in_process(capsys, "generate", "--model", with_tok, "--prompt",
                                     "w5 w17 w99", "--max-new-tokens", "4", "--ignore-eos",
@@ -532,9 +552,57 @@ def test_logits_that_are_not_finite_end_the_run_with_an_error(tmp_path, capsys):
             "--ignore-eos")
     code, _, err = run_in_process(capsys, *args, "--dtype", "float16")
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert "prompt 0: output token 0: the model's logits are not finite (NaN or inf)" in err
+    assert "prompt 0: new token 0: the model's logits are not finite (NaN or inf)" in err
     code, out, err = run_in_process(capsys, *args, "--dtype", "float32")
     assert code == 0, err
+
+
+@pytest.mark.timeout(300)
+def test_score_reports_transformers_logprobs_and_perplexity(mamba_dir_with_tokenizer, tmp_path,
+                                                            capsys):
+    """score: a text file, a prompt and token ids give the same JSON; tp 2 (vocabulary-parallel
+    head) equals tp 1; the log-probabilities are transformers' and the perplexity their
+    exp(-mean); --allreduce int8 reaches the layers (quantized calls, close results)."""
+    from hf_models import hf_full_logits
+
+    model, path = mamba_dir_with_tokenizer
+    ids = [5, 17, 99, 3, 250, 42, 7, 11, 64]
+    text = " ".join(f"w{t}" for t in ids)
+    (tmp_path / "text.txt").write_text(text + "\n")
+    expect = hf_full_logits(model, ids).log_softmax(-1)[:-1].gather(
+        -1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+    def score(*extra):
+        code, out, err = run_in_process(capsys, "score", "--model", path, "--json",
+                                        "--chunk-tokens", "4", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    base = score("--text-file", str(tmp_path / "text.txt"))
+    assert base["num_tokens"] == len(ids) and base["tokens_scored"] == len(ids) - 1
+    got = torch.tensor(base["token_logprobs"])
+    assert float((got - expect).abs().max()) < 3e-5
+    assert base["nll_sum"] == pytest.approx(-float(got.double().sum()), rel=1e-12)
+    assert base["nll_mean"] == pytest.approx(base["nll_sum"] / (len(ids) - 1), rel=1e-12)
+    assert base["perplexity"] == pytest.approx(math.exp(base["nll_mean"]), rel=1e-12)
+    assert score("--prompt", text)["token_logprobs"] == base["token_logprobs"]
+    assert score("--input-ids", ",".join(map(str, ids)))["token_logprobs"] == \
+        base["token_logprobs"]
+    tp2 = score("--input-ids", ",".join(map(str, ids)), "--tp", "2")
+    assert float((torch.tensor(tp2["token_logprobs"]) - got).abs().max()) < 1e-5
+    assert tp2["allreduce_calls"]["quantized"] == 0
+    int8 = score("--input-ids", ",".join(map(str, ids)), "--tp", "2", "--allreduce", "int8",
+                 "--allreduce-min-bytes", "0")
+    assert int8["allreduce_calls"]["quantized"] > 0
+    diff = float((torch.tensor(int8["token_logprobs"]) - got).abs().max())
+    assert 0 < diff < 0.05, diff
+    code, out, err = run_in_process(capsys, "score", "--model", path, "--prompt", text)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"scored {len(ids) - 1} tokens (the first of {len(ids)} is "
+                               f"context only)")
+    assert lines[1] == (f"cross-entropy {base['nll_mean']:.4f} nats/token, perplexity "
+                        f"{base['perplexity']:.4g}")
 
 
 def test_state_cache_slots_default_to_the_prompts_that_can_run_at_once():

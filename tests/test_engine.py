@@ -286,7 +286,7 @@ def test_a_request_without_finite_logits_ends_with_an_error(temperature):
     engine.run()
     assert r_bad.output == expected_tokens(poisoned, n)[:2]
     assert r_bad.error is not None and "not finite (NaN or inf)" in r_bad.error
-    assert r_bad.error.startswith("output token 2:") and r_bad.slot is None
+    assert r_bad.error.startswith("new token 2:") and r_bad.slot is None
     assert r_ok.error is None and r_ok.output == expected_tokens(clean, n)
     assert engine.model.num_free_slots() == 2
 

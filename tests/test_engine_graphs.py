@@ -181,6 +181,44 @@ def test_tp_ranks_graph_decode_equals_eager(family, scheme, vocab_parallel):
             assert sum(n for path, n in r["calls"].items() if path != "exact") > 0, r["calls"]
 
 
+def _rank_nan_in_one_ranks_columns(rank, world, graphs):
+    """Rank 1's logit columns are NaN for the row decoding in slot 0 (tensor ops, so a graph
+    replays them): -> (output, ended in error) of each request, and the clean run's outputs."""
+    _batch_independent_rows()
+    model = _model("mamba", TPContext())
+    clean = _run(model, _prompts(6), graphs)[0]
+    plain = model.decode
+
+    def poisoned(input_ids, cache_indices, cache, gather_logits=True):
+        logits = plain(input_ids, cache_indices, cache, gather_logits=gather_logits)
+        if rank == 1:
+            logits = torch.where((cache_indices == 0)[:, None], float("nan"), logits)
+        return logits
+
+    model.decode = poisoned
+    engine = _run(model, _prompts(6), graphs)[1]
+    done = sorted(engine.finished, key=lambda r: r.request_id)
+    return [(r.output, r.error is not None) for r in done], clean
+
+
+@pytest.mark.timeout(300)
+def test_a_nan_in_one_ranks_logit_columns_ends_that_request_on_every_rank():
+    """Vocabulary-parallel greedy decode at tp 2, captured and eager: the requests decoding in
+    slot 0 get -1 from the (max, token) exchange on both ranks - NaN in rank 1's columns only -
+    and end with an error at their first decode step (tokens from mixed prefill steps before it
+    kept); the others keep the clean run's tokens."""
+    for graphs in (True, False):
+        results = run_distributed(_rank_nan_in_one_ranks_columns, 2, graphs, timeout=240)
+        assert results[0] == results[1]
+        ended, clean = results[0]
+        assert any(failed for _, failed in ended)
+        for (out, failed), want in zip(ended, clean):
+            if failed:
+                assert len(out) < len(want) and out == want[:len(out)]
+            else:
+                assert out == want
+
+
 def _replica_rank(rank, world):
     """Rank r serves replica r: a tp 1 model on a one-rank group of its own."""
     import torch.distributed as dist

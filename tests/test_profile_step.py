@@ -42,7 +42,7 @@ def test_profile_decode_counts_a_steps_ops(tmp_path, config):
     _one_per_layer(res, "tpssm::selective_state_update")
     _one_per_layer(res, "tpssm::causal_conv1d_update")
     # The step's kernels outside its layers, from the same step at one and two layers:
-    # embedding, final norm, head (and argmax / greedy exchange) at least; the rest per layer.
+    # embedding, final norm, head (and the greedy max / exchange) at least; the rest per layer.
     assert 4 <= res["kernels_outside_layers"] < res["kernels_per_step"] / 2
     assert res["kernels_per_layer"] == pytest.approx(
         (res["kernels_per_step"] - res["kernels_outside_layers"]) / 3)

@@ -101,59 +101,61 @@ def bench_rank(job: BenchJob) -> List[dict]:
     # prompt leaves the shorter shapes cold: on an H100 that adds 7-17 ms to the first point's
     # TTFT, as much as the effect a cache on / off comparison measures there.
     engines = {}
-    for use_cache, batch, plen in points:
-        gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
-                          max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache,
-                          max_seq_len=max(job.prompt_lens)
-                          + max(job.gen_tokens, WARMUP_TOKENS) - 1)
-        engine = engines.get((use_cache, batch))
-        if engine is None:
-            engine = engines[(use_cache, batch)] = make_engine(model, gen)
-        gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()] * batch
-        gen.max_new_tokens = WARMUP_TOKENS
-        run_job(engine, gen)
-        engine.finished.clear()
-        gen.max_new_tokens = job.gen_tokens
-        times, ttfts, decode = [], [], []
-        for _ in range(job.repeats):
-            gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()
-                           for _ in range(batch)]
-            done, seconds = run_job(engine, gen)
+    try:  # closed on errors too: NCCL's teardown waits for the graphs that captured it
+        for use_cache, batch, plen in points:
+            gen = GenerateJob(job.spec, [], job.gen_tokens, max_batch_size=batch,
+                              max_prefill_tokens=job.max_prefill_tokens, use_state_cache=use_cache,
+                              max_seq_len=max(job.prompt_lens)
+                              + max(job.gen_tokens, WARMUP_TOKENS) - 1)
+            engine = engines.get((use_cache, batch))
+            if engine is None:
+                engine = engines[(use_cache, batch)] = make_engine(model, gen)
+            gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()] * batch
+            gen.max_new_tokens = WARMUP_TOKENS
+            run_job(engine, gen)
             engine.finished.clear()
-            times.append(seconds)
-            ttfts.extend(r.ttft_s for r in done)
-            decode.extend((r.finish_s - r.first_token_s) / max(1, len(r.output) - 1)
-                          for r in done)
-        seconds = statistics.median(times)
-        decode_ms = 1e3 * statistics.median(decode)
-        # Without the state cache every step recomputes whole sequences: no decode floor. With
-        # one new token a request runs no decode step: no decode figures.
-        decodes = job.gen_tokens > 1 and decode_ms > 0
-        floor = (decode_floor(model, engine.model.cache, batch, copy_gbs) if use_cache
-                 else dict.fromkeys(("decode_weight_bytes", "decode_state_bytes",
-                                     "decode_floor_ms")))
-        rows.append({"tp": model.ctx.tp, "rank_shard_only": model.ctx.local_shard_only,
-                     "state_cache": use_cache, "batch": batch,
-                     "prompt_len": plen, "gen_tokens": job.gen_tokens,
-                     "num_layers": model.config.num_hidden_layers, "dtype": job.spec.dtype,
-                     "seconds": seconds,
-                     # End to end: the prompts' prefill included.
-                     "throughput_tok_s": batch * job.gen_tokens / seconds,
-                     "ttft_ms": 1e3 * statistics.median(ttfts),
-                     "decode_ms_per_token": decode_ms,
-                     # Decode alone: a step's `batch` tokens over its median time.
-                     "decode_tok_s": batch * 1e3 / decode_ms if decodes else None,
-                     **floor,
-                     "decode_pct_of_floor": (100 * floor["decode_floor_ms"] / decode_ms
-                                             if decodes and floor["decode_floor_ms"] is not None
-                                             else None),
-                     "copy_bandwidth_gbs": copy_gbs,
-                     "param_bytes_per_rank": model.parameter_bytes(),
-                     "device": str(model.ctx.device)})
-        progress.update()
-    progress.close()
-    for engine in engines.values():
-        engine.close()
+            gen.max_new_tokens = job.gen_tokens
+            times, ttfts, decode = [], [], []
+            for _ in range(job.repeats):
+                gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()
+                               for _ in range(batch)]
+                done, seconds = run_job(engine, gen)
+                engine.finished.clear()
+                times.append(seconds)
+                ttfts.extend(r.ttft_s for r in done)
+                decode.extend((r.finish_s - r.first_token_s) / max(1, len(r.output) - 1)
+                              for r in done)
+            seconds = statistics.median(times)
+            decode_ms = 1e3 * statistics.median(decode)
+            # Without the state cache every step recomputes whole sequences: no decode floor. With
+            # one new token a request runs no decode step: no decode figures.
+            decodes = job.gen_tokens > 1 and decode_ms > 0
+            floor = (decode_floor(model, engine.model.cache, batch, copy_gbs) if use_cache
+                     else dict.fromkeys(("decode_weight_bytes", "decode_state_bytes",
+                                         "decode_floor_ms")))
+            rows.append({"tp": model.ctx.tp, "rank_shard_only": model.ctx.local_shard_only,
+                         "state_cache": use_cache, "batch": batch,
+                         "prompt_len": plen, "gen_tokens": job.gen_tokens,
+                         "num_layers": model.config.num_hidden_layers, "dtype": job.spec.dtype,
+                         "seconds": seconds,
+                         # End to end: the prompts' prefill included.
+                         "throughput_tok_s": batch * job.gen_tokens / seconds,
+                         "ttft_ms": 1e3 * statistics.median(ttfts),
+                         "decode_ms_per_token": decode_ms,
+                         # Decode alone: a step's `batch` tokens over its median time.
+                         "decode_tok_s": batch * 1e3 / decode_ms if decodes else None,
+                         **floor,
+                         "decode_pct_of_floor": (100 * floor["decode_floor_ms"] / decode_ms
+                                                 if decodes and floor["decode_floor_ms"] is not None
+                                                 else None),
+                         "copy_bandwidth_gbs": copy_gbs,
+                         "param_bytes_per_rank": model.parameter_bytes(),
+                         "device": str(model.ctx.device)})
+            progress.update()
+        progress.close()
+    finally:
+        for engine in engines.values():
+            engine.close()
     return rows
 
 

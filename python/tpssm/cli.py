@@ -1,8 +1,10 @@
-"""The tpssm command line: `python -m tpssm {demo,generate,bench}` (also the `tpssm` script).
+"""The tpssm command line: `python -m tpssm {demo,generate,score,bench}` (also the `tpssm` script).
 
 - demo: a small random Mamba at tp 1 and tp N (gloo processes on a CPU-only machine, NCCL with
   N GPUs): generates for a batch of prompts, prints tokens/s, checks the tp N tokens equal tp 1.
 - generate: a local Hugging Face checkpoint at --tp N.
+- score: each token's log-probability under a checkpoint, and the perplexity, at --tp N (long
+  texts in chunks through the state cache).
 - bench: throughput, time to first token and decode latency over a sweep of prompt lengths and
   batch sizes, for a preset at its real dimensions (random weights) or a checkpoint.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -24,8 +27,8 @@ import torch
 from tpssm.ops import SCAN_ALGORITHMS
 from tpssm.parallel import PROJECTION_KERNELS
 from tpssm.presets import PRESETS, preset_config
-from tpssm.runner import (DTYPES, CLIError, GenerateJob, ModelSpec, UsageError, generate_rank,
-                          is_primary, log, one_line, spawn)
+from tpssm.runner import (DTYPES, CLIError, GenerateJob, ModelSpec, ScoreJob, UsageError,
+                          generate_rank, is_primary, log, one_line, score_rank, spawn)
 
 __all__ = ["main", "build_parser"]
 
@@ -95,6 +98,15 @@ def int_list(lo: int, what: str):
         return values
     parse.__name__ = f"list of {what}"
     return parse
+
+
+def input_file(text: str) -> str:
+    """A file the CLI reads (--text-file): it must exist and be readable."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
 
 
 def output_file(text: str) -> str:
@@ -230,6 +242,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _prompt_ids(args, config, tokenizer) -> List[int]:
+    """The token ids of --input-ids, or of --prompt / --text-file through the checkpoint's
+    tokenizer.json, checked against the vocabulary."""
+    if args.input_ids is not None:
+        ids = args.input_ids
+    else:
+        text, option = args.prompt, "--prompt"
+        if getattr(args, "text_file", None) is not None:
+            option = "--text-file"
+            try:
+                with open(args.text_file, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"--text-file {args.text_file} is not UTF-8 text: "
+                                 f"{exc.reason} at byte {exc.start}") from None
+        if tokenizer is None:
+            raise UsageError(f"{args.model} ships no tokenizer.json: pass --input-ids instead "
+                             f"of {option}")
+        ids = tokenizer.encode(text).ids
+        if not ids:
+            raise UsageError(f"{option} encodes to no tokens")
+    bad = [t for t in ids if not t < config.vocab_size]
+    if bad:
+        raise UsageError(f"token ids must be in [0, {config.vocab_size}) (the model's "
+                         f"vocabulary), got {bad[:5]}")
+    return ids
+
+
+def _model_spec(args, sequence_parallel: int) -> ModelSpec:
+    return ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
+                     allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
+                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
+                     programmatic_launch=args.programmatic_launch,
+                     sequence_parallel_min_tokens=sequence_parallel)
+
+
 def _sequence_parallel(args) -> int:
     """ModelSpec.sequence_parallel_min_tokens from --sequence-parallel (0: off)."""
     if not args.sequence_parallel:
@@ -256,29 +304,12 @@ def cmd_generate(args) -> int:
     config = check_checkpoint(args.model)
     check_scan_algorithm(config, args.scan_algorithm)
     tokenizer = _load_tokenizer(args.model)
-    if args.input_ids is not None:
-        ids = args.input_ids
-    else:
-        if tokenizer is None:
-            raise UsageError(f"{args.model} ships no tokenizer.json: pass --input-ids instead "
-                             f"of --prompt")
-        ids = tokenizer.encode(args.prompt).ids
-        if not ids:
-            raise UsageError("--prompt encodes to no tokens")
-    bad = [t for t in ids if not t < config.vocab_size]
-    if bad:
-        raise UsageError(f"token ids must be in [0, {config.vocab_size}) (the model's "
-                         f"vocabulary), got {bad[:5]}")
+    ids = _prompt_ids(args, config, tokenizer)
     if len(ids) > args.max_prompt_tokens:
         raise UsageError(f"the prompt has {len(ids)} tokens, more than --max-prompt-tokens "
                          f"{args.max_prompt_tokens}")
     eos = _stop_tokens(config.eos_token_id)
-    spec = ModelSpec(path=args.model, dtype=args.dtype, device=args.device,
-                     allreduce=args.allreduce, allreduce_min_bytes=args.allreduce_min_bytes,
-                     scan_algorithm=args.scan_algorithm, projection_kernel=args.projection_kernel,
-                     programmatic_launch=args.programmatic_launch,
-                     sequence_parallel_min_tokens=sequence_parallel)
-    job = GenerateJob(spec, [ids], args.max_new_tokens,
+    job = GenerateJob(_model_spec(args, sequence_parallel), [ids], args.max_new_tokens,
                       temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed,
                       eos_token_id=None if args.ignore_eos else eos,
@@ -298,6 +329,35 @@ def cmd_generate(args) -> int:
         print(" ".join(str(t) for t in out))
         if "text" in record:
             print(record["text"])
+    return 0
+
+
+def cmd_score(args) -> int:
+    sequence_parallel = _sequence_parallel(args)
+    config = check_checkpoint(args.model)
+    check_scan_algorithm(config, args.scan_algorithm)
+    ids = _prompt_ids(args, config, _load_tokenizer(args.model))
+    if len(ids) < 2:
+        raise UsageError(f"scoring needs at least 2 tokens (the first is only context), got "
+                         f"{len(ids)}")
+    job = ScoreJob(_model_spec(args, sequence_parallel), ids, chunk_tokens=args.chunk_tokens)
+    result = spawn(score_rank, args.tp, job, args.timeout)[0]
+    logprobs = result["token_logprobs"]
+    nll = -math.fsum(logprobs)
+    record = {"model": args.model, "tp": args.tp, "num_tokens": len(ids),
+              "tokens_scored": len(logprobs), "nll_sum": nll, "nll_mean": nll / len(logprobs),
+              "perplexity": math.exp(nll / len(logprobs)), "seconds": result["seconds"],
+              "allreduce": args.allreduce, "allreduce_calls": result["allreduce_calls"],
+              "token_logprobs": logprobs}
+    if not is_primary():
+        return 0
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"scored {len(logprobs)} tokens (the first of {len(ids)} is context only) in "
+              f"{result['seconds']:.2f} s")
+        print(f"cross-entropy {record['nll_mean']:.4f} nats/token, perplexity "
+              f"{record['perplexity']:.4g}")
     return 0
 
 
@@ -468,6 +528,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (ids, text, seconds) instead of plain lines")
     _common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = command("score", "each token's log-probability and the perplexity of a text under a "
+                         "local Hugging Face checkpoint")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json and *.safetensors)")
+    p.add_argument("--tp", type=POSITIVE, default=1,
+                   help="tensor-parallel degree: local processes, or torchrun's ranks")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
+    src.add_argument("--text-file", type=input_file,
+                     help="a UTF-8 text file, encoded with the checkpoint's tokenizer.json")
+    src.add_argument("--input-ids", type=int_list(0, "non-negative integers"),
+                     help="the tokens as comma-separated ids, e.g. 1,2,3")
+    p.add_argument("--chunk-tokens", type=POSITIVE, default=2048,
+                   help="tokens a forward step takes; the state carries from chunk to chunk, "
+                        "so memory does not grow with the text (a hybrid's KV cache does)")
+    _allreduce_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the sums, the perplexity and every token's "
+                        "log-probability) instead of two lines")
+    _common(p)
+    p.set_defaults(func=cmd_score)
 
     p = command("bench", "throughput / TTFT / decode latency sweep")
     which = p.add_mutually_exclusive_group(required=True)

@@ -472,7 +472,7 @@ class GenerationEngine:
         now = time.perf_counter()
         for r, t in zip(rows, next_ids.tolist()):
             if t < 0:  # no finite logits: the request ends here, its earlier tokens kept
-                r.error = f"output token {len(r.output)}: {NON_FINITE_LOGITS}"
+                r.error = f"new token {len(r.output)}: {NON_FINITE_LOGITS}"
                 continue
             if r.first_token_s is None:
                 r.first_token_s = now

@@ -17,9 +17,9 @@ __all__ = ["generate", "select_tokens", "argmax_tokens", "check_sampling_args",
            "NON_FINITE_LOGITS"]
 
 # Why a row got no token (-1): an overflowed model's argmax would be an arbitrary token.
-NON_FINITE_LOGITS = ("the model's logits are not finite (NaN or inf): an activation overflowed "
-                     "its dtype (float16's range is the usual cause; bfloat16 or float32 "
-                     "avoid it)")
+NON_FINITE_LOGITS = ("the model's logits are not finite (NaN or inf): most likely an activation "
+                     "overflowed its dtype (float16's range is the usual cause; bfloat16 or "
+                     "float32 avoid it)")
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float = 1.0) -> None:
@@ -38,7 +38,8 @@ def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
     index, or -1 where the row's largest logit is NaN or infinite (a NaN anywhere in the row
     makes its maximum NaN; -inf entries beside a finite maximum are fine)."""
     values, tokens = logits.max(-1)
-    return torch.where(values.isfinite(), tokens, -1)
+    # abs < inf is False for NaN and +-inf: two kernels where isfinite is several.
+    return torch.where(values.abs() < float("inf"), tokens, -1)
 
 
 def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,

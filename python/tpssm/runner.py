@@ -1,5 +1,6 @@
 """What the command line runs on its ranks: the model each rank builds (ModelSpec, build_model),
-the generation job (GenerateJob, generate_rank), and spawning the ranks with one-line errors.
+the generation job (GenerateJob, generate_rank), the scoring job (ScoreJob, score_rank), and
+spawning the ranks with one-line errors.
 
 Every function named `*_rank` runs inside a rank (a spawned process, or torchrun's); the rest
 runs in the launching process.
@@ -16,7 +17,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 __all__ = ["CLIError", "UsageError", "DTYPES", "ModelSpec", "build_model", "GenerateJob",
-           "make_engine", "run_job", "generate_rank", "spawn", "one_line", "is_primary", "log"]
+           "make_engine", "run_job", "generate_rank", "ScoreJob", "score_rank", "spawn",
+           "one_line", "is_primary", "log"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -200,15 +202,39 @@ def generate_rank(job: GenerateJob) -> dict:
     """Runs on every rank; returns the generations and timings (identical on every rank)."""
     model = build_model(job.spec)
     engine = make_engine(model, job)
-    if job.warmup:
-        run_job(engine, GenerateJob(job.spec, [job.prompts[0][:8]], 2))
-        engine.finished.clear()
-    done, seconds = run_job(engine, job)
-    engine.close()
+    try:  # closed on errors too: NCCL's teardown waits for the graphs that captured it
+        if job.warmup:
+            run_job(engine, GenerateJob(job.spec, [job.prompts[0][:8]], 2))
+            engine.finished.clear()
+        done, seconds = run_job(engine, job)
+    finally:
+        engine.close()
     return {"outputs": [r.output for r in done], "seconds": seconds,
             "ttft_s": [r.ttft_s for r in done],
             "new_tokens": sum(len(r.output) for r in done), "device": str(model.ctx.device),
             "param_bytes_per_rank": model.parameter_bytes(),
+            "allreduce_calls": dict(model.allreduce.calls)}
+
+
+# ----------------------------------------------------------------------------------- scoring
+@dataclass
+class ScoreJob:
+    spec: ModelSpec
+    tokens: List[int]
+    chunk_tokens: int = 2048
+
+
+def score_rank(job: ScoreJob) -> dict:
+    """Runs on every rank: each token's log-probability (tpssm.score.token_logprobs), the same
+    on every rank, and the time it took."""
+    from tpssm.score import token_logprobs
+
+    model = build_model(job.spec)
+    _sync(model.ctx.device)
+    start = time.perf_counter()
+    logprobs = token_logprobs(model, job.tokens, chunk_tokens=job.chunk_tokens, progress=True)
+    _sync(model.ctx.device)
+    return {"token_logprobs": logprobs.tolist(), "seconds": time.perf_counter() - start,
             "allreduce_calls": dict(model.allreduce.calls)}
 
 

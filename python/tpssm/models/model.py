@@ -294,6 +294,27 @@ class CausalLM(nn.Module):
         index = self._vocab_gather_index
         return full if index is None else full.index_select(1, index)
 
+    def target_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """float32 (rows,) log-softmax over the whole vocabulary at targets (int64 (rows,),
+        global token ids), from this rank's columns (forward with gather_logits=False), equal
+        on every rank. Vocabulary-parallel: one all-gather of (max, sum of exponentials,
+        target logit) per row and rank, no logits moved; a whole head: rank 0's, broadcast. A
+        collective like gather_logits. NaN or inf where the logits are not finite."""
+        if not self.vocab_parallel:
+            out = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+            return self.ctx.broadcast(out.contiguous(), src=0)
+        lo, hi = self.vocab_range
+        x = logits.float()
+        top = x.amax(-1, keepdim=True)
+        sums = (x - top).exp_().sum(-1, keepdim=True)
+        mine = (targets >= lo) & (targets < hi)
+        picked = x.gather(-1, (targets - lo).clamp(0, hi - lo - 1)[:, None])
+        picked = picked.masked_fill(~mine[:, None], float("-inf"))
+        every = self.ctx.all_gather_stack(torch.cat([top, sums, picked], -1))  # (tp, rows, 3)
+        most = every[..., 0].amax(0)
+        log_z = most + (every[..., 1] * (every[..., 0] - most).exp()).sum(0).log()
+        return (every[..., 2].amax(0) - log_z).float()
+
     def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """int64 (rows,) argmax over the whole vocabulary from this rank's columns, equal on
         every rank: one all-gather of a (max, token) pair per row and rank, no logits moved.
@@ -310,8 +331,8 @@ class CausalLM(nn.Module):
         # argmax takes the first of equal maxima: the lowest rank, which holds the lower ids;
         # and a NaN, if any rank has one.
         best = every[..., 0].argmax(0, keepdim=True)
-        tokens = every[..., 1].gather(0, best).squeeze(0).long()
-        return torch.where(every[..., 0].gather(0, best).squeeze(0).isfinite(), tokens, -1)
+        value, token = every.gather(0, best[..., None].expand(-1, -1, 2)).squeeze(0).unbind(-1)
+        return torch.where(value.abs() < float("inf"), token.long(), -1)
 
     # --- pieces the subclasses' load_weights / forward share
     def _norms_in_in_proj(self, hidden: torch.Tensor, meta: BatchMeta) -> bool:
