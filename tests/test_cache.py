@@ -101,19 +101,30 @@ def test_model_cache_layout_at_tp1():
 
 
 def _filled_cache():
-    """A hybrid-shaped cache whose every slot holds its own values (slot s: s + 1 + noise, KV
-    length 10 s + 3), the KV scratch row (slot 4) too."""
+    """A hybrid-shaped cache whose every slot holds its own values (slot s: s + 1 + noise), the
+    KV scratch row (slot 4) too; slot s has s + 1 of its max_seq_len 5 tokens cached."""
     c = SSMStateCache(MAMBA2, num_slots=4, kv_shapes=[KVShape(2, 8)], max_seq_len=5)
     for t in c.conv_states + c.ssm_states + c.k_states + c.v_states:
         for s in range(t.shape[0]):
             t[s] = s + 1 + torch.rand(t[s].shape)
-    c.kv_lengths.copy_(torch.arange(5) * 10 + 3)
+    c.kv_lengths.copy_(torch.arange(5) + 1)
     return c
 
 
 def _slot(c, s):
-    return [t[s].clone() for t in c.conv_states + c.ssm_states + c.k_states + c.v_states
-            + [c.kv_lengths]]
+    """Slot s's states and cached length, and its keys and values (every position)."""
+    return ([t[s].clone() for t in c.conv_states + c.ssm_states] + [c.kv_lengths[s].clone()],
+            [t[s].clone() for t in c.k_states + c.v_states])
+
+
+def _assert_copied(c, before, dst, src, moved):
+    """dst holds src's states and length, src's keys and values at the first `moved` positions
+    (the longest source's cached length, as copy moves them) and its own past them."""
+    states, kv = _slot(c, dst)
+    assert all(torch.equal(a, b) for a, b in zip(states, before[src][0])), (dst, src)
+    for got, mine, theirs in zip(kv, before[dst][1], before[src][1]):
+        assert torch.equal(got[:, :moved], theirs[:, :moved]), (dst, src)
+        assert torch.equal(got[:, moved:], mine[:, moved:]), (dst, src)
 
 
 def test_copy_forks_slots_in_every_tensor():
@@ -123,8 +134,12 @@ def test_copy_forks_slots_in_every_tensor():
     ptrs = [t.data_ptr() for t in c.conv_states + c.ssm_states + c.k_states + c.v_states]
     c.copy(1, [0, 3])  # one source for every destination
     c.copy([], [])
-    for s, want in ((0, 1), (1, 1), (2, 2), (3, 1)):
-        assert all(torch.equal(a, b) for a, b in zip(_slot(c, s), before[want])), s
+    c.copy(2, 2)  # onto itself: nothing moves
+    for dst in (0, 3):
+        _assert_copied(c, before, dst, 1, moved=2)
+    for s in (1, 2):
+        states, kv = _slot(c, s)
+        assert all(torch.equal(a, b) for a, b in zip(states + kv, before[s][0] + before[s][1]))
     # The KV scratch row (padding rows' writes) is no slot; the tensors stay where they were.
     assert all(torch.equal(t[4], b) for t, b in zip(c.k_states + c.v_states + [c.kv_lengths],
                                                     scratch))
@@ -133,9 +148,9 @@ def test_copy_forks_slots_in_every_tensor():
     # Every source is read before any destination is written: crossed lists swap.
     c = _filled_cache()
     before = [_slot(c, s) for s in range(4)]
-    c.copy([0, 2], [2, 0])
-    for s, want in ((0, 2), (1, 1), (2, 0), (3, 3)):
-        assert all(torch.equal(a, b) for a, b in zip(_slot(c, s), before[want])), s
+    c.copy([0, 3], [3, 0])
+    _assert_copied(c, before, 3, 0, moved=4)
+    _assert_copied(c, before, 0, 3, moved=4)
 
 
 def test_copy_refuses_bad_slots_before_writing():
@@ -148,7 +163,9 @@ def test_copy_refuses_bad_slots_before_writing():
                                           "sources for 1 destinations")]:
         with pytest.raises(ValueError, match=match):
             c.copy(src, dst)
-    assert all(torch.equal(a, b) for s in range(4) for a, b in zip(_slot(c, s), before[s]))
+    for s in range(4):
+        now = _slot(c, s)
+        assert all(torch.equal(a, b) for a, b in zip(now[0] + now[1], before[s][0] + before[s][1]))
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_1blk"])
@@ -166,14 +183,16 @@ def test_a_forked_prompt_continues_as_its_source(family):
     model = build_model(config, TPContext(device=torch.device("cpu")), torch.float32)
     model.load_weights(RandomWeightSource(config, seed=4))
     cache = model.allocate_cache(6, max_seq_len=32)
-    prompt, tails = [5, 17, 99, 3, 250, 42, 7], ([11, 12, 13], [200, 1])
+    prompt, tails = [5, 17, 99, 3, 250, 42, 7], ([11, 12, 13], [200])
 
     def run(seqs, slots, initial):
+        # Prompt tails, not decode steps: a one-token chunk takes Zamba2's prefill dt limits.
         lens = [len(s) for s in seqs]
         qsl = torch.cumsum(torch.tensor([0] + lens), 0, dtype=torch.int32)
         return model(torch.tensor([t for s in seqs for t in s]), qsl,
                      torch.tensor(slots, dtype=torch.int32),
-                     torch.tensor([initial] * len(seqs)), cache, return_all_logits=True)
+                     torch.tensor([initial] * len(seqs)), cache, return_all_logits=True,
+                     decode_rows=torch.zeros(len(seqs), dtype=torch.bool))
 
     run([prompt], [0], False)
     cache.copy(0, [1, 2, 3])
@@ -183,4 +202,5 @@ def test_a_forked_prompt_continues_as_its_source(family):
     whole = run([prompt + tails[0], prompt + tails[1]], [4, 5], False)
     n = len(prompt)
     expect = torch.cat([whole[n:n + 3], whole[n + 3 + n:]])
-    assert H.max_rel_err(forks, expect) < 4e-5
+    # Chunked against one-shot prefill: measured at most 1.5e-6 here (zamba, zamba2_1blk).
+    assert H.max_rel_err(forks, expect) < 1e-5

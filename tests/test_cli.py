@@ -231,6 +231,10 @@ def test_errors_are_one_line(mamba_dir, tmp_path, capsys):
          "argument --text-file: .*missing.txt is not a file"),
         (["score", "--model", path, "--input-ids", "1,2", "--chunk-tokens", "0"],
          "argument --chunk-tokens: must be an integer >= 1, got 0"),
+        (["score", "--model", path, "--input-ids", "1,2", "--chunk-tokens", "512",
+          "--sequence-parallel"], "--sequence-parallel splits steps of at least "
+                                  "--sequence-parallel-min-tokens 1024 tokens, and "
+                                  "--chunk-tokens 512 makes every step shorter"),
         (["score", "--model", path, "--text-file", str(latin1)],
          r"--text-file .*latin1.txt is not UTF-8 text: unexpected end of data at byte 3"),
     ]
@@ -568,7 +572,8 @@ def test_score_reports_transformers_logprobs_and_perplexity(mamba_dir_with_token
     model, path = mamba_dir_with_tokenizer
     ids = [5, 17, 99, 3, 250, 42, 7, 11, 64]
     text = " ".join(f"w{t}" for t in ids)
-    (tmp_path / "text.txt").write_text(text + "\n")
+    # A byte-order mark and Windows line ends, as editors write them: the same tokens.
+    (tmp_path / "text.txt").write_bytes(("\ufeff" + text + "\r\n").encode("utf-8"))
     expect = hf_full_logits(model, ids).log_softmax(-1)[:-1].gather(
         -1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
 
@@ -579,7 +584,9 @@ def test_score_reports_transformers_logprobs_and_perplexity(mamba_dir_with_token
         return json.loads(out)
 
     base = score("--text-file", str(tmp_path / "text.txt"))
-    assert base["num_tokens"] == len(ids) and base["tokens_scored"] == len(ids) - 1
+    assert base["input_ids"] == ids and base["num_tokens"] == len(ids)
+    assert base["tokens_scored"] == len(ids) - 1
+    assert base["dtype"] == "float32" and base["chunk_tokens"] == 4
     got = torch.tensor(base["token_logprobs"])
     assert float((got - expect).abs().max()) < 3e-5
     assert base["nll_sum"] == pytest.approx(-float(got.double().sum()), rel=1e-12)

@@ -52,3 +52,18 @@ def test_checkpoint_reads_are_counted_per_tensor():
         tracked.get("b")
         assert tracked._progress.done == 13
     assert tracked._progress.done == 17  # leaving completes it (quietly: it was quick)
+
+
+def test_stopped_work_ends_its_line_without_claiming_completion(capsys):
+    """An error part way: on a terminal the redrawn line gets its newline (the error starts a
+    line of its own) and no 4/4 line is printed; elsewhere nothing more is printed."""
+    for tty in (True, False):
+        p = Progress(4, "scoring", unit=" tokens")
+        p.tty = tty
+        p.update()
+        p.stop()
+        p.close()  # a close after a stop prints nothing either
+        err = capsys.readouterr().err
+        assert "1/4 tokens" in err and "4/4" not in err
+        assert err.endswith("\n")
+        assert err.count("\n") == 1

@@ -151,8 +151,8 @@ class SSMStateCache:
         written, so the two lists may overlap; destinations must be distinct. Slots are not
         required to be allocated (forward takes any slot), only in range. Under tensor
         parallelism each rank copies its own shard (every rank calls it with the same slots).
-        A hybrid's whole key / value rows are copied, max_seq_len tokens a visit (the cached
-        lengths stay on the device, unread)."""
+        A hybrid's keys and values move only up to the longest source's cached length (one
+        host read of the lengths), not max_seq_len tokens a visit."""
         dst = [dst] if isinstance(dst, int) else [int(s) for s in dst]
         src = [src] * len(dst) if isinstance(src, int) else [int(s) for s in src]
         if len(src) != len(dst):
@@ -162,13 +162,21 @@ class SSMStateCache:
             self._check_range(s)
         if len(set(dst)) != len(dst):
             raise ValueError(f"destination slots {dst} contain duplicates")
-        if not dst:
+        pairs = [(s, d) for s, d in zip(src, dst) if s != d]
+        if not pairs:
             return
-        src_idx = torch.tensor(src, dtype=torch.long, device=self.device)
-        dst_idx = torch.tensor(dst, dtype=torch.long, device=self.device)
-        for t in self.conv_states + self.ssm_states + self.k_states + self.v_states + [
-                self.kv_lengths]:
-            t.index_copy_(0, dst_idx, t.index_select(0, src_idx))
+        sources = sorted({s for s, _ in pairs})
+        src_idx = torch.tensor(sources, dtype=torch.long, device=self.device)
+        tokens = int(self.kv_lengths.index_select(0, src_idx).max()) if self.k_states else 0
+        rows = {s: i for i, s in enumerate(sources)}
+        # One snapshot per distinct source (not per destination: a fork into n slots holds one
+        # copy of the source), taken before any destination is written.
+        parts = (self.conv_states + self.ssm_states + [self.kv_lengths]
+                 + [t[:, :, :tokens] for t in self.k_states + self.v_states])
+        for part in parts:
+            snapshot = part.index_select(0, src_idx)
+            for s, d in pairs:
+                part[d].copy_(snapshot[rows[s]])
 
     def reset_all(self) -> None:
         for t in self.conv_states + self.ssm_states + self.k_states + self.v_states:

@@ -187,7 +187,12 @@ def _load_tokenizer(path: str):
     except ImportError:
         raise UsageError("the checkpoint ships tokenizer.json but the `tokenizers` package is "
                          "not installed: pip install tokenizers, or pass --input-ids") from None
-    return Tokenizer.from_file(file)
+    tokenizer = Tokenizer.from_file(file)
+    # A tokenizer.json may carry a truncation or padding setting (for training batches): it
+    # would cut a long prompt or text, or add tokens, without a word.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -252,7 +257,8 @@ def _prompt_ids(args, config, tokenizer) -> List[int]:
         if getattr(args, "text_file", None) is not None:
             option = "--text-file"
             try:
-                with open(args.text_file, encoding="utf-8") as f:
+                # The text as written: a byte-order mark dropped, line ends kept.
+                with open(args.text_file, encoding="utf-8-sig", newline="") as f:
                     text = f.read()
             except UnicodeDecodeError as exc:
                 raise UsageError(f"--text-file {args.text_file} is not UTF-8 text: "
@@ -340,13 +346,22 @@ def cmd_score(args) -> int:
     if len(ids) < 2:
         raise UsageError(f"scoring needs at least 2 tokens (the first is only context), got "
                          f"{len(ids)}")
+    if sequence_parallel > args.chunk_tokens:
+        raise UsageError(f"--sequence-parallel splits steps of at least "
+                         f"--sequence-parallel-min-tokens {sequence_parallel} tokens, and "
+                         f"--chunk-tokens {args.chunk_tokens} makes every step shorter")
     job = ScoreJob(_model_spec(args, sequence_parallel), ids, chunk_tokens=args.chunk_tokens)
     result = spawn(score_rank, args.tp, job, args.timeout)[0]
     logprobs = result["token_logprobs"]
     nll = -math.fsum(logprobs)
-    record = {"model": args.model, "tp": args.tp, "num_tokens": len(ids),
-              "tokens_scored": len(logprobs), "nll_sum": nll, "nll_mean": nll / len(logprobs),
-              "perplexity": math.exp(nll / len(logprobs)), "seconds": result["seconds"],
+    mean = nll / len(logprobs)
+    record = {"model": args.model, "tp": args.tp, "dtype": args.dtype,
+              "chunk_tokens": args.chunk_tokens, "input_ids": ids, "num_tokens": len(ids),
+              "tokens_scored": len(logprobs), "nll_sum": nll, "nll_mean": mean,
+              # exp overflows a float past ~709 nats a token (a model that has it all wrong)
+              "perplexity": math.exp(mean) if mean < 700 else float("inf"),
+              # the whole run, first kernel launches included (no warm-up)
+              "seconds": result["seconds"],
               "allreduce": args.allreduce, "allreduce_calls": result["allreduce_calls"],
               "token_logprobs": logprobs}
     if not is_primary():

@@ -58,6 +58,13 @@ class Progress:
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
                   file=sys.stderr, flush=True)
 
+    def stop(self) -> None:
+        """Ends the work unfinished (an error): a line redrawn on a terminal gets its newline,
+        so what is printed next starts a line of its own; nothing claims completion."""
+        if self.enabled and self.tty and self._printed and not self._closed:
+            print(file=sys.stderr, flush=True)
+        self._closed = True
+
     def close(self) -> None:
         """Marks the work complete (its final line says so when it had not yet)."""
         if self._closed:

@@ -27,9 +27,9 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
     """float32 (n - 1,) on the CPU: log p(tokens[i] | tokens[:i]) for i = 1 .. n - 1, natural
     log (n = len(tokens) >= 2; the mean of its negation is the cross-entropy, its exp the
     perplexity). chunk_tokens: tokens a forward step takes (the step's logits are chunk_tokens
-    x the rank's vocabulary columns, in float32). cache: the model's SSMStateCache with a free
-    slot (taken and freed here; a hybrid's needs max_seq_len >= n - 1), or None for a one-slot
-    cache of its own. progress: a progress line on stderr (rank 0) for long sequences.
+    x the rank's vocabulary columns in float32, and the log-softmax about as much again).
+    cache: the model's SSMStateCache with a free slot (taken and freed here; a hybrid's needs
+    max_seq_len >= n - 1), or None for a one-slot cache of its own. progress: a progress line on stderr (rank 0) for long sequences.
     ValueError for bad arguments before any work; RuntimeError naming the position when the
     logits are not finite (NON_FINITE_LOGITS)."""
     n = len(tokens)
@@ -45,6 +45,9 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
     dev = model.ctx.device
     if cache is None:
         cache = model.allocate_cache(1, max_seq_len=n - 1)
+    elif cache.has_kv and cache.max_seq_len < n - 1:
+        raise ValueError(f"cache: its max_seq_len {cache.max_seq_len} holds fewer than the "
+                         f"{n - 1} tokens a hybrid model's keys must keep to score {n}")
     slot = cache.allocate()
     ids = torch.tensor(tokens, dtype=torch.long)
     out = torch.empty(n - 1, dtype=torch.float32)
@@ -72,4 +75,6 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
             counter.close()
         return out
     finally:
+        if counter is not None:
+            counter.stop()  # after an error: the line ends, unfinished
         cache.free(slot)
