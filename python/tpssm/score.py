@@ -29,9 +29,9 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
     perplexity). chunk_tokens: tokens a forward step takes (the step's logits are chunk_tokens
     x the rank's vocabulary columns in float32, and the log-softmax about as much again).
     cache: the model's SSMStateCache with a free slot (taken and freed here; a hybrid's needs
-    max_seq_len >= n - 1), or None for a one-slot cache of its own. progress: a progress line on stderr (rank 0) for long sequences.
-    ValueError for bad arguments before any work; RuntimeError naming the position when the
-    logits are not finite (NON_FINITE_LOGITS)."""
+    max_seq_len >= n - 1), or None for a one-slot cache of its own. progress: a progress line
+    on stderr (rank 0) for long sequences. ValueError for bad arguments before any work;
+    RuntimeError naming the position when the logits are not finite (NON_FINITE_LOGITS)."""
     n = len(tokens)
     if n < 2:
         raise ValueError(f"tokens: scoring needs at least 2 tokens (the first is only "

@@ -296,10 +296,11 @@ class CausalLM(nn.Module):
 
     def target_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """float32 (rows,) log-softmax over the whole vocabulary at targets (int64 (rows,),
-        global token ids in [0, vocab_size): unchecked here), from this rank's columns (forward with gather_logits=False), equal
-        on every rank. Vocabulary-parallel: one all-gather of (max, sum of exponentials,
-        target logit) per row and rank, no logits moved; a whole head: rank 0's, broadcast. A
-        collective like gather_logits. NaN or inf where the logits are not finite."""
+        global token ids in [0, vocab_size): unchecked here), from this rank's columns
+        (forward with gather_logits=False), equal on every rank. Vocabulary-parallel: one
+        all-gather of (max, sum of exponentials, target logit) per row and rank, no logits
+        moved; a whole head: rank 0's, broadcast. A collective like gather_logits. NaN or inf
+        where the logits are not finite."""
         if not self.vocab_parallel:
             out = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
             return self.ctx.broadcast(out.contiguous(), src=0)
