@@ -178,21 +178,21 @@ def test_local_shard_head_is_rank_zeros_rows():
     rows and returns whole-vocabulary shapes (copies stand in for the other ranks)."""
     from tpssm.models import build_model, parse_config
     from tpssm.parallel import TPContext, shard_range
+    from tpssm.presets import RandomWeightSource
 
     config = parse_config(dict(model_type="mamba", vocab_size=250, hidden_size=32,
                                num_hidden_layers=1, state_size=4, expand=2, conv_kernel=4,
                                tie_word_embeddings=True))
     model = build_model(config, TPContext.local_shard(4), torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    with torch.no_grad():  # every tensor, buffers too (A is one: uninitialised, it gave NaN)
+        model.load_weights(RandomWeightSource(config, seed=2))
     start, end = shard_range(250, 4, 0)
     assert model.vocab_range == (start, end) and model.lm_head.shape == (end - start, 32)
     cache = model.allocate_cache(2)
     slots = torch.tensor(cache.allocate(2), dtype=torch.int32)
     with torch.no_grad():
         shard = model.decode(torch.tensor([1, 2]), slots, cache, gather_logits=False)
-        assert shard.shape == (2, end - start)
+        assert shard.shape == (2, end - start) and bool(shard.isfinite().all())
         assert model.greedy_tokens(shard).tolist() == shard.argmax(-1).tolist()
         assert model.gather_logits(shard).shape == (2, 250)
         # Moved (here to another dtype), the tied head stays a view of the moved embedding.
