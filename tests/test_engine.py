@@ -291,6 +291,38 @@ def test_a_request_without_finite_logits_ends_with_an_error(temperature):
     assert engine.model.num_free_slots() == 2
 
 
+class ForkingToy(ToyStateModel):
+    """ToyStateModel that can copy states between slots: requests with one prompt share its
+    prefill."""
+
+    def copy_slots(self, src, dst):
+        self.state[torch.tensor(dst)] = self.state[torch.tensor(src)]
+
+
+def _samples_of_one_prompt(model, prompts, budget):
+    engine = GenerationEngine(model, max_batch_size=len(prompts), max_prefill_tokens=budget)
+    reqs = [engine.add_request(p, SamplingParams(max_new_tokens=5, temperature=2.0 * (i % 2),
+                                                 seed=i)) for i, p in enumerate(prompts)]
+    engine.run()
+    return [r.output for r in reqs], sum(n for calls in model.prefill_rows
+                                         for n, _, decode in calls if not decode)
+
+
+@pytest.mark.parametrize("budget", [3, 64])
+def test_requests_with_one_prompt_share_its_prefill(budget):
+    """Four samples of one prompt (greedy and sampled) beside another prompt: the prompt is
+    prefilled once - over several steps when the budget is short - and the other three copy
+    its state; every request's tokens equal those of a model without state copies, which
+    prefills the prompt four times."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    prompts = [prompt, [7, 7], prompt, prompt, prompt]
+    plain, plain_tokens = _samples_of_one_prompt(ToyStateModel(num_slots=5), prompts, budget)
+    shared, shared_tokens = _samples_of_one_prompt(ForkingToy(num_slots=5), prompts, budget)
+    assert shared == plain
+    assert len({tuple(o) for o in shared[2:]} | {tuple(shared[0])}) > 1  # the samples differ
+    assert plain_tokens == 4 * len(prompt) + 2 and shared_tokens == len(prompt) + 2
+
+
 class FailingOnce(ToyStateModel):
     """Raises in the forward of its `fail_at`-th call, after advancing the first row's state:
     a forward that stopped part way."""

@@ -40,11 +40,14 @@ def _prompts(seed, n=7, vocab=256):
             for k in torch.randint(1, 30, (n,), generator=g)]
 
 
-def _run(model, prompts, graphs, sampling=None, slots=4, new_tokens=10, group=None):
-    """Every prompt to its end on a fresh cache; -> (outputs, engine, cache)."""
+def _run(model, prompts, graphs, sampling=None, slots=4, new_tokens=10, group=None,
+         forks=True):
+    """Every prompt to its end on a fresh cache; -> (outputs, engine, cache). forks=False:
+    requests with one prompt prefill it each."""
     cached = CachedModel(model, model.allocate_cache(slots))
     engine = GenerationEngine(cached, max_batch_size=slots, max_prefill_tokens=16,
                               use_cuda_graphs=False, group=group)
+    engine._forks = forks
     if graphs:
         engine._graph_capture = ReplayGraphCapture
         engine.use_cuda_graphs = True
@@ -179,6 +182,34 @@ def test_tp_ranks_graph_decode_equals_eager(family, scheme, vocab_parallel):
             assert "alltoall_base_.default" in r["collectives"], r["collectives"]
         if scheme != "exact":
             assert sum(n for path, n in r["calls"].items() if path != "exact") > 0, r["calls"]
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_1blk"])
+def test_requests_with_one_prompt_share_its_prefill(family):
+    """Three requests with one 29-token prompt (two 16-token prefill steps) beside others, one
+    sampling: the prompt is prefilled once and copied (SSMStateCache.copy, a hybrid's keys and
+    values too), and every request's tokens equal those of an engine that prefills each."""
+    model = _model(family)
+    prompt = list(range(100, 129))
+    prompts = [prompt, [5, 6, 7], prompt, prompt, [9]]
+
+    def sampling(i):
+        return SamplingParams(max_new_tokens=8, temperature=0.8 if i == 3 else 0.0, seed=i)
+
+    fed = []  # prompt tokens a forward took (decoding requests' ride-along tokens left out)
+
+    def count(_, args, kwargs):
+        lengths = args[1].diff().tolist()
+        fed.append(sum(n for n, decode in zip(lengths, kwargs["decode_rows"].tolist())
+                       if not decode))
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    shared = _run(model, prompts, False, sampling=sampling)[0]
+    shared_tokens, fed[:] = sum(fed), []
+    each = _run(model, prompts, False, sampling=sampling, forks=False)[0]
+    hook.remove()
+    assert shared == each and shared[3] != shared[0]
+    assert sum(fed) == 3 * len(prompt) + 4 and shared_tokens == len(prompt) + 4
 
 
 def _rank_nan_in_one_ranks_columns(rank, world, graphs):

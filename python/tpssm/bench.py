@@ -110,7 +110,10 @@ def bench_rank(job: BenchJob) -> List[dict]:
             engine = engines.get((use_cache, batch))
             if engine is None:
                 engine = engines[(use_cache, batch)] = make_engine(model, gen)
-            gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()] * batch
+            # Distinct prompts: requests with one prompt would share its prefill (the engine
+            # forks them), leaving the batch's prefill shapes cold.
+            gen.prompts = [torch.randint(vocab, (plen,), generator=g).tolist()
+                           for _ in range(batch)]
             gen.max_new_tokens = WARMUP_TOKENS
             run_job(engine, gen)
             engine.finished.clear()

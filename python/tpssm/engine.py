@@ -12,7 +12,10 @@ Requests arrive with prompts. Each engine step runs one packed varlen batch:
   only host synchronisation unless a row samples (its logits are read then). With a
   vocabulary-parallel head the step keeps each rank's logit columns and picks greedy tokens
   from the ranks' (max, token) pairs; whole logits are gathered only when a row samples.
-A request that finishes frees its slot; waiting requests take it.
+A request that finishes frees its slot; waiting requests take it. Requests with the same prompt
+(several samples of one prompt, say) share its prefill when the model can copy states between
+slots: the first prefills, the others wait, take a copy of its state and draw their first token
+from its logits.
 
 Under tensor parallelism every rank runs the same engine on the same requests; sampled tokens
 are broadcast from rank 0 so all ranks stay in lockstep even with sampling.
@@ -65,6 +68,9 @@ class GenerationModel(Protocol):
 
     # Optional: `ctx`, the model's TPContext; the engine then exchanges tokens over its group.
 
+    # Optional: copy_slots(src, dst) -> None, copies slot src[i]'s state into dst[i]
+    # (SSMStateCache.copy): requests with the same prompt then share its prefill.
+
     def allocate_slot(self) -> int: ...
 
     def free_slot(self, slot: int) -> None: ...
@@ -111,6 +117,9 @@ class CachedModel:
         """Sizes the model's all-reduce buffers for steps of up to num_tokens tokens (before any
         decode step is captured in a CUDA graph)."""
         self.model.allreduce.reserve(num_tokens * self.model.config.hidden_size)
+
+    def copy_slots(self, src: List[int], dst: List[int]) -> None:
+        self.cache.copy(src, dst)
 
     def allocate_slot(self) -> int:
         return self.cache.allocate()
@@ -170,6 +179,8 @@ class Request:
     finish_s: Optional[float] = None
     generator: Optional[torch.Generator] = None
     stop_ids: frozenset = frozenset()
+    # The prompt as a dict key (requests with one prompt share its prefill), made once.
+    prompt_key: tuple = ()
     # Set when a step this request was part of raised (its slot's state may be partly advanced)
     # or when its logits were not finite (NON_FINITE_LOGITS): the request is finished there,
     # with the tokens it had, rather than continued.
@@ -241,6 +252,8 @@ class GenerationEngine:
         self._sharded_logits = all(hasattr(model, name) for name in (
             "prefill_shard", "decode_shard", "greedy_tokens", "gather_logits"))
         self.use_state_cache = use_state_cache
+        # Requests with one prompt share its prefill (see the module docstring).
+        self._forks = hasattr(model, "copy_slots")
         self.waiting: List[Request] = []
         self.running: List[Request] = []
         self.finished: List[Request] = []
@@ -279,7 +292,7 @@ class GenerationEngine:
                              f"{sampling.max_new_tokens} need {need} keys, more than the KV "
                              f"cache's max_seq_len {max_len}")
         req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter(),
-                      stop_ids=sampling.stop_ids())
+                      stop_ids=sampling.stop_ids(), prompt_key=tuple(prompt))
         if sampling.temperature > 0:
             seed = self._next_id if sampling.seed is None else sampling.seed
             req.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -361,8 +374,16 @@ class GenerationEngine:
         chunks: List[List[int]] = []
         initial: List[bool] = []
         decoding: List[bool] = []
+        # A request whose prefill has not begun waits for an earlier one with the same prompt
+        # (its leader) and forks from it once the leader's prefill completes.
+        leaders: Dict[tuple, Request] = {}
+        followers: Dict[int, List[Request]] = {}
         for r in self.running:
             if r.prefilling:
+                leader = leaders.setdefault(r.prompt_key, r)
+                if leader is not r and r.num_prefilled == 0 and self._forks:
+                    followers.setdefault(id(leader), []).append(r)
+                    continue
                 if budget <= 0:
                     continue
                 n = min(len(r.prompt) - r.num_prefilled, budget)
@@ -377,15 +398,22 @@ class GenerationEngine:
                 decoding.append(True)
             rows.append(r)
             chunks.append(chunk)
-        self._step_rows = rows
-        # A request whose prompt is complete after this step samples its next token.
-        self._run_packed(rows, chunks, initial, [r for r in rows if not r.prefilling], decoding)
+        # A request whose prompt is complete after this step samples its next token, and so do
+        # its followers, from its logits and its state (theirs too if the step fails).
+        emit = [r for r in rows if not r.prefilling]
+        forks = [(f, r) for r in emit for f in followers.get(id(r), [])]
+        self._step_rows = rows + [f for f, _ in forks]
+        self._run_packed(rows, chunks, initial, emit, decoding, forks)
 
     def _run_packed(self, rows: List[Request], chunks: List[List[int]], initial: List[bool],
-                    emit: List[Request], decoding: Optional[List[bool]] = None) -> None:
+                    emit: List[Request], decoding: Optional[List[bool]] = None,
+                    forks: Sequence = ()) -> None:
         """One varlen forward over rows' token chunks; samples a token for the rows in emit.
         decoding: the rows whose chunk is a decode step (default none): a one-token prompt
-        chunk is prefill, not decode, for the models whose dt limits apply in prefill only."""
+        chunk is prefill, not decode, for the models whose dt limits apply in prefill only.
+        forks: (follower, leader in emit) pairs: after the forward the leader's state is
+        copied to the follower's slot, whose prompt then counts as prefilled, and the follower
+        samples from the leader's logits row."""
         dev = self.device
         qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(torch.tensor([len(c) for c in chunks], dtype=torch.int32), 0)
@@ -395,13 +423,19 @@ class GenerationEngine:
                 torch.tensor(initial, dtype=torch.bool, device=dev),
                 torch.tensor(decoding or [False] * len(rows), dtype=torch.bool))
         index = {id(r): i for i, r in enumerate(rows)}
-        pick = [index[id(r)] for r in emit]
+        pick = [index[id(r)] for r in emit] + [index[id(leader)] for _, leader in forks]
+        emit = list(emit) + [f for f, _ in forks]
+        logits = (self.model.prefill_shard if self._sharded_logits else self.model.prefill)(*args)
+        if forks:
+            self.model.copy_slots([leader.slot for _, leader in forks], [f.slot for f, _ in forks])
+            for f, _ in forks:
+                f.num_prefilled = len(f.prompt)
         if self._sharded_logits:
-            shard = self.model.prefill_shard(*args)[pick]
+            shard = logits[pick]
             greedy = self.model.greedy_tokens(shard).cpu() if emit else None
             self._sample_into(emit, shard, greedy, agreed=True, sharded=True)
         else:
-            self._sample_into(emit, self.model.prefill(*args)[pick])
+            self._sample_into(emit, logits[pick])
 
     def _recompute_step(self) -> None:
         rows = self.running
