@@ -184,14 +184,17 @@ def test_tp_ranks_graph_decode_equals_eager(family, scheme, vocab_parallel):
             assert sum(n for path, n in r["calls"].items() if path != "exact") > 0, r["calls"]
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2_g4", "zamba", "zamba2_1blk"])
+@pytest.mark.parametrize("family", FAMILIES + ("mamba-shard",))
 def test_requests_with_one_prompt_share_its_prefill(family):
-    """Three requests with one 29-token prompt (two 16-token prefill steps) beside others, one
-    sampling: the prompt is prefilled once and copied (SSMStateCache.copy, a hybrid's keys and
-    values too), and every request's tokens equal those of an engine that prefills each."""
-    model = _model(family)
+    """Three requests with one 29-token prompt (two 16-token prefill steps) behind another (the
+    leader is not its steps' first row), one sampling, decoded through graphs: the prompt is
+    prefilled once and copied (SSMStateCache.copy, a hybrid's keys and values too), and every
+    request's tokens equal those of an engine that prefills each, eagerly. mamba-shard: one tp
+    4 rank's shard, whose vocabulary-parallel head picks the followers' rows."""
+    model = (_model("mamba", TPContext.local_shard(4, torch.device("cpu")))
+             if family == "mamba-shard" else _model(family))
     prompt = list(range(100, 129))
-    prompts = [prompt, [5, 6, 7], prompt, prompt, [9]]
+    prompts = [[5, 6, 7], prompt, prompt, prompt, [9]]
 
     def sampling(i):
         return SamplingParams(max_new_tokens=8, temperature=0.8 if i == 3 else 0.0, seed=i)
@@ -204,11 +207,11 @@ def test_requests_with_one_prompt_share_its_prefill(family):
                        if not decode))
 
     hook = model.register_forward_pre_hook(count, with_kwargs=True)
-    shared = _run(model, prompts, False, sampling=sampling)[0]
+    shared = _run(model, prompts, True, sampling=sampling)[0]
     shared_tokens, fed[:] = sum(fed), []
     each = _run(model, prompts, False, sampling=sampling, forks=False)[0]
     hook.remove()
-    assert shared == each and shared[3] != shared[0]
+    assert shared == each and shared[3] != shared[1]
     assert sum(fed) == 3 * len(prompt) + 4 and shared_tokens == len(prompt) + 4
 
 

@@ -168,15 +168,18 @@ class SSMStateCache:
         sources = sorted({s for s, _ in pairs})
         src_idx = torch.tensor(sources, dtype=torch.long, device=self.device)
         tokens = int(self.kv_lengths.index_select(0, src_idx).max()) if self.k_states else 0
-        rows = {s: i for i, s in enumerate(sources)}
+        # The destinations of each source, written in one launch from its snapshot row.
+        groups = [(i, torch.tensor([d for s2, d in pairs if s2 == s], dtype=torch.long,
+                                   device=self.device)) for i, s in enumerate(sources)]
         # One snapshot per distinct source (not per destination: a fork into n slots holds one
         # copy of the source), taken before any destination is written.
         parts = (self.conv_states + self.ssm_states + [self.kv_lengths]
                  + [t[:, :, :tokens] for t in self.k_states + self.v_states])
         for part in parts:
             snapshot = part.index_select(0, src_idx)
-            for s, d in pairs:
-                part[d].copy_(snapshot[rows[s]])
+            for i, dst_idx in groups:
+                row = snapshot[i:i + 1]
+                part.index_copy_(0, dst_idx, row.expand(len(dst_idx), *row.shape[1:]))
 
     def reset_all(self) -> None:
         for t in self.conv_states + self.ssm_states + self.k_states + self.v_states:

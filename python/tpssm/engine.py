@@ -13,9 +13,9 @@ Requests arrive with prompts. Each engine step runs one packed varlen batch:
   vocabulary-parallel head the step keeps each rank's logit columns and picks greedy tokens
   from the ranks' (max, token) pairs; whole logits are gathered only when a row samples.
 A request that finishes frees its slot; waiting requests take it. Requests with the same prompt
-(several samples of one prompt, say) share its prefill when the model can copy states between
-slots: the first prefills, the others wait, take a copy of its state and draw their first token
-from its logits.
+(several samples of one prompt, say) running together share its prefill when the model can copy
+states between slots: the first prefills, the others wait, take a copy of its state and draw
+their first token from its logits.
 
 Under tensor parallelism every rank runs the same engine on the same requests; sampled tokens
 are broadcast from rank 0 so all ranks stay in lockstep even with sampling.
@@ -26,7 +26,9 @@ provides it for every supported family.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Collection, Dict, List, Optional, Protocol, Sequence, Union
 
@@ -179,8 +181,9 @@ class Request:
     finish_s: Optional[float] = None
     generator: Optional[torch.Generator] = None
     stop_ids: frozenset = frozenset()
-    # The prompt as a dict key (requests with one prompt share its prefill), made once.
-    prompt_key: tuple = ()
+    # A digest of the prompt, made once by the engine when it shares prefills (requests with
+    # equal keys share one); None: the request shares nothing.
+    prompt_key: Optional[bytes] = None
     # Set when a step this request was part of raised (its slot's state may be partly advanced)
     # or when its logits were not finite (NON_FINITE_LOGITS): the request is finished there,
     # with the tokens it had, rather than continued.
@@ -292,7 +295,11 @@ class GenerationEngine:
                              f"{sampling.max_new_tokens} need {need} keys, more than the KV "
                              f"cache's max_seq_len {max_len}")
         req = Request(self._next_id, prompt, sampling, arrival_s=time.perf_counter(),
-                      stop_ids=sampling.stop_ids(), prompt_key=tuple(prompt))
+                      stop_ids=sampling.stop_ids())
+        if self._forks:
+            # 128 bits of BLAKE2: equal keys are equal prompts, and a step compares no tokens.
+            req.prompt_key = hashlib.blake2b(array("q", prompt).tobytes(),
+                                             digest_size=16).digest()
         if sampling.temperature > 0:
             seed = self._next_id if sampling.seed is None else sampling.seed
             req.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -376,14 +383,15 @@ class GenerationEngine:
         decoding: List[bool] = []
         # A request whose prefill has not begun waits for an earlier one with the same prompt
         # (its leader) and forks from it once the leader's prefill completes.
-        leaders: Dict[tuple, Request] = {}
+        leaders: Dict[bytes, Request] = {}
         followers: Dict[int, List[Request]] = {}
         for r in self.running:
             if r.prefilling:
-                leader = leaders.setdefault(r.prompt_key, r)
-                if leader is not r and r.num_prefilled == 0 and self._forks:
-                    followers.setdefault(id(leader), []).append(r)
-                    continue
+                if r.prompt_key is not None:
+                    leader = leaders.setdefault(r.prompt_key, r)
+                    if leader is not r and r.num_prefilled == 0:
+                        followers.setdefault(id(leader), []).append(r)
+                        continue
                 if budget <= 0:
                     continue
                 n = min(len(r.prompt) - r.num_prefilled, budget)
@@ -399,10 +407,10 @@ class GenerationEngine:
             rows.append(r)
             chunks.append(chunk)
         # A request whose prompt is complete after this step samples its next token, and so do
-        # its followers, from its logits and its state (theirs too if the step fails).
+        # its followers, from its logits and its state.
         emit = [r for r in rows if not r.prefilling]
         forks = [(f, r) for r in emit for f in followers.get(id(r), [])]
-        self._step_rows = rows + [f for f, _ in forks]
+        self._step_rows = rows
         self._run_packed(rows, chunks, initial, emit, decoding, forks)
 
     def _run_packed(self, rows: List[Request], chunks: List[List[int]], initial: List[bool],
@@ -427,6 +435,8 @@ class GenerationEngine:
         emit = list(emit) + [f for f, _ in forks]
         logits = (self.model.prefill_shard if self._sharded_logits else self.model.prefill)(*args)
         if forks:
+            # From here a failure leaves the followers' slots part-copied: they fail with it.
+            self._step_rows = self._step_rows + [f for f, _ in forks]
             self.model.copy_slots([leader.slot for _, leader in forks], [f.slot for f, _ in forks])
             for f, _ in forks:
                 f.num_prefilled = len(f.prompt)
