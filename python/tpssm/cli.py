@@ -488,6 +488,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(sm_90+ GPUs; each overlaps the tail of the one before it; default off)")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser, what: str, text_file: bool = False) -> None:
+    """--model, --tp and where the tokens come from, for a command that runs a checkpoint."""
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json and *.safetensors)")
+    p.add_argument("--tp", type=POSITIVE, default=1,
+                   help="tensor-parallel degree: local processes, or torchrun's ranks")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
+    if text_file:
+        src.add_argument("--text-file", type=input_file,
+                         help="a UTF-8 text file, encoded with the checkpoint's tokenizer.json")
+    src.add_argument("--input-ids", type=int_list(0, "non-negative integers"),
+                     help=f"the {what} as comma-separated token ids, e.g. 1,2,3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpssm", description=__doc__.split("\n\n")[0],
                      epilog=EXIT_STATUS, formatter_class=_HelpFormatter)
@@ -512,14 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = command("generate", "generate from a local Hugging Face checkpoint")
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory (config.json and *.safetensors)")
-    p.add_argument("--tp", type=POSITIVE, default=1,
-                   help="tensor-parallel degree: local processes, or torchrun's ranks")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
-    src.add_argument("--input-ids", type=int_list(0, "non-negative integers"),
-                     help="the prompt as comma-separated token ids, e.g. 1,2,3")
+    _checkpoint_args(p, "prompt")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32,
                    help="tokens to generate (fewer when the model emits its eos token)")
     p.add_argument("--greedy", action="store_true",
@@ -546,16 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("score", "each token's log-probability and the perplexity of a text under a "
                          "local Hugging Face checkpoint")
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory (config.json and *.safetensors)")
-    p.add_argument("--tp", type=POSITIVE, default=1,
-                   help="tensor-parallel degree: local processes, or torchrun's ranks")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer.json")
-    src.add_argument("--text-file", type=input_file,
-                     help="a UTF-8 text file, encoded with the checkpoint's tokenizer.json")
-    src.add_argument("--input-ids", type=int_list(0, "non-negative integers"),
-                     help="the tokens as comma-separated ids, e.g. 1,2,3")
+    _checkpoint_args(p, "text", text_file=True)
     p.add_argument("--chunk-tokens", type=POSITIVE, default=2048,
                    help="tokens a forward step takes; the state carries from chunk to chunk, "
                         "so memory does not grow with the text (a hybrid's KV cache does)")
