@@ -321,9 +321,9 @@ def test_selective_scan_cpu_algorithm_selection():
 @pytest.mark.parametrize("poisoned", ["u", "B", "delta"])
 def test_ssd_keeps_a_non_finite_token_out_of_earlier_outputs(poisoned, value):
     """A NaN or inf at token s of a sequence reaches no output before s: the SSD form's outputs
-    are non-finite where the recurrence's are, and its values elsewhere. (Its chunk products zeroed the later
-    tokens' terms by multiplication, and 0 * NaN is NaN: every earlier output of the chunk
-    was NaN.)"""
+    are non-finite where the recurrence's are, and its values elsewhere. (Its chunk products
+    zeroed the later tokens' terms by multiplication, and 0 * NaN is NaN: every earlier output
+    of the chunk was NaN.)"""
     kw = scan_inputs(nheads=4, headdim=8, dstate=16, seqlens=(21, 13), varlen=True,
                      chunk_size=8)
     # Token 11 of the first sequence (a chunk's fourth), tokens 4 and 5 of the second (the

@@ -2,8 +2,9 @@
 
 Code that must act differently under capture (skip a check that reads device data on the host,
 refuse to grow a buffer whose address the graph holds) asks `capturing(device)`. On CUDA that is
-the capture state of the device's current stream; a capture on another device - the CPU stand-in the test
-suite uses for the engine's decode graphs - marks its extent with `marked()`."""
+the capture state of the device's current stream; a capture on another device - the CPU
+stand-in the test suite uses for the engine's decode graphs - marks its extent with
+`marked()`."""
 
 from __future__ import annotations
 

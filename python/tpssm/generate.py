@@ -13,7 +13,7 @@ import torch
 
 from tpssm.cache import SSMStateCache
 
-__all__ = ["generate", "select_tokens", "argmax_tokens", "check_sampling_args",
+__all__ = ["generate", "select_tokens", "argmax_tokens", "finite", "check_sampling_args",
            "NON_FINITE_LOGITS"]
 
 # Why a row got no token (-1): an overflowed model's argmax would be an arbitrary token.
@@ -33,13 +33,18 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float = 1.0) -> N
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """Where x is neither NaN nor infinite: abs < inf, two kernels where isfinite is several
+    (it runs in every captured decode step)."""
+    return x.abs() < float("inf")
+
+
 def argmax_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Greedy token per row of logits (rows, vocab) -> int64 (rows,): the first largest logit's
     index, or -1 where the row's largest logit is NaN or infinite (a NaN anywhere in the row
     makes its maximum NaN; -inf entries beside a finite maximum are fine)."""
     values, tokens = logits.max(-1)
-    # abs < inf is False for NaN and +-inf: two kernels where isfinite is several.
-    return torch.where(values.abs() < float("inf"), tokens, -1)
+    return torch.where(finite(values), tokens, -1)
 
 
 def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
@@ -56,7 +61,7 @@ def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: fl
     # (a one-hot draw) instead of overflowing every score to inf (NaN probabilities).
     scores = logits.float()
     top = scores.amax(-1, keepdim=True)
-    bad = ~top.isfinite()
+    bad = ~finite(top)
     # A row without a finite maximum draws from zeros (any token), then gets -1.
     scores = ((scores - top) / temperature).masked_fill(bad, 0.0)
     if top_k and top_k < scores.shape[-1]:

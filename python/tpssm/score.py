@@ -49,7 +49,7 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
         raise ValueError(f"cache: its max_seq_len {cache.max_seq_len} holds fewer than the "
                          f"{n - 1} tokens a hybrid model's keys must keep to score {n}")
     slot = cache.allocate()
-    ids = torch.tensor(tokens, dtype=torch.long)
+    ids = torch.tensor(tokens, dtype=torch.long, device=dev)  # moved once, sliced per chunk
     out = torch.empty(n - 1, dtype=torch.float32)
     counter = Progress(n - 1, "scoring", unit=" tokens", quiet_s=2.0) if progress else None
     try:
@@ -57,12 +57,12 @@ def token_logprobs(model, tokens: Sequence[int], *, chunk_tokens: int = 2048,
             slots = torch.tensor([slot], dtype=torch.int32, device=dev)
             for a in range(0, n - 1, chunk_tokens):
                 b = min(a + chunk_tokens, n - 1)  # rows a .. b - 1 predict tokens a + 1 .. b
-                shard = model(ids[a:b].to(dev),
+                shard = model(ids[a:b],
                               torch.tensor([0, b - a], dtype=torch.int32, device=dev), slots,
                               torch.tensor([a > 0], device=dev), cache,
                               return_all_logits=True, gather_logits=False,
                               decode_rows=torch.zeros(1, dtype=torch.bool))
-                got = model.target_logprobs(shard, ids[a + 1:b + 1].to(dev)).cpu()
+                got = model.target_logprobs(shard, ids[a + 1:b + 1]).cpu()
                 # Equal on every rank (all-gathered or broadcast): every rank raises alike.
                 bad_rows = (~got.isfinite()).nonzero()
                 if len(bad_rows):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpssm.cache import SSMStateCache
-from tpssm.generate import argmax_tokens
+from tpssm.generate import argmax_tokens, finite
 from tpssm.models import registry
 from tpssm.models.config import SSMConfig
 from tpssm.models.kernels import get_backend
@@ -314,7 +314,7 @@ class CausalLM(nn.Module):
         every = self.ctx.all_gather_stack(torch.cat([top, sums, picked], -1))  # (tp, rows, 3)
         most = every[..., 0].amax(0)
         log_z = most + (every[..., 1] * (every[..., 0] - most).exp()).sum(0).log()
-        return (every[..., 2].amax(0) - log_z).float()
+        return every[..., 2].amax(0) - log_z
 
     def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """int64 (rows,) argmax over the whole vocabulary from this rank's columns, equal on
@@ -333,7 +333,7 @@ class CausalLM(nn.Module):
         # and a NaN, if any rank has one.
         best = every[..., 0].argmax(0, keepdim=True)
         value, token = every.gather(0, best[..., None].expand(-1, -1, 2)).squeeze(0).unbind(-1)
-        return torch.where(value.abs() < float("inf"), token.long(), -1)
+        return torch.where(finite(value), token.long(), -1)
 
     # --- pieces the subclasses' load_weights / forward share
     def _norms_in_in_proj(self, hidden: torch.Tensor, meta: BatchMeta) -> bool:
